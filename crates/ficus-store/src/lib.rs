@@ -1,0 +1,226 @@
+//! The control store: the source of truth for tenants, their stages and the audit log.
+//!
+//! One trait, [`ControlStore`], with two real implementations: embedded SQLite (the
+//! default, one file, no server) and PostgreSQL (when several proxy replicas must
+//! share one store). Both keep the same schema shape, enforce the same rules and pass
+//! the same behavioural test suite.
+//!
+//! Every write runs in one transaction that also appends to the audit log and to the
+//! change log. The change log is what the [`feed`] serves: a subscriber learns the
+//! sequence number of every committed change and which tenants it touched, then reads
+//! their current state. Sequence numbers are handed out under a row lock held until
+//! commit, so they are assigned in commit order and a subscriber that has seen `n` has
+//! seen everything before `n`.
+
+pub mod feed;
+mod postgres;
+mod rules;
+mod sqlite;
+mod url;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ficus_core::{
+    Actor, AuditEvent, Domain, Progress, Stage, Tenant, TenantId, Timestamp, TransitionError,
+};
+
+pub use crate::feed::{ChangeSet, FeedEvent, Subscription};
+pub use crate::postgres::PgStore;
+pub use crate::sqlite::SqliteStore;
+pub use crate::url::StoreUrl;
+
+/// The schema version this build writes. A store with a higher version was written by
+/// a newer Ficus and is refused rather than misread.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// A tenant to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTenant {
+    pub id: TenantId,
+    pub name: String,
+    pub stage: Stage,
+    pub domains: Vec<Domain>,
+}
+
+/// A request to move one tenant to another stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageChange {
+    pub tenant: TenantId,
+    pub to: Stage,
+    /// The version the caller based its decision on; `None` checks the transition
+    /// against whatever the store holds at commit time.
+    pub expected_version: Option<u64>,
+    pub actor: Actor,
+    pub reason: String,
+}
+
+/// Which audit events to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub tenant: Option<TenantId>,
+    pub since: Option<Timestamp>,
+    /// Keep only the most recent `limit` events (still returned oldest first).
+    pub limit: Option<u64>,
+}
+
+/// Every tenant at one change-log position: what a subscriber loads before following
+/// the feed from `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub tenants: Vec<Tenant>,
+}
+
+/// Whether opening a store may create it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the store (or finish creating it) if it is missing; `ficus init`.
+    Create,
+    /// The store must exist already; every other command.
+    Existing,
+}
+
+/// What happened when a store was opened with [`OpenMode::Create`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitOutcome {
+    Created,
+    AlreadyInitialized,
+    Upgraded { from: i64 },
+}
+
+/// The control store's operations. Both implementations are safe to share between
+/// tasks and processes: every write is one transaction, checked against the current
+/// state inside it.
+#[async_trait]
+pub trait ControlStore: Send + Sync + 'static {
+    /// Where the store lives, for messages (never includes a password).
+    fn location(&self) -> &str;
+
+    /// What opening did, for `ficus init` to report.
+    fn init_outcome(&self) -> InitOutcome;
+
+    async fn add_tenant(&self, tenant: NewTenant, actor: Actor, reason: &str) -> Result<Tenant>;
+
+    /// Adds every tenant or none. Problems with individual tenants (ids or domains
+    /// that exist already) are all reported together, by position in `tenants`.
+    async fn import_tenants(&self, tenants: Vec<NewTenant>, actor: Actor, reason: &str)
+    -> Result<u64>;
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>>;
+
+    async fn tenants(&self, stage: Option<Stage>) -> Result<Vec<Tenant>>;
+
+    /// Tenants with these ids, in id order; ids that do not exist are skipped.
+    async fn tenants_by_id(&self, ids: &[TenantId]) -> Result<Vec<Tenant>>;
+
+    async fn change_stage(&self, change: StageChange) -> Result<Tenant>;
+
+    async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>>;
+
+    async fn progress(&self) -> Result<Progress>;
+
+    async fn snapshot(&self) -> Result<Snapshot>;
+
+    /// What changed after `seq`, or a resync when the change log no longer reaches
+    /// back that far.
+    async fn changes_since(&self, seq: u64) -> Result<ChangeSet>;
+
+    /// Follows committed changes after `from_seq` (after the current position when
+    /// `None`). The feed stops when the subscription is dropped.
+    fn subscribe(&self, from_seq: Option<u64>) -> Subscription;
+}
+
+/// Opens the store at `url`.
+pub async fn open(url: &StoreUrl, mode: OpenMode) -> Result<Arc<dyn ControlStore>> {
+    Ok(match url {
+        StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open(path, mode).await?),
+        StoreUrl::Postgres { .. } => Arc::new(PgStore::open(url, mode).await?),
+    })
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Why a store operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store url {url:?}: {why}")]
+    BadUrl { url: String, why: String },
+    #[error("no ficus store at {location}: run `ficus init` first")]
+    NotInitialized { location: String },
+    #[error("{location} is not a ficus store ({detail}); it was not modified")]
+    NotAFicusStore { location: String, detail: String },
+    #[error(
+        "{location} was written by a newer ficus (schema version {found}; this build supports up to {supported}); upgrade ficus, the store was not modified"
+    )]
+    NewerSchema {
+        location: String,
+        found: i64,
+        supported: i64,
+    },
+    #[error("{location} is read-only; ficus needs to write to its store")]
+    ReadOnly { location: String },
+    #[error("cannot reach the PostgreSQL store at {location}: {detail}")]
+    Unreachable { location: String, detail: String },
+    #[error("tenant {0} already exists")]
+    TenantExists(TenantId),
+    #[error("no tenant {0}")]
+    UnknownTenant(TenantId),
+    #[error("domain {domain} already belongs to tenant {owner}")]
+    DomainTaken { domain: Domain, owner: TenantId },
+    #[error("domain {0} is given twice")]
+    DuplicateDomain(Domain),
+    #[error("cannot move tenant {tenant} from {from} to {to}: {error}")]
+    Transition {
+        tenant: TenantId,
+        from: Stage,
+        to: Stage,
+        error: TransitionError,
+    },
+    #[error(
+        "tenant {tenant} changed since version {expected}: it is at version {actual}, last changed by {changed_by} at {changed_at} ({reason:?}); nothing was written"
+    )]
+    Stale {
+        tenant: TenantId,
+        expected: u64,
+        actual: u64,
+        changed_by: Actor,
+        changed_at: String,
+        reason: String,
+    },
+    #[error("a reason is required and must not be empty")]
+    MissingReason,
+    #[error("import refused, nothing was added: {}", .0.iter().map(|c| format!("entry {}: {}", c.index + 1, c.problem)).collect::<Vec<_>>().join("; "))]
+    ImportConflicts(Vec<ImportConflict>),
+    #[error("the store holds a value ficus cannot read ({0}); was it edited by hand?")]
+    Corrupt(String),
+    #[error("{context}: {detail}")]
+    Backend { context: String, detail: String },
+}
+
+/// One tenant of an import that cannot be added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportConflict {
+    /// Zero-based position in the imported list.
+    pub index: usize,
+    pub problem: String,
+}
+
+/// Formats a timestamp as RFC 3339 UTC, the way every message and output shows time.
+pub fn format_time(t: Timestamp) -> String {
+    match u64::try_from(t.unix_millis()) {
+        Ok(ms) => humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string(),
+        Err(_) => format!("{}ms", t.unix_millis()),
+    }
+}
+
+/// The current time, read in one place so every store stamps events alike.
+pub(crate) fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp::from_unix_millis(d.as_millis() as i64)
+}

@@ -1,0 +1,834 @@
+//! The shared store: PostgreSQL, for several proxy replicas and operators at once.
+//!
+//! Every write transaction starts by advancing the one-row change counter, whose row
+//! lock is held until commit. That serializes writers (the control plane writes
+//! rarely, so this costs nothing that matters) and makes change positions and audit
+//! sequence numbers follow commit order. Each write ends with `pg_notify`, which
+//! PostgreSQL delivers only once the transaction commits.
+//!
+//! The feed listens on its own connection (LISTEN cannot go through a pool) and also
+//! re-reads the change log on a timer, so a notification lost with a dropped
+//! connection heals within [`RESYNC_EVERY`].
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+use ficus_core::{Actor, AuditEvent, Domain, Progress, Stage, Tenant, TenantId};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
+
+use crate::feed::{ChangeSet, FeedEvent, Subscription};
+use crate::rules::{self, AuditRow, TenantRow};
+use crate::{
+    AuditQuery, ControlStore, InitOutcome, NewTenant, OpenMode, Result, SCHEMA_VERSION, Snapshot,
+    StageChange, StoreError, StoreUrl, now,
+};
+
+/// How often the feed re-reads the change log even without a notification.
+const RESYNC_EVERY: Duration = Duration::from_secs(5);
+/// How many change-log entries are kept; a subscriber further behind resyncs.
+const CHANGES_KEPT: i64 = 10_000;
+
+/// Schema migrations; entry `i` brings the store from version `i` to `i + 1`. `{s}`
+/// stands for the quoted schema name.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE {s}.meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE {s}.tenants (
+    id         text PRIMARY KEY,
+    name       text NOT NULL,
+    stage      text NOT NULL CHECK (stage IN ('legacy', 'shadow', 'migrated')),
+    version    bigint NOT NULL CHECK (version > 0),
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL
+);
+CREATE TABLE {s}.tenant_domains (
+    domain    text PRIMARY KEY,
+    tenant_id text NOT NULL REFERENCES {s}.tenants (id)
+);
+CREATE INDEX tenant_domains_tenant ON {s}.tenant_domains (tenant_id);
+CREATE TABLE {s}.audit_log (
+    seq        bigserial PRIMARY KEY,
+    at         bigint NOT NULL,
+    tenant_id  text NOT NULL,
+    from_stage text,
+    to_stage   text NOT NULL,
+    version    bigint NOT NULL,
+    actor      text NOT NULL,
+    reason     text NOT NULL
+);
+CREATE INDEX audit_log_tenant ON {s}.audit_log (tenant_id, seq);
+CREATE INDEX audit_log_at ON {s}.audit_log (at);
+CREATE FUNCTION {s}.audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {s}.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_log_append_only();
+CREATE TABLE {s}.change_counter (
+    id    int PRIMARY KEY CHECK (id = 1),
+    seq   bigint NOT NULL,
+    floor bigint NOT NULL
+);
+INSERT INTO {s}.change_counter (id, seq, floor) VALUES (1, 0, 0);
+CREATE TABLE {s}.changes (
+    seq       bigint NOT NULL,
+    tenant_id text
+);
+CREATE INDEX changes_seq ON {s}.changes (seq);
+INSERT INTO {s}.meta (key, value) VALUES ('app', 'ficus');
+"#];
+
+/// The PostgreSQL control store.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    config: tokio_postgres::Config,
+    /// The schema name, already quoted as an identifier.
+    schema: String,
+    schema_name: String,
+    /// The NOTIFY channel, unquoted (it is passed to `pg_notify` as a value).
+    channel: String,
+    location: String,
+    outcome: InitOutcome,
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl PgStore {
+    pub async fn open(url: &StoreUrl, mode: OpenMode) -> Result<PgStore> {
+        let StoreUrl::Postgres { config, schema, location } = url else {
+            return Err(StoreError::BadUrl {
+                url: format!("{url:?}"),
+                why: "not a PostgreSQL url".into(),
+            });
+        };
+        let mut config = config.clone();
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("ficus");
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(8)
+            .build()
+            .map_err(|e| StoreError::Backend {
+                context: "building the connection pool".into(),
+                detail: e.to_string(),
+            })?;
+        let mut inner = Inner {
+            pool,
+            config,
+            schema: quote_ident(schema),
+            schema_name: schema.clone(),
+            channel: format!("ficus_changes_{schema}"),
+            location: location.clone(),
+            outcome: InitOutcome::AlreadyInitialized,
+        };
+        inner.outcome = inner.prepare(mode).await?;
+        Ok(PgStore {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+fn pg_detail(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+impl Inner {
+    fn q(&self, sql: &str) -> String {
+        sql.replace("{s}", &self.schema)
+    }
+
+    fn err(&self, context: &str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+        let context = format!("{context} ({})", self.location);
+        move |e| {
+            if e.is_closed() || e.as_db_error().is_none() && e.code().is_none() {
+                StoreError::Unreachable {
+                    location: context,
+                    detail: pg_detail(&e),
+                }
+            } else {
+                StoreError::Backend {
+                    context,
+                    detail: pg_detail(&e),
+                }
+            }
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| StoreError::Unreachable {
+            location: self.location.clone(),
+            detail: match e {
+                PoolError::Backend(e) => pg_detail(&e),
+                other => other.to_string(),
+            },
+        })
+    }
+
+    /// Checks what the schema holds, and creates or migrates it when allowed.
+    async fn prepare(&self, mode: OpenMode) -> Result<InitOutcome> {
+        let client = self.client().await?;
+        let found = self.schema_version(&**client).await?;
+        match found {
+            None if mode == OpenMode::Existing => {
+                return Err(StoreError::NotInitialized {
+                    location: self.location_with_schema(),
+                });
+            }
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::NewerSchema {
+                    location: self.location_with_schema(),
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            Some(v) if v == SCHEMA_VERSION => return Ok(InitOutcome::AlreadyInitialized),
+            _ => {}
+        }
+        drop(client);
+        self.migrate().await
+    }
+
+    fn location_with_schema(&self) -> String {
+        format!("{} (schema {})", self.location, self.schema_name)
+    }
+
+    async fn schema_version(&self, client: &impl GenericClient) -> Result<Option<i64>> {
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),
+                        to_regclass(format('%I.meta', $1::text)) IS NOT NULL,
+                        (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v'))",
+                &[&self.schema_name],
+            )
+            .await
+            .map_err(self.err("reading the schema"))?;
+        let (schema_exists, has_meta, relations): (bool, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        if !schema_exists {
+            return Ok(None);
+        }
+        if !has_meta {
+            if relations > 0 {
+                return Err(StoreError::NotAFicusStore {
+                    location: self.location_with_schema(),
+                    detail: "the schema holds tables ficus did not create".into(),
+                });
+            }
+            return Ok(None);
+        }
+        let rows = client
+            .query(&self.q("SELECT key, value FROM {s}.meta WHERE key IN ('app', 'schema_version')"), &[])
+            .await
+            .map_err(self.err("reading the store's metadata"))?;
+        let meta: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if meta.get("app").map(String::as_str) != Some("ficus") {
+            return Err(StoreError::NotAFicusStore {
+                location: self.location_with_schema(),
+                detail: "its meta table does not name ficus".into(),
+            });
+        }
+        let version = meta.get("schema_version").cloned().unwrap_or_default();
+        version
+            .parse()
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt(format!("schema version {version:?}")))
+    }
+
+    async fn migrate(&self) -> Result<InitOutcome> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(self.err("starting the schema migration"))?;
+        // Two `ficus init` at once must not both create the schema.
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext('ficus-schema:' || $1))", &[&self.schema_name])
+            .await
+            .map_err(self.err("locking the schema migration"))?;
+        let from = self.schema_version(&*tx).await?.unwrap_or(0);
+        if from > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                location: self.location_with_schema(),
+                found: from,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for sql in &MIGRATIONS[from as usize..] {
+            tx.batch_execute(&self.q(sql)).await.map_err(self.err("migrating the schema"))?;
+        }
+        tx.execute(
+            &self.q(
+                "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            ),
+            &[&SCHEMA_VERSION.to_string()],
+        )
+        .await
+        .map_err(self.err("recording the schema version"))?;
+        tx.commit().await.map_err(self.err("committing the schema"))?;
+        Ok(match from {
+            0 => InitOutcome::Created,
+            v if v == SCHEMA_VERSION => InitOutcome::AlreadyInitialized,
+            v => InitOutcome::Upgraded { from: v },
+        })
+    }
+
+    /// Advances the change counter (taking the writers' lock until commit) and
+    /// prunes old entries now and then.
+    async fn next_seq(&self, tx: &impl GenericClient) -> Result<i64> {
+        let seq: i64 = tx
+            .query_one(&self.q("UPDATE {s}.change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq"), &[])
+            .await
+            .map_err(self.err("advancing the change log"))?
+            .get(0);
+        if seq % 1000 == 0 && seq > CHANGES_KEPT {
+            let floor = seq - CHANGES_KEPT;
+            tx.execute(&self.q("DELETE FROM {s}.changes WHERE seq <= $1"), &[&floor])
+                .await
+                .map_err(self.err("pruning the change log"))?;
+            tx.execute(&self.q("UPDATE {s}.change_counter SET floor = $1 WHERE id = 1"), &[&floor])
+                .await
+                .map_err(self.err("pruning the change log"))?;
+        }
+        Ok(seq)
+    }
+
+    /// Records a change and queues its notification, delivered at commit.
+    async fn record_change(&self, tx: &impl GenericClient, seq: i64, tenant: Option<&str>) -> Result<()> {
+        tx.execute(&self.q("INSERT INTO {s}.changes (seq, tenant_id) VALUES ($1, $2)"), &[&seq, &tenant])
+            .await
+            .map_err(self.err("recording a change"))?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&self.channel, &seq.to_string()])
+            .await
+            .map_err(self.err("notifying subscribers"))?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "one column each; a struct would only rename them")]
+    async fn append_audit(
+        &self,
+        tx: &impl GenericClient,
+        at: i64,
+        tenant: &str,
+        from: Option<Stage>,
+        to: Stage,
+        version: u64,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<()> {
+        tx.execute(
+            &self.q(
+                "INSERT INTO {s}.audit_log (at, tenant_id, from_stage, to_stage, version, actor, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            ),
+            &[&at, &tenant, &from.map(Stage::as_str), &to.as_str(), &(version as i64), &actor.as_str(), &reason],
+        )
+        .await
+        .map_err(self.err("appending to the audit log"))?;
+        Ok(())
+    }
+
+    async fn domain_owners(&self, client: &impl GenericClient, domains: &[&str]) -> Result<HashMap<String, String>> {
+        let rows = client
+            .query(&self.q("SELECT domain, tenant_id FROM {s}.tenant_domains WHERE domain = ANY($1)"), &[&domains])
+            .await
+            .map_err(self.err("checking domains"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn insert_tenants(&self, tx: &impl GenericClient, tenants: &[NewTenant], at: i64) -> Result<()> {
+        let ids: Vec<&str> = tenants.iter().map(|t| t.id.as_str()).collect();
+        let names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
+        let stages: Vec<&str> = tenants.iter().map(|t| t.stage.as_str()).collect();
+        tx.execute(
+            &self.q(
+                "INSERT INTO {s}.tenants (id, name, stage, version, created_at, updated_at)
+                 SELECT id, name, stage, 1, $4, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS t (id, name, stage)",
+            ),
+            &[&ids, &names, &stages, &at],
+        )
+        .await
+        .map_err(self.err("adding tenants"))?;
+        let (mut d_names, mut d_owners) = (Vec::new(), Vec::new());
+        for t in tenants {
+            for d in &t.domains {
+                d_names.push(d.as_str());
+                d_owners.push(t.id.as_str());
+            }
+        }
+        if !d_names.is_empty() {
+            tx.execute(
+                &self.q("INSERT INTO {s}.tenant_domains (domain, tenant_id) SELECT * FROM unnest($1::text[], $2::text[])"),
+                &[&d_names, &d_owners],
+            )
+            .await
+            .map_err(self.err("adding domains"))?;
+        }
+        Ok(())
+    }
+
+    async fn load_tenant(&self, client: &impl GenericClient, id: &str) -> Result<Option<Tenant>> {
+        let Some(row) = client
+            .query_opt(&self.q(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenants WHERE id = $1")), &[&id])
+            .await
+            .map_err(self.err("reading a tenant"))?
+        else {
+            return Ok(None);
+        };
+        let domains = client
+            .query(&self.q("SELECT domain FROM {s}.tenant_domains WHERE tenant_id = $1 ORDER BY domain"), &[&id])
+            .await
+            .map_err(self.err("reading a tenant's domains"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        rules::tenant_from_row(tenant_row(&row), domains).map(Some)
+    }
+
+    async fn load_tenants(&self, client: &impl GenericClient, stage: Option<Stage>) -> Result<Vec<Tenant>> {
+        let stage = stage.map(Stage::as_str);
+        let rows = client
+            .query(
+                &self.q(&format!(
+                    "SELECT {TENANT_COLUMNS} FROM {{s}}.tenants WHERE $1::text IS NULL OR stage = $1 ORDER BY id"
+                )),
+                &[&stage],
+            )
+            .await
+            .map_err(self.err("listing tenants"))?;
+        let domains = client
+            .query(
+                &self.q(
+                    "SELECT d.tenant_id, d.domain FROM {s}.tenant_domains d JOIN {s}.tenants t ON t.id = d.tenant_id
+                     WHERE $1::text IS NULL OR t.stage = $1",
+                ),
+                &[&stage],
+            )
+            .await
+            .map_err(self.err("listing domains"))?;
+        rules::assemble(
+            rows.iter().map(tenant_row).collect(),
+            domains.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        )
+    }
+
+    async fn load_audit(&self, client: &impl GenericClient, q: &AuditQuery) -> Result<Vec<AuditEvent>> {
+        let limit = q.limit.map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64);
+        let rows = client
+            .query(
+                &self.q(
+                    "SELECT seq, at, tenant_id, from_stage, to_stage, version, actor, reason FROM (
+                        SELECT * FROM {s}.audit_log
+                        WHERE ($1::text IS NULL OR tenant_id = $1) AND ($2::bigint IS NULL OR at >= $2)
+                        ORDER BY seq DESC LIMIT $3
+                     ) recent ORDER BY seq",
+                ),
+                &[&q.tenant.as_ref().map(TenantId::as_str), &q.since.map(|t| t.unix_millis()), &limit],
+            )
+            .await
+            .map_err(self.err("reading the audit log"))?;
+        rows.iter()
+            .map(|r| {
+                rules::audit_from_row(AuditRow {
+                    seq: r.get(0),
+                    at: r.get(1),
+                    tenant: r.get(2),
+                    from: r.get(3),
+                    to: r.get(4),
+                    version: r.get(5),
+                    actor: r.get(6),
+                    reason: r.get(7),
+                })
+            })
+            .collect()
+    }
+
+    async fn load_changes(&self, client: &impl GenericClient, since: u64) -> Result<ChangeSet> {
+        let row = client
+            .query_one(&self.q("SELECT seq, floor FROM {s}.change_counter WHERE id = 1"), &[])
+            .await
+            .map_err(self.err("reading the change log"))?;
+        let (seq, floor): (i64, i64) = (row.get(0), row.get(1));
+        let seq = seq as u64;
+        if since < floor as u64 || since > seq {
+            return Ok(ChangeSet { seq, tenants: BTreeSet::new(), resync: true });
+        }
+        let rows = client
+            .query(
+                &self.q("SELECT DISTINCT tenant_id FROM {s}.changes WHERE seq > $1 AND seq <= $2"),
+                &[&(since as i64), &(seq as i64)],
+            )
+            .await
+            .map_err(self.err("reading the change log"))?;
+        let mut set = ChangeSet { seq, tenants: BTreeSet::new(), resync: false };
+        for r in rows {
+            match r.get::<_, Option<String>>(0) {
+                None => set.resync = true,
+                Some(id) => {
+                    set.tenants.insert(TenantId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+                }
+            }
+        }
+        Ok(set)
+    }
+}
+
+const TENANT_COLUMNS: &str = "id, name, stage, version, created_at, updated_at";
+
+fn tenant_row(r: &Row) -> TenantRow {
+    TenantRow {
+        id: r.get(0),
+        name: r.get(1),
+        stage: r.get(2),
+        version: r.get(3),
+        created_at: r.get(4),
+        updated_at: r.get(5),
+    }
+}
+
+fn check_domains_free(owners: &HashMap<String, String>, domains: &[Domain]) -> Result<()> {
+    for d in domains {
+        if let Some(owner) = owners.get(d.as_str()) {
+            return Err(StoreError::DomainTaken {
+                domain: d.clone(),
+                owner: TenantId::parse(owner).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ControlStore for PgStore {
+    fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    fn init_outcome(&self) -> InitOutcome {
+        self.inner.outcome
+    }
+
+    async fn add_tenant(&self, tenant: NewTenant, actor: Actor, reason: &str) -> Result<Tenant> {
+        let s = &*self.inner;
+        let reason = rules::reason(reason)?;
+        rules::check_own_domains(&tenant)?;
+        let mut client = s.client().await?;
+        let tx = client.transaction().await.map_err(s.err("starting a write"))?;
+        let seq = s.next_seq(&*tx).await?;
+        let id = tenant.id.as_str();
+        if s.load_tenant(&*tx, id).await?.is_some() {
+            return Err(StoreError::TenantExists(tenant.id.clone()));
+        }
+        let domains: Vec<&str> = tenant.domains.iter().map(Domain::as_str).collect();
+        check_domains_free(&s.domain_owners(&*tx, &domains).await?, &tenant.domains)?;
+        let at = now().unix_millis();
+        s.insert_tenants(&*tx, std::slice::from_ref(&tenant), at).await?;
+        s.append_audit(&*tx, at, id, None, tenant.stage, 1, actor, reason).await?;
+        s.record_change(&*tx, seq, Some(id)).await?;
+        let added = s.load_tenant(&*tx, id).await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        added.ok_or_else(|| StoreError::UnknownTenant(tenant.id.clone()))
+    }
+
+    async fn import_tenants(&self, tenants: Vec<NewTenant>, actor: Actor, reason: &str) -> Result<u64> {
+        let s = &*self.inner;
+        let reason = rules::reason(reason)?;
+        for t in &tenants {
+            rules::check_own_domains(t)?;
+        }
+        let mut client = s.client().await?;
+        let tx = client.transaction().await.map_err(s.err("starting a write"))?;
+        let seq = s.next_seq(&*tx).await?;
+        let ids: Vec<&str> = tenants.iter().map(|t| t.id.as_str()).collect();
+        let existing: HashSet<String> = tx
+            .query(&s.q("SELECT id FROM {s}.tenants WHERE id = ANY($1)"), &[&ids])
+            .await
+            .map_err(s.err("checking tenant ids"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let domains: Vec<&str> = tenants.iter().flat_map(|t| t.domains.iter().map(Domain::as_str)).collect();
+        let owners = s.domain_owners(&*tx, &domains).await?;
+        let conflicts = rules::import_conflicts(&tenants, &existing, &owners);
+        if !conflicts.is_empty() {
+            return Err(StoreError::ImportConflicts(conflicts));
+        }
+        let at = now().unix_millis();
+        s.insert_tenants(&*tx, &tenants, at).await?;
+        let stages: Vec<&str> = tenants.iter().map(|t| t.stage.as_str()).collect();
+        tx.execute(
+            &s.q(
+                "INSERT INTO {s}.audit_log (at, tenant_id, from_stage, to_stage, version, actor, reason)
+                 SELECT $1, id, NULL, stage, 1, $4, $5
+                 FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t (id, stage, n) ORDER BY n",
+            ),
+            &[&at, &ids, &stages, &actor.as_str(), &reason],
+        )
+        .await
+        .map_err(s.err("appending to the audit log"))?;
+        // One entry for the whole import: subscribers reload everything.
+        s.record_change(&*tx, seq, None).await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        Ok(tenants.len() as u64)
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
+        let client = self.inner.client().await?;
+        self.inner.load_tenant(&**client, id.as_str()).await
+    }
+
+    async fn tenants(&self, stage: Option<Stage>) -> Result<Vec<Tenant>> {
+        let client = self.inner.client().await?;
+        self.inner.load_tenants(&**client, stage).await
+    }
+
+    async fn tenants_by_id(&self, ids: &[TenantId]) -> Result<Vec<Tenant>> {
+        let s = &*self.inner;
+        let ids: Vec<&str> = ids.iter().map(TenantId::as_str).collect();
+        let client = s.client().await?;
+        let rows = client
+            .query(&s.q(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenants WHERE id = ANY($1) ORDER BY id")), &[&ids])
+            .await
+            .map_err(s.err("reading tenants"))?;
+        let domains = client
+            .query(&s.q("SELECT tenant_id, domain FROM {s}.tenant_domains WHERE tenant_id = ANY($1)"), &[&ids])
+            .await
+            .map_err(s.err("reading domains"))?;
+        rules::assemble(
+            rows.iter().map(tenant_row).collect(),
+            domains.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        )
+    }
+
+    async fn change_stage(&self, change: StageChange) -> Result<Tenant> {
+        let s = &*self.inner;
+        let reason = rules::reason(&change.reason)?;
+        let mut client = s.client().await?;
+        let tx = client.transaction().await.map_err(s.err("starting a write"))?;
+        let seq = s.next_seq(&*tx).await?;
+        let id = change.tenant.as_str();
+        let current = s
+            .load_tenant(&*tx, id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))?;
+        // The explanation of a stale write needs the last event; read it up front
+        // only in that case (the closure below must stay synchronous).
+        let last = match change.expected_version {
+            Some(v) if v != current.version => {
+                let q = AuditQuery { tenant: Some(change.tenant.clone()), since: None, limit: Some(1) };
+                s.load_audit(&*tx, &q).await?.pop()
+            }
+            _ => None,
+        };
+        rules::check_stage_change(&current, &change, || Ok(last))?;
+        let at = now().unix_millis();
+        let version = current.version + 1;
+        tx.execute(
+            &s.q("UPDATE {s}.tenants SET stage = $1, version = $2, updated_at = $3 WHERE id = $4 AND version = $5"),
+            &[&change.to.as_str(), &(version as i64), &at, &id, &(current.version as i64)],
+        )
+        .await
+        .map_err(s.err("changing a stage"))?;
+        s.append_audit(&*tx, at, id, Some(current.stage), change.to, version, change.actor, reason)
+            .await?;
+        s.record_change(&*tx, seq, Some(id)).await?;
+        let changed = s.load_tenant(&*tx, id).await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        changed.ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
+    }
+
+    async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>> {
+        let client = self.inner.client().await?;
+        self.inner.load_audit(&**client, &query).await
+    }
+
+    async fn progress(&self) -> Result<Progress> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(&s.q("SELECT stage, count(*) FROM {s}.tenants GROUP BY stage"), &[])
+            .await
+            .map_err(s.err("counting tenants"))?;
+        let mut p = Progress::default();
+        for r in rows {
+            let stage = Stage::parse(r.get(0)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            p.count(stage, r.get::<_, i64>(1) as u64);
+        }
+        Ok(p)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let s = &*self.inner;
+        let mut client = s.client().await?;
+        // REPEATABLE READ: the position and the tenants come from one snapshot.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(s.err("starting a read"))?;
+        let seq: i64 = tx
+            .query_one(&s.q("SELECT seq FROM {s}.change_counter WHERE id = 1"), &[])
+            .await
+            .map_err(s.err("reading the change log"))?
+            .get(0);
+        let tenants = s.load_tenants(&*tx, None).await?;
+        tx.commit().await.map_err(s.err("ending a read"))?;
+        Ok(Snapshot { seq: seq as u64, tenants })
+    }
+
+    async fn changes_since(&self, seq: u64) -> Result<ChangeSet> {
+        let client = self.inner.client().await?;
+        self.inner.load_changes(&**client, seq).await
+    }
+
+    fn subscribe(&self, from_seq: Option<u64>) -> Subscription {
+        let (tx, sub) = Subscription::channel();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(pg_feed(Arc::clone(&self.inner), from_seq, tx));
+            }
+            Err(e) => {
+                let _ = tx.try_send(FeedEvent::Lost { error: format!("no async runtime for the feed: {e}") });
+            }
+        }
+        sub
+    }
+}
+
+/// Follows the store until the subscriber goes away, reconnecting after losses
+/// with capped exponential backoff.
+async fn pg_feed(inner: Arc<Inner>, from_seq: Option<u64>, tx: mpsc::Sender<FeedEvent>) {
+    let mut last = from_seq;
+    let mut lost = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match follow(&inner, &mut last, &mut lost, &tx).await {
+            Ok(()) => return,
+            Err(e) => {
+                if tx.is_closed() {
+                    return;
+                }
+                if !lost {
+                    lost = true;
+                    backoff = Duration::from_millis(100);
+                    if tx.send(FeedEvent::Lost { error: e.to_string() }).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = tx.closed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// One connection's worth of following. Returns `Ok` when the subscriber is gone,
+/// `Err` when the connection is.
+async fn follow(
+    inner: &Inner,
+    last: &mut Option<u64>,
+    lost: &mut bool,
+    tx: &mpsc::Sender<FeedEvent>,
+) -> Result<()> {
+    let (client, mut connection) = inner
+        .config
+        .connect(NoTls)
+        .await
+        .map_err(|e| StoreError::Unreachable { location: inner.location.clone(), detail: pg_detail(&e) })?;
+    let (note_tx, mut notes) = mpsc::unbounded_channel::<()>();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(_) = message {
+                if note_tx.send(()).is_err() {
+                    break;
+                }
+            }
+        }
+        // Dropping `note_tx` here tells the follower that the connection is gone.
+    });
+    let result = async {
+        client
+            .batch_execute(&format!("LISTEN {}", quote_ident(&inner.channel)))
+            .await
+            .map_err(inner.err("listening for changes"))?;
+        if *lost {
+            *lost = false;
+            if tx.send(FeedEvent::Restored).await.is_err() {
+                return Ok(());
+            }
+        }
+        let mut resync = tokio::time::interval(RESYNC_EVERY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // The first tick fires at once, so a (re)connection starts by catching up.
+            tokio::select! {
+                note = notes.recv() => {
+                    if note.is_none() {
+                        return Err(StoreError::Unreachable {
+                            location: inner.location.clone(),
+                            detail: "the connection to the store was closed".into(),
+                        });
+                    }
+                    while notes.try_recv().is_ok() {}
+                }
+                _ = resync.tick() => {}
+                () = tx.closed() => return Ok(()),
+            }
+            match *last {
+                None => {
+                    let seq: i64 = client
+                        .query_one(&inner.q("SELECT seq FROM {s}.change_counter WHERE id = 1"), &[])
+                        .await
+                        .map_err(inner.err("reading the change log"))?
+                        .get(0);
+                    *last = Some(seq as u64);
+                }
+                Some(since) => {
+                    let set = inner.load_changes(&client, since).await?;
+                    if set.seq != since {
+                        *last = Some(set.seq);
+                        if tx.send(FeedEvent::Changed(set)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}

@@ -1,0 +1,168 @@
+//! The decisions both store implementations make the same way, kept in one place so
+//! that SQLite and PostgreSQL cannot drift apart: stage-change checks, import
+//! conflict detection, and turning stored rows back into domain values.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ficus_core::{Actor, AuditEvent, Domain, Stage, Tenant, TenantId, Timestamp, Transition};
+
+use crate::{ImportConflict, NewTenant, StageChange, StoreError, format_time};
+
+/// Trims a reason and refuses an empty one: every change must say why.
+pub(crate) fn reason(raw: &str) -> Result<&str, StoreError> {
+    let r = raw.trim();
+    if r.is_empty() {
+        Err(StoreError::MissingReason)
+    } else {
+        Ok(r)
+    }
+}
+
+/// Checks a stage change against the tenant's state read inside the writing
+/// transaction. `last_event` is consulted only to explain a stale write.
+pub(crate) fn check_stage_change(
+    current: &Tenant,
+    change: &StageChange,
+    last_event: impl FnOnce() -> Result<Option<AuditEvent>, StoreError>,
+) -> Result<(), StoreError> {
+    if let Some(expected) = change.expected_version {
+        if expected != current.version {
+            let last = last_event()?;
+            return Err(StoreError::Stale {
+                tenant: current.id.clone(),
+                expected,
+                actual: current.version,
+                changed_by: last.as_ref().map_or(Actor::Cli, |e| e.actor),
+                changed_at: last
+                    .as_ref()
+                    .map_or_else(|| format_time(current.updated_at), |e| format_time(e.at)),
+                reason: last.map(|e| e.reason).unwrap_or_default(),
+            });
+        }
+    }
+    Transition::between(current.stage, change.to).map_err(|error| StoreError::Transition {
+        tenant: current.id.clone(),
+        from: current.stage,
+        to: change.to,
+        error,
+    })?;
+    Ok(())
+}
+
+/// Refuses a tenant that names one domain twice.
+pub(crate) fn check_own_domains(tenant: &NewTenant) -> Result<(), StoreError> {
+    let mut seen = std::collections::HashSet::new();
+    for d in &tenant.domains {
+        if !seen.insert(d) {
+            return Err(StoreError::DuplicateDomain(d.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Finds every conflict in an import: ids and domains repeated inside the list, and
+/// ids and domains the store already holds (`existing_ids`, `domain_owners`).
+pub(crate) fn import_conflicts(
+    tenants: &[NewTenant],
+    existing_ids: &std::collections::HashSet<String>,
+    domain_owners: &HashMap<String, String>,
+) -> Vec<ImportConflict> {
+    let mut out = Vec::new();
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut domains: HashMap<&str, usize> = HashMap::new();
+    for (index, t) in tenants.iter().enumerate() {
+        let mut problem = |p: String| out.push(ImportConflict { index, problem: p });
+        if existing_ids.contains(t.id.as_str()) {
+            problem(format!("tenant {} already exists", t.id));
+        } else if let Some(first) = ids.insert(t.id.as_str(), index) {
+            ids.insert(t.id.as_str(), first);
+            problem(format!("tenant {} is also at entry {}", t.id, first + 1));
+        }
+        for d in &t.domains {
+            if let Some(owner) = domain_owners.get(d.as_str()) {
+                problem(format!("domain {d} already belongs to tenant {owner}"));
+            } else if let Some(first) = domains.insert(d.as_str(), index) {
+                domains.insert(d.as_str(), first);
+                problem(format!("domain {d} is also used at entry {}", first + 1));
+            }
+        }
+    }
+    out
+}
+
+/// A tenant row as stored, before its values are checked.
+pub(crate) struct TenantRow {
+    pub id: String,
+    pub name: String,
+    pub stage: String,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+pub(crate) fn tenant_from_row(row: TenantRow, domains: Vec<String>) -> Result<Tenant, StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("tenant {:?}: {e}", row.id));
+    Ok(Tenant {
+        id: TenantId::parse(&row.id).map_err(|e| corrupt(&e))?,
+        stage: Stage::parse(&row.stage).map_err(|e| corrupt(&e))?,
+        version: u64::try_from(row.version).map_err(|e| corrupt(&e))?,
+        domains: domains
+            .iter()
+            .map(|d| Domain::parse(d))
+            .collect::<Result<_, _>>()
+            .map_err(|e| corrupt(&e))?,
+        created_at: Timestamp::from_unix_millis(row.created_at),
+        updated_at: Timestamp::from_unix_millis(row.updated_at),
+        name: row.name,
+    })
+}
+
+/// Joins tenant rows with their domains (given as `(tenant, domain)` pairs in any
+/// order), keeping the rows' order.
+pub(crate) fn assemble(
+    rows: Vec<TenantRow>,
+    domain_pairs: Vec<(String, String)>,
+) -> Result<Vec<Tenant>, StoreError> {
+    let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (tenant, domain) in domain_pairs {
+        by_tenant.entry(tenant).or_default().push(domain);
+    }
+    rows.into_iter()
+        .map(|row| {
+            let mut domains = by_tenant.remove(&row.id).unwrap_or_default();
+            domains.sort();
+            tenant_from_row(row, domains)
+        })
+        .collect()
+}
+
+/// An audit row as stored, before its values are checked.
+pub(crate) struct AuditRow {
+    pub seq: i64,
+    pub at: i64,
+    pub tenant: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub version: i64,
+    pub actor: String,
+    pub reason: String,
+}
+
+pub(crate) fn audit_from_row(row: AuditRow) -> Result<AuditEvent, StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("audit event {}: {e}", row.seq));
+    Ok(AuditEvent {
+        seq: u64::try_from(row.seq).map_err(|e| corrupt(&e))?,
+        at: Timestamp::from_unix_millis(row.at),
+        tenant: TenantId::parse(&row.tenant).map_err(|e| corrupt(&e))?,
+        from: row
+            .from
+            .as_deref()
+            .map(Stage::parse)
+            .transpose()
+            .map_err(|e| corrupt(&e))?,
+        to: Stage::parse(&row.to).map_err(|e| corrupt(&e))?,
+        version: u64::try_from(row.version).map_err(|e| corrupt(&e))?,
+        actor: Actor::parse(&row.actor).map_err(|e| corrupt(&e))?,
+        reason: row.reason,
+    })
+}

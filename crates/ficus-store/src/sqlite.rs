@@ -1,0 +1,710 @@
+//! The embedded store: one SQLite file in WAL mode with durable commits.
+//!
+//! rusqlite is synchronous, so every operation runs on tokio's blocking pool with the
+//! connection behind a `std::sync::Mutex`; the lock is never held across an await.
+//! Writes use `BEGIN IMMEDIATE`, which takes SQLite's single write lock up front, so
+//! the check inside a write (does the tenant exist, is the version current) and the
+//! write itself cannot interleave with another process's write.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ficus_core::{Actor, AuditEvent, Progress, Stage, Tenant, TenantId};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use crate::feed::{ChangeSet, FeedEvent, Subscription};
+use crate::rules::{self, AuditRow, TenantRow};
+use crate::{
+    AuditQuery, ControlStore, InitOutcome, NewTenant, OpenMode, Result, SCHEMA_VERSION, Snapshot,
+    StageChange, StoreError, now,
+};
+
+/// How many change-log entries are kept; a subscriber further behind resyncs.
+const CHANGES_KEPT: i64 = 10_000;
+
+/// How often the feed asks SQLite whether another connection has committed. The
+/// question (`PRAGMA data_version`) reads a counter in shared memory, so asking often
+/// costs next to nothing.
+const FEED_POLL: Duration = Duration::from_millis(10);
+
+/// Schema migrations; entry `i` brings the store from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE ficus_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE tenants (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    stage      TEXT NOT NULL CHECK (stage IN ('legacy', 'shadow', 'migrated')),
+    version    INTEGER NOT NULL CHECK (version > 0),
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE tenant_domains (
+    domain    TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants (id)
+) STRICT;
+CREATE INDEX tenant_domains_tenant ON tenant_domains (tenant_id);
+CREATE TABLE audit_log (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         INTEGER NOT NULL,
+    tenant_id  TEXT NOT NULL,
+    from_stage TEXT,
+    to_stage   TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    actor      TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX audit_log_tenant ON audit_log (tenant_id, seq);
+CREATE INDEX audit_log_at ON audit_log (at);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE change_counter (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    seq   INTEGER NOT NULL,
+    floor INTEGER NOT NULL
+) STRICT;
+INSERT INTO change_counter (id, seq, floor) VALUES (1, 0, 0);
+CREATE TABLE changes (
+    seq       INTEGER NOT NULL,
+    tenant_id TEXT
+) STRICT;
+CREATE INDEX changes_seq ON changes (seq);
+INSERT INTO ficus_meta (key, value) VALUES ('app', 'ficus');
+"#];
+
+/// The SQLite control store.
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+    location: String,
+    outcome: InitOutcome,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, mode: OpenMode) -> Result<SqliteStore> {
+        let path = path.to_path_buf();
+        let location = format!("sqlite:{}", path.display());
+        let (conn, outcome) = {
+            let (path, location) = (path.clone(), location.clone());
+            blocking(move || open_connection(&path, &location, mode)).await?
+        };
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+            location,
+            outcome,
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = Arc::clone(&self.conn);
+        let location = self.location.clone();
+        blocking(move || {
+            // A poisoned lock means a panic while the connection was held; SQLite
+            // rolls back any open transaction when its statement objects drop, so
+            // the connection itself is still sound.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard, &location)
+        })
+        .await
+    }
+
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction that also takes the next change
+    /// position, and commits.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>, &str, i64) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.with(move |conn, location| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_err(location, "starting a write"))?;
+            let seq = next_seq(&tx, location)?;
+            let out = f(&tx, location, seq)?;
+            tx.commit().map_err(sql_err(location, "committing"))?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Backend {
+            context: "store worker".into(),
+            detail: e.to_string(),
+        })?
+}
+
+fn sql_err(location: &str, context: &str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    let (location, context) = (location.to_string(), context.to_string());
+    move |e| match e.sqlite_error_code() {
+        Some(ErrorCode::ReadOnly) | Some(ErrorCode::CannotOpen) if context == "opening" => {
+            StoreError::ReadOnly { location }
+        }
+        Some(ErrorCode::ReadOnly) => StoreError::ReadOnly { location },
+        Some(ErrorCode::NotADatabase) => StoreError::NotAFicusStore {
+            location,
+            detail: "not an SQLite database".into(),
+        },
+        _ => StoreError::Backend {
+            context: format!("{context} ({location})"),
+            detail: e.to_string(),
+        },
+    }
+}
+
+fn open_connection(path: &Path, location: &str, mode: OpenMode) -> Result<(Connection, InitOutcome)> {
+    match std::fs::metadata(path) {
+        Err(_) if mode == OpenMode::Existing => {
+            return Err(StoreError::NotInitialized {
+                location: location.into(),
+            });
+        }
+        Err(_) => {}
+        Ok(meta) if meta.is_dir() => {
+            return Err(StoreError::NotAFicusStore {
+                location: location.into(),
+                detail: "it is a directory".into(),
+            });
+        }
+        // Checked by hand because root ignores file permissions: an operator who
+        // made the store read-only meant it, whoever runs ficus.
+        Ok(meta) if meta.permissions().readonly() => {
+            return Err(StoreError::ReadOnly {
+                location: location.into(),
+            });
+        }
+        Ok(_) => {}
+    }
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if mode == OpenMode::Create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let mut conn = Connection::open_with_flags(path, flags).map_err(sql_err(location, "opening"))?;
+    if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+        return Err(StoreError::ReadOnly {
+            location: location.into(),
+        });
+    }
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(sql_err(location, "configuring"))?;
+
+    // Look before touching anything: a file that is not ours must stay byte for byte
+    // as it was, so WAL mode is switched on only once the file is known to be ours.
+    let found = schema_version(&conn, location)?;
+    match found {
+        None if mode == OpenMode::Existing => {
+            return Err(StoreError::NotInitialized {
+                location: location.into(),
+            });
+        }
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(StoreError::NewerSchema {
+                location: location.into(),
+                found: v,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        _ => {}
+    }
+    conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
+        .map_err(sql_err(location, "enabling WAL"))?;
+    // FULL makes every commit durable across power loss in WAL mode; NORMAL would
+    // only protect against application crashes.
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        .map_err(sql_err(location, "configuring"))?;
+
+    let outcome = migrate(&mut conn, location)?;
+    Ok((conn, outcome))
+}
+
+/// The store's schema version; `None` for an empty database. Refuses a database
+/// that holds tables Ficus did not create.
+fn schema_version(conn: &Connection, location: &str) -> Result<Option<i64>> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(sql_err(location, "reading the schema"))?;
+    if tables.is_empty() {
+        return Ok(None);
+    }
+    if !tables.iter().any(|t| t == "ficus_meta") {
+        let mut listed = tables.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        if tables.len() > 5 {
+            listed.push_str(", …");
+        }
+        return Err(StoreError::NotAFicusStore {
+            location: location.into(),
+            detail: format!("it holds tables ficus did not create: {listed}"),
+        });
+    }
+    let meta = |key: &str| -> Result<Option<String>> {
+        conn.query_row("SELECT value FROM ficus_meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(sql_err(location, "reading ficus_meta"))
+    };
+    if meta("app")?.as_deref() != Some("ficus") {
+        return Err(StoreError::NotAFicusStore {
+            location: location.into(),
+            detail: "its ficus_meta table does not name ficus".into(),
+        });
+    }
+    let version = meta("schema_version")?.unwrap_or_default();
+    version
+        .parse::<i64>()
+        .map(Some)
+        .map_err(|_| StoreError::Corrupt(format!("schema version {version:?}")))
+}
+
+fn migrate(conn: &mut Connection, location: &str) -> Result<InitOutcome> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err(location, "starting the schema migration"))?;
+    // Read again under the write lock: another process may have migrated meanwhile.
+    let from = schema_version(&tx, location)?.unwrap_or(0);
+    if from > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            location: location.into(),
+            found: from,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for sql in &MIGRATIONS[from as usize..] {
+        tx.execute_batch(sql)
+            .map_err(sql_err(location, "migrating the schema"))?;
+    }
+    tx.execute(
+        "INSERT INTO ficus_meta (key, value) VALUES ('schema_version', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [SCHEMA_VERSION.to_string()],
+    )
+    .map_err(sql_err(location, "recording the schema version"))?;
+    tx.commit().map_err(sql_err(location, "committing the schema"))?;
+    Ok(match from {
+        0 => InitOutcome::Created,
+        v if v == SCHEMA_VERSION => InitOutcome::AlreadyInitialized,
+        v => InitOutcome::Upgraded { from: v },
+    })
+}
+
+/// Takes the next change-log position; prunes old entries now and then.
+fn next_seq(tx: &Transaction<'_>, location: &str) -> Result<i64> {
+    let seq: i64 = tx
+        .query_row("UPDATE change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq", [], |r| r.get(0))
+        .map_err(sql_err(location, "advancing the change log"))?;
+    if seq % 1000 == 0 && seq > CHANGES_KEPT {
+        let floor = seq - CHANGES_KEPT;
+        tx.execute("DELETE FROM changes WHERE seq <= ?1", [floor])
+            .and_then(|_| tx.execute("UPDATE change_counter SET floor = ?1 WHERE id = 1", [floor]))
+            .map_err(sql_err(location, "pruning the change log"))?;
+    }
+    Ok(seq)
+}
+
+fn record_change(tx: &Transaction<'_>, location: &str, seq: i64, tenant: Option<&str>) -> Result<()> {
+    tx.prepare_cached("INSERT INTO changes (seq, tenant_id) VALUES (?1, ?2)")
+        .and_then(|mut s| s.execute(params![seq, tenant]))
+        .map_err(sql_err(location, "recording a change"))?;
+    Ok(())
+}
+
+fn append_audit(
+    tx: &Transaction<'_>,
+    location: &str,
+    at: i64,
+    tenant: &str,
+    from: Option<Stage>,
+    to: Stage,
+    version: u64,
+    actor: Actor,
+    reason: &str,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO audit_log (at, tenant_id, from_stage, to_stage, version, actor, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            at,
+            tenant,
+            from.map(Stage::as_str),
+            to.as_str(),
+            version as i64,
+            actor.as_str(),
+            reason
+        ])
+    })
+    .map_err(sql_err(location, "appending to the audit log"))?;
+    Ok(())
+}
+
+fn insert_tenant(tx: &Transaction<'_>, location: &str, t: &NewTenant, at: i64) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO tenants (id, name, stage, version, created_at, updated_at) VALUES (?1, ?2, ?3, 1, ?4, ?4)",
+    )
+    .and_then(|mut s| s.execute(params![t.id.as_str(), t.name, t.stage.as_str(), at]))
+    .map_err(sql_err(location, "adding a tenant"))?;
+    let mut stmt = tx
+        .prepare_cached("INSERT INTO tenant_domains (domain, tenant_id) VALUES (?1, ?2)")
+        .map_err(sql_err(location, "adding a domain"))?;
+    for d in &t.domains {
+        stmt.execute(params![d.as_str(), t.id.as_str()])
+            .map_err(sql_err(location, "adding a domain"))?;
+    }
+    Ok(())
+}
+
+const TENANT_COLUMNS: &str = "id, name, stage, version, created_at, updated_at";
+
+fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
+    Ok(TenantRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        stage: r.get(2)?,
+        version: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
+    })
+}
+
+fn load_tenant(conn: &Connection, location: &str, id: &str) -> Result<Option<Tenant>> {
+    let row = conn
+        .prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"))
+        .and_then(|mut s| s.query_row([id], tenant_row).optional())
+        .map_err(sql_err(location, "reading a tenant"))?;
+    let Some(row) = row else { return Ok(None) };
+    let domains: Vec<String> = conn
+        .prepare_cached("SELECT domain FROM tenant_domains WHERE tenant_id = ?1 ORDER BY domain")
+        .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
+        .map_err(sql_err(location, "reading a tenant's domains"))?;
+    rules::tenant_from_row(row, domains).map(Some)
+}
+
+fn load_tenants(conn: &Connection, location: &str, stage: Option<Stage>) -> Result<Vec<Tenant>> {
+    let stage = stage.map(Stage::as_str);
+    let rows: Vec<TenantRow> = conn
+        .prepare_cached(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE ?1 IS NULL OR stage = ?1 ORDER BY id"
+        ))
+        .and_then(|mut s| s.query_map([stage], tenant_row)?.collect())
+        .map_err(sql_err(location, "listing tenants"))?;
+    let domains: Vec<(String, String)> = conn
+        .prepare_cached(
+            "SELECT d.tenant_id, d.domain FROM tenant_domains d JOIN tenants t ON t.id = d.tenant_id
+             WHERE ?1 IS NULL OR t.stage = ?1",
+        )
+        .and_then(|mut s| s.query_map([stage], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(sql_err(location, "listing domains"))?;
+    rules::assemble(rows, domains)
+}
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        seq: r.get(0)?,
+        at: r.get(1)?,
+        tenant: r.get(2)?,
+        from: r.get(3)?,
+        to: r.get(4)?,
+        version: r.get(5)?,
+        actor: r.get(6)?,
+        reason: r.get(7)?,
+    })
+}
+
+fn load_audit(conn: &Connection, location: &str, q: &AuditQuery) -> Result<Vec<AuditEvent>> {
+    let limit = q.limit.map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64);
+    let rows: Vec<AuditRow> = conn
+        .prepare_cached(
+            "SELECT seq, at, tenant_id, from_stage, to_stage, version, actor, reason FROM (
+                SELECT * FROM audit_log
+                WHERE (?1 IS NULL OR tenant_id = ?1) AND (?2 IS NULL OR at >= ?2)
+                ORDER BY seq DESC LIMIT ?3
+             ) ORDER BY seq",
+        )
+        .and_then(|mut s| {
+            s.query_map(
+                params![q.tenant.as_ref().map(TenantId::as_str), q.since.map(|t| t.unix_millis()), limit],
+                audit_row,
+            )?
+            .collect()
+        })
+        .map_err(sql_err(location, "reading the audit log"))?;
+    rows.into_iter().map(rules::audit_from_row).collect()
+}
+
+fn load_changes(conn: &Connection, location: &str, since: u64) -> Result<ChangeSet> {
+    let (seq, floor): (i64, i64) = conn
+        .query_row("SELECT seq, floor FROM change_counter WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql_err(location, "reading the change log"))?;
+    let seq = seq as u64;
+    if since < floor as u64 || since > seq {
+        return Ok(ChangeSet { seq, tenants: BTreeSet::new(), resync: true });
+    }
+    let touched: Vec<Option<String>> = conn
+        .prepare_cached("SELECT DISTINCT tenant_id FROM changes WHERE seq > ?1 AND seq <= ?2")
+        .and_then(|mut s| s.query_map(params![since as i64, seq as i64], |r| r.get(0))?.collect())
+        .map_err(sql_err(location, "reading the change log"))?;
+    let mut set = ChangeSet { seq, tenants: BTreeSet::new(), resync: false };
+    for t in touched {
+        match t {
+            None => set.resync = true,
+            Some(id) => {
+                set.tenants.insert(TenantId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            }
+        }
+    }
+    Ok(set)
+}
+
+#[async_trait]
+impl ControlStore for SqliteStore {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn init_outcome(&self) -> InitOutcome {
+        self.outcome
+    }
+
+    async fn add_tenant(&self, tenant: NewTenant, actor: Actor, reason: &str) -> Result<Tenant> {
+        let reason = rules::reason(reason)?.to_string();
+        rules::check_own_domains(&tenant)?;
+        self.write(move |tx, location, seq| {
+            let id = tenant.id.as_str();
+            if load_tenant(tx, location, id)?.is_some() {
+                return Err(StoreError::TenantExists(tenant.id.clone()));
+            }
+            for d in &tenant.domains {
+                let owner: Option<String> = tx
+                    .query_row("SELECT tenant_id FROM tenant_domains WHERE domain = ?1", [d.as_str()], |r| r.get(0))
+                    .optional()
+                    .map_err(sql_err(location, "checking a domain"))?;
+                if let Some(owner) = owner {
+                    return Err(StoreError::DomainTaken {
+                        domain: d.clone(),
+                        owner: TenantId::parse(&owner).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    });
+                }
+            }
+            let at = now().unix_millis();
+            insert_tenant(tx, location, &tenant, at)?;
+            append_audit(tx, location, at, id, None, tenant.stage, 1, actor, &reason)?;
+            record_change(tx, location, seq, Some(id))?;
+            load_tenant(tx, location, id)?.ok_or_else(|| StoreError::UnknownTenant(tenant.id.clone()))
+        })
+        .await
+    }
+
+    async fn import_tenants(&self, tenants: Vec<NewTenant>, actor: Actor, reason: &str) -> Result<u64> {
+        let reason = rules::reason(reason)?.to_string();
+        for t in &tenants {
+            rules::check_own_domains(t)?;
+        }
+        self.write(move |tx, location, seq| {
+            let existing_ids: HashSet<String> = {
+                let mut stmt = tx
+                    .prepare("SELECT id FROM tenants")
+                    .map_err(sql_err(location, "reading tenant ids"))?;
+                stmt.query_map([], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+                    .map_err(sql_err(location, "reading tenant ids"))?
+            };
+            let owners: HashMap<String, String> = {
+                let mut stmt = tx
+                    .prepare("SELECT domain, tenant_id FROM tenant_domains")
+                    .map_err(sql_err(location, "reading domains"))?;
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .and_then(|rows| rows.collect())
+                    .map_err(sql_err(location, "reading domains"))?
+            };
+            let conflicts = rules::import_conflicts(&tenants, &existing_ids, &owners);
+            if !conflicts.is_empty() {
+                return Err(StoreError::ImportConflicts(conflicts));
+            }
+            let at = now().unix_millis();
+            for t in &tenants {
+                insert_tenant(tx, location, t, at)?;
+                append_audit(tx, location, at, t.id.as_str(), None, t.stage, 1, actor, &reason)?;
+            }
+            // One entry for the whole import: subscribers reload everything rather
+            // than read thousands of tenants one by one.
+            record_change(tx, location, seq, None)?;
+            Ok(tenants.len() as u64)
+        })
+        .await
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
+        let id = id.clone();
+        self.with(move |conn, location| load_tenant(conn, location, id.as_str())).await
+    }
+
+    async fn tenants(&self, stage: Option<Stage>) -> Result<Vec<Tenant>> {
+        self.with(move |conn, location| load_tenants(conn, location, stage)).await
+    }
+
+    async fn tenants_by_id(&self, ids: &[TenantId]) -> Result<Vec<Tenant>> {
+        let ids: BTreeSet<TenantId> = ids.iter().cloned().collect();
+        self.with(move |conn, location| {
+            let tx = conn.transaction().map_err(sql_err(location, "starting a read"))?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(t) = load_tenant(&tx, location, id.as_str())? {
+                    out.push(t);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn change_stage(&self, change: StageChange) -> Result<Tenant> {
+        let reason = rules::reason(&change.reason)?.to_string();
+        self.write(move |tx, location, seq| {
+            let id = change.tenant.as_str();
+            let current = load_tenant(tx, location, id)?
+                .ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))?;
+            rules::check_stage_change(&current, &change, || {
+                let q = AuditQuery { tenant: Some(change.tenant.clone()), since: None, limit: Some(1) };
+                Ok(load_audit(tx, location, &q)?.pop())
+            })?;
+            let at = now().unix_millis();
+            let version = current.version + 1;
+            tx.execute(
+                "UPDATE tenants SET stage = ?1, version = ?2, updated_at = ?3 WHERE id = ?4 AND version = ?5",
+                params![change.to.as_str(), version as i64, at, id, current.version as i64],
+            )
+            .map_err(sql_err(location, "changing a stage"))?;
+            append_audit(tx, location, at, id, Some(current.stage), change.to, version, change.actor, &reason)?;
+            record_change(tx, location, seq, Some(id))?;
+            load_tenant(tx, location, id)?.ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
+        })
+        .await
+    }
+
+    async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>> {
+        self.with(move |conn, location| load_audit(conn, location, &query)).await
+    }
+
+    async fn progress(&self) -> Result<Progress> {
+        self.with(|conn, location| {
+            let counts: Vec<(String, i64)> = conn
+                .prepare_cached("SELECT stage, count(*) FROM tenants GROUP BY stage")
+                .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(sql_err(location, "counting tenants"))?;
+            let mut p = Progress::default();
+            for (stage, n) in counts {
+                let stage = Stage::parse(&stage).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                p.count(stage, n as u64);
+            }
+            Ok(p)
+        })
+        .await
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        self.with(|conn, location| {
+            // One read transaction, so the position and the tenants agree.
+            let tx = conn.transaction().map_err(sql_err(location, "starting a read"))?;
+            let seq: i64 = tx
+                .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| r.get(0))
+                .map_err(sql_err(location, "reading the change log"))?;
+            let tenants = load_tenants(&tx, location, None)?;
+            Ok(Snapshot { seq: seq as u64, tenants })
+        })
+        .await
+    }
+
+    async fn changes_since(&self, seq: u64) -> Result<ChangeSet> {
+        self.with(move |conn, location| load_changes(conn, location, seq)).await
+    }
+
+    fn subscribe(&self, from_seq: Option<u64>) -> Subscription {
+        let (tx, sub) = Subscription::channel();
+        let path = self.path.clone();
+        let location = self.location.clone();
+        let feed_tx = tx.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("ficus-sqlite-feed".into())
+            .spawn(move || sqlite_feed(&path, &location, from_seq, &feed_tx))
+        {
+            // Without a thread there is no feed; the subscriber is told so.
+            let _ = tx.try_send(FeedEvent::Lost { error: format!("cannot start the feed thread: {e}") });
+        }
+        sub
+    }
+}
+
+/// Follows a SQLite store from a dedicated thread until the subscriber goes away.
+fn sqlite_feed(path: &Path, location: &str, from_seq: Option<u64>, tx: &tokio::sync::mpsc::Sender<FeedEvent>) {
+    let mut conn: Option<Connection> = None;
+    let mut last_seq = from_seq;
+    let mut last_version: Option<i64> = None;
+    let mut lost = false;
+    while !tx.is_closed() {
+        let step = (|| -> Result<()> {
+            if conn.is_none() {
+                let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                    .map_err(sql_err(location, "opening the feed"))?;
+                c.busy_timeout(Duration::from_secs(1)).map_err(sql_err(location, "opening the feed"))?;
+                conn = Some(c);
+                last_version = None;
+            }
+            let c = conn.as_ref().expect("opened above");
+            let version: i64 = c
+                .query_row("PRAGMA data_version", [], |r| r.get(0))
+                .map_err(sql_err(location, "watching the store"))?;
+            if last_version == Some(version) {
+                return Ok(());
+            }
+            last_version = Some(version);
+            match last_seq {
+                None => {
+                    let seq: i64 = c
+                        .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| r.get(0))
+                        .map_err(sql_err(location, "reading the change log"))?;
+                    last_seq = Some(seq as u64);
+                }
+                Some(since) => {
+                    let set = load_changes(c, location, since)?;
+                    if set.seq != since {
+                        last_seq = Some(set.seq);
+                        if tx.blocking_send(FeedEvent::Changed(set)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        match step {
+            Ok(()) if lost => {
+                lost = false;
+                let _ = tx.blocking_send(FeedEvent::Restored);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                conn = None;
+                if !lost {
+                    lost = true;
+                    let _ = tx.blocking_send(FeedEvent::Lost { error: e.to_string() });
+                }
+            }
+        }
+        #[allow(clippy::disallowed_methods, reason = "a dedicated OS thread, not an async task")]
+        std::thread::sleep(FEED_POLL);
+    }
+}

@@ -1,0 +1,298 @@
+//! The control store's behaviour, proven against real SQLite files and a real
+//! PostgreSQL server. Every scenario in `both!` runs once per implementation, so the
+//! two cannot drift apart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use expect_test::{Expect, expect};
+use ficus_core::{Actor, Domain, Stage, TenantId};
+use ficus_store::{
+    AuditQuery, ControlStore, FeedEvent, InitOutcome, NewTenant, OpenMode, StageChange, StoreError,
+    StoreUrl,
+};
+
+fn id(s: &str) -> TenantId {
+    TenantId::parse(s).unwrap()
+}
+
+fn new(tenant: &str, stage: Stage, domains: &[&str]) -> NewTenant {
+    NewTenant {
+        id: id(tenant),
+        name: format!("{tenant} inc"),
+        stage,
+        domains: domains.iter().map(|d| Domain::parse(d).unwrap()).collect(),
+    }
+}
+
+fn change(tenant: &str, to: Stage, expected_version: Option<u64>) -> StageChange {
+    StageChange {
+        tenant: id(tenant),
+        to,
+        expected_version,
+        actor: Actor::Cli,
+        reason: format!("move {tenant} to {to}"),
+    }
+}
+
+/// Renders the audit log without timestamps, for snapshots.
+async fn audit_text(store: &dyn ControlStore, tenant: Option<&str>) -> String {
+    let events = store
+        .audit(AuditQuery { tenant: tenant.map(id), ..AuditQuery::default() })
+        .await
+        .unwrap();
+    events
+        .iter()
+        .map(|e| {
+            let from = e.from.map_or("(new)".to_string(), |s| s.to_string());
+            format!("{} {from} -> {} v{} by {}: {}\n", e.tenant, e.to, e.version, e.actor, e.reason)
+        })
+        .collect()
+}
+
+fn check_err<T: std::fmt::Debug>(result: Result<T, StoreError>, expect: Expect) {
+    expect.assert_eq(&result.unwrap_err().to_string());
+}
+
+async fn adds_and_reads_tenants(store: Arc<dyn ControlStore>) {
+    let store = &*store;
+    let t = store
+        .add_tenant(new("acme", Stage::Legacy, &["homes.acme.test", "acme.test"]), Actor::Cli, "onboarding")
+        .await
+        .unwrap();
+    assert_eq!(t.version, 1);
+    assert_eq!(t.stage, Stage::Legacy);
+    let domains: Vec<&str> = t.domains.iter().map(Domain::as_str).collect();
+    assert_eq!(domains, ["acme.test", "homes.acme.test"]);
+    store.add_tenant(new("globex", Stage::Migrated, &[]), Actor::Provisioning, "sold").await.unwrap();
+
+    assert_eq!(store.tenant(&id("acme")).await.unwrap(), Some(t.clone()));
+    assert_eq!(store.tenant(&id("nobody")).await.unwrap(), None);
+    let all = store.tenants(None).await.unwrap();
+    assert_eq!(all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["acme", "globex"]);
+    let migrated = store.tenants(Some(Stage::Migrated)).await.unwrap();
+    assert_eq!(migrated.len(), 1);
+    assert_eq!(migrated[0].id.as_str(), "globex");
+    let some = store.tenants_by_id(&[id("globex"), id("nobody"), id("acme")]).await.unwrap();
+    assert_eq!(some.len(), 2);
+    assert_eq!(some[0], t);
+
+    expect![[r#"
+        acme (new) -> legacy v1 by cli: onboarding
+        globex (new) -> migrated v1 by provisioning: sold
+    "#]]
+    .assert_eq(&audit_text(store, None).await);
+    let p = store.progress().await.unwrap();
+    assert_eq!((p.legacy, p.shadow, p.migrated), (1, 0, 1));
+}
+
+async fn refuses_duplicates_and_leaves_the_store_unchanged(store: Arc<dyn ControlStore>) {
+    let store = &*store;
+    store.add_tenant(new("acme", Stage::Legacy, &["acme.test"]), Actor::Cli, "first").await.unwrap();
+    check_err(
+        store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "again").await,
+        expect!["tenant acme already exists"],
+    );
+    check_err(
+        store.add_tenant(new("other", Stage::Legacy, &["acme.test"]), Actor::Cli, "steal").await,
+        expect!["domain acme.test already belongs to tenant acme"],
+    );
+    check_err(
+        store.add_tenant(new("other", Stage::Legacy, &["a.test", "a.test"]), Actor::Cli, "twice").await,
+        expect!["domain a.test is given twice"],
+    );
+    check_err(
+        store.add_tenant(new("other", Stage::Legacy, &[]), Actor::Cli, "   ").await,
+        expect!["a reason is required and must not be empty"],
+    );
+    assert_eq!(store.tenants(None).await.unwrap().len(), 1);
+    expect![[r#"
+        acme (new) -> legacy v1 by cli: first
+    "#]]
+    .assert_eq(&audit_text(store, None).await);
+}
+
+async fn follows_the_stage_machine(store: Arc<dyn ControlStore>) {
+    let store = &*store;
+    store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding").await.unwrap();
+    check_err(
+        store.change_stage(change("acme", Stage::Migrated, None)).await,
+        expect!["cannot move tenant acme from legacy to migrated: legacy → migrated skips shadow, where the evidence for a move is gathered; promote to shadow first"],
+    );
+    check_err(
+        store.change_stage(change("acme", Stage::Legacy, None)).await,
+        expect!["cannot move tenant acme from legacy to legacy: the tenant is already in stage legacy"],
+    );
+    check_err(store.change_stage(change("ghost", Stage::Shadow, None)).await, expect!["no tenant ghost"]);
+    let t = store.change_stage(change("acme", Stage::Shadow, Some(1))).await.unwrap();
+    assert_eq!((t.stage, t.version), (Stage::Shadow, 2));
+    let t = store.change_stage(change("acme", Stage::Migrated, None)).await.unwrap();
+    assert_eq!((t.stage, t.version), (Stage::Migrated, 3));
+    let mut guard = change("acme", Stage::Shadow, Some(3));
+    guard.actor = Actor::Guard;
+    guard.reason = "5xx rate 12% over 200 requests".into();
+    store.change_stage(guard).await.unwrap();
+    store.change_stage(change("acme", Stage::Legacy, None)).await.unwrap();
+    expect![[r#"
+        acme (new) -> legacy v1 by cli: onboarding
+        acme legacy -> shadow v2 by cli: move acme to shadow
+        acme shadow -> migrated v3 by cli: move acme to migrated
+        acme migrated -> shadow v4 by guard: 5xx rate 12% over 200 requests
+        acme shadow -> legacy v5 by cli: move acme to legacy
+    "#]]
+    .assert_eq(&audit_text(store, Some("acme")).await);
+}
+
+async fn refuses_a_stale_write_and_says_who_changed_it(store: Arc<dyn ControlStore>) {
+    let store = &*store;
+    store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding").await.unwrap();
+    let mut first = change("acme", Stage::Shadow, Some(1));
+    first.actor = Actor::Api;
+    first.reason = "operator ana".into();
+    store.change_stage(first).await.unwrap();
+    let err = store.change_stage(change("acme", Stage::Legacy, Some(1))).await.unwrap_err();
+    let StoreError::Stale { expected, actual, changed_by, reason, .. } = &err else {
+        panic!("expected a stale-version error, got {err}");
+    };
+    assert_eq!((*expected, *actual, *changed_by, reason.as_str()), (1, 2, Actor::Api, "operator ana"));
+    assert!(err.to_string().starts_with("tenant acme changed since version 1: it is at version 2, last changed by api at 20"), "{err}");
+    assert_eq!(store.tenant(&id("acme")).await.unwrap().unwrap().stage, Stage::Shadow);
+}
+
+async fn concurrent_changes_to_one_tenant_have_one_winner(store: Arc<dyn ControlStore>) {
+    store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding").await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.change_stage(change("acme", Stage::Shadow, Some(1))).await })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(StoreError::Stale { .. }) => {}
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(store.audit(AuditQuery::default()).await.unwrap().len(), 2);
+}
+
+async fn imports_all_or_nothing(store: Arc<dyn ControlStore>) {
+    let store = &*store;
+    store.add_tenant(new("taken", Stage::Legacy, &["taken.test"]), Actor::Cli, "first").await.unwrap();
+    let mut batch: Vec<NewTenant> = (0..500).map(|i| new(&format!("t{i:04}"), Stage::Legacy, &[])).collect();
+    batch.push(new("taken", Stage::Legacy, &[]));
+    batch.push(new("t0003", Stage::Shadow, &[]));
+    batch.push(new("fresh", Stage::Legacy, &["taken.test"]));
+    check_err(
+        store.import_tenants(batch, Actor::Cli, "bulk").await,
+        expect!["import refused, nothing was added: entry 501: tenant taken already exists; entry 502: tenant t0003 is also at entry 4; entry 503: domain taken.test already belongs to tenant taken"],
+    );
+    assert_eq!(store.tenants(None).await.unwrap().len(), 1);
+
+    let batch: Vec<NewTenant> = (0..2000)
+        .map(|i| new(&format!("t{i:04}"), if i % 2 == 0 { Stage::Legacy } else { Stage::Migrated }, &[&format!("t{i}.example.test")]))
+        .collect();
+    assert_eq!(store.import_tenants(batch, Actor::Cli, "bulk").await.unwrap(), 2000);
+    let p = store.progress().await.unwrap();
+    assert_eq!((p.legacy, p.shadow, p.migrated), (1001, 0, 1000));
+    assert_eq!(store.audit(AuditQuery::default()).await.unwrap().len(), 2001);
+    let t = store.tenant(&id("t1999")).await.unwrap().unwrap();
+    assert_eq!(t.domains[0].as_str(), "t1999.example.test");
+}
+
+async fn reads_the_audit_log_by_tenant_time_and_count(store: Arc<dyn ControlStore>) {
+    let store = &*store;
+    store.add_tenant(new("a", Stage::Legacy, &[]), Actor::Cli, "one").await.unwrap();
+    store.add_tenant(new("b", Stage::Legacy, &[]), Actor::Cli, "two").await.unwrap();
+    store.change_stage(change("a", Stage::Shadow, None)).await.unwrap();
+    let all = store.audit(AuditQuery::default()).await.unwrap();
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    let last_two = store.audit(AuditQuery { limit: Some(2), ..AuditQuery::default() }).await.unwrap();
+    assert_eq!(last_two, all[1..]);
+    let since = store.audit(AuditQuery { since: Some(all[2].at), ..AuditQuery::default() }).await.unwrap();
+    assert!(since.contains(&all[2]));
+    let future = ficus_core::Timestamp::from_unix_millis(all[2].at.unix_millis() + 60_000);
+    assert!(store.audit(AuditQuery { since: Some(future), ..AuditQuery::default() }).await.unwrap().is_empty());
+    assert_eq!(store.audit(AuditQuery { tenant: Some(id("b")), ..AuditQuery::default() }).await.unwrap().len(), 1);
+}
+
+async fn feeds_every_committed_change(store: Arc<dyn ControlStore>) {
+    let store = &*store;
+    store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding").await.unwrap();
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.tenants.len(), 1);
+    let mut sub = store.subscribe(Some(snap.seq));
+    store.change_stage(change("acme", Stage::Shadow, None)).await.unwrap();
+    let set = next_change(&mut sub).await;
+    assert!(!set.resync);
+    assert_eq!(set.tenants.iter().map(TenantId::as_str).collect::<Vec<_>>(), ["acme"]);
+    assert_eq!(set.seq, snap.seq + 1);
+
+    // A refused change commits nothing and so is not fed.
+    assert!(store.change_stage(change("acme", Stage::Shadow, None)).await.is_err());
+    store.import_tenants(vec![new("bulk-1", Stage::Legacy, &[]), new("bulk-2", Stage::Legacy, &[])], Actor::Cli, "import").await.unwrap();
+    let set = next_change(&mut sub).await;
+    assert!(set.resync, "an import asks subscribers to reload everything");
+    assert_eq!(set.seq, snap.seq + 2);
+
+    let since = store.changes_since(snap.seq).await.unwrap();
+    assert!(since.resync && since.seq == snap.seq + 2);
+    assert!(store.changes_since(snap.seq + 2).await.unwrap().is_empty());
+    let one = store.changes_since(snap.seq).await.unwrap();
+    assert_eq!(one.seq, snap.seq + 2);
+}
+
+async fn next_change(sub: &mut ficus_store::Subscription) -> ficus_store::ChangeSet {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+            Ok(Some(FeedEvent::Changed(set))) => return set,
+            Ok(Some(other)) => panic!("unexpected feed event {other:?}"),
+            Ok(None) => panic!("the feed stopped"),
+            Err(_) => panic!("no change arrived within 10 s"),
+        }
+    }
+}
+
+async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn ControlStore> {
+    let url = StoreUrl::parse(&format!("sqlite:{}", dir.path().join("ficus.db").display())).unwrap();
+    ficus_store::open(&url, OpenMode::Create).await.unwrap()
+}
+
+async fn pg_store() -> Arc<dyn ControlStore> {
+    let url = tokio::task::spawn_blocking(|| ficus_testkit::shared().fresh_database("store").unwrap())
+        .await
+        .unwrap();
+    ficus_store::open(&StoreUrl::parse(&url).unwrap(), OpenMode::Create).await.unwrap()
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => { $(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = super::sqlite_store(&dir).await;
+                super::$name(store).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let store = super::pg_store().await;
+                super::$name(store).await;
+            }
+        }
+    )* };
+}
+
+both!(
+    adds_and_reads_tenants,
+    refuses_duplicates_and_leaves_the_store_unchanged,
+    follows_the_stage_machine,
+    refuses_a_stale_write_and_says_who_changed_it,
+    imports_all_or_nothing,
+    reads_the_audit_log_by_tenant_time_and_count,
+    feeds_every_committed_change,
+    concurrent_changes_to_one_tenant_have_one_winner,
+);
