@@ -33,9 +33,15 @@ pub enum LegacyTraffic {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Blocker {
     NoTenants,
-    NotMigrated { legacy: u64, shadow: u64 },
+    NotMigrated {
+        legacy: u64,
+        shadow: u64,
+    },
     LegacyTrafficUnreported,
-    LegacyRecentlyUsed { last_at: Timestamp, quiet_until: Timestamp },
+    LegacyRecentlyUsed {
+        last_at: Timestamp,
+        quiet_until: Timestamp,
+    },
 }
 
 impl fmt::Display for Blocker {
@@ -149,22 +155,40 @@ mod tests {
 
     #[test]
     fn finish_line() {
-        check(Progress::default(), expect![[
-            "0.0% migrated; no tenants are registered yet; no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle"
-        ]]);
         check(
-            Progress { legacy: 1, shadow: 2, migrated: 1, legacy_last_request: None },
+            Progress::default(),
+            expect![[
+                "0.0% migrated; no tenants are registered yet; no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle"
+            ]],
+        );
+        check(
+            Progress {
+                legacy: 1,
+                shadow: 2,
+                migrated: 1,
+                legacy_last_request: None,
+            },
             expect![[
                 "25.0% migrated; 3 tenants not migrated (1 on legacy, 2 in shadow); no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle"
             ]],
         );
         let at = |ms| Some(LegacyTraffic::LastAt(Timestamp::from_unix_millis(ms)));
         check(
-            Progress { legacy: 0, shadow: 0, migrated: 3, legacy_last_request: at(95_000) },
+            Progress {
+                legacy: 0,
+                shadow: 0,
+                migrated: 3,
+                legacy_last_request: at(95_000),
+            },
             expect![["100.0% migrated; legacy received traffic within the quiet window"]],
         );
         check(
-            Progress { legacy: 0, shadow: 0, migrated: 3, legacy_last_request: at(90_000) },
+            Progress {
+                legacy: 0,
+                shadow: 0,
+                migrated: 3,
+                legacy_last_request: at(90_000),
+            },
             expect![["100.0% migrated; finish line reached"]],
         );
     }

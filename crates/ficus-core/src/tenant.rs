@@ -85,7 +85,9 @@ impl Domain {
             return Err(invalid("it is longer than 253 characters"));
         }
         if host.contains(':') || host.contains('/') {
-            return Err(invalid("give a bare host name, without scheme, port or path"));
+            return Err(invalid(
+                "give a bare host name, without scheme, port or path",
+            ));
         }
         if !host.contains('.') {
             return Err(invalid("a custom domain needs at least two labels"));
@@ -193,34 +195,59 @@ mod tests {
     fn tenant_ids() {
         check_id("acme", expect![["ok acme"]]);
         check_id("0-acme-2", expect![["ok 0-acme-2"]]);
-        check_id(&"a".repeat(63), expect![[
-            "ok aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
-        ]]);
+        check_id(
+            &"a".repeat(63),
+            expect![["ok aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"]],
+        );
         check_id("", expect![[r#"invalid tenant id "": it is empty"#]]);
-        check_id(&"a".repeat(64), expect![[
-            r#"invalid tenant id "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa": it is 64 characters long; the limit is 63"#
-        ]]);
-        check_id("Acme", expect![[
-            r#"invalid tenant id "Acme": it starts with 'A'; the first character must be a lowercase letter or a digit"#
-        ]]);
-        check_id("acMe", expect![[
-            r#"invalid tenant id "acMe": character 'M' at position 3 is not allowed (ids are lowercase); use a-z, 0-9 and '-'"#
-        ]]);
-        check_id("my shop", expect![[
-            r#"invalid tenant id "my shop": character ' ' at position 3 is not allowed; use a-z, 0-9 and '-'"#
-        ]]);
-        check_id("../x", expect![[
-            r#"invalid tenant id "../x": it starts with '.'; the first character must be a lowercase letter or a digit"#
-        ]]);
-        check_id("a'; drop table t;--", expect![[
-            r#"invalid tenant id "a'; drop table t;--": character '\'' at position 2 is not allowed; use a-z, 0-9 and '-'"#
-        ]]);
-        check_id("-acme", expect![[
-            r#"invalid tenant id "-acme": it starts with '-'; the first character must be a lowercase letter or a digit"#
-        ]]);
-        check_id("ácme", expect![[
-            r#"invalid tenant id "ácme": it starts with 'á'; the first character must be a lowercase letter or a digit"#
-        ]]);
+        check_id(
+            &"a".repeat(64),
+            expect![[
+                r#"invalid tenant id "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa": it is 64 characters long; the limit is 63"#
+            ]],
+        );
+        check_id(
+            "Acme",
+            expect![[
+                r#"invalid tenant id "Acme": it starts with 'A'; the first character must be a lowercase letter or a digit"#
+            ]],
+        );
+        check_id(
+            "acMe",
+            expect![[
+                r#"invalid tenant id "acMe": character 'M' at position 3 is not allowed (ids are lowercase); use a-z, 0-9 and '-'"#
+            ]],
+        );
+        check_id(
+            "my shop",
+            expect![[
+                r#"invalid tenant id "my shop": character ' ' at position 3 is not allowed; use a-z, 0-9 and '-'"#
+            ]],
+        );
+        check_id(
+            "../x",
+            expect![[
+                r#"invalid tenant id "../x": it starts with '.'; the first character must be a lowercase letter or a digit"#
+            ]],
+        );
+        check_id(
+            "a'; drop table t;--",
+            expect![[
+                r#"invalid tenant id "a'; drop table t;--": character '\'' at position 2 is not allowed; use a-z, 0-9 and '-'"#
+            ]],
+        );
+        check_id(
+            "-acme",
+            expect![[
+                r#"invalid tenant id "-acme": it starts with '-'; the first character must be a lowercase letter or a digit"#
+            ]],
+        );
+        check_id(
+            "ácme",
+            expect![[
+                r#"invalid tenant id "ácme": it starts with 'á'; the first character must be a lowercase letter or a digit"#
+            ]],
+        );
     }
 
     fn check_domain(input: &str, expect: Expect) {
@@ -234,19 +261,30 @@ mod tests {
     #[test]
     fn domains() {
         check_domain("Homes.Acme.test", expect![["ok homes.acme.test"]]);
-        check_domain("localhost", expect![[
-            r#"invalid domain "localhost": a custom domain needs at least two labels"#
-        ]]);
-        check_domain("acme.test:8080", expect![[
-            r#"invalid domain "acme.test:8080": give a bare host name, without scheme, port or path"#
-        ]]);
-        check_domain("a..test", expect![[r#"invalid domain "a..test": it has an empty label"#]]);
-        check_domain("-a.test", expect![[
-            r#"invalid domain "-a.test": a label starts or ends with '-'"#
-        ]]);
-        check_domain("a_b.test", expect![[
-            r#"invalid domain "a_b.test": only letters, digits, '-' and '.' are allowed (use punycode for other scripts)"#
-        ]]);
+        check_domain(
+            "localhost",
+            expect![[r#"invalid domain "localhost": a custom domain needs at least two labels"#]],
+        );
+        check_domain(
+            "acme.test:8080",
+            expect![[
+                r#"invalid domain "acme.test:8080": give a bare host name, without scheme, port or path"#
+            ]],
+        );
+        check_domain(
+            "a..test",
+            expect![[r#"invalid domain "a..test": it has an empty label"#]],
+        );
+        check_domain(
+            "-a.test",
+            expect![[r#"invalid domain "-a.test": a label starts or ends with '-'"#]],
+        );
+        check_domain(
+            "a_b.test",
+            expect![[
+                r#"invalid domain "a_b.test": only letters, digits, '-' and '.' are allowed (use punycode for other scripts)"#
+            ]],
+        );
     }
 
     #[test]

@@ -104,8 +104,12 @@ pub trait ControlStore: Send + Sync + 'static {
 
     /// Adds every tenant or none. Problems with individual tenants (ids or domains
     /// that exist already) are all reported together, by position in `tenants`.
-    async fn import_tenants(&self, tenants: Vec<NewTenant>, actor: Actor, reason: &str)
-    -> Result<u64>;
+    async fn import_tenants(
+        &self,
+        tenants: Vec<NewTenant>,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<u64>;
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>>;
 
@@ -190,7 +194,7 @@ pub enum StoreError {
     },
     #[error("a reason is required and must not be empty")]
     MissingReason,
-    #[error("import refused, nothing was added: {}", .0.iter().map(|c| format!("entry {}: {}", c.index + 1, c.problem)).collect::<Vec<_>>().join("; "))]
+    #[error("import refused, nothing was added: {}", .0.iter().map(|c| format!("entry {}: {}", c.index + 1, c.describe(|i| format!("entry {}", i + 1)))).collect::<Vec<_>>().join("; "))]
     ImportConflicts(Vec<ImportConflict>),
     #[error("the store holds a value ficus cannot read ({0}); was it edited by hand?")]
     Corrupt(String),
@@ -203,7 +207,46 @@ pub enum StoreError {
 pub struct ImportConflict {
     /// Zero-based position in the imported list.
     pub index: usize,
-    pub problem: String,
+    pub kind: ConflictKind,
+}
+
+/// Why one tenant of an import cannot be added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConflictKind {
+    TenantExists(TenantId),
+    DomainTaken {
+        domain: Domain,
+        owner: String,
+    },
+    /// The id appears earlier in the same import, at position `first`.
+    RepeatedId {
+        id: TenantId,
+        first: usize,
+    },
+    /// The domain appears earlier in the same import, at position `first`.
+    RepeatedDomain {
+        domain: Domain,
+        first: usize,
+    },
+}
+
+impl ImportConflict {
+    /// Describes the conflict, naming other positions with `position` (the CLI
+    /// speaks of file lines, the library of list entries).
+    pub fn describe(&self, position: impl Fn(usize) -> String) -> String {
+        match &self.kind {
+            ConflictKind::TenantExists(id) => format!("tenant {id} already exists"),
+            ConflictKind::DomainTaken { domain, owner } => {
+                format!("domain {domain} already belongs to tenant {owner}")
+            }
+            ConflictKind::RepeatedId { id, first } => {
+                format!("tenant {id} is also at {}", position(*first))
+            }
+            ConflictKind::RepeatedDomain { domain, first } => {
+                format!("domain {domain} is also used at {}", position(*first))
+            }
+        }
+    }
 }
 
 /// Formats a timestamp as RFC 3339 UTC, the way every message and output shows time.

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
 
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
-use crate::rules::{self, AuditRow, TenantRow};
+use crate::rules::{self, AuditRow, NewEvent, TenantRow};
 use crate::{
     AuditQuery, ControlStore, InitOutcome, NewTenant, OpenMode, Result, SCHEMA_VERSION, Snapshot,
     StageChange, StoreError, StoreUrl, now,
@@ -108,13 +108,18 @@ fn quote_ident(name: &str) -> String {
 
 impl PgStore {
     pub async fn open(url: &StoreUrl, mode: OpenMode) -> Result<PgStore> {
-        let StoreUrl::Postgres { config, schema, location } = url else {
+        let StoreUrl::Postgres {
+            config,
+            schema,
+            location,
+        } = url
+        else {
             return Err(StoreError::BadUrl {
                 url: format!("{url:?}"),
                 why: "not a PostgreSQL url".into(),
             });
         };
-        let mut config = config.clone();
+        let mut config = (**config).clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
@@ -234,7 +239,8 @@ impl Inner {
             )
             .await
             .map_err(self.err("reading the schema"))?;
-        let (schema_exists, has_meta, relations): (bool, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        let (schema_exists, has_meta, relations): (bool, bool, i64) =
+            (row.get(0), row.get(1), row.get(2));
         if !schema_exists {
             return Ok(None);
         }
@@ -248,7 +254,10 @@ impl Inner {
             return Ok(None);
         }
         let rows = client
-            .query(&self.q("SELECT key, value FROM {s}.meta WHERE key IN ('app', 'schema_version')"), &[])
+            .query(
+                &self.q("SELECT key, value FROM {s}.meta WHERE key IN ('app', 'schema_version')"),
+                &[],
+            )
             .await
             .map_err(self.err("reading the store's metadata"))?;
         let meta: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -267,11 +276,17 @@ impl Inner {
 
     async fn migrate(&self) -> Result<InitOutcome> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(self.err("starting the schema migration"))?;
-        // Two `ficus init` at once must not both create the schema.
-        tx.execute("SELECT pg_advisory_xact_lock(hashtext('ficus-schema:' || $1))", &[&self.schema_name])
+        let tx = client
+            .transaction()
             .await
-            .map_err(self.err("locking the schema migration"))?;
+            .map_err(self.err("starting the schema migration"))?;
+        // Two `ficus init` at once must not both create the schema.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('ficus-schema:' || $1))",
+            &[&self.schema_name],
+        )
+        .await
+        .map_err(self.err("locking the schema migration"))?;
         let from = self.schema_version(&*tx).await?.unwrap_or(0);
         if from > SCHEMA_VERSION {
             return Err(StoreError::NewerSchema {
@@ -281,7 +296,9 @@ impl Inner {
             });
         }
         for sql in &MIGRATIONS[from as usize..] {
-            tx.batch_execute(&self.q(sql)).await.map_err(self.err("migrating the schema"))?;
+            tx.batch_execute(&self.q(sql))
+                .await
+                .map_err(self.err("migrating the schema"))?;
         }
         tx.execute(
             &self.q(
@@ -292,7 +309,9 @@ impl Inner {
         )
         .await
         .map_err(self.err("recording the schema version"))?;
-        tx.commit().await.map_err(self.err("committing the schema"))?;
+        tx.commit()
+            .await
+            .map_err(self.err("committing the schema"))?;
         Ok(match from {
             0 => InitOutcome::Created,
             v if v == SCHEMA_VERSION => InitOutcome::AlreadyInitialized,
@@ -304,66 +323,95 @@ impl Inner {
     /// prunes old entries now and then.
     async fn next_seq(&self, tx: &impl GenericClient) -> Result<i64> {
         let seq: i64 = tx
-            .query_one(&self.q("UPDATE {s}.change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq"), &[])
+            .query_one(
+                &self.q("UPDATE {s}.change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq"),
+                &[],
+            )
             .await
             .map_err(self.err("advancing the change log"))?
             .get(0);
         if seq % 1000 == 0 && seq > CHANGES_KEPT {
             let floor = seq - CHANGES_KEPT;
-            tx.execute(&self.q("DELETE FROM {s}.changes WHERE seq <= $1"), &[&floor])
-                .await
-                .map_err(self.err("pruning the change log"))?;
-            tx.execute(&self.q("UPDATE {s}.change_counter SET floor = $1 WHERE id = 1"), &[&floor])
-                .await
-                .map_err(self.err("pruning the change log"))?;
+            tx.execute(
+                &self.q("DELETE FROM {s}.changes WHERE seq <= $1"),
+                &[&floor],
+            )
+            .await
+            .map_err(self.err("pruning the change log"))?;
+            tx.execute(
+                &self.q("UPDATE {s}.change_counter SET floor = $1 WHERE id = 1"),
+                &[&floor],
+            )
+            .await
+            .map_err(self.err("pruning the change log"))?;
         }
         Ok(seq)
     }
 
     /// Records a change and queues its notification, delivered at commit.
-    async fn record_change(&self, tx: &impl GenericClient, seq: i64, tenant: Option<&str>) -> Result<()> {
-        tx.execute(&self.q("INSERT INTO {s}.changes (seq, tenant_id) VALUES ($1, $2)"), &[&seq, &tenant])
-            .await
-            .map_err(self.err("recording a change"))?;
-        tx.execute("SELECT pg_notify($1, $2)", &[&self.channel, &seq.to_string()])
-            .await
-            .map_err(self.err("notifying subscribers"))?;
+    async fn record_change(
+        &self,
+        tx: &impl GenericClient,
+        seq: i64,
+        tenant: Option<&str>,
+    ) -> Result<()> {
+        tx.execute(
+            &self.q("INSERT INTO {s}.changes (seq, tenant_id) VALUES ($1, $2)"),
+            &[&seq, &tenant],
+        )
+        .await
+        .map_err(self.err("recording a change"))?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&self.channel, &seq.to_string()],
+        )
+        .await
+        .map_err(self.err("notifying subscribers"))?;
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments, reason = "one column each; a struct would only rename them")]
-    async fn append_audit(
-        &self,
-        tx: &impl GenericClient,
-        at: i64,
-        tenant: &str,
-        from: Option<Stage>,
-        to: Stage,
-        version: u64,
-        actor: Actor,
-        reason: &str,
-    ) -> Result<()> {
+    async fn append_audit(&self, tx: &impl GenericClient, e: NewEvent<'_>) -> Result<()> {
         tx.execute(
             &self.q(
                 "INSERT INTO {s}.audit_log (at, tenant_id, from_stage, to_stage, version, actor, reason)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
             ),
-            &[&at, &tenant, &from.map(Stage::as_str), &to.as_str(), &(version as i64), &actor.as_str(), &reason],
+            &[
+                &e.at,
+                &e.tenant,
+                &e.from.map(Stage::as_str),
+                &e.to.as_str(),
+                &(e.version as i64),
+                &e.actor.as_str(),
+                &e.reason,
+            ],
         )
         .await
         .map_err(self.err("appending to the audit log"))?;
         Ok(())
     }
 
-    async fn domain_owners(&self, client: &impl GenericClient, domains: &[&str]) -> Result<HashMap<String, String>> {
+    async fn domain_owners(
+        &self,
+        client: &impl GenericClient,
+        domains: &[&str],
+    ) -> Result<HashMap<String, String>> {
         let rows = client
-            .query(&self.q("SELECT domain, tenant_id FROM {s}.tenant_domains WHERE domain = ANY($1)"), &[&domains])
+            .query(
+                &self.q("SELECT domain, tenant_id FROM {s}.tenant_domains WHERE domain = ANY($1)"),
+                &[&domains],
+            )
             .await
             .map_err(self.err("checking domains"))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    async fn insert_tenants(&self, tx: &impl GenericClient, tenants: &[NewTenant], at: i64) -> Result<()> {
+    async fn insert_tenants(
+        &self,
+        tx: &impl GenericClient,
+        tenants: &[NewTenant],
+        at: i64,
+    ) -> Result<()> {
         let ids: Vec<&str> = tenants.iter().map(|t| t.id.as_str()).collect();
         let names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
         let stages: Vec<&str> = tenants.iter().map(|t| t.stage.as_str()).collect();
@@ -396,14 +444,24 @@ impl Inner {
 
     async fn load_tenant(&self, client: &impl GenericClient, id: &str) -> Result<Option<Tenant>> {
         let Some(row) = client
-            .query_opt(&self.q(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenants WHERE id = $1")), &[&id])
+            .query_opt(
+                &self.q(&format!(
+                    "SELECT {TENANT_COLUMNS} FROM {{s}}.tenants WHERE id = $1"
+                )),
+                &[&id],
+            )
             .await
             .map_err(self.err("reading a tenant"))?
         else {
             return Ok(None);
         };
         let domains = client
-            .query(&self.q("SELECT domain FROM {s}.tenant_domains WHERE tenant_id = $1 ORDER BY domain"), &[&id])
+            .query(
+                &self.q(
+                    "SELECT domain FROM {s}.tenant_domains WHERE tenant_id = $1 ORDER BY domain",
+                ),
+                &[&id],
+            )
             .await
             .map_err(self.err("reading a tenant's domains"))?
             .iter()
@@ -412,7 +470,11 @@ impl Inner {
         rules::tenant_from_row(tenant_row(&row), domains).map(Some)
     }
 
-    async fn load_tenants(&self, client: &impl GenericClient, stage: Option<Stage>) -> Result<Vec<Tenant>> {
+    async fn load_tenants(
+        &self,
+        client: &impl GenericClient,
+        stage: Option<Stage>,
+    ) -> Result<Vec<Tenant>> {
         let stage = stage.map(Stage::as_str);
         let rows = client
             .query(
@@ -439,7 +501,11 @@ impl Inner {
         )
     }
 
-    async fn load_audit(&self, client: &impl GenericClient, q: &AuditQuery) -> Result<Vec<AuditEvent>> {
+    async fn load_audit(
+        &self,
+        client: &impl GenericClient,
+        q: &AuditQuery,
+    ) -> Result<Vec<AuditEvent>> {
         let limit = q.limit.map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64);
         let rows = client
             .query(
@@ -472,13 +538,20 @@ impl Inner {
 
     async fn load_changes(&self, client: &impl GenericClient, since: u64) -> Result<ChangeSet> {
         let row = client
-            .query_one(&self.q("SELECT seq, floor FROM {s}.change_counter WHERE id = 1"), &[])
+            .query_one(
+                &self.q("SELECT seq, floor FROM {s}.change_counter WHERE id = 1"),
+                &[],
+            )
             .await
             .map_err(self.err("reading the change log"))?;
         let (seq, floor): (i64, i64) = (row.get(0), row.get(1));
         let seq = seq as u64;
         if since < floor as u64 || since > seq {
-            return Ok(ChangeSet { seq, tenants: BTreeSet::new(), resync: true });
+            return Ok(ChangeSet {
+                seq,
+                tenants: BTreeSet::new(),
+                resync: true,
+            });
         }
         let rows = client
             .query(
@@ -487,12 +560,18 @@ impl Inner {
             )
             .await
             .map_err(self.err("reading the change log"))?;
-        let mut set = ChangeSet { seq, tenants: BTreeSet::new(), resync: false };
+        let mut set = ChangeSet {
+            seq,
+            tenants: BTreeSet::new(),
+            resync: false,
+        };
         for r in rows {
             match r.get::<_, Option<String>>(0) {
                 None => set.resync = true,
                 Some(id) => {
-                    set.tenants.insert(TenantId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+                    set.tenants.insert(
+                        TenantId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    );
                 }
             }
         }
@@ -540,7 +619,10 @@ impl ControlStore for PgStore {
         let reason = rules::reason(reason)?;
         rules::check_own_domains(&tenant)?;
         let mut client = s.client().await?;
-        let tx = client.transaction().await.map_err(s.err("starting a write"))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
         let seq = s.next_seq(&*tx).await?;
         let id = tenant.id.as_str();
         if s.load_tenant(&*tx, id).await?.is_some() {
@@ -549,32 +631,56 @@ impl ControlStore for PgStore {
         let domains: Vec<&str> = tenant.domains.iter().map(Domain::as_str).collect();
         check_domains_free(&s.domain_owners(&*tx, &domains).await?, &tenant.domains)?;
         let at = now().unix_millis();
-        s.insert_tenants(&*tx, std::slice::from_ref(&tenant), at).await?;
-        s.append_audit(&*tx, at, id, None, tenant.stage, 1, actor, reason).await?;
+        s.insert_tenants(&*tx, std::slice::from_ref(&tenant), at)
+            .await?;
+        let event = NewEvent {
+            at,
+            tenant: id,
+            from: None,
+            to: tenant.stage,
+            version: 1,
+            actor,
+            reason,
+        };
+        s.append_audit(&*tx, event).await?;
         s.record_change(&*tx, seq, Some(id)).await?;
         let added = s.load_tenant(&*tx, id).await?;
         tx.commit().await.map_err(s.err("committing"))?;
         added.ok_or_else(|| StoreError::UnknownTenant(tenant.id.clone()))
     }
 
-    async fn import_tenants(&self, tenants: Vec<NewTenant>, actor: Actor, reason: &str) -> Result<u64> {
+    async fn import_tenants(
+        &self,
+        tenants: Vec<NewTenant>,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<u64> {
         let s = &*self.inner;
         let reason = rules::reason(reason)?;
         for t in &tenants {
             rules::check_own_domains(t)?;
         }
         let mut client = s.client().await?;
-        let tx = client.transaction().await.map_err(s.err("starting a write"))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
         let seq = s.next_seq(&*tx).await?;
         let ids: Vec<&str> = tenants.iter().map(|t| t.id.as_str()).collect();
         let existing: HashSet<String> = tx
-            .query(&s.q("SELECT id FROM {s}.tenants WHERE id = ANY($1)"), &[&ids])
+            .query(
+                &s.q("SELECT id FROM {s}.tenants WHERE id = ANY($1)"),
+                &[&ids],
+            )
             .await
             .map_err(s.err("checking tenant ids"))?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let domains: Vec<&str> = tenants.iter().flat_map(|t| t.domains.iter().map(Domain::as_str)).collect();
+        let domains: Vec<&str> = tenants
+            .iter()
+            .flat_map(|t| t.domains.iter().map(Domain::as_str))
+            .collect();
         let owners = s.domain_owners(&*tx, &domains).await?;
         let conflicts = rules::import_conflicts(&tenants, &existing, &owners);
         if !conflicts.is_empty() {
@@ -614,11 +720,19 @@ impl ControlStore for PgStore {
         let ids: Vec<&str> = ids.iter().map(TenantId::as_str).collect();
         let client = s.client().await?;
         let rows = client
-            .query(&s.q(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenants WHERE id = ANY($1) ORDER BY id")), &[&ids])
+            .query(
+                &s.q(&format!(
+                    "SELECT {TENANT_COLUMNS} FROM {{s}}.tenants WHERE id = ANY($1) ORDER BY id"
+                )),
+                &[&ids],
+            )
             .await
             .map_err(s.err("reading tenants"))?;
         let domains = client
-            .query(&s.q("SELECT tenant_id, domain FROM {s}.tenant_domains WHERE tenant_id = ANY($1)"), &[&ids])
+            .query(
+                &s.q("SELECT tenant_id, domain FROM {s}.tenant_domains WHERE tenant_id = ANY($1)"),
+                &[&ids],
+            )
             .await
             .map_err(s.err("reading domains"))?;
         rules::assemble(
@@ -631,7 +745,10 @@ impl ControlStore for PgStore {
         let s = &*self.inner;
         let reason = rules::reason(&change.reason)?;
         let mut client = s.client().await?;
-        let tx = client.transaction().await.map_err(s.err("starting a write"))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
         let seq = s.next_seq(&*tx).await?;
         let id = change.tenant.as_str();
         let current = s
@@ -642,7 +759,11 @@ impl ControlStore for PgStore {
         // only in that case (the closure below must stay synchronous).
         let last = match change.expected_version {
             Some(v) if v != current.version => {
-                let q = AuditQuery { tenant: Some(change.tenant.clone()), since: None, limit: Some(1) };
+                let q = AuditQuery {
+                    tenant: Some(change.tenant.clone()),
+                    since: None,
+                    limit: Some(1),
+                };
                 s.load_audit(&*tx, &q).await?.pop()
             }
             _ => None,
@@ -656,8 +777,16 @@ impl ControlStore for PgStore {
         )
         .await
         .map_err(s.err("changing a stage"))?;
-        s.append_audit(&*tx, at, id, Some(current.stage), change.to, version, change.actor, reason)
-            .await?;
+        let event = NewEvent {
+            at,
+            tenant: id,
+            from: Some(current.stage),
+            to: change.to,
+            version,
+            actor: change.actor,
+            reason,
+        };
+        s.append_audit(&*tx, event).await?;
         s.record_change(&*tx, seq, Some(id)).await?;
         let changed = s.load_tenant(&*tx, id).await?;
         tx.commit().await.map_err(s.err("committing"))?;
@@ -673,7 +802,10 @@ impl ControlStore for PgStore {
         let s = &*self.inner;
         let client = s.client().await?;
         let rows = client
-            .query(&s.q("SELECT stage, count(*) FROM {s}.tenants GROUP BY stage"), &[])
+            .query(
+                &s.q("SELECT stage, count(*) FROM {s}.tenants GROUP BY stage"),
+                &[],
+            )
             .await
             .map_err(s.err("counting tenants"))?;
         let mut p = Progress::default();
@@ -702,7 +834,10 @@ impl ControlStore for PgStore {
             .get(0);
         let tenants = s.load_tenants(&*tx, None).await?;
         tx.commit().await.map_err(s.err("ending a read"))?;
-        Ok(Snapshot { seq: seq as u64, tenants })
+        Ok(Snapshot {
+            seq: seq as u64,
+            tenants,
+        })
     }
 
     async fn changes_since(&self, seq: u64) -> Result<ChangeSet> {
@@ -717,7 +852,9 @@ impl ControlStore for PgStore {
                 rt.spawn(pg_feed(Arc::clone(&self.inner), from_seq, tx));
             }
             Err(e) => {
-                let _ = tx.try_send(FeedEvent::Lost { error: format!("no async runtime for the feed: {e}") });
+                let _ = tx.try_send(FeedEvent::Lost {
+                    error: format!("no async runtime for the feed: {e}"),
+                });
             }
         }
         sub
@@ -740,7 +877,13 @@ async fn pg_feed(inner: Arc<Inner>, from_seq: Option<u64>, tx: mpsc::Sender<Feed
                 if !lost {
                     lost = true;
                     backoff = Duration::from_millis(100);
-                    if tx.send(FeedEvent::Lost { error: e.to_string() }).await.is_err() {
+                    if tx
+                        .send(FeedEvent::Lost {
+                            error: e.to_string(),
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -762,19 +905,23 @@ async fn follow(
     lost: &mut bool,
     tx: &mpsc::Sender<FeedEvent>,
 ) -> Result<()> {
-    let (client, mut connection) = inner
-        .config
-        .connect(NoTls)
-        .await
-        .map_err(|e| StoreError::Unreachable { location: inner.location.clone(), detail: pg_detail(&e) })?;
+    let (client, mut connection) =
+        inner
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|e| StoreError::Unreachable {
+                location: inner.location.clone(),
+                detail: pg_detail(&e),
+            })?;
     let (note_tx, mut notes) = mpsc::unbounded_channel::<()>();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(_) = message {
-                if note_tx.send(()).is_err() {
-                    break;
-                }
+            if let AsyncMessage::Notification(_) = message
+                && note_tx.send(()).is_err()
+            {
+                break;
             }
         }
         // Dropping `note_tx` here tells the follower that the connection is gone.
@@ -810,7 +957,10 @@ async fn follow(
             match *last {
                 None => {
                     let seq: i64 = client
-                        .query_one(&inner.q("SELECT seq FROM {s}.change_counter WHERE id = 1"), &[])
+                        .query_one(
+                            &inner.q("SELECT seq FROM {s}.change_counter WHERE id = 1"),
+                            &[],
+                        )
                         .await
                         .map_err(inner.err("reading the change log"))?
                         .get(0);

@@ -6,7 +6,18 @@ use std::collections::{BTreeMap, HashMap};
 
 use ficus_core::{Actor, AuditEvent, Domain, Stage, Tenant, TenantId, Timestamp, Transition};
 
-use crate::{ImportConflict, NewTenant, StageChange, StoreError, format_time};
+use crate::{ConflictKind, ImportConflict, NewTenant, StageChange, StoreError, format_time};
+
+/// One audit event about to be appended, as both stores write it.
+pub(crate) struct NewEvent<'a> {
+    pub at: i64,
+    pub tenant: &'a str,
+    pub from: Option<Stage>,
+    pub to: Stage,
+    pub version: u64,
+    pub actor: Actor,
+    pub reason: &'a str,
+}
 
 /// Trims a reason and refuses an empty one: every change must say why.
 pub(crate) fn reason(raw: &str) -> Result<&str, StoreError> {
@@ -25,20 +36,20 @@ pub(crate) fn check_stage_change(
     change: &StageChange,
     last_event: impl FnOnce() -> Result<Option<AuditEvent>, StoreError>,
 ) -> Result<(), StoreError> {
-    if let Some(expected) = change.expected_version {
-        if expected != current.version {
-            let last = last_event()?;
-            return Err(StoreError::Stale {
-                tenant: current.id.clone(),
-                expected,
-                actual: current.version,
-                changed_by: last.as_ref().map_or(Actor::Cli, |e| e.actor),
-                changed_at: last
-                    .as_ref()
-                    .map_or_else(|| format_time(current.updated_at), |e| format_time(e.at)),
-                reason: last.map(|e| e.reason).unwrap_or_default(),
-            });
-        }
+    if let Some(expected) = change.expected_version
+        && expected != current.version
+    {
+        let last = last_event()?;
+        return Err(StoreError::Stale {
+            tenant: current.id.clone(),
+            expected,
+            actual: current.version,
+            changed_by: last.as_ref().map_or(Actor::Cli, |e| e.actor),
+            changed_at: last
+                .as_ref()
+                .map_or_else(|| format_time(current.updated_at), |e| format_time(e.at)),
+            reason: last.map(|e| e.reason).unwrap_or_default(),
+        });
     }
     Transition::between(current.stage, change.to).map_err(|error| StoreError::Transition {
         tenant: current.id.clone(),
@@ -71,19 +82,28 @@ pub(crate) fn import_conflicts(
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let mut domains: HashMap<&str, usize> = HashMap::new();
     for (index, t) in tenants.iter().enumerate() {
-        let mut problem = |p: String| out.push(ImportConflict { index, problem: p });
+        let mut problem = |kind| out.push(ImportConflict { index, kind });
         if existing_ids.contains(t.id.as_str()) {
-            problem(format!("tenant {} already exists", t.id));
+            problem(ConflictKind::TenantExists(t.id.clone()));
         } else if let Some(first) = ids.insert(t.id.as_str(), index) {
             ids.insert(t.id.as_str(), first);
-            problem(format!("tenant {} is also at entry {}", t.id, first + 1));
+            problem(ConflictKind::RepeatedId {
+                id: t.id.clone(),
+                first,
+            });
         }
         for d in &t.domains {
             if let Some(owner) = domain_owners.get(d.as_str()) {
-                problem(format!("domain {d} already belongs to tenant {owner}"));
+                problem(ConflictKind::DomainTaken {
+                    domain: d.clone(),
+                    owner: owner.clone(),
+                });
             } else if let Some(first) = domains.insert(d.as_str(), index) {
                 domains.insert(d.as_str(), first);
-                problem(format!("domain {d} is also used at entry {}", first + 1));
+                problem(ConflictKind::RepeatedDomain {
+                    domain: d.clone(),
+                    first,
+                });
             }
         }
     }
@@ -101,7 +121,8 @@ pub(crate) struct TenantRow {
 }
 
 pub(crate) fn tenant_from_row(row: TenantRow, domains: Vec<String>) -> Result<Tenant, StoreError> {
-    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("tenant {:?}: {e}", row.id));
+    let corrupt =
+        |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("tenant {:?}: {e}", row.id));
     Ok(Tenant {
         id: TenantId::parse(&row.id).map_err(|e| corrupt(&e))?,
         stage: Stage::parse(&row.stage).map_err(|e| corrupt(&e))?,
@@ -149,7 +170,8 @@ pub(crate) struct AuditRow {
 }
 
 pub(crate) fn audit_from_row(row: AuditRow) -> Result<AuditEvent, StoreError> {
-    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("audit event {}: {e}", row.seq));
+    let corrupt =
+        |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("audit event {}: {e}", row.seq));
     Ok(AuditEvent {
         seq: u64::try_from(row.seq).map_err(|e| corrupt(&e))?,
         at: Timestamp::from_unix_millis(row.at),

@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ficus_core::{Actor, AuditEvent, Progress, Stage, Tenant, TenantId};
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
-use crate::rules::{self, AuditRow, TenantRow};
+use crate::rules::{self, AuditRow, NewEvent, TenantRow};
 use crate::{
     AuditQuery, ControlStore, InitOutcome, NewTenant, OpenMode, Result, SCHEMA_VERSION, Snapshot,
     StageChange, StoreError, now,
@@ -166,7 +168,11 @@ fn sql_err(location: &str, context: &str) -> impl FnOnce(rusqlite::Error) -> Sto
     }
 }
 
-fn open_connection(path: &Path, location: &str, mode: OpenMode) -> Result<(Connection, InitOutcome)> {
+fn open_connection(
+    path: &Path,
+    location: &str,
+    mode: OpenMode,
+) -> Result<(Connection, InitOutcome)> {
     match std::fs::metadata(path) {
         Err(_) if mode == OpenMode::Existing => {
             return Err(StoreError::NotInitialized {
@@ -193,7 +199,8 @@ fn open_connection(path: &Path, location: &str, mode: OpenMode) -> Result<(Conne
     if mode == OpenMode::Create {
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
-    let mut conn = Connection::open_with_flags(path, flags).map_err(sql_err(location, "opening"))?;
+    let mut conn =
+        Connection::open_with_flags(path, flags).map_err(sql_err(location, "opening"))?;
     if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
         return Err(StoreError::ReadOnly {
             location: location.into(),
@@ -242,7 +249,12 @@ fn schema_version(conn: &Connection, location: &str) -> Result<Option<i64>> {
         return Ok(None);
     }
     if !tables.iter().any(|t| t == "ficus_meta") {
-        let mut listed = tables.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        let mut listed = tables
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
         if tables.len() > 5 {
             listed.push_str(", …");
         }
@@ -252,9 +264,11 @@ fn schema_version(conn: &Connection, location: &str) -> Result<Option<i64>> {
         });
     }
     let meta = |key: &str| -> Result<Option<String>> {
-        conn.query_row("SELECT value FROM ficus_meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()
-            .map_err(sql_err(location, "reading ficus_meta"))
+        conn.query_row("SELECT value FROM ficus_meta WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(sql_err(location, "reading ficus_meta"))
     };
     if meta("app")?.as_deref() != Some("ficus") {
         return Err(StoreError::NotAFicusStore {
@@ -292,7 +306,8 @@ fn migrate(conn: &mut Connection, location: &str) -> Result<InitOutcome> {
         [SCHEMA_VERSION.to_string()],
     )
     .map_err(sql_err(location, "recording the schema version"))?;
-    tx.commit().map_err(sql_err(location, "committing the schema"))?;
+    tx.commit()
+        .map_err(sql_err(location, "committing the schema"))?;
     Ok(match from {
         0 => InitOutcome::Created,
         v if v == SCHEMA_VERSION => InitOutcome::AlreadyInitialized,
@@ -303,7 +318,11 @@ fn migrate(conn: &mut Connection, location: &str) -> Result<InitOutcome> {
 /// Takes the next change-log position; prunes old entries now and then.
 fn next_seq(tx: &Transaction<'_>, location: &str) -> Result<i64> {
     let seq: i64 = tx
-        .query_row("UPDATE change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq", [], |r| r.get(0))
+        .query_row(
+            "UPDATE change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq",
+            [],
+            |r| r.get(0),
+        )
         .map_err(sql_err(location, "advancing the change log"))?;
     if seq % 1000 == 0 && seq > CHANGES_KEPT {
         let floor = seq - CHANGES_KEPT;
@@ -314,37 +333,32 @@ fn next_seq(tx: &Transaction<'_>, location: &str) -> Result<i64> {
     Ok(seq)
 }
 
-fn record_change(tx: &Transaction<'_>, location: &str, seq: i64, tenant: Option<&str>) -> Result<()> {
+fn record_change(
+    tx: &Transaction<'_>,
+    location: &str,
+    seq: i64,
+    tenant: Option<&str>,
+) -> Result<()> {
     tx.prepare_cached("INSERT INTO changes (seq, tenant_id) VALUES (?1, ?2)")
         .and_then(|mut s| s.execute(params![seq, tenant]))
         .map_err(sql_err(location, "recording a change"))?;
     Ok(())
 }
 
-fn append_audit(
-    tx: &Transaction<'_>,
-    location: &str,
-    at: i64,
-    tenant: &str,
-    from: Option<Stage>,
-    to: Stage,
-    version: u64,
-    actor: Actor,
-    reason: &str,
-) -> Result<()> {
+fn append_audit(tx: &Transaction<'_>, location: &str, e: NewEvent<'_>) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO audit_log (at, tenant_id, from_stage, to_stage, version, actor, reason)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
     .and_then(|mut s| {
         s.execute(params![
-            at,
-            tenant,
-            from.map(Stage::as_str),
-            to.as_str(),
-            version as i64,
-            actor.as_str(),
-            reason
+            e.at,
+            e.tenant,
+            e.from.map(Stage::as_str),
+            e.to.as_str(),
+            e.version as i64,
+            e.actor.as_str(),
+            e.reason
         ])
     })
     .map_err(sql_err(location, "appending to the audit log"))?;
@@ -382,7 +396,9 @@ fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
 
 fn load_tenant(conn: &Connection, location: &str, id: &str) -> Result<Option<Tenant>> {
     let row = conn
-        .prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"))
+        .prepare_cached(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"
+        ))
         .and_then(|mut s| s.query_row([id], tenant_row).optional())
         .map_err(sql_err(location, "reading a tenant"))?;
     let Some(row) = row else { return Ok(None) };
@@ -436,7 +452,11 @@ fn load_audit(conn: &Connection, location: &str, q: &AuditQuery) -> Result<Vec<A
         )
         .and_then(|mut s| {
             s.query_map(
-                params![q.tenant.as_ref().map(TenantId::as_str), q.since.map(|t| t.unix_millis()), limit],
+                params![
+                    q.tenant.as_ref().map(TenantId::as_str),
+                    q.since.map(|t| t.unix_millis()),
+                    limit
+                ],
                 audit_row,
             )?
             .collect()
@@ -447,22 +467,38 @@ fn load_audit(conn: &Connection, location: &str, q: &AuditQuery) -> Result<Vec<A
 
 fn load_changes(conn: &Connection, location: &str, since: u64) -> Result<ChangeSet> {
     let (seq, floor): (i64, i64) = conn
-        .query_row("SELECT seq, floor FROM change_counter WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT seq, floor FROM change_counter WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .map_err(sql_err(location, "reading the change log"))?;
     let seq = seq as u64;
     if since < floor as u64 || since > seq {
-        return Ok(ChangeSet { seq, tenants: BTreeSet::new(), resync: true });
+        return Ok(ChangeSet {
+            seq,
+            tenants: BTreeSet::new(),
+            resync: true,
+        });
     }
     let touched: Vec<Option<String>> = conn
         .prepare_cached("SELECT DISTINCT tenant_id FROM changes WHERE seq > ?1 AND seq <= ?2")
-        .and_then(|mut s| s.query_map(params![since as i64, seq as i64], |r| r.get(0))?.collect())
+        .and_then(|mut s| {
+            s.query_map(params![since as i64, seq as i64], |r| r.get(0))?
+                .collect()
+        })
         .map_err(sql_err(location, "reading the change log"))?;
-    let mut set = ChangeSet { seq, tenants: BTreeSet::new(), resync: false };
+    let mut set = ChangeSet {
+        seq,
+        tenants: BTreeSet::new(),
+        resync: false,
+    };
     for t in touched {
         match t {
             None => set.resync = true,
             Some(id) => {
-                set.tenants.insert(TenantId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+                set.tenants
+                    .insert(TenantId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
             }
         }
     }
@@ -489,26 +525,46 @@ impl ControlStore for SqliteStore {
             }
             for d in &tenant.domains {
                 let owner: Option<String> = tx
-                    .query_row("SELECT tenant_id FROM tenant_domains WHERE domain = ?1", [d.as_str()], |r| r.get(0))
+                    .query_row(
+                        "SELECT tenant_id FROM tenant_domains WHERE domain = ?1",
+                        [d.as_str()],
+                        |r| r.get(0),
+                    )
                     .optional()
                     .map_err(sql_err(location, "checking a domain"))?;
                 if let Some(owner) = owner {
                     return Err(StoreError::DomainTaken {
                         domain: d.clone(),
-                        owner: TenantId::parse(&owner).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        owner: TenantId::parse(&owner)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                     });
                 }
             }
             let at = now().unix_millis();
             insert_tenant(tx, location, &tenant, at)?;
-            append_audit(tx, location, at, id, None, tenant.stage, 1, actor, &reason)?;
+            let event = NewEvent {
+                at,
+                tenant: id,
+                from: None,
+                to: tenant.stage,
+                version: 1,
+                actor,
+                reason: &reason,
+            };
+            append_audit(tx, location, event)?;
             record_change(tx, location, seq, Some(id))?;
-            load_tenant(tx, location, id)?.ok_or_else(|| StoreError::UnknownTenant(tenant.id.clone()))
+            load_tenant(tx, location, id)?
+                .ok_or_else(|| StoreError::UnknownTenant(tenant.id.clone()))
         })
         .await
     }
 
-    async fn import_tenants(&self, tenants: Vec<NewTenant>, actor: Actor, reason: &str) -> Result<u64> {
+    async fn import_tenants(
+        &self,
+        tenants: Vec<NewTenant>,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<u64> {
         let reason = rules::reason(reason)?.to_string();
         for t in &tenants {
             rules::check_own_domains(t)?;
@@ -537,7 +593,16 @@ impl ControlStore for SqliteStore {
             let at = now().unix_millis();
             for t in &tenants {
                 insert_tenant(tx, location, t, at)?;
-                append_audit(tx, location, at, t.id.as_str(), None, t.stage, 1, actor, &reason)?;
+                let event = NewEvent {
+                    at,
+                    tenant: t.id.as_str(),
+                    from: None,
+                    to: t.stage,
+                    version: 1,
+                    actor,
+                    reason: &reason,
+                };
+                append_audit(tx, location, event)?;
             }
             // One entry for the whole import: subscribers reload everything rather
             // than read thousands of tenants one by one.
@@ -549,17 +614,21 @@ impl ControlStore for SqliteStore {
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
         let id = id.clone();
-        self.with(move |conn, location| load_tenant(conn, location, id.as_str())).await
+        self.with(move |conn, location| load_tenant(conn, location, id.as_str()))
+            .await
     }
 
     async fn tenants(&self, stage: Option<Stage>) -> Result<Vec<Tenant>> {
-        self.with(move |conn, location| load_tenants(conn, location, stage)).await
+        self.with(move |conn, location| load_tenants(conn, location, stage))
+            .await
     }
 
     async fn tenants_by_id(&self, ids: &[TenantId]) -> Result<Vec<Tenant>> {
         let ids: BTreeSet<TenantId> = ids.iter().cloned().collect();
         self.with(move |conn, location| {
-            let tx = conn.transaction().map_err(sql_err(location, "starting a read"))?;
+            let tx = conn
+                .transaction()
+                .map_err(sql_err(location, "starting a read"))?;
             let mut out = Vec::with_capacity(ids.len());
             for id in &ids {
                 if let Some(t) = load_tenant(&tx, location, id.as_str())? {
@@ -588,7 +657,16 @@ impl ControlStore for SqliteStore {
                 params![change.to.as_str(), version as i64, at, id, current.version as i64],
             )
             .map_err(sql_err(location, "changing a stage"))?;
-            append_audit(tx, location, at, id, Some(current.stage), change.to, version, change.actor, &reason)?;
+            let event = NewEvent {
+                at,
+                tenant: id,
+                from: Some(current.stage),
+                to: change.to,
+                version,
+                actor: change.actor,
+                reason: &reason,
+            };
+            append_audit(tx, location, event)?;
             record_change(tx, location, seq, Some(id))?;
             load_tenant(tx, location, id)?.ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
         })
@@ -596,7 +674,8 @@ impl ControlStore for SqliteStore {
     }
 
     async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>> {
-        self.with(move |conn, location| load_audit(conn, location, &query)).await
+        self.with(move |conn, location| load_audit(conn, location, &query))
+            .await
     }
 
     async fn progress(&self) -> Result<Progress> {
@@ -618,18 +697,26 @@ impl ControlStore for SqliteStore {
     async fn snapshot(&self) -> Result<Snapshot> {
         self.with(|conn, location| {
             // One read transaction, so the position and the tenants agree.
-            let tx = conn.transaction().map_err(sql_err(location, "starting a read"))?;
+            let tx = conn
+                .transaction()
+                .map_err(sql_err(location, "starting a read"))?;
             let seq: i64 = tx
-                .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| r.get(0))
+                .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
                 .map_err(sql_err(location, "reading the change log"))?;
             let tenants = load_tenants(&tx, location, None)?;
-            Ok(Snapshot { seq: seq as u64, tenants })
+            Ok(Snapshot {
+                seq: seq as u64,
+                tenants,
+            })
         })
         .await
     }
 
     async fn changes_since(&self, seq: u64) -> Result<ChangeSet> {
-        self.with(move |conn, location| load_changes(conn, location, seq)).await
+        self.with(move |conn, location| load_changes(conn, location, seq))
+            .await
     }
 
     fn subscribe(&self, from_seq: Option<u64>) -> Subscription {
@@ -642,14 +729,21 @@ impl ControlStore for SqliteStore {
             .spawn(move || sqlite_feed(&path, &location, from_seq, &feed_tx))
         {
             // Without a thread there is no feed; the subscriber is told so.
-            let _ = tx.try_send(FeedEvent::Lost { error: format!("cannot start the feed thread: {e}") });
+            let _ = tx.try_send(FeedEvent::Lost {
+                error: format!("cannot start the feed thread: {e}"),
+            });
         }
         sub
     }
 }
 
 /// Follows a SQLite store from a dedicated thread until the subscriber goes away.
-fn sqlite_feed(path: &Path, location: &str, from_seq: Option<u64>, tx: &tokio::sync::mpsc::Sender<FeedEvent>) {
+fn sqlite_feed(
+    path: &Path,
+    location: &str,
+    from_seq: Option<u64>,
+    tx: &tokio::sync::mpsc::Sender<FeedEvent>,
+) {
     let mut conn: Option<Connection> = None;
     let mut last_seq = from_seq;
     let mut last_version: Option<i64> = None;
@@ -657,9 +751,13 @@ fn sqlite_feed(path: &Path, location: &str, from_seq: Option<u64>, tx: &tokio::s
     while !tx.is_closed() {
         let step = (|| -> Result<()> {
             if conn.is_none() {
-                let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                let c = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(sql_err(location, "opening the feed"))?;
+                c.busy_timeout(Duration::from_secs(1))
                     .map_err(sql_err(location, "opening the feed"))?;
-                c.busy_timeout(Duration::from_secs(1)).map_err(sql_err(location, "opening the feed"))?;
                 conn = Some(c);
                 last_version = None;
             }
@@ -674,7 +772,9 @@ fn sqlite_feed(path: &Path, location: &str, from_seq: Option<u64>, tx: &tokio::s
             match last_seq {
                 None => {
                     let seq: i64 = c
-                        .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| r.get(0))
+                        .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| {
+                            r.get(0)
+                        })
                         .map_err(sql_err(location, "reading the change log"))?;
                     last_seq = Some(seq as u64);
                 }
@@ -700,11 +800,16 @@ fn sqlite_feed(path: &Path, location: &str, from_seq: Option<u64>, tx: &tokio::s
                 conn = None;
                 if !lost {
                     lost = true;
-                    let _ = tx.blocking_send(FeedEvent::Lost { error: e.to_string() });
+                    let _ = tx.blocking_send(FeedEvent::Lost {
+                        error: e.to_string(),
+                    });
                 }
             }
         }
-        #[allow(clippy::disallowed_methods, reason = "a dedicated OS thread, not an async task")]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a dedicated OS thread, not an async task"
+        )]
         std::thread::sleep(FEED_POLL);
     }
 }

@@ -10,7 +10,7 @@ use crate::StoreError;
 pub enum StoreUrl {
     Sqlite(PathBuf),
     Postgres {
-        config: tokio_postgres::Config,
+        config: Box<tokio_postgres::Config>,
         /// The schema that holds Ficus's tables (`ficus` unless `?schema=` says).
         schema: String,
         /// Host, port and database, for messages; never the password.
@@ -55,12 +55,14 @@ impl StoreUrl {
                 .map_err(|e| bad(&format!("not a valid PostgreSQL url: {e}")))?;
             let location = describe(&config);
             return Ok(StoreUrl::Postgres {
-                config,
+                config: Box::new(config),
                 schema,
                 location,
             });
         }
-        Err(bad("expected sqlite:PATH or postgres://USER@HOST:PORT/DATABASE"))
+        Err(bad(
+            "expected sqlite:PATH or postgres://USER@HOST:PORT/DATABASE",
+        ))
     }
 }
 
@@ -120,7 +122,10 @@ mod tests {
     fn urls() {
         check("sqlite:ficus.db", "sqlite ficus.db");
         check("sqlite:///var/lib/ficus.db", "sqlite /var/lib/ficus.db");
-        check("sqlite:", r#"invalid store url "sqlite:": the path after `sqlite:` is empty"#);
+        check(
+            "sqlite:",
+            r#"invalid store url "sqlite:": the path after `sqlite:` is empty"#,
+        );
         check(
             "postgres://ficus:hunter2@db.internal:6543/control",
             "postgres://db.internal:6543/control schema=ficus",

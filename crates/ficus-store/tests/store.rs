@@ -38,14 +38,20 @@ fn change(tenant: &str, to: Stage, expected_version: Option<u64>) -> StageChange
 /// Renders the audit log without timestamps, for snapshots.
 async fn audit_text(store: &dyn ControlStore, tenant: Option<&str>) -> String {
     let events = store
-        .audit(AuditQuery { tenant: tenant.map(id), ..AuditQuery::default() })
+        .audit(AuditQuery {
+            tenant: tenant.map(id),
+            ..AuditQuery::default()
+        })
         .await
         .unwrap();
     events
         .iter()
         .map(|e| {
             let from = e.from.map_or("(new)".to_string(), |s| s.to_string());
-            format!("{} {from} -> {} v{} by {}: {}\n", e.tenant, e.to, e.version, e.actor, e.reason)
+            format!(
+                "{} {from} -> {} v{} by {}: {}\n",
+                e.tenant, e.to, e.version, e.actor, e.reason
+            )
         })
         .collect()
 }
@@ -57,23 +63,40 @@ fn check_err<T: std::fmt::Debug>(result: Result<T, StoreError>, expect: Expect) 
 async fn adds_and_reads_tenants(store: Arc<dyn ControlStore>) {
     let store = &*store;
     let t = store
-        .add_tenant(new("acme", Stage::Legacy, &["homes.acme.test", "acme.test"]), Actor::Cli, "onboarding")
+        .add_tenant(
+            new("acme", Stage::Legacy, &["homes.acme.test", "acme.test"]),
+            Actor::Cli,
+            "onboarding",
+        )
         .await
         .unwrap();
     assert_eq!(t.version, 1);
     assert_eq!(t.stage, Stage::Legacy);
     let domains: Vec<&str> = t.domains.iter().map(Domain::as_str).collect();
     assert_eq!(domains, ["acme.test", "homes.acme.test"]);
-    store.add_tenant(new("globex", Stage::Migrated, &[]), Actor::Provisioning, "sold").await.unwrap();
+    store
+        .add_tenant(
+            new("globex", Stage::Migrated, &[]),
+            Actor::Provisioning,
+            "sold",
+        )
+        .await
+        .unwrap();
 
     assert_eq!(store.tenant(&id("acme")).await.unwrap(), Some(t.clone()));
     assert_eq!(store.tenant(&id("nobody")).await.unwrap(), None);
     let all = store.tenants(None).await.unwrap();
-    assert_eq!(all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["acme", "globex"]);
+    assert_eq!(
+        all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["acme", "globex"]
+    );
     let migrated = store.tenants(Some(Stage::Migrated)).await.unwrap();
     assert_eq!(migrated.len(), 1);
     assert_eq!(migrated[0].id.as_str(), "globex");
-    let some = store.tenants_by_id(&[id("globex"), id("nobody"), id("acme")]).await.unwrap();
+    let some = store
+        .tenants_by_id(&[id("globex"), id("nobody"), id("acme")])
+        .await
+        .unwrap();
     assert_eq!(some.len(), 2);
     assert_eq!(some[0], t);
 
@@ -88,21 +111,44 @@ async fn adds_and_reads_tenants(store: Arc<dyn ControlStore>) {
 
 async fn refuses_duplicates_and_leaves_the_store_unchanged(store: Arc<dyn ControlStore>) {
     let store = &*store;
-    store.add_tenant(new("acme", Stage::Legacy, &["acme.test"]), Actor::Cli, "first").await.unwrap();
+    store
+        .add_tenant(
+            new("acme", Stage::Legacy, &["acme.test"]),
+            Actor::Cli,
+            "first",
+        )
+        .await
+        .unwrap();
     check_err(
-        store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "again").await,
+        store
+            .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "again")
+            .await,
         expect!["tenant acme already exists"],
     );
     check_err(
-        store.add_tenant(new("other", Stage::Legacy, &["acme.test"]), Actor::Cli, "steal").await,
+        store
+            .add_tenant(
+                new("other", Stage::Legacy, &["acme.test"]),
+                Actor::Cli,
+                "steal",
+            )
+            .await,
         expect!["domain acme.test already belongs to tenant acme"],
     );
     check_err(
-        store.add_tenant(new("other", Stage::Legacy, &["a.test", "a.test"]), Actor::Cli, "twice").await,
+        store
+            .add_tenant(
+                new("other", Stage::Legacy, &["a.test", "a.test"]),
+                Actor::Cli,
+                "twice",
+            )
+            .await,
         expect!["domain a.test is given twice"],
     );
     check_err(
-        store.add_tenant(new("other", Stage::Legacy, &[]), Actor::Cli, "   ").await,
+        store
+            .add_tenant(new("other", Stage::Legacy, &[]), Actor::Cli, "   ")
+            .await,
         expect!["a reason is required and must not be empty"],
     );
     assert_eq!(store.tenants(None).await.unwrap().len(), 1);
@@ -114,25 +160,50 @@ async fn refuses_duplicates_and_leaves_the_store_unchanged(store: Arc<dyn Contro
 
 async fn follows_the_stage_machine(store: Arc<dyn ControlStore>) {
     let store = &*store;
-    store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding").await.unwrap();
+    store
+        .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding")
+        .await
+        .unwrap();
     check_err(
-        store.change_stage(change("acme", Stage::Migrated, None)).await,
-        expect!["cannot move tenant acme from legacy to migrated: legacy → migrated skips shadow, where the evidence for a move is gathered; promote to shadow first"],
+        store
+            .change_stage(change("acme", Stage::Migrated, None))
+            .await,
+        expect![
+            "cannot move tenant acme from legacy to migrated: legacy → migrated skips shadow, where the evidence for a move is gathered; promote to shadow first"
+        ],
     );
     check_err(
-        store.change_stage(change("acme", Stage::Legacy, None)).await,
-        expect!["cannot move tenant acme from legacy to legacy: the tenant is already in stage legacy"],
+        store
+            .change_stage(change("acme", Stage::Legacy, None))
+            .await,
+        expect![
+            "cannot move tenant acme from legacy to legacy: the tenant is already in stage legacy"
+        ],
     );
-    check_err(store.change_stage(change("ghost", Stage::Shadow, None)).await, expect!["no tenant ghost"]);
-    let t = store.change_stage(change("acme", Stage::Shadow, Some(1))).await.unwrap();
+    check_err(
+        store
+            .change_stage(change("ghost", Stage::Shadow, None))
+            .await,
+        expect!["no tenant ghost"],
+    );
+    let t = store
+        .change_stage(change("acme", Stage::Shadow, Some(1)))
+        .await
+        .unwrap();
     assert_eq!((t.stage, t.version), (Stage::Shadow, 2));
-    let t = store.change_stage(change("acme", Stage::Migrated, None)).await.unwrap();
+    let t = store
+        .change_stage(change("acme", Stage::Migrated, None))
+        .await
+        .unwrap();
     assert_eq!((t.stage, t.version), (Stage::Migrated, 3));
     let mut guard = change("acme", Stage::Shadow, Some(3));
     guard.actor = Actor::Guard;
     guard.reason = "5xx rate 12% over 200 requests".into();
     store.change_stage(guard).await.unwrap();
-    store.change_stage(change("acme", Stage::Legacy, None)).await.unwrap();
+    store
+        .change_stage(change("acme", Stage::Legacy, None))
+        .await
+        .unwrap();
     expect![[r#"
         acme (new) -> legacy v1 by cli: onboarding
         acme legacy -> shadow v2 by cli: move acme to shadow
@@ -145,26 +216,57 @@ async fn follows_the_stage_machine(store: Arc<dyn ControlStore>) {
 
 async fn refuses_a_stale_write_and_says_who_changed_it(store: Arc<dyn ControlStore>) {
     let store = &*store;
-    store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding").await.unwrap();
+    store
+        .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding")
+        .await
+        .unwrap();
     let mut first = change("acme", Stage::Shadow, Some(1));
     first.actor = Actor::Api;
     first.reason = "operator ana".into();
     store.change_stage(first).await.unwrap();
-    let err = store.change_stage(change("acme", Stage::Legacy, Some(1))).await.unwrap_err();
-    let StoreError::Stale { expected, actual, changed_by, reason, .. } = &err else {
+    let err = store
+        .change_stage(change("acme", Stage::Legacy, Some(1)))
+        .await
+        .unwrap_err();
+    let StoreError::Stale {
+        expected,
+        actual,
+        changed_by,
+        reason,
+        ..
+    } = &err
+    else {
         panic!("expected a stale-version error, got {err}");
     };
-    assert_eq!((*expected, *actual, *changed_by, reason.as_str()), (1, 2, Actor::Api, "operator ana"));
-    assert!(err.to_string().starts_with("tenant acme changed since version 1: it is at version 2, last changed by api at 20"), "{err}");
-    assert_eq!(store.tenant(&id("acme")).await.unwrap().unwrap().stage, Stage::Shadow);
+    assert_eq!(
+        (*expected, *actual, *changed_by, reason.as_str()),
+        (1, 2, Actor::Api, "operator ana")
+    );
+    assert!(
+        err.to_string().starts_with(
+            "tenant acme changed since version 1: it is at version 2, last changed by api at 20"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        store.tenant(&id("acme")).await.unwrap().unwrap().stage,
+        Stage::Shadow
+    );
 }
 
 async fn concurrent_changes_to_one_tenant_have_one_winner(store: Arc<dyn ControlStore>) {
-    store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding").await.unwrap();
+    store
+        .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding")
+        .await
+        .unwrap();
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let store = Arc::clone(&store);
-            tokio::spawn(async move { store.change_stage(change("acme", Stage::Shadow, Some(1))).await })
+            tokio::spawn(async move {
+                store
+                    .change_stage(change("acme", Stage::Shadow, Some(1)))
+                    .await
+            })
         })
         .collect();
     let mut wins = 0;
@@ -181,61 +283,158 @@ async fn concurrent_changes_to_one_tenant_have_one_winner(store: Arc<dyn Control
 
 async fn imports_all_or_nothing(store: Arc<dyn ControlStore>) {
     let store = &*store;
-    store.add_tenant(new("taken", Stage::Legacy, &["taken.test"]), Actor::Cli, "first").await.unwrap();
-    let mut batch: Vec<NewTenant> = (0..500).map(|i| new(&format!("t{i:04}"), Stage::Legacy, &[])).collect();
+    store
+        .add_tenant(
+            new("taken", Stage::Legacy, &["taken.test"]),
+            Actor::Cli,
+            "first",
+        )
+        .await
+        .unwrap();
+    let mut batch: Vec<NewTenant> = (0..500)
+        .map(|i| new(&format!("t{i:04}"), Stage::Legacy, &[]))
+        .collect();
     batch.push(new("taken", Stage::Legacy, &[]));
     batch.push(new("t0003", Stage::Shadow, &[]));
     batch.push(new("fresh", Stage::Legacy, &["taken.test"]));
     check_err(
         store.import_tenants(batch, Actor::Cli, "bulk").await,
-        expect!["import refused, nothing was added: entry 501: tenant taken already exists; entry 502: tenant t0003 is also at entry 4; entry 503: domain taken.test already belongs to tenant taken"],
+        expect![
+            "import refused, nothing was added: entry 501: tenant taken already exists; entry 502: tenant t0003 is also at entry 4; entry 503: domain taken.test already belongs to tenant taken"
+        ],
     );
     assert_eq!(store.tenants(None).await.unwrap().len(), 1);
 
     let batch: Vec<NewTenant> = (0..2000)
-        .map(|i| new(&format!("t{i:04}"), if i % 2 == 0 { Stage::Legacy } else { Stage::Migrated }, &[&format!("t{i}.example.test")]))
+        .map(|i| {
+            new(
+                &format!("t{i:04}"),
+                if i % 2 == 0 {
+                    Stage::Legacy
+                } else {
+                    Stage::Migrated
+                },
+                &[&format!("t{i}.example.test")],
+            )
+        })
         .collect();
-    assert_eq!(store.import_tenants(batch, Actor::Cli, "bulk").await.unwrap(), 2000);
+    assert_eq!(
+        store
+            .import_tenants(batch, Actor::Cli, "bulk")
+            .await
+            .unwrap(),
+        2000
+    );
     let p = store.progress().await.unwrap();
     assert_eq!((p.legacy, p.shadow, p.migrated), (1001, 0, 1000));
-    assert_eq!(store.audit(AuditQuery::default()).await.unwrap().len(), 2001);
+    assert_eq!(
+        store.audit(AuditQuery::default()).await.unwrap().len(),
+        2001
+    );
     let t = store.tenant(&id("t1999")).await.unwrap().unwrap();
     assert_eq!(t.domains[0].as_str(), "t1999.example.test");
 }
 
 async fn reads_the_audit_log_by_tenant_time_and_count(store: Arc<dyn ControlStore>) {
     let store = &*store;
-    store.add_tenant(new("a", Stage::Legacy, &[]), Actor::Cli, "one").await.unwrap();
-    store.add_tenant(new("b", Stage::Legacy, &[]), Actor::Cli, "two").await.unwrap();
-    store.change_stage(change("a", Stage::Shadow, None)).await.unwrap();
+    store
+        .add_tenant(new("a", Stage::Legacy, &[]), Actor::Cli, "one")
+        .await
+        .unwrap();
+    store
+        .add_tenant(new("b", Stage::Legacy, &[]), Actor::Cli, "two")
+        .await
+        .unwrap();
+    store
+        .change_stage(change("a", Stage::Shadow, None))
+        .await
+        .unwrap();
     let all = store.audit(AuditQuery::default()).await.unwrap();
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
-    let last_two = store.audit(AuditQuery { limit: Some(2), ..AuditQuery::default() }).await.unwrap();
+    let last_two = store
+        .audit(AuditQuery {
+            limit: Some(2),
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(last_two, all[1..]);
-    let since = store.audit(AuditQuery { since: Some(all[2].at), ..AuditQuery::default() }).await.unwrap();
+    let since = store
+        .audit(AuditQuery {
+            since: Some(all[2].at),
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
     assert!(since.contains(&all[2]));
     let future = ficus_core::Timestamp::from_unix_millis(all[2].at.unix_millis() + 60_000);
-    assert!(store.audit(AuditQuery { since: Some(future), ..AuditQuery::default() }).await.unwrap().is_empty());
-    assert_eq!(store.audit(AuditQuery { tenant: Some(id("b")), ..AuditQuery::default() }).await.unwrap().len(), 1);
+    assert!(
+        store
+            .audit(AuditQuery {
+                since: Some(future),
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .audit(AuditQuery {
+                tenant: Some(id("b")),
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn feeds_every_committed_change(store: Arc<dyn ControlStore>) {
     let store = &*store;
-    store.add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding").await.unwrap();
+    store
+        .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding")
+        .await
+        .unwrap();
     let snap = store.snapshot().await.unwrap();
     assert_eq!(snap.tenants.len(), 1);
     let mut sub = store.subscribe(Some(snap.seq));
-    store.change_stage(change("acme", Stage::Shadow, None)).await.unwrap();
+    store
+        .change_stage(change("acme", Stage::Shadow, None))
+        .await
+        .unwrap();
     let set = next_change(&mut sub).await;
     assert!(!set.resync);
-    assert_eq!(set.tenants.iter().map(TenantId::as_str).collect::<Vec<_>>(), ["acme"]);
+    assert_eq!(
+        set.tenants.iter().map(TenantId::as_str).collect::<Vec<_>>(),
+        ["acme"]
+    );
     assert_eq!(set.seq, snap.seq + 1);
 
     // A refused change commits nothing and so is not fed.
-    assert!(store.change_stage(change("acme", Stage::Shadow, None)).await.is_err());
-    store.import_tenants(vec![new("bulk-1", Stage::Legacy, &[]), new("bulk-2", Stage::Legacy, &[])], Actor::Cli, "import").await.unwrap();
+    assert!(
+        store
+            .change_stage(change("acme", Stage::Shadow, None))
+            .await
+            .is_err()
+    );
+    store
+        .import_tenants(
+            vec![
+                new("bulk-1", Stage::Legacy, &[]),
+                new("bulk-2", Stage::Legacy, &[]),
+            ],
+            Actor::Cli,
+            "import",
+        )
+        .await
+        .unwrap();
     let set = next_change(&mut sub).await;
-    assert!(set.resync, "an import asks subscribers to reload everything");
+    assert!(
+        set.resync,
+        "an import asks subscribers to reload everything"
+    );
     assert_eq!(set.seq, snap.seq + 2);
 
     let since = store.changes_since(snap.seq).await.unwrap();
@@ -246,26 +445,28 @@ async fn feeds_every_committed_change(store: Arc<dyn ControlStore>) {
 }
 
 async fn next_change(sub: &mut ficus_store::Subscription) -> ficus_store::ChangeSet {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
-            Ok(Some(FeedEvent::Changed(set))) => return set,
-            Ok(Some(other)) => panic!("unexpected feed event {other:?}"),
-            Ok(None) => panic!("the feed stopped"),
-            Err(_) => panic!("no change arrived within 10 s"),
-        }
+    match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+        Ok(Some(FeedEvent::Changed(set))) => set,
+        Ok(Some(other)) => panic!("unexpected feed event {other:?}"),
+        Ok(None) => panic!("the feed stopped"),
+        Err(_) => panic!("no change arrived within 10 s"),
     }
 }
 
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn ControlStore> {
-    let url = StoreUrl::parse(&format!("sqlite:{}", dir.path().join("ficus.db").display())).unwrap();
+    let url =
+        StoreUrl::parse(&format!("sqlite:{}", dir.path().join("ficus.db").display())).unwrap();
     ficus_store::open(&url, OpenMode::Create).await.unwrap()
 }
 
 async fn pg_store() -> Arc<dyn ControlStore> {
-    let url = tokio::task::spawn_blocking(|| ficus_testkit::shared().fresh_database("store").unwrap())
+    let url =
+        tokio::task::spawn_blocking(|| ficus_testkit::shared().fresh_database("store").unwrap())
+            .await
+            .unwrap();
+    ficus_store::open(&StoreUrl::parse(&url).unwrap(), OpenMode::Create)
         .await
-        .unwrap();
-    ficus_store::open(&StoreUrl::parse(&url).unwrap(), OpenMode::Create).await.unwrap()
+        .unwrap()
 }
 
 macro_rules! both {
@@ -296,3 +497,349 @@ both!(
     feeds_every_committed_change,
     concurrent_changes_to_one_tenant_have_one_winner,
 );
+
+/// Faults specific to the embedded store: files that are not ours must come out of
+/// an open attempt byte for byte as they went in.
+mod sqlite_faults {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    async fn open(
+        path: &std::path::Path,
+        mode: OpenMode,
+    ) -> Result<Arc<dyn ControlStore>, StoreError> {
+        ficus_store::open(
+            &StoreUrl::parse(&format!("sqlite:{}", path.display())).unwrap(),
+            mode,
+        )
+        .await
+    }
+
+    fn check_untouched(path: &std::path::Path, before: &[u8]) {
+        assert_eq!(
+            std::fs::read(path).unwrap(),
+            before,
+            "the file was modified"
+        );
+        let wal = path.with_extension("db-wal");
+        assert!(
+            !wal.exists(),
+            "a WAL file was created beside a file that is not ours"
+        );
+    }
+
+    fn location(e: &StoreError, path: &std::path::Path) -> String {
+        e.to_string().replace(&path.display().to_string(), "PATH")
+    }
+
+    #[tokio::test]
+    async fn init_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        let store = open(&path, OpenMode::Create).await.unwrap();
+        assert_eq!(store.init_outcome(), InitOutcome::Created);
+        store
+            .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "keep me")
+            .await
+            .unwrap();
+        drop(store);
+        let store = open(&path, OpenMode::Create).await.unwrap();
+        assert_eq!(store.init_outcome(), InitOutcome::AlreadyInitialized);
+        assert_eq!(store.tenants(None).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_missing_store_is_not_created_by_other_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        let err = open(&path, OpenMode::Existing).await.err().unwrap();
+        assert_eq!(
+            location(&err, &path),
+            "no ficus store at sqlite:PATH: run `ficus init` first"
+        );
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        let bytes: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        for mode in [OpenMode::Create, OpenMode::Existing] {
+            let err = open(&path, mode).await.err().unwrap();
+            assert_eq!(
+                location(&err, &path),
+                "sqlite:PATH is not a ficus store (not an SQLite database); it was not modified"
+            );
+            check_untouched(&path, &bytes);
+        }
+    }
+
+    #[tokio::test]
+    async fn another_applications_database_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE orders (id INTEGER PRIMARY KEY); INSERT INTO orders VALUES (1);",
+            )
+            .unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        let err = open(&path, OpenMode::Create).await.err().unwrap();
+        assert_eq!(
+            location(&err, &path),
+            "sqlite:PATH is not a ficus store (it holds tables ficus did not create: orders); it was not modified"
+        );
+        check_untouched(&path, &before);
+    }
+
+    #[tokio::test]
+    async fn a_store_from_a_newer_ficus_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        drop(open(&path, OpenMode::Create).await.unwrap());
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute(
+                "UPDATE ficus_meta SET value = '99' WHERE key = 'schema_version'",
+                [],
+            )
+            .unwrap();
+            c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        for mode in [OpenMode::Create, OpenMode::Existing] {
+            let err = open(&path, mode).await.err().unwrap();
+            assert_eq!(
+                location(&err, &path),
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 1); upgrade ficus, the store was not modified"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), before);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_only_store_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        drop(open(&path, OpenMode::Create).await.unwrap());
+        let before = std::fs::read(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let err = open(&path, OpenMode::Existing).await.err().unwrap();
+        assert_eq!(
+            location(&err, &path),
+            "sqlite:PATH is read-only; ficus needs to write to its store"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_is_append_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        let store = open(&path, OpenMode::Create).await.unwrap();
+        store
+            .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding")
+            .await
+            .unwrap();
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for sql in [
+            "UPDATE audit_log SET reason = 'forged'",
+            "DELETE FROM audit_log",
+        ] {
+            let err = c.execute(sql, []).unwrap_err();
+            assert!(
+                err.to_string().contains("the audit log is append-only"),
+                "{sql}: {err}"
+            );
+        }
+        assert_eq!(
+            store.audit(AuditQuery::default()).await.unwrap()[0].reason,
+            "onboarding"
+        );
+    }
+}
+
+/// Faults specific to the shared store: an absent server, a foreign schema, and the
+/// feed surviving a server restart.
+mod postgres_faults {
+    use super::*;
+
+    async fn open(url: &str, mode: OpenMode) -> Result<Arc<dyn ControlStore>, StoreError> {
+        ficus_store::open(&StoreUrl::parse(url).unwrap(), mode).await
+    }
+
+    fn fresh(prefix: &'static str) -> String {
+        ficus_testkit::shared().fresh_database(prefix).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_named_without_its_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = open(
+            &format!("postgres://ficus:s3cret@127.0.0.1:{port}/control"),
+            OpenMode::Existing,
+        )
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot reach the PostgreSQL store at postgres://127.0.0.1:{port}/control: "
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_store_is_not_created_by_other_commands() {
+        let url = fresh("pgmissing");
+        let err = open(&url, OpenMode::Existing).await.err().unwrap();
+        assert!(matches!(err, StoreError::NotInitialized { .. }), "{err}");
+        let store = open(&url, OpenMode::Create).await.unwrap();
+        assert_eq!(store.init_outcome(), InitOutcome::Created);
+        let store = open(&url, OpenMode::Create).await.unwrap();
+        assert_eq!(store.init_outcome(), InitOutcome::AlreadyInitialized);
+        let store = open(&format!("{url}?schema=ops"), OpenMode::Create)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.init_outcome(),
+            InitOutcome::Created,
+            "another schema is another store"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_foreign_schema_and_a_newer_store_are_refused_untouched() {
+        let cluster = ficus_testkit::shared();
+        let url = fresh("pgforeign");
+        let db = url.rsplit('/').next().unwrap().to_string();
+        cluster
+            .psql(
+                &db,
+                "CREATE SCHEMA ficus; CREATE TABLE ficus.orders (id int)",
+            )
+            .unwrap();
+        let err = open(&url, OpenMode::Create).await.err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("is not a ficus store (the schema holds tables ficus did not create)"),
+            "{err}"
+        );
+        assert_eq!(
+            cluster
+                .psql(
+                    &db,
+                    "SELECT count(*) FROM pg_tables WHERE schemaname = 'ficus'"
+                )
+                .unwrap(),
+            "1"
+        );
+
+        let url = fresh("pgnewer");
+        let db = url.rsplit('/').next().unwrap().to_string();
+        drop(open(&url, OpenMode::Create).await.unwrap());
+        cluster
+            .psql(
+                &db,
+                "UPDATE ficus.meta SET value = '99' WHERE key = 'schema_version'",
+            )
+            .unwrap();
+        let err = open(&url, OpenMode::Create).await.err().unwrap();
+        assert!(
+            matches!(err, StoreError::NewerSchema { found: 99, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            cluster
+                .psql(
+                    &db,
+                    "SELECT value FROM ficus.meta WHERE key = 'schema_version'"
+                )
+                .unwrap(),
+            "99"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_is_append_only() {
+        let url = fresh("pgaudit");
+        let db = url.rsplit('/').next().unwrap().to_string();
+        let store = open(&url, OpenMode::Create).await.unwrap();
+        store
+            .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding")
+            .await
+            .unwrap();
+        for sql in [
+            "UPDATE ficus.audit_log SET reason = 'forged'",
+            "DELETE FROM ficus.audit_log",
+            "TRUNCATE ficus.audit_log",
+        ] {
+            let err = ficus_testkit::shared()
+                .psql(&db, sql)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("the audit log is append-only"), "{sql}: {err}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_feed_reconnects_by_itself_when_the_server_returns() {
+        // Its own cluster: stopping the shared one would break every other test.
+        let cluster = tokio::task::spawn_blocking(|| ficus_testkit::PgCluster::start().unwrap())
+            .await
+            .unwrap();
+        let url = cluster.url("postgres");
+        let store = open(&url, OpenMode::Create).await.unwrap();
+        store
+            .add_tenant(new("acme", Stage::Legacy, &[]), Actor::Cli, "onboarding")
+            .await
+            .unwrap();
+        let mut sub = store.subscribe(Some(store.snapshot().await.unwrap().seq));
+
+        let cluster = tokio::task::spawn_blocking(move || {
+            cluster.stop().unwrap();
+            cluster
+        })
+        .await
+        .unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .unwrap();
+        assert!(matches!(event, Some(FeedEvent::Lost { .. })), "{event:?}");
+        // While the server is away the store answers with a clear error, not a panic.
+        let err = store.tenants(None).await.unwrap_err().to_string();
+        assert!(err.contains("127.0.0.1"), "{err}");
+
+        let mut cluster = cluster;
+        let cluster = tokio::task::spawn_blocking(move || {
+            cluster.restart().unwrap();
+            cluster
+        })
+        .await
+        .unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .unwrap();
+        assert_eq!(event, Some(FeedEvent::Restored));
+        // A change made right after the return reaches the subscriber.
+        store
+            .change_stage(change("acme", Stage::Shadow, None))
+            .await
+            .unwrap();
+        let set = next_change(&mut sub).await;
+        assert!(set.tenants.contains(&id("acme")));
+        drop(cluster);
+    }
+}

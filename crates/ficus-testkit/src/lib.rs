@@ -26,7 +26,9 @@ pub enum Error {
         "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH, in FICUS_PG_BIN or under /usr/lib/postgresql; on Debian run `apt-get install postgresql`"
     )]
     BinariesNotFound,
-    #[error("running as root but there is no `postgres` user to run the server as; on Debian it comes with the `postgresql` package")]
+    #[error(
+        "running as root but there is no `postgres` user to run the server as; on Debian it comes with the `postgresql` package"
+    )]
     NoPostgresUser,
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
@@ -91,16 +93,24 @@ impl PgCluster {
         };
         if as_postgres_user {
             run(
-                Command::new("chown").arg("postgres:postgres").arg(&cluster.dir),
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&cluster.dir),
                 "chown of the cluster directory",
             )?;
         }
         let data = cluster.data_dir();
         let mut initdb = cluster.pg_command("initdb");
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-locale", "--no-sync"]);
+        initdb.arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ]);
         run(&mut initdb, "initdb")?;
         cluster.watch_owner()?;
         cluster.start_server()?;
@@ -127,7 +137,11 @@ impl PgCluster {
             .take(40)
             .collect::<String>()
             .to_ascii_lowercase();
-        let name = format!("{clean}_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "{clean}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         self.psql("postgres", &format!("CREATE DATABASE \"{name}\""))?;
         Ok(self.url(&name))
     }
@@ -137,7 +151,18 @@ impl PgCluster {
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, Error> {
         let out = run(
             Command::new(self.bin.join("psql"))
-                .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+                .args([
+                    "-X",
+                    "-q",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                ])
                 .arg("-p")
                 .arg(self.port.to_string())
                 .arg("-d")
@@ -153,7 +178,9 @@ impl PgCluster {
     /// clients do while the database is away.
     pub fn stop(&self) -> Result<(), Error> {
         let mut cmd = self.pg_command("pg_ctl");
-        cmd.arg("-D").arg(self.data_dir()).args(["-m", "fast", "-w", "stop"]);
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "stop"]);
         run(&mut cmd, "pg_ctl stop").map(drop)
     }
 
@@ -176,7 +203,11 @@ impl PgCluster {
         // could take it in between, so a failed start retries on a new port.
         let mut last = None;
         for _ in 0..5 {
-            let port = if self.port != 0 { self.port } else { free_port()? };
+            let port = if self.port != 0 {
+                self.port
+            } else {
+                free_port()?
+            };
             let mut opts = format!(
                 "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200"
             );
@@ -245,18 +276,21 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let pid_file = self.data_dir().join("postmaster.pid");
-        if let Ok(pid) = fs::read_to_string(&pid_file) {
-            if let Some(pid) = pid.lines().next() {
-                // Immediate shutdown: the data is thrown away next, so there is
-                // nothing to flush.
-                let _ = Command::new("kill").args(["-QUIT", pid]).status();
-                for _ in 0..50 {
-                    if !pid_file.exists() {
-                        break;
-                    }
-                    #[allow(clippy::disallowed_methods, reason = "Drop is synchronous; waiting for the postmaster to exit")]
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Ok(pid) = fs::read_to_string(&pid_file)
+            && let Some(pid) = pid.lines().next()
+        {
+            // Immediate shutdown: the data is thrown away next, so there is
+            // nothing to flush.
+            let _ = Command::new("kill").args(["-QUIT", pid]).status();
+            for _ in 0..50 {
+                if !pid_file.exists() {
+                    break;
                 }
+                #[allow(
+                    clippy::disallowed_methods,
+                    reason = "Drop is synchronous; waiting for the postmaster to exit"
+                )]
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
@@ -285,7 +319,12 @@ fn run(cmd: &mut Command, what: &str) -> Result<Output, Error> {
         let stdout = String::from_utf8_lossy(&out.stdout);
         Err(Error::Command {
             what: what.to_string(),
-            detail: format!("{}: {}{}", out.status, tail(&stderr, 600), tail(&stdout, 300)),
+            detail: format!(
+                "{}: {}{}",
+                out.status,
+                tail(&stderr, 600),
+                tail(&stdout, 300)
+            ),
         })
     }
 }
@@ -301,7 +340,9 @@ fn tail(s: &str, max: usize) -> &str {
 
 fn free_port() -> Result<u16, Error> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
-    Ok(l.local_addr().map_err(io_err("finding a free port"))?.port())
+    Ok(l.local_addr()
+        .map_err(io_err("finding a free port"))?
+        .port())
 }
 
 fn running_as_root() -> Result<bool, Error> {
@@ -318,11 +359,15 @@ fn user_exists(name: &str) -> bool {
 /// Finds PostgreSQL's server binaries: `FICUS_PG_BIN`, then `PATH`, then the newest
 /// version under Debian's `/usr/lib/postgresql/*/bin`.
 pub fn find_bin_dir() -> Option<PathBuf> {
-    let has_all = |dir: &Path| ["initdb", "pg_ctl", "psql"].iter().all(|b| dir.join(b).is_file());
-    if let Some(dir) = std::env::var_os("FICUS_PG_BIN").map(PathBuf::from) {
-        if has_all(&dir) {
-            return Some(dir);
-        }
+    let has_all = |dir: &Path| {
+        ["initdb", "pg_ctl", "psql"]
+            .iter()
+            .all(|b| dir.join(b).is_file())
+    };
+    if let Some(dir) = std::env::var_os("FICUS_PG_BIN").map(PathBuf::from)
+        && has_all(&dir)
+    {
+        return Some(dir);
     }
     // Debian's directory is preferred over PATH because PATH often holds only the
     // client wrappers; a symlinked initdb on PATH is resolved to its real directory.

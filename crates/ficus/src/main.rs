@@ -1,1 +1,44 @@
-fn main() {}
+//! `ficus`: the one binary. It parses the command line, opens the store, calls the
+//! library crates and prints; all real work lives in those crates.
+//!
+//! Exit codes (DESIGN.md §5): 0 success, 1 refused or failed operation with a
+//! one-line reason on stderr, 2 usage error (clap's own). A closed stdout (`ficus
+//! tenant list | head`) is success, not an error.
+
+mod cli;
+mod commands;
+mod import;
+mod output;
+
+use std::io;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .any(|io| io.kind() == io::ErrorKind::BrokenPipe)
+}

@@ -1,0 +1,163 @@
+//! The command line, as clap types. Parsing only checks shape; values with domain
+//! rules (tenant ids, stage names) are checked by the commands, so that a bad value
+//! is a refused operation (exit 1) with the domain's own message, while a malformed
+//! command line is a usage error (exit 2).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ficus",
+    version,
+    about = "Move a live multi-tenant SaaS and its database onto a rebuilt backend, one tenant at a time",
+    after_help = "Exit codes: 0 success, 1 refused or failed operation (reason on stderr), 2 usage error."
+)]
+pub struct Cli {
+    /// The control store: sqlite:PATH or postgres://USER@HOST:PORT/DB[?schema=NAME].
+    #[arg(
+        long,
+        global = true,
+        env = "FICUS_STORE",
+        default_value = "sqlite:ficus.db",
+        hide_env_values = true
+    )]
+    pub store: String,
+
+    /// Print one JSON object instead of human-readable text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the control store, or bring it to this version's schema. Safe to repeat.
+    Init,
+    /// Register tenants and move them between stages.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Show the audit log, oldest first.
+    Audit(AuditArgs),
+    /// Show how far the migration has come and what stands before the finish line.
+    Status,
+    /// Follow the change feed and print every committed change as it arrives.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Register one tenant.
+    Add(AddArgs),
+    /// List tenants.
+    List(ListArgs),
+    /// Show one tenant with its latest audit events.
+    Show(ShowArgs),
+    /// Move a tenant to a stage (low level: checks the stage machine, not readiness).
+    Stage(StageArgs),
+    /// Move a tenant back: migrated → shadow, shadow → legacy, or to --to.
+    Rollback(RollbackArgs),
+    /// Add many tenants from a CSV file, all or nothing.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Tenant id: lowercase letters, digits and '-', at most 63 characters.
+    pub id: String,
+    /// Display name (defaults to the id).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A custom host name the tenant is reached by; repeat for several.
+    #[arg(long = "domain", value_name = "HOST")]
+    pub domains: Vec<String>,
+    /// Starting stage: legacy, shadow or migrated.
+    #[arg(long, default_value = "legacy")]
+    pub stage: String,
+    /// Why the tenant is added, for the audit log.
+    #[arg(long, default_value = "added with ficus tenant add")]
+    pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only tenants in this stage.
+    #[arg(long)]
+    pub stage: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub id: String,
+    /// How many of the latest audit events to show.
+    #[arg(long, default_value_t = 10)]
+    pub events: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    pub id: String,
+    /// legacy, shadow or migrated.
+    pub stage: String,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: String,
+    /// Refuse unless the tenant is still at this version (compare-and-set).
+    #[arg(long, value_name = "N")]
+    pub if_version: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    pub id: String,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: String,
+    /// The stage to go back to: legacy or shadow (default: one stage back).
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// CSV with a header row: id, and optionally name, stage, domains (space-separated).
+    pub file: PathBuf,
+    /// Why, for the audit log.
+    #[arg(long, default_value = "imported with ficus tenant import")]
+    pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only this tenant's events.
+    pub id: Option<String>,
+    /// Only events at or after this time: RFC 3339 (2026-11-21T10:00:00Z) or an age (90m, 2h, 7d).
+    #[arg(long, value_name = "T", value_parser = parse_since)]
+    pub since: Option<std::time::SystemTime>,
+    /// At most this many (the most recent).
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Stop after this many changes (default: follow until interrupted).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+fn parse_since(raw: &str) -> Result<std::time::SystemTime, String> {
+    if let Ok(age) = humantime::parse_duration(raw) {
+        return std::time::SystemTime::now()
+            .checked_sub(age)
+            .ok_or_else(|| format!("{raw:?} reaches back before the Unix epoch"));
+    }
+    humantime::parse_rfc3339_weak(raw).map_err(|_| {
+        format!(
+            "{raw:?} is neither an RFC 3339 time (2026-11-21T10:00:00Z) nor an age (90m, 2h, 7d)"
+        )
+    })
+}

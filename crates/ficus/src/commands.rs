@@ -1,0 +1,490 @@
+//! One function per subcommand: validate arguments with the domain's rules, call the
+//! store, print the result.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use anyhow::{Context, Result, bail};
+use ficus_core::{Actor, Domain, Stage, TenantId, Timestamp, Transition, tenant::parse_name};
+use ficus_store::{
+    AuditQuery, ControlStore, FeedEvent, InitOutcome, NewTenant, OpenMode, StageChange, StoreError,
+    StoreUrl,
+};
+use serde_json::json;
+
+use crate::cli::{
+    AddArgs, AuditArgs, Cli, Command, ImportArgs, ListArgs, RollbackArgs, ShowArgs, StageArgs,
+    TenantCommand, WatchArgs,
+};
+use crate::import;
+use crate::output::{self, EVENT_HEADER, EventJson, StatusJson, TENANT_HEADER, TenantJson};
+
+/// The quiet window the finish line asks of legacy until the proxy makes it
+/// configurable: a full day without a request.
+const QUIET_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let url = StoreUrl::parse(&cli.store)?;
+    let mode = if matches!(cli.command, Command::Init) {
+        OpenMode::Create
+    } else {
+        OpenMode::Existing
+    };
+    let store = ficus_store::open(&url, mode).await?;
+    let out = &mut io::stdout().lock();
+    let json = cli.json;
+    match cli.command {
+        Command::Init => init(&*store, json, out),
+        Command::Tenant(cmd) => match cmd {
+            TenantCommand::Add(args) => add(&*store, args, json, out).await,
+            TenantCommand::List(args) => list(&*store, args, json, out).await,
+            TenantCommand::Show(args) => show(&*store, args, json, out).await,
+            TenantCommand::Stage(args) => stage(&*store, args, json, out).await,
+            TenantCommand::Rollback(args) => rollback(&*store, args, json, out).await,
+            TenantCommand::Import(args) => import_file(&*store, args, json, out).await,
+        },
+        Command::Audit(args) => audit(&*store, args, json, out).await,
+        Command::Status => status(&*store, json, out).await,
+        Command::Watch(args) => watch(store, args, json, out).await,
+    }
+}
+
+fn init(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> Result<()> {
+    let outcome = match store.init_outcome() {
+        InitOutcome::Created => "created".to_string(),
+        InitOutcome::AlreadyInitialized => "already-initialized".to_string(),
+        InitOutcome::Upgraded { from } => format!("upgraded-from-{from}"),
+    };
+    if json {
+        output::json(
+            out,
+            &json!({ "store": store.location(), "outcome": outcome }),
+        )?;
+    } else {
+        let what = match store.init_outcome() {
+            InitOutcome::Created => "created".to_string(),
+            InitOutcome::AlreadyInitialized => "already initialized; nothing to do".to_string(),
+            InitOutcome::Upgraded { from } => format!("upgraded from schema version {from}"),
+        };
+        writeln!(out, "store {}: {what}", store.location())?;
+    }
+    Ok(())
+}
+
+fn tenant_id(raw: &str) -> Result<TenantId> {
+    Ok(TenantId::parse(raw)?)
+}
+
+async fn existing(store: &dyn ControlStore, id: &TenantId) -> Result<ficus_core::Tenant> {
+    store
+        .tenant(id)
+        .await?
+        .ok_or_else(|| StoreError::UnknownTenant(id.clone()).into())
+}
+
+async fn add(
+    store: &dyn ControlStore,
+    args: AddArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let id = tenant_id(&args.id)?;
+    let name = match &args.name {
+        Some(n) => parse_name(n)?,
+        None => id.to_string(),
+    };
+    let stage = Stage::parse(&args.stage)?;
+    let domains = args
+        .domains
+        .iter()
+        .map(|d| Domain::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tenant = store
+        .add_tenant(
+            NewTenant {
+                id,
+                name,
+                stage,
+                domains,
+            },
+            Actor::Cli,
+            &args.reason,
+        )
+        .await?;
+    if json {
+        output::json(out, &json!({ "tenant": TenantJson::from(&tenant) }))?;
+    } else {
+        writeln!(
+            out,
+            "added tenant {} in stage {} (version {})",
+            tenant.id, tenant.stage, tenant.version
+        )?;
+    }
+    Ok(())
+}
+
+async fn list(
+    store: &dyn ControlStore,
+    args: ListArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let stage = args.stage.as_deref().map(Stage::parse).transpose()?;
+    let tenants = store.tenants(stage).await?;
+    if json {
+        let tenants: Vec<TenantJson> = tenants.iter().map(TenantJson::from).collect();
+        output::json(out, &json!({ "tenants": tenants }))?;
+    } else if tenants.is_empty() {
+        writeln!(
+            out,
+            "no tenants{}",
+            stage.map_or(String::new(), |s| format!(" in stage {s}"))
+        )?;
+    } else {
+        output::table(out, &TENANT_HEADER, &output::tenant_rows(&tenants))?;
+    }
+    Ok(())
+}
+
+async fn show(
+    store: &dyn ControlStore,
+    args: ShowArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let id = tenant_id(&args.id)?;
+    let tenant = existing(store, &id).await?;
+    let events = store
+        .audit(AuditQuery {
+            tenant: Some(id),
+            since: None,
+            limit: Some(args.events),
+        })
+        .await?;
+    if json {
+        let events: Vec<EventJson> = events.iter().map(EventJson::from).collect();
+        output::json(
+            out,
+            &json!({ "tenant": TenantJson::from(&tenant), "audit": events }),
+        )?;
+        return Ok(());
+    }
+    let domains = if tenant.domains.is_empty() {
+        "(none)".to_string()
+    } else {
+        tenant
+            .domains
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    writeln!(out, "tenant   {}", tenant.id)?;
+    writeln!(out, "name     {}", tenant.name)?;
+    writeln!(out, "stage    {}", tenant.stage)?;
+    writeln!(out, "version  {}", tenant.version)?;
+    writeln!(out, "domains  {domains}")?;
+    writeln!(
+        out,
+        "created  {}",
+        ficus_store::format_time(tenant.created_at)
+    )?;
+    writeln!(
+        out,
+        "updated  {}",
+        ficus_store::format_time(tenant.updated_at)
+    )?;
+    writeln!(out)?;
+    writeln!(out, "latest audit events:")?;
+    output::table(out, &EVENT_HEADER, &output::event_rows(&events))?;
+    Ok(())
+}
+
+async fn change(
+    store: &dyn ControlStore,
+    change: StageChange,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let tenant = store.change_stage(change).await?;
+    if json {
+        output::json(out, &json!({ "tenant": TenantJson::from(&tenant) }))?;
+    } else {
+        writeln!(
+            out,
+            "tenant {} is now in stage {} (version {})",
+            tenant.id, tenant.stage, tenant.version
+        )?;
+    }
+    Ok(())
+}
+
+async fn stage(
+    store: &dyn ControlStore,
+    args: StageArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let tenant = tenant_id(&args.id)?;
+    let to = Stage::parse(&args.stage)?;
+    let request = StageChange {
+        tenant,
+        to,
+        expected_version: args.if_version,
+        actor: Actor::Cli,
+        reason: args.reason,
+    };
+    change(store, request, json, out).await
+}
+
+async fn rollback(
+    store: &dyn ControlStore,
+    args: RollbackArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let id = tenant_id(&args.id)?;
+    let current = existing(store, &id).await?;
+    let to = match args.to.as_deref() {
+        Some(raw) => Stage::parse(raw)?,
+        None => match current.stage {
+            Stage::Migrated => Stage::Shadow,
+            Stage::Shadow => Stage::Legacy,
+            Stage::Legacy => {
+                bail!("tenant {id} is on legacy already; there is nothing to roll back")
+            }
+        },
+    };
+    if Transition::between(current.stage, to) == Ok(Transition::Promote) {
+        bail!(
+            "a rollback only moves backward; {} → {to} for tenant {id} is a promotion",
+            current.stage
+        );
+    }
+    // Based on the version just read: if someone else moves the tenant between the
+    // read and the write, the rollback is refused instead of applied to a state the
+    // operator never saw.
+    let request = StageChange {
+        tenant: id,
+        to,
+        expected_version: Some(current.version),
+        actor: Actor::Cli,
+        reason: args.reason,
+    };
+    change(store, request, json, out).await
+}
+
+async fn import_file(
+    store: &dyn ControlStore,
+    args: ImportArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let file = match import::read(&args.file) {
+        Ok(f) => f,
+        Err(import::BadLines(lines)) => bail!(
+            "import refused, nothing was added: {} problem{} in {}:\n  {}",
+            lines.len(),
+            if lines.len() == 1 { "" } else { "s" },
+            args.file.display(),
+            lines.join("\n  ")
+        ),
+    };
+    let lines = file.lines;
+    let count = match store
+        .import_tenants(file.tenants, Actor::Cli, &args.reason)
+        .await
+    {
+        Ok(n) => n,
+        Err(StoreError::ImportConflicts(conflicts)) => {
+            let line = |i: usize| format!("line {}", lines.get(i).copied().unwrap_or(0));
+            let listed: Vec<String> = conflicts
+                .iter()
+                .map(|c| format!("{}: {}", line(c.index), c.describe(line)))
+                .collect();
+            bail!(
+                "import refused, nothing was added: {} conflict{} with {}:\n  {}",
+                listed.len(),
+                if listed.len() == 1 { "" } else { "s" },
+                store.location(),
+                listed.join("\n  ")
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        output::json(out, &json!({ "imported": count }))?;
+    } else {
+        writeln!(out, "imported {count} tenants from {}", args.file.display())?;
+    }
+    Ok(())
+}
+
+async fn audit(
+    store: &dyn ControlStore,
+    args: AuditArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let tenant = args.id.as_deref().map(tenant_id).transpose()?;
+    if let Some(id) = &tenant {
+        existing(store, id).await?;
+    }
+    let since = args
+        .since
+        .map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| Timestamp::from_unix_millis(d.as_millis() as i64))
+        })
+        .transpose()
+        .context("--since is before the Unix epoch")?;
+    let events = store
+        .audit(AuditQuery {
+            tenant,
+            since,
+            limit: args.limit,
+        })
+        .await?;
+    if json {
+        let events: Vec<EventJson> = events.iter().map(EventJson::from).collect();
+        output::json(out, &json!({ "events": events }))?;
+    } else if events.is_empty() {
+        writeln!(out, "no audit events")?;
+    } else {
+        output::table(out, &EVENT_HEADER, &output::event_rows(&events))?;
+    }
+    Ok(())
+}
+
+async fn status(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> Result<()> {
+    let progress = store.progress().await?;
+    let now = now();
+    let blockers = progress.blockers(now, QUIET_WINDOW_MS);
+    if json {
+        output::json(
+            out,
+            &StatusJson::new(store.location(), &progress, &blockers),
+        )?;
+        return Ok(());
+    }
+    let total = progress.total();
+    writeln!(out, "store     {}", store.location())?;
+    writeln!(out, "tenants   {total}")?;
+    for stage in Stage::ALL {
+        let n = progress.of(stage);
+        let fraction = if total == 0 {
+            0.0
+        } else {
+            n as f64 / total as f64
+        };
+        writeln!(out, "  {stage:<9} {n:>8}  {}", output::bar(fraction, 30))?;
+    }
+    writeln!(
+        out,
+        "migrated  {:.1}%  {}",
+        progress.percent_migrated(),
+        output::bar(progress.percent_migrated() / 100.0, 30)
+    )?;
+    if blockers.is_empty() {
+        writeln!(out, "finish line: reached; legacy can be retired")?;
+    } else {
+        writeln!(out, "finish line: not reached")?;
+        for b in &blockers {
+            writeln!(out, "  - {b}")?;
+        }
+    }
+    Ok(())
+}
+
+async fn watch(
+    store: Arc<dyn ControlStore>,
+    args: WatchArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let mut sub = store.subscribe(Some(store.snapshot().await?.seq));
+    if !json {
+        writeln!(
+            out,
+            "following changes to {} (Ctrl-C to stop)",
+            store.location()
+        )?;
+        out.flush()?;
+    }
+    let mut seen = 0u64;
+    while args.count.is_none_or(|n| seen < n) {
+        let event = tokio::select! {
+            e = sub.recv() => e,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(event) = event else {
+            bail!("the change feed stopped")
+        };
+        let received = now();
+        match event {
+            FeedEvent::Changed(set) => {
+                seen += 1;
+                let ids: Vec<TenantId> = set.tenants.iter().cloned().collect();
+                let tenants = if set.resync {
+                    Vec::new()
+                } else {
+                    store.tenants_by_id(&ids).await?
+                };
+                if json {
+                    let tenants: Vec<_> = tenants
+                        .iter()
+                        .map(|t| json!({ "id": t.id.as_str(), "stage": t.stage.as_str(), "version": t.version }))
+                        .collect();
+                    let line = json!({
+                        "event": "changed", "seq": set.seq, "resync": set.resync,
+                        "received_at_ms": received.unix_millis(), "tenants": tenants,
+                    });
+                    writeln!(out, "{line}")?;
+                } else if set.resync {
+                    writeln!(
+                        out,
+                        "{} #{} many tenants changed (bulk change); reload",
+                        ficus_store::format_time(received),
+                        set.seq
+                    )?;
+                } else {
+                    for t in &tenants {
+                        writeln!(
+                            out,
+                            "{} #{} {} is {} (version {})",
+                            ficus_store::format_time(received),
+                            set.seq,
+                            t.id,
+                            t.stage,
+                            t.version
+                        )?;
+                    }
+                }
+            }
+            FeedEvent::Lost { error } => {
+                if json {
+                    writeln!(out, "{}", json!({ "event": "lost", "error": error }))?;
+                } else {
+                    writeln!(out, "store unreachable, waiting for it to return: {error}")?;
+                }
+            }
+            FeedEvent::Restored => {
+                if json {
+                    writeln!(out, "{}", json!({ "event": "restored" }))?;
+                } else {
+                    writeln!(out, "store reachable again")?;
+                }
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp::from_unix_millis(d.as_millis() as i64)
+}

@@ -1,0 +1,777 @@
+//! The `ficus` binary as an operator uses it: real processes, real SQLite files and
+//! a real PostgreSQL server. Output is checked through `check`, which runs one
+//! command and compares exit code, stdout and stderr (timestamps masked) with a
+//! snapshot.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use expect_test::{Expect, expect};
+
+const FICUS: &str = env!("CARGO_BIN_EXE_ficus");
+
+/// A store and a working directory for one test.
+struct Ficus {
+    store: String,
+    dir: tempfile::TempDir,
+}
+
+impl Ficus {
+    fn sqlite() -> Ficus {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("sqlite:{}", dir.path().join("ficus.db").display());
+        let f = Ficus { store, dir };
+        f.ok(&["init"]);
+        f
+    }
+
+    fn postgres() -> Ficus {
+        let store = ficus_testkit::shared().fresh_database("cli").unwrap();
+        let f = Ficus {
+            store,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        f.ok(&["init"]);
+        f
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(FICUS);
+        cmd.args(args)
+            .env("FICUS_STORE", &self.store)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ficus {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    fn audit_len(&self) -> usize {
+        self.json(&["audit"])["events"].as_array().unwrap().len()
+    }
+}
+
+/// Replaces RFC 3339 timestamps (`2026-11-21T16:42:40.868Z`) with `TIME`.
+fn mask_times(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < s.len() {
+        let is_time = b.len() >= i + 24
+            && b[i..i + 4].iter().all(u8::is_ascii_digit)
+            && b[i + 4] == b'-'
+            && b[i + 10] == b'T'
+            && b[i + 23] == b'Z';
+        if is_time {
+            out.push_str("TIME");
+            i += 24;
+        } else {
+            let c = s[i..].chars().next().unwrap();
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
+fn check(f: &Ficus, args: &[&str], expect: Expect) {
+    let out = f.run(args);
+    let code = out
+        .status
+        .code()
+        .map_or("killed".to_string(), |c| c.to_string());
+    let mut actual = format!("exit {code}\n{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !stderr.is_empty() {
+        actual.push_str("--- stderr\n");
+        actual.push_str(&stderr);
+    }
+    let actual = mask_times(&actual)
+        .replace(&f.store, "STORE")
+        .replace(&f.dir.path().display().to_string(), "TMP");
+    expect.assert_eq(&actual);
+}
+
+#[test]
+fn an_operator_session() {
+    let f = Ficus::sqlite();
+    check(
+        &f,
+        &["init"],
+        expect![[r#"
+        exit 0
+        store STORE: already initialized; nothing to do
+    "#]],
+    );
+    check(
+        &f,
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--name",
+            "Acme Homes",
+            "--domain",
+            "homes.acme.test",
+        ],
+        expect![[r#"
+        exit 0
+        added tenant acme in stage legacy (version 1)
+    "#]],
+    );
+    f.ok(&[
+        "tenant",
+        "add",
+        "globex",
+        "--stage",
+        "migrated",
+        "--reason",
+        "born on the new backend",
+    ]);
+    check(
+        &f,
+        &[
+            "tenant",
+            "stage",
+            "acme",
+            "shadow",
+            "--reason",
+            "first canary",
+        ],
+        expect![[r#"
+        exit 0
+        tenant acme is now in stage shadow (version 2)
+    "#]],
+    );
+    check(
+        &f,
+        &["tenant", "list"],
+        expect![[r#"
+        exit 0
+        ID      STAGE     VERSION  NAME        DOMAINS
+        acme    shadow    2        Acme Homes  homes.acme.test
+        globex  migrated  1        globex
+    "#]],
+    );
+    check(
+        &f,
+        &["tenant", "list", "--stage", "migrated"],
+        expect![[r#"
+        exit 0
+        ID      STAGE     VERSION  NAME    DOMAINS
+        globex  migrated  1        globex
+    "#]],
+    );
+    check(
+        &f,
+        &[
+            "tenant",
+            "rollback",
+            "acme",
+            "--reason",
+            "mismatch on /homes",
+        ],
+        expect![[r#"
+        exit 0
+        tenant acme is now in stage legacy (version 3)
+    "#]],
+    );
+    check(
+        &f,
+        &["tenant", "show", "acme"],
+        expect![[r#"
+        exit 0
+        tenant   acme
+        name     Acme Homes
+        stage    legacy
+        version  3
+        domains  homes.acme.test
+        created  TIME
+        updated  TIME
+
+        latest audit events:
+        AT                        TENANT  CHANGE           VERSION  ACTOR  REASON
+        TIME  acme    (new) → legacy   1        cli    added with ficus tenant add
+        TIME  acme    legacy → shadow  2        cli    first canary
+        TIME  acme    shadow → legacy  3        cli    mismatch on /homes
+    "#]],
+    );
+    check(
+        &f,
+        &["status"],
+        expect![[r#"
+        exit 0
+        store     STORE
+        tenants   2
+          legacy           1  [###############---------------]
+          shadow           0  [------------------------------]
+          migrated         1  [###############---------------]
+        migrated  50.0%  [###############---------------]
+        finish line: not reached
+          - 1 tenant not migrated (1 on legacy, 0 in shadow)
+          - no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle
+    "#]],
+    );
+    check(
+        &f,
+        &["status", "--json"],
+        expect![[r#"
+        exit 0
+        {
+          "store": "STORE",
+          "tenants": 2,
+          "stages": {
+            "legacy": 1,
+            "shadow": 0,
+            "migrated": 1
+          },
+          "percent_migrated": 50.0,
+          "finish_line": {
+            "reached": false,
+            "blockers": [
+              "1 tenant not migrated (1 on legacy, 0 in shadow)",
+              "no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle"
+            ]
+          }
+        }
+    "#]],
+    );
+    check(
+        &f,
+        &["audit", "globex", "--json"],
+        expect![[r#"
+        exit 0
+        {
+          "events": [
+            {
+              "seq": 2,
+              "at": "TIME",
+              "tenant": "globex",
+              "from": null,
+              "to": "migrated",
+              "version": 1,
+              "actor": "cli",
+              "reason": "born on the new backend"
+            }
+          ]
+        }
+    "#]],
+    );
+    let shown = f.json(&["tenant", "show", "acme"]);
+    assert_eq!(shown["tenant"]["version"], 3);
+    assert_eq!(shown["audit"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        f.json(&["audit", "--since", "1h"])["events"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    assert_eq!(
+        f.json(&["audit", "--since", "2999-01-01T00:00:00Z"])["events"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        f.json(&["audit", "--limit", "1"])["events"][0]["reason"],
+        "mismatch on /homes"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_one_line_and_exit_1_and_changes_nothing() {
+    let f = Ficus::sqlite();
+    f.ok(&["tenant", "add", "acme", "--domain", "acme.test"]);
+    let before = (f.ok(&["tenant", "list", "--json"]), f.audit_len());
+    let long = "a".repeat(64);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["tenant", "add", ""],
+            r#"invalid tenant id "": it is empty"#,
+        ),
+        (
+            &["tenant", "add", "Acme"],
+            r#"invalid tenant id "Acme": it starts with 'A'; the first character must be a lowercase letter or a digit"#,
+        ),
+        (
+            &["tenant", "add", "my shop"],
+            r#"invalid tenant id "my shop": character ' ' at position 3 is not allowed; use a-z, 0-9 and '-'"#,
+        ),
+        (
+            &["tenant", "add", "../x"],
+            r#"invalid tenant id "../x": it starts with '.'; the first character must be a lowercase letter or a digit"#,
+        ),
+        (
+            &["tenant", "add", &long],
+            "invalid tenant id \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\": it is 64 characters long; the limit is 63",
+        ),
+        (
+            &["tenant", "add", "x'; DROP TABLE tenants;--"],
+            r#"invalid tenant id "x'; DROP TABLE tenants;--": character '\'' at position 2 is not allowed; use a-z, 0-9 and '-'"#,
+        ),
+        (
+            &["tenant", "add", "new", "--stage", "done"],
+            r#"unknown stage "done": expected one of legacy, shadow, migrated"#,
+        ),
+        (&["tenant", "add", "acme"], "tenant acme already exists"),
+        (
+            &["tenant", "add", "new", "--domain", "acme.test"],
+            "domain acme.test already belongs to tenant acme",
+        ),
+        (
+            &["tenant", "add", "new", "--domain", "http://x.test/"],
+            r#"invalid domain "http://x.test/": give a bare host name, without scheme, port or path"#,
+        ),
+        (
+            &["tenant", "stage", "acme", "migrated", "--reason", "hurry"],
+            "cannot move tenant acme from legacy to migrated: legacy → migrated skips shadow, where the evidence for a move is gathered; promote to shadow first",
+        ),
+        (
+            &["tenant", "stage", "acme", "legacy", "--reason", "again"],
+            "cannot move tenant acme from legacy to legacy: the tenant is already in stage legacy",
+        ),
+        (
+            &["tenant", "stage", "acme", "Shadow", "--reason", "x"],
+            r#"unknown stage "Shadow": expected one of legacy, shadow, migrated"#,
+        ),
+        (
+            &["tenant", "stage", "acme", "shadow", "--reason", " "],
+            "a reason is required and must not be empty",
+        ),
+        (
+            &["tenant", "stage", "ghost", "shadow", "--reason", "x"],
+            "no tenant ghost",
+        ),
+        (
+            &[
+                "tenant",
+                "stage",
+                "acme",
+                "shadow",
+                "--reason",
+                "x",
+                "--if-version",
+                "7",
+            ],
+            "tenant acme changed since version 7: it is at version 1, last changed by cli at TIME (\"added with ficus tenant add\"); nothing was written",
+        ),
+        (
+            &["tenant", "rollback", "acme", "--reason", "x"],
+            "tenant acme is on legacy already; there is nothing to roll back",
+        ),
+        (
+            &[
+                "tenant", "rollback", "acme", "--reason", "x", "--to", "shadow",
+            ],
+            "a rollback only moves backward; legacy → shadow for tenant acme is a promotion",
+        ),
+        (&["tenant", "show", "ghost"], "no tenant ghost"),
+        (&["audit", "ghost"], "no tenant ghost"),
+    ];
+    for (args, message) in cases {
+        let out = f.run(args);
+        let stderr = mask_times(&String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "ficus {args:?}: {stderr}");
+        assert_eq!(stderr, format!("error: {message}\n"), "ficus {args:?}");
+        assert!(
+            out.stdout.is_empty(),
+            "ficus {args:?} printed {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(
+        (f.ok(&["tenant", "list", "--json"]), f.audit_len()),
+        before,
+        "the store changed"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let f = Ficus::sqlite();
+    for args in [
+        &["tenant", "stage", "acme"][..],
+        &["frobnicate"],
+        &["audit", "--since", "yesterday"],
+        &["tenant", "list", "--bogus"],
+    ] {
+        let out = f.run(args);
+        assert_eq!(out.status.code(), Some(2), "ficus {args:?}");
+    }
+    assert!(f.run(&["--help"]).status.success());
+    assert!(f.run(&["tenant", "rollback", "--help"]).status.success());
+}
+
+#[test]
+fn store_problems_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "these are not the droids\n").unwrap();
+    let f = Ficus {
+        store: format!("sqlite:{}", path.display()),
+        dir,
+    };
+    check(
+        &f,
+        &["tenant", "list"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: STORE is not a ficus store (not an SQLite database); it was not modified
+    "#]],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "these are not the droids\n"
+    );
+    let f = Ficus {
+        store: "mysql://db/x".into(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    check(
+        &f,
+        &["status"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: invalid store url "STORE": expected sqlite:PATH or postgres://USER@HOST:PORT/DATABASE
+    "#]],
+    );
+}
+
+#[test]
+fn import_reports_every_bad_line_and_adds_nothing() {
+    let f = Ficus::sqlite();
+    f.ok(&["tenant", "add", "taken", "--domain", "taken.test"]);
+    f.file(
+        "tenants.csv",
+        "id,name,stage,domains\n\
+         good,Good Co,legacy,good.test\n\
+         Bad,,,\n\
+         worse,,finished,\n\
+         fine,\"Fine, Inc\",shadow,fine.test www.fine.test\n\
+         short\n\
+         nodomain,,,not_a_host\n",
+    );
+    check(
+        &f,
+        &["tenant", "import", "tenants.csv"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: import refused, nothing was added: 4 problems in tenants.csv:
+          line 3: invalid tenant id "Bad": it starts with 'B'; the first character must be a lowercase letter or a digit
+          line 4: unknown stage "finished": expected one of legacy, shadow, migrated
+          line 6: it has 1 field; the header has 4
+          line 7: invalid domain "not_a_host": a custom domain needs at least two labels
+    "#]],
+    );
+    f.file(
+        "conflicts.csv",
+        "id,domains\n\
+         ok-1,ok.test\n\
+         taken,\n\
+         ok-2,taken.test\n\
+         ok-1,\n",
+    );
+    check(
+        &f,
+        &["tenant", "import", "conflicts.csv"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: import refused, nothing was added: 3 conflicts with STORE:
+          line 3: tenant taken already exists
+          line 4: domain taken.test already belongs to tenant taken
+          line 5: tenant ok-1 is also at line 2
+    "#]],
+    );
+    check(
+        &f,
+        &["tenant", "import", "missing.csv"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: import refused, nothing was added: 1 problem in missing.csv:
+          cannot read missing.csv: No such file or directory (os error 2)
+    "#]],
+    );
+    f.file("header.csv", "tenant,name\nacme,Acme\n");
+    check(
+        &f,
+        &["tenant", "import", "header.csv"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: import refused, nothing was added: 2 problems in header.csv:
+          line 1: unknown column "tenant"; the columns are id, name, stage, domains
+          line 1: the header has no "id" column
+    "#]],
+    );
+    assert_eq!(
+        f.json(&["tenant", "list"])["tenants"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(f.audit_len(), 1);
+
+    f.file("good.csv", "# exported from billing\nid,name,stage,domains\nacme,Acme Homes,,homes.acme.test acme.test\nglobex,,migrated,\n");
+    check(
+        &f,
+        &["tenant", "import", "good.csv"],
+        expect![[r#"
+        exit 0
+        imported 2 tenants from good.csv
+    "#]],
+    );
+    let acme = f.json(&["tenant", "show", "acme"]);
+    assert_eq!(
+        acme["tenant"]["domains"],
+        serde_json::json!(["acme.test", "homes.acme.test"])
+    );
+    assert_eq!(acme["tenant"]["stage"], "legacy");
+}
+
+/// Several operators moving one tenant at once: exactly one wins, every other one
+/// is told why, and the audit log holds exactly one event for the move.
+fn concurrent_processes_have_one_winner(f: &Ficus) {
+    f.ok(&["tenant", "add", "acme"]);
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            f.command(&[
+                "tenant",
+                "stage",
+                "acme",
+                "shadow",
+                "--reason",
+                &format!("operator {i}"),
+                "--if-version",
+                "1",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let winners = outputs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(winners, 1, "{outputs:?}");
+    for loser in outputs.iter().filter(|o| !o.status.success()) {
+        assert_eq!(loser.status.code(), Some(1));
+        let msg = String::from_utf8_lossy(&loser.stderr);
+        assert!(msg.starts_with("error: tenant acme changed since version 1: it is at version 2, last changed by cli at "), "{msg}");
+    }
+    let events = f.json(&["audit", "acme"])["events"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(events.len(), 2, "creation and exactly one move: {events:?}");
+}
+
+#[test]
+fn concurrent_processes_have_one_winner_sqlite() {
+    concurrent_processes_have_one_winner(&Ficus::sqlite());
+}
+
+#[test]
+fn concurrent_processes_have_one_winner_postgres() {
+    concurrent_processes_have_one_winner(&Ficus::postgres());
+}
+
+/// `kill -9` at several points of a 10,000-tenant import: afterwards the store holds
+/// all of them or none, and still opens. The kill points are fractions of how long
+/// an uninterrupted import takes on a scratch store, so they land in every phase:
+/// start-up, parsing, and the writing transaction.
+fn killed_import_is_all_or_nothing(make: fn() -> Ficus) {
+    let mut csv = String::from("id,domains\n");
+    for i in 0..10_000 {
+        csv.push_str(&format!("t{i:05},t{i}.example.test\n"));
+    }
+    let scratch = make();
+    scratch.file("big.csv", &csv);
+    let started = std::time::Instant::now();
+    scratch.ok(&["tenant", "import", "big.csv"]);
+    let full = started.elapsed();
+
+    let f = make();
+    f.file("big.csv", &csv);
+    let mut outcomes = Vec::new();
+    for percent in [5u32, 20, 35, 50, 65, 75, 85, 90, 95, 98] {
+        let mut child = f
+            .command(&["tenant", "import", "big.csv"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a synchronous test pacing a child process"
+        )]
+        std::thread::sleep(full * percent / 100);
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        let count = f.json(&["tenant", "list"])["tenants"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert!(
+            count == 0 || count == 10_000,
+            "after kill at {percent}% of {full:?}: {count} tenants"
+        );
+        outcomes.push((percent, status.success(), count));
+        if count == 10_000 {
+            break;
+        }
+    }
+    eprintln!(
+        "kill -9 outcomes for a {full:?} import (percent, finished, tenants after): {outcomes:?}"
+    );
+    // Finish with an import that is not interrupted, so the run proves both ends.
+    if outcomes.last().is_some_and(|o| o.2 == 0) {
+        f.ok(&["tenant", "import", "big.csv"]);
+    }
+    assert_eq!(f.json(&["status"])["tenants"], 10_000, "{outcomes:?}");
+    assert_eq!(f.audit_len(), 10_000);
+}
+
+#[test]
+fn killed_import_is_all_or_nothing_sqlite() {
+    killed_import_is_all_or_nothing(Ficus::sqlite);
+}
+
+#[test]
+fn killed_import_is_all_or_nothing_postgres() {
+    killed_import_is_all_or_nothing(Ficus::postgres);
+}
+
+#[test]
+fn the_postgres_store_behaves_like_the_embedded_one() {
+    let f = Ficus::postgres();
+    f.ok(&["tenant", "add", "acme", "--domain", "acme.test"]);
+    f.ok(&["tenant", "stage", "acme", "shadow", "--reason", "canary"]);
+    check(
+        &f,
+        &["tenant", "list"],
+        expect![[r#"
+        exit 0
+        ID    STAGE   VERSION  NAME  DOMAINS
+        acme  shadow  2        acme  acme.test
+    "#]],
+    );
+    let out = f.run(&["tenant", "add", "other", "--domain", "acme.test"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: domain acme.test already belongs to tenant acme\n"
+    );
+}
+
+#[test]
+fn an_unreachable_postgres_store_is_named_and_exits_1() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = Ficus {
+        store: format!("postgres://ficus:hunter2@127.0.0.1:{port}/control"),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let out = f.run(&["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: cannot reach the PostgreSQL store at postgres://127.0.0.1:{port}/control: "
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"));
+    assert_eq!(stderr.lines().count(), 1);
+}
+
+/// `ficus watch` in one process sees a change committed by another.
+fn watch_sees_changes_from_another_process(f: &Ficus) {
+    f.ok(&["tenant", "add", "acme"]);
+    let watcher = f
+        .command(&["watch", "--json", "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watcher subscribes from the position it reads at start; a change made
+    // before that is not part of its feed, so keep changing until it reports.
+    let mut stage = "shadow";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut pid_done = false;
+    while !pid_done && std::time::Instant::now() < deadline {
+        f.ok(&["tenant", "stage", "acme", stage, "--reason", "watch test"]);
+        stage = if stage == "shadow" {
+            "legacy"
+        } else {
+            "shadow"
+        };
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a synchronous test pacing a child process"
+        )]
+        std::thread::sleep(Duration::from_millis(200));
+        pid_done = std::fs::metadata(format!("/proc/{}", watcher.id())).is_err()
+            || std::fs::read_to_string(format!("/proc/{}/stat", watcher.id()))
+                .is_ok_and(|s| s.contains(") Z "));
+    }
+    let out = watcher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(line["event"], "changed");
+    assert_eq!(line["tenants"][0]["id"], "acme");
+}
+
+#[test]
+fn watch_sees_changes_from_another_process_sqlite() {
+    watch_sees_changes_from_another_process(&Ficus::sqlite());
+}
+
+#[test]
+fn watch_sees_changes_from_another_process_postgres() {
+    watch_sees_changes_from_another_process(&Ficus::postgres());
+}
