@@ -422,6 +422,10 @@ async fn watch(
             bail!("the change feed stopped")
         };
         let received = now();
+        let received_us = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
         match event {
             FeedEvent::Changed(set) => {
                 seen += 1;
@@ -438,7 +442,7 @@ async fn watch(
                         .collect();
                     let line = json!({
                         "event": "changed", "seq": set.seq, "resync": set.resync,
-                        "received_at_ms": received.unix_millis(), "tenants": tenants,
+                        "received_at_us": received_us, "tenants": tenants,
                     });
                     writeln!(out, "{line}")?;
                 } else if set.resync {
