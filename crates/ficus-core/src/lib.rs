@@ -7,12 +7,14 @@
 
 pub mod audit;
 pub mod progress;
+pub mod routing;
 pub mod stage;
 pub mod tenant;
 pub mod time;
 
 pub use audit::{Actor, AuditEvent};
 pub use progress::{Blocker, LegacyTraffic, Progress};
+pub use routing::{Backend, Decision, UnknownTenant, decide};
 pub use stage::{Stage, Transition, TransitionError};
 pub use tenant::{Domain, Tenant, TenantId, ValidationError};
 pub use time::Timestamp;

@@ -32,7 +32,7 @@ pub use crate::url::StoreUrl;
 
 /// The schema version this build writes. A store with a higher version was written by
 /// a newer Ficus and is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// A tenant to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +70,18 @@ pub struct AuditQuery {
 pub struct Snapshot {
     pub seq: u64,
     pub tenants: Vec<Tenant>,
+    /// Set once legacy is retired: nothing may be routed to it any more.
+    pub legacy_retired: bool,
+}
+
+/// Requests a proxy routed to legacy for one tenant (or for requests whose tenant
+/// was unknown), aggregated between two reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficCount {
+    /// `None` for requests whose tenant could not be resolved or is unknown.
+    pub tenant: Option<TenantId>,
+    pub requests: u64,
+    pub last_at: Timestamp,
 }
 
 /// Whether opening a store may create it.
@@ -122,7 +134,24 @@ pub trait ControlStore: Send + Sync + 'static {
 
     async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>>;
 
+    /// Tenant counts per stage and what proxies have reported of legacy's traffic.
     async fn progress(&self) -> Result<Progress>;
+
+    /// Sets or clears the global "legacy retired" flag, with an audit entry.
+    /// Returns whether the flag changed.
+    async fn set_legacy_retired(&self, retired: bool, actor: Actor, reason: &str) -> Result<bool>;
+
+    /// Adds a proxy's aggregated legacy-traffic counts. An empty report still
+    /// records that a proxy was reporting at `reported_at`, which is what lets the
+    /// finish line say "no traffic since".
+    async fn record_legacy_traffic(
+        &self,
+        counts: &[TrafficCount],
+        reported_at: Timestamp,
+    ) -> Result<()>;
+
+    /// Legacy traffic per tenant since `since`, summed over proxies.
+    async fn legacy_traffic(&self, since: Timestamp) -> Result<Vec<TrafficCount>>;
 
     async fn snapshot(&self) -> Result<Snapshot>;
 

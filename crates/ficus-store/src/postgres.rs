@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
-use ficus_core::{Actor, AuditEvent, Domain, Progress, Stage, Tenant, TenantId};
+use ficus_core::{Actor, AuditEvent, Domain, Progress, Stage, Tenant, TenantId, Timestamp};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
@@ -25,7 +25,7 @@ use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, NewEvent, TenantRow};
 use crate::{
     AuditQuery, ControlStore, InitOutcome, NewTenant, OpenMode, Result, SCHEMA_VERSION, Snapshot,
-    StageChange, StoreError, StoreUrl, now,
+    StageChange, StoreError, StoreUrl, TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -35,7 +35,8 @@ const CHANGES_KEPT: i64 = 10_000;
 
 /// Schema migrations; entry `i` brings the store from version `i` to `i + 1`. `{s}`
 /// stands for the quoted schema name.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE {s}.meta (
     key   text PRIMARY KEY,
@@ -82,7 +83,38 @@ CREATE TABLE {s}.changes (
 );
 CREATE INDEX changes_seq ON {s}.changes (seq);
 INSERT INTO {s}.meta (key, value) VALUES ('app', 'ficus');
-"#];
+"#,
+    r#"
+CREATE TABLE {s}.settings (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+INSERT INTO {s}.settings (key, value) VALUES ('legacy_retired', 'false');
+CREATE TABLE {s}.global_audit (
+    seq     bigserial PRIMARY KEY,
+    at      bigint NOT NULL,
+    setting text NOT NULL,
+    value   text NOT NULL,
+    actor   text NOT NULL,
+    reason  text NOT NULL
+);
+CREATE TRIGGER global_audit_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {s}.global_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_log_append_only();
+CREATE TABLE {s}.legacy_traffic (
+    tenant_key text NOT NULL,
+    hour       bigint NOT NULL,
+    requests   bigint NOT NULL,
+    last_at    bigint NOT NULL,
+    PRIMARY KEY (tenant_key, hour)
+);
+CREATE INDEX legacy_traffic_last_at ON {s}.legacy_traffic (last_at);
+CREATE TABLE {s}.traffic_reports (
+    id       int PRIMARY KEY CHECK (id = 1),
+    first_at bigint NOT NULL,
+    last_at  bigint NOT NULL
+);
+"#,
+];
 
 /// The PostgreSQL control store.
 #[derive(Clone)]
@@ -536,6 +568,18 @@ impl Inner {
             .collect()
     }
 
+    async fn load_retired(&self, client: &impl GenericClient) -> Result<bool> {
+        let value: String = client
+            .query_one(
+                &self.q("SELECT value FROM {s}.settings WHERE key = 'legacy_retired'"),
+                &[],
+            )
+            .await
+            .map_err(self.err("reading settings"))?
+            .get(0);
+        Ok(value == "true")
+    }
+
     async fn load_changes(&self, client: &impl GenericClient, since: u64) -> Result<ChangeSet> {
         let row = client
             .query_one(
@@ -813,7 +857,107 @@ impl ControlStore for PgStore {
             let stage = Stage::parse(r.get(0)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             p.count(stage, r.get::<_, i64>(1) as u64);
         }
+        let row = client
+            .query_one(
+                &s.q("SELECT (SELECT max(last_at) FROM {s}.legacy_traffic),
+                             (SELECT first_at FROM {s}.traffic_reports WHERE id = 1)"),
+                &[],
+            )
+            .await
+            .map_err(s.err("reading legacy traffic"))?;
+        p.legacy_last_request = rules::legacy_last_request(row.get(0), row.get(1));
         Ok(p)
+    }
+
+    async fn set_legacy_retired(&self, retired: bool, actor: Actor, reason: &str) -> Result<bool> {
+        let s = &*self.inner;
+        let reason = rules::reason(reason)?;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        let seq = s.next_seq(&*tx).await?;
+        if s.load_retired(&*tx).await? == retired {
+            return Ok(false);
+        }
+        let value = retired.to_string();
+        tx.execute(
+            &s.q("UPDATE {s}.settings SET value = $1 WHERE key = 'legacy_retired'"),
+            &[&value],
+        )
+        .await
+        .map_err(s.err("changing a setting"))?;
+        tx.execute(
+            &s.q("INSERT INTO {s}.global_audit (at, setting, value, actor, reason) VALUES ($1, 'legacy_retired', $2, $3, $4)"),
+            &[&now().unix_millis(), &value, &actor.as_str(), &reason],
+        )
+        .await
+        .map_err(s.err("appending to the audit log"))?;
+        s.record_change(&*tx, seq, None).await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        Ok(true)
+    }
+
+    async fn record_legacy_traffic(
+        &self,
+        counts: &[TrafficCount],
+        reported_at: Timestamp,
+    ) -> Result<()> {
+        let s = &*self.inner;
+        let keys: Vec<&str> = counts
+            .iter()
+            .map(|c| rules::traffic_key(c.tenant.as_ref()))
+            .collect();
+        let hours: Vec<i64> = counts.iter().map(|c| rules::hour_of(c.last_at)).collect();
+        let requests: Vec<i64> = counts.iter().map(|c| c.requests as i64).collect();
+        let last: Vec<i64> = counts.iter().map(|c| c.last_at.unix_millis()).collect();
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        if !counts.is_empty() {
+            tx.execute(
+                &s.q(
+                    "INSERT INTO {s}.legacy_traffic AS t (tenant_key, hour, requests, last_at)
+                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+                     ON CONFLICT (tenant_key, hour) DO UPDATE SET
+                         requests = t.requests + excluded.requests, last_at = greatest(t.last_at, excluded.last_at)",
+                ),
+                &[&keys, &hours, &requests, &last],
+            )
+            .await
+            .map_err(s.err("recording legacy traffic"))?;
+        }
+        tx.execute(
+            &s.q(
+                "INSERT INTO {s}.traffic_reports AS r (id, first_at, last_at) VALUES (1, $1, $1)
+                 ON CONFLICT (id) DO UPDATE SET last_at = greatest(r.last_at, excluded.last_at)",
+            ),
+            &[&reported_at.unix_millis()],
+        )
+        .await
+        .map_err(s.err("recording legacy traffic"))?;
+        tx.commit().await.map_err(s.err("committing"))
+    }
+
+    async fn legacy_traffic(&self, since: Timestamp) -> Result<Vec<TrafficCount>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT tenant_key, sum(requests)::bigint, max(last_at) FROM {s}.legacy_traffic
+                     WHERE hour >= $1 GROUP BY tenant_key ORDER BY tenant_key",
+                ),
+                &[&rules::hour_of(since)],
+            )
+            .await
+            .map_err(s.err("reading legacy traffic"))?;
+        rows.iter()
+            .map(|r| rules::traffic_from_row(r.get(0), r.get(1), r.get(2)))
+            .collect()
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {
@@ -833,10 +977,12 @@ impl ControlStore for PgStore {
             .map_err(s.err("reading the change log"))?
             .get(0);
         let tenants = s.load_tenants(&*tx, None).await?;
+        let legacy_retired = s.load_retired(&*tx).await?;
         tx.commit().await.map_err(s.err("ending a read"))?;
         Ok(Snapshot {
             seq: seq as u64,
             tenants,
+            legacy_retired,
         })
     }
 

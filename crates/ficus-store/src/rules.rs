@@ -188,3 +188,46 @@ pub(crate) fn audit_from_row(row: AuditRow) -> Result<AuditEvent, StoreError> {
         reason: row.reason,
     })
 }
+
+/// The key a traffic count is stored under: the tenant id, or "" for requests
+/// whose tenant was unknown (no tenant id is empty).
+pub(crate) fn traffic_key(tenant: Option<&TenantId>) -> &str {
+    tenant.map_or("", TenantId::as_str)
+}
+
+pub(crate) fn traffic_from_row(
+    key: String,
+    requests: i64,
+    last_at: i64,
+) -> Result<crate::TrafficCount, StoreError> {
+    let tenant = if key.is_empty() {
+        None
+    } else {
+        Some(TenantId::parse(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+    };
+    Ok(crate::TrafficCount {
+        tenant,
+        requests: requests.max(0) as u64,
+        last_at: Timestamp::from_unix_millis(last_at),
+    })
+}
+
+/// The start of the hour `at` falls in; legacy traffic is kept per tenant per hour.
+pub(crate) fn hour_of(at: Timestamp) -> i64 {
+    let ms = at.unix_millis();
+    ms - ms.rem_euclid(3_600_000)
+}
+
+/// What proxies have reported of legacy: the last request routed to it, or, if
+/// none was ever reported, since when proxies have been reporting.
+pub(crate) fn legacy_last_request(
+    last_request: Option<i64>,
+    first_report: Option<i64>,
+) -> Option<ficus_core::LegacyTraffic> {
+    use ficus_core::LegacyTraffic;
+    match (last_request, first_report) {
+        (Some(at), _) => Some(LegacyTraffic::LastAt(Timestamp::from_unix_millis(at))),
+        (None, Some(since)) => Some(LegacyTraffic::NoneSince(Timestamp::from_unix_millis(since))),
+        (None, None) => None,
+    }
+}

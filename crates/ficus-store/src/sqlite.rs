@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ficus_core::{Actor, AuditEvent, Progress, Stage, Tenant, TenantId};
+use ficus_core::{Actor, AuditEvent, Progress, Stage, Tenant, TenantId, Timestamp};
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
 };
@@ -21,7 +21,7 @@ use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, NewEvent, TenantRow};
 use crate::{
     AuditQuery, ControlStore, InitOutcome, NewTenant, OpenMode, Result, SCHEMA_VERSION, Snapshot,
-    StageChange, StoreError, now,
+    StageChange, StoreError, TrafficCount, now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -33,7 +33,8 @@ const CHANGES_KEPT: i64 = 10_000;
 const FEED_POLL: Duration = Duration::from_millis(10);
 
 /// Schema migrations; entry `i` brings the store from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE ficus_meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -79,7 +80,40 @@ CREATE TABLE changes (
 ) STRICT;
 CREATE INDEX changes_seq ON changes (seq);
 INSERT INTO ficus_meta (key, value) VALUES ('app', 'ficus');
-"#];
+"#,
+    r#"
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+INSERT INTO settings (key, value) VALUES ('legacy_retired', 'false');
+CREATE TABLE global_audit (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      INTEGER NOT NULL,
+    setting TEXT NOT NULL,
+    value   TEXT NOT NULL,
+    actor   TEXT NOT NULL,
+    reason  TEXT NOT NULL
+);
+CREATE TRIGGER global_audit_no_update BEFORE UPDATE ON global_audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER global_audit_no_delete BEFORE DELETE ON global_audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE legacy_traffic (
+    tenant_key TEXT NOT NULL,
+    hour       INTEGER NOT NULL,
+    requests   INTEGER NOT NULL,
+    last_at    INTEGER NOT NULL,
+    PRIMARY KEY (tenant_key, hour)
+) STRICT;
+CREATE INDEX legacy_traffic_last_at ON legacy_traffic (last_at);
+CREATE TABLE traffic_reports (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    first_at INTEGER NOT NULL,
+    last_at  INTEGER NOT NULL
+) STRICT;
+"#,
+];
 
 /// The SQLite control store.
 pub struct SqliteStore {
@@ -465,6 +499,17 @@ fn load_audit(conn: &Connection, location: &str, q: &AuditQuery) -> Result<Vec<A
     rows.into_iter().map(rules::audit_from_row).collect()
 }
 
+fn load_retired(conn: &Connection, location: &str) -> Result<bool> {
+    let value: String = conn
+        .query_row(
+            "SELECT value FROM settings WHERE key = 'legacy_retired'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql_err(location, "reading settings"))?;
+    Ok(value == "true")
+}
+
 fn load_changes(conn: &Connection, location: &str, since: u64) -> Result<ChangeSet> {
     let (seq, floor): (i64, i64) = conn
         .query_row(
@@ -689,7 +734,99 @@ impl ControlStore for SqliteStore {
                 let stage = Stage::parse(&stage).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 p.count(stage, n as u64);
             }
+            let last_request: Option<i64> = conn
+                .query_row("SELECT max(last_at) FROM legacy_traffic", [], |r| r.get(0))
+                .map_err(sql_err(location, "reading legacy traffic"))?;
+            let first_report: Option<i64> = conn
+                .query_row(
+                    "SELECT first_at FROM traffic_reports WHERE id = 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql_err(location, "reading legacy traffic"))?;
+            p.legacy_last_request = rules::legacy_last_request(last_request, first_report);
             Ok(p)
+        })
+        .await
+    }
+
+    async fn set_legacy_retired(&self, retired: bool, actor: Actor, reason: &str) -> Result<bool> {
+        let reason = rules::reason(reason)?.to_string();
+        self.write(move |tx, location, seq| {
+            if load_retired(tx, location)? == retired {
+                return Ok(false);
+            }
+            let value = retired.to_string();
+            tx.execute("UPDATE settings SET value = ?1 WHERE key = 'legacy_retired'", [&value])
+                .map_err(sql_err(location, "changing a setting"))?;
+            tx.execute(
+                "INSERT INTO global_audit (at, setting, value, actor, reason) VALUES (?1, 'legacy_retired', ?2, ?3, ?4)",
+                params![now().unix_millis(), value, actor.as_str(), reason],
+            )
+            .map_err(sql_err(location, "appending to the audit log"))?;
+            record_change(tx, location, seq, None)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn record_legacy_traffic(
+        &self,
+        counts: &[TrafficCount],
+        reported_at: Timestamp,
+    ) -> Result<()> {
+        let counts = counts.to_vec();
+        self.with(move |conn, location| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_err(location, "starting a write"))?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO legacy_traffic (tenant_key, hour, requests, last_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (tenant_key, hour) DO UPDATE SET
+                             requests = requests + excluded.requests, last_at = max(last_at, excluded.last_at)",
+                    )
+                    .map_err(sql_err(location, "recording legacy traffic"))?;
+                for c in &counts {
+                    stmt.execute(params![
+                        rules::traffic_key(c.tenant.as_ref()),
+                        rules::hour_of(c.last_at),
+                        c.requests as i64,
+                        c.last_at.unix_millis()
+                    ])
+                    .map_err(sql_err(location, "recording legacy traffic"))?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO traffic_reports (id, first_at, last_at) VALUES (1, ?1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET last_at = max(last_at, excluded.last_at)",
+                [reported_at.unix_millis()],
+            )
+            .map_err(sql_err(location, "recording legacy traffic"))?;
+            tx.commit().map_err(sql_err(location, "committing"))
+        })
+        .await
+    }
+
+    async fn legacy_traffic(&self, since: Timestamp) -> Result<Vec<TrafficCount>> {
+        self.with(move |conn, location| {
+            let rows: Vec<(String, i64, i64)> = conn
+                .prepare_cached(
+                    "SELECT tenant_key, sum(requests), max(last_at) FROM legacy_traffic
+                     WHERE hour >= ?1 GROUP BY tenant_key ORDER BY tenant_key",
+                )
+                .and_then(|mut s| {
+                    s.query_map([rules::hour_of(since)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading legacy traffic"))?;
+            rows.into_iter()
+                .map(|(k, n, at)| rules::traffic_from_row(k, n, at))
+                .collect()
         })
         .await
     }
@@ -706,9 +843,11 @@ impl ControlStore for SqliteStore {
                 })
                 .map_err(sql_err(location, "reading the change log"))?;
             let tenants = load_tenants(&tx, location, None)?;
+            let legacy_retired = load_retired(&tx, location)?;
             Ok(Snapshot {
                 seq: seq as u64,
                 tenants,
+                legacy_retired,
             })
         })
         .await

@@ -453,6 +453,97 @@ async fn next_change(sub: &mut ficus_store::Subscription) -> ficus_store::Change
     }
 }
 
+async fn retires_legacy_once_with_an_audit_entry(store: Arc<dyn ControlStore>) {
+    let store = &*store;
+    let snap = store.snapshot().await.unwrap();
+    assert!(!snap.legacy_retired);
+    let mut sub = store.subscribe(Some(snap.seq));
+    assert!(
+        store
+            .set_legacy_retired(true, Actor::Cli, "legacy is empty")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_legacy_retired(true, Actor::Cli, "again")
+            .await
+            .unwrap(),
+        "already retired"
+    );
+    let set = next_change(&mut sub).await;
+    assert!(
+        set.resync,
+        "a global change asks subscribers to reload everything"
+    );
+    assert!(store.snapshot().await.unwrap().legacy_retired);
+    assert!(
+        store
+            .set_legacy_retired(false, Actor::Cli, "undo")
+            .await
+            .unwrap()
+    );
+    assert!(!store.snapshot().await.unwrap().legacy_retired);
+    check_err(
+        store.set_legacy_retired(true, Actor::Cli, "").await,
+        expect!["a reason is required and must not be empty"],
+    );
+}
+
+async fn sums_legacy_traffic_reported_by_proxies(store: Arc<dyn ControlStore>) {
+    use ficus_core::{LegacyTraffic, Timestamp};
+    use ficus_store::TrafficCount;
+    let store = &*store;
+    assert_eq!(store.progress().await.unwrap().legacy_last_request, None);
+    let at = |ms: i64| Timestamp::from_unix_millis(1_800_000_000_000 + ms);
+    store.record_legacy_traffic(&[], at(0)).await.unwrap();
+    assert_eq!(
+        store.progress().await.unwrap().legacy_last_request,
+        Some(LegacyTraffic::NoneSince(at(0))),
+        "reporting with no traffic is evidence of idleness"
+    );
+    let count = |t: Option<&str>, n, ms| TrafficCount {
+        tenant: t.map(id),
+        requests: n,
+        last_at: at(ms),
+    };
+    // Two proxies report for the same tenant and hour; one also saw unknown tenants.
+    store
+        .record_legacy_traffic(
+            &[count(Some("acme"), 10, 1_000), count(None, 2, 1_500)],
+            at(2_000),
+        )
+        .await
+        .unwrap();
+    store
+        .record_legacy_traffic(&[count(Some("acme"), 5, 3_000)], at(4_000))
+        .await
+        .unwrap();
+    store
+        .record_legacy_traffic(&[count(Some("globex"), 1, 4_000_000)], at(4_000_000))
+        .await
+        .unwrap();
+    let all = store.legacy_traffic(at(0)).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            count(None, 2, 1_500),
+            count(Some("acme"), 15, 3_000),
+            count(Some("globex"), 1, 4_000_000)
+        ]
+    );
+    let recent = store.legacy_traffic(at(3_700_000)).await.unwrap();
+    assert_eq!(
+        recent,
+        vec![count(Some("globex"), 1, 4_000_000)],
+        "counts are kept per hour"
+    );
+    assert_eq!(
+        store.progress().await.unwrap().legacy_last_request,
+        Some(LegacyTraffic::LastAt(at(4_000_000)))
+    );
+}
+
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn ControlStore> {
     let url =
         StoreUrl::parse(&format!("sqlite:{}", dir.path().join("ficus.db").display())).unwrap();
@@ -496,6 +587,8 @@ both!(
     reads_the_audit_log_by_tenant_time_and_count,
     feeds_every_committed_change,
     concurrent_changes_to_one_tenant_have_one_winner,
+    retires_legacy_once_with_an_audit_entry,
+    sums_legacy_traffic_reported_by_proxies,
 );
 
 /// Faults specific to the embedded store: files that are not ours must come out of
@@ -547,6 +640,38 @@ mod sqlite_faults {
         let store = open(&path, OpenMode::Create).await.unwrap();
         assert_eq!(store.init_outcome(), InitOutcome::AlreadyInitialized);
         assert_eq!(store.tenants(None).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_older_store_is_upgraded_on_open_and_keeps_its_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        let store = open(&path, OpenMode::Create).await.unwrap();
+        store
+            .add_tenant(
+                new("acme", Stage::Shadow, &[]),
+                Actor::Cli,
+                "before the upgrade",
+            )
+            .await
+            .unwrap();
+        drop(store);
+        {
+            // Take the store back to schema version 1 by removing what version 2 adds.
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "DROP TABLE settings; DROP TABLE global_audit; DROP TABLE legacy_traffic; DROP TABLE traffic_reports;
+                 UPDATE ficus_meta SET value = '1' WHERE key = 'schema_version';",
+            )
+            .unwrap();
+        }
+        let store = open(&path, OpenMode::Existing).await.unwrap();
+        assert_eq!(store.init_outcome(), InitOutcome::Upgraded { from: 1 });
+        assert_eq!(
+            store.tenant(&id("acme")).await.unwrap().unwrap().stage,
+            Stage::Shadow
+        );
+        assert!(!store.snapshot().await.unwrap().legacy_retired);
     }
 
     #[tokio::test]
@@ -616,7 +741,7 @@ mod sqlite_faults {
             let err = open(&path, mode).await.err().unwrap();
             assert_eq!(
                 location(&err, &path),
-                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 1); upgrade ficus, the store was not modified"
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 2); upgrade ficus, the store was not modified"
             );
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }
