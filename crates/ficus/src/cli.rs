@@ -46,6 +46,18 @@ pub enum Command {
     Status,
     /// Follow the change feed and print every committed change as it arrives.
     Watch(WatchArgs),
+    /// Run the tenant-aware proxy (the data plane).
+    Proxy(ProxyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The proxy's TOML configuration.
+    #[arg(long, value_name = "FILE", default_value = "ficus.toml")]
+    pub config: PathBuf,
+    /// Validate the configuration and exit without starting.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Subcommand)]

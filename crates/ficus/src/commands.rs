@@ -14,8 +14,8 @@ use ficus_store::{
 use serde_json::json;
 
 use crate::cli::{
-    AddArgs, AuditArgs, Cli, Command, ImportArgs, ListArgs, RollbackArgs, ShowArgs, StageArgs,
-    TenantCommand, WatchArgs,
+    AddArgs, AuditArgs, Cli, Command, ImportArgs, ListArgs, ProxyArgs, RollbackArgs, ShowArgs,
+    StageArgs, TenantCommand, WatchArgs,
 };
 use crate::import;
 use crate::output::{self, EVENT_HEADER, EventJson, StatusJson, TENANT_HEADER, TenantJson};
@@ -47,7 +47,30 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Audit(args) => audit(&*store, args, json, out).await,
         Command::Status => status(&*store, json, out).await,
         Command::Watch(args) => watch(store, args, json, out).await,
+        Command::Proxy(_) => bail!("ficus proxy is started before the async runtime"),
     }
+}
+
+/// `ficus proxy`: validate the config, and run unless `--check`.
+pub fn proxy(args: &ProxyArgs) -> Result<()> {
+    if args.check {
+        let config = ficus_proxy::Config::load(&args.config)?;
+        println!(
+            "{}: ok ({} listen address{}, {} tenant rule{})",
+            args.config.display(),
+            config.listen.len(),
+            if config.listen.len() == 1 { "" } else { "es" },
+            config.settings.rules.len(),
+            if config.settings.rules.len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+        );
+        return Ok(());
+    }
+    ficus_proxy::run(&args.config)?;
+    Ok(())
 }
 
 fn init(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> Result<()> {

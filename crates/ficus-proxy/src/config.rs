@@ -1,0 +1,530 @@
+//! `ficus proxy --config ficus.toml`: parsing and validating the proxy's one file.
+//!
+//! Parsing is strict: an unknown key is an error naming the key and its line, and
+//! every value with rules of its own (addresses, header names, patterns, timeouts)
+//! is checked here, so that a config that loads is a config that runs. Start-up and
+//! SIGHUP reload both go through [`Config::load`].
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ficus_core::UnknownTenant;
+use http::HeaderName;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::resolve::{HostPattern, JwtKey, JwtRule, PathPattern, Rule};
+
+/// Why a config file was refused: where, which key, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    pub store: String,
+    pub threads: usize,
+    pub log_format: LogFormat,
+    /// Everything that can change on reload without restarting listeners.
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The reloadable part of the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub unknown_tenant: UnknownTenant,
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub drain_timeout: Duration,
+    pub legacy: BackendConfig,
+    pub new: BackendConfig,
+    pub rules: Vec<Rule>,
+    pub routes: Vec<RouteRule>,
+    pub tenant_header: HeaderName,
+    pub backend_header: HeaderName,
+    pub request_id_header: HeaderName,
+    pub traffic_flush: Duration,
+    pub tenant_label_cap: usize,
+}
+
+/// One backend: where it is and how to talk to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub upstreams: Vec<SocketAddr>,
+    pub h2c: bool,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Per-route overrides, first match wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRule {
+    pub path_prefix: String,
+    /// Empty means every method.
+    pub methods: Vec<String>,
+    pub read_timeout: Option<Duration>,
+}
+
+impl RouteRule {
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        path.starts_with(&self.path_prefix)
+            && (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    proxy: RawProxy,
+    backends: RawBackends,
+    #[serde(default)]
+    tenant_from: Vec<RawRule>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Vec<Spanned<String>>,
+    admin_listen: Spanned<String>,
+    store: Spanned<String>,
+    unknown_tenant: Option<Spanned<String>>,
+    threads: Option<Spanned<usize>>,
+    max_body_bytes: Option<u64>,
+    max_header_bytes: Option<usize>,
+    drain_timeout_ms: Option<u64>,
+    traffic_flush_ms: Option<Spanned<u64>>,
+    tenant_label_cap: Option<usize>,
+    log_format: Option<Spanned<String>>,
+    tenant_header: Option<Spanned<String>>,
+    backend_header: Option<Spanned<String>>,
+    request_id_header: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackends {
+    legacy: Spanned<RawBackend>,
+    new: Spanned<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    upstreams: Spanned<Vec<Spanned<String>>>,
+    protocol: Option<Spanned<String>>,
+    connect_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    header: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    custom_domains: Option<Spanned<bool>>,
+    path_prefix: Option<Spanned<String>>,
+    strip: Option<bool>,
+    jwt_claim: Option<Spanned<String>>,
+    hs256_secret_env: Option<Spanned<String>>,
+    jwks_file: Option<Spanned<String>>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway_s: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path_prefix: Spanned<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    read_timeout_ms: Option<u64>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Config::parse(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates config text; `env` looks up environment variables (a parameter so
+    /// tests do not have to change the process environment).
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let cx = Cx { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: e.span().map(|s| cx.line(s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        let p = raw.proxy;
+        if p.listen.is_empty() {
+            return Err(cx.err(None, "proxy.listen: give at least one address to listen on"));
+        }
+        let listen = p
+            .listen
+            .iter()
+            .map(|a| cx.addr(a, "proxy.listen"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin_listen = cx.addr(&p.admin_listen, "proxy.admin_listen")?;
+        if listen.contains(&admin_listen) {
+            return Err(cx.at(
+                &p.admin_listen,
+                "proxy.admin_listen: must differ from every proxy.listen address",
+            ));
+        }
+        if let Err(e) = ficus_store::StoreUrl::parse(p.store.get_ref()) {
+            return Err(cx.at(&p.store, &format!("proxy.store: {e}")));
+        }
+        let unknown_tenant = match p.unknown_tenant.as_ref().map(|s| (s.get_ref().as_str(), s)) {
+            None | Some(("legacy", _)) => UnknownTenant::Legacy,
+            Some(("reject", _)) => UnknownTenant::Reject,
+            Some((other, s)) => {
+                return Err(cx.at(
+                    s,
+                    &format!("proxy.unknown_tenant: {other:?} is not \"legacy\" or \"reject\""),
+                ));
+            }
+        };
+        let threads = match &p.threads {
+            Some(t) if *t.get_ref() == 0 || *t.get_ref() > 256 => {
+                return Err(cx.at(t, "proxy.threads: must be between 1 and 256"));
+            }
+            Some(t) => *t.get_ref(),
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        };
+        let log_format = match p.log_format.as_ref().map(|s| (s.get_ref().as_str(), s)) {
+            None | Some(("text", _)) => LogFormat::Text,
+            Some(("json", _)) => LogFormat::Json,
+            Some((other, s)) => {
+                return Err(cx.at(
+                    s,
+                    &format!("proxy.log_format: {other:?} is not \"text\" or \"json\""),
+                ));
+            }
+        };
+        let header = |h: &Option<Spanned<String>>,
+                      key: &str,
+                      default: &'static str|
+         -> Result<HeaderName, ConfigError> {
+            match h {
+                None => Ok(HeaderName::from_static(default)),
+                Some(h) => HeaderName::from_bytes(h.get_ref().as_bytes()).map_err(|_| {
+                    cx.at(
+                        h,
+                        &format!("{key}: {:?} is not a valid header name", h.get_ref()),
+                    )
+                }),
+            }
+        };
+        let traffic_flush = match &p.traffic_flush_ms {
+            Some(ms) if *ms.get_ref() < 100 => {
+                return Err(cx.at(ms, "proxy.traffic_flush_ms: must be at least 100"));
+            }
+            Some(ms) => Duration::from_millis(*ms.get_ref()),
+            None => Duration::from_secs(10),
+        };
+        let settings = Settings {
+            unknown_tenant,
+            max_body_bytes: p.max_body_bytes.unwrap_or(10 * 1024 * 1024),
+            max_header_bytes: p.max_header_bytes.unwrap_or(64 * 1024),
+            drain_timeout: Duration::from_millis(p.drain_timeout_ms.unwrap_or(30_000)),
+            legacy: cx.backend(&raw.backends.legacy, "backends.legacy")?,
+            new: cx.backend(&raw.backends.new, "backends.new")?,
+            rules: raw
+                .tenant_from
+                .iter()
+                .enumerate()
+                .map(|(i, r)| cx.rule(r, i, env))
+                .collect::<Result<Vec<_>, _>>()?,
+            routes: raw
+                .routes
+                .iter()
+                .map(|r| cx.route(r))
+                .collect::<Result<Vec<_>, _>>()?,
+            tenant_header: header(&p.tenant_header, "proxy.tenant_header", "x-ficus-tenant")?,
+            backend_header: header(&p.backend_header, "proxy.backend_header", "x-ficus-backend")?,
+            request_id_header: header(
+                &p.request_id_header,
+                "proxy.request_id_header",
+                "x-request-id",
+            )?,
+            traffic_flush,
+            tenant_label_cap: p.tenant_label_cap.unwrap_or(100),
+        };
+        Ok(Config {
+            path: path.to_path_buf(),
+            listen,
+            admin_listen,
+            store: p.store.into_inner(),
+            threads,
+            log_format,
+            settings,
+        })
+    }
+
+    /// What a reload cannot change without a restart, described for a log line;
+    /// `None` when nothing of that kind differs.
+    pub fn restart_needed_for(&self, new: &Config) -> Option<String> {
+        let mut changed = Vec::new();
+        if self.listen != new.listen {
+            changed.push("proxy.listen");
+        }
+        if self.admin_listen != new.admin_listen {
+            changed.push("proxy.admin_listen");
+        }
+        if self.store != new.store {
+            changed.push("proxy.store");
+        }
+        if self.threads != new.threads {
+            changed.push("proxy.threads");
+        }
+        if self.log_format != new.log_format {
+            changed.push("proxy.log_format");
+        }
+        (!changed.is_empty()).then(|| changed.join(", "))
+    }
+}
+
+/// Context for validation messages: the file and its text, to turn spans into lines.
+struct Cx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Cx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    fn err(&self, span: Option<Range<usize>>, message: &str) -> ConfigError {
+        ConfigError {
+            path: self.path.to_path_buf(),
+            line: span.map(|s| self.line(s.start)),
+            message: message.to_string(),
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, message: &str) -> ConfigError {
+        self.err(Some(value.span()), message)
+    }
+
+    fn addr(&self, raw: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        raw.get_ref().parse().map_err(|_| {
+            self.at(
+                raw,
+                &format!(
+                    "{key}: {:?} is not an IP address with a port, such as 127.0.0.1:8080",
+                    raw.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn backend(&self, raw: &Spanned<RawBackend>, key: &str) -> Result<BackendConfig, ConfigError> {
+        let b = raw.get_ref();
+        if b.upstreams.get_ref().is_empty() {
+            return Err(self.at(
+                &b.upstreams,
+                &format!("{key}.upstreams: give at least one address"),
+            ));
+        }
+        let upstreams = b
+            .upstreams
+            .get_ref()
+            .iter()
+            .map(|a| self.addr(a, &format!("{key}.upstreams")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let h2c = match b.protocol.as_ref().map(|p| (p.get_ref().as_str(), p)) {
+            None | Some(("http1", _)) => false,
+            Some(("h2c", _)) => true,
+            Some((other, p)) => {
+                return Err(self.at(
+                    p,
+                    &format!("{key}.protocol: {other:?} is not \"http1\" or \"h2c\""),
+                ));
+            }
+        };
+        let ms = |v: Option<u64>, default: u64| Duration::from_millis(v.unwrap_or(default).max(1));
+        Ok(BackendConfig {
+            upstreams,
+            h2c,
+            connect_timeout: ms(b.connect_timeout_ms, 2_000),
+            read_timeout: ms(b.read_timeout_ms, 30_000),
+            write_timeout: ms(b.write_timeout_ms, 30_000),
+            idle_timeout: ms(b.idle_timeout_ms, 60_000),
+        })
+    }
+
+    fn route(&self, raw: &RawRoute) -> Result<RouteRule, ConfigError> {
+        if !raw.path_prefix.get_ref().starts_with('/') {
+            return Err(self.at(&raw.path_prefix, "routes.path_prefix: must start with '/'"));
+        }
+        let methods: Vec<String> = raw.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+        Ok(RouteRule {
+            path_prefix: raw.path_prefix.get_ref().clone(),
+            methods,
+            read_timeout: raw
+                .read_timeout_ms
+                .map(|ms| Duration::from_millis(ms.max(1))),
+        })
+    }
+
+    fn rule(
+        &self,
+        raw: &RawRule,
+        index: usize,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Rule, ConfigError> {
+        let key = format!("tenant_from[{index}]");
+        let kinds: Vec<(&str, Range<usize>)> = [
+            raw.header.as_ref().map(|s| ("header", s.span())),
+            raw.host.as_ref().map(|s| ("host", s.span())),
+            raw.custom_domains
+                .as_ref()
+                .map(|s| ("custom_domains", s.span())),
+            raw.path_prefix.as_ref().map(|s| ("path_prefix", s.span())),
+            raw.jwt_claim.as_ref().map(|s| ("jwt_claim", s.span())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let (kind, span) =
+            match kinds.as_slice() {
+                [one] => one.clone(),
+                [] => {
+                    return Err(self.err(None, &format!(
+                    "{key}: give one of header, host, custom_domains, path_prefix or jwt_claim"
+                )));
+                }
+                [_, second, ..] => {
+                    let names: Vec<&str> = kinds.iter().map(|k| k.0).collect();
+                    return Err(self.err(
+                        Some(second.1.clone()),
+                        &format!(
+                            "{key}: one rule per [[tenant_from]]; this one has {}",
+                            names.join(" and ")
+                        ),
+                    ));
+                }
+            };
+        let misplaced = |field: &str, present: bool, allowed: &str| -> Result<(), ConfigError> {
+            if present && kind != allowed {
+                Err(self.err(
+                    Some(span.clone()),
+                    &format!("{key}: `{field}` only applies to a {allowed} rule"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        misplaced("strip", raw.strip.is_some(), "path_prefix")?;
+        for (field, present) in [
+            ("hs256_secret_env", raw.hs256_secret_env.is_some()),
+            ("jwks_file", raw.jwks_file.is_some()),
+            ("issuer", raw.issuer.is_some()),
+            ("audience", raw.audience.is_some()),
+            ("leeway_s", raw.leeway_s.is_some()),
+        ] {
+            misplaced(field, present, "jwt_claim")?;
+        }
+        Ok(match kind {
+            "header" => {
+                let h = raw.header.as_ref().expect("kind says header");
+                Rule::Header(HeaderName::from_bytes(h.get_ref().as_bytes()).map_err(|_| {
+                    self.at(
+                        h,
+                        &format!("{key}.header: {:?} is not a valid header name", h.get_ref()),
+                    )
+                })?)
+            }
+            "host" => {
+                let h = raw.host.as_ref().expect("kind says host");
+                Rule::Host(
+                    HostPattern::parse(h.get_ref())
+                        .map_err(|why| self.at(h, &format!("{key}.host: {why}")))?,
+                )
+            }
+            "custom_domains" => Rule::CustomDomains,
+            "path_prefix" => {
+                let p = raw.path_prefix.as_ref().expect("kind says path_prefix");
+                Rule::PathPrefix {
+                    pattern: PathPattern::parse(p.get_ref())
+                        .map_err(|why| self.at(p, &format!("{key}.path_prefix: {why}")))?,
+                    strip: raw.strip.unwrap_or(false),
+                }
+            }
+            _ => {
+                let claim = raw.jwt_claim.as_ref().expect("kind says jwt_claim");
+                if claim.get_ref().is_empty() {
+                    return Err(
+                        self.at(claim, &format!("{key}.jwt_claim: the claim name is empty"))
+                    );
+                }
+                let key_source = match (&raw.hs256_secret_env, &raw.jwks_file) {
+                    (Some(var), None) => {
+                        let secret = env(var.get_ref()).filter(|s| !s.is_empty()).ok_or_else(|| {
+                            self.at(var, &format!(
+                                "{key}.hs256_secret_env: the environment variable {} is not set or empty",
+                                var.get_ref()
+                            ))
+                        })?;
+                        JwtKey::hs256(secret.as_bytes())
+                    }
+                    (None, Some(file)) => {
+                        let path = self
+                            .path
+                            .parent()
+                            .unwrap_or(Path::new("."))
+                            .join(file.get_ref());
+                        JwtKey::jwks_file(&path)
+                            .map_err(|why| self.at(file, &format!("{key}.jwks_file: {why}")))?
+                    }
+                    _ => {
+                        return Err(self.at(claim, &format!("{key}: a jwt_claim rule needs exactly one of hs256_secret_env or jwks_file")));
+                    }
+                };
+                Rule::Jwt(Box::new(JwtRule::new(
+                    claim.get_ref().clone(),
+                    key_source,
+                    raw.issuer.clone(),
+                    raw.audience.clone(),
+                    raw.leeway_s.unwrap_or(0),
+                )))
+            }
+        })
+    }
+}

@@ -1,0 +1,353 @@
+//! `ficus proxy`: the data plane. It stands where the legacy backend stood, resolves
+//! each request's tenant, and forwards it to exactly one backend according to that
+//! tenant's stage in a routing table fed by the control store's change feed.
+//!
+//! Built on pingora: [`service`] is the request path as pingora's phases, [`table`]
+//! the routing table and its follower, [`resolve`] tenant resolution, [`config`] the
+//! one TOML file, [`admin`] the admin listener, [`metrics`] Prometheus metrics and
+//! legacy-traffic counting. [`run`] wires them into one process with one shutdown
+//! signal.
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod resolve;
+pub mod service;
+pub mod table;
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use ficus_core::Timestamp;
+use ficus_store::{ControlStore, OpenMode, StoreUrl};
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{
+    ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
+use pingora_core::services::background::{BackgroundService, background_service};
+use pingora_proxy::ProxyServiceBuilder;
+
+pub use crate::config::{Config, ConfigError};
+use crate::service::{Ficus, Shared};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid store url in the config: {0}")]
+    Store(#[from] ficus_store::StoreError),
+    #[error("cannot bind the admin listener {addr}: {source}")]
+    AdminBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Task = Box<dyn Fn(ShutdownWatch) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A background service from a closure, so each one reads as one function.
+struct Background(Task);
+
+#[async_trait]
+impl BackgroundService for Background {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        (self.0)(shutdown).await;
+    }
+}
+
+/// SIGTERM and SIGINT both drain: stop accepting, finish what is in flight, exit 0.
+struct DrainOnSignal;
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot watch for SIGTERM/SIGINT; the proxy will not drain on a signal");
+                std::future::pending::<()>().await;
+            }
+        }
+        tracing::info!("shutdown requested: draining in-flight requests");
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+fn now() -> Timestamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp::from_unix_millis(d.as_millis() as i64)
+}
+
+/// Sets up logging once per process, text or JSON lines, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init_logging(format: config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Writes the legacy-traffic counts to the store; on failure they are kept for the
+/// next attempt.
+async fn flush_traffic(shared: &Shared, store: &dyn ControlStore) {
+    let counts = shared.traffic.take();
+    if let Err(e) = store.record_legacy_traffic(&counts, now()).await {
+        tracing::warn!(error = %e, "could not record legacy traffic; will retry");
+        shared.traffic.restore(counts);
+    }
+}
+
+/// Runs the proxy until it is told to stop. Returns once in-flight requests have
+/// drained (or the drain deadline passed) and the last traffic counts are written.
+pub fn run(config_path: &Path) -> Result<(), ProxyError> {
+    let config = Config::load(config_path)?;
+    init_logging(config.log_format);
+    let store_url = StoreUrl::parse(&config.store)?;
+    let drain = config.settings.drain_timeout;
+    let shared = Arc::new(Shared::new(config.settings.clone()));
+
+    // Bind the admin listener now, so a port conflict is a start-up error rather
+    // than a log line from a background task.
+    let admin_listener = std::net::TcpListener::bind(config.admin_listen).map_err(|source| {
+        ProxyError::AdminBind {
+            addr: config.admin_listen,
+            source,
+        }
+    })?;
+    admin_listener
+        .set_nonblocking(true)
+        .map_err(|source| ProxyError::AdminBind {
+            addr: config.admin_listen,
+            source,
+        })?;
+
+    let mut conf = ServerConf::default();
+    conf.threads = config.threads;
+    // Pingora waits this long after a shutdown signal before stopping its runtimes;
+    // the drain watcher below exits earlier once nothing is in flight.
+    conf.grace_period_seconds = Some(drain.as_secs().max(1));
+    conf.graceful_shutdown_timeout_seconds = Some(1);
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    let mut proxy = ProxyServiceBuilder::new(
+        &server.configuration,
+        Ficus {
+            shared: Arc::clone(&shared),
+        },
+    )
+    .name("ficus proxy")
+    .server_options(options)
+    .build();
+    for addr in &config.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+
+    {
+        let (url, shared) = (store_url.clone(), Arc::clone(&shared));
+        server.add_service(background_service(
+            "routing table",
+            Background(Box::new(move |shutdown| {
+                Box::pin(table::follow(
+                    url.clone(),
+                    Arc::clone(&shared.table),
+                    Arc::clone(&shared.health),
+                    shutdown,
+                ))
+            })),
+        ));
+    }
+    {
+        let (url, shared) = (store_url.clone(), Arc::clone(&shared));
+        server.add_service(background_service(
+            "legacy traffic",
+            Background(Box::new(move |shutdown| {
+                let (url, shared) = (url.clone(), Arc::clone(&shared));
+                Box::pin(async move { flush_loop(url, shared, shutdown).await })
+            })),
+        ));
+    }
+    {
+        let shared = Arc::clone(&shared);
+        let listener = std::sync::Mutex::new(Some(admin_listener));
+        server.add_service(background_service(
+            "admin",
+            Background(Box::new(move |shutdown| {
+                let shared = Arc::clone(&shared);
+                let listener = listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+                Box::pin(async move {
+                    if let Some(l) = listener {
+                        admin::serve(l, shared, shutdown).await;
+                    }
+                })
+            })),
+        ));
+    }
+    {
+        let (shared, path) = (Arc::clone(&shared), config.path.clone());
+        let current = Arc::new(std::sync::Mutex::new(config));
+        server.add_service(background_service(
+            "reload",
+            Background(Box::new(move |shutdown| {
+                let (shared, path, current) =
+                    (Arc::clone(&shared), path.clone(), Arc::clone(&current));
+                Box::pin(async move { reload_on_sighup(path, shared, current, shutdown).await })
+            })),
+        ));
+    }
+
+    let phases = server.watch_execution_phase();
+    let watcher = {
+        let (shared, url) = (Arc::clone(&shared), store_url);
+        std::thread::Builder::new()
+            .name("ficus-drain".into())
+            .spawn(move || drain_then_exit(phases, shared, url, drain))
+            .ok()
+    };
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnSignal),
+    });
+    drop(watcher);
+    Ok(())
+}
+
+/// Flushes legacy-traffic counts every `traffic_flush` until shutdown.
+async fn flush_loop(url: StoreUrl, shared: Arc<Shared>, mut shutdown: ShutdownWatch) {
+    let store = loop {
+        match ficus_store::open(&url, OpenMode::Existing).await {
+            Ok(s) => break s,
+            Err(_) => {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    };
+    loop {
+        let every = shared.settings.load().traffic_flush;
+        tokio::select! {
+            () = tokio::time::sleep(every) => flush_traffic(&shared, &*store).await,
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// SIGHUP re-reads the config through the same path as start-up. A config that does
+/// not load is refused and the running one stays; settings that need new listeners
+/// or a new store are reported and kept as they were.
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    shared: Arc<Shared>,
+    current: Arc<std::sync::Mutex<Config>>,
+    mut shutdown: ShutdownWatch,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch for SIGHUP; reload is unavailable");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = shutdown.changed() => return,
+        }
+        match Config::load(&path) {
+            Ok(new) => {
+                let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(fields) = current.restart_needed_for(&new) {
+                    tracing::warn!(
+                        fields,
+                        "reloaded; these settings need a restart and keep their running values"
+                    );
+                }
+                shared.settings.store(Arc::new(new.settings.clone()));
+                *current = new;
+                tracing::info!(path = %path.display(), "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; the running configuration stays")
+            }
+        }
+    }
+}
+
+/// After a shutdown signal, waits until nothing is in flight (or the deadline),
+/// writes the last legacy-traffic counts, and ends the process with status 0.
+fn drain_then_exit(
+    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
+    shared: Arc<Shared>,
+    url: StoreUrl,
+    deadline: Duration,
+) {
+    loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+    let started = Instant::now();
+    while shared.in_flight.load(Ordering::SeqCst) > 0 && started.elapsed() < deadline {
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a dedicated thread polling a counter during shutdown"
+        )]
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = shared.in_flight.load(Ordering::SeqCst);
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        rt.block_on(async {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                ficus_store::open(&url, OpenMode::Existing),
+            )
+            .await
+            {
+                Ok(Ok(store)) => flush_traffic(&shared, &*store).await,
+                _ => tracing::warn!(
+                    "could not reach the store to write the last legacy-traffic counts"
+                ),
+            }
+        });
+    }
+    tracing::info!(
+        in_flight = left,
+        drained_in_ms = started.elapsed().as_millis() as u64,
+        "proxy stopped"
+    );
+    std::process::exit(0);
+}

@@ -1,0 +1,460 @@
+//! The request path, as pingora's phases, top to bottom:
+//!
+//! 1. `early_request_filter`: count the request in flight.
+//! 2. `request_filter`: give it a request id, refuse what is malformed or too large,
+//!    resolve its tenant against the routing table, and decide its backend.
+//! 3. `upstream_peer`: pick an upstream of that backend, round robin, with that
+//!    backend's timeouts (and the route's, if one matches).
+//! 4. `upstream_request_filter`: replace any `X-Ficus-*` headers the client sent with
+//!    the real tenant and backend, add forwarding headers, strip a path prefix.
+//! 5. `response_filter`: hand the request id back to the client.
+//! 6. `fail_to_proxy`: the one place where an error becomes a response (JSON, with
+//!    the request id): 502 when the upstream cannot be reached, 504 on a timeout.
+//! 7. `logging`: metrics, legacy-traffic counting, and the end of in-flight.
+//!
+//! The shadow leg (issue 4) slots in after step 5: the decision made in step 2 is in
+//! the context, and the response body passes through `response_body_filter`.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use async_trait::async_trait;
+use bytes::Bytes;
+use ficus_core::{Backend, Decision, Stage, TenantId, Timestamp};
+use http::header;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::config::{BackendConfig, Settings};
+use crate::metrics::{LegacyTraffic, Metrics};
+use crate::resolve::{RequestParts, resolve};
+use crate::table::{RoutingTable, StoreHealth};
+
+/// Everything the request path shares across requests.
+pub struct Shared {
+    pub settings: ArcSwap<Settings>,
+    pub table: Arc<ArcSwapOption<RoutingTable>>,
+    pub health: Arc<StoreHealth>,
+    pub metrics: Metrics,
+    pub traffic: LegacyTraffic,
+    pub in_flight: AtomicUsize,
+    next_legacy: AtomicUsize,
+    next_new: AtomicUsize,
+    next_id: AtomicU64,
+    id_hasher: RandomState,
+}
+
+impl Shared {
+    pub fn new(settings: Settings) -> Shared {
+        Shared {
+            metrics: Metrics::new(settings.tenant_label_cap),
+            settings: ArcSwap::from_pointee(settings),
+            table: Arc::new(ArcSwapOption::empty()),
+            health: Arc::new(StoreHealth::default()),
+            traffic: LegacyTraffic::default(),
+            in_flight: AtomicUsize::new(0),
+            next_legacy: AtomicUsize::new(0),
+            next_new: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            id_hasher: RandomState::new(),
+        }
+    }
+
+    fn request_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}", self.id_hasher.hash_one(n))
+    }
+}
+
+/// The proxy, as pingora sees it.
+pub struct Ficus {
+    pub shared: Arc<Shared>,
+}
+
+/// What earlier phases learned about one request.
+pub struct Ctx {
+    request_id: String,
+    started: Instant,
+    settings: Arc<Settings>,
+    tenant: Option<TenantId>,
+    stage: Option<Stage>,
+    backend: Option<Backend>,
+    rewritten_path: Option<String>,
+    read_timeout: Option<Duration>,
+    body_bytes: u64,
+    connect_failures: usize,
+    in_flight: bool,
+}
+
+/// The largest request id accepted from a client; longer ones are replaced.
+const MAX_CLIENT_REQUEST_ID: usize = 128;
+
+fn now() -> Timestamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp::from_unix_millis(d.as_millis() as i64)
+}
+
+/// An error the proxy answers itself, with its status and a message for the body.
+fn refuse(status: u16, message: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(status), message)
+}
+
+fn valid_host(host: &[u8]) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host.iter().all(|&b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+        })
+}
+
+impl Ficus {
+    fn backend_config<'s>(settings: &'s Settings, backend: Backend) -> &'s BackendConfig {
+        match backend {
+            Backend::Legacy => &settings.legacy,
+            Backend::New => &settings.new,
+        }
+    }
+
+    /// Writes a short JSON error. Every error response the proxy makes goes through here.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        status: u16,
+        message: &str,
+    ) -> Result<()> {
+        let body =
+            serde_json::json!({ "error": message, "status": status, "request_id": ctx.request_id })
+                .to_string();
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header(
+            ctx.settings.request_id_header.clone(),
+            ctx.request_id.as_str(),
+        )?;
+        if status == 400 || status == 413 || status == 431 {
+            // The connection's framing can no longer be trusted.
+            session.set_keepalive(None);
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Ficus {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            request_id: String::new(),
+            started: Instant::now(),
+            settings: self.shared.settings.load_full(),
+            tenant: None,
+            stage: None,
+            backend: None,
+            rewritten_path: None,
+            read_timeout: None,
+            body_bytes: 0,
+            connect_failures: 0,
+            in_flight: false,
+        }
+    }
+
+    async fn early_request_filter(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.shared.metrics.in_flight.inc();
+        ctx.in_flight = true;
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let settings = Arc::clone(&ctx.settings);
+        let req = session.req_header();
+        ctx.request_id = req
+            .headers
+            .get(&settings.request_id_header)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= MAX_CLIENT_REQUEST_ID
+                    && v.bytes().all(|b| b.is_ascii_graphic())
+            })
+            .map_or_else(|| self.shared.request_id(), str::to_string);
+
+        // Framing: a request with both lengths could be read two ways by two servers
+        // (request smuggling), so it is never forwarded.
+        if req.headers.contains_key(header::CONTENT_LENGTH)
+            && req.headers.contains_key(header::TRANSFER_ENCODING)
+        {
+            return Err(refuse(
+                400,
+                "a request may not carry both content-length and transfer-encoding",
+            ));
+        }
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > settings.max_header_bytes {
+            return Err(refuse(431, "request headers are too large"));
+        }
+        let host = req
+            .headers
+            .get(header::HOST)
+            .map(|h| h.as_bytes())
+            .or(req.uri.authority().map(|a| a.as_str().as_bytes()));
+        if host.is_some_and(|h| !valid_host(h)) {
+            return Err(refuse(400, "invalid host header"));
+        }
+        if let Some(len) = req.headers.get(header::CONTENT_LENGTH) {
+            match len.to_str().ok().and_then(|l| l.parse::<u64>().ok()) {
+                Some(n) if n > settings.max_body_bytes => {
+                    return Err(refuse(413, "request body is too large"));
+                }
+                Some(_) => {}
+                None => return Err(refuse(400, "invalid content-length")),
+            }
+        }
+
+        let Some(table) = self.shared.table.load_full() else {
+            return Err(refuse(503, "the routing table is not loaded yet"));
+        };
+        let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let host = host.and_then(|h| std::str::from_utf8(h).ok());
+        let parts = RequestParts {
+            host,
+            path_and_query,
+            headers: &req.headers,
+        };
+        let resolved = resolve(&settings.rules, &parts, &table);
+        let stage = resolved
+            .as_ref()
+            .filter(|r| r.known)
+            .and_then(|r| table.stage(&r.tenant));
+        if let Some(r) = resolved {
+            ctx.rewritten_path = r.rewritten_path;
+            ctx.tenant = r.known.then_some(r.tenant);
+        }
+        ctx.stage = stage;
+        match ficus_core::decide(stage, table.legacy_retired, settings.unknown_tenant) {
+            Decision::Serve(b) => ctx.backend = Some(b),
+            Decision::Reject => return Err(refuse(404, "unknown tenant")),
+        }
+        let method = req.method.as_str();
+        let path = req.uri.path();
+        ctx.read_timeout = settings
+            .routes
+            .iter()
+            .find(|r| r.matches(method, path))
+            .and_then(|r| r.read_timeout);
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > ctx.settings.max_body_bytes {
+                return Err(refuse(413, "request body is too large"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let backend = ctx
+            .backend
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no backend chosen"))?;
+        let conf = Ficus::backend_config(&ctx.settings, backend);
+        let next = match backend {
+            Backend::Legacy => &self.shared.next_legacy,
+            Backend::New => &self.shared.next_new,
+        };
+        let addr = conf.upstreams[next.fetch_add(1, Ordering::Relaxed) % conf.upstreams.len()];
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(conf.connect_timeout);
+        peer.options.read_timeout = Some(ctx.read_timeout.unwrap_or(conf.read_timeout));
+        peer.options.write_timeout = Some(conf.write_timeout);
+        peer.options.idle_timeout = Some(conf.idle_timeout);
+        if conf.h2c {
+            peer.options.set_http_version(2, 2);
+        }
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent, so any request may go to the backend's next upstream.
+        ctx.connect_failures += 1;
+        let upstreams = ctx.backend.map_or(1, |b| {
+            Ficus::backend_config(&ctx.settings, b).upstreams.len()
+        });
+        if ctx.connect_failures < upstreams {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let s = &ctx.settings;
+        // Whatever a client says about its tenant or backend is not forwarded: the
+        // backends trust these headers, so only the proxy may set them.
+        let spoofable: Vec<http::HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|k| {
+                k.as_str().starts_with("x-ficus-")
+                    || **k == s.tenant_header
+                    || **k == s.backend_header
+            })
+            .cloned()
+            .collect();
+        for name in spoofable {
+            upstream.remove_header(&name);
+        }
+        if let Some(t) = &ctx.tenant {
+            upstream.insert_header(s.tenant_header.clone(), t.as_str())?;
+        }
+        if let Some(b) = ctx.backend {
+            upstream.insert_header(s.backend_header.clone(), b.as_str())?;
+        }
+        upstream.insert_header(s.request_id_header.clone(), ctx.request_id.as_str())?;
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let forwarded = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prior) => format!("{prior}, {}", addr.ip()),
+                None => addr.ip().to_string(),
+            };
+            upstream.insert_header("x-forwarded-for", forwarded)?;
+        }
+        upstream.insert_header("x-forwarded-proto", "http")?;
+        let via = match upstream
+            .headers
+            .get(header::VIA)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prior) => format!("{prior}, 1.1 ficus"),
+            None => "1.1 ficus".to_string(),
+        };
+        upstream.insert_header(header::VIA, via)?;
+        if let Some(path) = &ctx.rewritten_path {
+            let uri: http::Uri = path.parse().map_err(|_| refuse(400, "invalid path"))?;
+            upstream.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        resp.insert_header(
+            ctx.settings.request_id_header.clone(),
+            ctx.request_id.as_str(),
+        )?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        use ErrorType::*;
+        if ctx.request_id.is_empty() {
+            ctx.request_id = self.shared.request_id();
+        }
+        let (status, message, kind): (u16, &str, Option<&str>) = match e.etype() {
+            HTTPStatus(code) => (
+                *code,
+                e.context.as_ref().map_or("request refused", |c| c.as_str()),
+                None,
+            ),
+            ConnectTimedout => (
+                504,
+                "timed out connecting to the backend",
+                Some("connect_timeout"),
+            ),
+            ReadTimedout | WriteTimedout => {
+                (504, "the backend did not answer in time", Some("timeout"))
+            }
+            ConnectRefused | ConnectNoRoute | ConnectError | SocketError | BindError => {
+                (502, "the backend could not be reached", Some("connect"))
+            }
+            _ if e.esource() == &ErrorSource::Upstream => {
+                (502, "the backend failed to answer", Some("upstream"))
+            }
+            ReadError | WriteError | ConnectionClosed
+                if e.esource() == &ErrorSource::Downstream =>
+            {
+                (0, "", None)
+            }
+            _ if e.esource() == &ErrorSource::Downstream => (400, "malformed request", None),
+            _ => (500, "internal proxy error", None),
+        };
+        if let (Some(kind), Some(backend)) = (kind, ctx.backend) {
+            self.shared.metrics.upstream_error(backend, kind);
+        }
+        if kind.is_none() && status != 0 {
+            self.shared.metrics.rejected(&status.to_string());
+        }
+        // Only answer if nothing was sent yet; otherwise the client sees a cut
+        // response, which is the honest outcome of an upstream failing mid-body.
+        if status != 0 && session.response_written().is_none() {
+            if let Err(write) = self.respond(session, ctx, status, message).await {
+                tracing::debug!(error = %write, "could not send an error response");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.in_flight {
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.shared.metrics.in_flight.dec();
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let stage = ctx.stage.map_or("unknown", Stage::as_str);
+        self.shared.metrics.observe(
+            ctx.backend,
+            stage,
+            status,
+            ctx.started.elapsed(),
+            ctx.tenant.as_ref(),
+        );
+        if ctx.backend == Some(Backend::Legacy) {
+            self.shared.traffic.record(ctx.tenant.as_ref(), now());
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The routing table: every tenant's stage and custom domains at one change-log
+//! position, and the task that keeps it current.
+//!
+//! A table is immutable. The follower builds a new one for every change and swaps it
+//! in whole (`ArcSwapOption`), so a request reads one consistent table from start to
+//! finish and never sees a half-applied change. When the store is unreachable the
+//! last table stays in place (fail static) and the follower retries; a full reload
+//! follows every reconnection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use ficus_core::{Stage, Tenant, TenantId};
+use ficus_store::{ControlStore, FeedEvent, OpenMode, StoreUrl};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    stage: Stage,
+    domains: Vec<Arc<str>>,
+}
+
+/// One immutable view of the control plane, as the proxy routes by it.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    pub seq: u64,
+    pub legacy_retired: bool,
+    tenants: HashMap<TenantId, Entry>,
+    domains: HashMap<Arc<str>, TenantId>,
+    /// When this table was built; for the snapshot-age metric.
+    pub built_at: SystemTime,
+}
+
+impl RoutingTable {
+    pub fn from_snapshot(seq: u64, legacy_retired: bool, tenants: Vec<Tenant>) -> RoutingTable {
+        let mut table = RoutingTable {
+            seq,
+            legacy_retired,
+            tenants: HashMap::with_capacity(tenants.len()),
+            domains: HashMap::new(),
+            built_at: SystemTime::now(),
+        };
+        for t in tenants {
+            table.upsert(t);
+        }
+        table
+    }
+
+    pub fn stage(&self, tenant: &TenantId) -> Option<Stage> {
+        self.tenants.get(tenant).map(|e| e.stage)
+    }
+
+    pub fn tenant_by_domain(&self, host: &str) -> Option<&TenantId> {
+        self.domains.get(host)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    fn upsert(&mut self, t: Tenant) {
+        self.remove(&t.id);
+        let domains: Vec<Arc<str>> = t.domains.iter().map(|d| Arc::from(d.as_str())).collect();
+        for d in &domains {
+            self.domains.insert(Arc::clone(d), t.id.clone());
+        }
+        self.tenants.insert(
+            t.id,
+            Entry {
+                stage: t.stage,
+                domains,
+            },
+        );
+    }
+
+    fn remove(&mut self, id: &TenantId) {
+        if let Some(old) = self.tenants.remove(id) {
+            for d in old.domains {
+                if self.domains.get(&d) == Some(id) {
+                    self.domains.remove(&d);
+                }
+            }
+        }
+    }
+}
+
+/// What the admin listener reports about the store and the table.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    pub reachable: AtomicBool,
+    /// Consecutive failed attempts since the store was last reachable.
+    pub failures: AtomicU64,
+}
+
+/// Keeps `table` current until `shutdown` turns true. Opens the store itself,
+/// retrying until it can, so a proxy started while the store is down still starts
+/// (not ready) and becomes ready when the store appears.
+pub async fn follow(
+    url: StoreUrl,
+    table: Arc<ArcSwapOption<RoutingTable>>,
+    health: Arc<StoreHealth>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut last_log: Option<Instant> = None;
+    let mut note_failure = |error: &str, health: &StoreHealth| {
+        health.reachable.store(false, Ordering::Relaxed);
+        health.failures.fetch_add(1, Ordering::Relaxed);
+        // Once a minute at most: an outage must not flood the log.
+        if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            last_log = Some(Instant::now());
+            tracing::warn!(
+                error,
+                "control store unreachable; serving with the last routing table"
+            );
+        }
+    };
+    let store: Arc<dyn ControlStore> = loop {
+        match ficus_store::open(&url, OpenMode::Existing).await {
+            Ok(s) => break s,
+            Err(e) => note_failure(&e.to_string(), &health),
+        }
+        if sleep_or_shutdown(backoff, &mut shutdown).await {
+            return;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    };
+    'reload: loop {
+        let snapshot = match store.snapshot().await {
+            Ok(s) => s,
+            Err(e) => {
+                note_failure(&e.to_string(), &health);
+                if sleep_or_shutdown(backoff, &mut shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue 'reload;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        health.reachable.store(true, Ordering::Relaxed);
+        health.failures.store(0, Ordering::Relaxed);
+        let seq = snapshot.seq;
+        table.store(Some(Arc::new(RoutingTable::from_snapshot(
+            seq,
+            snapshot.legacy_retired,
+            snapshot.tenants,
+        ))));
+        tracing::info!(seq, "routing table loaded");
+        let mut feed = store.subscribe(Some(seq));
+        loop {
+            let event = tokio::select! {
+                e = feed.recv() => e,
+                _ = shutdown.changed() => return,
+            };
+            match event {
+                None => continue 'reload,
+                Some(FeedEvent::Lost { error }) => note_failure(&error, &health),
+                // Anything may have changed meanwhile; start over from a snapshot.
+                Some(FeedEvent::Restored) => continue 'reload,
+                Some(FeedEvent::Changed(set)) if set.resync => continue 'reload,
+                Some(FeedEvent::Changed(set)) => {
+                    let ids: Vec<TenantId> = set.tenants.iter().cloned().collect();
+                    match store.tenants_by_id(&ids).await {
+                        Ok(changed) => {
+                            health.reachable.store(true, Ordering::Relaxed);
+                            let current = table.load_full();
+                            let mut next = current
+                                .as_deref()
+                                .cloned()
+                                .unwrap_or_else(|| RoutingTable::from_snapshot(0, false, vec![]));
+                            for id in &ids {
+                                next.remove(id);
+                            }
+                            for t in changed {
+                                next.upsert(t);
+                            }
+                            next.seq = set.seq;
+                            next.built_at = SystemTime::now();
+                            table.store(Some(Arc::new(next)));
+                        }
+                        Err(e) => {
+                            note_failure(&e.to_string(), &health);
+                            continue 'reload;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps, or returns `true` early when shutdown is signalled.
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => *shutdown.borrow(),
+        r = shutdown.changed() => r.is_err() || *shutdown.borrow(),
+    }
+}
