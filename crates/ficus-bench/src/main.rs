@@ -1,5 +1,14 @@
-//! `ficus-bench store`: the control store's numbers for BENCHMARKS.md.
+//! Benchmark drivers for BENCHMARKS.md, run by `scripts/bench/*.sh`:
 //!
+//! - `ficus-bench store`: the control store's numbers (below);
+//! - `ficus-bench rate URL --rps N --secs S [--header K:V]`: a fixed-rate (open-loop)
+//!   load whose latencies are measured from each request's scheduled start, so a
+//!   slow server cannot hide its queueing (no coordinated omission);
+//! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N]`: starts a
+//!   PostgreSQL store and a `ficus proxy` on it, then measures the time from a
+//!   committed stage change to the proxy routing by it.
+//!
+//! `ficus-bench store`:
 //! Measures, on SQLite and on a PostgreSQL cluster with durable commits:
 //! - `ficus tenant import` of 100,000 tenants (the release binary, as an operator runs
 //!   it), next to a raw bulk load of the same rows in the same run (prepared inserts
@@ -57,6 +66,12 @@ fn ficus_binary() -> PathBuf {
 }
 
 fn main() -> Result<(), Error> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match argv.first().map(String::as_str) {
+        Some("rate") => return rate(&argv[1..]),
+        Some("propagation") => return propagation(&argv[1..]),
+        _ => {}
+    }
     let args = parse_args()?;
     let ficus = ficus_binary();
     if !ficus.is_file() {
@@ -281,4 +296,181 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
             .min(v.len() - 1)]
     };
     (at(0.50), at(0.99), v[v.len() - 1])
+}
+
+/// Reads `--name value` pairs after positional arguments.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1].as_str())
+}
+
+/// Fixed-rate load: one request every 1/rps seconds for `secs`, each on its own task,
+/// latency measured from its scheduled start. Prints one JSON line.
+fn rate(args: &[String]) -> Result<(), Error> {
+    let url = args.first().ok_or("rate needs a URL")?.clone();
+    let rps: u64 = flag(args, "--rps").unwrap_or("1000").parse()?;
+    let secs: u64 = flag(args, "--secs").unwrap_or("10").parse()?;
+    let header = flag(args, "--header").map(|h| {
+        h.split_once(':')
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(512).timeout(Duration::from_secs(10)).build()?;
+        let total = rps * secs;
+        let interval = Duration::from_nanos(1_000_000_000 / rps.max(1));
+        let start = tokio::time::Instant::now();
+        let mut tasks = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            let scheduled = start + interval * i as u32;
+            tokio::time::sleep_until(scheduled).await;
+            let mut req = client.get(&url);
+            if let Some(Some((k, v))) = &header {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            tasks.push(tokio::spawn(async move {
+                let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
+                (ok, scheduled.elapsed().as_secs_f64() * 1000.0)
+            }));
+        }
+        let mut latencies = Vec::with_capacity(tasks.len());
+        let mut errors = 0;
+        for t in tasks {
+            let (ok, ms) = t.await?;
+            if !ok {
+                errors += 1;
+            }
+            latencies.push(ms);
+        }
+        latencies.sort_by(f64::total_cmp);
+        let at = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1).min(latencies.len() - 1)];
+        println!(
+            "{}",
+            serde_json::json!({"requests": total, "errors": errors, "p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": latencies[latencies.len() - 1]})
+        );
+        Ok::<(), Error>(())
+    })
+}
+
+/// Flips a tenant between legacy and migrated `flips` times and measures how long
+/// a running proxy takes to route by each change. Prints one JSON line.
+fn propagation(args: &[String]) -> Result<(), Error> {
+    let legacy = flag(args, "--legacy").ok_or("--legacy ADDR is required")?;
+    let new = flag(args, "--new").ok_or("--new ADDR is required")?;
+    let flips: usize = flag(args, "--flips").unwrap_or("100").parse()?;
+    let cluster = ficus_testkit::PgCluster::start_with(&[])?;
+    let store_url = cluster.url("postgres");
+    let ficus = ficus_binary();
+    run(&ficus, &store_url, &["init"])?;
+    run(&ficus, &store_url, &["tenant", "add", "flip"])?;
+    let dir = tempfile::tempdir()?;
+    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
+    let (listen, admin) = (
+        port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+        port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+    );
+    let config = dir.path().join("ficus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = [\"127.0.0.1:{listen}\"]\nadmin_listen = \"127.0.0.1:{admin}\"\nstore = \"{store_url}\"\nthreads = 1\n\
+             [backends.legacy]\nupstreams = [\"{legacy}\"]\n[backends.new]\nupstreams = [\"{new}\"]\n[[tenant_from]]\nheader = \"X-Tenant-Id\"\n"
+        ),
+    )?;
+    let mut child = Command::new(&ficus)
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let proxy = format!("http://127.0.0.1:{listen}");
+    let result = propagation_flips(
+        &proxy,
+        &format!("http://127.0.0.1:{admin}/readyz"),
+        &store_url,
+        flips,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn propagation_flips(
+    proxy: &str,
+    readyz: &str,
+    store_url: &str,
+    flips: usize,
+) -> Result<(), Error> {
+    let (proxy, readyz, store_url) = (proxy.to_string(), readyz.to_string(), store_url.to_string());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let store = ficus_store::open(&StoreUrl::parse(&store_url)?, OpenMode::Existing).await?;
+        let id = TenantId::parse("flip")?;
+        let client = reqwest::Client::new();
+        let ready_by = Instant::now() + Duration::from_secs(30);
+        while !matches!(client.get(&readyz).send().await, Ok(r) if r.status() == 200) {
+            if Instant::now() > ready_by {
+                return Err("the proxy did not become ready".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let backend_now = |client: reqwest::Client, proxy: String| async move {
+            let r = client
+                .get(format!("{proxy}/"))
+                .header("x-tenant-id", "flip")
+                .send()
+                .await
+                .ok()?;
+            r.text().await.ok()
+        };
+        let mut latencies = Vec::with_capacity(flips);
+        for i in 0..flips {
+            // legacy -> shadow is routed the same; go through shadow to reach migrated.
+            let (to, want) = if i % 2 == 0 {
+                (vec![Stage::Shadow, Stage::Migrated], "new")
+            } else {
+                (vec![Stage::Legacy], "legacy")
+            };
+            let mut started = Instant::now();
+            for (n, stage) in to.iter().enumerate() {
+                if n + 1 == to.len() {
+                    started = Instant::now();
+                }
+                store
+                    .change_stage(StageChange {
+                        tenant: id.clone(),
+                        to: *stage,
+                        expected_version: None,
+                        actor: Actor::Cli,
+                        reason: "bench".into(),
+                    })
+                    .await?;
+            }
+            loop {
+                if backend_now(client.clone(), proxy.clone())
+                    .await
+                    .is_some_and(|b| b.contains(want))
+                {
+                    latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    return Err("a stage change did not reach the proxy within 10 s".into());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (p50, p99, max) = percentiles(latencies);
+        println!(
+            "{}",
+            serde_json::json!({"flips": flips, "p50_ms": p50, "p99_ms": p99, "max_ms": max})
+        );
+        Ok::<(), Error>(())
+    })
 }

@@ -145,12 +145,14 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
             source,
         })?;
 
-    let mut conf = ServerConf::default();
-    conf.threads = config.threads;
-    // Pingora waits this long after a shutdown signal before stopping its runtimes;
-    // the drain watcher below exits earlier once nothing is in flight.
-    conf.grace_period_seconds = Some(drain.as_secs().max(1));
-    conf.graceful_shutdown_timeout_seconds = Some(1);
+    // Pingora waits grace_period_seconds after a shutdown signal before stopping its
+    // runtimes; the drain watcher below exits earlier once nothing is in flight.
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(drain.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

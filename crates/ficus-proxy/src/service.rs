@@ -106,6 +106,18 @@ fn refuse(status: u16, message: &'static str) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), message)
 }
 
+/// The header names of a raw HTTP/1 request head (after the request line).
+fn raw_header_names(raw: &[u8]) -> Vec<&[u8]> {
+    raw.split(|&b| b == b'\n')
+        .skip(1)
+        .filter_map(|line| {
+            line.iter()
+                .position(|&b| b == b':')
+                .map(|colon| &line[..colon])
+        })
+        .collect()
+}
+
 fn valid_host(host: &[u8]) -> bool {
     !host.is_empty()
         && host.len() <= 255
@@ -115,7 +127,7 @@ fn valid_host(host: &[u8]) -> bool {
 }
 
 impl Ficus {
-    fn backend_config<'s>(settings: &'s Settings, backend: Backend) -> &'s BackendConfig {
+    fn backend_config(settings: &Settings, backend: Backend) -> &BackendConfig {
         match backend {
             Backend::Legacy => &settings.legacy,
             Backend::New => &settings.new,
@@ -140,10 +152,11 @@ impl Ficus {
             ctx.settings.request_id_header.clone(),
             ctx.request_id.as_str(),
         )?;
-        if status == 400 || status == 413 || status == 431 {
-            // The connection's framing can no longer be trusted.
-            session.set_keepalive(None);
-        }
+        // After an error the proxy does not reuse the client's connection (an unread
+        // request body, or framing that can no longer be trusted, would poison
+        // it), so the response must say so; otherwise the client sends its next
+        // request into a connection that is being closed.
+        session.set_keepalive(None);
         session.write_response_header(Box::new(resp), false).await?;
         session
             .write_response_body(Some(Bytes::from(body)), true)
@@ -192,16 +205,36 @@ impl ProxyHttp for Ficus {
             })
             .map_or_else(|| self.shared.request_id(), str::to_string);
 
-        // Framing: a request with both lengths could be read two ways by two servers
-        // (request smuggling), so it is never forwarded.
-        if req.headers.contains_key(header::CONTENT_LENGTH)
-            && req.headers.contains_key(header::TRANSFER_ENCODING)
-        {
-            return Err(refuse(
-                400,
-                "a request may not carry both content-length and transfer-encoding",
-            ));
+        // A lone LF is a line end to us (RFC 9112 allows that) but may be part of a
+        // header value to a proxy in front of us; reading one request two ways is
+        // how headers get smuggled, so such a request is refused.
+        if let Some(h1) = session.as_downstream().as_http1() {
+            let raw = h1.get_headers_raw_bytes();
+            if raw
+                .iter()
+                .enumerate()
+                .any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+            {
+                return Err(refuse(400, "a header line ends in a bare LF"));
+            }
+            // The parsed headers no longer show this: pingora drops Content-Length
+            // when Transfer-Encoding is present. Two framings in one request are
+            // how requests get smuggled past a proxy, so it is refused outright.
+            let names = raw_header_names(&raw);
+            if names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(b"content-length"))
+                && names
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(b"transfer-encoding"))
+            {
+                return Err(refuse(
+                    400,
+                    "a request may not carry both content-length and transfer-encoding",
+                ));
+            }
         }
+        let req = session.req_header();
         let header_bytes: usize = req
             .headers
             .iter()
@@ -428,10 +461,11 @@ impl ProxyHttp for Ficus {
         }
         // Only answer if nothing was sent yet; otherwise the client sees a cut
         // response, which is the honest outcome of an upstream failing mid-body.
-        if status != 0 && session.response_written().is_none() {
-            if let Err(write) = self.respond(session, ctx, status, message).await {
-                tracing::debug!(error = %write, "could not send an error response");
-            }
+        if status != 0
+            && session.response_written().is_none()
+            && let Err(write) = self.respond(session, ctx, status, message).await
+        {
+            tracing::debug!(error = %write, "could not send an error response");
         }
         FailToProxy {
             error_code: status,

@@ -1,4 +1,4 @@
-//! The `ficus` binary as an operator uses it: real processes, real SQLite files and
+//! The control-plane commands as an operator uses them: real processes, real SQLite files and
 //! a real PostgreSQL server. Output is checked through `check`, which runs one
 //! command and compares exit code, stdout and stderr (timestamps masked) with a
 //! snapshot.

@@ -1,0 +1,993 @@
+//! `ficus proxy` end to end: a real proxy process between real backends, routing by
+//! the stages in a real store. Faults are real too: dead and resetting upstreams,
+//! malformed bytes on the wire, a PostgreSQL store stopped under load, signals.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+
+use crate::support::{
+    Backend, HEADER_RULE, Proxy, ProxySetup, dead_address, eventually, ficus, get_as,
+    recording_backend, resetting_backend, sqlite_store,
+};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_stage_and_follows_a_stage_change_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "legacy"), ("globex", "migrated")]);
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+
+    let (status, body) = get_as(&c, &proxy, "acme", "/homes/1?x=2").await;
+    assert_eq!((status, body["backend"].as_str()), (200, Some("legacy")));
+    assert_eq!(body["path"], "/homes/1?x=2");
+    assert_eq!(get_as(&c, &proxy, "globex", "/").await.1["backend"], "new");
+    assert_eq!(
+        get_as(&c, &proxy, "nobody", "/").await.1["backend"],
+        "legacy",
+        "unknown tenants go to legacy by default"
+    );
+    assert_eq!(
+        c.get(proxy.url("/")).send().await.unwrap().status(),
+        200,
+        "no tenant at all also goes to legacy"
+    );
+
+    // What the backend is told, and what a client cannot forge.
+    let r = c
+        .get(proxy.url("/h"))
+        .header("x-tenant-id", "acme")
+        .header("x-ficus-tenant", "globex")
+        .header("x-ficus-backend", "new")
+        .header("x-forwarded-for", "10.9.9.9")
+        .send()
+        .await
+        .unwrap();
+    let request_id = r
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(request_id.len(), 16);
+    let seen = legacy.last().unwrap();
+    assert_eq!(seen.headers["x-ficus-tenant"], "acme");
+    assert_eq!(seen.headers["x-ficus-backend"], "legacy");
+    assert_eq!(seen.headers["x-request-id"], request_id);
+    assert_eq!(seen.headers["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["via"], "1.1 ficus");
+    let r = c
+        .get(proxy.url("/"))
+        .header("x-request-id", "client-chosen-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-chosen-id");
+    let unknown = legacy.last().unwrap();
+    assert!(
+        !unknown.headers.contains_key("x-ficus-tenant"),
+        "no tenant header for an unresolved request"
+    );
+
+    // A stage change reaches the running proxy within a second.
+    ficus(
+        &store,
+        &["tenant", "stage", "acme", "shadow", "--reason", "canary"],
+    );
+    ficus(
+        &store,
+        &["tenant", "stage", "acme", "migrated", "--reason", "clean"],
+    );
+    let took = eventually(Duration::from_secs(1), || {
+        let c = c.clone();
+        let proxy = &proxy;
+        async move { get_as(&c, proxy, "acme", "/").await.1["backend"] == "new" }
+    })
+    .await;
+    eprintln!("stage change visible after {took:?}");
+    ficus(&store, &["tenant", "rollback", "acme", "--reason", "undo"]);
+    eventually(Duration::from_secs(1), || {
+        let c = c.clone();
+        let proxy = &proxy;
+        async move { get_as(&c, proxy, "acme", "/").await.1["backend"] == "legacy" }
+    })
+    .await;
+
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics
+            .contains("ficus_requests_total{backend=\"legacy\",stage=\"legacy\",status=\"2xx\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ficus_tenant_requests_total{backend=\"new\",tenant=\"globex\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ficus_store_reachable 1"));
+    assert!(metrics.contains("ficus_routing_snapshot_seq "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolves_tenants_by_host_domain_path_and_verified_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "migrated"), ("globex", "migrated")]);
+    ficus(
+        &store,
+        &[
+            "tenant",
+            "add",
+            "initech",
+            "--stage",
+            "migrated",
+            "--domain",
+            "portal.initech.test",
+        ],
+    );
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let rules = "[[tenant_from]]\nhost = \"{tenant}.example.test\"\n\
+                 [[tenant_from]]\npath_prefix = \"/t/{tenant}\"\nstrip = true\n\
+                 [[tenant_from]]\njwt_claim = \"tenant\"\nhs256_secret_env = \"FICUS_TEST_JWT\"\n";
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: rules,
+        env: vec![("FICUS_TEST_JWT", "jwt-secret-for-tests")],
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let tenant_of = |r: serde_json::Value| {
+        (
+            r["backend"].as_str().unwrap_or("").to_string(),
+            r["tenant"].as_str().unwrap_or("").to_string(),
+            r["path"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let body = |r: reqwest::Response| async move { r.json::<serde_json::Value>().await.unwrap() };
+
+    let r = c
+        .get(proxy.url("/a"))
+        .header("host", "acme.example.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        tenant_of(body(r).await),
+        ("new".into(), "acme".into(), "/a".into())
+    );
+    let r = c
+        .get(proxy.url("/b"))
+        .header("host", "portal.initech.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        tenant_of(body(r).await),
+        ("new".into(), "initech".into(), "/b".into())
+    );
+    let r = c
+        .get(proxy.url("/t/globex/homes/7?q=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        tenant_of(body(r).await),
+        ("new".into(), "globex".into(), "/homes/7?q=1".into())
+    );
+
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let token = hs256(
+        &format!("{{\"tenant\":\"globex\",\"exp\":{exp}}}"),
+        b"jwt-secret-for-tests",
+    );
+    let r = c
+        .get(proxy.url("/c"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        tenant_of(body(r).await),
+        ("new".into(), "globex".into(), "/c".into())
+    );
+    let forged = hs256(
+        &format!("{{\"tenant\":\"globex\",\"exp\":{exp}}}"),
+        b"guessed-secret",
+    );
+    let r = c
+        .get(proxy.url("/d"))
+        .bearer_auth(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        tenant_of(body(r).await),
+        ("legacy".into(), "".into(), "/d".into()),
+        "a forged token selects no tenant"
+    );
+    assert!(
+        !proxy.log_text().contains("jwt-secret-for-tests"),
+        "the secret must never be logged"
+    );
+}
+
+/// A compact HS256 JWT, built by hand so the test does not share the proxy's code.
+fn hs256(claims: &str, secret: &[u8]) -> String {
+    use base64_url as b64;
+    let header = b64::encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = b64::encode(claims.as_bytes());
+    let signing_input = format!("{header}.{payload}");
+    let sig = hmac_sha256(secret, signing_input.as_bytes());
+    format!("{signing_input}.{}", b64::encode(&sig))
+}
+
+/// Base64url without padding (RFC 7515), enough for test tokens.
+mod base64_url {
+    pub fn encode(data: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104) over a small SHA-256 (FIPS 180-4), for test tokens only.
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 64];
+    k[..key.len()].copy_from_slice(key);
+    let inner: Vec<u8> = k
+        .iter()
+        .map(|b| b ^ 0x36)
+        .chain(msg.iter().copied())
+        .collect();
+    let inner = sha256(&inner);
+    let outer: Vec<u8> = k
+        .iter()
+        .map(|b| b ^ 0x5c)
+        .chain(inner.iter().copied())
+        .collect();
+    sha256(&outer)
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    const K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
+    ];
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
+    for block in msg.chunks(64) {
+        let mut w = [0u32; 64];
+        for i in 0..16 {
+            w[i] = u32::from_be_bytes([
+                block[4 * i],
+                block[4 * i + 1],
+                block[4 * i + 2],
+                block[4 * i + 3],
+            ]);
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let mut v = h;
+        for i in 0..64 {
+            let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
+            let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
+            let t1 = v[7]
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
+            let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
+            let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
+            let t2 = s0.wrapping_add(maj);
+            v = [
+                t1.wrapping_add(t2),
+                v[0],
+                v[1],
+                v[2],
+                v[3].wrapping_add(t1),
+                v[4],
+                v[5],
+                v[6],
+            ];
+        }
+        for (a, b) in h.iter_mut().zip(v) {
+            *a = a.wrapping_add(b);
+        }
+    }
+    let mut out = [0u8; 32];
+    for (i, word) in h.iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&word.to_be_bytes());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tenants_can_be_rejected_and_retirement_sends_everything_to_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "shadow")]);
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        proxy_extra: "unknown_tenant = \"reject\"",
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let (status, body) = get_as(&c, &proxy, "nobody", "/").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "unknown tenant");
+    assert_eq!(body["request_id"].as_str().unwrap().len(), 16);
+    assert_eq!(
+        legacy.count() + new.count(),
+        0,
+        "a rejected request reaches no backend"
+    );
+    assert_eq!(get_as(&c, &proxy, "acme", "/").await.1["backend"], "legacy");
+
+    // Retirement is a global flag in the store; the proxy never contacts legacy after it.
+    let url = ficus_store::StoreUrl::parse(&store).unwrap();
+    let s = ficus_store::open(&url, ficus_store::OpenMode::Existing)
+        .await
+        .unwrap();
+    s.set_legacy_retired(true, ficus_core::Actor::Cli, "legacy is empty")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(1), || {
+        let c = c.clone();
+        let proxy = &proxy;
+        async move { get_as(&c, proxy, "acme", "/").await.1["backend"] == "new" }
+    })
+    .await;
+    let before = legacy.count();
+    for _ in 0..20 {
+        assert_eq!(get_as(&c, &proxy, "acme", "/").await.1["backend"], "new");
+    }
+    assert_eq!(
+        legacy.count(),
+        before,
+        "legacy is never contacted once retired"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speaks_http2_and_websocket_and_h2c_upstreams() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "legacy"), ("globex", "migrated")]);
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    // HTTP/2 from the client (prior knowledge, cleartext).
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(proxy.url("/over-h2"))
+        .header("x-tenant-id", "globex")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["backend"].as_str(), body["path"].as_str()),
+        (Some("new"), Some("/over-h2"))
+    );
+
+    // WebSocket upgrade passes through to the tenant's backend.
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/ws",
+            proxy.addr
+        ))
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-tenant-id", "acme".parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.status(), 101);
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::text("hello"))
+        .await
+        .unwrap();
+    let reply = socket.next().await.unwrap().unwrap();
+    assert_eq!(reply.into_text().unwrap().as_str(), "legacy: hello");
+    drop(socket);
+    drop(proxy);
+
+    // h2c to an upstream that speaks HTTP/2 with prior knowledge.
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    let text = std::fs::read_to_string(&proxy.config).unwrap().replacen(
+        "[backends.new]\n",
+        "[backends.new]\nprotocol = \"h2c\"\n",
+        1,
+    );
+    std::fs::write(&proxy.config, text).unwrap();
+    proxy.signal("HUP");
+    let c = client();
+    eventually(Duration::from_secs(5), || {
+        let log = proxy.log_text();
+        async move { log.contains("configuration reloaded") }
+    })
+    .await;
+    let (status, body) = get_as(&c, &proxy, "globex", "/via-h2c").await;
+    assert_eq!((status, body["backend"].as_str()), (200, Some("new")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_become_502_and_504_and_the_proxy_stays_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(
+        dir.path(),
+        &[
+            ("down", "legacy"),
+            ("reset", "migrated"),
+            ("slow", "legacy"),
+        ],
+    );
+    let (reset_addr, _reset) = resetting_backend().await;
+    let slow = Backend::start("legacy").await;
+    // Legacy has a dead upstream first and a live one second: connect failures move on.
+    let routes =
+        format!("{HEADER_RULE}[[routes]]\npath_prefix = \"/slow/1500\"\nread_timeout_ms = 3000\n");
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![dead_address(), slow.addr],
+        new: vec![reset_addr],
+        extra: &routes,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    for _ in 0..4 {
+        assert_eq!(
+            get_as(&c, &proxy, "down", "/").await.0,
+            200,
+            "a dead upstream is skipped for the next one"
+        );
+    }
+    let (status, body) = get_as(&c, &proxy, "reset", "/").await;
+    assert_eq!(status, 502, "{body}");
+    // Whether the reset lands during connect or during the exchange decides the
+    // wording; either way it is the backend's failure, reported as 502.
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error == "the backend failed to answer" || error == "the backend could not be reached",
+        "{error}"
+    );
+    assert_eq!(body["request_id"].as_str().unwrap().len(), 16);
+
+    let started = Instant::now();
+    let (status, body) = get_as(&c, &proxy, "slow", "/slow/2500").await;
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"], "the backend did not answer in time");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(2450),
+        "504 after the 2 s read timeout, took {took:?}"
+    );
+    let (status, _) = get_as(&c, &proxy, "slow", "/slow/1500").await;
+    assert_eq!(status, 200, "a per-route timeout extends the backend's");
+
+    let only_dead = dead_address();
+    drop(proxy);
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![only_dead],
+        new: vec![reset_addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = get_as(&c, &proxy, "down", "/").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("the backend could not be reached"))
+    );
+    assert_eq!(
+        reqwest::get(proxy.admin_url("/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("ficus_upstream_errors_total{backend=\"legacy\",kind=\"connect\"}"),
+        "{metrics}"
+    );
+}
+
+/// Sends raw bytes to the proxy and returns the status line of the answer, or
+/// "closed" if the proxy closed the connection without one.
+fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .next()
+        .filter(|l| !l.is_empty())
+        .map_or("closed".to_string(), str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_a_4xx_and_are_never_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "legacy"), ("globex", "migrated")]);
+    let (legacy, wire, _task) = recording_backend().await;
+    let new = Backend::start("new").await;
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        proxy_extra: "max_body_bytes = 1024",
+        ..Default::default()
+    })
+    .await;
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(100_000)
+    );
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("invalid host", b"GET / HTTP/1.1\r\nHost: exa mple.test\r\nX-Tenant-Id: acme\r\n\r\n".to_vec()),
+        ("bare CR in a header", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rX-Injected: 1\r\nX-Tenant-Id: acme\r\n\r\n".to_vec()),
+        ("bare LF splitting a header", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\nX-Tenant-Id: acme\r\n\r\n".to_vec()),
+        ("oversized headers", big_header.into_bytes()),
+        ("oversized body", b"POST / HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: acme\r\nContent-Length: 5000\r\n\r\n".to_vec()),
+        ("oversized chunked body", {
+            let mut v = b"POST / HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: acme\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n".to_vec();
+            v.extend(std::iter::repeat_n(b'x', 0x800));
+            v.extend_from_slice(b"\r\n0\r\n\r\n");
+            v
+        }),
+        ("content-length and transfer-encoding", b"POST / HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: acme\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()),
+        ("invalid chunked encoding", b"POST / HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: acme\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec()),
+        ("two content-lengths", b"POST / HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: acme\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec()),
+        ("garbage request line", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n".to_vec()),
+    ];
+    let mut report = Vec::new();
+    for (name, bytes) in &cases {
+        let (addr, bytes) = (proxy.addr, bytes.clone());
+        let status = tokio::task::spawn_blocking(move || raw(addr, &bytes))
+            .await
+            .unwrap();
+        report.push(format!("{name}: {status}"));
+        let code: Option<u16> = status.split(' ').nth(1).and_then(|c| c.parse().ok());
+        assert!(
+            status == "closed" || code.is_some_and(|c| (400..500).contains(&c)),
+            "{name}: expected a 4xx or a closed connection, got {status:?}"
+        );
+    }
+    eprintln!("{}", report.join("\n"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Streamed bodies (chunked) go upstream as they arrive; one that turns out too
+    // large or malformed is cut off, so the backend may see the head of a request
+    // but never a complete one: no terminating chunk, and nothing else at all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for conn in wire.lock().unwrap().iter() {
+        let text = String::from_utf8_lossy(conn);
+        let head_end = text.find("\r\n\r\n").map_or(text.len(), |i| i + 4);
+        assert!(
+            text.contains("Transfer-Encoding: chunked") && !text[head_end..].contains("0\r\n\r\n"),
+            "a malformed request reached the backend whole: {text:?}"
+        );
+    }
+    // The proxy is still healthy and serves the next good request.
+    let c = client();
+    assert_eq!(get_as(&c, &proxy, "globex", "/after").await.0, 200);
+    assert_eq!(new.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_flipped_under_1000_in_flight_requests_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "shadow")]);
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let proxy = Arc::new(
+        Proxy::start(ProxySetup {
+            store: &store,
+            legacy: vec![legacy.addr],
+            new: vec![new.addr],
+            extra: HEADER_RULE,
+            ..Default::default()
+        })
+        .await,
+    );
+    let c = client();
+    let flipped_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..1000u64 {
+        let (c, proxy, flipped_at) = (c.clone(), Arc::clone(&proxy), Arc::clone(&flipped_at));
+        tasks.push(tokio::spawn(async move {
+            // Spread the starts over about 2 s; each request then takes 300 ms, so
+            // hundreds are in flight when the tenant is flipped at about 1 s.
+            tokio::time::sleep(Duration::from_millis(i * 2)).await;
+            let started = Instant::now();
+            let (status, body) = get_as(&c, &proxy, "acme", "/slow/300").await;
+            let after_flip = flipped_at
+                .lock()
+                .unwrap()
+                .is_some_and(|t| started > t + Duration::from_millis(500));
+            (
+                status,
+                body["backend"].as_str().unwrap_or("?").to_string(),
+                body["request_id"].as_str().unwrap_or("").to_string(),
+                after_flip,
+            )
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let in_flight_at_flip = proxy
+        .metrics()
+        .await
+        .lines()
+        .find(|l| l.starts_with("ficus_in_flight_requests "))
+        .unwrap_or("")
+        .to_string();
+    ficus(
+        &store,
+        &[
+            "tenant",
+            "stage",
+            "acme",
+            "migrated",
+            "--reason",
+            "flip under load",
+        ],
+    );
+    *flipped_at.lock().unwrap() = Some(Instant::now());
+    let mut by_backend = std::collections::HashMap::new();
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, backend, id, after_flip) = t.await.unwrap();
+        assert_eq!(status, 200, "every request is answered");
+        assert!(ids.insert(id.clone()), "request id {id} answered twice");
+        if after_flip {
+            assert_eq!(
+                backend, "new",
+                "a request started well after the flip went to {backend}"
+            );
+        }
+        *by_backend.entry(backend).or_insert(0) += 1;
+    }
+    eprintln!("{in_flight_at_flip}; answered by {by_backend:?}");
+    assert_eq!(by_backend.values().sum::<i32>(), 1000);
+    assert!(
+        by_backend.get("legacy").copied().unwrap_or(0) > 0
+            && by_backend.get("new").copied().unwrap_or(0) > 0
+    );
+    assert_eq!(
+        legacy.count() + new.count(),
+        1000,
+        "each request reached exactly one backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "legacy")]);
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let mut proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (c, url) = (c.clone(), proxy.url("/slow/1000"));
+        tasks.push(tokio::spawn(async move {
+            c.get(url)
+                .header("x-tenant-id", "acme")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    eventually(Duration::from_secs(5), || {
+        let proxy = &proxy;
+        async move {
+            proxy
+                .metrics()
+                .await
+                .contains("ficus_in_flight_requests 100")
+        }
+    })
+    .await;
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    let statuses: Vec<_> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|t| t.unwrap())
+        .collect();
+    let failed: Vec<_> = statuses.iter().filter(|s| !matches!(s, Ok(200))).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 100 in-flight requests failed: {failed:?}",
+        failed.len()
+    );
+    let status = proxy.wait_exit(Duration::from_secs(15)).await;
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        proxy.log_text()
+    );
+    eprintln!(
+        "drained 100 in-flight requests and exited {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    assert!(
+        TcpStream::connect(proxy.addr).is_err(),
+        "the proxy no longer accepts connections"
+    );
+    // The last legacy-traffic counts were written on the way out.
+    let traffic = ficus(&store, &["status", "--json"]);
+    assert!(
+        traffic.contains("legacy received traffic within the quiet window"),
+        "{traffic}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_applies_a_good_config_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "legacy")]);
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let good = std::fs::read_to_string(&proxy.config).unwrap();
+    std::fs::write(
+        &proxy.config,
+        format!("{good}\n[[tenant_from]]\nheadr = \"typo\"\n"),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(5), || {
+        let log = proxy.log_text();
+        async move { log.contains("configuration reload refused") }
+    })
+    .await;
+    assert!(proxy.log_text().contains("unknown field `headr`"));
+    assert_eq!(
+        get_as(&c, &proxy, "acme", "/").await.1["backend"],
+        "legacy",
+        "the old config keeps serving"
+    );
+    // Swap the backends through a reload: acme's requests now land on the other server.
+    let swapped = good
+        .replacen(&legacy.addr.to_string(), "LEGACY", 1)
+        .replacen(&new.addr.to_string(), &legacy.addr.to_string(), 1)
+        .replacen("LEGACY", &new.addr.to_string(), 1);
+    std::fs::write(&proxy.config, swapped).unwrap();
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(5), || {
+        let (c, proxy) = (c.clone(), &proxy);
+        async move { get_as(&c, proxy, "acme", "/").await.1["backend"] == "new" }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
+    let mut cluster = tokio::task::spawn_blocking(|| ficus_testkit::PgCluster::start().unwrap())
+        .await
+        .unwrap();
+    let store = cluster.url("postgres");
+    ficus(&store, &["init"]);
+    ficus(&store, &["tenant", "add", "acme", "--stage", "migrated"]);
+    ficus(&store, &["tenant", "add", "globex"]);
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let proxy = Arc::new(
+        Proxy::start(ProxySetup {
+            store: &store,
+            legacy: vec![legacy.addr],
+            new: vec![new.addr],
+            extra: HEADER_RULE,
+            ..Default::default()
+        })
+        .await,
+    );
+    let c = client();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for worker in 0..8 {
+        let (c, proxy, stop, ok, failed) = (
+            c.clone(),
+            Arc::clone(&proxy),
+            Arc::clone(&stop),
+            Arc::clone(&ok),
+            Arc::clone(&failed),
+        );
+        load.push(tokio::spawn(async move {
+            let tenant = if worker % 2 == 0 { "acme" } else { "globex" };
+            let want = if tenant == "acme" { "new" } else { "legacy" };
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = get_as(&c, &proxy, tenant, "/").await;
+                if status == 200 && body["backend"] == want {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop().unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let stopped_at = Instant::now();
+    eventually(Duration::from_secs(10), || {
+        let proxy = Arc::clone(&proxy);
+        async move { proxy.metrics().await.contains("ficus_store_reachable 0") }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(stopped_at.elapsed())).await;
+    let during = ok.load(Ordering::Relaxed);
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart().unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(15), || {
+        let proxy = Arc::clone(&proxy);
+        async move { proxy.metrics().await.contains("ficus_store_reachable 1") }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    // After the store returns, changes flow again.
+    ficus(
+        &store,
+        &[
+            "tenant",
+            "stage",
+            "globex",
+            "shadow",
+            "--reason",
+            "after the outage",
+        ],
+    );
+    ficus(
+        &store,
+        &[
+            "tenant",
+            "stage",
+            "globex",
+            "migrated",
+            "--reason",
+            "after the outage",
+        ],
+    );
+    eventually(Duration::from_secs(2), || {
+        let (c, proxy) = (c.clone(), Arc::clone(&proxy));
+        async move { get_as(&c, &proxy, "globex", "/").await.1["backend"] == "new" }
+    })
+    .await;
+    let log = proxy.log_text();
+    let warnings = log.matches("control store unreachable").count();
+    eprintln!(
+        "{during} requests served while the store was down; {warnings} outage warnings logged"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed while the store was away"
+    );
+    assert!(
+        during > 1000,
+        "the load ran during the outage ({during} requests)"
+    );
+    assert!(
+        warnings <= 2,
+        "the outage is logged at most once a minute, got {warnings}"
+    );
+    drop(cluster);
+}

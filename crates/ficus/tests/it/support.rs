@@ -1,0 +1,459 @@
+//! Test support for the proxy: echo backends that say who answered, and a launcher
+//! that runs `ficus proxy` as a real process on free loopback ports.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+
+pub const FICUS: &str = env!("CARGO_BIN_EXE_ficus");
+
+/// One request as a backend saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub headers: HashMap<String, String>,
+}
+
+/// An HTTP backend on a free port that answers with JSON naming itself.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Clone)]
+struct BackendState {
+    name: &'static str,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Backend {
+    /// Starts a backend named `name` (the `backend` field of every answer).
+    /// Routes: `/slow/{ms}` answers after a delay, `/status/{code}` with that
+    /// status, `/ws` is a WebSocket echo, anything else echoes the request.
+    pub async fn start(name: &'static str) -> Backend {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let state = BackendState {
+            name,
+            seen: Arc::clone(&seen),
+        };
+        let app = Router::new()
+            .route("/slow/{ms}", any(slow))
+            .route("/status/{code}", any(status))
+            .route("/ws", get(ws))
+            .fallback(echo)
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Backend { addr, seen, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Option<Seen> {
+        self.seen.lock().unwrap().last().cloned()
+    }
+}
+
+fn record(state: &BackendState, headers: &HeaderMap) {
+    let headers = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    state.seen.lock().unwrap().push(Seen { headers });
+}
+
+fn answer(
+    state: &BackendState,
+    req_method: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body_len: usize,
+) -> Response {
+    record(state, headers);
+    let body = serde_json::json!({
+        "backend": state.name,
+        "method": req_method,
+        "path": path,
+        "request_id": headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+        "tenant": headers.get("x-ficus-tenant").and_then(|v| v.to_str().ok()),
+        "body_len": body_len,
+    });
+    axum::Json(body).into_response()
+}
+
+async fn echo(State(state): State<BackendState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    answer(
+        &state,
+        parts.method.as_str(),
+        &path,
+        &parts.headers,
+        body.len(),
+    )
+}
+
+async fn slow(
+    State(state): State<BackendState>,
+    Path(ms): Path<u64>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    answer(&state, "ANY", &format!("/slow/{ms}"), &headers, body.len())
+}
+
+async fn status(
+    State(state): State<BackendState>,
+    Path(code): Path<u16>,
+    headers: HeaderMap,
+) -> Response {
+    record(&state, &headers);
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT),
+        format!("{{\"backend\":\"{}\"}}", state.name),
+    )
+        .into_response()
+}
+
+async fn ws(
+    State(state): State<BackendState>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    record(&state, &headers);
+    let name = state.name;
+    upgrade.on_upgrade(move |mut socket| async move {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if let Message::Text(t) = msg {
+                let reply = format!("{name}: {}", t.as_str());
+                if socket.send(Message::Text(reply.into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// A TCP listener that accepts connections and closes them at once, like a backend
+/// that resets every request.
+pub async fn resetting_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            // A zero linger makes the close an RST and never blocks, which is the
+            // case the deprecation warns about.
+            #[allow(
+                deprecated,
+                reason = "zero linger: an immediate RST, no blocking close"
+            )]
+            let _ = stream.set_linger(Some(Duration::ZERO));
+            drop(stream);
+        }
+    });
+    (addr, task)
+}
+
+/// A backend that never answers and keeps the raw bytes of every connection, to
+/// prove exactly what the proxy sent.
+pub async fn recording_backend() -> (
+    SocketAddr,
+    Arc<Mutex<Vec<Vec<u8>>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let record = Arc::clone(&conns);
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let slot = {
+                    let mut all = record.lock().unwrap();
+                    all.push(Vec::new());
+                    all.len() - 1
+                };
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    record.lock().unwrap()[slot].extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, conns, task)
+}
+
+/// A loopback address where nothing listens.
+pub fn dead_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `ficus proxy` process.
+pub struct Proxy {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What a test proxy routes to and how.
+#[derive(Default)]
+pub struct ProxySetup<'a> {
+    pub store: &'a str,
+    pub legacy: Vec<SocketAddr>,
+    pub new: Vec<SocketAddr>,
+    /// More TOML appended after the defaults (rules, routes, backend options).
+    pub extra: &'a str,
+    /// Lines added to the `[proxy]` table.
+    pub proxy_extra: &'a str,
+    pub env: Vec<(&'a str, &'a str)>,
+}
+
+pub const HEADER_RULE: &str = "[[tenant_from]]\nheader = \"X-Tenant-Id\"\n";
+
+impl Proxy {
+    pub fn config_text(setup: &ProxySetup<'_>, listen: SocketAddr, admin: SocketAddr) -> String {
+        let list = |addrs: &[SocketAddr]| {
+            addrs
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "[proxy]\nlisten = [\"{listen}\"]\nadmin_listen = \"{admin}\"\nstore = \"{}\"\ntraffic_flush_ms = 200\ndrain_timeout_ms = 10000\n{}\n\n\
+             [backends.legacy]\nupstreams = [{}]\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n\n\
+             [backends.new]\nupstreams = [{}]\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n\n{}",
+            setup.store,
+            setup.proxy_extra,
+            list(&setup.legacy),
+            list(&setup.new),
+            setup.extra,
+        )
+    }
+
+    /// Starts a proxy and waits until `/readyz` says it has a routing table.
+    pub async fn start(setup: ProxySetup<'_>) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("ficus.toml");
+        std::fs::write(&config, Proxy::config_text(&setup, addr, admin)).unwrap();
+        let log = dir.path().join("proxy.log");
+        let mut cmd = Command::new(FICUS);
+        cmd.args(["proxy", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in &setup.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut proxy = Proxy {
+            child: Some(child),
+            addr,
+            admin,
+            config,
+            log,
+            _dir: dir,
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(self.admin_url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("ficus proxy exited with {status}: {}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("ficus proxy not ready within 30 s: {}", self.log_text());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {sig} failed");
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not exit within {timeout:?}: {}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// A fresh SQLite store with these tenants, as `(id, stage)`.
+pub fn sqlite_store(dir: &std::path::Path, tenants: &[(&str, &str)]) -> String {
+    let store = format!("sqlite:{}", dir.join("ficus.db").display());
+    ficus(&store, &["init"]);
+    for (id, stage) in tenants {
+        ficus(&store, &["tenant", "add", id, "--stage", stage]);
+    }
+    store
+}
+
+/// Runs a `ficus` command against `store`, which must succeed.
+pub fn ficus(store: &str, args: &[&str]) -> String {
+    let out = Command::new(FICUS)
+        .args(args)
+        .env("FICUS_STORE", store)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ficus {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// GETs `path` through the proxy as `tenant` and returns (status, JSON body).
+pub async fn get_as(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    tenant: &str,
+    path: &str,
+) -> (u16, serde_json::Value) {
+    let r = client
+        .get(proxy.url(path))
+        .header("x-tenant-id", tenant)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// Polls until `f` is true or the timeout passes; returns how long it took.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not met within {timeout:?}");
+}
