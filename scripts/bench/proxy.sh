@@ -86,6 +86,10 @@ CONF
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$2/readyz" >/dev/null && return; sleep 0.1; done
   echo "ficus on $1 did not become ready" >&2; exit 1
 }
+# The smallest proxy pingora can be: same framework and version, one thread, no
+# filters. Its row separates what pingora costs from what Ficus adds.
+"$bench" pingora-floor 127.0.0.1:18050 127.0.0.1:18001 2>"$work/floor.log" & pids+=($!)
+
 start_ficus 18030 18031 10
 start_ficus 18040 18041 100000
 sleep 1
@@ -100,8 +104,8 @@ end
 LUA
 
 declare -A url=( [direct]=http://127.0.0.1:18001/homes/1 [nginx]=http://127.0.0.1:18010/homes/1 [haproxy]=http://127.0.0.1:18020/homes/1
-                 [ficus-10]=http://127.0.0.1:18030/homes/1 [ficus-100k]=http://127.0.0.1:18040/homes/1 )
-order=(direct nginx haproxy ficus-10 ficus-100k)
+                 [pingora-floor]=http://127.0.0.1:18050/homes/1 [ficus-10]=http://127.0.0.1:18030/homes/1 [ficus-100k]=http://127.0.0.1:18040/homes/1 )
+order=(direct nginx haproxy pingora-floor ficus-10 ficus-100k)
 declare -A rps p50 p99 p999 err fp50 fp99 fp999
 for name in "${order[@]}"; do
   wrk -t1 -c32 -d2s -s "$work/report.lua" "${url[$name]}" >/dev/null   # warm-up
@@ -125,10 +129,11 @@ print(f"| {n} | {r:,.0f} | {r/d:.2f}× | {r/ng:.2f}× | {r/ha:.2f}× | {a} ms | 
 PY
 done
 echo
-python3 - "${rps[ficus-10]}" "${rps[ficus-100k]}" <<'PY'
+python3 - "${rps[ficus-10]}" "${rps[ficus-100k]}" "${rps[pingora-floor]}" <<'PY'
 import sys
-a, b = map(float, sys.argv[1:])
+a, b, f = map(float, sys.argv[1:])
 print(f"100,000 tenants vs 10 tenants: {b/a:.3f}× the throughput ({(b/a-1)*100:+.1f}%)")
+print(f"Ficus (10 tenants) vs the pingora floor: {a/f:.2f}×")
 PY
 echo
 echo "stage change → proxy routing by it (PostgreSQL store, 100 flips):"

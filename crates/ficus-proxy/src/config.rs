@@ -34,6 +34,9 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub store: String,
     pub threads: usize,
+    /// Idle keep-alive connections kept to upstreams, shared by both backends
+    /// (pingora keeps one pool per process).
+    pub upstream_pool_size: usize,
     pub log_format: LogFormat,
     /// Everything that can change on reload without restarting listeners.
     pub settings: Settings,
@@ -109,6 +112,7 @@ struct RawProxy {
     store: Spanned<String>,
     unknown_tenant: Option<Spanned<String>>,
     threads: Option<Spanned<usize>>,
+    upstream_pool_size: Option<usize>,
     max_body_bytes: Option<u64>,
     max_header_bytes: Option<usize>,
     drain_timeout_ms: Option<u64>,
@@ -288,6 +292,7 @@ impl Config {
             admin_listen,
             store: p.store.into_inner(),
             threads,
+            upstream_pool_size: p.upstream_pool_size.unwrap_or(128),
             log_format,
             settings,
         })
@@ -308,6 +313,9 @@ impl Config {
         }
         if self.threads != new.threads {
             changed.push("proxy.threads");
+        }
+        if self.upstream_pool_size != new.upstream_pool_size {
+            changed.push("proxy.upstream_pool_size");
         }
         if self.log_format != new.log_format {
             changed.push("proxy.log_format");

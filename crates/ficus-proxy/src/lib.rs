@@ -149,6 +149,7 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
     // runtimes; the drain watcher below exits earlier once nothing is in flight.
     let conf = ServerConf {
         threads: config.threads,
+        upstream_keepalive_pool_size: config.upstream_pool_size,
         grace_period_seconds: Some(drain.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()

@@ -4,14 +4,15 @@
 //! value, the rest are counted as `other`, so a SaaS with 100,000 tenants cannot blow
 //! up the metrics backend.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use ficus_core::{Backend, TenantId, Timestamp};
 use ficus_store::TrafficCount;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::table::RoutingTable;
@@ -28,9 +29,21 @@ pub struct Metrics {
     table_age_ms: IntGauge,
     table_tenants: IntGauge,
     store_reachable: IntGauge,
-    tenant_labels: Mutex<HashSet<TenantId>>,
+    /// Series resolved once per label combination: `with_label_values` hashes its
+    /// labels on every call, which is too much for every request.
+    request_series: [OnceLock<IntCounter>; BACKENDS * STAGES * CLASSES],
+    latency_series: [OnceLock<Histogram>; BACKENDS * STAGES],
+    tenant_series: RwLock<HashMap<TenantId, [OnceLock<IntCounter>; BACKENDS]>>,
+    other_series: [OnceLock<IntCounter>; BACKENDS],
     cap: usize,
 }
+
+const BACKENDS: usize = 3;
+const STAGES: usize = 4;
+const CLASSES: usize = 6;
+const BACKEND_LABELS: [&str; BACKENDS] = ["legacy", "new", "none"];
+const STAGE_LABELS: [&str; STAGES] = ["legacy", "shadow", "migrated", "unknown"];
+const CLASS_LABELS: [&str; CLASSES] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 impl Metrics {
     pub fn new(cap: usize) -> Metrics {
@@ -129,40 +142,93 @@ impl Metrics {
             table_age_ms,
             table_tenants,
             store_reachable,
-            tenant_labels: Mutex::new(HashSet::new()),
+            request_series: std::array::from_fn(|_| OnceLock::new()),
+            latency_series: std::array::from_fn(|_| OnceLock::new()),
+            tenant_series: RwLock::new(HashMap::new()),
+            other_series: std::array::from_fn(|_| OnceLock::new()),
             cap,
         }
     }
 
+    /// Records one answered request. `stage` is `None` for an unknown tenant.
     pub fn observe(
         &self,
         backend: Option<Backend>,
-        stage: &str,
+        stage: Option<ficus_core::Stage>,
         status: u16,
         elapsed: Duration,
         tenant: Option<&TenantId>,
     ) {
-        let backend = backend.map_or("none", Backend::as_str);
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "none",
+        let b = match backend {
+            Some(Backend::Legacy) => 0,
+            Some(Backend::New) => 1,
+            None => 2,
         };
-        self.requests
-            .with_label_values(&[backend, stage, class])
+        let st = match stage {
+            Some(ficus_core::Stage::Legacy) => 0,
+            Some(ficus_core::Stage::Shadow) => 1,
+            Some(ficus_core::Stage::Migrated) => 2,
+            None => 3,
+        };
+        let class = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            500..=599 => 4,
+            _ => 5,
+        };
+        self.request_series[(b * STAGES + st) * CLASSES + class]
+            .get_or_init(|| {
+                self.requests.with_label_values(&[
+                    BACKEND_LABELS[b],
+                    STAGE_LABELS[st],
+                    CLASS_LABELS[class],
+                ])
+            })
             .inc();
-        self.latency
-            .with_label_values(&[backend, stage])
+        self.latency_series[b * STAGES + st]
+            .get_or_init(|| {
+                self.latency
+                    .with_label_values(&[BACKEND_LABELS[b], STAGE_LABELS[st]])
+            })
             .observe(elapsed.as_secs_f64());
         if let Some(t) = tenant {
-            let label = self.tenant_label(t);
-            self.tenant_requests
-                .with_label_values(&[label.as_str(), backend])
-                .inc();
+            self.tenant_counter(t, b).inc();
         }
+    }
+
+    /// The tenant's own series while fewer than `cap` tenants have one, else
+    /// the shared `other` series.
+    fn tenant_counter(&self, tenant: &TenantId, b: usize) -> IntCounter {
+        let make = || {
+            self.tenant_requests
+                .with_label_values(&[tenant.as_str(), BACKEND_LABELS[b]])
+        };
+        if let Some(slots) = self
+            .tenant_series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+        {
+            return slots[b].get_or_init(make).clone();
+        }
+        let mut series = self
+            .tenant_series
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if series.len() < self.cap || series.contains_key(tenant) {
+            let slots = series
+                .entry(tenant.clone())
+                .or_insert_with(|| std::array::from_fn(|_| OnceLock::new()));
+            return slots[b].get_or_init(make).clone();
+        }
+        self.other_series[b]
+            .get_or_init(|| {
+                self.tenant_requests
+                    .with_label_values(&["other", BACKEND_LABELS[b]])
+            })
+            .clone()
     }
 
     pub fn upstream_error(&self, backend: Backend, kind: &str) {
@@ -173,18 +239,6 @@ impl Metrics {
 
     pub fn rejected(&self, reason: &str) {
         self.rejected.with_label_values(&[reason]).inc();
-    }
-
-    fn tenant_label(&self, tenant: &TenantId) -> String {
-        let mut labels = self.tenant_labels.lock().unwrap_or_else(|p| p.into_inner());
-        if labels.contains(tenant) {
-            return tenant.to_string();
-        }
-        if labels.len() < self.cap {
-            labels.insert(tenant.clone());
-            return tenant.to_string();
-        }
-        "other".to_string()
     }
 
     /// Renders every metric in Prometheus's text format, refreshing the gauges that
@@ -210,27 +264,55 @@ impl Metrics {
 /// counting here and flushing in aggregate keeps the store off the request path.
 #[derive(Default)]
 pub struct LegacyTraffic {
-    counts: Mutex<HashMap<Option<TenantId>, (u64, Timestamp)>>,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    known: HashMap<TenantId, (u64, Timestamp)>,
+    unknown: Option<(u64, Timestamp)>,
+}
+
+fn bump(entry: &mut (u64, Timestamp), n: u64, at: Timestamp) {
+    entry.0 += n;
+    entry.1 = entry.1.max(at);
 }
 
 impl LegacyTraffic {
     pub fn record(&self, tenant: Option<&TenantId>, at: Timestamp) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = counts.entry(tenant.cloned()).or_insert((0, at));
-        entry.0 += 1;
-        entry.1 = entry.1.max(at);
+        match tenant {
+            // Look up before inserting, so the hot path does not clone the id.
+            Some(t) => match counts.known.get_mut(t) {
+                Some(entry) => bump(entry, 1, at),
+                None => {
+                    counts.known.insert(t.clone(), (1, at));
+                }
+            },
+            None => bump(counts.unknown.get_or_insert((0, at)), 1, at),
+        }
     }
 
     /// Takes everything counted so far.
     pub fn take(&self) -> Vec<TrafficCount> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let unknown = counts
+            .unknown
+            .take()
+            .map(|(requests, last_at)| TrafficCount {
+                tenant: None,
+                requests,
+                last_at,
+            });
         counts
+            .known
             .drain()
-            .map(|(tenant, (requests, last_at))| TrafficCount {
-                tenant,
+            .map(|(t, (requests, last_at))| TrafficCount {
+                tenant: Some(t),
                 requests,
                 last_at,
             })
+            .chain(unknown)
             .collect()
     }
 
@@ -238,9 +320,18 @@ impl LegacyTraffic {
     pub fn restore(&self, counts: Vec<TrafficCount>) {
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         for c in counts {
-            let entry = map.entry(c.tenant).or_insert((0, c.last_at));
-            entry.0 += c.requests;
-            entry.1 = entry.1.max(c.last_at);
+            match c.tenant {
+                Some(t) => bump(
+                    map.known.entry(t).or_insert((0, c.last_at)),
+                    c.requests,
+                    c.last_at,
+                ),
+                None => bump(
+                    map.unknown.get_or_insert((0, c.last_at)),
+                    c.requests,
+                    c.last_at,
+                ),
+            }
         }
     }
 }

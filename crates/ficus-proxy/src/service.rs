@@ -479,10 +479,9 @@ impl ProxyHttp for Ficus {
             self.shared.metrics.in_flight.dec();
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let stage = ctx.stage.map_or("unknown", Stage::as_str);
         self.shared.metrics.observe(
             ctx.backend,
-            stage,
+            ctx.stage,
             status,
             ctx.started.elapsed(),
             ctx.tenant.as_ref(),
