@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 
 use crate::support::{
-    Backend, HEADER_RULE, Proxy, ProxySetup, dead_address, eventually, ficus, get_as,
+    Backend, HEADER_RULE, Proxy, ProxySetup, Rig, dead_address, eventually, ficus, get_as,
     recording_backend, resetting_backend, sqlite_store,
 };
 
@@ -24,17 +24,13 @@ fn client() -> reqwest::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_stage_and_follows_a_stage_change_within_a_second() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path(), &[("acme", "legacy"), ("globex", "migrated")]);
-    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
-    let proxy = Proxy::start(ProxySetup {
-        store: &store,
-        legacy: vec![legacy.addr],
-        new: vec![new.addr],
-        extra: HEADER_RULE,
-        ..Default::default()
-    })
-    .await;
+    let Rig {
+        store,
+        legacy,
+        new: _new,
+        proxy,
+        dir: _dir,
+    } = Rig::start(&[("acme", "legacy"), ("globex", "migrated")], "").await;
     let c = client();
 
     let (status, body) = get_as(&c, &proxy, "acme", "/homes/1?x=2").await;
@@ -362,18 +358,13 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_tenants_can_be_rejected_and_retirement_sends_everything_to_new() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path(), &[("acme", "shadow")]);
-    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
-    let proxy = Proxy::start(ProxySetup {
-        store: &store,
-        legacy: vec![legacy.addr],
-        new: vec![new.addr],
-        extra: HEADER_RULE,
-        proxy_extra: "unknown_tenant = \"reject\"",
-        ..Default::default()
-    })
-    .await;
+    let Rig {
+        store,
+        legacy,
+        new,
+        proxy,
+        dir: _dir,
+    } = Rig::start(&[("acme", "shadow")], "unknown_tenant = \"reject\"").await;
     let c = client();
     let (status, body) = get_as(&c, &proxy, "nobody", "/").await;
     assert_eq!(status, 404);
@@ -413,17 +404,13 @@ async fn unknown_tenants_can_be_rejected_and_retirement_sends_everything_to_new(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speaks_http2_and_websocket_and_h2c_upstreams() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path(), &[("acme", "legacy"), ("globex", "migrated")]);
-    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
-    let proxy = Proxy::start(ProxySetup {
-        store: &store,
-        legacy: vec![legacy.addr],
-        new: vec![new.addr],
-        extra: HEADER_RULE,
-        ..Default::default()
-    })
-    .await;
+    let Rig {
+        store,
+        legacy,
+        new,
+        proxy,
+        dir: _dir,
+    } = Rig::start(&[("acme", "legacy"), ("globex", "migrated")], "").await;
     // HTTP/2 from the client (prior knowledge, cleartext).
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
@@ -753,17 +740,13 @@ async fn a_tenant_flipped_under_1000_in_flight_requests_loses_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path(), &[("acme", "legacy")]);
-    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
-    let mut proxy = Proxy::start(ProxySetup {
-        store: &store,
-        legacy: vec![legacy.addr],
-        new: vec![new.addr],
-        extra: HEADER_RULE,
-        ..Default::default()
-    })
-    .await;
+    let Rig {
+        store,
+        legacy: _legacy,
+        new: _new,
+        mut proxy,
+        dir: _dir,
+    } = Rig::start(&[("acme", "legacy")], "").await;
     let c = client();
     let mut tasks = Vec::new();
     for _ in 0..100 {
@@ -823,17 +806,13 @@ async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reload_applies_a_good_config_and_refuses_a_bad_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path(), &[("acme", "legacy")]);
-    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
-    let proxy = Proxy::start(ProxySetup {
-        store: &store,
-        legacy: vec![legacy.addr],
-        new: vec![new.addr],
-        extra: HEADER_RULE,
-        ..Default::default()
-    })
-    .await;
+    let Rig {
+        store: _store,
+        legacy,
+        new,
+        proxy,
+        dir: _dir,
+    } = Rig::start(&[("acme", "legacy")], "").await;
     let c = client();
     let good = std::fs::read_to_string(&proxy.config).unwrap();
     std::fs::write(

@@ -457,3 +457,40 @@ where
     }
     panic!("condition not met within {timeout:?}");
 }
+
+/// The common set-up: a SQLite store with these tenants, a `legacy` and a `new`
+/// echo backend, and a proxy resolving tenants from `X-Tenant-Id`, with
+/// `proxy_extra` added to its `[proxy]` table.
+pub struct Rig {
+    pub store: String,
+    pub legacy: Backend,
+    pub new: Backend,
+    pub proxy: Proxy,
+    /// Holds the store's directory; bind it (as `dir: _dir`) for as long as the
+    /// store is used.
+    pub dir: tempfile::TempDir,
+}
+
+impl Rig {
+    pub async fn start(tenants: &[(&str, &str)], proxy_extra: &str) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(dir.path(), tenants);
+        let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+        let proxy = Proxy::start(ProxySetup {
+            store: &store,
+            legacy: vec![legacy.addr],
+            new: vec![new.addr],
+            extra: HEADER_RULE,
+            proxy_extra,
+            ..Default::default()
+        })
+        .await;
+        Rig {
+            store,
+            legacy,
+            new,
+            proxy,
+            dir,
+        }
+    }
+}
