@@ -63,6 +63,11 @@ impl NoiseModel {
         e.scores.retain(|_, s| *s >= 0.01);
     }
 
+    /// How many double-asks the endpoint has seen.
+    pub fn double_asks(&self, endpoint: &str) -> u64 {
+        self.endpoints.get(endpoint).map_or(0, |e| e.double_asks)
+    }
+
     pub fn is_noise(&self, endpoint: &str, path: &str) -> bool {
         self.endpoints
             .get(endpoint)

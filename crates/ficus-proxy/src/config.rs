@@ -64,6 +64,53 @@ pub struct Settings {
     pub request_id_header: HeaderName,
     pub traffic_flush: Duration,
     pub tenant_label_cap: usize,
+    pub shadow: ShadowConfig,
+}
+
+/// The parallel run: which reads are also sent to the other backend, and how the
+/// answers are compared.
+#[derive(Debug, Clone)]
+pub struct ShadowConfig {
+    /// Shadow requests running at once; above this, new ones are shed and counted.
+    pub max_in_flight: usize,
+    pub timeout: Duration,
+    /// `METHOD /prefix` entries: safe-method routes with side effects, never shadowed.
+    pub unsafe_routes: Vec<(String, String)>,
+    /// Bodies larger than this (either side) are not compared, only counted.
+    pub body_cap: usize,
+    /// Fraction of eligible requests shadowed, 0.0 to 1.0.
+    pub sample_rate: f64,
+    /// At most this many shadow requests per tenant per second.
+    pub max_per_second: u32,
+    /// Fraction of shadowed requests for which the serving backend is asked twice,
+    /// to learn noise.
+    pub noise_rate: f64,
+    /// For migrated tenants, also send reads to legacy and compare (reverse shadow).
+    pub reverse: bool,
+    /// Keep the values of differing fields in mismatch samples (capped), instead of
+    /// a type and a hash.
+    pub reveal: bool,
+    /// How often comparison counts and samples are written to the store.
+    pub flush: Duration,
+    pub templates: Vec<ficus_diff::endpoint::Template>,
+    /// Per-endpoint comparison rules, first match wins; `default_rules` otherwise.
+    pub rules: Vec<(String, ficus_diff::Rules)>,
+    pub default_rules: ficus_diff::Rules,
+}
+
+impl ShadowConfig {
+    pub fn rules_for(&self, endpoint: &str) -> &ficus_diff::Rules {
+        self.rules
+            .iter()
+            .find(|(e, _)| e == endpoint)
+            .map_or(&self.default_rules, |(_, r)| r)
+    }
+
+    pub fn is_unsafe(&self, method: &str, path: &str) -> bool {
+        self.unsafe_routes
+            .iter()
+            .any(|(m, p)| m == method && path.starts_with(p.as_str()))
+    }
 }
 
 /// One backend: where it is and how to talk to it.
@@ -102,6 +149,42 @@ struct RawConfig {
     tenant_from: Vec<RawRule>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    shadow: Option<RawShadow>,
+    #[serde(default)]
+    compare: Vec<RawCompare>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    max_in_flight: Option<usize>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    unsafe_routes: Vec<Spanned<String>>,
+    body_cap_bytes: Option<usize>,
+    sample_rate: Option<Spanned<f64>>,
+    max_per_second: Option<u32>,
+    noise_rate: Option<Spanned<f64>>,
+    reverse: Option<bool>,
+    reveal: Option<bool>,
+    flush_ms: Option<u64>,
+    #[serde(default)]
+    route_templates: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompare {
+    endpoint: Spanned<String>,
+    #[serde(default)]
+    ignore: Vec<Spanned<String>>,
+    #[serde(default)]
+    unordered: Vec<Spanned<String>>,
+    #[serde(default)]
+    match_by_key: std::collections::BTreeMap<String, String>,
+    numeric_tolerance: Option<f64>,
+    null_equals_missing: Option<bool>,
+    headers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +368,7 @@ impl Config {
             )?,
             traffic_flush,
             tenant_label_cap: p.tenant_label_cap.unwrap_or(100),
+            shadow: cx.shadow(raw.shadow.as_ref(), &raw.compare)?,
         };
         Ok(Config {
             path: path.to_path_buf(),
@@ -394,6 +478,128 @@ impl Cx<'_> {
             read_timeout: ms(b.read_timeout_ms, 30_000),
             write_timeout: ms(b.write_timeout_ms, 30_000),
             idle_timeout: ms(b.idle_timeout_ms, 60_000),
+        })
+    }
+
+    fn shadow(
+        &self,
+        raw: Option<&RawShadow>,
+        compare: &[RawCompare],
+    ) -> Result<ShadowConfig, ConfigError> {
+        let fraction =
+            |v: &Option<Spanned<f64>>, key: &str, default: f64| -> Result<f64, ConfigError> {
+                match v {
+                    Some(f) if !(0.0..=1.0).contains(f.get_ref()) => {
+                        Err(self.at(f, &format!("shadow.{key}: must be between 0.0 and 1.0")))
+                    }
+                    Some(f) => Ok(*f.get_ref()),
+                    None => Ok(default),
+                }
+            };
+        let empty = RawShadow {
+            max_in_flight: None,
+            timeout_ms: None,
+            unsafe_routes: Vec::new(),
+            body_cap_bytes: None,
+            sample_rate: None,
+            max_per_second: None,
+            noise_rate: None,
+            reverse: None,
+            reveal: None,
+            flush_ms: None,
+            route_templates: Vec::new(),
+        };
+        let r = raw.unwrap_or(&empty);
+        let mut unsafe_routes = Vec::new();
+        for entry in &r.unsafe_routes {
+            match entry.get_ref().split_once(' ') {
+                Some((m, p)) if p.starts_with('/') && !m.is_empty() => {
+                    unsafe_routes.push((m.to_ascii_uppercase(), p.to_string()))
+                }
+                _ => {
+                    return Err(self.at(
+                        entry,
+                        &format!(
+                            "shadow.unsafe_routes: {:?} is not \"METHOD /path\"",
+                            entry.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        let templates = r
+            .route_templates
+            .iter()
+            .map(|t| {
+                ficus_diff::endpoint::Template::parse(t.get_ref())
+                    .map_err(|why| self.at(t, &format!("shadow.route_templates: {why}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let reveal = r.reveal.unwrap_or(false);
+        let default_rules = ficus_diff::Rules {
+            reveal,
+            ..ficus_diff::Rules::default()
+        };
+        let mut rules = Vec::new();
+        for c in compare {
+            let patterns = |list: &[Spanned<String>],
+                            key: &str|
+             -> Result<Vec<ficus_diff::PathPattern>, ConfigError> {
+                list.iter()
+                    .map(|p| {
+                        ficus_diff::PathPattern::parse(p.get_ref())
+                            .map_err(|why| self.at(p, &format!("compare.{key}: {why}")))
+                    })
+                    .collect()
+            };
+            let mut by_key = Vec::new();
+            for (path, key) in &c.match_by_key {
+                let pattern = ficus_diff::PathPattern::parse(path)
+                    .map_err(|why| self.at(&c.endpoint, &format!("compare.match_by_key: {why}")))?;
+                by_key.push((pattern, key.clone()));
+            }
+            let endpoint = c.endpoint.get_ref();
+            if endpoint
+                .split_once(' ')
+                .is_none_or(|(_, p)| !p.starts_with('/'))
+            {
+                return Err(self.at(
+                    &c.endpoint,
+                    &format!("compare.endpoint: {endpoint:?} is not \"METHOD /route/{{id}}\""),
+                ));
+            }
+            rules.push((
+                endpoint.clone(),
+                ficus_diff::Rules {
+                    ignore: patterns(&c.ignore, "ignore")?,
+                    unordered: patterns(&c.unordered, "unordered")?,
+                    match_by_key: by_key,
+                    numeric_tolerance: c.numeric_tolerance.unwrap_or(0.0),
+                    null_equals_missing: c.null_equals_missing.unwrap_or(false),
+                    headers: c
+                        .headers
+                        .clone()
+                        .map_or(default_rules.headers.clone(), |h| {
+                            h.iter().map(|s| s.to_ascii_lowercase()).collect()
+                        }),
+                    ..default_rules.clone()
+                },
+            ));
+        }
+        Ok(ShadowConfig {
+            max_in_flight: r.max_in_flight.unwrap_or(256).max(1),
+            timeout: Duration::from_millis(r.timeout_ms.unwrap_or(2_000).max(1)),
+            unsafe_routes,
+            body_cap: r.body_cap_bytes.unwrap_or(1024 * 1024),
+            sample_rate: fraction(&r.sample_rate, "sample_rate", 1.0)?,
+            max_per_second: r.max_per_second.unwrap_or(1_000),
+            noise_rate: fraction(&r.noise_rate, "noise_rate", 0.05)?,
+            reverse: r.reverse.unwrap_or(false),
+            reveal,
+            flush: Duration::from_millis(r.flush_ms.unwrap_or(2_000).max(100)),
+            templates,
+            rules,
+            default_rules,
         })
     }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod metrics;
 pub mod resolve;
 pub mod service;
+pub mod shadow;
 pub mod table;
 
 use std::future::Future;
@@ -121,6 +122,19 @@ async fn flush_traffic(shared: &Shared, store: &dyn ControlStore) {
     }
 }
 
+/// Writes comparison evidence (counts, mismatch samples, noise) to the store; on
+/// failure counts and samples are kept for the next attempt.
+async fn flush_comparisons(shared: &Shared, store: &dyn ControlStore) {
+    let (counts, samples, noise) = shared.shadow.take();
+    if counts.is_empty() && samples.is_empty() && noise.is_empty() {
+        return;
+    }
+    if let Err(e) = store.record_comparisons(&counts, &samples, &noise).await {
+        tracing::warn!(error = %e, "could not record comparisons; will retry");
+        shared.shadow.restore(counts, samples);
+    }
+}
+
 /// Runs the proxy until it is told to stop. Returns once in-flight requests have
 /// drained (or the drain deadline passed) and the last traffic counts are written.
 pub fn run(config_path: &Path) -> Result<(), ProxyError> {
@@ -190,7 +204,7 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
     {
         let (url, shared) = (store_url.clone(), Arc::clone(&shared));
         server.add_service(background_service(
-            "legacy traffic",
+            "evidence",
             Background(Box::new(move |shutdown| {
                 let (url, shared) = (url.clone(), Arc::clone(&shared));
                 Box::pin(async move { flush_loop(url, shared, shutdown).await })
@@ -241,7 +255,8 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Flushes legacy-traffic counts every `traffic_flush` until shutdown.
+/// Flushes comparison evidence every `shadow.flush_ms` and legacy-traffic counts
+/// every `traffic_flush_ms` until shutdown.
 async fn flush_loop(url: StoreUrl, shared: Arc<Shared>, mut shutdown: ShutdownWatch) {
     let store = loop {
         match ficus_store::open(&url, OpenMode::Existing).await {
@@ -254,11 +269,17 @@ async fn flush_loop(url: StoreUrl, shared: Arc<Shared>, mut shutdown: ShutdownWa
             }
         }
     };
+    let mut last_traffic = Instant::now();
     loop {
-        let every = shared.settings.load().traffic_flush;
+        let settings = shared.settings.load_full();
         tokio::select! {
-            () = tokio::time::sleep(every) => flush_traffic(&shared, &*store).await,
+            () = tokio::time::sleep(settings.shadow.flush.min(settings.traffic_flush)) => {}
             _ = shutdown.changed() => return,
+        }
+        flush_comparisons(&shared, &*store).await;
+        if last_traffic.elapsed() >= settings.traffic_flush {
+            last_traffic = Instant::now();
+            flush_traffic(&shared, &*store).await;
         }
     }
 }
@@ -340,7 +361,10 @@ fn drain_then_exit(
             )
             .await
             {
-                Ok(Ok(store)) => flush_traffic(&shared, &*store).await,
+                Ok(Ok(store)) => {
+                    flush_traffic(&shared, &*store).await;
+                    flush_comparisons(&shared, &*store).await;
+                }
                 _ => tracing::warn!(
                     "could not reach the store to write the last legacy-traffic counts"
                 ),

@@ -33,6 +33,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::config::{BackendConfig, Settings};
 use crate::metrics::{LegacyTraffic, Metrics};
 use crate::resolve::{RequestParts, resolve};
+use crate::shadow::{Pending, Plan, SafeRequest, Shadow};
 use crate::table::{RoutingTable, StoreHealth};
 
 /// Everything the request path shares across requests.
@@ -42,6 +43,7 @@ pub struct Shared {
     pub health: Arc<StoreHealth>,
     pub metrics: Metrics,
     pub traffic: LegacyTraffic,
+    pub shadow: Arc<Shadow>,
     pub in_flight: AtomicUsize,
     next_legacy: AtomicUsize,
     next_new: AtomicUsize,
@@ -53,6 +55,7 @@ impl Shared {
     pub fn new(settings: Settings) -> Shared {
         Shared {
             metrics: Metrics::new(settings.tenant_label_cap),
+            shadow: Arc::new(Shadow::new(&settings.shadow)),
             settings: ArcSwap::from_pointee(settings),
             table: Arc::new(ArcSwapOption::empty()),
             health: Arc::new(StoreHealth::default()),
@@ -89,6 +92,18 @@ pub struct Ctx {
     body_bytes: u64,
     connect_failures: usize,
     in_flight: bool,
+    /// A shadow comparison admitted in `request_filter`, started in
+    /// `upstream_request_filter` once the forwarded headers are final.
+    admitted: Option<Admitted>,
+    /// The primary answer being captured for a started comparison.
+    pending: Option<Pending>,
+}
+
+struct Admitted {
+    permit: tokio::sync::OwnedSemaphorePermit,
+    served_by: Backend,
+    compare_with: Backend,
+    endpoint: String,
 }
 
 /// The largest request id accepted from a client; longer ones are replaced.
@@ -181,6 +196,8 @@ impl ProxyHttp for Ficus {
             body_bytes: 0,
             connect_failures: 0,
             in_flight: false,
+            admitted: None,
+            pending: None,
         }
     }
 
@@ -292,6 +309,50 @@ impl ProxyHttp for Ficus {
             .iter()
             .find(|r| r.matches(method, path))
             .and_then(|r| r.read_timeout);
+
+        // The parallel run: which backend's answer, if any, this one is compared with.
+        let pair = match (stage, ctx.backend) {
+            (Some(Stage::Shadow), Some(Backend::Legacy)) => Some((Backend::Legacy, Backend::New)),
+            (Some(Stage::Migrated), Some(Backend::New))
+                if settings.shadow.reverse && !table.legacy_retired =>
+            {
+                Some((Backend::New, Backend::Legacy))
+            }
+            _ => None,
+        };
+        let has_body = req.headers.contains_key(header::TRANSFER_ENCODING)
+            || req
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|l| l.as_bytes() != b"0");
+        let safe_method = matches!(
+            req.method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        );
+        if let (Some((served_by, compare_with)), Some(tenant), true, false) =
+            (pair, &ctx.tenant, safe_method, has_body)
+        {
+            let forwarded = ctx
+                .rewritten_path
+                .as_deref()
+                .map_or(path, |p| p.split('?').next().unwrap_or(p));
+            if !settings.shadow.is_unsafe(method, forwarded) {
+                let endpoint =
+                    ficus_diff::endpoint::endpoint(method, forwarded, &settings.shadow.templates);
+                if let Some(permit) = self
+                    .shared
+                    .shadow
+                    .admit(tenant, &endpoint, &settings.shadow)
+                {
+                    ctx.admitted = Some(Admitted {
+                        permit,
+                        served_by,
+                        compare_with,
+                        endpoint,
+                    });
+                }
+            }
+        }
         Ok(false)
     }
 
@@ -404,6 +465,37 @@ impl ProxyHttp for Ficus {
             let uri: http::Uri = path.parse().map_err(|_| refuse(400, "invalid path"))?;
             upstream.set_uri(uri);
         }
+        // Taken, so a retried upstream attempt does not start a second comparison.
+        if let (Some(admitted), Some(tenant)) = (ctx.admitted.take(), &ctx.tenant) {
+            let path_and_query = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Some(request) =
+                SafeRequest::new(&upstream.method, path_and_query, &upstream.headers)
+            {
+                let sh = &s.shadow;
+                let ask_again = self
+                    .shared
+                    .shadow
+                    .sample_noise(&admitted.endpoint, sh)
+                    .then(|| Ficus::backend_config(s, admitted.served_by).clone());
+                let plan = Plan {
+                    tenant: tenant.clone(),
+                    rules: sh.rules_for(&admitted.endpoint).clone(),
+                    endpoint: admitted.endpoint,
+                    served_by: admitted.served_by,
+                    compare_with: admitted.compare_with,
+                    compare_backend: Ficus::backend_config(s, admitted.compare_with).clone(),
+                    ask_again,
+                    timeout: sh.timeout,
+                    cap: sh.body_cap,
+                };
+                let done = self.shared.shadow.spawn(admitted.permit, request, plan);
+                ctx.pending = Some(Pending {
+                    captured: Default::default(),
+                    cap: sh.body_cap,
+                    done: Some(done),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -413,11 +505,54 @@ impl ProxyHttp for Ficus {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Some(p) = &mut ctx.pending {
+            p.captured.status = resp.status.as_u16();
+            p.captured.headers = resp
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            p.captured.encoded = resp
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|e| e.as_bytes() != b"identity");
+        }
         resp.insert_header(
             ctx.settings.request_id_header.clone(),
             ctx.request_id.as_str(),
         )?;
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        // Teed for the comparison up to the cap; the client's stream is never held.
+        if let Some(p) = &mut ctx.pending {
+            if let Some(chunk) = body.as_ref()
+                && !p.captured.overflow
+            {
+                if p.captured.body.len() + chunk.len() > p.cap {
+                    p.captured.overflow = true;
+                    p.captured.body = Vec::new();
+                } else {
+                    p.captured.body.extend_from_slice(chunk);
+                }
+            }
+            if end_of_stream {
+                p.finish();
+            }
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -473,7 +608,15 @@ impl ProxyHttp for Ficus {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        // A response with no body (HEAD, 204) never reaches the body filter's end;
+        // a failed one is not compared (dropping the sender tells the comparison).
+        if let Some(mut p) = ctx.pending.take()
+            && e.is_none()
+            && session.response_written().is_some()
+        {
+            p.finish();
+        }
         if ctx.in_flight {
             self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             self.shared.metrics.in_flight.dec();

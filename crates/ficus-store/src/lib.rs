@@ -32,7 +32,7 @@ pub use crate::url::StoreUrl;
 
 /// The schema version this build writes. A store with a higher version was written by
 /// a newer Ficus and is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// A tenant to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +83,58 @@ pub struct TrafficCount {
     pub requests: u64,
     pub last_at: Timestamp,
 }
+
+/// Comparison counts for one tenant and endpoint, as proxies report them and as
+/// readiness reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComparisonCount {
+    pub tenant: TenantId,
+    /// `GET /homes/{id}`.
+    pub endpoint: String,
+    /// When the last of these was counted.
+    pub last_at: Timestamp,
+    /// Requests of this endpoint answered for the tenant (compared or not).
+    pub requests: u64,
+    pub compared: u64,
+    pub matched: u64,
+    pub mismatched: u64,
+    /// Differences that were all learned noise.
+    pub noise_only: u64,
+    /// The shadow side failed or timed out.
+    pub errors: u64,
+    /// Not shadowed because the bound was reached or the sample said no.
+    pub shed: u64,
+}
+
+/// One mismatch kept as evidence. `differences` is the diff engine's JSON; the
+/// store keeps it as text and never looks inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MismatchSample {
+    pub tenant: TenantId,
+    pub endpoint: String,
+    pub at: Timestamp,
+    pub method: String,
+    pub path: String,
+    /// The backend that answered the client, and the one compared against it.
+    pub served_by: String,
+    pub compared_with: String,
+    pub served_status: u16,
+    pub compared_status: u16,
+    pub differences: String,
+}
+
+/// A response path learned as noise on an endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoiseEntry {
+    pub endpoint: String,
+    pub path: String,
+    pub score: f64,
+    pub observations: u64,
+    pub updated_at: Timestamp,
+}
+
+/// How many mismatch samples are kept per tenant and endpoint; older ones go.
+pub const SAMPLES_KEPT: i64 = 20;
 
 /// Whether opening a store may create it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +204,34 @@ pub trait ControlStore: Send + Sync + 'static {
 
     /// Legacy traffic per tenant since `since`, summed over proxies.
     async fn legacy_traffic(&self, since: Timestamp) -> Result<Vec<TrafficCount>>;
+
+    /// Adds a proxy's comparison evidence: counts (summed per tenant, endpoint and
+    /// hour), mismatch samples (the newest `SAMPLES_KEPT` per tenant and endpoint are
+    /// kept) and its current noise paths (replacing what was known of them).
+    async fn record_comparisons(
+        &self,
+        counts: &[ComparisonCount],
+        samples: &[MismatchSample],
+        noise: &[NoiseEntry],
+    ) -> Result<()>;
+
+    /// A tenant's comparison counts per endpoint since `since`.
+    async fn comparison_stats(
+        &self,
+        tenant: &TenantId,
+        since: Timestamp,
+    ) -> Result<Vec<ComparisonCount>>;
+
+    /// A tenant's newest mismatch samples, newest first.
+    async fn mismatch_samples(
+        &self,
+        tenant: &TenantId,
+        endpoint: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<MismatchSample>>;
+
+    /// Every learned noise path, by endpoint and path.
+    async fn noise(&self) -> Result<Vec<NoiseEntry>>;
 
     async fn snapshot(&self) -> Result<Snapshot>;
 

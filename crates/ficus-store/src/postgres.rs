@@ -24,8 +24,9 @@ use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ControlStore, InitOutcome, NewTenant, OpenMode, Result, SCHEMA_VERSION, Snapshot,
-    StageChange, StoreError, StoreUrl, TrafficCount, now,
+    AuditQuery, ComparisonCount, ControlStore, InitOutcome, MismatchSample, NewTenant, NoiseEntry,
+    OpenMode, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl,
+    TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -112,6 +113,44 @@ CREATE TABLE {s}.traffic_reports (
     id       int PRIMARY KEY CHECK (id = 1),
     first_at bigint NOT NULL,
     last_at  bigint NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE {s}.comparisons (
+    tenant_id  text NOT NULL,
+    endpoint   text NOT NULL,
+    hour       bigint NOT NULL,
+    last_at    bigint NOT NULL,
+    requests   bigint NOT NULL,
+    compared   bigint NOT NULL,
+    matched    bigint NOT NULL,
+    mismatched bigint NOT NULL,
+    noise_only bigint NOT NULL,
+    errors     bigint NOT NULL,
+    shed       bigint NOT NULL,
+    PRIMARY KEY (tenant_id, endpoint, hour)
+);
+CREATE TABLE {s}.mismatch_samples (
+    seq             bigserial PRIMARY KEY,
+    tenant_id       text NOT NULL,
+    endpoint        text NOT NULL,
+    at              bigint NOT NULL,
+    method          text NOT NULL,
+    path            text NOT NULL,
+    served_by       text NOT NULL,
+    compared_with   text NOT NULL,
+    served_status   int NOT NULL,
+    compared_status int NOT NULL,
+    differences     text NOT NULL
+);
+CREATE INDEX mismatch_samples_tenant ON {s}.mismatch_samples (tenant_id, endpoint, seq);
+CREATE TABLE {s}.noise_paths (
+    endpoint     text NOT NULL,
+    path         text NOT NULL,
+    score        double precision NOT NULL,
+    observations bigint NOT NULL,
+    updated_at   bigint NOT NULL,
+    PRIMARY KEY (endpoint, path)
 );
 "#,
 ];
@@ -958,6 +997,185 @@ impl ControlStore for PgStore {
         rows.iter()
             .map(|r| rules::traffic_from_row(r.get(0), r.get(1), r.get(2)))
             .collect()
+    }
+
+    async fn record_comparisons(
+        &self,
+        counts: &[ComparisonCount],
+        samples: &[MismatchSample],
+        noise: &[NoiseEntry],
+    ) -> Result<()> {
+        let s = &*self.inner;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        for c in counts {
+            tx.execute(
+                &s.q(
+                    "INSERT INTO {s}.comparisons AS c (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     ON CONFLICT (tenant_id, endpoint, hour) DO UPDATE SET
+                         last_at = greatest(c.last_at, excluded.last_at), requests = c.requests + excluded.requests,
+                         compared = c.compared + excluded.compared, matched = c.matched + excluded.matched,
+                         mismatched = c.mismatched + excluded.mismatched, noise_only = c.noise_only + excluded.noise_only,
+                         errors = c.errors + excluded.errors, shed = c.shed + excluded.shed",
+                ),
+                &[
+                    &c.tenant.as_str(),
+                    &c.endpoint,
+                    &rules::hour_of(c.last_at),
+                    &c.last_at.unix_millis(),
+                    &(c.requests as i64),
+                    &(c.compared as i64),
+                    &(c.matched as i64),
+                    &(c.mismatched as i64),
+                    &(c.noise_only as i64),
+                    &(c.errors as i64),
+                    &(c.shed as i64),
+                ],
+            )
+            .await
+            .map_err(s.err("recording comparisons"))?;
+        }
+        for m in samples {
+            tx.execute(
+                &s.q(
+                    "INSERT INTO {s}.mismatch_samples (tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                ),
+                &[
+                    &m.tenant.as_str(),
+                    &m.endpoint,
+                    &m.at.unix_millis(),
+                    &m.method,
+                    &m.path,
+                    &m.served_by,
+                    &m.compared_with,
+                    &i32::from(m.served_status),
+                    &i32::from(m.compared_status),
+                    &m.differences,
+                ],
+            )
+            .await
+            .map_err(s.err("recording mismatch samples"))?;
+            tx.execute(
+                &s.q(
+                    "DELETE FROM {s}.mismatch_samples WHERE tenant_id = $1 AND endpoint = $2 AND seq NOT IN
+                        (SELECT seq FROM {s}.mismatch_samples WHERE tenant_id = $1 AND endpoint = $2 ORDER BY seq DESC LIMIT $3)",
+                ),
+                &[&m.tenant.as_str(), &m.endpoint, &SAMPLES_KEPT],
+            )
+            .await
+            .map_err(s.err("pruning mismatch samples"))?;
+        }
+        for n in noise {
+            tx.execute(
+                &s.q(
+                    "INSERT INTO {s}.noise_paths (endpoint, path, score, observations, updated_at) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (endpoint, path) DO UPDATE SET score = excluded.score,
+                         observations = excluded.observations, updated_at = excluded.updated_at",
+                ),
+                &[&n.endpoint, &n.path, &n.score, &(n.observations as i64), &n.updated_at.unix_millis()],
+            )
+            .await
+            .map_err(s.err("recording noise"))?;
+        }
+        tx.commit().await.map_err(s.err("committing"))
+    }
+
+    async fn comparison_stats(
+        &self,
+        tenant: &TenantId,
+        since: Timestamp,
+    ) -> Result<Vec<ComparisonCount>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT endpoint, max(last_at), sum(requests)::bigint, sum(compared)::bigint, sum(matched)::bigint,
+                            sum(mismatched)::bigint, sum(noise_only)::bigint, sum(errors)::bigint, sum(shed)::bigint
+                     FROM {s}.comparisons WHERE tenant_id = $1 AND hour >= $2 GROUP BY endpoint ORDER BY endpoint",
+                ),
+                &[&tenant.as_str(), &rules::hour_of(since)],
+            )
+            .await
+            .map_err(s.err("reading comparisons"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let n = |i| r.get::<_, i64>(i).max(0) as u64;
+                ComparisonCount {
+                    tenant: tenant.clone(),
+                    endpoint: r.get(0),
+                    last_at: Timestamp::from_unix_millis(r.get(1)),
+                    requests: n(2),
+                    compared: n(3),
+                    matched: n(4),
+                    mismatched: n(5),
+                    noise_only: n(6),
+                    errors: n(7),
+                    shed: n(8),
+                }
+            })
+            .collect())
+    }
+
+    async fn mismatch_samples(
+        &self,
+        tenant: &TenantId,
+        endpoint: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<MismatchSample>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences
+                     FROM {s}.mismatch_samples WHERE tenant_id = $1 AND ($2::text IS NULL OR endpoint = $2) ORDER BY seq DESC LIMIT $3",
+                ),
+                &[&tenant.as_str(), &endpoint, &(limit.min(i64::MAX as u64) as i64)],
+            )
+            .await
+            .map_err(s.err("reading mismatch samples"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(MismatchSample {
+                    tenant: rules::tenant(r.get(0))?,
+                    endpoint: r.get(1),
+                    at: Timestamp::from_unix_millis(r.get(2)),
+                    method: r.get(3),
+                    path: r.get(4),
+                    served_by: r.get(5),
+                    compared_with: r.get(6),
+                    served_status: u16::try_from(r.get::<_, i32>(7)).unwrap_or(0),
+                    compared_status: u16::try_from(r.get::<_, i32>(8)).unwrap_or(0),
+                    differences: r.get(9),
+                })
+            })
+            .collect()
+    }
+
+    async fn noise(&self) -> Result<Vec<NoiseEntry>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(&s.q("SELECT endpoint, path, score, observations, updated_at FROM {s}.noise_paths ORDER BY endpoint, path"), &[])
+            .await
+            .map_err(s.err("reading noise"))?;
+        Ok(rows
+            .iter()
+            .map(|r| NoiseEntry {
+                endpoint: r.get(0),
+                path: r.get(1),
+                score: r.get(2),
+                observations: r.get::<_, i64>(3).max(0) as u64,
+                updated_at: Timestamp::from_unix_millis(r.get(4)),
+            })
+            .collect())
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {

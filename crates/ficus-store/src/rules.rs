@@ -231,3 +231,7 @@ pub(crate) fn legacy_last_request(
         (None, None) => None,
     }
 }
+
+pub(crate) fn tenant(key: &str) -> Result<TenantId, StoreError> {
+    TenantId::parse(key).map_err(|e| StoreError::Corrupt(e.to_string()))
+}

@@ -20,8 +20,9 @@ use rusqlite::{
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ControlStore, InitOutcome, NewTenant, OpenMode, Result, SCHEMA_VERSION, Snapshot,
-    StageChange, StoreError, TrafficCount, now,
+    AuditQuery, ComparisonCount, ControlStore, InitOutcome, MismatchSample, NewTenant, NoiseEntry,
+    OpenMode, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError,
+    TrafficCount, now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -111,6 +112,44 @@ CREATE TABLE traffic_reports (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
     first_at INTEGER NOT NULL,
     last_at  INTEGER NOT NULL
+) STRICT;
+"#,
+    r#"
+CREATE TABLE comparisons (
+    tenant_id  TEXT NOT NULL,
+    endpoint   TEXT NOT NULL,
+    hour       INTEGER NOT NULL,
+    last_at    INTEGER NOT NULL,
+    requests   INTEGER NOT NULL,
+    compared   INTEGER NOT NULL,
+    matched    INTEGER NOT NULL,
+    mismatched INTEGER NOT NULL,
+    noise_only INTEGER NOT NULL,
+    errors     INTEGER NOT NULL,
+    shed       INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, endpoint, hour)
+) STRICT;
+CREATE TABLE mismatch_samples (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant_id       TEXT NOT NULL,
+    endpoint        TEXT NOT NULL,
+    at              INTEGER NOT NULL,
+    method          TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    served_by       TEXT NOT NULL,
+    compared_with   TEXT NOT NULL,
+    served_status   INTEGER NOT NULL,
+    compared_status INTEGER NOT NULL,
+    differences     TEXT NOT NULL
+);
+CREATE INDEX mismatch_samples_tenant ON mismatch_samples (tenant_id, endpoint, seq);
+CREATE TABLE noise_paths (
+    endpoint     TEXT NOT NULL,
+    path         TEXT NOT NULL,
+    score        REAL NOT NULL,
+    observations INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    PRIMARY KEY (endpoint, path)
 ) STRICT;
 "#,
 ];
@@ -827,6 +866,187 @@ impl ControlStore for SqliteStore {
             rows.into_iter()
                 .map(|(k, n, at)| rules::traffic_from_row(k, n, at))
                 .collect()
+        })
+        .await
+    }
+
+    async fn record_comparisons(
+        &self,
+        counts: &[ComparisonCount],
+        samples: &[MismatchSample],
+        noise: &[NoiseEntry],
+    ) -> Result<()> {
+        let (counts, samples, noise) = (counts.to_vec(), samples.to_vec(), noise.to_vec());
+        self.with(move |conn, location| {
+            let err = |what: &'static str| sql_err(location, what);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err("starting a write"))?;
+            {
+                let mut upsert = tx
+                    .prepare_cached(
+                        "INSERT INTO comparisons (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         ON CONFLICT (tenant_id, endpoint, hour) DO UPDATE SET
+                             last_at = max(last_at, excluded.last_at), requests = requests + excluded.requests,
+                             compared = compared + excluded.compared, matched = matched + excluded.matched,
+                             mismatched = mismatched + excluded.mismatched, noise_only = noise_only + excluded.noise_only,
+                             errors = errors + excluded.errors, shed = shed + excluded.shed",
+                    )
+                    .map_err(err("recording comparisons"))?;
+                for c in &counts {
+                    upsert
+                        .execute(params![
+                            c.tenant.as_str(),
+                            c.endpoint,
+                            rules::hour_of(c.last_at),
+                            c.last_at.unix_millis(),
+                            c.requests as i64,
+                            c.compared as i64,
+                            c.matched as i64,
+                            c.mismatched as i64,
+                            c.noise_only as i64,
+                            c.errors as i64,
+                            c.shed as i64
+                        ])
+                        .map_err(err("recording comparisons"))?;
+                }
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO mismatch_samples (tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    )
+                    .map_err(err("recording mismatch samples"))?;
+                let mut prune = tx
+                    .prepare_cached(
+                        "DELETE FROM mismatch_samples WHERE tenant_id = ?1 AND endpoint = ?2 AND seq NOT IN
+                            (SELECT seq FROM mismatch_samples WHERE tenant_id = ?1 AND endpoint = ?2 ORDER BY seq DESC LIMIT ?3)",
+                    )
+                    .map_err(err("pruning mismatch samples"))?;
+                for m in &samples {
+                    insert
+                        .execute(params![
+                            m.tenant.as_str(),
+                            m.endpoint,
+                            m.at.unix_millis(),
+                            m.method,
+                            m.path,
+                            m.served_by,
+                            m.compared_with,
+                            m.served_status,
+                            m.compared_status,
+                            m.differences
+                        ])
+                        .map_err(err("recording mismatch samples"))?;
+                    prune.execute(params![m.tenant.as_str(), m.endpoint, SAMPLES_KEPT]).map_err(err("pruning mismatch samples"))?;
+                }
+                let mut put = tx
+                    .prepare_cached(
+                        "INSERT INTO noise_paths (endpoint, path, score, observations, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (endpoint, path) DO UPDATE SET score = excluded.score,
+                             observations = excluded.observations, updated_at = excluded.updated_at",
+                    )
+                    .map_err(err("recording noise"))?;
+                for n in &noise {
+                    put.execute(params![n.endpoint, n.path, n.score, n.observations as i64, n.updated_at.unix_millis()])
+                        .map_err(err("recording noise"))?;
+                }
+            }
+            tx.commit().map_err(err("committing"))
+        })
+        .await
+    }
+
+    async fn comparison_stats(
+        &self,
+        tenant: &TenantId,
+        since: Timestamp,
+    ) -> Result<Vec<ComparisonCount>> {
+        let tenant = tenant.clone();
+        self.with(move |conn, location| {
+            let rows: Vec<ComparisonCount> = conn
+                .prepare_cached(
+                    "SELECT endpoint, max(last_at), sum(requests), sum(compared), sum(matched), sum(mismatched), sum(noise_only), sum(errors), sum(shed)
+                     FROM comparisons WHERE tenant_id = ?1 AND hour >= ?2 GROUP BY endpoint ORDER BY endpoint",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![tenant.as_str(), rules::hour_of(since)], |r| {
+                        let n = |i| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                        Ok(ComparisonCount {
+                            tenant: tenant.clone(),
+                            endpoint: r.get(0)?,
+                            last_at: Timestamp::from_unix_millis(r.get(1)?),
+                            requests: n(2)?,
+                            compared: n(3)?,
+                            matched: n(4)?,
+                            mismatched: n(5)?,
+                            noise_only: n(6)?,
+                            errors: n(7)?,
+                            shed: n(8)?,
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading comparisons"))?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn mismatch_samples(
+        &self,
+        tenant: &TenantId,
+        endpoint: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<MismatchSample>> {
+        let (tenant, endpoint) = (tenant.clone(), endpoint.map(str::to_string));
+        self.with(move |conn, location| {
+            let rows: Vec<(String, String, i64, String, String, String, String, u16, u16, String)> = conn
+                .prepare_cached(
+                    "SELECT tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences
+                     FROM mismatch_samples WHERE tenant_id = ?1 AND (?2 IS NULL OR endpoint = ?2) ORDER BY seq DESC LIMIT ?3",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![tenant.as_str(), endpoint, limit.min(i64::MAX as u64) as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading mismatch samples"))?;
+            rows.into_iter()
+                .map(|(t, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences)| {
+                    Ok(MismatchSample {
+                        tenant: rules::tenant(&t)?,
+                        endpoint,
+                        at: Timestamp::from_unix_millis(at),
+                        method,
+                        path,
+                        served_by,
+                        compared_with,
+                        served_status,
+                        compared_status,
+                        differences,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn noise(&self) -> Result<Vec<NoiseEntry>> {
+        self.with(|conn, location| {
+            conn.prepare_cached("SELECT endpoint, path, score, observations, updated_at FROM noise_paths ORDER BY endpoint, path")
+                .and_then(|mut s| {
+                    s.query_map([], |r| {
+                        Ok(NoiseEntry {
+                            endpoint: r.get(0)?,
+                            path: r.get(1)?,
+                            score: r.get(2)?,
+                            observations: r.get::<_, i64>(3)?.max(0) as u64,
+                            updated_at: Timestamp::from_unix_millis(r.get(4)?),
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading noise"))
         })
         .await
     }

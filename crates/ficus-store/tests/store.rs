@@ -544,6 +544,103 @@ async fn sums_legacy_traffic_reported_by_proxies(store: Arc<dyn ControlStore>) {
     );
 }
 
+async fn keeps_comparison_evidence_bounded(store: Arc<dyn ControlStore>) {
+    use ficus_core::Timestamp;
+    use ficus_store::{ComparisonCount, MismatchSample, NoiseEntry, SAMPLES_KEPT};
+    let store = &*store;
+    let at = |ms: i64| Timestamp::from_unix_millis(1_800_000_000_000 + ms);
+    let count = |endpoint: &str, compared, mismatched| ComparisonCount {
+        tenant: id("acme"),
+        endpoint: endpoint.into(),
+        last_at: at(1_000),
+        requests: compared + 1,
+        compared,
+        matched: compared - mismatched,
+        mismatched,
+        noise_only: 0,
+        errors: 0,
+        shed: 1,
+    };
+    let sample = |n: i64| MismatchSample {
+        tenant: id("acme"),
+        endpoint: "GET /homes/{id}".into(),
+        at: at(n),
+        method: "GET".into(),
+        path: format!("/homes/{n}"),
+        served_by: "legacy".into(),
+        compared_with: "new".into(),
+        served_status: 200,
+        compared_status: 200,
+        differences: format!("[{{\"path\":\"$.n\",\"kind\":\"value\",\"n\":{n}}}]"),
+    };
+    let samples: Vec<MismatchSample> = (0..30).map(sample).collect();
+    let noise = [NoiseEntry {
+        endpoint: "GET /homes/{id}".into(),
+        path: "$.at".into(),
+        score: 1.0,
+        observations: 3,
+        updated_at: at(5),
+    }];
+    store
+        .record_comparisons(
+            &[count("GET /homes/{id}", 10, 2), count("GET /", 5, 0)],
+            &samples,
+            &noise,
+        )
+        .await
+        .unwrap();
+    store
+        .record_comparisons(&[count("GET /homes/{id}", 4, 1)], &[], &[])
+        .await
+        .unwrap();
+    let stats = store.comparison_stats(&id("acme"), at(0)).await.unwrap();
+    let summary: Vec<(String, u64, u64, u64, u64)> = stats
+        .iter()
+        .map(|c| {
+            (
+                c.endpoint.clone(),
+                c.requests,
+                c.compared,
+                c.mismatched,
+                c.shed,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("GET /".into(), 6, 5, 0, 1),
+            ("GET /homes/{id}".into(), 16, 14, 3, 2)
+        ]
+    );
+    assert!(
+        store
+            .comparison_stats(&id("globex"), at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let kept = store
+        .mismatch_samples(&id("acme"), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.len() as i64,
+        SAMPLES_KEPT,
+        "only the newest samples are kept"
+    );
+    assert_eq!(kept[0], sample(29), "newest first");
+    assert_eq!(
+        store
+            .mismatch_samples(&id("acme"), Some("GET /"), 100)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(store.noise().await.unwrap(), noise);
+}
+
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn ControlStore> {
     let url =
         StoreUrl::parse(&format!("sqlite:{}", dir.path().join("ficus.db").display())).unwrap();
@@ -589,6 +686,7 @@ both!(
     concurrent_changes_to_one_tenant_have_one_winner,
     retires_legacy_once_with_an_audit_entry,
     sums_legacy_traffic_reported_by_proxies,
+    keeps_comparison_evidence_bounded,
 );
 
 /// Faults specific to the embedded store: files that are not ours must come out of
@@ -661,6 +759,7 @@ mod sqlite_faults {
             let c = rusqlite::Connection::open(&path).unwrap();
             c.execute_batch(
                 "DROP TABLE settings; DROP TABLE global_audit; DROP TABLE legacy_traffic; DROP TABLE traffic_reports;
+                 DROP TABLE comparisons; DROP TABLE mismatch_samples; DROP TABLE noise_paths;
                  UPDATE ficus_meta SET value = '1' WHERE key = 'schema_version';",
             )
             .unwrap();
@@ -741,7 +840,7 @@ mod sqlite_faults {
             let err = open(&path, mode).await.err().unwrap();
             assert_eq!(
                 location(&err, &path),
-                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 2); upgrade ficus, the store was not modified"
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 3); upgrade ficus, the store was not modified"
             );
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }

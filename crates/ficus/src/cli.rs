@@ -48,6 +48,22 @@ pub enum Command {
     Watch(WatchArgs),
     /// Run the tenant-aware proxy (the data plane).
     Proxy(ProxyArgs),
+    /// Show a tenant's recorded mismatches between the two backends, newest first.
+    Mismatches(MismatchesArgs),
+    /// Show the response paths learned as noise (parts that differ between two
+    /// answers of the same backend), which are never reported as mismatches.
+    Noise,
+}
+
+#[derive(Debug, Args)]
+pub struct MismatchesArgs {
+    pub id: String,
+    /// Only this endpoint, such as "GET /homes/{id}".
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// At most this many samples.
+    #[arg(long, default_value_t = 10)]
+    pub limit: u64,
 }
 
 #[derive(Debug, Args)]

@@ -14,8 +14,8 @@ use ficus_store::{
 use serde_json::json;
 
 use crate::cli::{
-    AddArgs, AuditArgs, Cli, Command, ImportArgs, ListArgs, ProxyArgs, RollbackArgs, ShowArgs,
-    StageArgs, TenantCommand, WatchArgs,
+    AddArgs, AuditArgs, Cli, Command, ImportArgs, ListArgs, MismatchesArgs, ProxyArgs,
+    RollbackArgs, ShowArgs, StageArgs, TenantCommand, WatchArgs,
 };
 use crate::import;
 use crate::output::{self, EVENT_HEADER, EventJson, StatusJson, TENANT_HEADER, TenantJson};
@@ -48,6 +48,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Status => status(&*store, json, out).await,
         Command::Watch(args) => watch(store, args, json, out).await,
         Command::Proxy(_) => bail!("ficus proxy is started before the async runtime"),
+        Command::Mismatches(args) => mismatches(&*store, args, json, out).await,
+        Command::Noise => noise(&*store, json, out).await,
     }
 }
 
@@ -180,16 +182,33 @@ async fn show(
     let tenant = existing(store, &id).await?;
     let events = store
         .audit(AuditQuery {
-            tenant: Some(id),
+            tenant: Some(id.clone()),
             since: None,
             limit: Some(args.events),
         })
         .await?;
+    let day_ago = Timestamp::from_unix_millis(now().unix_millis() - 24 * 60 * 60 * 1000);
+    let stats = store.comparison_stats(&id, day_ago).await?;
+    let total = |f: fn(&ficus_store::ComparisonCount) -> u64| stats.iter().map(f).sum::<u64>();
+    let (compared, matched, mismatched) = (
+        total(|c| c.compared),
+        total(|c| c.matched),
+        total(|c| c.mismatched),
+    );
+    let (noise_only, errors, shed) = (
+        total(|c| c.noise_only),
+        total(|c| c.errors),
+        total(|c| c.shed),
+    );
     if json {
         let events: Vec<EventJson> = events.iter().map(EventJson::from).collect();
+        let comparisons = json!({
+            "window": "24h", "endpoints": stats.len(), "compared": compared, "matched": matched,
+            "mismatched": mismatched, "noise_only": noise_only, "errors": errors, "shed": shed,
+        });
         output::json(
             out,
-            &json!({ "tenant": TenantJson::from(&tenant), "audit": events }),
+            &json!({ "tenant": TenantJson::from(&tenant), "audit": events, "comparisons": comparisons }),
         )?;
         return Ok(());
     }
@@ -217,6 +236,12 @@ async fn show(
         out,
         "updated  {}",
         ficus_store::format_time(tenant.updated_at)
+    )?;
+    writeln!(
+        out,
+        "compared {compared} reads in the last 24 h on {} endpoints: {matched} matched, {mismatched} mismatched, \
+         {noise_only} noise only, {errors} shadow errors, {shed} not shadowed",
+        stats.len()
     )?;
     writeln!(out)?;
     writeln!(out, "latest audit events:")?;
@@ -505,6 +530,89 @@ async fn watch(
             }
         }
         out.flush()?;
+    }
+    Ok(())
+}
+
+async fn mismatches(
+    store: &dyn ControlStore,
+    args: MismatchesArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let id = tenant_id(&args.id)?;
+    existing(store, &id).await?;
+    let samples = store
+        .mismatch_samples(&id, args.endpoint.as_deref(), args.limit)
+        .await?;
+    let parsed: Vec<Vec<ficus_diff::Difference>> = samples
+        .iter()
+        .map(|s| {
+            serde_json::from_str(&s.differences).context("a stored mismatch sample is not readable")
+        })
+        .collect::<Result<_>>()?;
+    if json {
+        let items: Vec<_> = samples
+            .iter()
+            .zip(&parsed)
+            .map(|(s, d)| {
+                json!({
+                    "at": ficus_store::format_time(s.at), "endpoint": s.endpoint, "method": s.method, "path": s.path,
+                    "served_by": s.served_by, "compared_with": s.compared_with,
+                    "status": [s.served_status, s.compared_status], "differences": d,
+                })
+            })
+            .collect();
+        output::json(out, &json!({ "tenant": id.as_str(), "mismatches": items }))?;
+        return Ok(());
+    }
+    if samples.is_empty() {
+        writeln!(out, "no mismatches recorded for tenant {id}")?;
+        return Ok(());
+    }
+    for (s, diffs) in samples.iter().zip(&parsed) {
+        writeln!(
+            out,
+            "{}  {}  ({} {})  {} {} vs {} {}",
+            ficus_store::format_time(s.at),
+            s.endpoint,
+            s.method,
+            s.path,
+            s.served_by,
+            s.served_status,
+            s.compared_with,
+            s.compared_status
+        )?;
+        for d in diffs {
+            writeln!(out, "    {d}")?;
+        }
+    }
+    Ok(())
+}
+
+async fn noise(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> Result<()> {
+    let entries = store.noise().await?;
+    if json {
+        let items: Vec<_> = entries
+            .iter()
+            .map(|n| json!({ "endpoint": n.endpoint, "path": n.path, "score": n.score, "observations": n.observations, "updated_at": ficus_store::format_time(n.updated_at) }))
+            .collect();
+        output::json(out, &json!({ "noise": items }))?;
+    } else if entries.is_empty() {
+        writeln!(out, "no noise learned yet")?;
+    } else {
+        let rows: Vec<Vec<String>> = entries
+            .iter()
+            .map(|n| {
+                vec![
+                    n.endpoint.clone(),
+                    n.path.clone(),
+                    format!("{:.2}", n.score),
+                    n.observations.to_string(),
+                ]
+            })
+            .collect();
+        output::table(out, &["ENDPOINT", "PATH", "SCORE", "DOUBLE-ASKS"], &rows)?;
     }
     Ok(())
 }

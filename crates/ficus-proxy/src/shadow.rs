@@ -1,0 +1,479 @@
+//! The shadow leg: safe reads of a tenant in `shadow` are also sent to the new
+//! backend (and, with `reverse`, reads of a `migrated` tenant to legacy), and the two
+//! answers are compared.
+//!
+//! **Writes never reach both backends.** The only way to send a request to the
+//! second backend is [`Shadow::spawn`], which takes a [`SafeRequest`], and a
+//! `SafeRequest` can only be built for GET, HEAD and OPTIONS. There is no code path
+//! that turns any other method into one.
+//!
+//! The shadow request runs on its own detached task, bounded by a semaphore (when
+//! full, the request is shed and counted, never waited for) and by a timeout. The
+//! client's response never waits for it: the primary answer is captured as it streams
+//! past (up to a cap) and handed to the task when it is complete.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ficus_core::{Backend, TenantId, Timestamp};
+use ficus_diff::noise::NoiseModel;
+use ficus_diff::{Response, Rules};
+use ficus_store::{ComparisonCount, MismatchSample, NoiseEntry};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::config::{BackendConfig, ShadowConfig};
+
+/// A request that may be sent to a second backend because it cannot change state.
+#[derive(Debug, Clone)]
+pub struct SafeRequest {
+    method: Method,
+    path_and_query: String,
+    headers: HeaderMap,
+}
+
+impl SafeRequest {
+    /// `None` for every method except GET, HEAD and OPTIONS.
+    pub fn new(method: &Method, path_and_query: &str, headers: &HeaderMap) -> Option<SafeRequest> {
+        if !(method == Method::GET || method == Method::HEAD || method == Method::OPTIONS) {
+            return None;
+        }
+        let mut clean = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            // Connection-level headers belong to the client's connection, and asking
+            // for identity encoding keeps both answers comparable.
+            if matches!(
+                name.as_str(),
+                "connection"
+                    | "keep-alive"
+                    | "te"
+                    | "trailer"
+                    | "transfer-encoding"
+                    | "upgrade"
+                    | "proxy-connection"
+                    | "content-length"
+                    | "accept-encoding"
+            ) {
+                continue;
+            }
+            clean.append(name.clone(), value.clone());
+        }
+        Some(SafeRequest {
+            method: method.clone(),
+            path_and_query: path_and_query.to_string(),
+            headers: clean,
+        })
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+}
+
+/// The primary answer as it streamed to the client.
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The body went past the cap; it is not compared.
+    pub overflow: bool,
+    /// The body was content-encoded (gzip…); it is not compared.
+    pub encoded: bool,
+}
+
+impl Captured {
+    fn as_response(&self) -> Response<'_> {
+        Response {
+            status: self.status,
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            body: &self.body,
+        }
+    }
+}
+
+/// What the request path holds while a shadow comparison is pending.
+pub struct Pending {
+    pub captured: Captured,
+    pub cap: usize,
+    pub done: Option<oneshot::Sender<Captured>>,
+}
+
+impl Pending {
+    pub fn finish(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(std::mem::take(&mut self.captured));
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    last_at: i64,
+    requests: u64,
+    compared: u64,
+    matched: u64,
+    mismatched: u64,
+    noise_only: u64,
+    errors: u64,
+    shed: u64,
+}
+
+/// Everything the shadow leg shares across requests.
+pub struct Shadow {
+    slots: Arc<Semaphore>,
+    http1: reqwest::Client,
+    h2c: reqwest::Client,
+    counts: Mutex<HashMap<(TenantId, String), Counts>>,
+    samples: Mutex<Vec<MismatchSample>>,
+    noise: Mutex<NoiseModel>,
+    per_second: Mutex<HashMap<TenantId, (u64, u32)>>,
+    rng: AtomicU64,
+}
+
+/// Double-asks every endpoint gets before sampling takes over.
+const NOISE_WARM_UP: u64 = 5;
+
+/// Samples waiting to be written are capped; beyond this the oldest are dropped.
+const SAMPLE_QUEUE: usize = 1_000;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
+/// Where one comparison sends what.
+pub struct Plan {
+    pub tenant: TenantId,
+    pub endpoint: String,
+    pub served_by: Backend,
+    pub compare_with: Backend,
+    pub compare_backend: BackendConfig,
+    /// The backend that served the client, asked again to learn noise; `None` when
+    /// this request is not sampled for noise.
+    pub ask_again: Option<BackendConfig>,
+    pub rules: Rules,
+    pub timeout: Duration,
+    pub cap: usize,
+}
+
+impl Shadow {
+    pub fn new(config: &ShadowConfig) -> Shadow {
+        let build = |h2c: bool| {
+            let b = reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy();
+            let b = if h2c {
+                b.http2_prior_knowledge()
+            } else {
+                b.http1_only()
+            };
+            b.build().unwrap_or_else(|_| reqwest::Client::new())
+        };
+        Shadow {
+            slots: Arc::new(Semaphore::new(config.max_in_flight)),
+            http1: build(false),
+            h2c: build(true),
+            counts: Mutex::new(HashMap::new()),
+            samples: Mutex::new(Vec::new()),
+            noise: Mutex::new(NoiseModel::default()),
+            per_second: Mutex::new(HashMap::new()),
+            rng: AtomicU64::new(now_ms() as u64 | 1),
+        }
+    }
+
+    fn count(&self, tenant: &TenantId, endpoint: &str, f: impl FnOnce(&mut Counts)) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tenant.clone(), endpoint.to_string());
+        let c = counts.entry(key).or_default();
+        c.last_at = now_ms();
+        f(c);
+    }
+
+    /// A cheap pseudo-random fraction in [0, 1) (xorshift), for sampling.
+    fn fraction(&self) -> f64 {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn within_rate(&self, tenant: &TenantId, max_per_second: u32) -> bool {
+        let second = (now_ms() / 1000) as u64;
+        let mut map = self.per_second.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.retain(|_, (s, _)| *s == second);
+        }
+        let entry = map.entry(tenant.clone()).or_insert((second, 0));
+        if entry.0 != second {
+            *entry = (second, 0);
+        }
+        if entry.1 >= max_per_second {
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+
+    /// Counts an eligible read and decides whether to shadow it: sampled, under
+    /// the tenant's rate, and a slot free. Returns the slot to hold.
+    pub fn admit(
+        &self,
+        tenant: &TenantId,
+        endpoint: &str,
+        config: &ShadowConfig,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.count(tenant, endpoint, |c| c.requests += 1);
+        let permit = (self.fraction() < config.sample_rate
+            && self.within_rate(tenant, config.max_per_second))
+        .then(|| Arc::clone(&self.slots).try_acquire_owned().ok())
+        .flatten();
+        if permit.is_none() {
+            self.count(tenant, endpoint, |c| c.shed += 1);
+        }
+        permit
+    }
+
+    /// Whether this shadowed request also asks the serving backend again. The
+    /// first few requests of every endpoint always do, so that noise is known before
+    /// the first comparisons are judged; after that, `noise_rate` of them.
+    pub fn sample_noise(&self, endpoint: &str, config: &ShadowConfig) -> bool {
+        let warming_up = self
+            .noise
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .double_asks(endpoint)
+            < NOISE_WARM_UP;
+        warming_up || self.fraction() < config.noise_rate
+    }
+
+    /// Starts the comparison for `request` on its own task and returns the sender
+    /// through which the request path hands over the primary answer.
+    pub fn spawn(
+        self: &Arc<Self>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        request: SafeRequest,
+        plan: Plan,
+    ) -> oneshot::Sender<Captured> {
+        let (tx, rx) = oneshot::channel();
+        let shadow = Arc::clone(self);
+        tokio::spawn(async move {
+            let _permit = permit;
+            shadow.compare(request, plan, rx).await;
+        });
+        tx
+    }
+
+    async fn send(
+        &self,
+        backend: &BackendConfig,
+        request: &SafeRequest,
+        plan: &Plan,
+        role: Backend,
+    ) -> Result<Captured, String> {
+        let upstream = backend.upstreams
+            [(self.fraction() * backend.upstreams.len() as f64) as usize % backend.upstreams.len()];
+        let client = if backend.h2c { &self.h2c } else { &self.http1 };
+        let mut headers = request.headers.clone();
+        headers.insert(
+            HeaderName::from_static("x-ficus-backend"),
+            HeaderValue::from_static(role.as_str()),
+        );
+        headers.insert(
+            HeaderName::from_static("x-ficus-shadow"),
+            HeaderValue::from_static("1"),
+        );
+        let url = format!("http://{upstream}{}", request.path_and_query);
+        let response = client
+            .request(request.method.clone(), url)
+            .headers(headers)
+            .timeout(plan.timeout)
+            .send()
+            .await
+            .map_err(|e| format!("{e}"))?;
+        let status = response.status().as_u16();
+        let headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let encoded = headers
+            .iter()
+            .any(|(k, v)| k == "content-encoding" && v != "identity");
+        let mut body = Vec::new();
+        let mut overflow = false;
+        let mut response = response;
+        while let Some(chunk) = response.chunk().await.map_err(|e| format!("{e}"))? {
+            if body.len() + chunk.len() > plan.cap {
+                overflow = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Captured {
+            status,
+            headers,
+            body,
+            overflow,
+            encoded,
+        })
+    }
+
+    async fn compare(
+        &self,
+        request: SafeRequest,
+        plan: Plan,
+        primary: oneshot::Receiver<Captured>,
+    ) {
+        let started = Instant::now();
+        let second = async {
+            match &plan.ask_again {
+                Some(b) => Some(self.send(b, &request, &plan, plan.served_by).await),
+                None => None,
+            }
+        };
+        let (shadow, again) = tokio::join!(
+            self.send(&plan.compare_backend, &request, &plan, plan.compare_with),
+            second
+        );
+        // The primary answer may still be streaming; wait for it, but not forever.
+        let remaining = (plan.timeout * 2).saturating_sub(started.elapsed());
+        let Ok(Ok(primary)) = tokio::time::timeout(remaining, primary).await else {
+            // The client's request failed or never finished: nothing to compare.
+            return;
+        };
+        let (tenant, endpoint) = (&plan.tenant, plan.endpoint.as_str());
+        let shadow = match shadow {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::debug!(%tenant, endpoint, error, "shadow request failed");
+                self.count(tenant, endpoint, |c| c.errors += 1);
+                return;
+            }
+        };
+        if primary.overflow || shadow.overflow || primary.encoded || shadow.encoded {
+            self.count(tenant, endpoint, |c| c.shed += 1);
+            return;
+        }
+        if let Some(Ok(again)) = again
+            && !again.overflow
+            && !again.encoded
+        {
+            let same =
+                ficus_diff::compare(&primary.as_response(), &again.as_response(), &plan.rules);
+            self.noise
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .learn(endpoint, &same);
+        }
+        let outcome =
+            ficus_diff::compare(&primary.as_response(), &shadow.as_response(), &plan.rules);
+        let split = self
+            .noise
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .split(endpoint, &outcome);
+        self.count(tenant, endpoint, |c| {
+            c.compared += 1;
+            match (split.mismatches.is_empty(), split.noise.is_empty()) {
+                (true, true) => c.matched += 1,
+                (true, false) => c.noise_only += 1,
+                (false, _) => c.mismatched += 1,
+            }
+        });
+        if !split.mismatches.is_empty() {
+            let sample = MismatchSample {
+                tenant: tenant.clone(),
+                endpoint: endpoint.to_string(),
+                at: Timestamp::from_unix_millis(now_ms()),
+                method: request.method.to_string(),
+                path: request.path_and_query.clone(),
+                served_by: plan.served_by.as_str().to_string(),
+                compared_with: plan.compare_with.as_str().to_string(),
+                served_status: primary.status,
+                compared_status: shadow.status,
+                differences: serde_json::to_string(&split.mismatches)
+                    .unwrap_or_else(|_| "[]".into()),
+            };
+            let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            if samples.len() >= SAMPLE_QUEUE {
+                samples.remove(0);
+            }
+            samples.push(sample);
+        }
+    }
+
+    /// Takes the evidence gathered since the last call, for the store.
+    pub fn take(&self) -> (Vec<ComparisonCount>, Vec<MismatchSample>, Vec<NoiseEntry>) {
+        let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()));
+        let counts = counts
+            .into_iter()
+            .map(|((tenant, endpoint), c)| ComparisonCount {
+                tenant,
+                endpoint,
+                last_at: Timestamp::from_unix_millis(c.last_at),
+                requests: c.requests,
+                compared: c.compared,
+                matched: c.matched,
+                mismatched: c.mismatched,
+                noise_only: c.noise_only,
+                errors: c.errors,
+                shed: c.shed,
+            })
+            .collect();
+        let samples = std::mem::take(&mut *self.samples.lock().unwrap_or_else(|p| p.into_inner()));
+        let at = Timestamp::from_unix_millis(now_ms());
+        let noise = self
+            .noise
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .report()
+            .into_iter()
+            .map(|n| NoiseEntry {
+                endpoint: n.endpoint,
+                path: n.path,
+                score: n.score,
+                observations: n.double_asks,
+                updated_at: at,
+            })
+            .collect();
+        (counts, samples, noise)
+    }
+
+    /// Puts back evidence whose write failed.
+    pub fn restore(&self, counts: Vec<ComparisonCount>, samples: Vec<MismatchSample>) {
+        for c in counts {
+            self.count(&c.tenant, &c.endpoint, |k| {
+                k.requests += c.requests;
+                k.compared += c.compared;
+                k.matched += c.matched;
+                k.mismatched += c.mismatched;
+                k.noise_only += c.noise_only;
+                k.errors += c.errors;
+                k.shed += c.shed;
+            });
+        }
+        let mut queue = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        for s in samples {
+            if queue.len() < SAMPLE_QUEUE {
+                queue.push(s);
+            }
+        }
+    }
+}
