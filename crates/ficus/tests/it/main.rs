@@ -1,8 +1,9 @@
 //! The `ficus` binary end to end, in one test binary: the control-plane commands
-//! (`cli`) and the proxy (`proxy`), with real processes, real sockets, real SQLite
+//! (`cli`), the proxy (`proxy`) and the parallel run (`shadow`), with real processes, real sockets, real SQLite
 //! files and a real PostgreSQL server. `support` holds the test backends and the
 //! proxy launcher.
 
 mod cli;
 mod proxy;
+mod shadow;
 mod support;

@@ -21,7 +21,15 @@ pub const FICUS: &str = env!("CARGO_BIN_EXE_ficus");
 /// One request as a backend saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    pub method: String,
     pub headers: HashMap<String, String>,
+}
+
+impl Seen {
+    /// Whether this was a shadow read (the proxy marks them).
+    pub fn is_shadow(&self) -> bool {
+        self.headers.contains_key("x-ficus-shadow")
+    }
 }
 
 /// An HTTP backend on a free port that answers with JSON naming itself.
@@ -41,6 +49,7 @@ impl Drop for Backend {
 struct BackendState {
     name: &'static str,
     seen: Arc<Mutex<Vec<Seen>>>,
+    delay: Duration,
 }
 
 impl Backend {
@@ -48,15 +57,27 @@ impl Backend {
     /// Routes: `/slow/{ms}` answers after a delay, `/status/{code}` with that
     /// status, `/ws` is a WebSocket echo, anything else echoes the request.
     pub async fn start(name: &'static str) -> Backend {
+        Backend::start_with_delay(name, Duration::ZERO).await
+    }
+
+    /// Like [`Backend::start`], but every answer waits `delay` first. Also serves
+    /// `/priced/{id}` (a price that differs between "legacy" and "new", and a
+    /// timestamp that differs on every call), `/garbage` and `/big` (invalid JSON
+    /// and 10 MB from "new", a small valid answer from "legacy").
+    pub async fn start_with_delay(name: &'static str, delay: Duration) -> Backend {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let state = BackendState {
             name,
             seen: Arc::clone(&seen),
+            delay,
         };
         let app = Router::new()
             .route("/slow/{ms}", any(slow))
             .route("/status/{code}", any(status))
             .route("/ws", get(ws))
+            .route("/priced/{id}", get(priced))
+            .route("/garbage", get(garbage))
+            .route("/big", get(big))
             .fallback(echo)
             .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -71,17 +92,87 @@ impl Backend {
         self.seen.lock().unwrap().len()
     }
 
+    /// Requests with this method that were not shadow reads.
+    pub fn served(&self, method: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == method && !s.is_shadow())
+            .count()
+    }
+
+    /// Shadow reads received.
+    pub fn shadowed(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.is_shadow())
+            .count()
+    }
+
     pub fn last(&self) -> Option<Seen> {
         self.seen.lock().unwrap().last().cloned()
     }
 }
 
-fn record(state: &BackendState, headers: &HeaderMap) {
+fn record(state: &BackendState, method: &str, headers: &HeaderMap) {
     let headers = headers
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
-    state.seen.lock().unwrap().push(Seen { headers });
+    state.seen.lock().unwrap().push(Seen {
+        method: method.into(),
+        headers,
+    });
+}
+
+async fn priced(
+    State(state): State<BackendState>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Response {
+    tokio::time::sleep(state.delay).await;
+    record(&state, "GET", &headers);
+    let price = if state.name == "new" { 101 } else { 100 };
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        .to_string();
+    axum::Json(serde_json::json!({"id": id, "price": price, "at": at, "tags": ["a", "b"]}))
+        .into_response()
+}
+
+async fn garbage(State(state): State<BackendState>, headers: HeaderMap) -> Response {
+    tokio::time::sleep(state.delay).await;
+    record(&state, "GET", &headers);
+    let body = if state.name == "new" {
+        "{\"id\": 1, oops"
+    } else {
+        "{\"id\": 1}"
+    };
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+async fn big(State(state): State<BackendState>, headers: HeaderMap) -> Response {
+    tokio::time::sleep(state.delay).await;
+    record(&state, "GET", &headers);
+    let body = if state.name == "new" {
+        format!("{{\"blob\":\"{}\"}}", "x".repeat(10 * 1024 * 1024))
+    } else {
+        "{\"blob\":\"x\"}".into()
+    };
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 fn answer(
@@ -91,7 +182,7 @@ fn answer(
     headers: &HeaderMap,
     body_len: usize,
 ) -> Response {
-    record(state, headers);
+    record(state, req_method, headers);
     let body = serde_json::json!({
         "backend": state.name,
         "method": req_method,
@@ -104,6 +195,7 @@ fn answer(
 }
 
 async fn echo(State(state): State<BackendState>, req: Request) -> Response {
+    tokio::time::sleep(state.delay).await;
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
         .await
@@ -137,7 +229,7 @@ async fn status(
     Path(code): Path<u16>,
     headers: HeaderMap,
 ) -> Response {
-    record(&state, &headers);
+    record(&state, "ANY", &headers);
     (
         StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT),
         format!("{{\"backend\":\"{}\"}}", state.name),
@@ -150,7 +242,7 @@ async fn ws(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    record(&state, &headers);
+    record(&state, "GET", &headers);
     let name = state.name;
     upgrade.on_upgrade(move |mut socket| async move {
         while let Some(Ok(msg)) = socket.recv().await {
@@ -461,6 +553,9 @@ where
 /// The common set-up: a SQLite store with these tenants, a `legacy` and a `new`
 /// echo backend, and a proxy resolving tenants from `X-Tenant-Id`, with
 /// `proxy_extra` added to its `[proxy]` table.
+///
+/// Destructure it binding every field by name (`new: _new`, `dir: _dir`): `..` or
+/// `_` drops those fields at once, which stops a backend or deletes the store.
 pub struct Rig {
     pub store: String,
     pub legacy: Backend,
@@ -473,14 +568,26 @@ pub struct Rig {
 
 impl Rig {
     pub async fn start(tenants: &[(&str, &str)], proxy_extra: &str) -> Rig {
+        Rig::start_with(tenants, proxy_extra, "", Backend::start("new").await).await
+    }
+
+    /// Like [`Rig::start`] with more TOML after the header rule (a `[shadow]`
+    /// table, `[[compare]]` rules) and a given `new` backend.
+    pub async fn start_with(
+        tenants: &[(&str, &str)],
+        proxy_extra: &str,
+        extra: &str,
+        new: Backend,
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let store = sqlite_store(dir.path(), tenants);
-        let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+        let legacy = Backend::start("legacy").await;
+        let extra = format!("{HEADER_RULE}{extra}");
         let proxy = Proxy::start(ProxySetup {
             store: &store,
             legacy: vec![legacy.addr],
             new: vec![new.addr],
-            extra: HEADER_RULE,
+            extra: &extra,
             proxy_extra,
             ..Default::default()
         })

@@ -1,0 +1,306 @@
+//! The parallel run end to end: shadow reads compared and their evidence in the
+//! store, writes that reach exactly one backend, and a misbehaving new backend that
+//! never changes what the client gets.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{Backend, Rig, dead_address, eventually, ficus, get_as};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// Waits until `ficus mismatches TENANT --json` lists at least `n` samples.
+async fn mismatches(store: &str, tenant: &str, n: usize) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    eventually(Duration::from_secs(10), || {
+        let out = ficus(store, &["mismatches", tenant, "--json", "--limit", "50"]);
+        last = serde_json::from_str(&out).unwrap();
+        let ok = last["mismatches"].as_array().is_some_and(|m| m.len() >= n);
+        async move { ok }
+    })
+    .await;
+    last
+}
+
+fn shown(store: &str, tenant: &str) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(&ficus(store, &["tenant", "show", tenant, "--json"]))
+        .unwrap()["comparisons"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliberate_difference_is_caught_with_its_path_and_a_timestamp_is_noise() {
+    // The echo endpoint names the backend in its body; a compare rule says that
+    // field is expected to differ.
+    let shadow = "[shadow]\nflush_ms = 100\nnoise_rate = 0.0\n\
+                  [[compare]]\nendpoint = \"GET /echo/{id}\"\nignore = [\"$.backend\"]\n";
+    let Rig {
+        store,
+        legacy,
+        new,
+        proxy,
+        dir: _dir,
+    } = Rig::start_with(
+        &[("acme", "shadow")],
+        "",
+        shadow,
+        Backend::start("new").await,
+    )
+    .await;
+    let c = client();
+    for i in 0..20 {
+        let (status, body) = get_as(&c, &proxy, "acme", &format!("/priced/{i}")).await;
+        assert_eq!(
+            (status, body["price"].as_i64()),
+            (200, Some(100)),
+            "the client always gets legacy's answer"
+        );
+        assert_eq!(
+            get_as(&c, &proxy, "acme", &format!("/echo/{i}")).await.1["backend"],
+            "legacy"
+        );
+    }
+    let found = mismatches(&store, "acme", 1).await;
+    let all = found["mismatches"].as_array().unwrap();
+    for m in all {
+        assert_eq!(m["endpoint"], "GET /priced/{id}", "{m}");
+        let paths: Vec<&str> = m["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            ["$.price"],
+            "only the real difference is reported, never the timestamp: {m}"
+        );
+        assert_eq!(
+            (m["served_by"].as_str(), m["compared_with"].as_str()),
+            (Some("legacy"), Some("new"))
+        );
+    }
+    let noise: serde_json::Value =
+        serde_json::from_str(&ficus(&store, &["noise", "--json"])).unwrap();
+    let learned: Vec<(String, String)> = noise["noise"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["endpoint"].as_str().unwrap().to_string(),
+                n["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        learned.contains(&("GET /priced/{id}".to_string(), "$.at".to_string())),
+        "{learned:?}"
+    );
+    eventually(Duration::from_secs(10), || {
+        let s = shown(&store, "acme");
+        async move { s["compared"].as_u64() == Some(40) }
+    })
+    .await;
+    let s = shown(&store, "acme");
+    assert_eq!(
+        (s["mismatched"].as_u64(), s["endpoints"].as_u64()),
+        (Some(20), Some(2)),
+        "{s}"
+    );
+    assert_eq!(new.shadowed(), 40);
+    assert_eq!(
+        legacy.served("GET"),
+        40,
+        "legacy served every client request once"
+    );
+    // The readable form names the path too.
+    let text = ficus(&store, &["mismatches", "acme", "--limit", "1"]);
+    assert!(
+        text.contains("GET /priced/{id}") && text.contains("$.price"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_exactly_one_backend_in_every_stage() {
+    let shadow = "[shadow]\nreverse = true\nflush_ms = 100\n";
+    let Rig {
+        legacy,
+        new,
+        proxy,
+        store: _store,
+        dir: _dir,
+    } = Rig::start_with(
+        &[
+            ("acme", "shadow"),
+            ("globex", "migrated"),
+            ("initech", "legacy"),
+        ],
+        "",
+        shadow,
+        Backend::start("new").await,
+    )
+    .await;
+    let c = client();
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        for tenant in ["acme", "globex", "initech"] {
+            let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let r = c
+                .request(m, proxy.url("/homes/1"))
+                .header("x-tenant-id", tenant)
+                .body("{\"x\":1}")
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                r.status().is_success(),
+                "{method} for {tenant}: {}",
+                r.status()
+            );
+        }
+        // shadow and legacy tenants write to legacy, the migrated one to new; once each.
+        assert_eq!(
+            (legacy.served(method), new.served(method)),
+            (2, 1),
+            "{method}"
+        );
+    }
+    // A read with a body is not shadowed either.
+    let r = c
+        .get(proxy.url("/search"))
+        .header("x-tenant-id", "acme")
+        .body("{\"q\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shadow_methods: Vec<String> = legacy
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(new.seen.lock().unwrap().iter())
+        .filter(|s| s.is_shadow())
+        .map(|s| s.method.clone())
+        .collect();
+    assert!(
+        shadow_methods.is_empty(),
+        "no write and no read with a body was shadowed: {shadow_methods:?}"
+    );
+    // Plain reads are shadowed: forward for the shadow tenant, in reverse for the migrated one.
+    get_as(&c, &proxy, "acme", "/a").await;
+    get_as(&c, &proxy, "globex", "/b").await;
+    eventually(Duration::from_secs(5), || {
+        let done = new.shadowed() >= 1 && legacy.shadowed() >= 1;
+        async move { done }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_dead_new_backend_never_changes_the_clients_answer() {
+    // New takes 3 s to answer; the shadow leg gives up after 300 ms.
+    let shadow = "[shadow]\ntimeout_ms = 300\nflush_ms = 100\nmax_in_flight = 4\nunsafe_routes = [\"GET /export\"]\n";
+    let Rig {
+        store,
+        legacy,
+        new,
+        proxy,
+        dir: _dir,
+    } = Rig::start_with(
+        &[("acme", "shadow")],
+        "",
+        shadow,
+        Backend::start_with_delay("new", Duration::from_secs(3)).await,
+    )
+    .await;
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    for i in 0..40 {
+        let started = Instant::now();
+        let (status, body) = get_as(&c, &proxy, "acme", &format!("/echo/{i}")).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!((status, body["backend"].as_str()), (200, Some("legacy")));
+    }
+    // Far below the new backend's 3 s: the client never waited for the shadow leg.
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "a client request took {slowest:?}"
+    );
+    eventually(Duration::from_secs(10), || {
+        let s = shown(&store, "acme");
+        async move { s["errors"].as_u64().unwrap_or(0) >= 1 && s["shed"].as_u64().unwrap_or(0) >= 1 }
+    })
+    .await;
+    let s = shown(&store, "acme");
+    eprintln!("slow new backend: {s}");
+    assert_eq!(s["compared"].as_u64(), Some(0));
+    // An unsafe route is never shadowed.
+    let before = new.count();
+    get_as(&c, &proxy, "acme", "/export/all").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(new.count(), before);
+    assert!(legacy.served("GET") >= 41);
+    drop(proxy);
+
+    // A dead new backend: shadow errors, clients unaffected.
+    let shadow = "[shadow]\nflush_ms = 100\n";
+    let mut dead = Backend::start("new").await;
+    dead.addr = dead_address();
+    let Rig {
+        store,
+        proxy,
+        dir: _dir2,
+        legacy: _legacy2,
+        new: _new2,
+    } = Rig::start_with(&[("acme", "shadow")], "", shadow, dead).await;
+    for _ in 0..10 {
+        assert_eq!(get_as(&c, &proxy, "acme", "/x").await.0, 200);
+    }
+    eventually(Duration::from_secs(10), || {
+        let s = shown(&store, "acme");
+        async move { s["errors"].as_u64() == Some(10) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_huge_answers_from_new_are_evidence_not_failures() {
+    let shadow = "[shadow]\nflush_ms = 100\nbody_cap_bytes = 1048576\n";
+    let Rig {
+        store,
+        proxy,
+        dir: _dir,
+        legacy: _legacy,
+        new: _new,
+    } = Rig::start_with(
+        &[("acme", "shadow")],
+        "",
+        shadow,
+        Backend::start("new").await,
+    )
+    .await;
+    let c = client();
+    let (status, body) = get_as(&c, &proxy, "acme", "/garbage").await;
+    assert_eq!((status, body["id"].as_i64()), (200, Some(1)));
+    let (status, body) = get_as(&c, &proxy, "acme", "/big").await;
+    assert_eq!((status, body["blob"].as_str()), (200, Some("x")));
+    let found = mismatches(&store, "acme", 1).await;
+    let m = &found["mismatches"][0];
+    assert_eq!(
+        m["endpoint"], "GET /garbage",
+        "invalid JSON from new is a mismatch on the whole body: {m}"
+    );
+    assert_eq!(m["differences"][0]["path"], "$");
+    eventually(Duration::from_secs(10), || {
+        let s = shown(&store, "acme");
+        async move { s["shed"].as_u64() == Some(1) && s["mismatched"].as_u64() == Some(1) }
+    })
+    .await;
+}
