@@ -4,6 +4,9 @@
 //! - `ficus-bench rate URL --rps N --secs S [--header K:V]`: a fixed-rate (open-loop)
 //!   load whose latencies are measured from each request's scheduled start, so a
 //!   slow server cannot hide its queueing (no coordinated omission);
+//! - `ficus-bench backend LISTEN --delay-ms N --name NAME`: a JSON backend that
+//!   answers every request after a fixed delay, for runs that need a backend of known
+//!   latency (the shadow benchmark's "new backend 10× slower");
 //! - `ficus-bench pingora-floor LISTEN UPSTREAM`: the smallest proxy pingora can be
 //!   (one thread, the upstream fixed, no filters), so the cost of the framework and
 //!   the cost of Ficus's own request path can be told apart;
@@ -79,6 +82,7 @@ fn main() -> Result<(), Error> {
         Some("rate") => return rate(&argv[1..]),
         Some("propagation") => return propagation(&argv[1..]),
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
+        Some("backend") => return backend(&argv[1..]),
         _ => {}
     }
     let args = parse_args()?;
@@ -526,4 +530,33 @@ fn pingora_floor(args: &[String]) -> Result<(), Error> {
     proxy.add_tcp(listen);
     server.add_service(proxy);
     server.run_forever();
+}
+
+fn backend(args: &[String]) -> Result<(), Error> {
+    let listen: std::net::SocketAddr = args.first().ok_or("backend needs LISTEN")?.parse()?;
+    let delay = Duration::from_millis(flag(args, "--delay-ms").unwrap_or("0").parse()?);
+    let name = flag(args, "--name").unwrap_or("backend").to_string();
+    let body =
+        format!(r#"{{"backend":"{name}","homes":[{{"id":1,"city":"Lisbon","price":420000}}]}}"#);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let app = axum::Router::new().fallback(move || {
+            let body = body.clone();
+            async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        axum::serve(listener, app).await?;
+        Ok::<(), Error>(())
+    })
 }

@@ -127,6 +127,9 @@ struct Counts {
 
 /// Everything the shadow leg shares across requests.
 pub struct Shadow {
+    /// Shadow requests and comparisons run here, on their own thread, so that
+    /// their work never queues ahead of client requests on the serving threads.
+    runtime: Option<tokio::runtime::Handle>,
     slots: Arc<Semaphore>,
     http1: reqwest::Client,
     h2c: reqwest::Client,
@@ -135,6 +138,31 @@ pub struct Shadow {
     noise: Mutex<NoiseModel>,
     per_second: Mutex<HashMap<TenantId, (u64, u32)>>,
     rng: AtomicU64,
+}
+
+/// The runtime shadow work runs on: one thread, made once per process and kept for
+/// its lifetime (it is leaked on purpose: dropping a runtime from inside another
+/// runtime's shutdown panics, and the process ends with it anyway).
+fn shadow_runtime() -> Option<tokio::runtime::Handle> {
+    static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Handle>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("ficus-shadow")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => Some(Box::leak(Box::new(rt)).handle().clone()),
+                Err(e) => {
+                    // Without its own runtime the shadow leg shares the serving one.
+                    tracing::warn!(error = %e, "no separate runtime for shadow reads");
+                    None
+                }
+            }
+        })
+        .clone()
 }
 
 /// Double-asks every endpoint gets before sampling takes over.
@@ -180,6 +208,7 @@ impl Shadow {
             b.build().unwrap_or_else(|_| reqwest::Client::new())
         };
         Shadow {
+            runtime: shadow_runtime(),
             slots: Arc::new(Semaphore::new(config.max_in_flight)),
             http1: build(false),
             h2c: build(true),
@@ -268,10 +297,14 @@ impl Shadow {
     ) -> oneshot::Sender<Captured> {
         let (tx, rx) = oneshot::channel();
         let shadow = Arc::clone(self);
-        tokio::spawn(async move {
+        let task = async move {
             let _permit = permit;
             shadow.compare(request, plan, rx).await;
-        });
+        };
+        match &self.runtime {
+            Some(rt) => drop(rt.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
         tx
     }
 

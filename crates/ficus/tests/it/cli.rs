@@ -206,21 +206,22 @@ fn an_operator_session() {
         &f,
         &["tenant", "show", "acme"],
         expect![[r#"
-        exit 0
-        tenant   acme
-        name     Acme Homes
-        stage    legacy
-        version  3
-        domains  homes.acme.test
-        created  TIME
-        updated  TIME
+            exit 0
+            tenant   acme
+            name     Acme Homes
+            stage    legacy
+            version  3
+            domains  homes.acme.test
+            created  TIME
+            updated  TIME
+            compared 0 reads in the last 24 h on 0 endpoints: 0 matched, 0 mismatched, 0 noise only, 0 shadow errors, 0 not shadowed
 
-        latest audit events:
-        AT                        TENANT  CHANGE           VERSION  ACTOR  REASON
-        TIME  acme    (new) → legacy   1        cli    added with ficus tenant add
-        TIME  acme    legacy → shadow  2        cli    first canary
-        TIME  acme    shadow → legacy  3        cli    mismatch on /homes
-    "#]],
+            latest audit events:
+            AT                        TENANT  CHANGE           VERSION  ACTOR  REASON
+            TIME  acme    (new) → legacy   1        cli    added with ficus tenant add
+            TIME  acme    legacy → shadow  2        cli    first canary
+            TIME  acme    shadow → legacy  3        cli    mismatch on /homes
+        "#]],
     );
     check(
         &f,

@@ -102,6 +102,16 @@ impl Backend {
             .count()
     }
 
+    /// Requests served, of any method (everything but shadow reads).
+    pub fn served_total(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| !s.is_shadow())
+            .count()
+    }
+
     /// Shadow reads received.
     pub fn shadowed(&self) -> usize {
         self.seen
