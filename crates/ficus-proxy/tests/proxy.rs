@@ -44,10 +44,24 @@ fn check_config(extra: &str, expect: Expect) {
 fn config_errors_name_the_line_and_the_key() {
     check_config("", expect!["ok: 0 rules"]);
     check_config(
-        "[shadow]\nmax_in_flight = 4\n",
+        "[shadows]\nmax_in_flight = 4\n",
         expect![
-            "ficus.toml:11: unknown field `shadow`, expected one of `proxy`, `backends`, `tenant_from`, `routes`"
+            "ficus.toml:11: unknown field `shadows`, expected one of `proxy`, `backends`, `tenant_from`, `routes`, `shadow`, `compare`"
         ],
+    );
+    check_config(
+        "[shadow]\nsample_rate = 1.5\n",
+        expect!["ficus.toml:12: shadow.sample_rate: must be between 0.0 and 1.0"],
+    );
+    check_config(
+        "[shadow]\nunsafe_routes = [\"/export\"]\n",
+        expect![[r#"ficus.toml:12: shadow.unsafe_routes: "/export" is not "METHOD /path""#]],
+    );
+    check_config(
+        "[[compare]]\nendpoint = \"GET /homes/{id}\"\nignore = [\"items[*]\"]\n",
+        expect![[
+            r#"ficus.toml:13: compare.ignore: invalid JSON path "items[*]": it must start with '$'"#
+        ]],
     );
     check_config(
         "[[tenant_from]]\nheadr = \"X-Tenant\"\n",
