@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod progress;
+pub mod readiness;
 pub mod routing;
 pub mod stage;
 pub mod tenant;

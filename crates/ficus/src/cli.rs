@@ -50,6 +50,11 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Show a tenant's recorded mismatches between the two backends, newest first.
     Mismatches(MismatchesArgs),
+    /// Judge whether a tenant's parallel-run evidence allows moving it to migrated.
+    Readiness(ReadinessArgs),
+    /// Retire legacy once every tenant is migrated and it has been idle for the
+    /// quiet window; after this the proxy never contacts it.
+    RetireLegacy(RetireArgs),
     /// Show the response paths learned as noise (parts that differ between two
     /// answers of the same backend), which are never reported as mismatches.
     Noise,
@@ -90,6 +95,65 @@ pub enum TenantCommand {
     Rollback(RollbackArgs),
     /// Add many tenants from a CSV file, all or nothing.
     Import(ImportArgs),
+    /// Move a tenant one stage forward: legacy → shadow, or shadow → migrated
+    /// when its readiness passes (or with --force and a reason).
+    Promote(PromoteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GateArgs {
+    /// The evidence window, as an age (24h, 90m, 7d).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub window: std::time::Duration,
+    /// Comparisons needed over the window.
+    #[arg(long, default_value_t = 500)]
+    pub min_comparisons: u64,
+    /// Mismatches allowed over the window (noise never counts).
+    #[arg(long, default_value_t = 0)]
+    pub max_mismatches: u64,
+    /// Comparisons needed on every endpoint the tenant used.
+    #[arg(long, default_value_t = 5)]
+    pub min_per_endpoint: u64,
+    /// Share of shadow requests allowed to fail, 0.0 to 1.0.
+    #[arg(long, default_value_t = 0.01)]
+    pub max_error_rate: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    pub id: String,
+    /// Promote past a failing readiness gate; needs --reason, and the audit log says so.
+    #[arg(long)]
+    pub force: bool,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub gate: GateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReadinessArgs {
+    /// The tenant to judge; omit with --all.
+    pub id: Option<String>,
+    /// Rank every tenant in shadow by how close it is to ready.
+    #[arg(long, conflicts_with = "id")]
+    pub all: bool,
+    #[command(flatten)]
+    pub gate: GateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// How long legacy must have received no request, served or shadow.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub quiet_window: std::time::Duration,
+    /// Why, for the audit log.
+    #[arg(long, default_value = "legacy is empty")]
+    pub reason: String,
+    /// Undo the retirement (while legacy is still in the proxy's config).
+    #[arg(long)]
+    pub undo: bool,
 }
 
 #[derive(Debug, Args)]

@@ -14,8 +14,9 @@ use ficus_store::{
 use serde_json::json;
 
 use crate::cli::{
-    AddArgs, AuditArgs, Cli, Command, ImportArgs, ListArgs, MismatchesArgs, ProxyArgs,
-    RollbackArgs, ShowArgs, StageArgs, TenantCommand, WatchArgs,
+    AddArgs, AuditArgs, Cli, Command, GateArgs, ImportArgs, ListArgs, MismatchesArgs, PromoteArgs,
+    ProxyArgs, ReadinessArgs, RetireArgs, RollbackArgs, ShowArgs, StageArgs, TenantCommand,
+    WatchArgs,
 };
 use crate::import;
 use crate::output::{self, EVENT_HEADER, EventJson, StatusJson, TENANT_HEADER, TenantJson};
@@ -43,6 +44,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             TenantCommand::Stage(args) => stage(&*store, args, json, out).await,
             TenantCommand::Rollback(args) => rollback(&*store, args, json, out).await,
             TenantCommand::Import(args) => import_file(&*store, args, json, out).await,
+            TenantCommand::Promote(args) => promote(&*store, args, json, out).await,
         },
         Command::Audit(args) => audit(&*store, args, json, out).await,
         Command::Status => status(&*store, json, out).await,
@@ -50,6 +52,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Proxy(_) => bail!("ficus proxy is started before the async runtime"),
         Command::Mismatches(args) => mismatches(&*store, args, json, out).await,
         Command::Noise => noise(&*store, json, out).await,
+        Command::Readiness(args) => readiness(&*store, args, json, out).await,
+        Command::RetireLegacy(args) => retire_legacy(&*store, args, json, out).await,
     }
 }
 
@@ -530,6 +534,245 @@ async fn watch(
             }
         }
         out.flush()?;
+    }
+    Ok(())
+}
+
+/// Judges one tenant's evidence over the gate's window.
+async fn judge(
+    store: &dyn ControlStore,
+    id: &TenantId,
+    gate: &GateArgs,
+) -> Result<ficus_core::readiness::Readiness> {
+    use ficus_core::readiness::{EndpointEvidence, Thresholds, judge};
+    if !(0.0..=1.0).contains(&gate.max_error_rate) {
+        bail!(
+            "--max-error-rate must be between 0.0 and 1.0, got {}",
+            gate.max_error_rate
+        );
+    }
+    let since = Timestamp::from_unix_millis(now().unix_millis() - gate.window.as_millis() as i64);
+    let evidence: Vec<EndpointEvidence> = store
+        .comparison_stats(id, since)
+        .await?
+        .into_iter()
+        .map(|c| EndpointEvidence {
+            endpoint: c.endpoint,
+            requests: c.requests,
+            compared: c.compared,
+            mismatched: c.mismatched,
+            errors: c.errors,
+        })
+        .collect();
+    let thresholds = Thresholds {
+        min_comparisons: gate.min_comparisons,
+        max_mismatches: gate.max_mismatches,
+        min_per_endpoint: gate.min_per_endpoint,
+        max_error_rate: gate.max_error_rate,
+    };
+    Ok(judge(&evidence, &thresholds))
+}
+
+fn readiness_json(id: &TenantId, r: &ficus_core::readiness::Readiness) -> serde_json::Value {
+    let criteria: Vec<_> = r
+        .criteria
+        .iter()
+        .map(|c| json!({ "name": c.name, "passed": c.passed, "detail": c.detail }))
+        .collect();
+    json!({ "tenant": id.as_str(), "ready": r.is_ready(), "score": (r.score * 100.0).round() / 100.0, "criteria": criteria, "uncovered": r.uncovered })
+}
+
+async fn readiness(
+    store: &dyn ControlStore,
+    args: ReadinessArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let ids: Vec<TenantId> = match (&args.id, args.all) {
+        (Some(raw), false) => {
+            let id = tenant_id(raw)?;
+            existing(store, &id).await?;
+            vec![id]
+        }
+        (None, true) => store
+            .tenants(Some(Stage::Shadow))
+            .await?
+            .into_iter()
+            .map(|t| t.id)
+            .collect(),
+        _ => bail!("name a tenant, or give --all"),
+    };
+    let mut judged = Vec::with_capacity(ids.len());
+    for id in ids {
+        let r = judge(store, &id, &args.gate).await?;
+        judged.push((id, r));
+    }
+    judged.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
+    if json {
+        let items: Vec<_> = judged.iter().map(|(id, r)| readiness_json(id, r)).collect();
+        if args.all {
+            output::json(
+                out,
+                &json!({ "window": humantime::format_duration(args.gate.window).to_string(), "tenants": items }),
+            )?;
+        } else {
+            output::json(out, &items[0])?;
+        }
+        return Ok(());
+    }
+    if args.all {
+        if judged.is_empty() {
+            writeln!(out, "no tenants in shadow")?;
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = judged
+            .iter()
+            .map(|(id, r)| {
+                let failing: Vec<&str> = r.failing().iter().map(|c| c.name).collect();
+                vec![
+                    id.to_string(),
+                    if r.is_ready() {
+                        "ready".into()
+                    } else {
+                        "not ready".into()
+                    },
+                    format!("{:.0}%", r.score * 100.0),
+                    failing.join(", "),
+                ]
+            })
+            .collect();
+        output::table(out, &["TENANT", "VERDICT", "SCORE", "FAILING"], &rows)?;
+        return Ok(());
+    }
+    let (id, r) = &judged[0];
+    writeln!(
+        out,
+        "tenant {id}: {} (window {})",
+        if r.is_ready() { "ready" } else { "not ready" },
+        humantime::format_duration(args.gate.window)
+    )?;
+    for c in &r.criteria {
+        writeln!(
+            out,
+            "  {}  {:<14} {}",
+            if c.passed { "pass" } else { "FAIL" },
+            c.name,
+            c.detail
+        )?;
+    }
+    if !r.uncovered.is_empty() {
+        writeln!(out, "  uncovered endpoints: {}", r.uncovered.join(", "))?;
+    }
+    Ok(())
+}
+
+async fn promote(
+    store: &dyn ControlStore,
+    args: PromoteArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let id = tenant_id(&args.id)?;
+    let current = existing(store, &id).await?;
+    let (to, reason) = match current.stage {
+        Stage::Legacy => (
+            Stage::Shadow,
+            args.reason
+                .clone()
+                .unwrap_or_else(|| "promoted to shadow: parallel run starts".into()),
+        ),
+        Stage::Shadow => {
+            let r = judge(store, &id, &args.gate).await?;
+            if r.is_ready() {
+                (
+                    Stage::Migrated,
+                    args.reason
+                        .clone()
+                        .unwrap_or_else(|| "promoted: readiness passed".into()),
+                )
+            } else {
+                let failing: Vec<String> = r
+                    .failing()
+                    .iter()
+                    .map(|c| format!("{} ({})", c.name, c.detail))
+                    .collect();
+                if !args.force {
+                    bail!(
+                        "tenant {id} is not ready, nothing was changed: {}; use --force --reason to override",
+                        failing.join("; ")
+                    );
+                }
+                let Some(why) = args.reason.as_deref().filter(|r| !r.trim().is_empty()) else {
+                    bail!(
+                        "--force needs --reason: the audit log must say why the readiness gate was overridden"
+                    );
+                };
+                (
+                    Stage::Migrated,
+                    format!(
+                        "forced past the readiness gate: {why} (failing: {})",
+                        failing.join("; ")
+                    ),
+                )
+            }
+        }
+        Stage::Migrated => bail!("tenant {id} is migrated already; there is no stage after it"),
+    };
+    // Based on the version the decision was made on: if the tenant moved meanwhile
+    // the promotion is refused rather than applied to a state nobody judged.
+    let request = StageChange {
+        tenant: id,
+        to,
+        expected_version: Some(current.version),
+        actor: Actor::Cli,
+        reason,
+    };
+    change(store, request, json, out).await
+}
+
+async fn retire_legacy(
+    store: &dyn ControlStore,
+    args: RetireArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    if args.undo {
+        let changed = store
+            .set_legacy_retired(false, Actor::Cli, &args.reason)
+            .await?;
+        if json {
+            output::json(out, &json!({ "legacy_retired": false, "changed": changed }))?;
+        } else if changed {
+            writeln!(
+                out,
+                "legacy is no longer retired; tenants on legacy or in shadow are routed to it again"
+            )?;
+        } else {
+            writeln!(out, "legacy was not retired; nothing to undo")?;
+        }
+        return Ok(());
+    }
+    let progress = store.progress().await?;
+    let blockers = progress.blockers(now(), args.quiet_window.as_millis() as i64);
+    if !blockers.is_empty() {
+        let listed: Vec<String> = blockers.iter().map(ToString::to_string).collect();
+        bail!(
+            "legacy cannot be retired yet, nothing was changed: {}",
+            listed.join("; ")
+        );
+    }
+    let changed = store
+        .set_legacy_retired(true, Actor::Cli, &args.reason)
+        .await?;
+    if json {
+        output::json(out, &json!({ "legacy_retired": true, "changed": changed }))?;
+    } else if changed {
+        writeln!(
+            out,
+            "legacy is retired: every proxy now sends all traffic to new (undo with --undo)"
+        )?;
+    } else {
+        writeln!(out, "legacy was retired already")?;
     }
     Ok(())
 }

@@ -776,3 +776,206 @@ fn watch_sees_changes_from_another_process_sqlite() {
 fn watch_sees_changes_from_another_process_postgres() {
     watch_sees_changes_from_another_process(&Ficus::postgres());
 }
+
+/// Records comparison evidence for a tenant the way a proxy would.
+fn record_evidence(
+    store: &str,
+    tenant: &str,
+    per_endpoint: &[(&str, u64, u64)],
+    traffic_age_ms: Option<i64>,
+) {
+    use ficus_core::{TenantId, Timestamp};
+    use ficus_store::{ComparisonCount, OpenMode, StoreUrl, TrafficCount};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let counts: Vec<ComparisonCount> = per_endpoint
+        .iter()
+        .map(|(endpoint, compared, mismatched)| ComparisonCount {
+            tenant: TenantId::parse(tenant).unwrap(),
+            endpoint: endpoint.to_string(),
+            last_at: Timestamp::from_unix_millis(now),
+            requests: *compared,
+            compared: *compared,
+            matched: compared - mismatched,
+            mismatched: *mismatched,
+            noise_only: 0,
+            errors: 0,
+            shed: 0,
+        })
+        .collect();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let s = ficus_store::open(&StoreUrl::parse(store).unwrap(), OpenMode::Existing)
+            .await
+            .unwrap();
+        s.record_comparisons(&counts, &[], &[]).await.unwrap();
+        if let Some(age) = traffic_age_ms {
+            let at = Timestamp::from_unix_millis(now - age);
+            let c = TrafficCount {
+                tenant: Some(TenantId::parse(tenant).unwrap()),
+                requests: 3,
+                last_at: at,
+            };
+            s.record_legacy_traffic(&[c], at).await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn promotion_passes_the_readiness_gate_or_is_forced_with_a_reason() {
+    let f = Ficus::sqlite();
+    f.ok(&["tenant", "add", "acme"]);
+    f.ok(&["tenant", "add", "globex", "--stage", "shadow"]);
+    f.ok(&["tenant", "add", "initech", "--stage", "shadow"]);
+    check(
+        &f,
+        &["tenant", "promote", "acme"],
+        expect![[r#"
+        exit 0
+        tenant acme is now in stage shadow (version 2)
+    "#]],
+    );
+    check(
+        &f,
+        &["tenant", "promote", "acme"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: tenant acme is not ready, nothing was changed: comparisons (0 compared; at least 500 needed); coverage (no traffic seen in the window); use --force --reason to override
+    "#]],
+    );
+    check(
+        &f,
+        &["tenant", "promote", "acme", "--force"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: --force needs --reason: the audit log must say why the readiness gate was overridden
+    "#]],
+    );
+
+    record_evidence(
+        &f.store,
+        "acme",
+        &[("GET /homes/{id}", 580, 0), ("GET /search", 40, 0)],
+        None,
+    );
+    record_evidence(&f.store, "globex", &[("GET /homes/{id}", 700, 2)], None);
+    check(
+        &f,
+        &["readiness", "acme"],
+        expect![[r#"
+        exit 0
+        tenant acme: ready (window 1day)
+          pass  comparisons    620 compared; at least 500 needed
+          pass  mismatches     0 mismatched; at most 0 allowed
+          pass  coverage       2 of 2 endpoints compared at least 5 times
+          pass  shadow errors  0.00% of shadow requests failed; at most 1.00% allowed
+    "#]],
+    );
+    check(
+        &f,
+        &["readiness", "--all"],
+        expect![[r#"
+        exit 0
+        TENANT   VERDICT    SCORE  FAILING
+        acme     ready      100%
+        globex   not ready  75%    mismatches
+        initech  not ready  50%    comparisons, coverage
+    "#]],
+    );
+    check(
+        &f,
+        &["tenant", "promote", "acme"],
+        expect![[r#"
+        exit 0
+        tenant acme is now in stage migrated (version 3)
+    "#]],
+    );
+    check(
+        &f,
+        &["tenant", "promote", "acme"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: tenant acme is migrated already; there is no stage after it
+    "#]],
+    );
+    check(
+        &f,
+        &[
+            "tenant",
+            "promote",
+            "globex",
+            "--force",
+            "--reason",
+            "the two price mismatches are a known rounding fix",
+        ],
+        expect![[r#"
+        exit 0
+        tenant globex is now in stage migrated (version 2)
+    "#]],
+    );
+    let audit = f.json(&["audit", "globex"]);
+    let last = &audit["events"].as_array().unwrap().last().unwrap()["reason"];
+    assert!(last.as_str().unwrap().starts_with("forced past the readiness gate: the two price mismatches are a known rounding fix (failing: mismatches"), "{last}");
+    let ready = f.json(&["readiness", "initech"]);
+    assert_eq!(ready["ready"], false);
+    assert_eq!(ready["criteria"][0]["name"], "comparisons");
+}
+
+#[test]
+fn legacy_is_retired_only_when_empty_and_quiet_and_can_be_undone() {
+    let f = Ficus::sqlite();
+    f.ok(&["tenant", "add", "acme", "--stage", "shadow"]);
+    check(
+        &f,
+        &["retire-legacy"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: legacy cannot be retired yet, nothing was changed: 1 tenant not migrated (0 on legacy, 1 in shadow); no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle
+    "#]],
+    );
+    f.ok(&["tenant", "stage", "acme", "migrated", "--reason", "moved"]);
+    record_evidence(&f.store, "acme", &[], Some(5 * 60 * 1000));
+    check(
+        &f,
+        &["retire-legacy"],
+        expect![[r#"
+        exit 1
+        --- stderr
+        error: legacy cannot be retired yet, nothing was changed: legacy received traffic within the quiet window
+    "#]],
+    );
+    check(
+        &f,
+        &["retire-legacy", "--quiet-window", "1m"],
+        expect![[r#"
+        exit 0
+        legacy is retired: every proxy now sends all traffic to new (undo with --undo)
+    "#]],
+    );
+    check(
+        &f,
+        &["retire-legacy", "--quiet-window", "1m"],
+        expect![[r#"
+        exit 0
+        legacy was retired already
+    "#]],
+    );
+    check(
+        &f,
+        &[
+            "retire-legacy",
+            "--undo",
+            "--reason",
+            "a partner integration still calls legacy",
+        ],
+        expect![[r#"
+        exit 0
+        legacy is no longer retired; tenants on legacy or in shadow are routed to it again
+    "#]],
+    );
+}
