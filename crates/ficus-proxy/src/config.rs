@@ -65,6 +65,21 @@ pub struct Settings {
     pub traffic_flush: Duration,
     pub tenant_label_cap: usize,
     pub shadow: ShadowConfig,
+    pub guard: GuardConfig,
+}
+
+/// Automatic rollback of migrated tenants whose new backend misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuardConfig {
+    pub enabled: bool,
+    /// The sliding window answers are judged over.
+    pub window: Duration,
+    /// Answers needed in the window before the guard may act.
+    pub min_requests: u64,
+    /// Share of bad answers (5xx, timeouts, unreachable) that trips it.
+    pub max_error_rate: f64,
+    /// After a trip, the same tenant is left alone this long.
+    pub cooldown: Duration,
 }
 
 /// The parallel run: which reads are also sent to the other backend, and how the
@@ -152,6 +167,17 @@ struct RawConfig {
     shadow: Option<RawShadow>,
     #[serde(default)]
     compare: Vec<RawCompare>,
+    guard: Option<RawGuard>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    enabled: Option<bool>,
+    window_ms: Option<u64>,
+    min_requests: Option<u64>,
+    max_error_rate: Option<Spanned<f64>>,
+    cooldown_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -369,6 +395,7 @@ impl Config {
             traffic_flush,
             tenant_label_cap: p.tenant_label_cap.unwrap_or(100),
             shadow: cx.shadow(raw.shadow.as_ref(), &raw.compare)?,
+            guard: cx.guard(raw.guard.as_ref())?,
         };
         Ok(Config {
             path: path.to_path_buf(),
@@ -600,6 +627,25 @@ impl Cx<'_> {
             templates,
             rules,
             default_rules,
+        })
+    }
+
+    fn guard(&self, raw: Option<&RawGuard>) -> Result<GuardConfig, ConfigError> {
+        let rate = match raw.and_then(|g| g.max_error_rate.as_ref()) {
+            Some(r) if !(*r.get_ref() > 0.0 && *r.get_ref() <= 1.0) => {
+                return Err(self.at(r, "guard.max_error_rate: must be above 0.0 and at most 1.0"));
+            }
+            Some(r) => *r.get_ref(),
+            None => 0.2,
+        };
+        Ok(GuardConfig {
+            enabled: raw.and_then(|g| g.enabled).unwrap_or(true),
+            window: Duration::from_millis(
+                raw.and_then(|g| g.window_ms).unwrap_or(10_000).max(1_000),
+            ),
+            min_requests: raw.and_then(|g| g.min_requests).unwrap_or(20).max(1),
+            max_error_rate: rate,
+            cooldown: Duration::from_millis(raw.and_then(|g| g.cooldown_ms).unwrap_or(60_000)),
         })
     }
 

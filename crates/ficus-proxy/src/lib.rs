@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod guard;
 pub mod metrics;
 pub mod resolve;
 pub mod service;
@@ -196,6 +197,7 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
                     url.clone(),
                     Arc::clone(&shared.table),
                     Arc::clone(&shared.health),
+                    Arc::clone(&shared.store),
                     shutdown,
                 ))
             })),

@@ -24,6 +24,7 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     tenant_requests: IntCounterVec,
     rejected: IntCounterVec,
+    pub guard_rollbacks: IntCounter,
     pub in_flight: IntGauge,
     table_seq: IntGauge,
     table_age_ms: IntGauge,
@@ -92,6 +93,14 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric definition");
+        let guard_rollbacks = IntCounter::new(
+            "ficus_guard_rollbacks_total",
+            "Tenants the guard rolled back to shadow",
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(guard_rollbacks.clone()))
+            .expect("unique metric names");
         let gauge =
             |name: &str, help: &str| IntGauge::new(name, help).expect("static metric definition");
         let in_flight = gauge("ficus_in_flight_requests", "Requests being served now");
@@ -137,6 +146,7 @@ impl Metrics {
             upstream_errors,
             tenant_requests,
             rejected,
+            guard_rollbacks,
             in_flight,
             table_seq,
             table_age_ms,

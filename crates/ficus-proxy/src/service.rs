@@ -31,6 +31,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::{BackendConfig, Settings};
+use crate::guard::Guard;
 use crate::metrics::{LegacyTraffic, Metrics};
 use crate::resolve::{RequestParts, resolve};
 use crate::shadow::{Pending, Plan, SafeRequest, Shadow};
@@ -44,6 +45,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub traffic: LegacyTraffic,
     pub shadow: Arc<Shadow>,
+    pub guard: Guard,
+    /// The store, once the routing-table follower has opened it.
+    pub store: Arc<std::sync::OnceLock<Arc<dyn ficus_store::ControlStore>>>,
     pub in_flight: AtomicUsize,
     next_legacy: AtomicUsize,
     next_new: AtomicUsize,
@@ -56,6 +60,8 @@ impl Shared {
         Shared {
             metrics: Metrics::new(settings.tenant_label_cap),
             shadow: Arc::new(Shadow::new(&settings.shadow)),
+            guard: Guard::default(),
+            store: Arc::default(),
             settings: ArcSwap::from_pointee(settings),
             table: Arc::new(ArcSwapOption::empty()),
             health: Arc::new(StoreHealth::default()),
@@ -629,6 +635,35 @@ impl ProxyHttp for Ficus {
             ctx.started.elapsed(),
             ctx.tenant.as_ref(),
         );
+        // The guard watches what new answers migrated tenants.
+        if let (Some(tenant), Some(Backend::New), Some(Stage::Migrated)) =
+            (&ctx.tenant, ctx.backend, ctx.stage)
+            && let Some(trip) = self
+                .shared
+                .guard
+                .record(tenant, status >= 500, &ctx.settings.guard)
+        {
+            let reason = trip.reason(&ctx.settings.guard);
+            tracing::warn!(%tenant, reason, "guard: rolling the tenant back to shadow");
+            self.shared.metrics.guard_rollbacks.inc();
+            let (store, tenant) = (self.shared.store.get().cloned(), tenant.clone());
+            tokio::spawn(async move {
+                let Some(store) = store else {
+                    tracing::error!(%tenant, "guard: the store is not open, cannot roll back");
+                    return;
+                };
+                let change = ficus_store::StageChange {
+                    tenant: tenant.clone(),
+                    to: Stage::Shadow,
+                    expected_version: None,
+                    actor: ficus_core::Actor::Guard,
+                    reason,
+                };
+                if let Err(e) = store.change_stage(change).await {
+                    tracing::error!(%tenant, error = %e, "guard: rollback failed");
+                }
+            });
+        }
         if ctx.backend == Some(Backend::Legacy) {
             self.shared.traffic.record(ctx.tenant.as_ref(), now());
         }

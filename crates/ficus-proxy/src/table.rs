@@ -106,6 +106,7 @@ pub async fn follow(
     url: StoreUrl,
     table: Arc<ArcSwapOption<RoutingTable>>,
     health: Arc<StoreHealth>,
+    store_slot: Arc<std::sync::OnceLock<Arc<dyn ControlStore>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -124,7 +125,11 @@ pub async fn follow(
     };
     let store: Arc<dyn ControlStore> = loop {
         match ficus_store::open(&url, OpenMode::Existing).await {
-            Ok(s) => break s,
+            Ok(s) => {
+                // Shared with the request path, which writes through it rarely (the guard).
+                let _ = store_slot.set(Arc::clone(&s));
+                break s;
+            }
             Err(e) => note_failure(&e.to_string(), &health),
         }
         if sleep_or_shutdown(backoff, &mut shutdown).await {

@@ -44,9 +44,13 @@ fn check_config(extra: &str, expect: Expect) {
 fn config_errors_name_the_line_and_the_key() {
     check_config("", expect!["ok: 0 rules"]);
     check_config(
+        "[guard]\nmax_error_rate = 0.0\n",
+        expect!["ficus.toml:12: guard.max_error_rate: must be above 0.0 and at most 1.0"],
+    );
+    check_config(
         "[shadows]\nmax_in_flight = 4\n",
         expect![
-            "ficus.toml:11: unknown field `shadows`, expected one of `proxy`, `backends`, `tenant_from`, `routes`, `shadow`, `compare`"
+            "ficus.toml:11: unknown field `shadows`, expected one of `proxy`, `backends`, `tenant_from`, `routes`, `shadow`, `compare`, `guard`"
         ],
     );
     check_config(

@@ -972,3 +972,94 @@ async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
     );
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_rolls_back_only_the_failing_tenant_on_every_replica() {
+    let store =
+        tokio::task::spawn_blocking(|| ficus_testkit::shared().fresh_database("guard").unwrap())
+            .await
+            .unwrap();
+    ficus(&store, &["init"]);
+    for t in ["acme", "globex", "initech"] {
+        ficus(&store, &["tenant", "add", t, "--stage", "shadow"]);
+        ficus(
+            &store,
+            &["tenant", "stage", t, "migrated", "--reason", "moved"],
+        );
+    }
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let extra = format!(
+        "{HEADER_RULE}[guard]\nwindow_ms = 10000\nmin_requests = 20\nmax_error_rate = 0.2\n"
+    );
+    let setup = || ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: &extra,
+        ..Default::default()
+    };
+    let (a, b) = (Proxy::start(setup()).await, Proxy::start(setup()).await);
+    let c = client();
+
+    // A burst of 3 errors among 10 answers is below the minimum sample: no rollback.
+    for i in 0..10 {
+        let path = if i < 3 { "/status/500" } else { "/ok" };
+        get_as(&c, &a, "initech", path).await;
+    }
+    // New fails every request of acme.
+    let first_bad = Instant::now();
+    let mut sent = 0;
+    while sent < 100 {
+        sent += 1;
+        let (_, body) = get_as(&c, &a, "acme", "/status/500").await;
+        if body["backend"] == "legacy" {
+            break;
+        }
+    }
+    let on_a = first_bad.elapsed();
+    eventually(Duration::from_secs(5), || {
+        let (c, b) = (c.clone(), &b);
+        async move { get_as(&c, b, "acme", "/ok").await.1["backend"] == "legacy" }
+    })
+    .await;
+    let on_both = first_bad.elapsed();
+    eprintln!(
+        "guard: acme served by legacy on the first replica after {sent} requests ({on_a:?}), on both after {on_both:?}"
+    );
+    for proxy in [&a, &b] {
+        assert_eq!(
+            get_as(&c, proxy, "globex", "/ok").await.1["backend"],
+            "new",
+            "other tenants stay migrated"
+        );
+        assert_eq!(
+            get_as(&c, proxy, "initech", "/ok").await.1["backend"],
+            "new",
+            "a short burst does not trip the guard"
+        );
+    }
+    let audit: serde_json::Value =
+        serde_json::from_str(&ficus(&store, &["audit", "acme", "--json"])).unwrap();
+    let last = audit["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            last["actor"].as_str(),
+            last["from"].as_str(),
+            last["to"].as_str()
+        ),
+        (Some("guard"), Some("migrated"), Some("shadow"))
+    );
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("guard: 20 of 20 answers from new were errors"),
+        "{last}"
+    );
+    assert!(a.metrics().await.contains("ficus_guard_rollbacks_total 1"));
+    // The guard never promotes back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shown: serde_json::Value =
+        serde_json::from_str(&ficus(&store, &["tenant", "show", "acme", "--json"])).unwrap();
+    assert_eq!(shown["tenant"]["stage"], "shadow");
+}
