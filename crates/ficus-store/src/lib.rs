@@ -189,6 +189,9 @@ pub trait ControlStore: Send + Sync + 'static {
     /// Tenant counts per stage and what proxies have reported of legacy's traffic.
     async fn progress(&self) -> Result<Progress>;
 
+    /// Whether legacy is retired.
+    async fn legacy_retired(&self) -> Result<bool>;
+
     /// Sets or clears the global "legacy retired" flag, with an audit entry.
     /// Returns whether the flag changed.
     async fn set_legacy_retired(&self, retired: bool, actor: Actor, reason: &str) -> Result<bool>;

@@ -908,6 +908,11 @@ impl ControlStore for PgStore {
         Ok(p)
     }
 
+    async fn legacy_retired(&self) -> Result<bool> {
+        let client = self.inner.client().await?;
+        self.inner.load_retired(&**client).await
+    }
+
     async fn set_legacy_retired(&self, retired: bool, actor: Actor, reason: &str) -> Result<bool> {
         let s = &*self.inner;
         let reason = rules::reason(reason)?;

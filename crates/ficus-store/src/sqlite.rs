@@ -790,6 +790,11 @@ impl ControlStore for SqliteStore {
         .await
     }
 
+    async fn legacy_retired(&self) -> Result<bool> {
+        self.with(|conn, location| load_retired(conn, location))
+            .await
+    }
+
     async fn set_legacy_retired(&self, retired: bool, actor: Actor, reason: &str) -> Result<bool> {
         let reason = rules::reason(reason)?.to_string();
         self.write(move |tx, location, seq| {

@@ -458,12 +458,14 @@ async fn retires_legacy_once_with_an_audit_entry(store: Arc<dyn ControlStore>) {
     let snap = store.snapshot().await.unwrap();
     assert!(!snap.legacy_retired);
     let mut sub = store.subscribe(Some(snap.seq));
+    assert!(!store.legacy_retired().await.unwrap());
     assert!(
         store
             .set_legacy_retired(true, Actor::Cli, "legacy is empty")
             .await
             .unwrap()
     );
+    assert!(store.legacy_retired().await.unwrap());
     assert!(
         !store
             .set_legacy_retired(true, Actor::Cli, "again")

@@ -413,10 +413,15 @@ async fn status(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> R
     let progress = store.progress().await?;
     let now = now();
     let blockers = progress.blockers(now, QUIET_WINDOW_MS);
+    let retired = store.legacy_retired().await?;
+    let ago = |ms: i64| Timestamp::from_unix_millis(now.unix_millis() - ms);
+    let day = store.legacy_traffic(ago(24 * 60 * 60 * 1000)).await?;
+    let hour = store.legacy_traffic(ago(60 * 60 * 1000)).await?;
+    let traffic = output::LegacyTrafficJson::new(&day, &hour);
     if json {
         output::json(
             out,
-            &StatusJson::new(store.location(), &progress, &blockers),
+            &StatusJson::new(store.location(), &progress, &blockers, retired, traffic),
         )?;
         return Ok(());
     }
@@ -438,8 +443,45 @@ async fn status(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> R
         progress.percent_migrated(),
         output::bar(progress.percent_migrated() / 100.0, 30)
     )?;
+    if retired {
+        writeln!(out, "legacy    retired: proxies send everything to new")?;
+    } else {
+        writeln!(
+            out,
+            "legacy    {} requests in the last hour, {} in the last day",
+            traffic.last_hour, traffic.last_day
+        )?;
+        let rows: Vec<Vec<String>> = traffic
+            .tenants
+            .iter()
+            .take(10)
+            .map(|t| {
+                vec![
+                    format!("  {}", t.tenant.as_deref().unwrap_or("(unknown tenant)")),
+                    t.last_hour.to_string(),
+                    t.last_day.to_string(),
+                    t.last_at.clone(),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            output::table(
+                out,
+                &["  TENANT", "LAST HOUR", "LAST DAY", "LAST REQUEST"],
+                &rows,
+            )?;
+            if traffic.tenants.len() > 10 {
+                writeln!(out, "  … and {} more tenants", traffic.tenants.len() - 10)?;
+            }
+        }
+    }
     if blockers.is_empty() {
-        writeln!(out, "finish line: reached; legacy can be retired")?;
+        let next = if retired {
+            "legacy is retired"
+        } else {
+            "legacy can be retired (ficus retire-legacy)"
+        };
+        writeln!(out, "finish line: reached; {next}")?;
     } else {
         writeln!(out, "finish line: not reached")?;
         for b in &blockers {

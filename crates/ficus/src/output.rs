@@ -67,7 +67,27 @@ pub struct StatusJson {
     pub tenants: u64,
     pub stages: StagesJson,
     pub percent_migrated: f64,
+    pub legacy_retired: bool,
+    pub legacy_traffic: LegacyTrafficJson,
     pub finish_line: FinishLineJson,
+}
+
+/// Requests routed to legacy, served or shadow, as proxies reported them.
+#[derive(Debug, Serialize)]
+pub struct LegacyTrafficJson {
+    pub last_hour: u64,
+    pub last_day: u64,
+    /// Per tenant, most requests in the last day first; `tenant` is null for
+    /// requests whose tenant was unknown.
+    pub tenants: Vec<TenantTrafficJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TenantTrafficJson {
+    pub tenant: Option<String>,
+    pub last_hour: u64,
+    pub last_day: u64,
+    pub last_at: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,7 +104,13 @@ pub struct FinishLineJson {
 }
 
 impl StatusJson {
-    pub fn new(store: &str, p: &Progress, blockers: &[Blocker]) -> StatusJson {
+    pub fn new(
+        store: &str,
+        p: &Progress,
+        blockers: &[Blocker],
+        legacy_retired: bool,
+        legacy_traffic: LegacyTrafficJson,
+    ) -> StatusJson {
         StatusJson {
             store: store.to_string(),
             tenants: p.total(),
@@ -94,10 +120,43 @@ impl StatusJson {
                 migrated: p.migrated,
             },
             percent_migrated: (p.percent_migrated() * 10.0).round() / 10.0,
+            legacy_retired,
+            legacy_traffic,
             finish_line: FinishLineJson {
                 reached: blockers.is_empty(),
                 blockers: blockers.iter().map(ToString::to_string).collect(),
             },
+        }
+    }
+}
+
+impl LegacyTrafficJson {
+    /// Joins the last day's and the last hour's per-tenant counts.
+    pub fn new(
+        day: &[ficus_store::TrafficCount],
+        hour: &[ficus_store::TrafficCount],
+    ) -> LegacyTrafficJson {
+        let mut tenants: Vec<TenantTrafficJson> = day
+            .iter()
+            .map(|d| TenantTrafficJson {
+                tenant: d.tenant.as_ref().map(ToString::to_string),
+                last_day: d.requests,
+                last_hour: hour
+                    .iter()
+                    .find(|h| h.tenant == d.tenant)
+                    .map_or(0, |h| h.requests),
+                last_at: format_time(d.last_at),
+            })
+            .collect();
+        tenants.sort_by(|a, b| {
+            b.last_day
+                .cmp(&a.last_day)
+                .then_with(|| a.tenant.cmp(&b.tenant))
+        });
+        LegacyTrafficJson {
+            last_hour: hour.iter().map(|h| h.requests).sum(),
+            last_day: day.iter().map(|d| d.requests).sum(),
+            tenants,
         }
     }
 }

@@ -227,41 +227,48 @@ fn an_operator_session() {
         &f,
         &["status"],
         expect![[r#"
-        exit 0
-        store     STORE
-        tenants   2
-          legacy           1  [###############---------------]
-          shadow           0  [------------------------------]
-          migrated         1  [###############---------------]
-        migrated  50.0%  [###############---------------]
-        finish line: not reached
-          - 1 tenant not migrated (1 on legacy, 0 in shadow)
-          - no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle
-    "#]],
+            exit 0
+            store     STORE
+            tenants   2
+              legacy           1  [###############---------------]
+              shadow           0  [------------------------------]
+              migrated         1  [###############---------------]
+            migrated  50.0%  [###############---------------]
+            legacy    0 requests in the last hour, 0 in the last day
+            finish line: not reached
+              - 1 tenant not migrated (1 on legacy, 0 in shadow)
+              - no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle
+        "#]],
     );
     check(
         &f,
         &["status", "--json"],
         expect![[r#"
-        exit 0
-        {
-          "store": "STORE",
-          "tenants": 2,
-          "stages": {
-            "legacy": 1,
-            "shadow": 0,
-            "migrated": 1
-          },
-          "percent_migrated": 50.0,
-          "finish_line": {
-            "reached": false,
-            "blockers": [
-              "1 tenant not migrated (1 on legacy, 0 in shadow)",
-              "no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle"
-            ]
-          }
-        }
-    "#]],
+            exit 0
+            {
+              "store": "STORE",
+              "tenants": 2,
+              "stages": {
+                "legacy": 1,
+                "shadow": 0,
+                "migrated": 1
+              },
+              "percent_migrated": 50.0,
+              "legacy_retired": false,
+              "legacy_traffic": {
+                "last_hour": 0,
+                "last_day": 0,
+                "tenants": []
+              },
+              "finish_line": {
+                "reached": false,
+                "blockers": [
+                  "1 tenant not migrated (1 on legacy, 0 in shadow)",
+                  "no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle"
+                ]
+              }
+            }
+        "#]],
     );
     check(
         &f,
@@ -951,6 +958,24 @@ fn legacy_is_retired_only_when_empty_and_quiet_and_can_be_undone() {
     );
     check(
         &f,
+        &["status"],
+        expect![[r#"
+        exit 0
+        store     STORE
+        tenants   1
+          legacy           0  [------------------------------]
+          shadow           0  [------------------------------]
+          migrated         1  [##############################]
+        migrated  100.0%  [##############################]
+        legacy    3 requests in the last hour, 3 in the last day
+          TENANT  LAST HOUR  LAST DAY  LAST REQUEST
+          acme    3          3         TIME
+        finish line: not reached
+          - legacy received traffic within the quiet window
+    "#]],
+    );
+    check(
+        &f,
         &["retire-legacy", "--quiet-window", "1m"],
         expect![[r#"
         exit 0
@@ -963,6 +988,42 @@ fn legacy_is_retired_only_when_empty_and_quiet_and_can_be_undone() {
         expect![[r#"
         exit 0
         legacy was retired already
+    "#]],
+    );
+    check(
+        &f,
+        &["status", "--json"],
+        expect![[r#"
+        exit 0
+        {
+          "store": "STORE",
+          "tenants": 1,
+          "stages": {
+            "legacy": 0,
+            "shadow": 0,
+            "migrated": 1
+          },
+          "percent_migrated": 100.0,
+          "legacy_retired": true,
+          "legacy_traffic": {
+            "last_hour": 3,
+            "last_day": 3,
+            "tenants": [
+              {
+                "tenant": "acme",
+                "last_hour": 3,
+                "last_day": 3,
+                "last_at": "TIME"
+              }
+            ]
+          },
+          "finish_line": {
+            "reached": false,
+            "blockers": [
+              "legacy received traffic within the quiet window"
+            ]
+          }
+        }
     "#]],
     );
     check(
