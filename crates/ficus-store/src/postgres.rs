@@ -607,6 +607,19 @@ impl Inner {
             .collect()
     }
 
+    /// The change-log position the store is at.
+    async fn current_seq(&self, client: &impl GenericClient) -> Result<u64> {
+        let seq: i64 = client
+            .query_one(
+                &self.q("SELECT seq FROM {s}.change_counter WHERE id = 1"),
+                &[],
+            )
+            .await
+            .map_err(self.err("reading the change log"))?
+            .get(0);
+        Ok(seq as u64)
+    }
+
     async fn load_retired(&self, client: &impl GenericClient) -> Result<bool> {
         let value: String = client
             .query_one(
@@ -1194,16 +1207,12 @@ impl ControlStore for PgStore {
             .start()
             .await
             .map_err(s.err("starting a read"))?;
-        let seq: i64 = tx
-            .query_one(&s.q("SELECT seq FROM {s}.change_counter WHERE id = 1"), &[])
-            .await
-            .map_err(s.err("reading the change log"))?
-            .get(0);
+        let seq = s.current_seq(&*tx).await?;
         let tenants = s.load_tenants(&*tx, None).await?;
         let legacy_retired = s.load_retired(&*tx).await?;
         tx.commit().await.map_err(s.err("ending a read"))?;
         Ok(Snapshot {
-            seq: seq as u64,
+            seq,
             tenants,
             legacy_retired,
         })
@@ -1325,15 +1334,7 @@ async fn follow(
             }
             match *last {
                 None => {
-                    let seq: i64 = client
-                        .query_one(
-                            &inner.q("SELECT seq FROM {s}.change_counter WHERE id = 1"),
-                            &[],
-                        )
-                        .await
-                        .map_err(inner.err("reading the change log"))?
-                        .get(0);
-                    *last = Some(seq as u64);
+                    *last = Some(inner.current_seq(&client).await?);
                 }
                 Some(since) => {
                     let set = inner.load_changes(&client, since).await?;

@@ -538,6 +538,16 @@ fn load_audit(conn: &Connection, location: &str, q: &AuditQuery) -> Result<Vec<A
     rows.into_iter().map(rules::audit_from_row).collect()
 }
 
+/// The change-log position the store is at.
+fn current_seq(conn: &Connection, location: &str) -> Result<u64> {
+    let seq: i64 = conn
+        .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .map_err(sql_err(location, "reading the change log"))?;
+    Ok(seq as u64)
+}
+
 fn load_retired(conn: &Connection, location: &str) -> Result<bool> {
     let value: String = conn
         .query_row(
@@ -1062,15 +1072,11 @@ impl ControlStore for SqliteStore {
             let tx = conn
                 .transaction()
                 .map_err(sql_err(location, "starting a read"))?;
-            let seq: i64 = tx
-                .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| {
-                    r.get(0)
-                })
-                .map_err(sql_err(location, "reading the change log"))?;
+            let seq = current_seq(&tx, location)?;
             let tenants = load_tenants(&tx, location, None)?;
             let legacy_retired = load_retired(&tx, location)?;
             Ok(Snapshot {
-                seq: seq as u64,
+                seq,
                 tenants,
                 legacy_retired,
             })
@@ -1135,12 +1141,7 @@ fn sqlite_feed(
             last_version = Some(version);
             match last_seq {
                 None => {
-                    let seq: i64 = c
-                        .query_row("SELECT seq FROM change_counter WHERE id = 1", [], |r| {
-                            r.get(0)
-                        })
-                        .map_err(sql_err(location, "reading the change log"))?;
-                    last_seq = Some(seq as u64);
+                    last_seq = Some(current_seq(c, location)?);
                 }
                 Some(since) => {
                     let set = load_changes(c, location, since)?;
