@@ -2,6 +2,8 @@
 //! `migrated`. Each criterion is judged separately and says why it passes or fails,
 //! so an operator sees exactly what is missing.
 
+use crate::latency::{Histogram, format_micros};
+
 /// One endpoint's evidence over the readiness window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointEvidence {
@@ -24,6 +26,18 @@ pub struct Thresholds {
     pub min_per_endpoint: u64,
     /// Share of shadow requests that may fail or time out.
     pub max_error_rate: f64,
+    /// New's p99 may be at most this many times legacy's p99 for the tenant...
+    pub max_latency_ratio: f64,
+    /// ...or at most this many milliseconds above it, whichever allows more, so
+    /// that a 1 ms legacy is not failed for a 2 ms new.
+    pub latency_slack_ms: u64,
+}
+
+/// Latencies of the two backends for the same compared reads of one tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencyEvidence {
+    pub legacy: Histogram,
+    pub new: Histogram,
 }
 
 impl Default for Thresholds {
@@ -34,6 +48,8 @@ impl Default for Thresholds {
             max_mismatches: 0,
             min_per_endpoint: 5,
             max_error_rate: 0.01,
+            max_latency_ratio: 1.5,
+            latency_slack_ms: 10,
         }
     }
 }
@@ -68,7 +84,11 @@ impl Readiness {
 }
 
 /// Judges a tenant's evidence against the thresholds.
-pub fn judge(evidence: &[EndpointEvidence], t: &Thresholds) -> Readiness {
+pub fn judge(
+    evidence: &[EndpointEvidence],
+    latency: &LatencyEvidence,
+    t: &Thresholds,
+) -> Readiness {
     let compared: u64 = evidence.iter().map(|e| e.compared).sum();
     let mismatched: u64 = evidence.iter().map(|e| e.mismatched).sum();
     let errors: u64 = evidence.iter().map(|e| e.errors).sum();
@@ -84,6 +104,7 @@ pub fn judge(evidence: &[EndpointEvidence], t: &Thresholds) -> Readiness {
     } else {
         errors as f64 / attempted as f64
     };
+    let latency_passed = latency_verdict(latency, t);
     let criteria = vec![
         Criterion {
             name: "comparisons",
@@ -121,6 +142,11 @@ pub fn judge(evidence: &[EndpointEvidence], t: &Thresholds) -> Readiness {
                 t.max_error_rate * 100.0
             ),
         },
+        Criterion {
+            name: "latency",
+            passed: latency_passed.0,
+            detail: latency_passed.1,
+        },
     ];
     let progress = |have: f64, need: f64| {
         if need <= 0.0 {
@@ -146,13 +172,38 @@ pub fn judge(evidence: &[EndpointEvidence], t: &Thresholds) -> Readiness {
             1.0
         } else {
             0.0
-        })
-        / 4.0;
+        }
+        + if latency_passed.0 { 1.0 } else { 0.0 })
+        / 5.0;
     Readiness {
         criteria,
         uncovered,
         score,
     }
+}
+
+/// Compares new's p99 with legacy's, and says so with both p50s and p99s.
+fn latency_verdict(l: &LatencyEvidence, t: &Thresholds) -> (bool, String) {
+    let (Some(legacy_p99), Some(new_p99)) =
+        (l.legacy.quantile_micros(0.99), l.new.quantile_micros(0.99))
+    else {
+        return (false, "no latency measured in the window".to_string());
+    };
+    let legacy_p50 = l.legacy.quantile_micros(0.5).unwrap_or(0);
+    let new_p50 = l.new.quantile_micros(0.5).unwrap_or(0);
+    let allowed = ((legacy_p99 as f64 * t.max_latency_ratio) as u64)
+        .max(legacy_p99 + t.latency_slack_ms * 1_000);
+    (
+        new_p99 <= allowed,
+        format!(
+            "new p50 {} p99 {} vs legacy p50 {} p99 {}; new p99 at most {} allowed",
+            format_micros(new_p50),
+            format_micros(new_p99),
+            format_micros(legacy_p50),
+            format_micros(legacy_p99),
+            format_micros(allowed)
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -177,9 +228,19 @@ mod tests {
         }
     }
 
-    fn check(evidence: &[EndpointEvidence], expect: Expect) {
+    fn latencies(legacy_ms: u64, new_ms: u64) -> LatencyEvidence {
+        let mut l = LatencyEvidence::default();
+        for _ in 0..100 {
+            l.legacy.record(legacy_ms * 1_000);
+            l.new.record(new_ms * 1_000);
+        }
+        l
+    }
+
+    fn check(evidence: &[EndpointEvidence], latency: &LatencyEvidence, expect: Expect) {
         let r = judge(
             evidence,
+            latency,
             &Thresholds {
                 min_comparisons: 100,
                 ..Thresholds::default()
@@ -204,26 +265,30 @@ mod tests {
     fn criteria() {
         check(
             &[],
+            &LatencyEvidence::default(),
             expect![[r#"
-            ready=false score=0.50
-            FAIL comparisons: 0 compared; at least 100 needed
-            pass mismatches: 0 mismatched; at most 0 allowed
-            FAIL coverage: no traffic seen in the window
-            pass shadow errors: 0.00% of shadow requests failed; at most 1.00% allowed
-        "#]],
+                ready=false score=0.40
+                FAIL comparisons: 0 compared; at least 100 needed
+                pass mismatches: 0 mismatched; at most 0 allowed
+                FAIL coverage: no traffic seen in the window
+                pass shadow errors: 0.00% of shadow requests failed; at most 1.00% allowed
+                FAIL latency: no latency measured in the window
+            "#]],
         );
         check(
             &[
                 ev("GET /homes/{id}", 90, 90, 0, 0),
                 ev("GET /search", 20, 20, 0, 0),
             ],
+            &latencies(40, 45),
             expect![[r#"
-            ready=true score=1.00
-            pass comparisons: 110 compared; at least 100 needed
-            pass mismatches: 0 mismatched; at most 0 allowed
-            pass coverage: 2 of 2 endpoints compared at least 5 times
-            pass shadow errors: 0.00% of shadow requests failed; at most 1.00% allowed
-        "#]],
+                ready=true score=1.00
+                pass comparisons: 110 compared; at least 100 needed
+                pass mismatches: 0 mismatched; at most 0 allowed
+                pass coverage: 2 of 2 endpoints compared at least 5 times
+                pass shadow errors: 0.00% of shadow requests failed; at most 1.00% allowed
+                pass latency: new p50 47.6 ms p99 47.6 ms vs legacy p50 43.2 ms p99 43.2 ms; new p99 at most 64.9 ms allowed
+            "#]],
         );
         check(
             &[
@@ -231,14 +296,16 @@ mod tests {
                 ev("GET /export", 3, 0, 0, 0),
                 ev("GET /rare", 2, 2, 0, 3),
             ],
+            &latencies(40, 200),
             expect![[r#"
-            ready=false score=0.33
-            pass comparisons: 202 compared; at least 100 needed
-            FAIL mismatches: 1 mismatched; at most 0 allowed
-            FAIL coverage: 1 of 3 endpoints compared at least 5 times
-            FAIL shadow errors: 1.46% of shadow requests failed; at most 1.00% allowed
-            uncovered: GET /export, GET /rare
-        "#]],
+                ready=false score=0.27
+                pass comparisons: 202 compared; at least 100 needed
+                FAIL mismatches: 1 mismatched; at most 0 allowed
+                FAIL coverage: 1 of 3 endpoints compared at least 5 times
+                FAIL shadow errors: 1.46% of shadow requests failed; at most 1.00% allowed
+                FAIL latency: new p50 218.6 ms p99 218.6 ms vs legacy p50 43.2 ms p99 43.2 ms; new p99 at most 64.9 ms allowed
+                uncovered: GET /export, GET /rare
+            "#]],
         );
     }
 }

@@ -1,6 +1,7 @@
-//! The admin listener: `/metrics` (Prometheus), `/healthz` (the process is up) and
-//! `/readyz` (a routing table is loaded and the proxy is not draining). Bound to
-//! localhost by default; it carries no tenant data.
+//! The admin listener: `/metrics` (Prometheus), `/healthz` (the process is up),
+//! `/readyz` (a routing table is loaded and the proxy is not draining), and the
+//! control plane's API under `/v1` (bearer token; see `ficus_admin::server`).
+//! Bound to localhost by default.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +21,8 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(shared)
+        .with_state(Arc::clone(&shared))
+        .merge(ficus_admin::server::router(Arc::clone(&shared.store)))
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {

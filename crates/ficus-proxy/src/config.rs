@@ -80,6 +80,14 @@ pub struct GuardConfig {
     pub max_error_rate: f64,
     /// After a trip, the same tenant is left alone this long.
     pub cooldown: Duration,
+    /// An answer is slow when it takes this many times the tenant's legacy p99.
+    pub max_latency_ratio: f64,
+    /// Share of slow answers that trips it.
+    pub max_slow_rate: f64,
+    /// Reverse-shadow comparisons needed in the window before mismatches count.
+    pub min_compared: u64,
+    /// Share of mismatched reverse-shadow comparisons that trips it.
+    pub max_mismatch_rate: f64,
 }
 
 /// The parallel run: which reads are also sent to the other backend, and how the
@@ -178,6 +186,10 @@ struct RawGuard {
     min_requests: Option<u64>,
     max_error_rate: Option<Spanned<f64>>,
     cooldown_ms: Option<u64>,
+    max_latency_ratio: Option<Spanned<f64>>,
+    max_slow_rate: Option<Spanned<f64>>,
+    min_compared: Option<u64>,
+    max_mismatch_rate: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -631,12 +643,25 @@ impl Cx<'_> {
     }
 
     fn guard(&self, raw: Option<&RawGuard>) -> Result<GuardConfig, ConfigError> {
-        let rate = match raw.and_then(|g| g.max_error_rate.as_ref()) {
-            Some(r) if !(*r.get_ref() > 0.0 && *r.get_ref() <= 1.0) => {
-                return Err(self.at(r, "guard.max_error_rate: must be above 0.0 and at most 1.0"));
+        let share = |value: Option<&Spanned<f64>>, key: &str, default: f64| match value {
+            Some(r) if !(*r.get_ref() > 0.0 && *r.get_ref() <= 1.0) => Err(self.at(
+                r,
+                &format!("guard.{key}: must be above 0.0 and at most 1.0"),
+            )),
+            Some(r) => Ok(*r.get_ref()),
+            None => Ok(default),
+        };
+        let rate = share(
+            raw.and_then(|g| g.max_error_rate.as_ref()),
+            "max_error_rate",
+            0.2,
+        )?;
+        let max_latency_ratio = match raw.and_then(|g| g.max_latency_ratio.as_ref()) {
+            Some(r) if !(*r.get_ref() >= 1.0 && r.get_ref().is_finite()) => {
+                return Err(self.at(r, "guard.max_latency_ratio: must be at least 1.0"));
             }
             Some(r) => *r.get_ref(),
-            None => 0.2,
+            None => 3.0,
         };
         Ok(GuardConfig {
             enabled: raw.and_then(|g| g.enabled).unwrap_or(true),
@@ -646,6 +671,18 @@ impl Cx<'_> {
             min_requests: raw.and_then(|g| g.min_requests).unwrap_or(20).max(1),
             max_error_rate: rate,
             cooldown: Duration::from_millis(raw.and_then(|g| g.cooldown_ms).unwrap_or(60_000)),
+            max_latency_ratio,
+            max_slow_rate: share(
+                raw.and_then(|g| g.max_slow_rate.as_ref()),
+                "max_slow_rate",
+                0.2,
+            )?,
+            min_compared: raw.and_then(|g| g.min_compared).unwrap_or(20).max(1),
+            max_mismatch_rate: share(
+                raw.and_then(|g| g.max_mismatch_rate.as_ref()),
+                "max_mismatch_rate",
+                0.2,
+            )?,
         })
     }
 

@@ -1,50 +1,120 @@
 //! The guard: automatic rollback of a migrated tenant when the new backend
 //! misbehaves for it.
 //!
-//! Every answer the new backend gives a `migrated` tenant is counted in a sliding
-//! window of one-second buckets: good, or bad (a 5xx, which includes the 502 and 504
-//! the proxy makes itself when new cannot be reached or times out). When the window
-//! holds at least `min_requests` answers and the bad share reaches `max_error_rate`,
-//! the guard trips: the tenant is rolled back to `shadow` through the store, so every
-//! replica follows, with `actor=guard` and the numbers in the reason. The guard never
-//! promotes anything back; a person does, after a fix. The minimum sample keeps a
-//! handful of errors from tripping it, and a cooldown keeps it from acting on the
-//! same tenant again while its rollback propagates.
+//! Three signals are counted per tenant in a sliding window of one-second buckets:
+//! - every answer the new backend gives a `migrated` tenant: bad (a 5xx, which
+//!   includes the 502 and 504 the proxy makes itself when new cannot be reached or
+//!   times out) or not, and slow or not (slower than `max_latency_ratio` times that
+//!   tenant's legacy p99, the baseline measured during its parallel run);
+//! - every reverse-shadow comparison (new served, legacy asked too): mismatched or not.
+//!
+//! When the window holds enough samples (`min_requests` answers, `min_compared`
+//! comparisons) and a share reaches its threshold, the guard trips: the tenant is
+//! rolled back to `shadow` through the store, so every replica follows, with
+//! `actor=guard` and the numbers in the reason. The guard never promotes anything
+//! back; a person does, after a fix. The minimum samples keep a handful of bad
+//! answers from tripping it, and a cooldown keeps it from acting on the same tenant
+//! again while its rollback propagates.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ficus_core::TenantId;
+use ficus_core::latency::format_micros;
+use ficus_core::{Actor, Stage, TenantId};
+use ficus_store::{ControlStore, StageChange};
+use prometheus::IntCounter;
 
 use crate::config::GuardConfig;
+
+/// What the guard is told about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// New answered a migrated tenant, in this many microseconds.
+    Answer { bad: bool, micros: u64 },
+    /// A reverse-shadow comparison finished.
+    Compared { mismatched: bool },
+}
+
+/// Which threshold was crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TripKind {
+    Errors,
+    Latency { baseline_micros: u64 },
+    Mismatches,
+}
 
 /// Why the guard tripped, in numbers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trip {
+    pub kind: TripKind,
+    /// Samples in the window (answers, or comparisons for mismatches).
     pub total: u64,
-    pub bad: u64,
+    /// Of which bad, slow or mismatched.
+    pub hits: u64,
     pub window: Duration,
 }
 
 impl Trip {
-    pub fn reason(&self, config: &GuardConfig) -> String {
-        format!(
-            "guard: {} of {} answers from new were errors (5xx, timeouts, unreachable) in the last {} s, {:.0}% against a threshold of {:.0}% with at least {} answers",
-            self.bad,
-            self.total,
-            self.window.as_secs(),
-            self.bad as f64 * 100.0 / self.total.max(1) as f64,
-            config.max_error_rate * 100.0,
-            config.min_requests
-        )
+    pub fn reason(&self, c: &GuardConfig) -> String {
+        let share = self.hits as f64 * 100.0 / self.total.max(1) as f64;
+        let secs = self.window.as_secs();
+        match self.kind {
+            TripKind::Errors => format!(
+                "guard: {} of {} answers from new were errors (5xx, timeouts, unreachable) in the last {secs} s, {share:.0}% against a threshold of {:.0}% with at least {} answers",
+                self.hits,
+                self.total,
+                c.max_error_rate * 100.0,
+                c.min_requests
+            ),
+            TripKind::Latency { baseline_micros } => format!(
+                "guard: {} of {} answers from new were slower than {} ({}× the tenant's legacy p99 of {}) in the last {secs} s, {share:.0}% against a threshold of {:.0}% with at least {} answers",
+                self.hits,
+                self.total,
+                format_micros(slow_above(baseline_micros, c)),
+                c.max_latency_ratio,
+                format_micros(baseline_micros),
+                c.max_slow_rate * 100.0,
+                c.min_requests
+            ),
+            TripKind::Mismatches => format!(
+                "guard: {} of {} reverse-shadow comparisons found new disagreeing with legacy in the last {secs} s, {share:.0}% against a threshold of {:.0}% with at least {} comparisons",
+                self.hits,
+                self.total,
+                c.max_mismatch_rate * 100.0,
+                c.min_compared
+            ),
+        }
+    }
+}
+
+fn slow_above(baseline_micros: u64, c: &GuardConfig) -> u64 {
+    (baseline_micros as f64 * c.max_latency_ratio) as u64
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    answers: u64,
+    bad: u64,
+    slow: u64,
+    compared: u64,
+    mismatched: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: &Tally) {
+        self.answers += o.answers;
+        self.bad += o.bad;
+        self.slow += o.slow;
+        self.compared += o.compared;
+        self.mismatched += o.mismatched;
     }
 }
 
 #[derive(Default)]
 struct Window {
-    /// (second, total, bad), oldest first.
-    buckets: VecDeque<(u64, u64, u64)>,
+    /// (second, tally), oldest first.
+    buckets: VecDeque<(u64, Tally)>,
 }
 
 pub struct Guard {
@@ -52,22 +122,77 @@ pub struct Guard {
     windows: Mutex<HashMap<TenantId, Window>>,
     /// When each tenant last tripped.
     tripped: Mutex<HashMap<TenantId, Instant>>,
+    /// Each active tenant's legacy p99 in microseconds, from its parallel run.
+    baselines: Mutex<HashMap<TenantId, u64>>,
+    store: Arc<OnceLock<Arc<dyn ControlStore>>>,
+    rollbacks: IntCounter,
 }
 
-impl Default for Guard {
-    fn default() -> Guard {
+impl Guard {
+    /// A guard that rolls back through `store` once it is open, counting its
+    /// rollbacks in `rollbacks`.
+    pub fn new(store: Arc<OnceLock<Arc<dyn ControlStore>>>, rollbacks: IntCounter) -> Guard {
         Guard {
             started: Instant::now(),
             windows: Mutex::default(),
             tripped: Mutex::default(),
+            baselines: Mutex::default(),
+            store,
+            rollbacks,
         }
     }
-}
 
-impl Guard {
-    /// Counts one answer of new to a migrated tenant; returns a trip when this
-    /// answer crosses the threshold.
-    pub fn record(&self, tenant: &TenantId, bad: bool, config: &GuardConfig) -> Option<Trip> {
+    /// Counts one signal for a migrated tenant and, when it crosses a threshold,
+    /// rolls the tenant back (on the current runtime) and returns the trip.
+    pub fn observe(&self, tenant: &TenantId, signal: Signal, config: &GuardConfig) -> Option<Trip> {
+        let trip = self.record(tenant, signal, config)?;
+        let reason = trip.reason(config);
+        tracing::warn!(%tenant, reason, "guard: rolling the tenant back to shadow");
+        self.rollbacks.inc();
+        let (store, tenant) = (self.store.get().cloned(), tenant.clone());
+        tokio::spawn(async move {
+            let Some(store) = store else {
+                tracing::error!(%tenant, "guard: the store is not open, cannot roll back");
+                return;
+            };
+            let change = StageChange {
+                tenant: tenant.clone(),
+                to: Stage::Shadow,
+                expected_version: None,
+                actor: Actor::Guard,
+                reason,
+            };
+            if let Err(e) = store.change_stage(change).await {
+                tracing::error!(%tenant, error = %e, "guard: rollback failed");
+            }
+        });
+        Some(trip)
+    }
+
+    /// Tenants the guard has counted recently (the ones whose baselines matter);
+    /// with `missing_only`, just those without a baseline yet.
+    pub fn active(&self, missing_only: bool) -> Vec<TenantId> {
+        let known = self.baselines.lock().unwrap_or_else(|p| p.into_inner());
+        self.windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|t| !missing_only || !known.contains_key(*t))
+            .cloned()
+            .collect()
+    }
+
+    /// Sets the legacy p99 baselines of tenants; a tenant without one is never
+    /// judged slow.
+    pub fn set_baselines(&self, baselines: impl IntoIterator<Item = (TenantId, u64)>) {
+        let mut map = self.baselines.lock().unwrap_or_else(|p| p.into_inner());
+        for (tenant, micros) in baselines {
+            map.insert(tenant, micros);
+        }
+    }
+
+    /// Counts one signal; returns a trip when this one crosses a threshold.
+    pub fn record(&self, tenant: &TenantId, signal: Signal, config: &GuardConfig) -> Option<Trip> {
         if !config.enabled {
             return None;
         }
@@ -81,6 +206,24 @@ impl Guard {
         {
             return None;
         }
+        let baseline = self
+            .baselines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .copied();
+        let mut one = Tally::default();
+        match signal {
+            Signal::Answer { bad, micros } => {
+                one.answers = 1;
+                one.bad = u64::from(bad);
+                one.slow = u64::from(baseline.is_some_and(|b| micros > slow_above(b, config)));
+            }
+            Signal::Compared { mismatched } => {
+                one.compared = 1;
+                one.mismatched = u64::from(mismatched);
+            }
+        }
         let second = now.duration_since(self.started).as_secs();
         let span = config.window.as_secs().max(1);
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,40 +231,62 @@ impl Guard {
             Some(w) => w,
             None => windows.entry(tenant.clone()).or_default(),
         };
-        while w
-            .buckets
-            .front()
-            .is_some_and(|(s, _, _)| s + span <= second)
-        {
+        while w.buckets.front().is_some_and(|(s, _)| s + span <= second) {
             w.buckets.pop_front();
         }
         match w.buckets.back_mut() {
-            Some((s, total, b)) if *s == second => {
-                *total += 1;
-                *b += u64::from(bad);
-            }
-            _ => w.buckets.push_back((second, 1, u64::from(bad))),
+            Some((s, t)) if *s == second => t.add(&one),
+            _ => w.buckets.push_back((second, one)),
         }
-        let (total, bad_total) = w
-            .buckets
-            .iter()
-            .fold((0, 0), |(t, b), (_, tt, bb)| (t + tt, b + bb));
-        if total < config.min_requests
-            || (bad_total as f64) < config.max_error_rate * total as f64
-            || bad_total == 0
+        let mut sum = Tally::default();
+        for (_, t) in &w.buckets {
+            sum.add(t);
+        }
+        let crossed = |hits: u64, total: u64, min: u64, rate: f64| {
+            hits > 0 && total >= min && hits as f64 >= rate * total as f64
+        };
+        let trip = |kind, total, hits| Trip {
+            kind,
+            total,
+            hits,
+            window: config.window,
+        };
+        let found = if crossed(
+            sum.bad,
+            sum.answers,
+            config.min_requests,
+            config.max_error_rate,
+        ) {
+            trip(TripKind::Errors, sum.answers, sum.bad)
+        } else if let Some(b) = baseline
+            && crossed(
+                sum.slow,
+                sum.answers,
+                config.min_requests,
+                config.max_slow_rate,
+            )
         {
+            trip(
+                TripKind::Latency { baseline_micros: b },
+                sum.answers,
+                sum.slow,
+            )
+        } else if crossed(
+            sum.mismatched,
+            sum.compared,
+            config.min_compared,
+            config.max_mismatch_rate,
+        ) {
+            trip(TripKind::Mismatches, sum.compared, sum.mismatched)
+        } else {
             return None;
-        }
+        };
         windows.remove(tenant);
         self.tripped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(tenant.clone(), now);
-        Some(Trip {
-            total,
-            bad: bad_total,
-            window: config.window,
-        })
+        Some(found)
     }
 }
 
@@ -136,45 +301,119 @@ mod tests {
             min_requests: 20,
             max_error_rate: 0.2,
             cooldown: Duration::from_secs(60),
+            max_latency_ratio: 3.0,
+            max_slow_rate: 0.2,
+            min_compared: 20,
+            max_mismatch_rate: 0.2,
         }
+    }
+
+    fn guard() -> Guard {
+        Guard::new(Arc::default(), IntCounter::new("t", "t").unwrap())
+    }
+
+    fn answer(bad: bool) -> Signal {
+        Signal::Answer { bad, micros: 1_000 }
     }
 
     #[test]
     fn trips_only_with_enough_samples_and_errors_and_then_holds_off() {
-        let g = Guard::default();
+        let g = guard();
         let acme = TenantId::parse("acme").unwrap();
         let c = config();
         // 3 errors among 10 answers: too few samples, whatever the rate.
         for i in 0..10 {
-            assert_eq!(g.record(&acme, i < 3, &c), None);
+            assert_eq!(g.record(&acme, answer(i < 3), &c), None);
         }
         // 10 more good ones: 3 of 20 is 15%, under 20%.
         for _ in 0..10 {
-            assert_eq!(g.record(&acme, false, &c), None);
+            assert_eq!(g.record(&acme, answer(false), &c), None);
         }
         // The next error makes 4 of 21 = 19%; one more, 5 of 22 = 23%: trip.
-        assert_eq!(g.record(&acme, true, &c), None);
-        let trip = g.record(&acme, true, &c).expect("trips");
-        assert_eq!((trip.total, trip.bad), (22, 5));
+        assert_eq!(g.record(&acme, answer(true), &c), None);
+        let trip = g.record(&acme, answer(true), &c).expect("trips");
+        assert_eq!(
+            (trip.kind, trip.total, trip.hits),
+            (TripKind::Errors, 22, 5)
+        );
         assert!(
             trip.reason(&c)
                 .starts_with("guard: 5 of 22 answers from new were errors")
         );
         // Cooldown: more errors do not trip again at once.
         for _ in 0..50 {
-            assert_eq!(g.record(&acme, true, &c), None);
+            assert_eq!(g.record(&acme, answer(true), &c), None);
         }
         // Other tenants are judged on their own.
         let globex = TenantId::parse("globex").unwrap();
         for _ in 0..30 {
-            assert_eq!(g.record(&globex, false, &c), None);
+            assert_eq!(g.record(&globex, answer(false), &c), None);
         }
         let off = GuardConfig {
             enabled: false,
             ..c
         };
         for _ in 0..50 {
-            assert_eq!(g.record(&globex, true, &off), None);
+            assert_eq!(g.record(&globex, answer(true), &off), None);
         }
+    }
+
+    #[test]
+    fn trips_on_slow_answers_only_against_a_known_baseline() {
+        let g = guard();
+        let c = config();
+        let acme = TenantId::parse("acme").unwrap();
+        let slow = Signal::Answer {
+            bad: false,
+            micros: 50_000,
+        };
+        // No baseline: slowness cannot be judged.
+        for _ in 0..40 {
+            assert_eq!(g.record(&acme, slow, &c), None);
+        }
+        // A 10 ms legacy p99: 50 ms is beyond 3×, and every answer is slow.
+        let globex = TenantId::parse("globex").unwrap();
+        g.set_baselines([(globex.clone(), 10_000)]);
+        for _ in 0..19 {
+            assert_eq!(g.record(&globex, slow, &c), None);
+        }
+        let trip = g.record(&globex, slow, &c).expect("trips");
+        assert_eq!(
+            trip.kind,
+            TripKind::Latency {
+                baseline_micros: 10_000
+            }
+        );
+        assert!(
+            trip.reason(&c).contains("slower than 30.0 ms"),
+            "{}",
+            trip.reason(&c)
+        );
+    }
+
+    #[test]
+    fn trips_on_reverse_shadow_mismatches_with_enough_comparisons() {
+        let g = guard();
+        let c = config();
+        let acme = TenantId::parse("acme").unwrap();
+        for i in 0..19 {
+            assert_eq!(
+                g.record(
+                    &acme,
+                    Signal::Compared {
+                        mismatched: i % 2 == 0
+                    },
+                    &c
+                ),
+                None
+            );
+        }
+        let trip = g
+            .record(&acme, Signal::Compared { mismatched: false }, &c)
+            .expect("trips");
+        assert_eq!(
+            (trip.kind, trip.total, trip.hits),
+            (TripKind::Mismatches, 20, 10)
+        );
     }
 }

@@ -126,6 +126,11 @@ async fn flush_traffic(shared: &Shared, store: &dyn ControlStore) {
 /// Writes comparison evidence (counts, mismatch samples, noise) to the store; on
 /// failure counts and samples are kept for the next attempt.
 async fn flush_comparisons(shared: &Shared, store: &dyn ControlStore) {
+    let latencies = shared.shadow.take_latencies();
+    if let Err(e) = store.record_latencies(&latencies).await {
+        tracing::warn!(error = %e, "could not record latencies; will retry");
+        shared.shadow.restore_latencies(latencies);
+    }
     let (counts, samples, noise) = shared.shadow.take();
     if counts.is_empty() && samples.is_empty() && noise.is_empty() {
         return;
@@ -134,6 +139,34 @@ async fn flush_comparisons(shared: &Shared, store: &dyn ControlStore) {
         tracing::warn!(error = %e, "could not record comparisons; will retry");
         shared.shadow.restore(counts, samples);
     }
+}
+
+/// How far back the guard's latency baselines look: the parallel run before the
+/// tenant was migrated.
+const BASELINE_SPAN_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+/// How often the baselines are read again.
+const BASELINE_REFRESH: Duration = Duration::from_secs(60);
+
+/// Reads the legacy p99 of the tenants the guard is watching (all of them, or
+/// those it has none for yet), so that it can judge the new backend's latency
+/// against what legacy did for that tenant.
+async fn refresh_baselines(shared: &Shared, store: &dyn ControlStore, missing_only: bool) {
+    let since = Timestamp::from_unix_millis(now().unix_millis() - BASELINE_SPAN_MS);
+    let mut found = Vec::new();
+    for tenant in shared.guard.active(missing_only) {
+        match store.latencies(&tenant, since).await {
+            Ok(evidence) => {
+                if let Some(p99) = evidence.legacy.quantile_micros(0.99) {
+                    found.push((tenant, p99));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read latency baselines; will retry");
+                return;
+            }
+        }
+    }
+    shared.guard.set_baselines(found);
 }
 
 /// Runs the proxy until it is told to stop. Returns once in-flight requests have
@@ -272,6 +305,7 @@ async fn flush_loop(url: StoreUrl, shared: Arc<Shared>, mut shutdown: ShutdownWa
         }
     };
     let mut last_traffic = Instant::now();
+    let mut last_baselines: Option<Instant> = None;
     loop {
         let settings = shared.settings.load_full();
         tokio::select! {
@@ -279,6 +313,13 @@ async fn flush_loop(url: StoreUrl, shared: Arc<Shared>, mut shutdown: ShutdownWa
             _ = shutdown.changed() => return,
         }
         flush_comparisons(&shared, &*store).await;
+        // A tenant new to the guard gets its baseline at the next flush; all of
+        // them are read again now and then, as their parallel-run data grows.
+        let all = last_baselines.is_none_or(|at| at.elapsed() >= BASELINE_REFRESH);
+        if all {
+            last_baselines = Some(Instant::now());
+        }
+        refresh_baselines(&shared, &*store, !all).await;
         if last_traffic.elapsed() >= settings.traffic_flush {
             last_traffic = Instant::now();
             flush_traffic(&shared, &*store).await;

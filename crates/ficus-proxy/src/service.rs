@@ -31,7 +31,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::{BackendConfig, Settings};
-use crate::guard::Guard;
+use crate::guard::{Guard, Signal};
 use crate::metrics::{LegacyTraffic, Metrics};
 use crate::resolve::{RequestParts, resolve};
 use crate::shadow::{Pending, Plan, SafeRequest, Shadow};
@@ -45,7 +45,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub traffic: LegacyTraffic,
     pub shadow: Arc<Shadow>,
-    pub guard: Guard,
+    pub guard: Arc<Guard>,
     /// The store, once the routing-table follower has opened it.
     pub store: Arc<std::sync::OnceLock<Arc<dyn ficus_store::ControlStore>>>,
     pub in_flight: AtomicUsize,
@@ -57,11 +57,17 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(settings: Settings) -> Shared {
+        let metrics = Metrics::new(settings.tenant_label_cap);
+        let store: Arc<std::sync::OnceLock<_>> = Arc::default();
+        let guard = Arc::new(Guard::new(
+            Arc::clone(&store),
+            metrics.guard_rollbacks.clone(),
+        ));
         Shared {
-            metrics: Metrics::new(settings.tenant_label_cap),
-            shadow: Arc::new(Shadow::new(&settings.shadow)),
-            guard: Guard::default(),
-            store: Arc::default(),
+            metrics,
+            shadow: Arc::new(Shadow::new(&settings.shadow, Arc::clone(&guard))),
+            guard,
+            store,
             settings: ArcSwap::from_pointee(settings),
             table: Arc::new(ArcSwapOption::empty()),
             health: Arc::new(StoreHealth::default()),
@@ -493,9 +499,15 @@ impl ProxyHttp for Ficus {
                     ask_again,
                     timeout: sh.timeout,
                     cap: sh.body_cap,
+                    // Reverse shadow: legacy checks what new serves a migrated
+                    // tenant, and the guard hears about disagreements.
+                    guard: (ctx.stage == Some(Stage::Migrated)
+                        && admitted.served_by == Backend::New)
+                        .then_some(s.guard),
                 };
                 let done = self.shared.shadow.spawn(admitted.permit, request, plan);
                 ctx.pending = Some(Pending {
+                    started: Instant::now(),
                     captured: Default::default(),
                     cap: sh.body_cap,
                     done: Some(done),
@@ -638,31 +650,14 @@ impl ProxyHttp for Ficus {
         // The guard watches what new answers migrated tenants.
         if let (Some(tenant), Some(Backend::New), Some(Stage::Migrated)) =
             (&ctx.tenant, ctx.backend, ctx.stage)
-            && let Some(trip) = self
-                .shared
-                .guard
-                .record(tenant, status >= 500, &ctx.settings.guard)
         {
-            let reason = trip.reason(&ctx.settings.guard);
-            tracing::warn!(%tenant, reason, "guard: rolling the tenant back to shadow");
-            self.shared.metrics.guard_rollbacks.inc();
-            let (store, tenant) = (self.shared.store.get().cloned(), tenant.clone());
-            tokio::spawn(async move {
-                let Some(store) = store else {
-                    tracing::error!(%tenant, "guard: the store is not open, cannot roll back");
-                    return;
-                };
-                let change = ficus_store::StageChange {
-                    tenant: tenant.clone(),
-                    to: Stage::Shadow,
-                    expected_version: None,
-                    actor: ficus_core::Actor::Guard,
-                    reason,
-                };
-                if let Err(e) = store.change_stage(change).await {
-                    tracing::error!(%tenant, error = %e, "guard: rollback failed");
-                }
-            });
+            let signal = Signal::Answer {
+                bad: status >= 500,
+                micros: ctx.started.elapsed().as_micros() as u64,
+            };
+            self.shared
+                .guard
+                .observe(tenant, signal, &ctx.settings.guard);
         }
         if ctx.backend == Some(Backend::Legacy) {
             self.shared.traffic.record(ctx.tenant.as_ref(), now());

@@ -17,14 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ficus_core::latency::Histogram;
 use ficus_core::{Backend, TenantId, Timestamp};
 use ficus_diff::noise::NoiseModel;
 use ficus_diff::{Response, Rules};
-use ficus_store::{ComparisonCount, MismatchSample, NoiseEntry};
+use ficus_store::{ComparisonCount, LatencyReport, MismatchSample, NoiseEntry};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::config::{BackendConfig, ShadowConfig};
+use crate::config::{BackendConfig, GuardConfig, ShadowConfig};
+use crate::guard::{Guard, Signal};
 
 /// A request that may be sent to a second backend because it cannot change state.
 #[derive(Debug, Clone)]
@@ -82,6 +84,8 @@ pub struct Captured {
     pub overflow: bool,
     /// The body was content-encoded (gzip…); it is not compared.
     pub encoded: bool,
+    /// From sending the request to the end of the body.
+    pub micros: u64,
 }
 
 impl Captured {
@@ -100,6 +104,8 @@ impl Captured {
 
 /// What the request path holds while a shadow comparison is pending.
 pub struct Pending {
+    /// When the request left for the primary backend.
+    pub started: Instant,
     pub captured: Captured,
     pub cap: usize,
     pub done: Option<oneshot::Sender<Captured>>,
@@ -108,6 +114,7 @@ pub struct Pending {
 impl Pending {
     pub fn finish(&mut self) {
         if let Some(tx) = self.done.take() {
+            self.captured.micros = self.started.elapsed().as_micros() as u64;
             let _ = tx.send(std::mem::take(&mut self.captured));
         }
     }
@@ -134,6 +141,9 @@ pub struct Shadow {
     http1: reqwest::Client,
     h2c: reqwest::Client,
     counts: Mutex<HashMap<(TenantId, String), Counts>>,
+    /// Latencies of both sides of compared reads, per tenant and backend.
+    latencies: Mutex<HashMap<(TenantId, Backend), Histogram>>,
+    guard: Arc<Guard>,
     samples: Mutex<Vec<MismatchSample>>,
     noise: Mutex<NoiseModel>,
     per_second: Mutex<HashMap<TenantId, (u64, u32)>>,
@@ -191,10 +201,12 @@ pub struct Plan {
     pub rules: Rules,
     pub timeout: Duration,
     pub cap: usize,
+    /// Set for reverse shadow of a migrated tenant: the guard counts mismatches.
+    pub guard: Option<GuardConfig>,
 }
 
 impl Shadow {
-    pub fn new(config: &ShadowConfig) -> Shadow {
+    pub fn new(config: &ShadowConfig, guard: Arc<Guard>) -> Shadow {
         let build = |h2c: bool| {
             let b = reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
@@ -213,6 +225,8 @@ impl Shadow {
             http1: build(false),
             h2c: build(true),
             counts: Mutex::new(HashMap::new()),
+            latencies: Mutex::new(HashMap::new()),
+            guard,
             samples: Mutex::new(Vec::new()),
             noise: Mutex::new(NoiseModel::default()),
             per_second: Mutex::new(HashMap::new()),
@@ -318,6 +332,7 @@ impl Shadow {
         let upstream = backend.upstreams
             [(self.fraction() * backend.upstreams.len() as f64) as usize % backend.upstreams.len()];
         let client = if backend.h2c { &self.h2c } else { &self.http1 };
+        let started = Instant::now();
         let mut headers = request.headers.clone();
         headers.insert(
             HeaderName::from_static("x-ficus-backend"),
@@ -365,6 +380,7 @@ impl Shadow {
             body,
             overflow,
             encoded,
+            micros: started.elapsed().as_micros() as u64,
         })
     }
 
@@ -422,6 +438,26 @@ impl Shadow {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .split(endpoint, &outcome);
+        {
+            let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+            for (backend, micros) in [
+                (plan.served_by, primary.micros),
+                (plan.compare_with, shadow.micros),
+            ] {
+                match latencies.get_mut(&(tenant.clone(), backend)) {
+                    Some(h) => h.record(micros),
+                    None => latencies
+                        .entry((tenant.clone(), backend))
+                        .or_default()
+                        .record(micros),
+                }
+            }
+        }
+        if let Some(config) = &plan.guard {
+            let mismatched = !split.mismatches.is_empty();
+            self.guard
+                .observe(tenant, Signal::Compared { mismatched }, config);
+        }
         self.count(tenant, endpoint, |c| {
             c.compared += 1;
             match (split.mismatches.is_empty(), split.noise.is_empty()) {
@@ -487,6 +523,31 @@ impl Shadow {
             })
             .collect();
         (counts, samples, noise)
+    }
+
+    /// Takes the latencies measured since the last call, for the store.
+    pub fn take_latencies(&self) -> Vec<LatencyReport> {
+        let at = Timestamp::from_unix_millis(now_ms());
+        std::mem::take(&mut *self.latencies.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .map(|((tenant, backend), histogram)| LatencyReport {
+                tenant,
+                backend,
+                at,
+                histogram,
+            })
+            .collect()
+    }
+
+    /// Puts back latencies whose write failed.
+    pub fn restore_latencies(&self, reports: Vec<LatencyReport>) {
+        let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        for r in reports {
+            latencies
+                .entry((r.tenant, r.backend))
+                .or_default()
+                .merge(&r.histogram);
+        }
     }
 
     /// Puts back evidence whose write failed.

@@ -21,8 +21,11 @@ mod url;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use ficus_core::latency::Histogram;
+use ficus_core::readiness::LatencyEvidence;
 use ficus_core::{
-    Actor, AuditEvent, Domain, Progress, Stage, Tenant, TenantId, Timestamp, TransitionError,
+    Actor, AuditEvent, Backend, Domain, Progress, Stage, Tenant, TenantId, Timestamp,
+    TransitionError,
 };
 
 pub use crate::feed::{ChangeSet, FeedEvent, Subscription};
@@ -32,7 +35,7 @@ pub use crate::url::StoreUrl;
 
 /// The schema version this build writes. A store with a higher version was written by
 /// a newer Ficus and is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// A tenant to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +134,16 @@ pub struct NoiseEntry {
     pub score: f64,
     pub observations: u64,
     pub updated_at: Timestamp,
+}
+
+/// Latencies one proxy measured for one tenant's compared reads on one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencyReport {
+    pub tenant: TenantId,
+    pub backend: Backend,
+    /// When the last of these was measured; it picks the hour they are summed in.
+    pub at: Timestamp,
+    pub histogram: Histogram,
 }
 
 /// How many mismatch samples are kept per tenant and endpoint; older ones go.
@@ -236,6 +249,27 @@ pub trait ControlStore: Send + Sync + 'static {
     /// Every learned noise path, by endpoint and path.
     async fn noise(&self) -> Result<Vec<NoiseEntry>>;
 
+    /// Adds a proxy's latency histograms of compared reads, summed per tenant,
+    /// backend and hour.
+    async fn record_latencies(&self, reports: &[LatencyReport]) -> Result<()>;
+
+    /// A tenant's latencies of compared reads since `since`, per backend.
+    async fn latencies(&self, tenant: &TenantId, since: Timestamp) -> Result<LatencyEvidence>;
+
+    /// A named setting's value (gate thresholds, the API token's hash).
+    async fn setting(&self, key: &str) -> Result<Option<String>>;
+
+    /// Sets a named setting, with an audit entry that records `shown` (not the
+    /// value, which may be a secret's hash) and the reason.
+    async fn set_setting(
+        &self,
+        key: &str,
+        value: &str,
+        shown: &str,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<()>;
+
     async fn snapshot(&self) -> Result<Snapshot>;
 
     /// What changed after `seq`, or a resync when the change log no longer reaches
@@ -278,6 +312,8 @@ pub enum StoreError {
     ReadOnly { location: String },
     #[error("cannot reach the PostgreSQL store at {location}: {detail}")]
     Unreachable { location: String, detail: String },
+    #[error("{0:?} is not a setting ficus can change this way")]
+    BadSetting(String),
     #[error("tenant {0} already exists")]
     TenantExists(TenantId),
     #[error("no tenant {0}")]

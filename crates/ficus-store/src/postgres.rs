@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+use ficus_core::readiness::LatencyEvidence;
 use ficus_core::{Actor, AuditEvent, Domain, Progress, Stage, Tenant, TenantId, Timestamp};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -24,9 +25,9 @@ use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ComparisonCount, ControlStore, InitOutcome, MismatchSample, NewTenant, NoiseEntry,
-    OpenMode, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl,
-    TrafficCount, now,
+    AuditQuery, ComparisonCount, ControlStore, InitOutcome, LatencyReport, MismatchSample,
+    NewTenant, NoiseEntry, OpenMode, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange,
+    StoreError, StoreUrl, TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -151,6 +152,16 @@ CREATE TABLE {s}.noise_paths (
     observations bigint NOT NULL,
     updated_at   bigint NOT NULL,
     PRIMARY KEY (endpoint, path)
+);
+"#,
+    r#"
+CREATE TABLE {s}.latencies (
+    tenant_id text NOT NULL,
+    backend   text NOT NULL,
+    hour      bigint NOT NULL,
+    bucket    int NOT NULL,
+    count     bigint NOT NULL,
+    PRIMARY KEY (tenant_id, backend, hour, bucket)
 );
 "#,
 ];
@@ -1100,6 +1111,108 @@ impl ControlStore for PgStore {
             .await
             .map_err(s.err("recording noise"))?;
         }
+        tx.commit().await.map_err(s.err("committing"))
+    }
+
+    async fn record_latencies(&self, reports: &[LatencyReport]) -> Result<()> {
+        let s = &*self.inner;
+        let (mut tenants, mut backends, mut hours, mut buckets, mut counts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in reports {
+            for (bucket, count) in r.histogram.buckets() {
+                tenants.push(r.tenant.as_str());
+                backends.push(rules::backend_key(r.backend));
+                hours.push(rules::hour_of(r.at));
+                buckets.push(i32::from(bucket));
+                counts.push(count as i64);
+            }
+        }
+        if tenants.is_empty() {
+            return Ok(());
+        }
+        let client = s.client().await?;
+        // One statement, so the report is added whole or not at all. Rows that
+        // share a key within one report are summed first: PostgreSQL refuses an
+        // upsert that touches one row twice.
+        client
+            .execute(
+                &s.q(
+                    "INSERT INTO {s}.latencies AS l (tenant_id, backend, hour, bucket, count)
+                     SELECT t, b, h, k, sum(c)::bigint
+                     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[]) AS u(t, b, h, k, c)
+                     GROUP BY t, b, h, k
+                     ON CONFLICT (tenant_id, backend, hour, bucket) DO UPDATE SET count = l.count + excluded.count",
+                ),
+                &[&tenants, &backends, &hours, &buckets, &counts],
+            )
+            .await
+            .map_err(s.err("recording latencies"))?;
+        Ok(())
+    }
+
+    async fn latencies(&self, tenant: &TenantId, since: Timestamp) -> Result<LatencyEvidence> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT backend, bucket::bigint, sum(count)::bigint FROM {s}.latencies
+                     WHERE tenant_id = $1 AND hour >= $2 GROUP BY backend, bucket",
+                ),
+                &[&tenant.as_str(), &rules::hour_of(since)],
+            )
+            .await
+            .map_err(s.err("reading latencies"))?;
+        let mut evidence = LatencyEvidence::default();
+        for row in rows {
+            rules::add_latency(&mut evidence, row.get(0), row.get(1), row.get(2));
+        }
+        Ok(evidence)
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>> {
+        let s = &*self.inner;
+        let key = rules::setting_key(key)?;
+        let client = s.client().await?;
+        let row = client
+            .query_opt(
+                &s.q("SELECT value FROM {s}.settings WHERE key = $1"),
+                &[&key],
+            )
+            .await
+            .map_err(s.err("reading settings"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_setting(
+        &self,
+        key: &str,
+        value: &str,
+        shown: &str,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<()> {
+        let s = &*self.inner;
+        let key = rules::setting_key(key)?;
+        let reason = rules::reason(reason)?;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        tx.execute(
+            &s.q("INSERT INTO {s}.settings (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+            &[&key, &value],
+        )
+        .await
+        .map_err(s.err("changing a setting"))?;
+        tx.execute(
+            &s.q("INSERT INTO {s}.global_audit (at, setting, value, actor, reason) VALUES ($1, $2, $3, $4, $5)"),
+            &[&now().unix_millis(), &key, &shown, &actor.as_str(), &reason],
+        )
+        .await
+        .map_err(s.err("appending to the audit log"))?;
         tx.commit().await.map_err(s.err("committing"))
     }
 

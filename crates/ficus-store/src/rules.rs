@@ -4,7 +4,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ficus_core::{Actor, AuditEvent, Domain, Stage, Tenant, TenantId, Timestamp, Transition};
+use ficus_core::readiness::LatencyEvidence;
+use ficus_core::{
+    Actor, AuditEvent, Backend, Domain, Stage, Tenant, TenantId, Timestamp, Transition,
+};
 
 use crate::{ConflictKind, ImportConflict, NewTenant, StageChange, StoreError, format_time};
 
@@ -26,6 +29,37 @@ pub(crate) fn reason(raw: &str) -> Result<&str, StoreError> {
         Err(StoreError::MissingReason)
     } else {
         Ok(r)
+    }
+}
+
+/// Refuses setting names that are not plain words, and the ones with their own
+/// methods (whose changes must go through their own checks).
+pub(crate) fn setting_key(key: &str) -> Result<&str, StoreError> {
+    let plain = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
+    if !plain || key == "legacy_retired" {
+        return Err(StoreError::BadSetting(key.to_string()));
+    }
+    Ok(key)
+}
+
+/// The stored name of a backend in latency rows.
+pub(crate) fn backend_key(backend: Backend) -> &'static str {
+    backend.as_str()
+}
+
+/// Adds one stored latency row to the evidence; rows of unknown backends (written
+/// by a newer Ficus) are skipped rather than misread.
+pub(crate) fn add_latency(evidence: &mut LatencyEvidence, backend: &str, bucket: i64, count: i64) {
+    let bucket = bucket.clamp(0, i64::from(u16::MAX)) as u16;
+    let count = count.max(0) as u64;
+    match backend {
+        "legacy" => evidence.legacy.add(bucket, count),
+        "new" => evidence.new.add(bucket, count),
+        _ => {}
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ficus_core::readiness::LatencyEvidence;
 use ficus_core::{Actor, AuditEvent, Progress, Stage, Tenant, TenantId, Timestamp};
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
@@ -20,9 +21,9 @@ use rusqlite::{
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ComparisonCount, ControlStore, InitOutcome, MismatchSample, NewTenant, NoiseEntry,
-    OpenMode, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError,
-    TrafficCount, now,
+    AuditQuery, ComparisonCount, ControlStore, InitOutcome, LatencyReport, MismatchSample,
+    NewTenant, NoiseEntry, OpenMode, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange,
+    StoreError, TrafficCount, now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -150,6 +151,16 @@ CREATE TABLE noise_paths (
     observations INTEGER NOT NULL,
     updated_at   INTEGER NOT NULL,
     PRIMARY KEY (endpoint, path)
+) STRICT;
+"#,
+    r#"
+CREATE TABLE latencies (
+    tenant_id TEXT NOT NULL,
+    backend   TEXT NOT NULL,
+    hour      INTEGER NOT NULL,
+    bucket    INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, backend, hour, bucket)
 ) STRICT;
 "#,
 ];
@@ -966,6 +977,106 @@ impl ControlStore for SqliteStore {
                 }
             }
             tx.commit().map_err(err("committing"))
+        })
+        .await
+    }
+
+    async fn record_latencies(&self, reports: &[LatencyReport]) -> Result<()> {
+        let reports = reports.to_vec();
+        self.with(move |conn, location| {
+            let err = |what: &'static str| sql_err(location, what);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(err("starting a write"))?;
+            {
+                let mut upsert = tx
+                    .prepare_cached(
+                        "INSERT INTO latencies (tenant_id, backend, hour, bucket, count) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (tenant_id, backend, hour, bucket) DO UPDATE SET count = count + excluded.count",
+                    )
+                    .map_err(err("recording latencies"))?;
+                for r in &reports {
+                    for (bucket, count) in r.histogram.buckets() {
+                        upsert
+                            .execute(params![
+                                r.tenant.as_str(),
+                                rules::backend_key(r.backend),
+                                rules::hour_of(r.at),
+                                i64::from(bucket),
+                                count as i64
+                            ])
+                            .map_err(err("recording latencies"))?;
+                    }
+                }
+            }
+            tx.commit().map_err(err("committing"))
+        })
+        .await
+    }
+
+    async fn latencies(&self, tenant: &TenantId, since: Timestamp) -> Result<LatencyEvidence> {
+        let tenant = tenant.clone();
+        self.with(move |conn, location| {
+            let rows: Vec<(String, i64, i64)> = conn
+                .prepare_cached(
+                    "SELECT backend, bucket, sum(count) FROM latencies WHERE tenant_id = ?1 AND hour >= ?2
+                     GROUP BY backend, bucket",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![tenant.as_str(), rules::hour_of(since)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading latencies"))?;
+            let mut evidence = LatencyEvidence::default();
+            for (backend, bucket, count) in rows {
+                rules::add_latency(&mut evidence, &backend, bucket, count);
+            }
+            Ok(evidence)
+        })
+        .await
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>> {
+        let key = rules::setting_key(key)?.to_string();
+        self.with(move |conn, location| {
+            conn.query_row("SELECT value FROM settings WHERE key = ?1", [&key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql_err(location, "reading settings"))
+        })
+        .await
+    }
+
+    async fn set_setting(
+        &self,
+        key: &str,
+        value: &str,
+        shown: &str,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<()> {
+        let key = rules::setting_key(key)?.to_string();
+        let reason = rules::reason(reason)?.to_string();
+        let (value, shown) = (value.to_string(), shown.to_string());
+        self.with(move |conn, location| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_err(location, "starting a write"))?;
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [&key, &value],
+            )
+            .map_err(sql_err(location, "changing a setting"))?;
+            tx.execute(
+                "INSERT INTO global_audit (at, setting, value, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![now().unix_millis(), key, shown, actor.as_str(), reason],
+            )
+            .map_err(sql_err(location, "appending to the audit log"))?;
+            tx.commit().map_err(sql_err(location, "committing"))
         })
         .await
     }

@@ -643,6 +643,102 @@ async fn keeps_comparison_evidence_bounded(store: Arc<dyn ControlStore>) {
     assert_eq!(store.noise().await.unwrap(), noise);
 }
 
+async fn sums_latency_histograms_per_backend(store: Arc<dyn ControlStore>) {
+    use ficus_core::Backend;
+    use ficus_core::latency::Histogram;
+    use ficus_store::LatencyReport;
+    let hist = |micros: &[u64]| {
+        let mut h = Histogram::default();
+        for &m in micros {
+            h.record(m);
+        }
+        h
+    };
+    let hour: i64 = 60 * 60 * 1000;
+    // An hour boundary, so that the hours below are whole ones.
+    let at =
+        |ms: i64| ficus_core::Timestamp::from_unix_millis(1_800_000_000_000 / hour * hour + ms);
+    let report = |tenant: &str, backend, at_ms, h: Histogram| LatencyReport {
+        tenant: id(tenant),
+        backend,
+        at: at(at_ms),
+        histogram: h,
+    };
+    // Two proxies report for the same hour; a third report is an hour older.
+    store
+        .record_latencies(&[
+            report("acme", Backend::Legacy, 2 * hour, hist(&[1_000, 1_000])),
+            report("acme", Backend::New, 2 * hour, hist(&[2_000])),
+            report("globex", Backend::New, 2 * hour, hist(&[9_000])),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_latencies(&[
+            report("acme", Backend::New, 2 * hour + 5, hist(&[2_000, 50_000])),
+            report("acme", Backend::New, hour, hist(&[7_000])),
+        ])
+        .await
+        .unwrap();
+    store.record_latencies(&[]).await.unwrap();
+    let recent = store.latencies(&id("acme"), at(2 * hour)).await.unwrap();
+    assert_eq!(recent.legacy, hist(&[1_000, 1_000]));
+    assert_eq!(recent.new, hist(&[2_000, 2_000, 50_000]));
+    let all = store.latencies(&id("acme"), at(0)).await.unwrap();
+    assert_eq!(all.new, hist(&[2_000, 2_000, 50_000, 7_000]));
+    assert!(
+        store
+            .latencies(&id("initech"), at(0))
+            .await
+            .unwrap()
+            .new
+            .is_empty()
+    );
+}
+
+async fn keeps_settings_with_audited_changes(store: Arc<dyn ControlStore>) {
+    assert_eq!(store.setting("gate").await.unwrap(), None);
+    store
+        .set_setting("gate", "{\"a\":1}", "{\"a\":1}", Actor::Cli, "first gate")
+        .await
+        .unwrap();
+    store
+        .set_setting(
+            "api_token_sha256",
+            "deadbeef",
+            "(rotated)",
+            Actor::Cli,
+            "new token",
+        )
+        .await
+        .unwrap();
+    store
+        .set_setting("gate", "{\"a\":2}", "{\"a\":2}", Actor::Cli, "second gate")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.setting("gate").await.unwrap().as_deref(),
+        Some("{\"a\":2}")
+    );
+    assert_eq!(
+        store.setting("api_token_sha256").await.unwrap().as_deref(),
+        Some("deadbeef")
+    );
+    for bad in ["legacy_retired", "", "Gate", "gate; DROP TABLE x"] {
+        let err = store
+            .set_setting(bad, "x", "x", Actor::Cli, "no")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::BadSetting(_)), "{bad:?}: {err}");
+    }
+    let err = store
+        .set_setting("gate", "x", "x", Actor::Cli, "  ")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::MissingReason), "{err}");
+    assert!(!store.legacy_retired().await.unwrap());
+}
+
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn ControlStore> {
     let url =
         StoreUrl::parse(&format!("sqlite:{}", dir.path().join("ficus.db").display())).unwrap();
@@ -689,6 +785,8 @@ both!(
     retires_legacy_once_with_an_audit_entry,
     sums_legacy_traffic_reported_by_proxies,
     keeps_comparison_evidence_bounded,
+    sums_latency_histograms_per_backend,
+    keeps_settings_with_audited_changes,
 );
 
 /// Faults specific to the embedded store: files that are not ours must come out of
@@ -761,7 +859,7 @@ mod sqlite_faults {
             let c = rusqlite::Connection::open(&path).unwrap();
             c.execute_batch(
                 "DROP TABLE settings; DROP TABLE global_audit; DROP TABLE legacy_traffic; DROP TABLE traffic_reports;
-                 DROP TABLE comparisons; DROP TABLE mismatch_samples; DROP TABLE noise_paths;
+                 DROP TABLE comparisons; DROP TABLE mismatch_samples; DROP TABLE noise_paths; DROP TABLE latencies;
                  UPDATE ficus_meta SET value = '1' WHERE key = 'schema_version';",
             )
             .unwrap();
@@ -842,7 +940,7 @@ mod sqlite_faults {
             let err = open(&path, mode).await.err().unwrap();
             assert_eq!(
                 location(&err, &path),
-                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 3); upgrade ficus, the store was not modified"
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 4); upgrade ficus, the store was not modified"
             );
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }

@@ -25,6 +25,11 @@ pub struct Cli {
     )]
     pub store: String,
 
+    /// Talk to a remote control plane through its HTTP API instead of opening the
+    /// store (the token is read from FICUS_TOKEN).
+    #[arg(long, global = true, env = "FICUS_API", value_name = "URL")]
+    pub api: Option<String>,
+
     /// Print one JSON object instead of human-readable text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -58,6 +63,66 @@ pub enum Command {
     /// Show the response paths learned as noise (parts that differ between two
     /// answers of the same backend), which are never reported as mismatches.
     Noise,
+    /// Show or change the readiness gate's thresholds, kept in the control store.
+    #[command(subcommand)]
+    Gate(GateCommand),
+    /// Replace the admin API's bearer token; the new one is shown once.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Serve the control plane's HTTP API alone (without a proxy).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GateCommand {
+    /// Show the gate.
+    Show,
+    /// Change some of the gate's settings; the others stay as they are.
+    Set(GateSetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GateSetArgs {
+    /// The evidence window, as an age (24h, 90m, 7d).
+    #[arg(long)]
+    pub window: Option<String>,
+    #[arg(long)]
+    pub min_comparisons: Option<u64>,
+    #[arg(long)]
+    pub max_mismatches: Option<u64>,
+    #[arg(long)]
+    pub min_per_endpoint: Option<u64>,
+    #[arg(long)]
+    pub max_error_rate: Option<f64>,
+    /// New's p99 may be at most this many times legacy's.
+    #[arg(long)]
+    pub max_latency_ratio: Option<f64>,
+    /// ...or this many milliseconds above it, whichever allows more.
+    #[arg(long)]
+    pub latency_slack_ms: Option<u64>,
+    /// How long legacy must be idle before it may be retired.
+    #[arg(long)]
+    pub quiet_window: Option<String>,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new token; the old one stops working at once.
+    Rotate {
+        /// Why, for the audit log.
+        #[arg(long, default_value = "rotated with ficus token rotate")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to listen, such as 127.0.0.1:9091.
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    pub listen: String,
 }
 
 #[derive(Debug, Args)]
@@ -100,36 +165,48 @@ pub enum TenantCommand {
     Promote(PromoteArgs),
 }
 
+/// Per-call changes to the stored gate (`ficus gate show`), for "what if".
 #[derive(Debug, Args)]
 pub struct GateArgs {
     /// The evidence window, as an age (24h, 90m, 7d).
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    pub window: std::time::Duration,
+    #[arg(long)]
+    pub window: Option<String>,
     /// Comparisons needed over the window.
-    #[arg(long, default_value_t = 500)]
-    pub min_comparisons: u64,
+    #[arg(long)]
+    pub min_comparisons: Option<u64>,
     /// Mismatches allowed over the window (noise never counts).
-    #[arg(long, default_value_t = 0)]
-    pub max_mismatches: u64,
+    #[arg(long)]
+    pub max_mismatches: Option<u64>,
     /// Comparisons needed on every endpoint the tenant used.
-    #[arg(long, default_value_t = 5)]
-    pub min_per_endpoint: u64,
+    #[arg(long)]
+    pub min_per_endpoint: Option<u64>,
     /// Share of shadow requests allowed to fail, 0.0 to 1.0.
-    #[arg(long, default_value_t = 0.01)]
-    pub max_error_rate: f64,
+    #[arg(long)]
+    pub max_error_rate: Option<f64>,
 }
 
 #[derive(Debug, Args)]
 pub struct PromoteArgs {
-    pub id: String,
+    /// The tenant to promote; omit with --next.
+    #[arg(required_unless_present = "next")]
+    pub id: Option<String>,
+    /// Promote the N most ready tenants in shadow, one at a time, waiting --soak
+    /// after each and stopping at the first that fails.
+    #[arg(long, value_name = "N", conflicts_with_all = ["id", "force"])]
+    pub next: Option<u64>,
+    /// With --next: how long each promoted tenant must stay migrated (the guard
+    /// may roll it back meanwhile) before the next one is promoted.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub soak: std::time::Duration,
     /// Promote past a failing readiness gate; needs --reason, and the audit log says so.
     #[arg(long)]
     pub force: bool,
     /// Why, for the audit log.
     #[arg(long)]
     pub reason: Option<String>,
-    #[command(flatten)]
-    pub gate: GateArgs,
+    /// Refuse unless the tenant is still at this version (compare-and-set).
+    #[arg(long, value_name = "N")]
+    pub if_version: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -145,9 +222,10 @@ pub struct ReadinessArgs {
 
 #[derive(Debug, Args)]
 pub struct RetireArgs {
-    /// How long legacy must have received no request, served or shadow.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    pub quiet_window: std::time::Duration,
+    /// How long legacy must have received no request, served or shadow, for this
+    /// retirement (default: the gate's quiet window, `ficus gate show`).
+    #[arg(long)]
+    pub quiet_window: Option<String>,
     /// Why, for the audit log.
     #[arg(long, default_value = "legacy is empty")]
     pub reason: String,

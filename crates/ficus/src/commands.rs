@@ -1,31 +1,66 @@
-//! One function per subcommand: validate arguments with the domain's rules, call the
-//! store, print the result.
+//! One function per subcommand. The control-plane commands go through
+//! [`Control`]: directly on the store, or through a remote API with `--api`; both
+//! answer with the same JSON documents, which `--json` prints and the functions
+//! here turn into text. Commands that need the store itself (init, import, watch,
+//! noise, token, serve) refuse `--api`.
 
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
-use ficus_core::{Actor, Domain, Stage, TenantId, Timestamp, Transition, tenant::parse_name};
-use ficus_store::{
-    AuditQuery, ControlStore, FeedEvent, InitOutcome, NewTenant, OpenMode, StageChange, StoreError,
-    StoreUrl,
+use ficus_admin::api::{
+    AddRequest, GateJson, GateRequest, PromoteRequest, ReadinessJson, RetireRequest,
+    RollbackRequest, StageRequest, StatusJson, TenantEnvelope,
 };
+use ficus_admin::client::Remote;
+use ficus_admin::ops::{self, AuditFilter, GateOverrides};
+use ficus_admin::{Control, Direct, token};
+use ficus_core::{Actor, Stage, TenantId, Timestamp};
+use ficus_store::{ControlStore, FeedEvent, InitOutcome, OpenMode, StoreError, StoreUrl};
 use serde_json::json;
 
 use crate::cli::{
-    AddArgs, AuditArgs, Cli, Command, GateArgs, ImportArgs, ListArgs, MismatchesArgs, PromoteArgs,
-    ProxyArgs, ReadinessArgs, RetireArgs, RollbackArgs, ShowArgs, StageArgs, TenantCommand,
-    WatchArgs,
+    AddArgs, AuditArgs, Cli, Command, GateArgs, GateCommand, GateSetArgs, ImportArgs, ListArgs,
+    MismatchesArgs, PromoteArgs, ProxyArgs, ReadinessArgs, RetireArgs, RollbackArgs, ServeArgs,
+    ShowArgs, StageArgs, TenantCommand, TokenCommand, WatchArgs,
 };
 use crate::import;
-use crate::output::{self, EVENT_HEADER, EventJson, StatusJson, TENANT_HEADER, TenantJson};
+use crate::output::{self, EVENT_HEADER, TENANT_HEADER};
 
-/// The quiet window the finish line asks of legacy until the proxy makes it
-/// configurable: a full day without a request.
-const QUIET_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+/// Whether a command works through the API, or needs the store itself.
+fn remote_capable(command: &Command) -> bool {
+    match command {
+        Command::Tenant(TenantCommand::Import(_))
+        | Command::Init
+        | Command::Watch(_)
+        | Command::Proxy(_)
+        | Command::Noise
+        | Command::Token(_)
+        | Command::Serve(_) => false,
+        Command::Tenant(_)
+        | Command::Audit(_)
+        | Command::Status
+        | Command::Mismatches(_)
+        | Command::Readiness(_)
+        | Command::RetireLegacy(_)
+        | Command::Gate(_) => true,
+    }
+}
 
 pub async fn run(cli: Cli) -> Result<()> {
+    let out = &mut io::stdout().lock();
+    let json = cli.json;
+    if let Some(api) = &cli.api {
+        if !remote_capable(&cli.command) {
+            bail!(
+                "this command works on the store itself; drop --api (and FICUS_API) to use --store"
+            );
+        }
+        let token = std::env::var("FICUS_TOKEN").unwrap_or_default();
+        let remote = Remote::new(api, &token)?;
+        return control_command(&remote, cli.command, json, out).await;
+    }
     let url = StoreUrl::parse(&cli.store)?;
     let mode = if matches!(cli.command, Command::Init) {
         OpenMode::Create
@@ -33,27 +68,60 @@ pub async fn run(cli: Cli) -> Result<()> {
         OpenMode::Existing
     };
     let store = ficus_store::open(&url, mode).await?;
-    let out = &mut io::stdout().lock();
-    let json = cli.json;
     match cli.command {
-        Command::Init => init(&*store, json, out),
-        Command::Tenant(cmd) => match cmd {
-            TenantCommand::Add(args) => add(&*store, args, json, out).await,
-            TenantCommand::List(args) => list(&*store, args, json, out).await,
-            TenantCommand::Show(args) => show(&*store, args, json, out).await,
-            TenantCommand::Stage(args) => stage(&*store, args, json, out).await,
-            TenantCommand::Rollback(args) => rollback(&*store, args, json, out).await,
-            TenantCommand::Import(args) => import_file(&*store, args, json, out).await,
-            TenantCommand::Promote(args) => promote(&*store, args, json, out).await,
-        },
-        Command::Audit(args) => audit(&*store, args, json, out).await,
-        Command::Status => status(&*store, json, out).await,
+        Command::Init => init(&*store, json, out).await,
+        Command::Tenant(TenantCommand::Import(args)) => import_file(&*store, args, json, out).await,
         Command::Watch(args) => watch(store, args, json, out).await,
-        Command::Proxy(_) => bail!("ficus proxy is started before the async runtime"),
-        Command::Mismatches(args) => mismatches(&*store, args, json, out).await,
         Command::Noise => noise(&*store, json, out).await,
-        Command::Readiness(args) => readiness(&*store, args, json, out).await,
-        Command::RetireLegacy(args) => retire_legacy(&*store, args, json, out).await,
+        Command::Token(TokenCommand::Rotate { reason }) => {
+            let token = token::rotate(&*store, Actor::Cli, &reason).await?;
+            if json {
+                output::json(out, &json!({ "api_token": token }))?;
+            } else {
+                writeln!(
+                    out,
+                    "new api token (shown once; the old one no longer works):"
+                )?;
+                writeln!(out, "{token}")?;
+            }
+            Ok(())
+        }
+        Command::Serve(args) => serve(store, args, out).await,
+        Command::Proxy(_) => bail!("ficus proxy is started before the async runtime"),
+        command => {
+            let direct = Direct::new(store, Actor::Cli);
+            control_command(&direct, command, json, out).await
+        }
+    }
+}
+
+async fn control_command(
+    c: &dyn Control,
+    command: Command,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    match command {
+        Command::Tenant(cmd) => match cmd {
+            TenantCommand::Add(args) => add(c, args, json, out).await,
+            TenantCommand::List(args) => list(c, args, json, out).await,
+            TenantCommand::Show(args) => show(c, args, json, out).await,
+            TenantCommand::Stage(args) => stage(c, args, json, out).await,
+            TenantCommand::Rollback(args) => rollback(c, args, json, out).await,
+            TenantCommand::Promote(args) => promote(c, args, json, out).await,
+            TenantCommand::Import(_) => bail!("ficus tenant import works on the store itself"),
+        },
+        Command::Audit(args) => audit(c, args, json, out).await,
+        Command::Status => status(c, json, out).await,
+        Command::Mismatches(args) => mismatches(c, args, json, out).await,
+        Command::Readiness(args) => readiness(c, args, json, out).await,
+        Command::RetireLegacy(args) => retire_legacy(c, args, json, out).await,
+        Command::Gate(GateCommand::Show) => {
+            let gate = c.gate().await?;
+            print_gate(&gate, json, out)
+        }
+        Command::Gate(GateCommand::Set(args)) => set_gate(c, args, json, out).await,
+        _ => bail!("this command works on the store itself"),
     }
 }
 
@@ -79,17 +147,21 @@ pub fn proxy(args: &ProxyArgs) -> Result<()> {
     Ok(())
 }
 
-fn init(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> Result<()> {
+async fn init(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> Result<()> {
     let outcome = match store.init_outcome() {
         InitOutcome::Created => "created".to_string(),
         InitOutcome::AlreadyInitialized => "already-initialized".to_string(),
         InitOutcome::Upgraded { from } => format!("upgraded-from-{from}"),
     };
+    // The API token is made once, by the first init that finds none, and shown
+    // only then: the store keeps its hash.
+    let token = token::ensure(store, Actor::Cli).await?;
     if json {
-        output::json(
-            out,
-            &json!({ "store": store.location(), "outcome": outcome }),
-        )?;
+        let mut doc = json!({ "store": store.location(), "outcome": outcome });
+        if let Some(t) = &token {
+            doc["api_token"] = json!(t);
+        }
+        output::json(out, &doc)?;
     } else {
         let what = match store.init_outcome() {
             InitOutcome::Created => "created".to_string(),
@@ -97,234 +169,613 @@ fn init(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> Result<()
             InitOutcome::Upgraded { from } => format!("upgraded from schema version {from}"),
         };
         writeln!(out, "store {}: {what}", store.location())?;
+        if let Some(t) = token {
+            writeln!(
+                out,
+                "admin API token (shown once; keep it in FICUS_TOKEN, replace it with `ficus token rotate`):"
+            )?;
+            writeln!(out, "{t}")?;
+        }
     }
     Ok(())
 }
 
+async fn serve(store: Arc<dyn ControlStore>, args: ServeArgs, out: &mut impl Write) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    writeln!(
+        out,
+        "serving the control-plane API of {} on http://{} (Ctrl-C to stop)",
+        store.location(),
+        listener.local_addr()?
+    )?;
+    out.flush()?;
+    ficus_admin::server::serve(listener, store, async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail at startup");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+    .await?;
+    Ok(())
+}
+
 fn tenant_id(raw: &str) -> Result<TenantId> {
-    Ok(TenantId::parse(raw)?)
+    Ok(ops::tenant_id(raw)?)
 }
 
-async fn existing(store: &dyn ControlStore, id: &TenantId) -> Result<ficus_core::Tenant> {
-    store
-        .tenant(id)
-        .await?
-        .ok_or_else(|| StoreError::UnknownTenant(id.clone()).into())
-}
-
-async fn add(
-    store: &dyn ControlStore,
-    args: AddArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let id = tenant_id(&args.id)?;
-    let name = match &args.name {
-        Some(n) => parse_name(n)?,
-        None => id.to_string(),
+async fn add(c: &dyn Control, args: AddArgs, json: bool, out: &mut impl Write) -> Result<()> {
+    let request = AddRequest {
+        id: args.id,
+        name: args.name,
+        domains: args.domains,
+        stage: Some(args.stage),
+        reason: args.reason,
     };
-    let stage = Stage::parse(&args.stage)?;
-    let domains = args
-        .domains
-        .iter()
-        .map(|d| Domain::parse(d))
-        .collect::<Result<Vec<_>, _>>()?;
-    let tenant = store
-        .add_tenant(
-            NewTenant {
-                id,
-                name,
-                stage,
-                domains,
-            },
-            Actor::Cli,
-            &args.reason,
-        )
-        .await?;
+    let t = c.add(request).await?.tenant;
     if json {
-        output::json(out, &json!({ "tenant": TenantJson::from(&tenant) }))?;
+        output::json(out, &json!({ "tenant": t }))?;
     } else {
         writeln!(
             out,
             "added tenant {} in stage {} (version {})",
-            tenant.id, tenant.stage, tenant.version
+            t.id, t.stage, t.version
         )?;
     }
     Ok(())
 }
 
-async fn list(
-    store: &dyn ControlStore,
-    args: ListArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let stage = args.stage.as_deref().map(Stage::parse).transpose()?;
-    let tenants = store.tenants(stage).await?;
+async fn list(c: &dyn Control, args: ListArgs, json: bool, out: &mut impl Write) -> Result<()> {
+    let stage = args.stage.as_deref().map(ops::stage).transpose()?;
+    let tenants = c.tenants(stage).await?;
     if json {
-        let tenants: Vec<TenantJson> = tenants.iter().map(TenantJson::from).collect();
-        output::json(out, &json!({ "tenants": tenants }))?;
-    } else if tenants.is_empty() {
+        output::json(out, &tenants)?;
+    } else if tenants.tenants.is_empty() {
         writeln!(
             out,
             "no tenants{}",
             stage.map_or(String::new(), |s| format!(" in stage {s}"))
         )?;
     } else {
-        output::table(out, &TENANT_HEADER, &output::tenant_rows(&tenants))?;
+        output::table(out, &TENANT_HEADER, &output::tenant_rows(&tenants.tenants))?;
     }
     Ok(())
 }
 
-async fn show(
-    store: &dyn ControlStore,
-    args: ShowArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
+async fn show(c: &dyn Control, args: ShowArgs, json: bool, out: &mut impl Write) -> Result<()> {
     let id = tenant_id(&args.id)?;
-    let tenant = existing(store, &id).await?;
-    let events = store
-        .audit(AuditQuery {
-            tenant: Some(id.clone()),
-            since: None,
-            limit: Some(args.events),
-        })
-        .await?;
-    let day_ago = Timestamp::from_unix_millis(now().unix_millis() - 24 * 60 * 60 * 1000);
-    let stats = store.comparison_stats(&id, day_ago).await?;
-    let total = |f: fn(&ficus_store::ComparisonCount) -> u64| stats.iter().map(f).sum::<u64>();
-    let (compared, matched, mismatched) = (
-        total(|c| c.compared),
-        total(|c| c.matched),
-        total(|c| c.mismatched),
-    );
-    let (noise_only, errors, shed) = (
-        total(|c| c.noise_only),
-        total(|c| c.errors),
-        total(|c| c.shed),
-    );
+    let shown = c.show(&id, args.events).await?;
     if json {
-        let events: Vec<EventJson> = events.iter().map(EventJson::from).collect();
-        let comparisons = json!({
-            "window": "24h", "endpoints": stats.len(), "compared": compared, "matched": matched,
-            "mismatched": mismatched, "noise_only": noise_only, "errors": errors, "shed": shed,
-        });
-        output::json(
-            out,
-            &json!({ "tenant": TenantJson::from(&tenant), "audit": events, "comparisons": comparisons }),
-        )?;
+        output::json(out, &shown)?;
         return Ok(());
     }
-    let domains = if tenant.domains.is_empty() {
+    let t = &shown.tenant;
+    let domains = if t.domains.is_empty() {
         "(none)".to_string()
     } else {
-        tenant
-            .domains
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+        t.domains.join(", ")
     };
-    writeln!(out, "tenant   {}", tenant.id)?;
-    writeln!(out, "name     {}", tenant.name)?;
-    writeln!(out, "stage    {}", tenant.stage)?;
-    writeln!(out, "version  {}", tenant.version)?;
+    writeln!(out, "tenant   {}", t.id)?;
+    writeln!(out, "name     {}", t.name)?;
+    writeln!(out, "stage    {}", t.stage)?;
+    writeln!(out, "version  {}", t.version)?;
     writeln!(out, "domains  {domains}")?;
+    writeln!(out, "created  {}", t.created_at)?;
+    writeln!(out, "updated  {}", t.updated_at)?;
+    let k = &shown.comparisons;
     writeln!(
         out,
-        "created  {}",
-        ficus_store::format_time(tenant.created_at)
-    )?;
-    writeln!(
-        out,
-        "updated  {}",
-        ficus_store::format_time(tenant.updated_at)
-    )?;
-    writeln!(
-        out,
-        "compared {compared} reads in the last 24 h on {} endpoints: {matched} matched, {mismatched} mismatched, \
-         {noise_only} noise only, {errors} shadow errors, {shed} not shadowed",
-        stats.len()
+        "compared {} reads in the last 24 h on {} endpoints: {} matched, {} mismatched, \
+         {} noise only, {} shadow errors, {} not shadowed",
+        k.compared, k.endpoints, k.matched, k.mismatched, k.noise_only, k.errors, k.shed
     )?;
     writeln!(out)?;
     writeln!(out, "latest audit events:")?;
-    output::table(out, &EVENT_HEADER, &output::event_rows(&events))?;
+    output::table(out, &EVENT_HEADER, &output::event_rows(&shown.audit))?;
     Ok(())
 }
 
-async fn change(
-    store: &dyn ControlStore,
-    change: StageChange,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let tenant = store.change_stage(change).await?;
+fn print_tenant(moved: &TenantEnvelope, json: bool, out: &mut impl Write) -> Result<()> {
+    let t = &moved.tenant;
     if json {
-        output::json(out, &json!({ "tenant": TenantJson::from(&tenant) }))?;
+        output::json(out, moved)?;
     } else {
         writeln!(
             out,
             "tenant {} is now in stage {} (version {})",
-            tenant.id, tenant.stage, tenant.version
+            t.id, t.stage, t.version
         )?;
     }
     Ok(())
 }
 
-async fn stage(
-    store: &dyn ControlStore,
-    args: StageArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let tenant = tenant_id(&args.id)?;
-    let to = Stage::parse(&args.stage)?;
-    let request = StageChange {
-        tenant,
-        to,
-        expected_version: args.if_version,
-        actor: Actor::Cli,
+async fn stage(c: &dyn Control, args: StageArgs, json: bool, out: &mut impl Write) -> Result<()> {
+    let id = tenant_id(&args.id)?;
+    // The stage is checked here too, so that a bad one is named before any call.
+    ops::stage(&args.stage)?;
+    let request = StageRequest {
+        stage: args.stage,
         reason: args.reason,
     };
-    change(store, request, json, out).await
+    let moved = c.stage(&id, request, args.if_version).await?;
+    print_tenant(&moved, json, out)
 }
 
 async fn rollback(
-    store: &dyn ControlStore,
+    c: &dyn Control,
     args: RollbackArgs,
     json: bool,
     out: &mut impl Write,
 ) -> Result<()> {
     let id = tenant_id(&args.id)?;
-    let current = existing(store, &id).await?;
-    let to = match args.to.as_deref() {
-        Some(raw) => Stage::parse(raw)?,
-        None => match current.stage {
-            Stage::Migrated => Stage::Shadow,
-            Stage::Shadow => Stage::Legacy,
-            Stage::Legacy => {
-                bail!("tenant {id} is on legacy already; there is nothing to roll back")
-            }
-        },
+    let request = RollbackRequest {
+        reason: args.reason,
+        to: args.to,
     };
-    if Transition::between(current.stage, to) == Ok(Transition::Promote) {
+    let moved = c.rollback(&id, request, None).await?;
+    print_tenant(&moved, json, out)
+}
+
+async fn promote(
+    c: &dyn Control,
+    args: PromoteArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    if let Some(n) = args.next {
+        return promote_next(c, n, &args, json, out).await;
+    }
+    let Some(raw) = &args.id else {
+        bail!("name a tenant, or give --next N");
+    };
+    let id = tenant_id(raw)?;
+    if args.force && args.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
         bail!(
-            "a rollback only moves backward; {} → {to} for tenant {id} is a promotion",
-            current.stage
+            "--force needs --reason: the audit log must say why the readiness gate was overridden"
         );
     }
-    // Based on the version just read: if someone else moves the tenant between the
-    // read and the write, the rollback is refused instead of applied to a state the
-    // operator never saw.
-    let request = StageChange {
-        tenant: id,
-        to,
-        expected_version: Some(current.version),
-        actor: Actor::Cli,
-        reason: args.reason,
+    // The API asks every change for a reason; the gate's verdict is the main one,
+    // and this says who asked.
+    let request = PromoteRequest {
+        reason: args
+            .reason
+            .clone()
+            .unwrap_or_else(|| "requested with ficus tenant promote".to_string()),
+        force: args.force,
     };
-    change(store, request, json, out).await
+    let moved = c.promote(&id, request, args.if_version).await;
+    // The operations speak of forcing in general; at the command line that is a flag.
+    let moved = match moved {
+        Err(ficus_admin::Error::Refused(m) | ficus_admin::Error::Remote { message: m, .. })
+            if m.contains("force it with a reason") =>
+        {
+            bail!(
+                "{}",
+                m.replace("force it with a reason", "use --force --reason")
+            )
+        }
+        other => other?,
+    };
+    print_tenant(&moved, json, out)
+}
+
+/// `promote --next N`: the most ready tenants in shadow, one at a time. Each must
+/// pass the gate when its turn comes, and stay migrated through the soak (the
+/// guard may roll it back meanwhile); the first that does not stops the run.
+async fn promote_next(
+    c: &dyn Control,
+    n: u64,
+    args: &PromoteArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let mut promoted: Vec<String> = Vec::new();
+    let mut stopped: Option<String> = None;
+    while (promoted.len() as u64) < n {
+        let ranked = c.readiness_all(&GateOverrides::default()).await?;
+        let Some(next) = ranked
+            .tenants
+            .iter()
+            .find(|r| r.ready && !promoted.contains(&r.tenant))
+        else {
+            let waiting = ranked.tenants.len();
+            stopped = Some(if waiting == 0 {
+                "no tenant is in shadow".to_string()
+            } else {
+                format!("none of the {waiting} tenants in shadow is ready")
+            });
+            break;
+        };
+        let id = tenant_id(&next.tenant)?;
+        let reason = args
+            .reason
+            .clone()
+            .unwrap_or_else(|| format!("promoted with --next {n}"));
+        let moved = match c
+            .promote(
+                &id,
+                PromoteRequest {
+                    reason,
+                    force: false,
+                },
+                None,
+            )
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                stopped = Some(format!("promoting {id} failed: {e}"));
+                break;
+            }
+        };
+        promoted.push(moved.tenant.id.clone());
+        if !json {
+            writeln!(
+                out,
+                "tenant {} is now in stage {} (version {}); soaking for {}",
+                moved.tenant.id,
+                moved.tenant.stage,
+                moved.tenant.version,
+                humantime::format_duration(args.soak)
+            )?;
+            out.flush()?;
+        }
+        tokio::time::sleep(args.soak).await;
+        let after = c.show(&id, 1).await?.tenant;
+        if after.stage != Stage::Migrated.as_str() {
+            stopped = Some(format!(
+                "tenant {id} did not hold through the soak: it is in stage {} (version {}); see `ficus audit {id}`",
+                after.stage, after.version
+            ));
+            break;
+        }
+    }
+    if json {
+        output::json(out, &json!({ "promoted": promoted, "stopped": stopped }))?;
+    } else {
+        writeln!(
+            out,
+            "promoted {} of {n}: {}",
+            promoted.len(),
+            if promoted.is_empty() {
+                "none".to_string()
+            } else {
+                promoted.join(", ")
+            }
+        )?;
+    }
+    match stopped {
+        Some(why) if (promoted.len() as u64) < n => bail!("stopped: {why}"),
+        _ => Ok(()),
+    }
+}
+
+async fn audit(c: &dyn Control, args: AuditArgs, json: bool, out: &mut impl Write) -> Result<()> {
+    let tenant = args.id.as_deref().map(tenant_id).transpose()?;
+    let since = args
+        .since
+        .map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| Timestamp::from_unix_millis(d.as_millis() as i64))
+        })
+        .transpose()
+        .context("--since is before the Unix epoch")?;
+    let events = c
+        .audit(AuditFilter {
+            tenant,
+            since,
+            limit: args.limit,
+        })
+        .await?;
+    if json {
+        output::json(out, &events)?;
+    } else if events.events.is_empty() {
+        writeln!(out, "no audit events")?;
+    } else {
+        output::table(out, &EVENT_HEADER, &output::event_rows(&events.events))?;
+    }
+    Ok(())
+}
+
+async fn status(c: &dyn Control, json: bool, out: &mut impl Write) -> Result<()> {
+    let s = c.status().await?;
+    if json {
+        output::json(out, &s)?;
+        return Ok(());
+    }
+    print_status(&s, out)
+}
+
+fn print_status(s: &StatusJson, out: &mut impl Write) -> Result<()> {
+    let total = s.tenants;
+    writeln!(out, "store     {}", s.store)?;
+    writeln!(out, "tenants   {total}")?;
+    for (stage, n) in [
+        ("legacy", s.stages.legacy),
+        ("shadow", s.stages.shadow),
+        ("migrated", s.stages.migrated),
+    ] {
+        let fraction = if total == 0 {
+            0.0
+        } else {
+            n as f64 / total as f64
+        };
+        writeln!(out, "  {stage:<9} {n:>8}  {}", output::bar(fraction, 30))?;
+    }
+    writeln!(
+        out,
+        "migrated  {:.1}%  {}",
+        s.percent_migrated,
+        output::bar(s.percent_migrated / 100.0, 30)
+    )?;
+    let traffic = &s.legacy_traffic;
+    if s.legacy_retired {
+        writeln!(out, "legacy    retired: proxies send everything to new")?;
+    } else {
+        writeln!(
+            out,
+            "legacy    {} requests in the last hour, {} in the last day",
+            traffic.last_hour, traffic.last_day
+        )?;
+        let rows: Vec<Vec<String>> = traffic
+            .tenants
+            .iter()
+            .take(10)
+            .map(|t| {
+                vec![
+                    format!("  {}", t.tenant.as_deref().unwrap_or("(unknown tenant)")),
+                    t.last_hour.to_string(),
+                    t.last_day.to_string(),
+                    t.last_at.clone(),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            output::table(
+                out,
+                &["  TENANT", "LAST HOUR", "LAST DAY", "LAST REQUEST"],
+                &rows,
+            )?;
+            if traffic.tenants.len() > 10 {
+                writeln!(out, "  … and {} more tenants", traffic.tenants.len() - 10)?;
+            }
+        }
+    }
+    if s.finish_line.reached {
+        let next = if s.legacy_retired {
+            "legacy is retired"
+        } else {
+            "legacy can be retired (ficus retire-legacy)"
+        };
+        writeln!(out, "finish line: reached; {next}")?;
+    } else {
+        writeln!(
+            out,
+            "finish line: not reached (quiet window {})",
+            s.finish_line.quiet_window
+        )?;
+        for b in &s.finish_line.blockers {
+            writeln!(out, "  - {b}")?;
+        }
+    }
+    Ok(())
+}
+
+fn overrides(g: &GateArgs) -> GateOverrides {
+    GateOverrides {
+        window: g.window.clone(),
+        min_comparisons: g.min_comparisons,
+        max_mismatches: g.max_mismatches,
+        min_per_endpoint: g.min_per_endpoint,
+        max_error_rate: g.max_error_rate,
+    }
+}
+
+async fn readiness(
+    c: &dyn Control,
+    args: ReadinessArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let o = overrides(&args.gate);
+    match (&args.id, args.all) {
+        (Some(raw), false) => {
+            let id = tenant_id(raw)?;
+            let r = c.readiness(&id, &o).await?;
+            if json {
+                output::json(out, &r)?;
+                return Ok(());
+            }
+            let window = match &o.window {
+                Some(w) => w.clone(),
+                None => c.gate().await?.window,
+            };
+            print_readiness(&r, &window, out)
+        }
+        (None, true) => {
+            let all = c.readiness_all(&o).await?;
+            if json {
+                output::json(out, &all)?;
+                return Ok(());
+            }
+            if all.tenants.is_empty() {
+                writeln!(out, "no tenants in shadow")?;
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = all
+                .tenants
+                .iter()
+                .map(|r| {
+                    let failing: Vec<&str> = r
+                        .criteria
+                        .iter()
+                        .filter(|c| !c.passed)
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    vec![
+                        r.tenant.clone(),
+                        if r.ready { "ready" } else { "not ready" }.to_string(),
+                        format!("{:.0}%", r.score * 100.0),
+                        failing.join(", "),
+                    ]
+                })
+                .collect();
+            output::table(out, &["TENANT", "VERDICT", "SCORE", "FAILING"], &rows)?;
+            Ok(())
+        }
+        _ => bail!("name a tenant, or give --all"),
+    }
+}
+
+fn print_readiness(r: &ReadinessJson, window: &str, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "tenant {}: {} (window {window})",
+        r.tenant,
+        if r.ready { "ready" } else { "not ready" },
+    )?;
+    for c in &r.criteria {
+        writeln!(
+            out,
+            "  {}  {:<14} {}",
+            if c.passed { "pass" } else { "FAIL" },
+            c.name,
+            c.detail
+        )?;
+    }
+    if !r.uncovered.is_empty() {
+        writeln!(out, "  uncovered endpoints: {}", r.uncovered.join(", "))?;
+    }
+    Ok(())
+}
+
+async fn retire_legacy(
+    c: &dyn Control,
+    args: RetireArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let request = RetireRequest {
+        reason: args.reason,
+        undo: args.undo,
+        quiet_window: args.quiet_window,
+    };
+    let done = c.retire(request, None).await?;
+    if json {
+        output::json(out, &done)?;
+        return Ok(());
+    }
+    let text = match (args.undo, done.changed) {
+        (true, true) => {
+            "legacy is no longer retired; tenants on legacy or in shadow are routed to it again"
+        }
+        (true, false) => "legacy was not retired; nothing to undo",
+        (false, true) => {
+            "legacy is retired: every proxy now sends all traffic to new (undo with --undo)"
+        }
+        (false, false) => "legacy was retired already",
+    };
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
+fn print_gate(g: &GateJson, json: bool, out: &mut impl Write) -> Result<()> {
+    if json {
+        output::json(out, g)?;
+        return Ok(());
+    }
+    writeln!(out, "window             {}", g.window)?;
+    writeln!(out, "min_comparisons    {}", g.min_comparisons)?;
+    writeln!(out, "max_mismatches     {}", g.max_mismatches)?;
+    writeln!(out, "min_per_endpoint   {}", g.min_per_endpoint)?;
+    writeln!(out, "max_error_rate     {}", g.max_error_rate)?;
+    writeln!(out, "max_latency_ratio  {}", g.max_latency_ratio)?;
+    writeln!(out, "latency_slack_ms   {}", g.latency_slack_ms)?;
+    writeln!(out, "quiet_window       {}", g.quiet_window)?;
+    Ok(())
+}
+
+async fn set_gate(
+    c: &dyn Control,
+    args: GateSetArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let mut g = c.gate().await?;
+    if let Some(v) = args.window {
+        g.window = v;
+    }
+    if let Some(v) = args.min_comparisons {
+        g.min_comparisons = v;
+    }
+    if let Some(v) = args.max_mismatches {
+        g.max_mismatches = v;
+    }
+    if let Some(v) = args.min_per_endpoint {
+        g.min_per_endpoint = v;
+    }
+    if let Some(v) = args.max_error_rate {
+        g.max_error_rate = v;
+    }
+    if let Some(v) = args.max_latency_ratio {
+        g.max_latency_ratio = v;
+    }
+    if let Some(v) = args.latency_slack_ms {
+        g.latency_slack_ms = v;
+    }
+    if let Some(v) = args.quiet_window {
+        g.quiet_window = v;
+    }
+    let stored = c
+        .set_gate(GateRequest {
+            gate: g,
+            reason: args.reason,
+        })
+        .await?;
+    print_gate(&stored, json, out)
+}
+
+async fn mismatches(
+    c: &dyn Control,
+    args: MismatchesArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let id = tenant_id(&args.id)?;
+    let found = c
+        .mismatches(&id, args.endpoint.as_deref(), args.limit)
+        .await?;
+    if json {
+        output::json(out, &found)?;
+        return Ok(());
+    }
+    if found.mismatches.is_empty() {
+        writeln!(out, "no mismatches recorded for tenant {id}")?;
+        return Ok(());
+    }
+    for m in &found.mismatches {
+        writeln!(
+            out,
+            "{}  {}  ({} {})  {} {} vs {} {}",
+            m.at,
+            m.endpoint,
+            m.method,
+            m.path,
+            m.served_by,
+            m.status[0],
+            m.compared_with,
+            m.status[1]
+        )?;
+        let diffs: Vec<ficus_diff::Difference> = serde_json::from_value(m.differences.clone())
+            .context("a mismatch sample is not readable")?;
+        for d in diffs {
+            writeln!(out, "    {d}")?;
+        }
+    }
+    Ok(())
 }
 
 async fn import_file(
@@ -369,124 +820,6 @@ async fn import_file(
         output::json(out, &json!({ "imported": count }))?;
     } else {
         writeln!(out, "imported {count} tenants from {}", args.file.display())?;
-    }
-    Ok(())
-}
-
-async fn audit(
-    store: &dyn ControlStore,
-    args: AuditArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let tenant = args.id.as_deref().map(tenant_id).transpose()?;
-    if let Some(id) = &tenant {
-        existing(store, id).await?;
-    }
-    let since = args
-        .since
-        .map(|t| {
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| Timestamp::from_unix_millis(d.as_millis() as i64))
-        })
-        .transpose()
-        .context("--since is before the Unix epoch")?;
-    let events = store
-        .audit(AuditQuery {
-            tenant,
-            since,
-            limit: args.limit,
-        })
-        .await?;
-    if json {
-        let events: Vec<EventJson> = events.iter().map(EventJson::from).collect();
-        output::json(out, &json!({ "events": events }))?;
-    } else if events.is_empty() {
-        writeln!(out, "no audit events")?;
-    } else {
-        output::table(out, &EVENT_HEADER, &output::event_rows(&events))?;
-    }
-    Ok(())
-}
-
-async fn status(store: &dyn ControlStore, json: bool, out: &mut impl Write) -> Result<()> {
-    let progress = store.progress().await?;
-    let now = now();
-    let blockers = progress.blockers(now, QUIET_WINDOW_MS);
-    let retired = store.legacy_retired().await?;
-    let ago = |ms: i64| Timestamp::from_unix_millis(now.unix_millis() - ms);
-    let day = store.legacy_traffic(ago(24 * 60 * 60 * 1000)).await?;
-    let hour = store.legacy_traffic(ago(60 * 60 * 1000)).await?;
-    let traffic = output::LegacyTrafficJson::new(&day, &hour);
-    if json {
-        output::json(
-            out,
-            &StatusJson::new(store.location(), &progress, &blockers, retired, traffic),
-        )?;
-        return Ok(());
-    }
-    let total = progress.total();
-    writeln!(out, "store     {}", store.location())?;
-    writeln!(out, "tenants   {total}")?;
-    for stage in Stage::ALL {
-        let n = progress.of(stage);
-        let fraction = if total == 0 {
-            0.0
-        } else {
-            n as f64 / total as f64
-        };
-        writeln!(out, "  {stage:<9} {n:>8}  {}", output::bar(fraction, 30))?;
-    }
-    writeln!(
-        out,
-        "migrated  {:.1}%  {}",
-        progress.percent_migrated(),
-        output::bar(progress.percent_migrated() / 100.0, 30)
-    )?;
-    if retired {
-        writeln!(out, "legacy    retired: proxies send everything to new")?;
-    } else {
-        writeln!(
-            out,
-            "legacy    {} requests in the last hour, {} in the last day",
-            traffic.last_hour, traffic.last_day
-        )?;
-        let rows: Vec<Vec<String>> = traffic
-            .tenants
-            .iter()
-            .take(10)
-            .map(|t| {
-                vec![
-                    format!("  {}", t.tenant.as_deref().unwrap_or("(unknown tenant)")),
-                    t.last_hour.to_string(),
-                    t.last_day.to_string(),
-                    t.last_at.clone(),
-                ]
-            })
-            .collect();
-        if !rows.is_empty() {
-            output::table(
-                out,
-                &["  TENANT", "LAST HOUR", "LAST DAY", "LAST REQUEST"],
-                &rows,
-            )?;
-            if traffic.tenants.len() > 10 {
-                writeln!(out, "  … and {} more tenants", traffic.tenants.len() - 10)?;
-            }
-        }
-    }
-    if blockers.is_empty() {
-        let next = if retired {
-            "legacy is retired"
-        } else {
-            "legacy can be retired (ficus retire-legacy)"
-        };
-        writeln!(out, "finish line: reached; {next}")?;
-    } else {
-        writeln!(out, "finish line: not reached")?;
-        for b in &blockers {
-            writeln!(out, "  - {b}")?;
-        }
     }
     Ok(())
 }
@@ -576,301 +909,6 @@ async fn watch(
             }
         }
         out.flush()?;
-    }
-    Ok(())
-}
-
-/// Judges one tenant's evidence over the gate's window.
-async fn judge(
-    store: &dyn ControlStore,
-    id: &TenantId,
-    gate: &GateArgs,
-) -> Result<ficus_core::readiness::Readiness> {
-    use ficus_core::readiness::{EndpointEvidence, Thresholds, judge};
-    if !(0.0..=1.0).contains(&gate.max_error_rate) {
-        bail!(
-            "--max-error-rate must be between 0.0 and 1.0, got {}",
-            gate.max_error_rate
-        );
-    }
-    let since = Timestamp::from_unix_millis(now().unix_millis() - gate.window.as_millis() as i64);
-    let evidence: Vec<EndpointEvidence> = store
-        .comparison_stats(id, since)
-        .await?
-        .into_iter()
-        .map(|c| EndpointEvidence {
-            endpoint: c.endpoint,
-            requests: c.requests,
-            compared: c.compared,
-            mismatched: c.mismatched,
-            errors: c.errors,
-        })
-        .collect();
-    let thresholds = Thresholds {
-        min_comparisons: gate.min_comparisons,
-        max_mismatches: gate.max_mismatches,
-        min_per_endpoint: gate.min_per_endpoint,
-        max_error_rate: gate.max_error_rate,
-    };
-    Ok(judge(&evidence, &thresholds))
-}
-
-fn readiness_json(id: &TenantId, r: &ficus_core::readiness::Readiness) -> serde_json::Value {
-    let criteria: Vec<_> = r
-        .criteria
-        .iter()
-        .map(|c| json!({ "name": c.name, "passed": c.passed, "detail": c.detail }))
-        .collect();
-    json!({ "tenant": id.as_str(), "ready": r.is_ready(), "score": (r.score * 100.0).round() / 100.0, "criteria": criteria, "uncovered": r.uncovered })
-}
-
-async fn readiness(
-    store: &dyn ControlStore,
-    args: ReadinessArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let ids: Vec<TenantId> = match (&args.id, args.all) {
-        (Some(raw), false) => {
-            let id = tenant_id(raw)?;
-            existing(store, &id).await?;
-            vec![id]
-        }
-        (None, true) => store
-            .tenants(Some(Stage::Shadow))
-            .await?
-            .into_iter()
-            .map(|t| t.id)
-            .collect(),
-        _ => bail!("name a tenant, or give --all"),
-    };
-    let mut judged = Vec::with_capacity(ids.len());
-    for id in ids {
-        let r = judge(store, &id, &args.gate).await?;
-        judged.push((id, r));
-    }
-    judged.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
-    if json {
-        let items: Vec<_> = judged.iter().map(|(id, r)| readiness_json(id, r)).collect();
-        if args.all {
-            output::json(
-                out,
-                &json!({ "window": humantime::format_duration(args.gate.window).to_string(), "tenants": items }),
-            )?;
-        } else {
-            output::json(out, &items[0])?;
-        }
-        return Ok(());
-    }
-    if args.all {
-        if judged.is_empty() {
-            writeln!(out, "no tenants in shadow")?;
-            return Ok(());
-        }
-        let rows: Vec<Vec<String>> = judged
-            .iter()
-            .map(|(id, r)| {
-                let failing: Vec<&str> = r.failing().iter().map(|c| c.name).collect();
-                vec![
-                    id.to_string(),
-                    if r.is_ready() {
-                        "ready".into()
-                    } else {
-                        "not ready".into()
-                    },
-                    format!("{:.0}%", r.score * 100.0),
-                    failing.join(", "),
-                ]
-            })
-            .collect();
-        output::table(out, &["TENANT", "VERDICT", "SCORE", "FAILING"], &rows)?;
-        return Ok(());
-    }
-    let (id, r) = &judged[0];
-    writeln!(
-        out,
-        "tenant {id}: {} (window {})",
-        if r.is_ready() { "ready" } else { "not ready" },
-        humantime::format_duration(args.gate.window)
-    )?;
-    for c in &r.criteria {
-        writeln!(
-            out,
-            "  {}  {:<14} {}",
-            if c.passed { "pass" } else { "FAIL" },
-            c.name,
-            c.detail
-        )?;
-    }
-    if !r.uncovered.is_empty() {
-        writeln!(out, "  uncovered endpoints: {}", r.uncovered.join(", "))?;
-    }
-    Ok(())
-}
-
-async fn promote(
-    store: &dyn ControlStore,
-    args: PromoteArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let id = tenant_id(&args.id)?;
-    let current = existing(store, &id).await?;
-    let (to, reason) = match current.stage {
-        Stage::Legacy => (
-            Stage::Shadow,
-            args.reason
-                .clone()
-                .unwrap_or_else(|| "promoted to shadow: parallel run starts".into()),
-        ),
-        Stage::Shadow => {
-            let r = judge(store, &id, &args.gate).await?;
-            if r.is_ready() {
-                (
-                    Stage::Migrated,
-                    args.reason
-                        .clone()
-                        .unwrap_or_else(|| "promoted: readiness passed".into()),
-                )
-            } else {
-                let failing: Vec<String> = r
-                    .failing()
-                    .iter()
-                    .map(|c| format!("{} ({})", c.name, c.detail))
-                    .collect();
-                if !args.force {
-                    bail!(
-                        "tenant {id} is not ready, nothing was changed: {}; use --force --reason to override",
-                        failing.join("; ")
-                    );
-                }
-                let Some(why) = args.reason.as_deref().filter(|r| !r.trim().is_empty()) else {
-                    bail!(
-                        "--force needs --reason: the audit log must say why the readiness gate was overridden"
-                    );
-                };
-                (
-                    Stage::Migrated,
-                    format!(
-                        "forced past the readiness gate: {why} (failing: {})",
-                        failing.join("; ")
-                    ),
-                )
-            }
-        }
-        Stage::Migrated => bail!("tenant {id} is migrated already; there is no stage after it"),
-    };
-    // Based on the version the decision was made on: if the tenant moved meanwhile
-    // the promotion is refused rather than applied to a state nobody judged.
-    let request = StageChange {
-        tenant: id,
-        to,
-        expected_version: Some(current.version),
-        actor: Actor::Cli,
-        reason,
-    };
-    change(store, request, json, out).await
-}
-
-async fn retire_legacy(
-    store: &dyn ControlStore,
-    args: RetireArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    if args.undo {
-        let changed = store
-            .set_legacy_retired(false, Actor::Cli, &args.reason)
-            .await?;
-        if json {
-            output::json(out, &json!({ "legacy_retired": false, "changed": changed }))?;
-        } else if changed {
-            writeln!(
-                out,
-                "legacy is no longer retired; tenants on legacy or in shadow are routed to it again"
-            )?;
-        } else {
-            writeln!(out, "legacy was not retired; nothing to undo")?;
-        }
-        return Ok(());
-    }
-    let progress = store.progress().await?;
-    let blockers = progress.blockers(now(), args.quiet_window.as_millis() as i64);
-    if !blockers.is_empty() {
-        let listed: Vec<String> = blockers.iter().map(ToString::to_string).collect();
-        bail!(
-            "legacy cannot be retired yet, nothing was changed: {}",
-            listed.join("; ")
-        );
-    }
-    let changed = store
-        .set_legacy_retired(true, Actor::Cli, &args.reason)
-        .await?;
-    if json {
-        output::json(out, &json!({ "legacy_retired": true, "changed": changed }))?;
-    } else if changed {
-        writeln!(
-            out,
-            "legacy is retired: every proxy now sends all traffic to new (undo with --undo)"
-        )?;
-    } else {
-        writeln!(out, "legacy was retired already")?;
-    }
-    Ok(())
-}
-
-async fn mismatches(
-    store: &dyn ControlStore,
-    args: MismatchesArgs,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let id = tenant_id(&args.id)?;
-    existing(store, &id).await?;
-    let samples = store
-        .mismatch_samples(&id, args.endpoint.as_deref(), args.limit)
-        .await?;
-    let parsed: Vec<Vec<ficus_diff::Difference>> = samples
-        .iter()
-        .map(|s| {
-            serde_json::from_str(&s.differences).context("a stored mismatch sample is not readable")
-        })
-        .collect::<Result<_>>()?;
-    if json {
-        let items: Vec<_> = samples
-            .iter()
-            .zip(&parsed)
-            .map(|(s, d)| {
-                json!({
-                    "at": ficus_store::format_time(s.at), "endpoint": s.endpoint, "method": s.method, "path": s.path,
-                    "served_by": s.served_by, "compared_with": s.compared_with,
-                    "status": [s.served_status, s.compared_status], "differences": d,
-                })
-            })
-            .collect();
-        output::json(out, &json!({ "tenant": id.as_str(), "mismatches": items }))?;
-        return Ok(());
-    }
-    if samples.is_empty() {
-        writeln!(out, "no mismatches recorded for tenant {id}")?;
-        return Ok(());
-    }
-    for (s, diffs) in samples.iter().zip(&parsed) {
-        writeln!(
-            out,
-            "{}  {}  ({} {})  {} {} vs {} {}",
-            ficus_store::format_time(s.at),
-            s.endpoint,
-            s.method,
-            s.path,
-            s.served_by,
-            s.served_status,
-            s.compared_with,
-            s.compared_status
-        )?;
-        for d in diffs {
-            writeln!(out, "    {d}")?;
-        }
     }
     Ok(())
 }

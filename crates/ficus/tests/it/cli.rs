@@ -235,7 +235,7 @@ fn an_operator_session() {
               migrated         1  [###############---------------]
             migrated  50.0%  [###############---------------]
             legacy    0 requests in the last hour, 0 in the last day
-            finish line: not reached
+            finish line: not reached (quiet window 1day)
               - 1 tenant not migrated (1 on legacy, 0 in shadow)
               - no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle
         "#]],
@@ -247,6 +247,7 @@ fn an_operator_session() {
             exit 0
             {
               "store": "STORE",
+              "version": "legacy:active",
               "tenants": 2,
               "stages": {
                 "legacy": 1,
@@ -262,6 +263,7 @@ fn an_operator_session() {
               },
               "finish_line": {
                 "reached": false,
+                "quiet_window": "1day",
                 "blockers": [
                   "1 tenant not migrated (1 on legacy, 0 in shadow)",
                   "no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle"
@@ -817,6 +819,22 @@ fn record_evidence(
             .await
             .unwrap();
         s.record_comparisons(&counts, &[], &[]).await.unwrap();
+        // Both backends answered the compared reads in about 4 ms.
+        let mut latency = ficus_core::latency::Histogram::default();
+        for _ in 0..counts.len() * 50 {
+            latency.record(4_000);
+        }
+        let reports: Vec<ficus_store::LatencyReport> =
+            [ficus_core::Backend::Legacy, ficus_core::Backend::New]
+                .into_iter()
+                .map(|backend| ficus_store::LatencyReport {
+                    tenant: TenantId::parse(tenant).unwrap(),
+                    backend,
+                    at: Timestamp::from_unix_millis(now),
+                    histogram: latency.clone(),
+                })
+                .collect();
+        s.record_latencies(&reports).await.unwrap();
         if let Some(age) = traffic_age_ms {
             let at = Timestamp::from_unix_millis(now - age);
             let c = TrafficCount {
@@ -847,10 +865,10 @@ fn promotion_passes_the_readiness_gate_or_is_forced_with_a_reason() {
         &f,
         &["tenant", "promote", "acme"],
         expect![[r#"
-        exit 1
-        --- stderr
-        error: tenant acme is not ready, nothing was changed: comparisons (0 compared; at least 500 needed); coverage (no traffic seen in the window); use --force --reason to override
-    "#]],
+            exit 1
+            --- stderr
+            error: tenant acme is not ready, nothing was changed: comparisons (0 compared; at least 500 needed); coverage (no traffic seen in the window); latency (no latency measured in the window); use --force --reason to override
+        "#]],
     );
     check(
         &f,
@@ -873,24 +891,25 @@ fn promotion_passes_the_readiness_gate_or_is_forced_with_a_reason() {
         &f,
         &["readiness", "acme"],
         expect![[r#"
-        exit 0
-        tenant acme: ready (window 1day)
-          pass  comparisons    620 compared; at least 500 needed
-          pass  mismatches     0 mismatched; at most 0 allowed
-          pass  coverage       2 of 2 endpoints compared at least 5 times
-          pass  shadow errors  0.00% of shadow requests failed; at most 1.00% allowed
-    "#]],
+            exit 0
+            tenant acme: ready (window 1day)
+              pass  comparisons    620 compared; at least 500 needed
+              pass  mismatches     0 mismatched; at most 0 allowed
+              pass  coverage       2 of 2 endpoints compared at least 5 times
+              pass  shadow errors  0.00% of shadow requests failed; at most 1.00% allowed
+              pass  latency        new p50 4.4 ms p99 4.4 ms vs legacy p50 4.4 ms p99 4.4 ms; new p99 at most 14.4 ms allowed
+        "#]],
     );
     check(
         &f,
         &["readiness", "--all"],
         expect![[r#"
-        exit 0
-        TENANT   VERDICT    SCORE  FAILING
-        acme     ready      100%
-        globex   not ready  75%    mismatches
-        initech  not ready  50%    comparisons, coverage
-    "#]],
+            exit 0
+            TENANT   VERDICT    SCORE  FAILING
+            acme     ready      100%
+            globex   not ready  80%    mismatches
+            initech  not ready  40%    comparisons, coverage, latency
+        "#]],
     );
     check(
         &f,
@@ -960,19 +979,19 @@ fn legacy_is_retired_only_when_empty_and_quiet_and_can_be_undone() {
         &f,
         &["status"],
         expect![[r#"
-        exit 0
-        store     STORE
-        tenants   1
-          legacy           0  [------------------------------]
-          shadow           0  [------------------------------]
-          migrated         1  [##############################]
-        migrated  100.0%  [##############################]
-        legacy    3 requests in the last hour, 3 in the last day
-          TENANT  LAST HOUR  LAST DAY  LAST REQUEST
-          acme    3          3         TIME
-        finish line: not reached
-          - legacy received traffic within the quiet window
-    "#]],
+            exit 0
+            store     STORE
+            tenants   1
+              legacy           0  [------------------------------]
+              shadow           0  [------------------------------]
+              migrated         1  [##############################]
+            migrated  100.0%  [##############################]
+            legacy    3 requests in the last hour, 3 in the last day
+              TENANT  LAST HOUR  LAST DAY  LAST REQUEST
+              acme    3          3         TIME
+            finish line: not reached (quiet window 1day)
+              - legacy received traffic within the quiet window
+        "#]],
     );
     check(
         &f,
@@ -994,37 +1013,39 @@ fn legacy_is_retired_only_when_empty_and_quiet_and_can_be_undone() {
         &f,
         &["status", "--json"],
         expect![[r#"
-        exit 0
-        {
-          "store": "STORE",
-          "tenants": 1,
-          "stages": {
-            "legacy": 0,
-            "shadow": 0,
-            "migrated": 1
-          },
-          "percent_migrated": 100.0,
-          "legacy_retired": true,
-          "legacy_traffic": {
-            "last_hour": 3,
-            "last_day": 3,
-            "tenants": [
-              {
-                "tenant": "acme",
+            exit 0
+            {
+              "store": "STORE",
+              "version": "legacy:retired",
+              "tenants": 1,
+              "stages": {
+                "legacy": 0,
+                "shadow": 0,
+                "migrated": 1
+              },
+              "percent_migrated": 100.0,
+              "legacy_retired": true,
+              "legacy_traffic": {
                 "last_hour": 3,
                 "last_day": 3,
-                "last_at": "TIME"
+                "tenants": [
+                  {
+                    "tenant": "acme",
+                    "last_hour": 3,
+                    "last_day": 3,
+                    "last_at": "TIME"
+                  }
+                ]
+              },
+              "finish_line": {
+                "reached": false,
+                "quiet_window": "1day",
+                "blockers": [
+                  "legacy received traffic within the quiet window"
+                ]
               }
-            ]
-          },
-          "finish_line": {
-            "reached": false,
-            "blockers": [
-              "legacy received traffic within the quiet window"
-            ]
-          }
-        }
-    "#]],
+            }
+        "#]],
     );
     check(
         &f,
@@ -1039,4 +1060,237 @@ fn legacy_is_retired_only_when_empty_and_quiet_and_can_be_undone() {
         legacy is no longer retired; tenants on legacy or in shadow are routed to it again
     "#]],
     );
+}
+
+/// A `ficus serve` process, stopped when dropped.
+struct Served {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Ficus {
+    fn serve(&self) -> Served {
+        use std::io::BufRead;
+        let mut child = self
+            .command(&["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        Served { child, url }
+    }
+
+    /// Runs a command against the API at `url` with `token`, not the store.
+    fn remote(&self, url: &str, token: &str, args: &[&str]) -> Output {
+        let mut cmd = self.command(args);
+        cmd.env_remove("FICUS_STORE")
+            .env("FICUS_API", url)
+            .env("FICUS_TOKEN", token);
+        cmd.output().unwrap()
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {}\n{}{}",
+        out.status.code().unwrap_or(-1),
+        mask_times(&String::from_utf8_lossy(&out.stdout)),
+        if out.stderr.is_empty() {
+            String::new()
+        } else {
+            format!("--- stderr\n{}", String::from_utf8_lossy(&out.stderr))
+        }
+    )
+}
+
+#[test]
+fn the_cli_drives_a_remote_control_plane_through_the_api() {
+    let f = Ficus::sqlite();
+    let token = f.json(&["token", "rotate"])["api_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let served = f.serve();
+    let api = |args: &[&str]| text(&f.remote(&served.url, &token, args));
+    expect![[r#"
+        exit 0
+        added tenant acme in stage legacy (version 1)
+    "#]]
+    .assert_eq(&api(&["tenant", "add", "acme", "--reason", "onboarding"]));
+    expect![[r#"
+        exit 0
+        tenant acme is now in stage shadow (version 2)
+    "#]]
+    .assert_eq(&api(&["tenant", "promote", "acme"]));
+    expect![[r#"
+        exit 1
+        --- stderr
+        error: tenant acme is not ready, nothing was changed: comparisons (0 compared; at least 500 needed); coverage (no traffic seen in the window); latency (no latency measured in the window); use --force --reason to override
+    "#]]
+    .assert_eq(&api(&["tenant", "promote", "acme"]));
+    expect![[r#"
+        exit 0
+        window             1h
+        min_comparisons    100
+        max_mismatches     0
+        min_per_endpoint   5
+        max_error_rate     0.01
+        max_latency_ratio  1.5
+        latency_slack_ms   10
+        quiet_window       1day
+    "#]]
+    .assert_eq(&api(&[
+        "gate",
+        "set",
+        "--window",
+        "1h",
+        "--min-comparisons",
+        "100",
+        "--reason",
+        "small tenants",
+    ]));
+    expect![[r#"
+        exit 1
+        --- stderr
+        error: max_error_rate must be between 0.0 and 1.0, got 3
+    "#]]
+    .assert_eq(&api(&[
+        "gate",
+        "set",
+        "--max-error-rate",
+        "3",
+        "--reason",
+        "x",
+    ]));
+    record_evidence(&f.store, "acme", &[("GET /homes/{id}", 150, 0)], None);
+    expect![[r#"
+        exit 0
+        tenant acme: ready (window 1h)
+          pass  comparisons    150 compared; at least 100 needed
+          pass  mismatches     0 mismatched; at most 0 allowed
+          pass  coverage       1 of 1 endpoints compared at least 5 times
+          pass  shadow errors  0.00% of shadow requests failed; at most 1.00% allowed
+          pass  latency        new p50 4.4 ms p99 4.4 ms vs legacy p50 4.4 ms p99 4.4 ms; new p99 at most 14.4 ms allowed
+    "#]]
+    .assert_eq(&api(&["readiness", "acme"]));
+    expect![[r#"
+        exit 0
+        tenant acme is now in stage migrated (version 3)
+    "#]]
+    .assert_eq(&api(&["tenant", "promote", "acme"]));
+    expect![[r#"
+        exit 1
+        --- stderr
+        error: legacy cannot be retired yet, nothing was changed: no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle
+    "#]]
+    .assert_eq(&api(&["retire-legacy"]));
+    // The audit log, read directly from the store, says the API did it.
+    let events = f.json(&["audit", "acme"]);
+    let actors: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["actor"].as_str().unwrap())
+        .collect();
+    assert_eq!(actors, ["api", "api", "api"]);
+    // A wrong token, and a command that needs the store itself.
+    expect![[r#"
+        exit 1
+        --- stderr
+        error: the control plane refused the token: wrong token
+    "#]]
+    .assert_eq(&text(&f.remote(&served.url, "ficus_wrong", &["status"])));
+    expect![[r#"
+        exit 1
+        --- stderr
+        error: this command works on the store itself; drop --api (and FICUS_API) to use --store
+    "#]]
+    .assert_eq(&api(&["tenant", "import", "x.csv"]));
+    let unreachable = text(&f.remote("http://127.0.0.1:1", &token, &["status"]));
+    assert!(
+        unreachable.starts_with(
+            "exit 1\n--- stderr\nerror: cannot reach the control plane at http://127.0.0.1:1:"
+        ),
+        "{unreachable}"
+    );
+    assert!(!unreachable.contains(&token));
+}
+
+#[test]
+fn promote_next_moves_the_most_ready_one_at_a_time_and_stops_at_a_failure() {
+    let f = Ficus::sqlite();
+    for t in ["acme", "globex", "initech", "umbrella"] {
+        f.ok(&["tenant", "add", t, "--stage", "shadow"]);
+    }
+    f.ok(&[
+        "gate",
+        "set",
+        "--min-comparisons",
+        "100",
+        "--reason",
+        "test",
+    ]);
+    record_evidence(&f.store, "acme", &[("GET /a", 300, 0)], None);
+    record_evidence(&f.store, "globex", &[("GET /a", 200, 0)], None);
+    record_evidence(&f.store, "initech", &[("GET /a", 200, 1)], None);
+    expect![[r#"
+        exit 1
+        tenant acme is now in stage migrated (version 2); soaking for 100ms
+        tenant globex is now in stage migrated (version 2); soaking for 100ms
+        promoted 2 of 3: acme, globex
+        --- stderr
+        error: stopped: none of the 2 tenants in shadow is ready
+    "#]]
+    .assert_eq(&text(
+        &f.run(&["tenant", "promote", "--next", "3", "--soak", "100ms"]),
+    ));
+    // A tenant the guard (here: an operator) rolls back during its soak stops the run.
+    record_evidence(&f.store, "umbrella", &[("GET /a", 300, 0)], None);
+    let child = f
+        .command(&["tenant", "promote", "--next", "2", "--soak", "3s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.json(&["tenant", "show", "umbrella"])["tenant"]["stage"] != "migrated" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "umbrella never promoted"
+        );
+        #[allow(clippy::disallowed_methods, reason = "a test polling another process")]
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f.ok(&[
+        "tenant",
+        "rollback",
+        "umbrella",
+        "--reason",
+        "new backend broke",
+    ]);
+    let out = child.wait_with_output().unwrap();
+    expect![[r#"
+        exit 1
+        tenant umbrella is now in stage migrated (version 2); soaking for 3s
+        promoted 1 of 2: umbrella
+        --- stderr
+        error: stopped: tenant umbrella did not hold through the soak: it is in stage shadow (version 3); see `ficus audit umbrella`
+    "#]]
+    .assert_eq(&text(&out));
 }

@@ -1056,3 +1056,165 @@ async fn the_guard_rolls_back_only_the_failing_tenant_on_every_replica() {
         serde_json::from_str(&ficus(&store, &["tenant", "show", "acme", "--json"])).unwrap();
     assert_eq!(shown["tenant"]["stage"], "shadow");
 }
+
+/// Opens the test's store in-process, to plant evidence the way proxies report it.
+async fn open_store(store: &str) -> std::sync::Arc<dyn ficus_store::ControlStore> {
+    ficus_store::open(
+        &ficus_store::StoreUrl::parse(store).unwrap(),
+        ficus_store::OpenMode::Existing,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_rolls_back_on_slow_answers_and_on_reverse_shadow_mismatches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "shadow"), ("globex", "shadow")]);
+    for t in ["acme", "globex"] {
+        ficus(
+            &store,
+            &["tenant", "stage", t, "migrated", "--reason", "moved"],
+        );
+    }
+    // Their parallel runs measured legacy at about 2 ms.
+    let s = open_store(&store).await;
+    let mut baseline = ficus_core::latency::Histogram::default();
+    for _ in 0..100 {
+        baseline.record(2_000);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let reports: Vec<ficus_store::LatencyReport> = ["acme", "globex"]
+        .iter()
+        .map(|t| ficus_store::LatencyReport {
+            tenant: ficus_core::TenantId::parse(t).unwrap(),
+            backend: ficus_core::Backend::Legacy,
+            at: ficus_core::Timestamp::from_unix_millis(now),
+            histogram: baseline.clone(),
+        })
+        .collect();
+    s.record_latencies(&reports).await.unwrap();
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let extra = format!(
+        "{HEADER_RULE}[shadow]\nreverse = true\nflush_ms = 100\n\
+         [guard]\nwindow_ms = 10000\nmin_requests = 20\nmin_compared = 10\n\
+         [[compare]]\nendpoint = \"GET /slow/{{id}}\"\nignore = [\"$.backend\"]\n\
+         [[compare]]\nendpoint = \"GET /ok\"\nignore = [\"$.backend\"]\n"
+    );
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: &extra,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+
+    // New answers acme in 40 ms: beyond 3× its 2 ms legacy p99.
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < 200 {
+        sent += 1;
+        let (status, body) = get_as(&c, &proxy, "acme", "/slow/40").await;
+        assert_eq!(status, 200, "slowness alone never fails a client request");
+        if body["backend"] == "legacy" {
+            break;
+        }
+    }
+    eprintln!(
+        "guard (latency): acme back on legacy after {sent} requests, {:?}",
+        started.elapsed()
+    );
+    assert!(sent < 200, "slow answers never tripped the guard");
+    // New disagrees with legacy on globex's prices, found by reverse shadow.
+    let mut sent = 0;
+    while sent < 300 {
+        sent += 1;
+        get_as(&c, &proxy, "globex", &format!("/priced/{sent}")).await;
+        if get_as(&c, &proxy, "globex", "/ok").await.1["backend"] == "legacy" {
+            break;
+        }
+    }
+    assert!(
+        sent < 300,
+        "mismatches never tripped the guard: {}\n{}",
+        ficus(&store, &["tenant", "show", "globex"]),
+        ficus(&store, &["audit"])
+    );
+    let reasons: Vec<String> = ["acme", "globex"]
+        .iter()
+        .map(|t| {
+            let audit: serde_json::Value =
+                serde_json::from_str(&ficus(&store, &["audit", t, "--json"])).unwrap();
+            let last = audit["events"].as_array().unwrap().last().unwrap().clone();
+            assert_eq!(last["actor"], "guard", "{last}");
+            assert_eq!(last["to"], "shadow", "{last}");
+            last["reason"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(
+        reasons[0].contains("answers from new were slower than")
+            && reasons[0].contains("(3× the tenant's legacy p99 of 2.0 ms)"),
+        "{}",
+        reasons[0]
+    );
+    assert!(
+        reasons[1].contains("reverse-shadow comparisons found new disagreeing with legacy"),
+        "{}",
+        reasons[1]
+    );
+    // The compared reads' latencies reached the store, for both backends.
+    eventually(Duration::from_secs(5), || {
+        let s = std::sync::Arc::clone(&s);
+        async move {
+            let l = s
+                .latencies(
+                    &ficus_core::TenantId::parse("globex").unwrap(),
+                    ficus_core::Timestamp::from_unix_millis(0),
+                )
+                .await
+                .unwrap();
+            !l.new.is_empty() && l.legacy.total() > 100
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_the_control_plane_api_behind_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "legacy")]);
+    let token: serde_json::Value =
+        serde_json::from_str(&ficus(&store, &["token", "rotate", "--json"])).unwrap();
+    let token = token["api_token"].as_str().unwrap().to_string();
+    let backend = Backend::start("legacy").await;
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![backend.addr],
+        new: vec![backend.addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let refused = c.get(proxy.admin_url("/v1/status")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let status: serde_json::Value = c
+        .get(proxy.admin_url("/v1/status"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["stages"]["legacy"], 1);
+    // The operational routes stay open, as load balancers and Prometheus expect.
+    let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(!proxy.log_text().contains(&token));
+}

@@ -1,0 +1,342 @@
+//! The JSON shapes of the control plane: what the HTTP API sends and receives and
+//! what `ficus --json` prints (they are the same documents, described in
+//! docs/cli-json.md and served as OpenAPI at `/v1/openapi.json`). Domain types stay
+//! free of serde; these are built from them here, at the edge, so a change to the
+//! domain cannot change the wire format by accident.
+
+use ficus_core::{AuditEvent, Blocker, Progress, Stage, Tenant};
+use ficus_store::{TrafficCount, format_time};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantJson {
+    pub id: String,
+    pub name: String,
+    pub stage: String,
+    pub version: u64,
+    pub domains: Vec<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&Tenant> for TenantJson {
+    fn from(t: &Tenant) -> TenantJson {
+        TenantJson {
+            id: t.id.to_string(),
+            name: t.name.clone(),
+            stage: t.stage.as_str().to_string(),
+            version: t.version,
+            domains: t.domains.iter().map(ToString::to_string).collect(),
+            created_at: format_time(t.created_at),
+            updated_at: format_time(t.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventJson {
+    pub seq: u64,
+    pub at: String,
+    pub tenant: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub version: u64,
+    pub actor: String,
+    pub reason: String,
+}
+
+impl From<&AuditEvent> for EventJson {
+    fn from(e: &AuditEvent) -> EventJson {
+        EventJson {
+            seq: e.seq,
+            at: format_time(e.at),
+            tenant: e.tenant.to_string(),
+            from: e.from.map(|s| s.as_str().to_string()),
+            to: e.to.as_str().to_string(),
+            version: e.version,
+            actor: e.actor.as_str().to_string(),
+            reason: e.reason.clone(),
+        }
+    }
+}
+
+/// `{"tenant": …}`: the answer to every call that returns one tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantEnvelope {
+    pub tenant: TenantJson,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantsJson {
+    pub tenants: Vec<TenantJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsJson {
+    pub events: Vec<EventJson>,
+}
+
+/// A tenant's parallel run over the last day, summed over endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComparisonsJson {
+    pub window: String,
+    pub endpoints: u64,
+    pub compared: u64,
+    pub matched: u64,
+    pub mismatched: u64,
+    pub noise_only: u64,
+    pub errors: u64,
+    pub shed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShowJson {
+    pub tenant: TenantJson,
+    pub audit: Vec<EventJson>,
+    pub comparisons: ComparisonsJson,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CriterionJson {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadinessJson {
+    pub tenant: String,
+    pub ready: bool,
+    pub score: f64,
+    pub criteria: Vec<CriterionJson>,
+    pub uncovered: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadinessAllJson {
+    pub window: String,
+    pub tenants: Vec<ReadinessJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MismatchJson {
+    pub at: String,
+    pub endpoint: String,
+    pub method: String,
+    pub path: String,
+    pub served_by: String,
+    pub compared_with: String,
+    /// The served and the compared status.
+    pub status: [u16; 2],
+    /// The diff engine's differences, as it writes them.
+    pub differences: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MismatchesJson {
+    pub tenant: String,
+    pub mismatches: Vec<MismatchJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetireJson {
+    pub legacy_retired: bool,
+    pub changed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusJson {
+    pub store: String,
+    /// The version a retirement must name in `If-Match`: `legacy:active` or
+    /// `legacy:retired`.
+    pub version: String,
+    pub tenants: u64,
+    pub stages: StagesJson,
+    pub percent_migrated: f64,
+    pub legacy_retired: bool,
+    pub legacy_traffic: LegacyTrafficJson,
+    pub finish_line: FinishLineJson,
+}
+
+/// Requests routed to legacy, served or shadow, as proxies reported them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LegacyTrafficJson {
+    pub last_hour: u64,
+    pub last_day: u64,
+    /// Per tenant, most requests in the last day first; `tenant` is null for
+    /// requests whose tenant was unknown.
+    pub tenants: Vec<TenantTrafficJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantTrafficJson {
+    pub tenant: Option<String>,
+    pub last_hour: u64,
+    pub last_day: u64,
+    pub last_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StagesJson {
+    pub legacy: u64,
+    pub shadow: u64,
+    pub migrated: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinishLineJson {
+    pub reached: bool,
+    pub quiet_window: String,
+    pub blockers: Vec<String>,
+}
+
+/// The retirement version for a flag value.
+pub fn retire_version(retired: bool) -> &'static str {
+    if retired {
+        "legacy:retired"
+    } else {
+        "legacy:active"
+    }
+}
+
+impl StatusJson {
+    pub fn new(
+        store: &str,
+        p: &Progress,
+        blockers: &[Blocker],
+        quiet_window: String,
+        legacy_retired: bool,
+        legacy_traffic: LegacyTrafficJson,
+    ) -> StatusJson {
+        StatusJson {
+            store: store.to_string(),
+            version: retire_version(legacy_retired).to_string(),
+            tenants: p.total(),
+            stages: StagesJson {
+                legacy: p.of(Stage::Legacy),
+                shadow: p.of(Stage::Shadow),
+                migrated: p.of(Stage::Migrated),
+            },
+            percent_migrated: (p.percent_migrated() * 10.0).round() / 10.0,
+            legacy_retired,
+            legacy_traffic,
+            finish_line: FinishLineJson {
+                reached: blockers.is_empty(),
+                quiet_window,
+                blockers: blockers.iter().map(ToString::to_string).collect(),
+            },
+        }
+    }
+}
+
+impl LegacyTrafficJson {
+    /// Joins the last day's and the last hour's per-tenant counts.
+    pub fn new(day: &[TrafficCount], hour: &[TrafficCount]) -> LegacyTrafficJson {
+        let mut tenants: Vec<TenantTrafficJson> = day
+            .iter()
+            .map(|d| TenantTrafficJson {
+                tenant: d.tenant.as_ref().map(ToString::to_string),
+                last_day: d.requests,
+                last_hour: hour
+                    .iter()
+                    .find(|h| h.tenant == d.tenant)
+                    .map_or(0, |h| h.requests),
+                last_at: format_time(d.last_at),
+            })
+            .collect();
+        tenants.sort_by(|a, b| {
+            b.last_day
+                .cmp(&a.last_day)
+                .then_with(|| a.tenant.cmp(&b.tenant))
+        });
+        LegacyTrafficJson {
+            last_hour: hour.iter().map(|h| h.requests).sum(),
+            last_day: day.iter().map(|d| d.requests).sum(),
+            tenants,
+        }
+    }
+}
+
+/// The readiness gate's settings, kept in the control store so that the CLI, the
+/// API and every operator judge with the same thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateJson {
+    /// The evidence window, as an age such as `24h`.
+    pub window: String,
+    pub min_comparisons: u64,
+    pub max_mismatches: u64,
+    pub min_per_endpoint: u64,
+    pub max_error_rate: f64,
+    pub max_latency_ratio: f64,
+    pub latency_slack_ms: u64,
+    /// How long legacy must be idle before it may be retired.
+    pub quiet_window: String,
+}
+
+/// An error as the API answers it: `{"error": "…"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorJson {
+    pub error: String,
+}
+
+/// `POST /v1/tenants`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRequest {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub stage: Option<String>,
+    pub reason: String,
+}
+
+/// `PUT /v1/tenants/{id}/stage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageRequest {
+    pub stage: String,
+    pub reason: String,
+}
+
+/// `POST /v1/tenants/{id}/promote`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    pub reason: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/tenants/{id}/rollback`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub reason: String,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// `POST /v1/retire`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetireRequest {
+    pub reason: String,
+    #[serde(default)]
+    pub undo: bool,
+    /// A quiet window for this call instead of the gate's, such as `1h`; the
+    /// audit entry says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_window: Option<String>,
+}
+
+/// `PUT /v1/gate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateRequest {
+    pub gate: GateJson,
+    pub reason: String,
+}

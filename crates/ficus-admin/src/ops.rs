@@ -1,0 +1,565 @@
+//! The control plane's operations, once: the CLI calls them directly on a store,
+//! the HTTP API calls them for its callers, and the CLI's `--api` mode calls the
+//! API. Each validates its input with the domain's rules, reads and writes the
+//! store, and answers with the documented JSON shapes.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use ficus_core::readiness::{EndpointEvidence, Readiness, judge};
+use ficus_core::{Actor, Domain, Stage, TenantId, Timestamp, Transition, tenant::parse_name};
+use ficus_store::{AuditQuery, ControlStore, NewTenant, StageChange, StoreError};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{
+    AddRequest, ComparisonsJson, CriterionJson, EventJson, EventsJson, GateJson, GateRequest,
+    LegacyTrafficJson, MismatchJson, MismatchesJson, PromoteRequest, ReadinessAllJson,
+    ReadinessJson, RetireJson, RetireRequest, RollbackRequest, ShowJson, StageRequest, StatusJson,
+    TenantEnvelope, TenantJson, TenantsJson, retire_version,
+};
+use crate::gate::{self, Gate};
+use crate::{Error, Result};
+
+/// Per-call changes to the stored gate, for exploring "what if" with `ficus
+/// readiness`; promotion always judges with the stored gate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_comparisons: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mismatches: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_per_endpoint: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+}
+
+/// Which audit events to read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    pub tenant: Option<TenantId>,
+    pub since: Option<Timestamp>,
+    pub limit: Option<u64>,
+}
+
+/// The control plane, reached directly through a store or remotely through the API.
+#[async_trait]
+pub trait Control: Send + Sync {
+    /// Where the control plane is, for messages.
+    fn location(&self) -> String;
+    async fn tenants(&self, stage: Option<Stage>) -> Result<TenantsJson>;
+    async fn show(&self, id: &TenantId, events: u64) -> Result<ShowJson>;
+    async fn add(&self, request: AddRequest) -> Result<TenantEnvelope>;
+    /// Low level: checks the stage machine, not readiness. `if_version` makes it a
+    /// compare-and-set.
+    async fn stage(
+        &self,
+        id: &TenantId,
+        request: StageRequest,
+        if_version: Option<u64>,
+    ) -> Result<TenantEnvelope>;
+    /// One stage forward; shadow → migrated only through the readiness gate.
+    async fn promote(
+        &self,
+        id: &TenantId,
+        request: PromoteRequest,
+        if_version: Option<u64>,
+    ) -> Result<TenantEnvelope>;
+    /// One stage back, or to `request.to`.
+    async fn rollback(
+        &self,
+        id: &TenantId,
+        request: RollbackRequest,
+        if_version: Option<u64>,
+    ) -> Result<TenantEnvelope>;
+    async fn readiness(&self, id: &TenantId, overrides: &GateOverrides) -> Result<ReadinessJson>;
+    /// Every tenant in shadow, most ready first.
+    async fn readiness_all(&self, overrides: &GateOverrides) -> Result<ReadinessAllJson>;
+    async fn mismatches(
+        &self,
+        id: &TenantId,
+        endpoint: Option<&str>,
+        limit: u64,
+    ) -> Result<MismatchesJson>;
+    async fn audit(&self, filter: AuditFilter) -> Result<EventsJson>;
+    async fn status(&self) -> Result<StatusJson>;
+    /// Retires legacy (or undoes it). `if_version` is the status `version` the
+    /// caller saw.
+    async fn retire(&self, request: RetireRequest, if_version: Option<&str>) -> Result<RetireJson>;
+    async fn gate(&self) -> Result<GateJson>;
+    async fn set_gate(&self, request: GateRequest) -> Result<GateJson>;
+}
+
+/// The control plane on a store this process opened.
+pub struct Direct {
+    store: Arc<dyn ControlStore>,
+    actor: Actor,
+}
+
+impl Direct {
+    /// Operations on `store`, recorded in the audit log as done by `actor`.
+    pub fn new(store: Arc<dyn ControlStore>, actor: Actor) -> Direct {
+        Direct { store, actor }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ControlStore> {
+        &self.store
+    }
+
+    async fn existing(&self, id: &TenantId) -> Result<ficus_core::Tenant> {
+        self.store
+            .tenant(id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownTenant(id.clone()).into())
+    }
+
+    async fn change(&self, change: StageChange) -> Result<TenantEnvelope> {
+        let tenant = self.store.change_stage(change).await?;
+        Ok(TenantEnvelope {
+            tenant: TenantJson::from(&tenant),
+        })
+    }
+
+    /// Judges one tenant's evidence with `gate`.
+    async fn judge(&self, id: &TenantId, gate: &Gate) -> Result<Readiness> {
+        let since = ago(gate.window);
+        let evidence: Vec<EndpointEvidence> = self
+            .store
+            .comparison_stats(id, since)
+            .await?
+            .into_iter()
+            .map(|c| EndpointEvidence {
+                endpoint: c.endpoint,
+                requests: c.requests,
+                compared: c.compared,
+                mismatched: c.mismatched,
+                errors: c.errors,
+            })
+            .collect();
+        let latency = self.store.latencies(id, since).await?;
+        Ok(judge(&evidence, &latency, &gate.thresholds))
+    }
+
+    async fn gate_with(&self, overrides: &GateOverrides) -> Result<Gate> {
+        gate::load(&*self.store).await?.with(overrides)
+    }
+}
+
+fn readiness_json(id: &TenantId, r: &Readiness) -> ReadinessJson {
+    ReadinessJson {
+        tenant: id.to_string(),
+        ready: r.is_ready(),
+        score: (r.score * 100.0).round() / 100.0,
+        criteria: r
+            .criteria
+            .iter()
+            .map(|c| CriterionJson {
+                name: c.name.to_string(),
+                passed: c.passed,
+                detail: c.detail.clone(),
+            })
+            .collect(),
+        uncovered: r.uncovered.clone(),
+    }
+}
+
+/// Parses a tenant id from a caller.
+pub fn tenant_id(raw: &str) -> Result<TenantId> {
+    TenantId::parse(raw).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Parses a stage name from a caller.
+pub fn stage(raw: &str) -> Result<Stage> {
+    Stage::parse(raw).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+#[async_trait]
+impl Control for Direct {
+    fn location(&self) -> String {
+        self.store.location().to_string()
+    }
+
+    async fn tenants(&self, stage: Option<Stage>) -> Result<TenantsJson> {
+        let tenants = self.store.tenants(stage).await?;
+        Ok(TenantsJson {
+            tenants: tenants.iter().map(TenantJson::from).collect(),
+        })
+    }
+
+    async fn show(&self, id: &TenantId, events: u64) -> Result<ShowJson> {
+        let tenant = self.existing(id).await?;
+        let audit = self
+            .store
+            .audit(AuditQuery {
+                tenant: Some(id.clone()),
+                since: None,
+                limit: Some(events),
+            })
+            .await?;
+        let stats = self
+            .store
+            .comparison_stats(id, ago(Duration::from_secs(24 * 60 * 60)))
+            .await?;
+        let total = |f: fn(&ficus_store::ComparisonCount) -> u64| stats.iter().map(f).sum::<u64>();
+        Ok(ShowJson {
+            tenant: TenantJson::from(&tenant),
+            audit: audit.iter().map(EventJson::from).collect(),
+            comparisons: ComparisonsJson {
+                window: "24h".to_string(),
+                endpoints: stats.len() as u64,
+                compared: total(|c| c.compared),
+                matched: total(|c| c.matched),
+                mismatched: total(|c| c.mismatched),
+                noise_only: total(|c| c.noise_only),
+                errors: total(|c| c.errors),
+                shed: total(|c| c.shed),
+            },
+        })
+    }
+
+    async fn add(&self, request: AddRequest) -> Result<TenantEnvelope> {
+        let id = tenant_id(&request.id)?;
+        let name = match &request.name {
+            Some(n) => parse_name(n).map_err(|e| Error::Invalid(e.to_string()))?,
+            None => id.to_string(),
+        };
+        let stage = stage(request.stage.as_deref().unwrap_or("legacy"))?;
+        let domains = request
+            .domains
+            .iter()
+            .map(|d| Domain::parse(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let tenant = self
+            .store
+            .add_tenant(
+                NewTenant {
+                    id,
+                    name,
+                    stage,
+                    domains,
+                },
+                self.actor,
+                &request.reason,
+            )
+            .await?;
+        Ok(TenantEnvelope {
+            tenant: TenantJson::from(&tenant),
+        })
+    }
+
+    async fn stage(
+        &self,
+        id: &TenantId,
+        request: StageRequest,
+        if_version: Option<u64>,
+    ) -> Result<TenantEnvelope> {
+        let to = stage(&request.stage)?;
+        self.change(StageChange {
+            tenant: id.clone(),
+            to,
+            expected_version: if_version,
+            actor: self.actor,
+            reason: request.reason,
+        })
+        .await
+    }
+
+    async fn promote(
+        &self,
+        id: &TenantId,
+        request: PromoteRequest,
+        if_version: Option<u64>,
+    ) -> Result<TenantEnvelope> {
+        let current = self.existing(id).await?;
+        if let Some(v) = if_version
+            && v != current.version
+        {
+            // Let the store explain who moved it: a compare-and-set on the stale
+            // version fails with the last change's actor, time and reason.
+            return self
+                .change(StageChange {
+                    tenant: id.clone(),
+                    to: current.stage,
+                    expected_version: Some(v),
+                    actor: self.actor,
+                    reason: "promotion".to_string(),
+                })
+                .await;
+        }
+        let given = request.reason.trim().to_string();
+        let (to, reason) = match current.stage {
+            Stage::Legacy => (
+                Stage::Shadow,
+                if given.is_empty() {
+                    "promoted to shadow: parallel run starts".to_string()
+                } else {
+                    format!("promoted to shadow: parallel run starts; {given}")
+                },
+            ),
+            Stage::Shadow => {
+                let gate = gate::load(&*self.store).await?;
+                let r = self.judge(id, &gate).await?;
+                if r.is_ready() {
+                    (
+                        Stage::Migrated,
+                        if given.is_empty() {
+                            "promoted: readiness passed".to_string()
+                        } else {
+                            format!("promoted: readiness passed; {given}")
+                        },
+                    )
+                } else {
+                    let failing: Vec<String> = r
+                        .failing()
+                        .iter()
+                        .map(|c| format!("{} ({})", c.name, c.detail))
+                        .collect();
+                    if !request.force {
+                        return Err(Error::Refused(format!(
+                            "tenant {id} is not ready, nothing was changed: {}; force it with a reason to override",
+                            failing.join("; ")
+                        )));
+                    }
+                    if given.is_empty() {
+                        return Err(Error::Invalid(
+                            "forcing a promotion needs a reason: the audit log must say why the readiness gate was overridden".to_string(),
+                        ));
+                    }
+                    (
+                        Stage::Migrated,
+                        format!(
+                            "forced past the readiness gate: {given} (failing: {})",
+                            failing.join("; ")
+                        ),
+                    )
+                }
+            }
+            Stage::Migrated => {
+                return Err(Error::Refused(format!(
+                    "tenant {id} is migrated already; there is no stage after it"
+                )));
+            }
+        };
+        // Based on the version the decision was made on: if the tenant moved
+        // meanwhile the promotion is refused rather than applied to a state nobody
+        // judged.
+        self.change(StageChange {
+            tenant: id.clone(),
+            to,
+            expected_version: Some(current.version),
+            actor: self.actor,
+            reason,
+        })
+        .await
+    }
+
+    async fn rollback(
+        &self,
+        id: &TenantId,
+        request: RollbackRequest,
+        if_version: Option<u64>,
+    ) -> Result<TenantEnvelope> {
+        let current = self.existing(id).await?;
+        let to = match request.to.as_deref() {
+            Some(raw) => stage(raw)?,
+            None => match current.stage {
+                Stage::Migrated => Stage::Shadow,
+                Stage::Shadow => Stage::Legacy,
+                Stage::Legacy => {
+                    return Err(Error::Refused(format!(
+                        "tenant {id} is on legacy already; there is nothing to roll back"
+                    )));
+                }
+            },
+        };
+        if Transition::between(current.stage, to) == Ok(Transition::Promote) {
+            return Err(Error::Refused(format!(
+                "a rollback only moves backward; {} → {to} for tenant {id} is a promotion",
+                current.stage
+            )));
+        }
+        // Based on the version the caller saw, or else the one just read: if
+        // someone else moves the tenant meanwhile, the rollback is refused instead
+        // of applied to a state the operator never saw.
+        self.change(StageChange {
+            tenant: id.clone(),
+            to,
+            expected_version: Some(if_version.unwrap_or(current.version)),
+            actor: self.actor,
+            reason: request.reason,
+        })
+        .await
+    }
+
+    async fn readiness(&self, id: &TenantId, overrides: &GateOverrides) -> Result<ReadinessJson> {
+        self.existing(id).await?;
+        let gate = self.gate_with(overrides).await?;
+        let r = self.judge(id, &gate).await?;
+        Ok(readiness_json(id, &r))
+    }
+
+    async fn readiness_all(&self, overrides: &GateOverrides) -> Result<ReadinessAllJson> {
+        let gate = self.gate_with(overrides).await?;
+        let mut judged = Vec::new();
+        for t in self.store.tenants(Some(Stage::Shadow)).await? {
+            let r = self.judge(&t.id, &gate).await?;
+            judged.push((t.id, r));
+        }
+        judged.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
+        Ok(ReadinessAllJson {
+            window: humantime::format_duration(gate.window).to_string(),
+            tenants: judged.iter().map(|(id, r)| readiness_json(id, r)).collect(),
+        })
+    }
+
+    async fn mismatches(
+        &self,
+        id: &TenantId,
+        endpoint: Option<&str>,
+        limit: u64,
+    ) -> Result<MismatchesJson> {
+        self.existing(id).await?;
+        let samples = self.store.mismatch_samples(id, endpoint, limit).await?;
+        let mut items = Vec::with_capacity(samples.len());
+        for s in samples {
+            let differences: serde_json::Value =
+                serde_json::from_str(&s.differences).map_err(|e| {
+                    Error::Store(StoreError::Corrupt(format!(
+                        "a stored mismatch sample is not readable: {e}"
+                    )))
+                })?;
+            items.push(MismatchJson {
+                at: ficus_store::format_time(s.at),
+                endpoint: s.endpoint,
+                method: s.method,
+                path: s.path,
+                served_by: s.served_by,
+                compared_with: s.compared_with,
+                status: [s.served_status, s.compared_status],
+                differences,
+            });
+        }
+        Ok(MismatchesJson {
+            tenant: id.to_string(),
+            mismatches: items,
+        })
+    }
+
+    async fn audit(&self, filter: AuditFilter) -> Result<EventsJson> {
+        if let Some(id) = &filter.tenant {
+            self.existing(id).await?;
+        }
+        let events = self
+            .store
+            .audit(AuditQuery {
+                tenant: filter.tenant,
+                since: filter.since,
+                limit: filter.limit,
+            })
+            .await?;
+        Ok(EventsJson {
+            events: events.iter().map(EventJson::from).collect(),
+        })
+    }
+
+    async fn status(&self) -> Result<StatusJson> {
+        let gate = gate::load(&*self.store).await?;
+        let progress = self.store.progress().await?;
+        let blockers = progress.blockers(now(), gate.quiet_window.as_millis() as i64);
+        let retired = self.store.legacy_retired().await?;
+        let day = self
+            .store
+            .legacy_traffic(ago(Duration::from_secs(24 * 60 * 60)))
+            .await?;
+        let hour = self
+            .store
+            .legacy_traffic(ago(Duration::from_secs(60 * 60)))
+            .await?;
+        Ok(StatusJson::new(
+            self.store.location(),
+            &progress,
+            &blockers,
+            humantime::format_duration(gate.quiet_window).to_string(),
+            retired,
+            LegacyTrafficJson::new(&day, &hour),
+        ))
+    }
+
+    async fn retire(&self, request: RetireRequest, if_version: Option<&str>) -> Result<RetireJson> {
+        let retired = self.store.legacy_retired().await?;
+        if let Some(v) = if_version
+            && v != retire_version(retired)
+        {
+            return Err(Error::PreconditionFailed(format!(
+                "legacy changed since version {v:?}: it is now {:?}; nothing was changed",
+                retire_version(retired)
+            )));
+        }
+        if request.undo {
+            let changed = self
+                .store
+                .set_legacy_retired(false, self.actor, &request.reason)
+                .await?;
+            return Ok(RetireJson {
+                legacy_retired: false,
+                changed,
+            });
+        }
+        let mut gate = gate::load(&*self.store).await?;
+        let mut reason = request.reason.clone();
+        if let Some(raw) = &request.quiet_window {
+            gate.quiet_window = gate::span(raw, "quiet_window")?;
+            reason = format!(
+                "{reason} (quiet window {} for this retirement)",
+                humantime::format_duration(gate.quiet_window)
+            );
+        }
+        let progress = self.store.progress().await?;
+        let blockers = progress.blockers(now(), gate.quiet_window.as_millis() as i64);
+        if !blockers.is_empty() {
+            let listed: Vec<String> = blockers.iter().map(ToString::to_string).collect();
+            return Err(Error::Refused(format!(
+                "legacy cannot be retired yet, nothing was changed: {}",
+                listed.join("; ")
+            )));
+        }
+        let changed = self
+            .store
+            .set_legacy_retired(true, self.actor, &reason)
+            .await?;
+        Ok(RetireJson {
+            legacy_retired: true,
+            changed,
+        })
+    }
+
+    async fn gate(&self) -> Result<GateJson> {
+        Ok(gate::load(&*self.store).await?.to_json())
+    }
+
+    async fn set_gate(&self, request: GateRequest) -> Result<GateJson> {
+        let gate = Gate::from_json(&request.gate)?;
+        let json = gate.to_json();
+        let text = serde_json::to_string(&json).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.store
+            .set_setting(gate::KEY, &text, &text, self.actor, &request.reason)
+            .await?;
+        Ok(json)
+    }
+}
+
+pub(crate) fn now() -> Timestamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp::from_unix_millis(d.as_millis() as i64)
+}
+
+fn ago(span: Duration) -> Timestamp {
+    Timestamp::from_unix_millis(now().unix_millis() - span.as_millis() as i64)
+}

@@ -1,0 +1,505 @@
+//! The HTTP API: the operations of [`crate::ops`] as JSON over HTTP, under `/v1`.
+//!
+//! Every route needs `Authorization: Bearer TOKEN`; the token's hash is read from
+//! the store on each request, so a rotation takes effect at once. A token in a
+//! query string is refused even when right, because query strings end up in logs.
+//! A refused request is logged with its method and path, never its token or
+//! query. Every mutating call names the version it was decided on in `If-Match`
+//! and carries a reason. Errors become responses in one place, [`ApiError`], as
+//! `{"error": "…"}` with a status that says what happened.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use ficus_core::{Actor, Timestamp};
+use ficus_store::{ControlStore, StoreError};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{
+    AddRequest, ErrorJson, GateRequest, PromoteRequest, RetireRequest, RollbackRequest,
+    StageRequest,
+};
+use crate::ops::{self, AuditFilter, Control, Direct, GateOverrides};
+use crate::{Error, token};
+
+/// Request bodies larger than this are refused: no call needs more.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// The OpenAPI document describing every route, served at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route, as `(method, path)` in OpenAPI's spelling; the document is tested
+/// against this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/openapi.json"),
+    ("get", "/v1/tenants"),
+    ("post", "/v1/tenants"),
+    ("get", "/v1/tenants/{id}"),
+    ("put", "/v1/tenants/{id}/stage"),
+    ("post", "/v1/tenants/{id}/promote"),
+    ("post", "/v1/tenants/{id}/rollback"),
+    ("get", "/v1/tenants/{id}/readiness"),
+    ("get", "/v1/tenants/{id}/mismatches"),
+    ("get", "/v1/readiness"),
+    ("get", "/v1/audit"),
+    ("get", "/v1/status"),
+    ("post", "/v1/retire"),
+    ("get", "/v1/gate"),
+    ("put", "/v1/gate"),
+];
+
+/// Where the API finds the store: set once it is open (the proxy opens it after
+/// its listeners are up; until then the API answers 503).
+pub type StoreSlot = Arc<OnceLock<Arc<dyn ControlStore>>>;
+
+/// The API's routes, to be served or merged into another router.
+pub fn router(store: StoreSlot) -> Router {
+    let api = Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/tenants", get(list).post(add))
+        .route("/v1/tenants/{id}", get(show))
+        .route("/v1/tenants/{id}/stage", put(stage))
+        .route("/v1/tenants/{id}/promote", post(promote))
+        .route("/v1/tenants/{id}/rollback", post(rollback))
+        .route("/v1/tenants/{id}/readiness", get(readiness))
+        .route("/v1/tenants/{id}/mismatches", get(mismatches))
+        .route("/v1/readiness", get(readiness_all))
+        .route("/v1/audit", get(audit))
+        .route("/v1/status", get(status))
+        .route("/v1/retire", post(retire))
+        .route("/v1/gate", get(gate).put(set_gate))
+        .fallback(|| async {
+            ApiError::Status(StatusCode::NOT_FOUND, "no such API route".to_string())
+        });
+    api.route_layer(middleware::from_fn_with_state(store.clone(), authorize))
+        .with_state(store)
+}
+
+/// An error on its way to becoming a response: the one place that decides status
+/// codes.
+pub enum ApiError {
+    Op(Error),
+    Status(StatusCode, String),
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        ApiError::Op(e)
+    }
+}
+
+fn store_status(e: &StoreError) -> StatusCode {
+    match e {
+        StoreError::UnknownTenant(_) => StatusCode::NOT_FOUND,
+        StoreError::TenantExists(_)
+        | StoreError::DomainTaken { .. }
+        | StoreError::Transition { .. }
+        | StoreError::ImportConflicts(_) => StatusCode::CONFLICT,
+        StoreError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
+        StoreError::MissingReason | StoreError::DuplicateDomain(_) | StoreError::BadSetting(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        StoreError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::Status(s, m) => (s, m),
+            ApiError::Op(e) => {
+                let status = match &e {
+                    Error::Invalid(_) => StatusCode::BAD_REQUEST,
+                    Error::Refused(_) => StatusCode::CONFLICT,
+                    Error::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+                    Error::Store(s) => store_status(s),
+                    Error::Remote { .. } | Error::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+                };
+                if status.is_server_error() {
+                    tracing::error!(error = %e, "api: operation failed");
+                }
+                (status, e.to_string())
+            }
+        };
+        (status, axum::Json(ErrorJson { error: message })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<axum::Json<T>, ApiError>;
+
+/// Query parameters that would carry a credential. Refused by name, whatever
+/// their value, so a token never has a reason to be in a URL.
+const CREDENTIAL_PARAMS: &[&str] = &["token", "access_token", "api_key", "apikey", "bearer"];
+
+async fn authorize(State(slot): State<StoreSlot>, request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let refuse = |why: &'static str| {
+        tracing::warn!(%method, path, why, "api: request refused");
+        let mut response =
+            ApiError::Status(StatusCode::UNAUTHORIZED, why.to_string()).into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        response
+    };
+    if let Some(query) = request.uri().query() {
+        let named = query.split('&').any(|pair| {
+            let name = pair.split('=').next().unwrap_or("").to_ascii_lowercase();
+            CREDENTIAL_PARAMS.contains(&name.as_str())
+        });
+        if named || query.contains("ficus_") {
+            return refuse(
+                "a token in a query string is refused; send it as Authorization: Bearer TOKEN",
+            );
+        }
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented.filter(|t| !t.is_empty()) else {
+        return refuse("missing Authorization: Bearer TOKEN");
+    };
+    let Some(store) = slot.get() else {
+        return ApiError::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the control store is not open yet".to_string(),
+        )
+        .into_response();
+    };
+    match store.setting(token::SETTING).await {
+        Ok(Some(stored)) if token::matches(presented, &stored) => next.run(request).await,
+        Ok(Some(_)) => refuse("wrong token"),
+        Ok(None) => refuse("no API token is set; run `ficus token rotate` on the control store"),
+        Err(e) => ApiError::Op(Error::Store(e)).into_response(),
+    }
+}
+
+fn control(slot: &StoreSlot) -> Result<Direct, ApiError> {
+    slot.get()
+        .map(|s| Direct::new(Arc::clone(s), Actor::Api))
+        .ok_or_else(|| {
+            ApiError::Status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the control store is not open yet".to_string(),
+            )
+        })
+}
+
+/// A JSON body read with the API's own limit and errors.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !is_json {
+            return Err(ApiError::Status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be JSON (Content-Type: application/json)".to_string(),
+            ));
+        }
+        let bytes: Bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+            .await
+            .map_err(|_| {
+                ApiError::Status(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is larger than {BODY_LIMIT} bytes"),
+                )
+            })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::Status(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}"))
+        })
+    }
+}
+
+fn query<T: DeserializeOwned>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|Query(t)| t).map_err(|e| {
+        ApiError::Status(
+            StatusCode::BAD_REQUEST,
+            format!("bad query string: {}", e.body_text()),
+        )
+    })
+}
+
+/// The `If-Match` value, without the quotes of an entity tag.
+fn if_match(headers: &HeaderMap) -> Result<String, ApiError> {
+    let raw = headers
+        .get(header::IF_MATCH)
+        .ok_or_else(|| {
+            ApiError::Status(
+                StatusCode::PRECONDITION_REQUIRED,
+                "If-Match with the version this change was decided on is required".to_string(),
+            )
+        })?
+        .to_str()
+        .map_err(|_| ApiError::Status(StatusCode::BAD_REQUEST, "If-Match is not text".into()))?;
+    Ok(raw
+        .trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .to_string())
+}
+
+fn if_match_version(headers: &HeaderMap) -> Result<u64, ApiError> {
+    let raw = if_match(headers)?;
+    raw.parse().map_err(|_| {
+        ApiError::Status(
+            StatusCode::BAD_REQUEST,
+            format!("If-Match {raw:?} is not a tenant version (a whole number)"),
+        )
+    })
+}
+
+fn reason(raw: &str) -> Result<(), ApiError> {
+    if raw.trim().is_empty() {
+        return Err(ApiError::Status(
+            StatusCode::BAD_REQUEST,
+            "a reason is required and must not be empty".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+fn id(raw: &str) -> Result<ficus_core::TenantId, ApiError> {
+    Ok(ops::tenant_id(raw)?)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    stage: Option<String>,
+}
+
+async fn list(
+    State(slot): State<StoreSlot>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::TenantsJson> {
+    let q = query(q)?;
+    let stage = q.stage.as_deref().map(ops::stage).transpose()?;
+    Ok(axum::Json(control(&slot)?.tenants(stage).await?))
+}
+
+async fn add(
+    State(slot): State<StoreSlot>,
+    JsonBody(body): JsonBody<AddRequest>,
+) -> Result<(StatusCode, axum::Json<crate::api::TenantEnvelope>), ApiError> {
+    reason(&body.reason)?;
+    let created = control(&slot)?.add(body).await?;
+    Ok((StatusCode::CREATED, axum::Json(created)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    events: Option<u64>,
+}
+
+async fn show(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    q: Result<Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::ShowJson> {
+    let q = query(q)?;
+    let events = q.events.unwrap_or(10).min(1_000);
+    Ok(axum::Json(control(&slot)?.show(&id(&raw)?, events).await?))
+}
+
+async fn stage(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<StageRequest>,
+) -> ApiResult<crate::api::TenantEnvelope> {
+    let version = if_match_version(&headers)?;
+    reason(&body.reason)?;
+    let c = control(&slot)?;
+    Ok(axum::Json(c.stage(&id(&raw)?, body, Some(version)).await?))
+}
+
+async fn promote(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<PromoteRequest>,
+) -> ApiResult<crate::api::TenantEnvelope> {
+    let version = if_match_version(&headers)?;
+    reason(&body.reason)?;
+    let c = control(&slot)?;
+    Ok(axum::Json(
+        c.promote(&id(&raw)?, body, Some(version)).await?,
+    ))
+}
+
+async fn rollback(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RollbackRequest>,
+) -> ApiResult<crate::api::TenantEnvelope> {
+    let version = if_match_version(&headers)?;
+    reason(&body.reason)?;
+    let c = control(&slot)?;
+    Ok(axum::Json(
+        c.rollback(&id(&raw)?, body, Some(version)).await?,
+    ))
+}
+
+async fn readiness(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    q: Result<Query<GateOverrides>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::ReadinessJson> {
+    let overrides = query(q)?;
+    let c = control(&slot)?;
+    Ok(axum::Json(c.readiness(&id(&raw)?, &overrides).await?))
+}
+
+async fn readiness_all(
+    State(slot): State<StoreSlot>,
+    q: Result<Query<GateOverrides>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::ReadinessAllJson> {
+    let overrides = query(q)?;
+    Ok(axum::Json(control(&slot)?.readiness_all(&overrides).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MismatchQuery {
+    endpoint: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn mismatches(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    q: Result<Query<MismatchQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::MismatchesJson> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(10).min(1_000);
+    let c = control(&slot)?;
+    Ok(axum::Json(
+        c.mismatches(&id(&raw)?, q.endpoint.as_deref(), limit)
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQueryParams {
+    tenant: Option<String>,
+    since: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn audit(
+    State(slot): State<StoreSlot>,
+    q: Result<Query<AuditQueryParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::EventsJson> {
+    let q = query(q)?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|raw| {
+            humantime::parse_rfc3339_weak(raw)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| Timestamp::from_unix_millis(d.as_millis() as i64))
+                .ok_or_else(|| {
+                    ApiError::Status(
+                        StatusCode::BAD_REQUEST,
+                        format!("since {raw:?} is not an RFC 3339 time (2026-11-21T10:00:00Z)"),
+                    )
+                })
+        })
+        .transpose()?;
+    let filter = AuditFilter {
+        tenant: q.tenant.as_deref().map(id).transpose()?,
+        since,
+        limit: q.limit,
+    };
+    Ok(axum::Json(control(&slot)?.audit(filter).await?))
+}
+
+async fn status(State(slot): State<StoreSlot>) -> ApiResult<crate::api::StatusJson> {
+    Ok(axum::Json(control(&slot)?.status().await?))
+}
+
+async fn retire(
+    State(slot): State<StoreSlot>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RetireRequest>,
+) -> ApiResult<crate::api::RetireJson> {
+    let version = if_match(&headers)?;
+    reason(&body.reason)?;
+    Ok(axum::Json(
+        control(&slot)?.retire(body, Some(&version)).await?,
+    ))
+}
+
+async fn gate(State(slot): State<StoreSlot>) -> Result<Response, ApiError> {
+    let g = control(&slot)?.gate().await?;
+    let etag = format!("\"{}\"", gate_version(&g));
+    Ok(([(header::ETAG, etag)], axum::Json(g)).into_response())
+}
+
+async fn set_gate(
+    State(slot): State<StoreSlot>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<GateRequest>,
+) -> ApiResult<crate::api::GateJson> {
+    // The gate's version is its current content: a change decided on other
+    // thresholds than the stored ones is refused.
+    let expected = if_match(&headers)?;
+    reason(&body.reason)?;
+    let c = control(&slot)?;
+    let current = gate_version(&c.gate().await?);
+    if expected != current {
+        return Err(ApiError::Op(Error::PreconditionFailed(format!(
+            "the gate changed since version {expected:?}: it is now {current:?}; nothing was changed"
+        ))));
+    }
+    Ok(axum::Json(c.set_gate(body).await?))
+}
+
+/// A gate's version: a short hash of its content.
+pub fn gate_version(g: &crate::api::GateJson) -> String {
+    let text = serde_json::to_string(g).unwrap_or_default();
+    token::hash(&text)[..16].to_string()
+}
+
+/// Serves the API alone on `listener` until `shutdown` resolves: `ficus serve`,
+/// for a control plane without a proxy in front of it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn ControlStore>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let slot: StoreSlot = Arc::default();
+    let _ = slot.set(store);
+    axum::serve(listener, router(slot))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,516 @@
+//! The admin API on a real listener over a real SQLite store: authentication on
+//! every route, bad bodies, versions, and an operator's whole path from legacy to
+//! migrated and back through the remote client.
+
+use std::sync::{Arc, Mutex};
+
+use ficus_admin::api::{AddRequest, PromoteRequest, RetireRequest, RollbackRequest};
+use ficus_admin::client::Remote;
+use ficus_admin::ops::{AuditFilter, GateOverrides};
+use ficus_admin::server::{self, ROUTES};
+use ficus_admin::{Control, Error, token};
+use ficus_core::latency::Histogram;
+use ficus_core::{Actor, Backend, TenantId, Timestamp};
+use ficus_store::{ComparisonCount, ControlStore, LatencyReport, OpenMode, StoreUrl};
+
+struct Api {
+    base: String,
+    token: String,
+    store: Arc<dyn ControlStore>,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let url = StoreUrl::parse(&format!("sqlite:{}", dir.path().join("f.db").display())).unwrap();
+    let store = ficus_store::open(&url, OpenMode::Create).await.unwrap();
+    let token = token::ensure(&*store, Actor::Cli).await.unwrap().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let served = Arc::clone(&store);
+    tokio::spawn(async move {
+        server::serve(listener, served, std::future::pending())
+            .await
+            .unwrap();
+    });
+    Api {
+        base,
+        token,
+        store,
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        _dir: dir,
+    }
+}
+
+fn id(s: &str) -> TenantId {
+    TenantId::parse(s).unwrap()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Records evidence that passes the default gate, the way a proxy reports it.
+async fn ready_evidence(store: &dyn ControlStore, tenant: &str) {
+    let at = Timestamp::from_unix_millis(now_ms());
+    let count = ComparisonCount {
+        tenant: id(tenant),
+        endpoint: "GET /homes/{id}".into(),
+        last_at: at,
+        requests: 600,
+        compared: 600,
+        matched: 600,
+        mismatched: 0,
+        noise_only: 0,
+        errors: 0,
+        shed: 0,
+    };
+    store.record_comparisons(&[count], &[], &[]).await.unwrap();
+    let mut h = Histogram::default();
+    for _ in 0..600 {
+        h.record(4_000);
+    }
+    let reports: Vec<LatencyReport> = [Backend::Legacy, Backend::New]
+        .into_iter()
+        .map(|backend| LatencyReport {
+            tenant: id(tenant),
+            backend,
+            at,
+            histogram: h.clone(),
+        })
+        .collect();
+    store.record_latencies(&reports).await.unwrap();
+}
+
+/// A concrete path and a body for each route, so each can be called for real.
+fn concrete(path: &str) -> String {
+    path.replace("{id}", "acme")
+}
+
+#[tokio::test]
+async fn every_route_refuses_no_token_a_wrong_token_and_a_token_in_the_query() {
+    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let logs = Arc::clone(&logs);
+        move || LogWriter(Arc::clone(&logs))
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .finish();
+    // Global, not scoped to this thread: tracing caches each call site's interest,
+    // and a thread-scoped subscriber can miss events whose site another test's
+    // thread registered first. No other test here sets one.
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let api = start().await;
+    for (method, path) in ROUTES {
+        let url = format!("{}{}", api.base, concrete(path));
+        let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let cases: Vec<(&str, reqwest::RequestBuilder)> = vec![
+            ("none", api.http.request(method.clone(), &url)),
+            (
+                "wrong",
+                api.http
+                    .request(method.clone(), &url)
+                    .bearer_auth("ficus_0000"),
+            ),
+            (
+                "query",
+                api.http
+                    .request(method.clone(), format!("{url}?access_token={}", api.token)),
+            ),
+            (
+                "query even with the header",
+                api.http
+                    .request(method.clone(), format!("{url}?token={}", api.token))
+                    .bearer_auth(&api.token),
+            ),
+        ];
+        for (case, request) in cases {
+            let response = request
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 401, "{method} {path}: {case}");
+            assert_eq!(
+                response.headers()["www-authenticate"],
+                "Bearer",
+                "{method} {path}"
+            );
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert!(body["error"].is_string(), "{method} {path}: {body}");
+        }
+    }
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("api: request refused"), "{logs}");
+    assert!(
+        !logs.contains(&api.token) && !logs.contains("ficus_0000"),
+        "a token reached the log:\n{logs}"
+    );
+    // With the token, the document describes exactly the routes served.
+    let doc: serde_json::Value = api
+        .http
+        .get(format!("{}/v1/openapi.json", api.base))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut documented: Vec<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(|m| (m.clone(), path.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    documented.sort();
+    let mut served: Vec<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    served.sort();
+    assert_eq!(documented, served);
+}
+
+#[derive(Clone)]
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn bad_bodies_and_versions_are_refused_with_a_reason_and_change_nothing() {
+    let api = start().await;
+    let remote = Remote::new(&api.base, &api.token).unwrap();
+    remote
+        .add(AddRequest {
+            id: "acme".into(),
+            name: None,
+            domains: vec![],
+            stage: None,
+            reason: "first".into(),
+        })
+        .await
+        .unwrap();
+    let post = |path: &str, body: Vec<u8>, content_type: &str, if_match: Option<&str>| {
+        let mut r = api
+            .http
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&api.token)
+            .header("content-type", content_type.to_string())
+            .body(body);
+        if let Some(v) = if_match {
+            r = r.header("if-match", v.to_string());
+        }
+        r.send()
+    };
+    let check = |status: u16, error: &str| (status, error.to_string());
+    let answer = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.unwrap();
+        (status, body["error"].as_str().unwrap().to_string())
+    };
+    let cases = vec![
+        (
+            post(
+                "/v1/tenants",
+                b"{\"id\": \"globex\",".to_vec(),
+                "application/json",
+                None,
+            ),
+            check(
+                400,
+                "malformed JSON body: EOF while parsing a value at line 1 column 16",
+            ),
+        ),
+        (
+            post(
+                "/v1/tenants",
+                b"{\"id\": \"globex\"}".to_vec(),
+                "text/plain",
+                None,
+            ),
+            check(
+                415,
+                "the body must be JSON (Content-Type: application/json)",
+            ),
+        ),
+        (
+            post(
+                "/v1/tenants",
+                vec![b' '; 100 * 1024],
+                "application/json",
+                None,
+            ),
+            check(413, "the body is larger than 65536 bytes"),
+        ),
+        (
+            post(
+                "/v1/tenants",
+                b"{\"id\": \"globex\", \"reason\": \"x\", \"colour\": 1}".to_vec(),
+                "application/json",
+                None,
+            ),
+            check(
+                400,
+                "malformed JSON body: unknown field `colour`, expected one of `id`, `name`, `domains`, `stage`, `reason` at line 1 column 40",
+            ),
+        ),
+        (
+            post(
+                "/v1/tenants",
+                b"{\"id\": \"Globex!\", \"reason\": \"x\"}".to_vec(),
+                "application/json",
+                None,
+            ),
+            check(
+                400,
+                "invalid tenant id \"Globex!\": it starts with 'G'; the first character must be a lowercase letter or a digit",
+            ),
+        ),
+        (
+            post(
+                "/v1/tenants",
+                b"{\"id\": \"globex\", \"reason\": \" \"}".to_vec(),
+                "application/json",
+                None,
+            ),
+            check(400, "a reason is required and must not be empty"),
+        ),
+        (
+            post(
+                "/v1/tenants/acme/promote",
+                b"{\"reason\": \"go\"}".to_vec(),
+                "application/json",
+                None,
+            ),
+            check(
+                428,
+                "If-Match with the version this change was decided on is required",
+            ),
+        ),
+        (
+            post(
+                "/v1/tenants/acme/promote",
+                b"{\"reason\": \"go\"}".to_vec(),
+                "application/json",
+                Some("\"7\""),
+            ),
+            check(412, ""),
+        ),
+        (
+            post(
+                "/v1/tenants/acme/promote",
+                b"{\"reason\": \"go\"}".to_vec(),
+                "application/json",
+                Some("seven"),
+            ),
+            check(
+                400,
+                "If-Match \"seven\" is not a tenant version (a whole number)",
+            ),
+        ),
+        (
+            post(
+                "/v1/tenants/nobody/rollback",
+                b"{\"reason\": \"go\"}".to_vec(),
+                "application/json",
+                Some("1"),
+            ),
+            check(404, "no tenant nobody"),
+        ),
+        (
+            post(
+                "/v1/retire",
+                b"{\"reason\": \"done\"}".to_vec(),
+                "application/json",
+                Some("legacy:retired"),
+            ),
+            check(
+                412,
+                "legacy changed since version \"legacy:retired\": it is now \"legacy:active\"; nothing was changed",
+            ),
+        ),
+    ];
+    for (request, (status, error)) in cases {
+        let (got_status, got_error) = answer(request.await.unwrap()).await;
+        if error.is_empty() {
+            assert_eq!(got_status, status, "{got_error}");
+            assert!(
+                got_error.starts_with("tenant acme changed since version 7"),
+                "{got_error}"
+            );
+        } else {
+            assert_eq!((got_status, got_error.as_str()), (status, error.as_str()));
+        }
+    }
+    // Nothing above changed the store: one tenant, one event.
+    let events = remote.audit(AuditFilter::default()).await.unwrap();
+    assert_eq!(events.events.len(), 1);
+    assert_eq!(events.events[0].actor, "api");
+    assert_eq!(remote.tenants(None).await.unwrap().tenants.len(), 1);
+    let unknown_route = api
+        .http
+        .get(format!("{}/v1/nothing", api.base))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_route.status(), 404);
+}
+
+#[tokio::test]
+async fn an_operator_moves_a_tenant_through_the_gate_using_only_the_api() {
+    let api = start().await;
+    let remote = Remote::new(&api.base, &api.token).unwrap();
+    let add = |name: &str| AddRequest {
+        id: name.into(),
+        name: None,
+        domains: vec![],
+        stage: None,
+        reason: "onboarding".into(),
+    };
+    remote.add(add("acme")).await.unwrap();
+    remote.add(add("globex")).await.unwrap();
+    let promote = |reason: &str, force| PromoteRequest {
+        reason: reason.into(),
+        force,
+    };
+    let shadow = remote
+        .promote(&id("acme"), promote("parallel run", false), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (shadow.tenant.stage.as_str(), shadow.tenant.version),
+        ("shadow", 2)
+    );
+    // Not ready: refused, naming every failing criterion.
+    let Err(Error::Remote { status, message }) = remote
+        .promote(&id("acme"), promote("go", false), None)
+        .await
+    else {
+        panic!("promotion without evidence must be refused")
+    };
+    assert_eq!(status, 409);
+    assert!(
+        message.starts_with("tenant acme is not ready, nothing was changed: comparisons (0 compared; at least 500 needed); coverage (no traffic seen in the window); latency (no latency measured in the window)"),
+        "{message}"
+    );
+    // A stale version: refused.
+    let Err(Error::Remote { status, .. }) = remote
+        .promote(&id("acme"), promote("go", false), Some(1))
+        .await
+    else {
+        panic!("a stale version must be refused")
+    };
+    assert_eq!(status, 412);
+    ready_evidence(&*api.store, "acme").await;
+    let r = remote
+        .readiness(&id("acme"), &GateOverrides::default())
+        .await
+        .unwrap();
+    assert!(r.ready, "{r:?}");
+    assert_eq!(r.criteria.len(), 5);
+    let migrated = remote
+        .promote(
+            &id("acme"),
+            promote("readiness passed in review", false),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(migrated.tenant.stage, "migrated");
+    // The finish line: globex is still on legacy.
+    let status = remote.status().await.unwrap();
+    assert_eq!(status.stages.migrated, 1);
+    assert!(!status.finish_line.reached);
+    let Err(Error::Remote {
+        status: code,
+        message,
+    }) = remote
+        .retire(
+            RetireRequest {
+                reason: "done".into(),
+                undo: false,
+                quiet_window: None,
+            },
+            None,
+        )
+        .await
+    else {
+        panic!("retiring with a tenant on legacy must be refused")
+    };
+    assert_eq!(code, 409);
+    assert!(message.contains("1 tenant not migrated"), "{message}");
+    let back = remote
+        .rollback(
+            &id("acme"),
+            RollbackRequest {
+                reason: "support tickets".into(),
+                to: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(back.tenant.stage, "shadow");
+    let events = remote
+        .audit(AuditFilter {
+            tenant: Some(id("acme")),
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap()
+        .events;
+    let trail: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| (e.to.clone(), e.actor.clone(), e.reason.clone()))
+        .collect();
+    assert_eq!(
+        trail,
+        vec![
+            ("legacy".into(), "api".into(), "onboarding".into()),
+            (
+                "shadow".into(),
+                "api".into(),
+                "promoted to shadow: parallel run starts; parallel run".into()
+            ),
+            (
+                "migrated".into(),
+                "api".into(),
+                "promoted: readiness passed; readiness passed in review".into()
+            ),
+            ("shadow".into(), "api".into(), "support tickets".into()),
+        ]
+    );
+    // Rotating the token locks the old one out at once.
+    let fresh = token::rotate(&*api.store, Actor::Cli, "rotation drill")
+        .await
+        .unwrap();
+    let Err(Error::Remote { status, .. }) = remote.status().await else {
+        panic!("the old token must stop working")
+    };
+    assert_eq!(status, 401);
+    let rotated = Remote::new(&api.base, &fresh).unwrap();
+    assert_eq!(rotated.status().await.unwrap().tenants, 2);
+}
