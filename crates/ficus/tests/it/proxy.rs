@@ -1218,3 +1218,89 @@ async fn the_admin_listener_serves_the_control_plane_api_behind_the_token() {
     assert_eq!(health.status(), 200);
     assert!(!proxy.log_text().contains(&token));
 }
+
+/// The guard's reaction time as a distribution, for `scripts/bench/guard.sh`:
+/// `FICUS_GUARD_TRIALS` tenants (default 5) each start failing on new while
+/// requests arrive at `FICUS_GUARD_RATE` per second (0, the default: back to back),
+/// and the time from the first bad answer to legacy serving that tenant on both
+/// replicas is measured. Default guard thresholds, two replicas on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run by scripts/bench/guard.sh"]
+async fn guard_reaction_time() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (trials, rate) = (env("FICUS_GUARD_TRIALS", 5), env("FICUS_GUARD_RATE", 0));
+    let store = tokio::task::spawn_blocking(|| {
+        ficus_testkit::shared()
+            .fresh_database("guardbench")
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    ficus(&store, &["init"]);
+    let tenants: Vec<String> = (0..trials).map(|i| format!("t{i}")).collect();
+    for t in &tenants {
+        ficus(&store, &["tenant", "add", t, "--stage", "shadow"]);
+        ficus(
+            &store,
+            &["tenant", "stage", t, "migrated", "--reason", "moved"],
+        );
+    }
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let setup = || ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    };
+    let (a, b) = (Proxy::start(setup()).await, Proxy::start(setup()).await);
+    let c = client();
+    let pace = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+    let mut times = Vec::new();
+    for t in &tenants {
+        let first_bad = Instant::now();
+        let mut sent = 0u64;
+        loop {
+            if let Some(p) = pace {
+                let due = first_bad + p * sent as u32;
+                tokio::time::sleep_until(due.into()).await;
+            }
+            sent += 1;
+            let (_, body) = get_as(&c, &a, t, "/status/500").await;
+            if body["backend"] == "legacy" {
+                break;
+            }
+            assert!(
+                first_bad.elapsed() < Duration::from_secs(120),
+                "never tripped"
+            );
+        }
+        eventually(Duration::from_secs(5), || {
+            let (c, b) = (c.clone(), &b);
+            async move { get_as(&c, b, t, "/ok").await.1["backend"] == "legacy" }
+        })
+        .await;
+        let took = first_bad.elapsed();
+        eprintln!("trial {t}: {sent} requests, legacy on both replicas after {took:?}");
+        times.push(took);
+    }
+    times.sort();
+    let at = |q: f64| times[((q * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
+    println!(
+        "guard rate={} trials={} p50={:?} p99={:?} max={:?}",
+        if rate == 0 {
+            "back-to-back".to_string()
+        } else {
+            format!("{rate}/s")
+        },
+        times.len(),
+        at(0.5),
+        at(0.99),
+        times[times.len() - 1]
+    );
+}
