@@ -1,0 +1,853 @@
+//! The plan: a file the operator reviews and edits (which tables are
+//! tenant-owned, tenant zero's identity, the id type, batched or instant
+//! backfill), and the steps derived from it. The file holds decisions, never SQL:
+//! every statement is generated here from catalog names and quoted, so editing
+//! the plan cannot inject SQL, and a name that is not in the database is refused.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ident::{Table, literal, quote};
+use crate::inspect::{Class, Inventory, TableInfo};
+use crate::{Error, Result};
+
+/// The plan file format this build writes and reads.
+pub const PLAN_VERSION: u32 = 1;
+
+/// The tenant id's type, the same everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdType {
+    Uuid,
+    Bigint,
+}
+
+impl IdType {
+    pub fn sql(self) -> &'static str {
+        match self {
+            IdType::Uuid => "uuid",
+            IdType::Bigint => "bigint",
+        }
+    }
+}
+
+/// How existing rows get tenant zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backfill {
+    /// Keyset batches that write every row, a few hundred milliseconds at a time.
+    Batched,
+    /// `ADD COLUMN … DEFAULT <tenant zero>`: catalog-only, no row is written; the
+    /// value lives in the catalog until a row is next updated.
+    Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantZero {
+    /// A UUID, or a positive whole number for `bigint`.
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedTable {
+    pub schema: String,
+    pub name: String,
+    pub class: Class,
+    pub reason: String,
+    #[serde(default = "batched")]
+    pub backfill: Backfill,
+}
+
+fn batched() -> Backfill {
+    Backfill::Batched
+}
+
+/// The plan file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub version: u32,
+    /// The database this plan was made for; `apply` refuses any other.
+    pub database: String,
+    pub system_identifier: String,
+    pub id_type: IdType,
+    pub tenant_zero: TenantZero,
+    /// Roles the live application connects as: they may call the helpers.
+    pub app_roles: Vec<String>,
+    pub tables: Vec<PlannedTable>,
+}
+
+/// What a step risks, in the words of the issue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hazard {
+    /// Takes an exclusive lock for a moment (catalog-only change).
+    BriefExclusiveLock,
+    /// Reads the whole table, without blocking reads or writes.
+    Scan,
+    /// Rewrites the table.
+    Rewrite,
+    /// Changes what some role can see.
+    VisibilityChange,
+    /// Loses data.
+    Destructive,
+    /// Writes rows in small batches; no long lock.
+    Batches,
+    /// Creates things beside the application's, touching none of its tables.
+    None,
+}
+
+impl Hazard {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hazard::BriefExclusiveLock => "brief-exclusive-lock",
+            Hazard::Scan => "scan",
+            Hazard::Rewrite => "rewrite",
+            Hazard::VisibilityChange => "visibility-change",
+            Hazard::Destructive => "destructive",
+            Hazard::Batches => "batches",
+            Hazard::None => "none",
+        }
+    }
+}
+
+/// One SQL statement of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Statement {
+    pub sql: String,
+    /// Runs outside a transaction (`CREATE INDEX CONCURRENTLY`).
+    pub concurrent: bool,
+    /// A query answering whether the statement's effect is already there, so that
+    /// running a step twice changes nothing the second time.
+    pub done_if: Option<String>,
+}
+
+fn stmt(sql: impl Into<String>) -> Statement {
+    Statement {
+        sql: sql.into(),
+        concurrent: false,
+        done_if: None,
+    }
+}
+
+fn stmt_unless(sql: impl Into<String>, done_if: impl Into<String>) -> Statement {
+    Statement {
+        sql: sql.into(),
+        concurrent: false,
+        done_if: Some(done_if.into()),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    Spine,
+    Column,
+    Default,
+    Backfill,
+    Index,
+    Tighten,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Spine => "spine",
+            StepKind::Column => "column",
+            StepKind::Default => "default",
+            StepKind::Backfill => "backfill",
+            StepKind::Index => "index",
+            StepKind::Tighten => "tighten",
+        }
+    }
+}
+
+/// One step: idempotent forward SQL, its undo, the lock it takes and its hazard.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// `spine`, `column:public.order`… the journal's key.
+    pub id: String,
+    pub kind: StepKind,
+    pub table: Option<Table>,
+    pub forward: Vec<Statement>,
+    pub undo: Vec<Statement>,
+    pub lock: String,
+    pub hazard: Hazard,
+    pub undo_hazard: Hazard,
+    pub note: String,
+}
+
+impl Plan {
+    /// A first plan from an inventory: every table with its class and reason, tenant
+    /// zero with a fresh id, the roles connected now (other than owners and
+    /// superusers) as the application's roles.
+    pub fn draft(inv: &Inventory, tenant_zero: &str, id_type: IdType) -> Result<Plan> {
+        let slug = slugify(tenant_zero);
+        if slug.is_empty() {
+            return Err(Error::Refused(format!(
+                "tenant zero's name {tenant_zero:?} has no letters or digits to make an id from"
+            )));
+        }
+        let id = match id_type {
+            IdType::Uuid => random_uuid()?,
+            IdType::Bigint => "1".to_string(),
+        };
+        let mut app_roles: Vec<String> = inv
+            .roles
+            .iter()
+            .filter(|r| r.connected && r.can_login)
+            .map(|r| r.name.clone())
+            .collect();
+        app_roles.sort();
+        Ok(Plan {
+            version: PLAN_VERSION,
+            database: inv.database.clone(),
+            system_identifier: inv.system_identifier.clone(),
+            id_type,
+            tenant_zero: TenantZero {
+                id,
+                slug,
+                name: tenant_zero.to_string(),
+            },
+            app_roles,
+            tables: inv
+                .tables
+                .iter()
+                .map(|t| PlannedTable {
+                    schema: t.table.schema.clone(),
+                    name: t.table.name.clone(),
+                    class: t.class,
+                    reason: t.reason.clone(),
+                    backfill: Backfill::Batched,
+                })
+                .collect(),
+        })
+    }
+
+    /// The plan as the file the operator edits, with a header that explains it.
+    pub fn to_toml(&self) -> Result<String> {
+        let body = toml::to_string_pretty(self).map_err(|e| Error::BadPlan {
+            path: "(new plan)".into(),
+            detail: e.to_string(),
+        })?;
+        Ok(format!(
+            "# ficus db plan for database {:?}. Review it, edit it, then:\n\
+             #   ficus db apply --url URL --plan THIS_FILE            (dry run: SQL and hazards)\n\
+             #   ficus db apply --url URL --plan THIS_FILE --execute\n\
+             # class: tenant-owned (gets tenant_id), shared (lookup data, no tenant_id),\n\
+             #        excluded (not application data). backfill: batched, or instant\n\
+             #        (ADD COLUMN ... DEFAULT tenant zero: catalog-only, no row written,\n\
+             #        the value lives in the catalog until each row is next updated).\n\
+             # The file holds decisions only; every statement is generated from it.\n\n{body}",
+            self.database
+        ))
+    }
+
+    /// Reads and checks a plan file; `path` names it in errors.
+    pub fn from_toml(text: &str, path: &str) -> Result<Plan> {
+        let bad = |detail: String| Error::BadPlan {
+            path: path.to_string(),
+            detail,
+        };
+        let plan: Plan = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        if plan.version != PLAN_VERSION {
+            return Err(bad(format!(
+                "version {} is not one this build reads ({PLAN_VERSION})",
+                plan.version
+            )));
+        }
+        match plan.id_type {
+            IdType::Uuid if !is_uuid(&plan.tenant_zero.id) => {
+                return Err(bad(format!(
+                    "tenant_zero.id {:?} is not a UUID",
+                    plan.tenant_zero.id
+                )));
+            }
+            IdType::Bigint if plan.tenant_zero.id.parse::<i64>().map_or(true, |n| n <= 0) => {
+                return Err(bad(format!(
+                    "tenant_zero.id {:?} is not a positive whole number",
+                    plan.tenant_zero.id
+                )));
+            }
+            _ => {}
+        }
+        if slugify(&plan.tenant_zero.slug) != plan.tenant_zero.slug {
+            return Err(bad(format!(
+                "tenant_zero.slug {:?} must be lowercase letters, digits and '-'",
+                plan.tenant_zero.slug
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for t in &plan.tables {
+            if !seen.insert((t.schema.clone(), t.name.clone())) {
+                return Err(bad(format!(
+                    "table {}.{} is listed twice",
+                    t.schema, t.name
+                )));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Checks the plan against the database it is about to change: the same
+    /// database, every table present, every role present.
+    pub fn check_against(&self, inv: &Inventory, path: &str) -> Result<()> {
+        let bad = |detail: String| Error::BadPlan {
+            path: path.to_string(),
+            detail,
+        };
+        if inv.database != self.database || inv.system_identifier != self.system_identifier {
+            return Err(bad(format!(
+                "it was made for database {:?} (system {}), but this is {:?} (system {}); nothing was changed",
+                self.database, self.system_identifier, inv.database, inv.system_identifier
+            )));
+        }
+        for t in &self.tables {
+            if inv.table(&Table::new(&t.schema, &t.name)).is_none() {
+                return Err(bad(format!(
+                    "table {:?}.{:?} is not in the database; nothing was changed",
+                    t.schema, t.name
+                )));
+            }
+        }
+        for r in &self.app_roles {
+            if !inv.roles.iter().any(|x| &x.name == r) {
+                return Err(bad(format!(
+                    "app role {r:?} does not exist; nothing was changed"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_literal(&self) -> String {
+        format!("{}::{}", literal(&self.tenant_zero.id), self.id_type.sql())
+    }
+
+    /// The tenant-owned tables, in plan order.
+    pub fn owned(&self) -> impl Iterator<Item = &PlannedTable> {
+        self.tables.iter().filter(|t| t.class == Class::TenantOwned)
+    }
+
+    /// Every step, in the order they run.
+    pub fn steps(&self, inv: &Inventory) -> Vec<Step> {
+        let mut steps = vec![self.spine()];
+        let owned: Vec<(&PlannedTable, &TableInfo)> = self
+            .owned()
+            .filter_map(|p| inv.table(&Table::new(&p.schema, &p.name)).map(|i| (p, i)))
+            .collect();
+        for (p, info) in &owned {
+            steps.push(self.column(p, info));
+        }
+        for (p, info) in &owned {
+            steps.push(self.default(p, info));
+        }
+        for (p, info) in &owned {
+            steps.push(self.backfill(p, info));
+        }
+        for (p, info) in &owned {
+            steps.push(self.index(p, info));
+        }
+        for (p, info) in &owned {
+            steps.push(self.tighten(p, info));
+        }
+        steps
+    }
+
+    fn spine(&self) -> Step {
+        let ty = self.id_type.sql();
+        let zero = self.zero_literal();
+        let id_default = match self.id_type {
+            IdType::Uuid => "gen_random_uuid()",
+            IdType::Bigint => "nextval('tenancy.organization_ids')",
+        };
+        let mut forward = vec![
+            stmt("CREATE SCHEMA IF NOT EXISTS tenancy"),
+            stmt("CREATE SCHEMA IF NOT EXISTS tenancy_private"),
+        ];
+        if self.id_type == IdType::Bigint {
+            forward.push(stmt(format!(
+                "CREATE SEQUENCE IF NOT EXISTS tenancy.organization_ids START {}",
+                self.tenant_zero.id.parse::<i64>().unwrap_or(1) + 1
+            )));
+        }
+        forward.extend([
+            stmt(format!(
+                "CREATE TABLE IF NOT EXISTS tenancy.organizations (
+    id {ty} PRIMARY KEY DEFAULT {id_default},
+    slug text NOT NULL UNIQUE,
+    name text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+)"
+            )),
+            stmt(format!(
+                "CREATE TABLE IF NOT EXISTS tenancy.units (
+    id bigserial PRIMARY KEY,
+    organization_id {ty} NOT NULL REFERENCES tenancy.organizations (id),
+    name text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (organization_id, name)
+)"
+            )),
+            stmt(format!(
+                "CREATE TABLE IF NOT EXISTS tenancy.members (
+    organization_id {ty} NOT NULL REFERENCES tenancy.organizations (id),
+    unit_id bigint REFERENCES tenancy.units (id),
+    identity text NOT NULL,
+    role text NOT NULL DEFAULT 'member',
+    PRIMARY KEY (organization_id, identity)
+)"
+            )),
+            stmt(
+                "CREATE TABLE IF NOT EXISTS tenancy_private.settings (key text PRIMARY KEY, value text NOT NULL)",
+            ),
+            stmt(
+                "CREATE TABLE IF NOT EXISTS tenancy_private.journal (
+    step text PRIMARY KEY,
+    done_at timestamptz NOT NULL DEFAULT now()
+)",
+            ),
+            stmt(
+                "CREATE TABLE IF NOT EXISTS tenancy_private.backfill (
+    table_name text PRIMARY KEY,
+    upper_key text[],
+    last_key text[],
+    rows_done bigint NOT NULL DEFAULT 0,
+    keyset_done boolean NOT NULL DEFAULT false,
+    done boolean NOT NULL DEFAULT false
+)",
+            ),
+            stmt(format!(
+                "INSERT INTO tenancy.organizations (id, slug, name) VALUES ({zero}, {}, {}) ON CONFLICT DO NOTHING",
+                literal(&self.tenant_zero.slug),
+                literal(&self.tenant_zero.name)
+            )),
+            stmt(format!(
+                "INSERT INTO tenancy.units (organization_id, name) VALUES ({zero}, 'main') ON CONFLICT DO NOTHING"
+            )),
+            stmt(format!(
+                "INSERT INTO tenancy_private.settings (key, value) VALUES ('tenant_zero', {}), ('single_tenant_mode', 'on') ON CONFLICT (key) DO NOTHING",
+                literal(&self.tenant_zero.id)
+            )),
+            // The tenant of the current transaction: a transaction-local setting
+            // naming an existing organization, else nothing. A malformed value is
+            // no tenant, never an error.
+            stmt(format!(
+                "CREATE OR REPLACE FUNCTION tenancy_private.current_tenant_id() RETURNS {ty}
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+AS $fn$
+    SELECT o.id FROM tenancy.organizations AS o
+    WHERE o.id::text = pg_catalog.current_setting('ficus.tenant_id', true)
+$fn$"
+            )),
+            // What a new row's tenant_id defaults to: the transaction's tenant, or
+            // tenant zero while the database is in single-tenant compatibility
+            // mode, or NULL.
+            stmt(format!(
+                "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS {ty}
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+AS $fn$
+    SELECT coalesce(
+        tenancy_private.current_tenant_id(),
+        (SELECT s.value::{ty} FROM tenancy_private.settings AS t0, tenancy_private.settings AS s
+          WHERE t0.key = 'single_tenant_mode' AND t0.value = 'on' AND s.key = 'tenant_zero'))
+$fn$"
+            )),
+            stmt("REVOKE ALL ON FUNCTION tenancy_private.current_tenant_id() FROM PUBLIC"),
+            stmt("REVOKE ALL ON FUNCTION tenancy_private.default_tenant_id() FROM PUBLIC"),
+        ]);
+        for role in &self.app_roles {
+            forward.push(stmt(format!(
+                "GRANT USAGE ON SCHEMA tenancy_private TO {}",
+                quote(role)
+            )));
+            forward.push(stmt(format!(
+                "GRANT EXECUTE ON FUNCTION tenancy_private.default_tenant_id(), tenancy_private.current_tenant_id() TO {}",
+                quote(role)
+            )));
+        }
+        Step {
+            id: "spine".into(),
+            kind: StepKind::Spine,
+            table: None,
+            forward,
+            undo: vec![
+                stmt("DROP SCHEMA IF EXISTS tenancy_private CASCADE"),
+                stmt("DROP SCHEMA IF EXISTS tenancy CASCADE"),
+            ],
+            lock: "none on application tables".into(),
+            hazard: Hazard::None,
+            undo_hazard: Hazard::Destructive,
+            note: format!(
+                "schemas tenancy and tenancy_private, tenant zero {:?} ({}) and its first unit, the helper functions",
+                self.tenant_zero.name, self.tenant_zero.id
+            ),
+        }
+    }
+
+    fn column(&self, p: &PlannedTable, info: &TableInfo) -> Step {
+        let t = &info.table;
+        let ty = self.id_type.sql();
+        let (sql, note) = match p.backfill {
+            Backfill::Batched => (
+                format!(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS tenant_id {ty}",
+                    t.sql()
+                ),
+                "nullable, no default, no constraint: catalog-only".to_string(),
+            ),
+            Backfill::Instant => (
+                format!(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS tenant_id {ty} DEFAULT {}",
+                    t.sql(),
+                    self.zero_literal()
+                ),
+                "with tenant zero as default: catalog-only, stamps every existing row without writing it".to_string(),
+            ),
+        };
+        Step {
+            id: format!("column:{}", key(t)),
+            kind: StepKind::Column,
+            table: Some(t.clone()),
+            forward: vec![stmt(sql)],
+            undo: vec![stmt(format!(
+                "ALTER TABLE {} DROP COLUMN IF EXISTS tenant_id",
+                t.sql()
+            ))],
+            lock: "ACCESS EXCLUSIVE, for a moment".into(),
+            hazard: Hazard::BriefExclusiveLock,
+            undo_hazard: Hazard::Destructive,
+            note,
+        }
+    }
+
+    fn default(&self, _p: &PlannedTable, info: &TableInfo) -> Step {
+        let t = &info.table;
+        Step {
+            id: format!("default:{}", key(t)),
+            kind: StepKind::Default,
+            table: Some(t.clone()),
+            forward: vec![stmt(format!(
+                "ALTER TABLE {} ALTER COLUMN tenant_id SET DEFAULT tenancy_private.default_tenant_id()",
+                t.sql()
+            ))],
+            undo: vec![stmt(format!(
+                "ALTER TABLE {} ALTER COLUMN tenant_id DROP DEFAULT",
+                t.sql()
+            ))],
+            lock: "ACCESS EXCLUSIVE, for a moment".into(),
+            hazard: Hazard::BriefExclusiveLock,
+            undo_hazard: Hazard::BriefExclusiveLock,
+            note: "rows written from now on are stamped: the transaction's tenant, or tenant zero"
+                .into(),
+        }
+    }
+
+    fn backfill(&self, p: &PlannedTable, info: &TableInfo) -> Step {
+        let t = &info.table;
+        Step {
+            id: format!("backfill:{}", key(t)),
+            kind: StepKind::Backfill,
+            table: Some(t.clone()),
+            forward: Vec::new(),
+            undo: Vec::new(),
+            lock: "row locks on one batch at a time (FOR NO KEY UPDATE SKIP LOCKED)".into(),
+            hazard: Hazard::Batches,
+            undo_hazard: Hazard::None,
+            note: match (p.backfill, info.primary_key.is_empty()) {
+                (Backfill::Instant, _) => {
+                    "instant: checks that no row lacks tenant zero".to_string()
+                }
+                (Backfill::Batched, false) => format!(
+                    "keyset batches on ({}) up to the key at start, then a catch-up pass; about {} rows",
+                    info.primary_key
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    info.row_estimate
+                ),
+                (Backfill::Batched, true) => format!(
+                    "batches by ctid (no primary key); about {} rows",
+                    info.row_estimate
+                ),
+            },
+        }
+    }
+
+    fn index(&self, _p: &PlannedTable, info: &TableInfo) -> Step {
+        let t = &info.table;
+        let name = t.object_name("tenant_id_idx");
+        let exists = |table: &Table, index: &str| {
+            format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                   WHERE i.indrelid = to_regclass({}) AND c.relname = {} AND i.indisvalid)",
+                literal(&table.sql()),
+                literal(index)
+            )
+        };
+        let mut forward = Vec::new();
+        let mut undo = Vec::new();
+        if info.partitioned {
+            forward.push(stmt_unless(
+                format!(
+                    "CREATE INDEX IF NOT EXISTS {} ON ONLY {} (tenant_id)",
+                    quote(&name),
+                    t.sql()
+                ),
+                format!(
+                    "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {})",
+                    literal(&t.schema),
+                    literal(&name)
+                ),
+            ));
+            for part in &info.partitions {
+                let pname = part.object_name("tenant_id_idx");
+                forward.push(Statement {
+                    sql: format!(
+                        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} (tenant_id)",
+                        quote(&pname),
+                        part.sql()
+                    ),
+                    concurrent: true,
+                    done_if: Some(exists(part, &pname)),
+                });
+                forward.push(stmt_unless(
+                    format!(
+                        "ALTER INDEX {}.{} ATTACH PARTITION {}.{}",
+                        quote(&t.schema),
+                        quote(&name),
+                        quote(&part.schema),
+                        quote(&pname)
+                    ),
+                    format!(
+                        "SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
+                           WHERE c.relname = {} AND p.relname = {})",
+                        literal(&pname),
+                        literal(&name)
+                    ),
+                ));
+            }
+            undo.push(stmt(format!(
+                "DROP INDEX IF EXISTS {}.{}",
+                quote(&t.schema),
+                quote(&name)
+            )));
+        } else {
+            forward.push(Statement {
+                sql: format!(
+                    "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} (tenant_id)",
+                    quote(&name),
+                    t.sql()
+                ),
+                concurrent: true,
+                done_if: Some(exists(t, &name)),
+            });
+            undo.push(Statement {
+                sql: format!(
+                    "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
+                    quote(&t.schema),
+                    quote(&name)
+                ),
+                concurrent: true,
+                done_if: None,
+            });
+        }
+        Step {
+            id: format!("index:{}", key(t)),
+            kind: StepKind::Index,
+            table: Some(t.clone()),
+            forward,
+            undo,
+            lock: "SHARE UPDATE EXCLUSIVE (reads and writes continue)".into(),
+            hazard: Hazard::Scan,
+            undo_hazard: Hazard::None,
+            note: format!(
+                "CREATE INDEX CONCURRENTLY {name}{}; an invalid index left by a failed build is dropped and rebuilt",
+                if info.partitioned {
+                    ", one per partition, attached to the parent's"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+
+    fn tighten(&self, _p: &PlannedTable, info: &TableInfo) -> Step {
+        let t = &info.table;
+        let check = t.object_name("tenant_id_not_null");
+        let fk = t.object_name("tenant_id_fkey");
+        let has = |name: &str| {
+            format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass({}) AND conname = {})",
+                literal(&t.sql()),
+                literal(name)
+            )
+        };
+        let not_null = format!(
+            "SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass({}) AND attname = 'tenant_id'",
+            literal(&t.sql())
+        );
+        let mut forward = Vec::new();
+        if info.partitioned {
+            // PostgreSQL cannot add NOT VALID constraints to a partitioned table:
+            // these check every partition under lock (hazard: scan).
+            forward.push(stmt_unless(
+                format!(
+                    "ALTER TABLE {} ALTER COLUMN tenant_id SET NOT NULL",
+                    t.sql()
+                ),
+                not_null,
+            ));
+            forward.push(stmt_unless(
+                format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY (tenant_id) REFERENCES tenancy.organizations (id)",
+                    t.sql(),
+                    quote(&fk)
+                ),
+                has(&fk),
+            ));
+        } else {
+            forward.extend([
+                stmt_unless(
+                    format!(
+                        "ALTER TABLE {} ADD CONSTRAINT {} CHECK (tenant_id IS NOT NULL) NOT VALID",
+                        t.sql(),
+                        quote(&check)
+                    ),
+                    format!("SELECT ({}) OR ({})", has(&check), not_null),
+                ),
+                stmt_unless(
+                    format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", t.sql(), quote(&check)),
+                    format!(
+                        "SELECT coalesce((SELECT convalidated FROM pg_constraint WHERE conrelid = to_regclass({}) AND conname = {}), true)",
+                        literal(&t.sql()),
+                        literal(&check)
+                    ),
+                ),
+                stmt_unless(
+                    format!("ALTER TABLE {} ALTER COLUMN tenant_id SET NOT NULL", t.sql()),
+                    not_null,
+                ),
+                stmt(format!(
+                    "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+                    t.sql(),
+                    quote(&check)
+                )),
+                stmt_unless(
+                    format!(
+                        "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY (tenant_id) REFERENCES tenancy.organizations (id) NOT VALID",
+                        t.sql(),
+                        quote(&fk)
+                    ),
+                    has(&fk),
+                ),
+                stmt_unless(
+                    format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", t.sql(), quote(&fk)),
+                    format!(
+                        "SELECT coalesce((SELECT convalidated FROM pg_constraint WHERE conrelid = to_regclass({}) AND conname = {}), true)",
+                        literal(&t.sql()),
+                        literal(&fk)
+                    ),
+                ),
+            ]);
+        }
+        Step {
+            id: format!("tighten:{}", key(t)),
+            kind: StepKind::Tighten,
+            table: Some(t.clone()),
+            forward,
+            undo: vec![
+                stmt(format!(
+                    "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+                    t.sql(),
+                    quote(&fk)
+                )),
+                stmt(format!(
+                    "ALTER TABLE {} ALTER COLUMN tenant_id DROP NOT NULL",
+                    t.sql()
+                )),
+                stmt(format!(
+                    "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+                    t.sql(),
+                    quote(&check)
+                )),
+            ],
+            lock: if info.partitioned {
+                "ACCESS EXCLUSIVE while every partition is checked".into()
+            } else {
+                "ACCESS EXCLUSIVE for moments; validation under SHARE UPDATE EXCLUSIVE".into()
+            },
+            hazard: if info.partitioned {
+                Hazard::Scan
+            } else {
+                Hazard::BriefExclusiveLock
+            },
+            undo_hazard: Hazard::BriefExclusiveLock,
+            note: "CHECK NOT VALID → VALIDATE → SET NOT NULL; foreign key to tenancy.organizations NOT VALID → VALIDATE".into(),
+        }
+    }
+}
+
+/// A table's key in the journal: `schema.name` with the raw names.
+pub fn key(t: &Table) -> String {
+    format!("{}.{}", t.schema, t.name)
+}
+
+/// Lowercase letters, digits and single '-'.
+pub fn slugify(raw: &str) -> String {
+    let mut out = String::new();
+    for c in raw.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    out.trim_end_matches('-').chars().take(63).collect()
+}
+
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && [8, 4, 4, 4, 12]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn random_uuid() -> Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b)
+        .map_err(|e| Error::Refused(format!("no randomness for tenant zero's id: {e}")))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_and_uuids() {
+        assert_eq!(slugify("Acme Homes, Inc."), "acme-homes-inc");
+        assert_eq!(slugify("  --  "), "");
+        let u = random_uuid().unwrap();
+        assert!(is_uuid(&u), "{u}");
+        assert!(!is_uuid("not-a-uuid"));
+    }
+}

@@ -1,0 +1,557 @@
+//! `ficus db` against a real PostgreSQL with a realistic single-tenant schema
+//! (composite keys, a table without a primary key, a partitioned table, a view,
+//! self-referencing and multi-column foreign keys, reserved-word and mixed-case
+//! names), while a live workload runs as the application's role.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ficus_retrofit::apply::{self, Event, Options};
+use ficus_retrofit::ident::Table;
+use ficus_retrofit::inspect::Class;
+use ficus_retrofit::plan::{Backfill, IdType, Plan};
+use ficus_retrofit::{Error, backfill, connect, inspect};
+
+const SCHEMA: &str = r#"
+DO $$ BEGIN CREATE ROLE ficus_app LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+CREATE TABLE customers (id bigserial PRIMARY KEY, email text NOT NULL UNIQUE, country text REFERENCES countries (code), created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE "order" (id bigserial PRIMARY KEY, customer_id bigint NOT NULL REFERENCES customers (id), placed_at timestamptz NOT NULL DEFAULT now(), total numeric(12,2) NOT NULL DEFAULT 0);
+CREATE TABLE categories (id serial PRIMARY KEY, parent_id int REFERENCES categories (id), name text NOT NULL);
+CREATE TABLE products (sku text PRIMARY KEY, title text NOT NULL, price numeric(12,2) NOT NULL, category_id int REFERENCES categories (id));
+CREATE TABLE order_items (order_id bigint NOT NULL REFERENCES "order" (id), line_no int NOT NULL, sku text NOT NULL REFERENCES products (sku), qty int NOT NULL, PRIMARY KEY (order_id, line_no));
+CREATE TABLE shipments (id bigserial PRIMARY KEY, order_id bigint NOT NULL, line_no int NOT NULL, carrier text, FOREIGN KEY (order_id, line_no) REFERENCES order_items (order_id, line_no));
+CREATE TABLE audit_events (at timestamptz NOT NULL DEFAULT now(), actor text, action text);
+CREATE TABLE measurements (id bigint NOT NULL, taken_on date NOT NULL, value float8, PRIMARY KEY (id, taken_on)) PARTITION BY RANGE (taken_on);
+CREATE TABLE measurements_2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE measurements_2026 PARTITION OF measurements FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+CREATE TABLE "Weird ""Name""" ("Id" int PRIMARY KEY, "Value" text);
+CREATE TABLE schema_migrations (version text PRIMARY KEY);
+CREATE VIEW customer_orders AS SELECT c.email, o.id, o.total FROM customers c JOIN "order" o ON o.customer_id = c.id;
+INSERT INTO countries VALUES ('NL', 'Netherlands'), ('US', 'United States');
+INSERT INTO customers (email, country) SELECT 'c' || g || '@example.test', CASE WHEN g % 2 = 0 THEN 'NL' ELSE 'US' END FROM generate_series(1, 3000) g;
+INSERT INTO "order" (customer_id, total) SELECT 1 + g % 3000, g FROM generate_series(1, 6000) g;
+INSERT INTO categories (name) VALUES ('root');
+INSERT INTO categories (parent_id, name) SELECT 1, 'c' || g FROM generate_series(1, 20) g;
+INSERT INTO products SELECT 'sku-' || g, 'product ' || g, g, 1 + g % 20 FROM generate_series(1, 500) g;
+INSERT INTO order_items SELECT 1 + g % 6000, g, 'sku-' || (1 + g % 500), 1 FROM generate_series(1, 8000) g;
+INSERT INTO shipments (order_id, line_no, carrier) SELECT order_id, line_no, 'dhl' FROM order_items WHERE line_no % 4 = 0;
+INSERT INTO audit_events (actor, action) SELECT 'u' || g, 'login' FROM generate_series(1, 2000) g;
+INSERT INTO measurements SELECT g, DATE '2025-06-01' + (g % 400), g * 0.5 FROM generate_series(1, 4000) g;
+INSERT INTO "Weird ""Name""" SELECT g, 'v' || g FROM generate_series(1, 700) g;
+INSERT INTO schema_migrations VALUES ('20260101'), ('20260102');
+GRANT ALL ON ALL TABLES IN SCHEMA public TO ficus_app;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO ficus_app;
+ANALYZE;
+"#;
+
+/// The tenant-owned tables of the sample schema.
+const OWNED: &[&str] = &[
+    "\"Weird \"\"Name\"\"\"",
+    "audit_events",
+    "categories",
+    "customers",
+    "measurements",
+    "\"order\"",
+    "order_items",
+    "products",
+    "shipments",
+];
+
+struct Db {
+    url: String,
+    app_url: String,
+}
+
+async fn sample() -> Db {
+    let url =
+        tokio::task::spawn_blocking(|| ficus_testkit::shared().fresh_database("retrofit").unwrap())
+            .await
+            .unwrap();
+    let client = connect(&url).await.unwrap();
+    client.batch_execute(SCHEMA).await.unwrap();
+    let app_url = url.replace("postgres://postgres@", "postgres://ficus_app@");
+    Db { url, app_url }
+}
+
+async fn draft(db: &Db) -> (Plan, ficus_retrofit::Inventory) {
+    let client = connect(&db.url).await.unwrap();
+    let inv = inspect(&client).await.unwrap();
+    let mut plan = Plan::draft(&inv, "Acme Homes", IdType::Uuid).unwrap();
+    plan.app_roles = vec!["ficus_app".into()];
+    (plan, inv)
+}
+
+fn quiet() -> impl FnMut(&Event) + Send {
+    |_: &Event| {}
+}
+
+/// A checksum of every column but tenant_id, to prove the backfill touched
+/// nothing else.
+async fn checksum(client: &tokio_postgres::Client, table: &str, columns: &str) -> String {
+    client
+        .query_one(
+            &format!("SELECT md5(string_agg(row_text, ',' ORDER BY row_text)) FROM (SELECT ({columns})::text AS row_text FROM {table}) s"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_classifies_the_sample_schema_and_flags_its_hazards() {
+    let db = sample().await;
+    let client = connect(&db.url).await.unwrap();
+    let inv = inspect(&client).await.unwrap();
+    let mut lines: Vec<String> = inv
+        .tables
+        .iter()
+        .map(|t| {
+            format!(
+                "{} {} pk=[{}] fks={} refs={} views={} hazards={}",
+                t.table,
+                t.class.as_str(),
+                t.primary_key
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                t.foreign_keys.len(),
+                t.referenced_by.len(),
+                t.views.len(),
+                t.hazards.len()
+            )
+        })
+        .collect();
+    lines.sort();
+    expect_test::expect![[r#"
+        Weird "Name" tenant-owned pk=[Id] fks=0 refs=0 views=0 hazards=0
+        audit_events tenant-owned pk=[] fks=0 refs=0 views=0 hazards=1
+        categories tenant-owned pk=[id] fks=1 refs=1 views=0 hazards=0
+        countries shared pk=[code] fks=0 refs=1 views=0 hazards=0
+        customers tenant-owned pk=[id] fks=1 refs=1 views=1 hazards=1
+        measurements tenant-owned pk=[id,taken_on] fks=0 refs=0 views=0 hazards=1
+        order tenant-owned pk=[id] fks=1 refs=1 views=1 hazards=1
+        order_items tenant-owned pk=[order_id,line_no] fks=2 refs=1 views=0 hazards=0
+        products tenant-owned pk=[sku] fks=1 refs=1 views=0 hazards=0
+        schema_migrations excluded pk=[version] fks=0 refs=0 views=0 hazards=0
+        shipments tenant-owned pk=[id] fks=1 refs=0 views=0 hazards=0"#]]
+    .assert_eq(&lines.join("\n"));
+    let measurements = inv.table(&Table::new("public", "measurements")).unwrap();
+    assert!(measurements.partitioned && measurements.partitions.len() == 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_under_a_live_workload_sees_no_error_loses_no_row_and_reverts() {
+    let db = sample().await;
+    let (plan, inv) = draft(&db).await;
+    let plan = Plan::from_toml(&plan.to_toml().unwrap(), "plan.toml").unwrap();
+    let zero = plan.tenant_zero.id.clone();
+    let owned: Vec<_> = plan.owned().map(|t| t.name.clone()).collect();
+    assert_eq!(owned.len(), OWNED.len(), "{owned:?}");
+
+    // The workload: inserts, updates, deletes and reads as the application role.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let ops = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        let (url, stop, errors, ops) = (
+            db.app_url.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&errors),
+            Arc::clone(&ops),
+        );
+        workers.push(tokio::spawn(async move {
+            let app = connect(&url).await.unwrap();
+            let mut i: i64 = 0;
+            let (mut inserted, mut deleted) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let n = w * 1_000_000 + i;
+                let statements: Vec<(String, Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>)> = vec![
+                    ("INSERT INTO customers (email, country) VALUES ($1, 'NL')".into(), vec![Box::new(format!("live{n}@example.test"))]),
+                    ("INSERT INTO \"order\" (customer_id, total) VALUES ($1, 5)".into(), vec![Box::new(1 + n % 3000)]),
+                    ("INSERT INTO audit_events (actor, action) VALUES ($1, 'live')".into(), vec![Box::new(format!("w{n}"))]),
+                    ("INSERT INTO measurements VALUES ($1, DATE '2026-03-01', 1)".into(), vec![Box::new(100_000 + n)]),
+                    ("INSERT INTO \"Weird \"\"Name\"\"\" VALUES ($1, 'live')".into(), vec![Box::new((10_000 + n) as i32)]),
+                    ("UPDATE \"order\" SET total = total + 1 WHERE id = $1".into(), vec![Box::new(1 + n % 6000)]),
+                    ("UPDATE customers SET country = 'US' WHERE id = $1".into(), vec![Box::new(1 + n % 3000)]),
+                    ("SELECT count(*) FROM customer_orders WHERE id = $1".into(), vec![Box::new(1 + n % 6000)]),
+                ];
+                for (q, params) in &statements {
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                        params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                    match app.execute(q.as_str(), &refs).await {
+                        Ok(_) => {
+                            ops.fetch_add(1, Ordering::Relaxed);
+                            if q.starts_with("INSERT INTO audit_events") {
+                                inserted += 1;
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("workload error on {q}: {e:?}");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if i % 10 == 0 {
+                    let r = app
+                        .execute(
+                            "DELETE FROM audit_events WHERE ctid = (SELECT ctid FROM audit_events WHERE actor LIKE 'w%' LIMIT 1)",
+                            &[],
+                        )
+                        .await;
+                    match r {
+                        Ok(n) => deleted += n,
+                        Err(e) => {
+                            eprintln!("workload error on delete: {e:?}");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (inserted, deleted)
+        }));
+    }
+    let mut client = connect(&db.url).await.unwrap();
+    let before_items = checksum(&client, "order_items", "order_id, line_no, sku, qty").await;
+    let opts = Options {
+        backfill: backfill::Options {
+            // Small batches, so that the workload meets many of them.
+            max_batch: 500,
+            ..backfill::Options::default()
+        },
+        ..Options::default()
+    };
+    let started = Instant::now();
+    apply::apply(&mut client, &plan, &inv, &opts, &mut quiet())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut inserted, mut deleted) = (0, 0);
+    for w in workers {
+        let (i, d) = w.await.unwrap();
+        inserted += i;
+        deleted += d;
+    }
+    eprintln!(
+        "apply took {took:?} while the workload ran {} statements",
+        ops.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "the live workload saw errors"
+    );
+    assert!(ops.load(Ordering::Relaxed) > 100);
+    // Every tenant-owned table: populated, indexed, NOT NULL, tenant zero only.
+    for table in OWNED {
+        let r = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), count(*) FILTER (WHERE tenant_id = $1::text::uuid) FROM {table}"
+                ),
+                &[&zero],
+            )
+            .await
+            .unwrap();
+        let (all, zeroed): (i64, i64) = (r.get(0), r.get(1));
+        assert_eq!(all, zeroed, "{table}: rows without tenant zero");
+    }
+    let status = apply::status(&client, &plan, &inv).await.unwrap();
+    for s in &status {
+        assert_eq!(
+            (s.index, s.tightened, s.null_rows, s.next_step.as_deref()),
+            ("valid", true, 0, None),
+            "{s:?}"
+        );
+    }
+    // No row lost: the audit events are the 2,000 loaded, plus the inserted, minus the deleted.
+    let audit: i64 = client
+        .query_one("SELECT count(*) FROM audit_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audit, 2_000 + inserted as i64 - deleted as i64);
+    assert_eq!(
+        checksum(&client, "order_items", "order_id, line_no, sku, qty").await,
+        before_items,
+        "the backfill changed another column"
+    );
+    // A second apply changes nothing.
+    let mut ran = Vec::new();
+    apply::apply(&mut client, &plan, &inv, &opts, &mut |e: &Event| {
+        if let Event::Step { status, .. } = e {
+            ran.push(*status);
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ran.iter().all(|s| *s == "already done"), "{ran:?}");
+
+    // Revert: without --allow-destructive it stops before dropping a column.
+    let err = apply::revert(&mut client, &plan, &inv, None, &opts, &mut quiet())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("undoing column:public.")
+            && err.to_string().contains(" is destructive"),
+        "{err}"
+    );
+    let defaults: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE a.attname = 'tenant_id'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(defaults, 0, "the defaults were undone before the columns");
+    let all_back = Options {
+        allow_destructive: true,
+        ..opts.clone()
+    };
+    apply::revert(&mut client, &plan, &inv, None, &all_back, &mut quiet())
+        .await
+        .unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_attribute WHERE attname = 'tenant_id' AND NOT attisdropped AND attrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let spine: bool = client
+        .query_one("SELECT to_regnamespace('tenancy') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((left, spine), (0, false), "revert left tenancy behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_never_makes_other_queries_wait_past_the_lock_timeout() {
+    let db = sample().await;
+    let (plan, inv) = draft(&db).await;
+    let mut client = connect(&db.url).await.unwrap();
+    // The spine first: it touches no application table.
+    let opts = Options {
+        lock_timeout: Duration::from_millis(200),
+        attempts: 3,
+        ..Options::default()
+    };
+    // A reader holds customers in a long transaction.
+    let holder_url = format!("{}?application_name=report-job", db.url);
+    let (holder, connection) = tokio_postgres::connect(&holder_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("BEGIN; SELECT count(*) FROM customers;")
+        .await
+        .unwrap();
+    // Meanwhile the app keeps doing point queries; measure their worst wait.
+    let stop = Arc::new(AtomicBool::new(false));
+    let worst = {
+        let (url, stop) = (db.app_url.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let app = connect(&url).await.unwrap();
+            let mut worst = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                app.query_one("SELECT email FROM customers WHERE id = 7", &[])
+                    .await
+                    .unwrap();
+                worst = worst.max(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            worst
+        })
+    };
+    let err = apply::apply(&mut client, &plan, &inv, &opts, &mut quiet())
+        .await
+        .unwrap_err();
+    stop.store(true, Ordering::Relaxed);
+    let worst = worst.await.unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, Error::LockTimeout { .. }), "{text}");
+    assert!(
+        text.starts_with(
+            "column:public.customers: could not take its lock within 200 ms after 3 attempts"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("application \"report-job\""), "{text}");
+    assert!(text.contains("SELECT count(*) FROM customers"), "{text}");
+    eprintln!("worst point-query wait while ficus retried: {worst:?}");
+    assert!(
+        worst < Duration::from_millis(200) + Duration::from_millis(400),
+        "a point query waited {worst:?}, beyond the 200 ms lock timeout"
+    );
+    // Once the reader is gone, the same apply finishes from where it stopped.
+    holder.batch_execute("COMMIT").await.unwrap();
+    apply::apply(&mut client, &plan, &inv, &Options::default(), &mut quiet())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_killed_again_and_again_resumes_to_a_complete_unchanged_table() {
+    let db = sample().await;
+    let client = connect(&db.url).await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO \"order\" (customer_id, total) SELECT 1 + g % 3000, g FROM generate_series(1, 60000) g; ANALYZE \"order\";",
+        )
+        .await
+        .unwrap();
+    let (mut plan, inv) = draft(&db).await;
+    // Only the orders table, so the kills land in its backfill.
+    for t in &mut plan.tables {
+        if t.name != "order" {
+            t.class = Class::Shared;
+        }
+    }
+    let before = checksum(&client, "\"order\"", "id, customer_id, placed_at, total").await;
+    let count_before: i64 = client
+        .query_one("SELECT count(*) FROM \"order\"", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let opts = Options {
+        backfill: backfill::Options {
+            max_batch: 400,
+            min_batch: 100,
+            ..backfill::Options::default()
+        },
+        ..Options::default()
+    };
+    // Kill the run (its connection dies mid-transaction, as with kill -9) at
+    // twelve points spread over the backfill.
+    let mut kills = 0;
+    for delay_ms in [30u64, 60, 90, 120, 150, 180, 210, 240, 270, 300, 330, 360] {
+        let (url, plan, inv, opts) = (db.url.clone(), plan.clone(), inv.clone(), opts.clone());
+        let run = tokio::spawn(async move {
+            let mut c = connect(&url).await.unwrap();
+            apply::apply(&mut c, &plan, &inv, &opts, &mut quiet()).await
+        });
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if run.is_finished() {
+            run.await.unwrap().unwrap();
+            break;
+        }
+        run.abort();
+        let _ = run.await;
+        kills += 1;
+        // The server notices the dead connection and releases its locks.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("killed the run {kills} times");
+    assert!(
+        kills >= 10,
+        "the backfill finished before ten kills ({kills})"
+    );
+    let mut c = connect(&db.url).await.unwrap();
+    apply::apply(&mut c, &plan, &inv, &opts, &mut quiet())
+        .await
+        .unwrap();
+    let r = c
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE tenant_id IS NULL) FROM \"order\"",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (count_before, 0));
+    assert_eq!(
+        checksum(&c, "\"order\"", "id, customer_id, placed_at, total").await,
+        before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_plans_and_privileges_are_refused_and_change_nothing() {
+    let db = sample().await;
+    let (plan, inv) = draft(&db).await;
+    let err = connect("postgres://postgres:s3cret@127.0.0.1:1/x")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot connect to postgres://127.0.0.1:1/x:"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("s3cret"));
+    let err = connect("not a url").await.unwrap_err();
+    assert!(err.to_string().starts_with("invalid database url"), "{err}");
+    // An edited plan: an unknown table, a bad id, a plan for another database.
+    let text = plan.to_toml().unwrap();
+    let unknown = text.replacen("name = \"customers\"", "name = \"custmers\"", 1);
+    let edited = Plan::from_toml(&unknown, "plan.toml").unwrap();
+    let err = edited.check_against(&inv, "plan.toml").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the plan plan.toml: table \"public\".\"custmers\" is not in the database; nothing was changed"
+    );
+    let bad_id = text.replacen(&plan.tenant_zero.id, "x'; DROP TABLE customers; --", 1);
+    let err = Plan::from_toml(&bad_id, "plan.toml").unwrap_err();
+    assert!(err.to_string().contains("is not a UUID"), "{err}");
+    let bad_class = text.replacen("class = \"tenant-owned\"", "class = \"mine\"", 1);
+    assert!(Plan::from_toml(&bad_class, "plan.toml").is_err());
+    let mut other = plan.clone();
+    other.database = "production".into();
+    let err = other.check_against(&inv, "plan.toml").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("it was made for database \"production\""),
+        "{err}"
+    );
+    // Missing privileges: the application role cannot create the spine.
+    let mut app = connect(&db.app_url).await.unwrap();
+    let err = apply::apply(&mut app, &plan, &inv, &Options::default(), &mut quiet())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "spine: CREATE SCHEMA IF NOT EXISTS tenancy: permission denied for database {}",
+            inv.database
+        )
+    );
+    let client = connect(&db.url).await.unwrap();
+    let spine: bool = client
+        .query_one("SELECT to_regnamespace('tenancy') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!spine, "a refused apply changed the database");
+    // An instant backfill is catalog-only and stamps every row.
+    let mut instant = plan.clone();
+    for t in &mut instant.tables {
+        if t.name == "products" {
+            t.backfill = Backfill::Instant;
+        }
+    }
+    let mut c = connect(&db.url).await.unwrap();
+    apply::apply(&mut c, &instant, &inv, &Options::default(), &mut quiet())
+        .await
+        .unwrap();
+    let nulls: i64 = c
+        .query_one("SELECT count(*) FROM products WHERE tenant_id IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nulls, 0);
+    // A tenant for provisioning: idempotent by its id.
+    let a = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
+    let b = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
+    assert_eq!(a, b);
+    assert!(apply::add_tenant(&c, "Bad Id", "x").await.is_err());
+}
