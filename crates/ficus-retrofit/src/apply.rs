@@ -27,6 +27,9 @@ pub struct Options {
     pub attempts: u32,
     pub allow_destructive: bool,
     pub backfill: backfill::Options,
+    /// Run only steps of this kind (`ficus db backfill`); their prerequisites must
+    /// be done.
+    pub only: Option<StepKind>,
 }
 
 impl Default for Options {
@@ -36,6 +39,7 @@ impl Default for Options {
             attempts: 8,
             allow_destructive: false,
             backfill: backfill::Options::default(),
+            only: None,
         }
     }
 }
@@ -58,15 +62,26 @@ pub enum Event {
     Backfill(Progress),
 }
 
+/// How long a run waits for another to let go of the migration lock. A run that
+/// was killed holds it until the server notices its connection is gone.
+const LOCK_WAIT: Duration = Duration::from_secs(15);
+
 /// Takes the migration lock for this session, or says who holds it.
 pub async fn lock(client: &Client) -> Result<()> {
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(sql("taking the migration lock"))?
-        .get(0);
-    if got {
-        return Ok(());
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(sql("taking the migration lock"))?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let holder = client
         .query_opt(
@@ -88,7 +103,8 @@ pub async fn lock(client: &Client) -> Result<()> {
         })
         .unwrap_or_else(|| "another session".into());
     Err(Error::Refused(format!(
-        "another ficus db run holds the migration lock ({holder}); nothing was changed"
+        "another ficus db run has held the migration lock for {} s ({holder}); nothing was changed",
+        LOCK_WAIT.as_secs()
     )))
 }
 
@@ -342,8 +358,24 @@ async fn apply_locked(
     opts: &Options,
     on_event: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<()> {
-    let done = journal(client).await?;
+    let mut done = journal(client).await?;
     for step in plan.steps(inv) {
+        if let Some(only) = opts.only
+            && step.kind != only
+        {
+            continue;
+        }
+        if step.kind == StepKind::Backfill
+            && let Some(t) = &step.table
+        {
+            let column = format!("default:{}", crate::plan::key(t));
+            if !done.contains(&column) {
+                return Err(Error::Refused(format!(
+                    "{} needs {column} first: run ficus db apply",
+                    step.id
+                )));
+            }
+        }
         if done.contains(&step.id) {
             on_event(&Event::Step {
                 step: step.id.clone(),
@@ -375,6 +407,7 @@ async fn apply_locked(
             )
             .await
             .map_err(sql("journaling a step"))?;
+        done.insert(step.id.clone());
         on_event(&Event::Step {
             step: step.id.clone(),
             status: "done",

@@ -87,6 +87,11 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     tokio::spawn(async move {
         let _ = connection.await;
     });
+    // Ask the server to notice within a second when this process dies, so that a
+    // killed run's locks go with it (PostgreSQL 14 and later; older ones ignore it).
+    let _ = client
+        .batch_execute("SET client_connection_check_interval = '1s'")
+        .await;
     Ok(client)
 }
 

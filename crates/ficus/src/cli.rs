@@ -71,6 +71,9 @@ pub enum Command {
     Token(TokenCommand),
     /// Serve the control plane's HTTP API alone (without a proxy).
     Serve(ServeArgs),
+    /// Retrofit tenancy onto a live PostgreSQL: inspect, plan, apply, status, revert.
+    #[command(subcommand)]
+    Db(DbCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -330,4 +333,108 @@ fn parse_since(raw: &str) -> Result<std::time::SystemTime, String> {
             "{raw:?} is neither an RFC 3339 time (2026-11-21T10:00:00Z) nor an age (90m, 2h, 7d)"
         )
     })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Tables, keys, foreign keys, sizes, policies, views, roles and hazards, with
+    /// each table's class (tenant-owned, shared, excluded) and why.
+    Inspect(DbUrl),
+    /// Write a plan to review and edit: tenant zero, the id type, each table's class.
+    Plan(DbPlanArgs),
+    /// Run the plan's steps (dry run, printing SQL and hazards, unless --execute).
+    Apply(DbApplyArgs),
+    /// Run only the backfill steps (after apply has added the columns and defaults).
+    Backfill(DbApplyArgs),
+    /// Each tenant-owned table's column, default, backfill, index and constraints,
+    /// and its next step.
+    Status(DbPlanFile),
+    /// Undo steps in reverse order (dry run unless --execute).
+    Revert(DbRevertArgs),
+    /// Tenants in the database's spine.
+    #[command(subcommand)]
+    Tenant(DbTenantCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DbUrl {
+    /// The database: postgres://USER[:PASSWORD]@HOST:PORT/DB.
+    #[arg(long, env = "FICUS_DB_URL", hide_env_values = true)]
+    pub url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DbPlanArgs {
+    #[command(flatten)]
+    pub db: DbUrl,
+    /// The customer the database serves today; every existing row becomes theirs.
+    #[arg(long)]
+    pub tenant_zero: String,
+    /// The tenant id's type everywhere: uuid or bigint.
+    #[arg(long, default_value = "uuid")]
+    pub id_type: String,
+    /// Write the plan here instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DbPlanFile {
+    #[command(flatten)]
+    pub db: DbUrl,
+    /// The reviewed plan.
+    #[arg(long, value_name = "FILE")]
+    pub plan: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DbApplyArgs {
+    #[command(flatten)]
+    pub target: DbPlanFile,
+    /// Change the database; without it, print what would run.
+    #[arg(long)]
+    pub execute: bool,
+    /// How long a statement may wait for its lock before it retries.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub lock_timeout: std::time::Duration,
+    /// Attempts per statement before the run stops and names the lock holder.
+    #[arg(long, default_value_t = 8)]
+    pub attempts: u32,
+    /// Backfill batches aim to take this long.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub batch_time: std::time::Duration,
+    /// At most this many backfilled rows per second.
+    #[arg(long)]
+    pub max_rows_per_sec: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct DbRevertArgs {
+    #[command(flatten)]
+    pub target: DbPlanFile,
+    /// Keep this step and everything before it (default: undo everything).
+    #[arg(long, value_name = "STEP")]
+    pub to: Option<String>,
+    /// Change the database; without it, print what would be undone.
+    #[arg(long)]
+    pub execute: bool,
+    /// Allow undos that lose data (dropping tenant_id, dropping the spine).
+    #[arg(long)]
+    pub allow_destructive: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbTenantCommand {
+    /// Add an organization and its first unit (idempotent by id).
+    Add(DbTenantAddArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbTenantAddArgs {
+    #[command(flatten)]
+    pub db: DbUrl,
+    /// The tenant's id, as in the control plane.
+    pub id: String,
+    #[arg(long)]
+    pub name: String,
 }

@@ -37,7 +37,8 @@ fn remote_capable(command: &Command) -> bool {
         | Command::Proxy(_)
         | Command::Noise
         | Command::Token(_)
-        | Command::Serve(_) => false,
+        | Command::Serve(_)
+        | Command::Db(_) => false,
         Command::Tenant(_)
         | Command::Audit(_)
         | Command::Status
@@ -61,6 +62,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         let remote = Remote::new(api, &token)?;
         return control_command(&remote, cli.command, json, out).await;
     }
+    // `ficus db` works on the application's database, not on the control store.
+    let command = cli.command;
+    if let Command::Db(db) = command {
+        return crate::db::run(db, json, out).await;
+    }
+    let cli = Cli { command, ..cli };
     let url = StoreUrl::parse(&cli.store)?;
     let mode = if matches!(cli.command, Command::Init) {
         OpenMode::Create

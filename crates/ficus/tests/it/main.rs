@@ -4,6 +4,7 @@
 //! proxy launcher.
 
 mod cli;
+mod db;
 mod proxy;
 mod shadow;
 mod support;

@@ -1,0 +1,393 @@
+//! `ficus db`: the retrofit commands. They talk to the application's database,
+//! never to the control store, and print tables for people or JSON for machines
+//! (progress as JSON lines when stdout is not a terminal).
+
+use std::io::{IsTerminal, Write};
+
+use anyhow::{Context, Result, bail};
+use ficus_retrofit::apply::{self, Event, Options};
+use ficus_retrofit::plan::{IdType, Plan, StepKind};
+use ficus_retrofit::{Inventory, backfill, connect, inspect};
+use serde_json::json;
+
+use crate::cli::{DbApplyArgs, DbCommand, DbPlanFile, DbRevertArgs, DbTenantCommand};
+use crate::output;
+
+pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result<()> {
+    match command {
+        DbCommand::Inspect(db) => {
+            let client = connect(&db.url).await?;
+            let inv = inspect(&client).await?;
+            if json {
+                output::json(out, &inv)?;
+            } else {
+                print_inventory(&inv, out)?;
+            }
+            Ok(())
+        }
+        DbCommand::Plan(args) => {
+            let id_type = match args.id_type.as_str() {
+                "uuid" => IdType::Uuid,
+                "bigint" => IdType::Bigint,
+                other => bail!("--id-type {other:?} must be uuid or bigint"),
+            };
+            let client = connect(&args.db.url).await?;
+            let inv = inspect(&client).await?;
+            let plan = Plan::draft(&inv, &args.tenant_zero, id_type)?;
+            let text = plan.to_toml()?;
+            if json {
+                output::json(out, &json!({ "plan": plan, "steps": plan.steps(&inv) }))?;
+            } else {
+                print_steps(&plan, &inv, out)?;
+            }
+            match &args.out {
+                Some(path) => {
+                    std::fs::write(path, &text)
+                        .with_context(|| format!("cannot write the plan to {}", path.display()))?;
+                    if !json {
+                        writeln!(
+                            out,
+                            "\nplan written to {}: review it, then ficus db apply --plan {} (add --execute to run)",
+                            path.display(),
+                            path.display()
+                        )?;
+                    }
+                }
+                None if !json => write!(out, "\n{text}")?,
+                None => {}
+            }
+            Ok(())
+        }
+        DbCommand::Apply(args) => apply_cmd(args, None, json, out).await,
+        DbCommand::Backfill(args) => apply_cmd(args, Some(StepKind::Backfill), json, out).await,
+        DbCommand::Status(target) => {
+            let (plan, inv, client) = load(&target).await?;
+            let rows = apply::status(&client, &plan, &inv).await?;
+            if json {
+                output::json(out, &json!({ "tables": rows }))?;
+                return Ok(());
+            }
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.table.clone(),
+                        s.column.clone().unwrap_or_else(|| "-".into()),
+                        if s.default { "yes" } else { "no" }.into(),
+                        format!("{:.1}% ({} rows)", s.backfill_percent, s.rows),
+                        s.index.into(),
+                        if s.tightened { "yes" } else { "no" }.into(),
+                        s.next_step.clone().unwrap_or_else(|| "(done)".into()),
+                    ]
+                })
+                .collect();
+            output::table(
+                out,
+                &[
+                    "TABLE",
+                    "TENANT_ID",
+                    "DEFAULT",
+                    "BACKFILL",
+                    "INDEX",
+                    "NOT NULL+FK",
+                    "NEXT STEP",
+                ],
+                &table,
+            )?;
+            Ok(())
+        }
+        DbCommand::Revert(args) => revert_cmd(args, json, out).await,
+        DbCommand::Tenant(DbTenantCommand::Add(args)) => {
+            let client = connect(&args.db.url).await?;
+            let id = apply::add_tenant(&client, &args.id, &args.name).await?;
+            if json {
+                output::json(out, &json!({ "tenant": args.id, "organization_id": id }))?;
+            } else {
+                writeln!(
+                    out,
+                    "tenant {} is organization {id} in the database",
+                    args.id
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads the plan file and checks it against the live database.
+async fn load(target: &DbPlanFile) -> Result<(Plan, Inventory, tokio_postgres::Client)> {
+    let path = target.plan.display().to_string();
+    let text = std::fs::read_to_string(&target.plan)
+        .with_context(|| format!("cannot read the plan {path}"))?;
+    let plan = Plan::from_toml(&text, &path)?;
+    let client = connect(&target.db.url).await?;
+    let inv = inspect(&client).await?;
+    plan.check_against(&inv, &path)?;
+    Ok((plan, inv, client))
+}
+
+fn print_inventory(inv: &Inventory, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "database {} (PostgreSQL {}), {} tables",
+        inv.database,
+        inv.server_version,
+        inv.tables.len()
+    )?;
+    let rows: Vec<Vec<String>> = inv
+        .tables
+        .iter()
+        .map(|t| {
+            vec![
+                t.table.to_string(),
+                t.class.as_str().to_string(),
+                t.row_estimate.to_string(),
+                format!("{} kB", t.bytes / 1024),
+                if t.primary_key.is_empty() {
+                    "-".to_string()
+                } else {
+                    t.primary_key
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                t.foreign_keys
+                    .iter()
+                    .map(|f| f.references.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                t.reason.clone(),
+            ]
+        })
+        .collect();
+    output::table(
+        out,
+        &[
+            "TABLE",
+            "CLASS",
+            "ROWS~",
+            "SIZE",
+            "KEY",
+            "REFERENCES",
+            "WHY",
+        ],
+        &rows,
+    )?;
+    let hazards: Vec<String> = inv
+        .tables
+        .iter()
+        .flat_map(|t| t.hazards.iter().map(move |h| format!("  {}: {h}", t.table)))
+        .collect();
+    writeln!(
+        out,
+        "\nhazards:{}",
+        if hazards.is_empty() { " none" } else { "" }
+    )?;
+    for h in hazards {
+        writeln!(out, "{h}")?;
+    }
+    writeln!(out, "\nroles:")?;
+    let roles: Vec<Vec<String>> = inv
+        .roles
+        .iter()
+        .filter(|r| r.can_login || r.owns > 0)
+        .map(|r| {
+            vec![
+                format!("  {}", r.name),
+                r.superuser.to_string(),
+                r.bypass_rls.to_string(),
+                r.owns.to_string(),
+                r.connected.to_string(),
+            ]
+        })
+        .collect();
+    output::table(
+        out,
+        &[
+            "  ROLE",
+            "SUPERUSER",
+            "BYPASSRLS",
+            "OWNS TABLES",
+            "CONNECTED NOW",
+        ],
+        &roles,
+    )?;
+    if inv.long_transactions.is_empty() {
+        writeln!(out, "\nlong transactions: none")?;
+    } else {
+        writeln!(out, "\nlong transactions (they would hold up DDL):")?;
+        for l in &inv.long_transactions {
+            writeln!(
+                out,
+                "  pid {} ({}, {}) open {:.0} s: {}",
+                l.pid, l.user, l.application, l.seconds, l.query
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn print_steps(plan: &Plan, inv: &Inventory, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "tenant zero: {} ({}, {} id {})",
+        plan.tenant_zero.name,
+        plan.tenant_zero.slug,
+        plan.id_type.sql(),
+        plan.tenant_zero.id
+    )?;
+    let rows: Vec<Vec<String>> = plan
+        .steps(inv)
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.hazard.as_str().to_string(),
+                s.lock.clone(),
+                s.undo_hazard.as_str().to_string(),
+                s.note.clone(),
+            ]
+        })
+        .collect();
+    output::table(out, &["STEP", "HAZARD", "LOCK", "UNDO", "WHAT"], &rows)?;
+    Ok(())
+}
+
+fn options(args: &DbApplyArgs, only: Option<StepKind>) -> Options {
+    Options {
+        lock_timeout: args.lock_timeout,
+        attempts: args.attempts.max(1),
+        allow_destructive: false,
+        backfill: backfill::Options {
+            target_batch: args.batch_time,
+            max_rows_per_sec: args.max_rows_per_sec,
+            lock_timeout: args.lock_timeout,
+            ..backfill::Options::default()
+        },
+        only,
+    }
+}
+
+/// Prints events: for people on a terminal, JSON lines otherwise.
+fn reporter(json: bool) -> impl FnMut(&Event) + Send {
+    let terminal = std::io::stdout().is_terminal() && !json;
+    move |e: &Event| {
+        let mut out = std::io::stdout().lock();
+        if !terminal {
+            let _ = writeln!(out, "{}", serde_json::to_string(e).unwrap_or_default());
+            return;
+        }
+        let _ = match e {
+            Event::Step { step, status, ms } => writeln!(out, "\r{step}: {status} ({ms} ms)\x1b[K"),
+            Event::Retry {
+                step,
+                attempt,
+                wait_ms,
+                blockers,
+            } => writeln!(
+                out,
+                "\r{step}: lock not available (attempt {attempt}), retrying in {wait_ms} ms; held by {blockers}\x1b[K"
+            ),
+            Event::Backfill(p) => write!(
+                out,
+                "\r{}: {} {} / ~{} rows, {:.0} rows/s{}\x1b[K",
+                p.table,
+                p.phase,
+                p.rows,
+                p.estimate,
+                p.rows_per_sec,
+                p.eta_secs
+                    .map(|s| format!(", ETA {s:.0} s"))
+                    .unwrap_or_default()
+            ),
+        };
+        let _ = out.flush();
+    }
+}
+
+async fn apply_cmd(
+    args: DbApplyArgs,
+    only: Option<StepKind>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let (plan, inv, mut client) = load(&args.target).await?;
+    if !args.execute {
+        let steps: Vec<_> = plan
+            .steps(&inv)
+            .into_iter()
+            .filter(|s| only.is_none_or(|k| s.kind == k))
+            .collect();
+        if json {
+            output::json(out, &json!({ "dry_run": true, "steps": steps }))?;
+            return Ok(());
+        }
+        let done = apply::journal(&client).await?;
+        writeln!(out, "dry run: nothing is changed without --execute\n")?;
+        for s in &steps {
+            writeln!(
+                out,
+                "-- {} [{}; lock: {}]{}",
+                s.id,
+                s.hazard.as_str(),
+                s.lock,
+                if done.contains(&s.id) { " (done)" } else { "" }
+            )?;
+            writeln!(out, "-- {}", s.note)?;
+            for st in &s.forward {
+                writeln!(out, "{};", st.sql)?;
+            }
+            writeln!(out)?;
+        }
+        return Ok(());
+    }
+    let opts = options(&args, only);
+    let mut report = reporter(json);
+    apply::apply(&mut client, &plan, &inv, &opts, &mut report).await?;
+    if !json {
+        writeln!(
+            out,
+            "done: ficus db status --plan {} shows each table",
+            args.target.plan.display()
+        )?;
+    }
+    Ok(())
+}
+
+async fn revert_cmd(args: DbRevertArgs, json: bool, out: &mut impl Write) -> Result<()> {
+    let (plan, inv, mut client) = load(&args.target).await?;
+    if !args.execute {
+        let done = apply::journal(&client).await?;
+        writeln!(out, "dry run: nothing is changed without --execute\n")?;
+        for s in plan.steps(&inv).iter().rev() {
+            if Some(s.id.as_str()) == args.to.as_deref() {
+                break;
+            }
+            if !done.contains(&s.id) {
+                continue;
+            }
+            writeln!(out, "-- undo {} [{}]", s.id, s.undo_hazard.as_str())?;
+            for st in &s.undo {
+                writeln!(out, "{};", st.sql)?;
+            }
+            writeln!(out)?;
+        }
+        return Ok(());
+    }
+    let opts = Options {
+        allow_destructive: args.allow_destructive,
+        ..Options::default()
+    };
+    let mut report = reporter(json);
+    apply::revert(
+        &mut client,
+        &plan,
+        &inv,
+        args.to.as_deref(),
+        &opts,
+        &mut report,
+    )
+    .await?;
+    Ok(())
+}
