@@ -12,7 +12,9 @@
 //!   the cost of Ficus's own request path can be told apart;
 //! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N]`: starts a
 //!   PostgreSQL store and a `ficus proxy` on it, then measures the time from a
-//!   committed stage change to the proxy routing by it.
+//!   committed stage change to the proxy routing by it;
+//! - `ficus-bench backfill [--rows N] [--secs S]`: the `ficus db` numbers (see
+//!   `backfill.rs`).
 //!
 //! `ficus-bench store`:
 //! Measures, on SQLite and on a PostgreSQL cluster with durable commits:
@@ -28,6 +30,8 @@
 /// (headers, buffers), and glibc's malloc was a tenth of its profile.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod backfill;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -83,6 +87,7 @@ fn main() -> Result<(), Error> {
         Some("propagation") => return propagation(&argv[1..]),
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
+        Some("backfill") => return backfill::run(&argv[1..]),
         _ => {}
     }
     let args = parse_args()?;

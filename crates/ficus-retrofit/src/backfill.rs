@@ -164,30 +164,51 @@ pub async fn run(
                 format!("ROW({list})")
             }
         };
-        let join: Vec<String> = cols.iter().map(|c| format!("t.{c} = b.{c}")).collect();
         let order_desc: Vec<String> = cols.iter().map(|c| format!("{c} DESC")).collect();
         let last_cols: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
-        let statement = format!(
-            "WITH b AS (
-                SELECT {cols} FROM {table}
-                WHERE ($1::text[] IS NULL OR {row_cols} > {row_last}) AND {row_cols} <= {row_upper}
+        // The batch's last key: an aggregate for a one-column key (no sort), the
+        // top row for a composite one.
+        let last_key = if n == 1 {
+            format!(
+                "(SELECT ARRAY[max({})::text] FROM b HAVING count(*) > 0)",
+                cols[0]
+            )
+        } else {
+            format!(
+                "(SELECT ARRAY[{}] FROM b ORDER BY {} LIMIT 1)",
+                last_cols.join(", "),
+                order_desc.join(", ")
+            )
+        };
+        // Two forms, with and without a lower bound, so that each is a plain
+        // range on the primary key index (an `IS NULL OR` would hide the range
+        // from the planner and turn every batch into a scan).
+        let statement = |lower: &str| {
+            format!(
+                "WITH b AS (
+                SELECT ctid AS row_ctid, {cols} FROM {table}
+                WHERE {lower}{row_cols} <= {row_upper}
                 ORDER BY {cols} LIMIT $3
                 FOR NO KEY UPDATE SKIP LOCKED
              ), u AS (
-                UPDATE {table} AS t SET tenant_id = {zero} FROM b
-                WHERE {join} AND t.tenant_id IS NULL
+                UPDATE {table} AS t SET tenant_id = {zero}
+                WHERE t.ctid = ANY(ARRAY(SELECT row_ctid FROM b)) AND t.tenant_id IS NULL
                 RETURNING 1
              )
-             SELECT (SELECT count(*) FROM u), (SELECT ARRAY[{last_cols}] FROM b ORDER BY {order_desc} LIMIT 1)",
-            cols = cols.join(", "),
-            table = t.sql(),
-            row_cols = row(&cols.join(", ")),
-            row_last = row(&typed(1)),
-            row_upper = row(&typed(2)),
-            join = join.join(" AND "),
-            last_cols = last_cols.join(", "),
-            order_desc = order_desc.join(", "),
-        );
+             SELECT (SELECT count(*) FROM u), {last}",
+                cols = cols.join(", "),
+                table = t.sql(),
+                row_cols = row(&cols.join(", ")),
+                row_upper = row(&typed(2)),
+                last = last_key,
+            )
+        };
+        let first = statement("$1::text[] IS NULL AND ");
+        let next = statement(&format!(
+            "{} > {} AND ",
+            row(&cols.join(", ")),
+            row(&typed(1))
+        ));
         loop {
             wait_for_replicas(client, opts).await?;
             let began = Instant::now();
@@ -201,7 +222,8 @@ pub async fn run(
             ))
             .await
             .map_err(sql("setting the lock timeout"))?;
-            let r = match tx.query_one(&statement, &[&last, upper, &batch]).await {
+            let query = if last.is_none() { &first } else { &next };
+            let r = match tx.query_one(query, &[&last, upper, &batch]).await {
                 Ok(r) => r,
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                     drop(tx);

@@ -408,7 +408,7 @@ async fn a_backfill_killed_again_and_again_resumes_to_a_complete_unchanged_table
     let client = connect(&db.url).await.unwrap();
     client
         .batch_execute(
-            "INSERT INTO \"order\" (customer_id, total) SELECT 1 + g % 3000, g FROM generate_series(1, 60000) g; ANALYZE \"order\";",
+            "INSERT INTO \"order\" (customer_id, total) SELECT 1 + g % 3000, g FROM generate_series(1, 150000) g; ANALYZE \"order\";",
         )
         .await
         .unwrap();
@@ -436,7 +436,7 @@ async fn a_backfill_killed_again_and_again_resumes_to_a_complete_unchanged_table
     // Kill the run (its connection dies mid-transaction, as with kill -9) at
     // twelve points spread over the backfill.
     let mut kills = 0;
-    for delay_ms in [30u64, 60, 90, 120, 150, 180, 210, 240, 270, 300, 330, 360] {
+    for delay_ms in (1..=16u64).map(|i| 15 + i * 25) {
         let (url, plan, inv, opts) = (db.url.clone(), plan.clone(), inv.clone(), opts.clone());
         let run = tokio::spawn(async move {
             let mut c = connect(&url).await.unwrap();
@@ -554,4 +554,71 @@ async fn bad_urls_plans_and_privileges_are_refused_and_change_nothing() {
     let b = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
     assert_eq!(a, b);
     assert!(apply::add_tenant(&c, "Bad Id", "x").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_index_left_by_a_failed_build_is_rebuilt() {
+    let db = sample().await;
+    let (mut plan, inv) = draft(&db).await;
+    for t in &mut plan.tables {
+        if t.name != "customers" {
+            t.class = Class::Shared;
+        }
+    }
+    let mut c = connect(&db.url).await.unwrap();
+    // Everything up to the backfill, then a failed concurrent build under the
+    // name Ficus uses: a unique index on a column where every row is equal.
+    let upto = Options {
+        only: Some(ficus_retrofit::plan::StepKind::Spine),
+        ..Options::default()
+    };
+    apply::apply(&mut c, &plan, &inv, &upto, &mut quiet())
+        .await
+        .unwrap();
+    for kind in [
+        ficus_retrofit::plan::StepKind::Column,
+        ficus_retrofit::plan::StepKind::Default,
+        ficus_retrofit::plan::StepKind::Backfill,
+    ] {
+        let only = Options {
+            only: Some(kind),
+            ..Options::default()
+        };
+        apply::apply(&mut c, &plan, &inv, &only, &mut quiet())
+            .await
+            .unwrap();
+    }
+    let failed = c
+        .batch_execute(
+            "CREATE UNIQUE INDEX CONCURRENTLY customers_tenant_id_idx ON customers (tenant_id)",
+        )
+        .await;
+    assert!(failed.is_err(), "the build should fail on duplicates");
+    let invalid: bool = c
+        .query_one(
+            "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = 'customers_tenant_id_idx'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(invalid);
+    apply::apply(&mut c, &plan, &inv, &Options::default(), &mut quiet())
+        .await
+        .unwrap();
+    let (valid, unique): (bool, bool) = {
+        let r = c
+            .query_one(
+                "SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = 'customers_tenant_id_idx'::regclass",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (valid, unique),
+        (true, false),
+        "the invalid index was not rebuilt"
+    );
 }

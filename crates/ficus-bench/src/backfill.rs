@@ -1,0 +1,371 @@
+//! `ficus-bench backfill [--rows N] [--secs S]`: the `ficus db` numbers.
+//!
+//! On a fresh PostgreSQL cluster with durable commits:
+//! 1. backfill speed: Ficus's batched backfill of N rows next to one naive
+//!    `UPDATE … SET tenant_id = …` of an identical table, each while an OLTP
+//!    workload (point reads and updates on the same table and on another one) runs;
+//!    rows/s of each, and the workload's p99 as a ratio to its idle baseline;
+//! 2. the lock queue: a reader holds the table for 4 s; a plain `ALTER TABLE` then
+//!    queues behind it and every point query queues behind the `ALTER`, while Ficus
+//!    gives up after its lock timeout and retries; the worst point-query wait of each;
+//! 3. `instant` vs batched: time and table size after.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ficus_core::latency::{Histogram, format_micros};
+use ficus_retrofit::apply::{self, Event, Options};
+use ficus_retrofit::inspect::Class;
+use ficus_retrofit::plan::{Backfill, IdType, Plan};
+use ficus_retrofit::{backfill, connect, inspect};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const ZERO: &str = "7a1c0e2e-1111-4a4a-8b8b-000000000000";
+
+pub fn run(argv: &[String]) -> Result<(), Error> {
+    let mut rows: i64 = 10_000_000;
+    let mut secs: u64 = 10;
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rows" => rows = value.parse()?,
+            "--secs" => secs = value.parse()?,
+            _ => return Err(format!("unknown flag {flag}").into()),
+        }
+    }
+    let cluster = ficus_testkit::PgCluster::start_with(&[
+        ("shared_buffers", "1GB"),
+        ("max_wal_size", "8GB"),
+        ("checkpoint_timeout", "30min"),
+    ])?;
+    let url = cluster.fresh_database("bench")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(&url, rows, Duration::from_secs(secs)))
+}
+
+async fn setup(url: &str, rows: i64) -> Result<(), Error> {
+    let c = connect(url).await?;
+    for t in ["bench_ficus", "bench_naive", "bench_instant"] {
+        let n = if t == "bench_instant" {
+            rows / 10
+        } else {
+            rows
+        };
+        c.batch_execute(&format!(
+            "CREATE TABLE {t} (id bigint PRIMARY KEY, account int NOT NULL, payload text NOT NULL, amount numeric(12,2));
+             INSERT INTO {t} SELECT g, g % 100000, md5(g::text), g % 1000 FROM generate_series(1, {n}) g;"
+        ))
+        .await?;
+        c.batch_execute(&format!("VACUUM ANALYZE {t}")).await?;
+    }
+    c.batch_execute(
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+         INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 100000) g;",
+    )
+    .await?;
+    c.batch_execute("VACUUM ANALYZE accounts").await?;
+    Ok(())
+}
+
+/// The OLTP workload: 4 clients, each a point read and a point update on `table`
+/// and an update on `accounts` per transaction, every latency recorded.
+async fn workload(url: &str, table: &str, stop: Arc<AtomicBool>, rows: i64) -> Histogram {
+    let mut tasks = Vec::new();
+    for w in 0..4i64 {
+        let (url, table, stop) = (url.to_string(), table.to_string(), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&url).await.expect("the workload connects");
+            let read = c
+                .prepare(&format!("SELECT amount FROM {table} WHERE id = $1"))
+                .await
+                .expect("prepares");
+            let write = c
+                .prepare(&format!(
+                    "UPDATE {table} SET amount = amount + 1 WHERE id = $1"
+                ))
+                .await
+                .expect("prepares");
+            let acct = c
+                .prepare("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
+                .await
+                .expect("prepares");
+            let mut h = Histogram::default();
+            let mut x: i64 = 7919 * (w + 1);
+            while !stop.load(Ordering::Relaxed) {
+                x = (x * 48271) % 2_147_483_647;
+                let id = 1 + x % rows;
+                let t = Instant::now();
+                let _ = c.query_opt(&read, &[&id]).await;
+                let _ = c.execute(&write, &[&id]).await;
+                let _ = c.execute(&acct, &[&((1 + x % 100_000) as i32)]).await;
+                h.record(t.elapsed().as_micros() as u64);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            h
+        }));
+    }
+    let mut all = Histogram::default();
+    for t in tasks {
+        if let Ok(h) = t.await {
+            all.merge(&h);
+        }
+    }
+    all
+}
+
+async fn with_workload<F, T>(
+    url: &str,
+    table: &str,
+    rows: i64,
+    work: F,
+) -> Result<(T, Histogram), Error>
+where
+    F: std::future::Future<Output = Result<T, Error>>,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (url, table, stop) = (url.to_string(), table.to_string(), Arc::clone(&stop));
+        async move { workload(&url, &table, stop, rows).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = work.await;
+    stop.store(true, Ordering::Relaxed);
+    let h = load.await?;
+    Ok((out?, h))
+}
+
+fn p99(h: &Histogram) -> u64 {
+    h.quantile_micros(0.99).unwrap_or(0)
+}
+
+async fn bench(url: &str, rows: i64, idle: Duration) -> Result<(), Error> {
+    eprintln!("loading {rows} rows into each table…");
+    setup(url, rows).await?;
+    // The idle baseline.
+    let (_, base) = with_workload(url, "bench_naive", rows, async {
+        tokio::time::sleep(idle).await;
+        Ok(())
+    })
+    .await?;
+    // The naive update, as one statement.
+    eprintln!("naive UPDATE…");
+    let (naive_secs, naive_h) = with_workload(url, "bench_naive", rows, async {
+        let c = connect(url).await?;
+        c.batch_execute("ALTER TABLE bench_naive ADD COLUMN tenant_id uuid")
+            .await?;
+        let t = Instant::now();
+        c.batch_execute(&format!("UPDATE bench_naive SET tenant_id = '{ZERO}'"))
+            .await?;
+        Ok(t.elapsed().as_secs_f64())
+    })
+    .await?;
+    // Ficus: the plan's steps for bench_ficus only.
+    eprintln!("ficus db apply…");
+    let (ficus_secs, ficus_h) = with_workload(url, "bench_ficus", rows, async {
+        let mut c = connect(url).await?;
+        let inv = inspect(&c).await?;
+        let mut plan = Plan::draft(&inv, "Bench", IdType::Uuid)?;
+        plan.tenant_zero.id = ZERO.into();
+        for t in &mut plan.tables {
+            if t.name != "bench_ficus" {
+                t.class = Class::Shared;
+            }
+        }
+        let mut backfill_ms = 0u64;
+        let mut on = |e: &Event| {
+            if let Event::Step { step, ms, .. } = e
+                && step.starts_with("backfill:")
+            {
+                backfill_ms = *ms;
+            }
+        };
+        apply::apply(&mut c, &plan, &inv, &Options::default(), &mut on).await?;
+        Ok(backfill_ms as f64 / 1000.0)
+    })
+    .await?;
+    println!("### Backfill of {rows} rows under an OLTP workload\n");
+    println!(
+        "| run | time | rows/s | vs naive | workload p99 | p99 vs idle | workload max | workload transactions/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let max = |h: &Histogram| format_micros(h.quantile_micros(1.0).unwrap_or(0));
+    let tps = |h: &Histogram, secs: f64| h.total() as f64 / (secs + 0.5);
+    println!(
+        "| idle workload (no backfill) | | | | {} | 1.00× | {} | {:.0} |",
+        format_micros(p99(&base)),
+        max(&base),
+        tps(&base, idle.as_secs_f64())
+    );
+    let ratio = |h: &Histogram| p99(h) as f64 / p99(&base).max(1) as f64;
+    println!(
+        "| naive `UPDATE … SET tenant_id` | {naive_secs:.1} s | {:.0} | 1.00× | {} | {:.2}× | {} | {:.0} |",
+        rows as f64 / naive_secs,
+        format_micros(p99(&naive_h)),
+        ratio(&naive_h),
+        max(&naive_h),
+        tps(&naive_h, naive_secs)
+    );
+    println!(
+        "| ficus batched backfill | {ficus_secs:.1} s | {:.0} | {:.2}× | {} | {:.2}× | {} | {:.0} |",
+        rows as f64 / ficus_secs,
+        naive_secs / ficus_secs,
+        format_micros(p99(&ficus_h)),
+        ratio(&ficus_h),
+        max(&ficus_h),
+        tps(&ficus_h, ficus_secs)
+    );
+    lock_queue(url).await?;
+    instant(url, rows / 10).await?;
+    Ok(())
+}
+
+/// Point queries on `accounts` while `ddl` runs behind a 4 s reader; the worst wait.
+async fn worst_wait_behind_reader(
+    url: &str,
+    ddl: impl std::future::Future<Output = Result<(), Error>>,
+) -> Result<Duration, Error> {
+    let reader = connect(url).await?;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM accounts;")
+        .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = tokio::spawn({
+        let (url, stop) = (url.to_string(), Arc::clone(&stop));
+        async move {
+            let c = connect(&url).await.expect("the probe connects");
+            let mut worst = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let _ = c
+                    .query_opt("SELECT balance FROM accounts WHERE id = 42", &[])
+                    .await;
+                worst = worst.max(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            worst
+        }
+    });
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let _ = reader.batch_execute("COMMIT").await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = ddl.await;
+    release.await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    Ok(probe.await?)
+}
+
+async fn lock_queue(url: &str) -> Result<(), Error> {
+    let plain = worst_wait_behind_reader(url, async {
+        let c = connect(url).await?;
+        c.batch_execute("ALTER TABLE accounts ADD COLUMN plain_col int")
+            .await?;
+        Ok(())
+    })
+    .await?;
+    let ficus = worst_wait_behind_reader(url, async {
+        let mut c = connect(url).await?;
+        let inv = inspect(&c).await?;
+        let mut plan = Plan::draft(&inv, "Bench", IdType::Uuid)?;
+        plan.tenant_zero.id = ZERO.into();
+        for t in &mut plan.tables {
+            if t.name != "accounts" {
+                t.class = Class::Shared;
+            }
+        }
+        let opts = Options {
+            attempts: 20,
+            ..Options::default()
+        };
+        apply::apply(&mut c, &plan, &inv, &opts, &mut |_: &Event| {}).await?;
+        Ok(())
+    })
+    .await?;
+    println!("\n### The lock queue: point queries behind a 4 s reader\n");
+    println!("| DDL issued while a reader holds the table for 4 s | worst point-query wait |");
+    println!("|---|---|");
+    println!(
+        "| plain `ALTER TABLE … ADD COLUMN` | {} |",
+        format_micros(plain.as_micros() as u64)
+    );
+    println!(
+        "| `ficus db apply` (lock_timeout 500 ms, retries) | {} |",
+        format_micros(ficus.as_micros() as u64)
+    );
+    Ok(())
+}
+
+async fn instant(url: &str, rows: i64) -> Result<(), Error> {
+    let c = connect(url).await?;
+    c.batch_execute(
+        "CREATE TABLE bench_batched AS SELECT * FROM bench_instant; ALTER TABLE bench_batched ADD PRIMARY KEY (id);",
+    )
+    .await?;
+    c.batch_execute("VACUUM ANALYZE bench_batched").await?;
+    let size = |t: &'static str| {
+        let c = &c;
+        async move {
+            c.query_one(&format!("SELECT pg_total_relation_size('{t}')"), &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+        }
+    };
+    let before = size("bench_batched").await?;
+    let mut results = Vec::new();
+    for (table, mode) in [
+        ("bench_batched", Backfill::Batched),
+        ("bench_instant", Backfill::Instant),
+    ] {
+        let mut c = connect(url).await?;
+        let inv = inspect(&c).await?;
+        let mut plan = Plan::draft(&inv, "Bench", IdType::Uuid)?;
+        plan.tenant_zero.id = ZERO.into();
+        for t in &mut plan.tables {
+            if t.name != table {
+                t.class = Class::Shared;
+            }
+            t.backfill = mode;
+        }
+        let mut column_and_backfill = 0u64;
+        let mut on = |e: &Event| {
+            if let Event::Step { step, ms, .. } = e
+                && (step.starts_with("backfill:") || step.starts_with("column:"))
+            {
+                column_and_backfill += *ms;
+            }
+        };
+        let opts = Options {
+            backfill: backfill::Options::default(),
+            ..Options::default()
+        };
+        apply::apply(&mut c, &plan, &inv, &opts, &mut on).await?;
+        results.push((table, column_and_backfill, size(table).await?));
+    }
+    println!("\n### `instant` vs batched backfill, {rows} rows\n");
+    println!(
+        "| mode | column + backfill time | table size after (before: {} MB) |",
+        before / 1_048_576
+    );
+    println!("|---|---|---|");
+    for (table, ms, bytes) in results {
+        println!(
+            "| {} | {:.2} s | {} MB |",
+            if table == "bench_instant" {
+                "instant (`ADD COLUMN … DEFAULT`)"
+            } else {
+                "batched"
+            },
+            ms as f64 / 1000.0,
+            bytes / 1_048_576
+        );
+    }
+    Ok(())
+}
