@@ -108,17 +108,18 @@ pub async fn lock(client: &Client) -> Result<()> {
     )))
 }
 
+/// Whether a table exists, by its qualified name.
+async fn relation_exists(client: &Client, name: &str) -> Result<bool> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .map_err(sql(format!("looking for {name}")))?
+        .get(0))
+}
+
 /// The steps journaled as done (empty before the spine exists).
 pub async fn journal(client: &Client) -> Result<BTreeSet<String>> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('tenancy_private.journal') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(sql("reading the journal"))?
-        .get(0);
-    if !exists {
+    if !relation_exists(client, "tenancy_private.journal").await? {
         return Ok(BTreeSet::new());
     }
     Ok(client
@@ -615,15 +616,7 @@ pub async fn add_tenant(client: &Client, slug: &str, name: &str) -> Result<Strin
     if name.trim().is_empty() {
         return Err(Error::Refused("the tenant's name must not be empty".into()));
     }
-    let spine: bool = client
-        .query_one(
-            "SELECT to_regclass('tenancy.organizations') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(sql("looking for the tenancy spine"))?
-        .get(0);
-    if !spine {
+    if !relation_exists(client, "tenancy.organizations").await? {
         return Err(Error::Refused(
             "this database has no tenancy spine yet; run ficus db apply first".into(),
         ));

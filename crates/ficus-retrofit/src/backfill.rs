@@ -212,16 +212,7 @@ pub async fn run(
         loop {
             wait_for_replicas(client, opts).await?;
             let began = Instant::now();
-            let tx = client
-                .transaction()
-                .await
-                .map_err(sql("starting a backfill batch"))?;
-            tx.batch_execute(&format!(
-                "SET LOCAL lock_timeout = '{}ms'",
-                opts.lock_timeout.as_millis()
-            ))
-            .await
-            .map_err(sql("setting the lock timeout"))?;
+            let tx = begin_batch(client, opts).await?;
             let query = if last.is_none() { &first } else { &next };
             let r = match tx.query_one(query, &[&last, upper, &batch]).await {
                 Ok(r) => r,
@@ -267,16 +258,7 @@ pub async fn run(
         loop {
             wait_for_replicas(client, opts).await?;
             let began = Instant::now();
-            let tx = client
-                .transaction()
-                .await
-                .map_err(sql("starting a backfill batch"))?;
-            tx.batch_execute(&format!(
-                "SET LOCAL lock_timeout = '{}ms'",
-                opts.lock_timeout.as_millis()
-            ))
-            .await
-            .map_err(sql("setting the lock timeout"))?;
+            let tx = begin_batch(client, opts).await?;
             let statement = format!(
                 "UPDATE {table} SET tenant_id = {zero} WHERE ctid = ANY(ARRAY(
                     SELECT ctid FROM {table} WHERE tenant_id IS NULL LIMIT $1 FOR NO KEY UPDATE{skip}))",
@@ -324,6 +306,24 @@ pub async fn run(
         .map_err(sql("finishing the backfill journal"))?;
     report(rows, batch, "done");
     Ok(rows)
+}
+
+/// Starts one batch's transaction, whose row-lock waits end at the lock timeout.
+async fn begin_batch<'a>(
+    client: &'a mut Client,
+    opts: &Options,
+) -> Result<tokio_postgres::Transaction<'a>> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(sql("starting a backfill batch"))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        opts.lock_timeout.as_millis()
+    ))
+    .await
+    .map_err(sql("setting the lock timeout"))?;
+    Ok(tx)
 }
 
 /// The next batch size: scaled towards the target duration, at most doubling.
