@@ -12,6 +12,12 @@ use crate::ident::{Table, literal, quote};
 use crate::inspect::{Class, Inventory, TableInfo};
 use crate::{Error, Result};
 
+/// The name of the tenant isolation policy on every tenant-owned table.
+pub const POLICY: &str = "ficus_tenant_isolation";
+
+/// The role that owns the helper functions: no login, no other privilege.
+pub const HELPERS_OWNER: &str = "ficus_tenancy";
+
 /// The plan file format this build writes and reads.
 pub const PLAN_VERSION: u32 = 1;
 
@@ -79,6 +85,10 @@ pub struct Plan {
     pub tenant_zero: TenantZero,
     /// Roles the live application connects as: they may call the helpers.
     pub app_roles: Vec<String>,
+    /// Roles the tenant-aware backend connects as: the isolation policies are
+    /// made for them (inert until row level security is enforced).
+    #[serde(default)]
+    pub tenant_roles: Vec<String>,
     pub tables: Vec<PlannedTable>,
 }
 
@@ -152,6 +162,7 @@ pub enum StepKind {
     Backfill,
     Index,
     Tighten,
+    Policy,
 }
 
 impl StepKind {
@@ -163,6 +174,7 @@ impl StepKind {
             StepKind::Backfill => "backfill",
             StepKind::Index => "index",
             StepKind::Tighten => "tighten",
+            StepKind::Policy => "policy",
         }
     }
 }
@@ -215,6 +227,7 @@ impl Plan {
                 name: tenant_zero.to_string(),
             },
             app_roles,
+            tenant_roles: Vec::new(),
             tables: inv
                 .tables
                 .iter()
@@ -243,6 +256,9 @@ impl Plan {
              #        excluded (not application data). backfill: batched, or instant\n\
              #        (ADD COLUMN ... DEFAULT tenant zero: catalog-only, no row written,\n\
              #        the value lives in the catalog until each row is next updated).\n\
+             # app_roles: the roles the live app connects as (they may call the helpers).\n\
+             # tenant_roles: the roles the tenant-aware backend connects as; the\n\
+             #        isolation policies are made for them, inert until enforced.\n\
              # The file holds decisions only; every statement is generated from it.\n\n{body}",
             self.database
         ))
@@ -315,7 +331,7 @@ impl Plan {
                 )));
             }
         }
-        for r in &self.app_roles {
+        for r in self.app_roles.iter().chain(&self.tenant_roles) {
             if !inv.roles.iter().any(|x| &x.name == r) {
                 return Err(bad(format!(
                     "app role {r:?} does not exist; nothing was changed"
@@ -356,11 +372,18 @@ impl Plan {
         for (p, info) in &owned {
             steps.push(self.tighten(p, info));
         }
+        if !self.tenant_roles.is_empty() {
+            for (_, info) in &owned {
+                steps.push(self.policy(info));
+            }
+        }
         steps
     }
 
     fn spine(&self) -> Step {
         let ty = self.id_type.sql();
+        let owner = quote(HELPERS_OWNER);
+        let owner_lit = literal(HELPERS_OWNER);
         let zero = self.zero_literal();
         let id_default = match self.id_type {
             IdType::Uuid => "gen_random_uuid()",
@@ -460,8 +483,28 @@ $fn$"
             )),
             stmt("REVOKE ALL ON FUNCTION tenancy_private.current_tenant_id() FROM PUBLIC"),
             stmt("REVOKE ALL ON FUNCTION tenancy_private.default_tenant_id() FROM PUBLIC"),
+            // The helpers belong to a role nobody can log in as, holding only
+            // what they read, so SECURITY DEFINER grants nothing more.
+            stmt(format!(
+                "DO $role$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {owner_lit}) THEN
+        CREATE ROLE {owner} NOLOGIN;
+    END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+END $role$"
+            )),
+            stmt(format!("GRANT USAGE ON SCHEMA tenancy, tenancy_private TO {owner}")),
+            stmt(format!(
+                "GRANT SELECT ON tenancy.organizations, tenancy_private.settings TO {owner}"
+            )),
+            stmt(format!(
+                "ALTER FUNCTION tenancy_private.current_tenant_id() OWNER TO {owner}"
+            )),
+            stmt(format!(
+                "ALTER FUNCTION tenancy_private.default_tenant_id() OWNER TO {owner}"
+            )),
         ]);
-        for role in &self.app_roles {
+        for role in self.app_roles.iter().chain(&self.tenant_roles) {
             forward.push(stmt(format!(
                 "GRANT USAGE ON SCHEMA tenancy_private TO {}",
                 quote(role)
@@ -486,6 +529,43 @@ $fn$"
             note: format!(
                 "schemas tenancy and tenancy_private, tenant zero {:?} ({}) and its first unit, the helper functions",
                 self.tenant_zero.name, self.tenant_zero.id
+            ),
+        }
+    }
+
+    /// The isolation policy for the tenant roles, made while row level security
+    /// is off, so it changes nothing until a table is enforced. The `SELECT`
+    /// around the helper makes PostgreSQL evaluate it once per query, not per row.
+    fn policy(&self, info: &TableInfo) -> Step {
+        let t = &info.table;
+        let roles: Vec<String> = self.tenant_roles.iter().map(|r| quote(r)).collect();
+        let rule = "tenant_id = (SELECT tenancy_private.current_tenant_id())";
+        Step {
+            id: format!("policy:{}", key(t)),
+            kind: StepKind::Policy,
+            table: Some(t.clone()),
+            forward: vec![stmt_unless(
+                format!(
+                    "CREATE POLICY {POLICY} ON {} AS PERMISSIVE FOR ALL TO {} USING ({rule}) WITH CHECK ({rule})",
+                    t.sql(),
+                    roles.join(", ")
+                ),
+                format!(
+                    "SELECT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = to_regclass({}) AND polname = {})",
+                    literal(&t.sql()),
+                    literal(POLICY)
+                ),
+            )],
+            undo: vec![stmt(format!(
+                "DROP POLICY IF EXISTS {POLICY} ON {}",
+                t.sql()
+            ))],
+            lock: "ACCESS EXCLUSIVE, for a moment".into(),
+            hazard: Hazard::BriefExclusiveLock,
+            undo_hazard: Hazard::BriefExclusiveLock,
+            note: format!(
+                "inert until enforced: {} see only their tenant's rows",
+                self.tenant_roles.join(", ")
             ),
         }
     }

@@ -15,6 +15,7 @@ use ficus_retrofit::{Error, backfill, connect, inspect};
 
 const SCHEMA: &str = r#"
 DO $$ BEGIN CREATE ROLE ficus_app LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+DO $$ BEGIN CREATE ROLE ficus_tenant LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
 CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
 CREATE TABLE customers (id bigserial PRIMARY KEY, email text NOT NULL UNIQUE, country text REFERENCES countries (code), created_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE "order" (id bigserial PRIMARY KEY, customer_id bigint NOT NULL REFERENCES customers (id), placed_at timestamptz NOT NULL DEFAULT now(), total numeric(12,2) NOT NULL DEFAULT 0);
@@ -146,7 +147,8 @@ async fn inspect_classifies_the_sample_schema_and_flags_its_hazards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_under_a_live_workload_sees_no_error_loses_no_row_and_reverts() {
     let db = sample().await;
-    let (plan, inv) = draft(&db).await;
+    let (mut plan, inv) = draft(&db).await;
+    plan.tenant_roles = vec!["ficus_tenant".into()];
     let plan = Plan::from_toml(&plan.to_toml().unwrap(), "plan.toml").unwrap();
     let zero = plan.tenant_zero.id.clone();
     let owned: Vec<_> = plan.owned().map(|t| t.name.clone()).collect();
@@ -283,6 +285,49 @@ async fn apply_under_a_live_workload_sees_no_error_loses_no_row_and_reverts() {
         checksum(&client, "order_items", "order_id, line_no, sku, qty").await,
         before_items,
         "the backfill changed another column"
+    );
+    // The isolation policies exist, inert (row level security still off), and
+    // wrap the helper in a SELECT; the helpers belong to a role that cannot log in
+    // and PUBLIC cannot call them.
+    let policies: Vec<(String, bool, String)> = client
+        .query(
+            "SELECT c.relname::text, c.relrowsecurity, pg_get_expr(p.polqual, p.polrelid)
+             FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(policies.len(), OWNED.len(), "{policies:?}");
+    for (table, rls, qual) in &policies {
+        assert!(!rls, "{table}: row level security was turned on");
+        assert_eq!(
+            qual,
+            "(tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))",
+            "{table}"
+        );
+    }
+    let helpers: Vec<(String, bool, bool, bool)> = client
+        .query(
+            "SELECT p.proname::text, r.rolcanlogin, p.prosecdef,
+                    has_function_privilege('public', p.oid, 'EXECUTE')
+             FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
+             WHERE p.pronamespace = 'tenancy_private'::regnamespace ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        helpers,
+        vec![
+            ("current_tenant_id".to_string(), false, true, false),
+            ("default_tenant_id".to_string(), false, true, false),
+        ]
     );
     // A second apply changes nothing.
     let mut ran = Vec::new();
