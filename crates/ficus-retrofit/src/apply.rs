@@ -513,6 +513,8 @@ pub struct TableStatus {
     pub backfill_percent: f64,
     pub index: &'static str,
     pub tightened: bool,
+    /// Row level security: off, enabled or enforced.
+    pub rls: &'static str,
     pub next_step: Option<String>,
 }
 
@@ -599,6 +601,7 @@ pub async fn status(client: &Client, plan: &Plan, inv: &Inventory) -> Result<Vec
                 None => "none",
             },
             tightened: not_null && fk,
+            rls: crate::enforce::phase(client, &t).await?.as_str(),
             next_step,
         });
     }

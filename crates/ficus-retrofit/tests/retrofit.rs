@@ -44,6 +44,8 @@ INSERT INTO "Weird ""Name""" SELECT g, 'v' || g FROM generate_series(1, 700) g;
 INSERT INTO schema_migrations VALUES ('20260101'), ('20260102');
 GRANT ALL ON ALL TABLES IN SCHEMA public TO ficus_app;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO ficus_app;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO ficus_tenant;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO ficus_tenant;
 ANALYZE;
 "#;
 
@@ -666,4 +668,144 @@ async fn an_invalid_index_left_by_a_failed_build_is_rebuilt() {
         (true, false),
         "the invalid index was not rebuilt"
     );
+}
+
+/// Rows of `customers` a role sees, in a tenant context (or none).
+async fn visible(url: &str, role: &str, tenant: Option<&str>) -> i64 {
+    let c = connect(&url.replace("postgres://postgres@", &format!("postgres://{role}@")))
+        .await
+        .unwrap();
+    if let Some(t) = tenant {
+        c.execute("SELECT set_config('ficus.tenant_id', $1, false)", &[&t])
+            .await
+            .unwrap();
+    }
+    c.query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
+    use ficus_retrofit::enforce::{self, Phase};
+    use ficus_retrofit::plan::StepKind;
+    let db = sample().await;
+    let mut c = connect(&db.url).await.unwrap();
+    // A view over the table that runs as its owner would bypass row level
+    // security; the pre-check refuses until it runs as its invoker.
+    c.batch_execute("ALTER VIEW customer_orders SET (security_invoker = true)")
+        .await
+        .unwrap();
+    let (mut plan, inv) = draft(&db).await;
+    plan.tenant_roles = vec!["ficus_tenant".into()];
+    let customers = Table::new("public", "customers");
+    for kind in [
+        StepKind::Spine,
+        StepKind::Column,
+        StepKind::Default,
+        StepKind::Backfill,
+    ] {
+        let only = Options {
+            only: Some(kind),
+            ..Options::default()
+        };
+        apply::apply(&mut c, &plan, &inv, &only, &mut quiet())
+            .await
+            .unwrap();
+    }
+    // A row written behind Ficus's back with no tenant: the pre-check refuses.
+    c.batch_execute("INSERT INTO customers (email, tenant_id) VALUES ('ghost@example.test', NULL)")
+        .await
+        .unwrap();
+    let opts = Options::default();
+    let err = enforce::step(&mut c, &plan, &inv, &customers, true, true, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tenant_id is not proved NOT NULL (1 row without a tenant right now)"),
+        "{err}"
+    );
+    // The operator gives the row its tenant; the rest of the plan then runs.
+    c.execute(
+        "UPDATE customers SET tenant_id = $1::text::uuid WHERE tenant_id IS NULL",
+        &[&plan.tenant_zero.id],
+    )
+    .await
+    .unwrap();
+    apply::apply(&mut c, &plan, &inv, &opts, &mut quiet())
+        .await
+        .unwrap();
+    let globex = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
+    let zero = plan.tenant_zero.id.clone();
+    let total = visible(&db.url, "postgres", None).await;
+
+    // Enabled: the live app sees everything, tenant roles only their tenant.
+    let r = enforce::step(&mut c, &plan, &inv, &customers, true, true, &opts)
+        .await
+        .unwrap();
+    assert_eq!((r.from, r.to), (Phase::Off, Phase::Enabled));
+    assert_eq!(
+        r.verified,
+        vec![format!(
+            "as ficus_tenant: tenant zero sees {total} of {total} rows, another tenant sees 0"
+        )]
+    );
+    assert_eq!(visible(&db.url, "ficus_app", None).await, total);
+    assert_eq!(visible(&db.url, "ficus_tenant", Some(&zero)).await, total);
+    assert_eq!(visible(&db.url, "ficus_tenant", Some(&globex)).await, 0);
+    assert_eq!(visible(&db.url, "ficus_tenant", None).await, 0);
+    assert_eq!(
+        visible(&db.url, "ficus_tenant", Some("' OR 1=1 --")).await,
+        0
+    );
+    // Enforced: the pass-through is gone; a role outside the policy sees nothing.
+    let r = enforce::step(&mut c, &plan, &inv, &customers, true, true, &opts)
+        .await
+        .unwrap();
+    assert_eq!(r.to, Phase::Enforced);
+    assert_eq!(visible(&db.url, "ficus_app", None).await, 0);
+    assert_eq!(visible(&db.url, "ficus_tenant", Some(&zero)).await, total);
+    assert_ne!(
+        enforce::next_table(&c, &plan).await.unwrap(),
+        Some(customers.clone()),
+        "--next skips an enforced table"
+    );
+    // And back, phase by phase.
+    enforce::step(&mut c, &plan, &inv, &customers, false, true, &opts)
+        .await
+        .unwrap();
+    assert_eq!(visible(&db.url, "ficus_app", None).await, total);
+    enforce::step(&mut c, &plan, &inv, &customers, false, true, &opts)
+        .await
+        .unwrap();
+    assert_eq!(enforce::phase(&c, &customers).await.unwrap(), Phase::Off);
+    assert_eq!(visible(&db.url, "ficus_tenant", None).await, total);
+
+    // A planted leak (a permissive USING (true) for the tenant role) fails the
+    // proof, and the phase change is rolled back.
+    c.batch_execute("CREATE POLICY leak ON customers FOR SELECT TO ficus_tenant USING (true)")
+        .await
+        .unwrap();
+    let err = enforce::step(&mut c, &plan, &inv, &customers, true, true, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "verification failed, the phase change was rolled back: as ficus_tenant: tenant zero sees {total} of {total} rows, another tenant sees {total}"
+        )
+    );
+    let rls: bool = c
+        .query_one(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'customers'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!rls, "a failed proof left row level security on");
+    assert_eq!(enforce::phase(&c, &customers).await.unwrap(), Phase::Off);
 }

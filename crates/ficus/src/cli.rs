@@ -351,6 +351,11 @@ pub enum DbCommand {
     Status(DbPlanFile),
     /// Undo steps in reverse order (dry run unless --execute).
     Revert(DbRevertArgs),
+    /// Move one table's row level security one phase forward (off → enabled →
+    /// enforced), proving what a tenant role sees before committing.
+    Enforce(DbEnforceArgs),
+    /// Move one table's row level security one phase back.
+    Unenforce(DbEnforceArgs),
     /// Tenants in the database's spine.
     #[command(subcommand)]
     Tenant(DbTenantCommand),
@@ -421,6 +426,21 @@ pub struct DbRevertArgs {
     /// Allow undos that lose data (dropping tenant_id, dropping the spine).
     #[arg(long)]
     pub allow_destructive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DbEnforceArgs {
+    #[command(flatten)]
+    pub target: DbPlanFile,
+    /// The table, as schema.name or name (public).
+    #[arg(long, required_unless_present = "next", conflicts_with = "next")]
+    pub table: Option<String>,
+    /// The first tenant-owned table not yet enforced.
+    #[arg(long)]
+    pub next: bool,
+    /// Change the database; without it, print the checks and the statements.
+    #[arg(long)]
+    pub execute: bool,
 }
 
 #[derive(Debug, Subcommand)]

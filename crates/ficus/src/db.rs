@@ -6,11 +6,14 @@ use std::io::{IsTerminal, Write};
 
 use anyhow::{Context, Result, bail};
 use ficus_retrofit::apply::{self, Event, Options};
+use ficus_retrofit::ident::Table;
 use ficus_retrofit::plan::{IdType, Plan, StepKind};
-use ficus_retrofit::{Inventory, backfill, connect, inspect};
+use ficus_retrofit::{Inventory, backfill, connect, enforce, inspect};
 use serde_json::json;
 
-use crate::cli::{DbApplyArgs, DbCommand, DbPlanFile, DbRevertArgs, DbTenantCommand};
+use crate::cli::{
+    DbApplyArgs, DbCommand, DbEnforceArgs, DbPlanFile, DbRevertArgs, DbTenantCommand,
+};
 use crate::output;
 
 pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result<()> {
@@ -77,6 +80,7 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
                         format!("{:.1}% ({} rows)", s.backfill_percent, s.rows),
                         s.index.into(),
                         if s.tightened { "yes" } else { "no" }.into(),
+                        s.rls.into(),
                         s.next_step.clone().unwrap_or_else(|| "(done)".into()),
                     ]
                 })
@@ -90,6 +94,7 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
                     "BACKFILL",
                     "INDEX",
                     "NOT NULL+FK",
+                    "RLS",
                     "NEXT STEP",
                 ],
                 &table,
@@ -97,6 +102,8 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             Ok(())
         }
         DbCommand::Revert(args) => revert_cmd(args, json, out).await,
+        DbCommand::Enforce(args) => enforce_cmd(args, true, json, out).await,
+        DbCommand::Unenforce(args) => enforce_cmd(args, false, json, out).await,
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;
             let id = apply::add_tenant(&client, &args.id, &args.name).await?;
@@ -350,6 +357,75 @@ async fn apply_cmd(
             out,
             "done: ficus db status --plan {} shows each table",
             args.target.plan.display()
+        )?;
+    }
+    Ok(())
+}
+
+async fn enforce_cmd(
+    args: DbEnforceArgs,
+    forward: bool,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let (plan, inv, mut client) = load(&args.target).await?;
+    let table = match (&args.table, args.next) {
+        (Some(raw), _) => {
+            let (schema, name) = raw.split_once('.').unwrap_or(("public", raw.as_str()));
+            Table::new(schema, name)
+        }
+        (None, _) => match enforce::next_table(&client, &plan).await? {
+            Some(t) => t,
+            None => {
+                writeln!(out, "every tenant-owned table is enforced")?;
+                return Ok(());
+            }
+        },
+    };
+    if !plan
+        .owned()
+        .any(|p| p.schema == table.schema && p.name == table.name)
+    {
+        bail!("{table} is not a tenant-owned table of the plan");
+    }
+    let report = enforce::step(
+        &mut client,
+        &plan,
+        &inv,
+        &table,
+        forward,
+        args.execute,
+        &Options::default(),
+    )
+    .await?;
+    if json {
+        output::json(out, &report)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{}: {} → {}{}",
+        report.table,
+        report.from.as_str(),
+        report.to.as_str(),
+        if report.executed {
+            ""
+        } else {
+            " (dry run: add --execute)"
+        }
+    )?;
+    for c in &report.checks {
+        writeln!(out, "  check: {c}")?;
+    }
+    for v in &report.verified {
+        writeln!(
+            out,
+            "  {}: {v}",
+            if report.executed {
+                "proved"
+            } else {
+                "would run"
+            }
         )?;
     }
     Ok(())

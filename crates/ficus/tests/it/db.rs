@@ -144,6 +144,18 @@ fn plan_apply_survive_kill_9_during_the_backfill_then_status_and_revert() {
     assert_eq!(status["tables"][0]["index"], "valid");
     assert_eq!(status["tables"][0]["tightened"], true);
     assert_eq!(status["tables"][0]["next_step"], serde_json::Value::Null);
+    // Enforcement needs tenant roles in the plan; the refusal says so and names it.
+    let enforce = ficus(
+        &url,
+        dir.path(),
+        &["db", "enforce", "--plan", "plan.toml", "--next"],
+    );
+    assert_eq!(enforce.status.code(), Some(1));
+    let enforce_err = String::from_utf8_lossy(&enforce.stderr).to_string();
+    assert!(
+        enforce_err.starts_with("error: readings cannot change phase, nothing was changed: the plan names no tenant_roles"),
+        "{enforce_err}"
+    );
     // Revert: refused past the column without --allow-destructive, then all of it.
     let partial = ficus(
         &url,
