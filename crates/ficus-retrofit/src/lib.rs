@@ -16,6 +16,7 @@ pub mod enforce;
 pub mod ident;
 pub mod inspect;
 pub mod plan;
+pub mod probe;
 
 use std::str::FromStr;
 

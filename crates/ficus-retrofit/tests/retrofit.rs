@@ -760,6 +760,43 @@ async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
         visible(&db.url, "ficus_tenant", Some("' OR 1=1 --")).await,
         0
     );
+    // The probe: every attack on the enabled table is blocked; a planted
+    // permissive policy is a leak it finds; nothing the probe did remains.
+    let clean = ficus_retrofit::probe::probe(&mut c, &plan).await.unwrap();
+    assert_eq!(clean.leaks(), 0, "{:#?}", clean.findings);
+    assert_eq!(
+        clean.findings.len(),
+        4 + ficus_retrofit::probe::ATTACKS.len()
+    );
+    c.batch_execute("CREATE POLICY planted ON customers FOR SELECT TO ficus_tenant USING (true)")
+        .await
+        .unwrap();
+    let leaky = ficus_retrofit::probe::probe(&mut c, &plan).await.unwrap();
+    let leaked: Vec<&str> = leaky
+        .findings
+        .iter()
+        .filter(|f| f.leak)
+        .map(|f| f.attack.as_str())
+        .collect();
+    assert_eq!(
+        leaked,
+        [
+            "read other tenant",
+            "no tenant context",
+            "empty context",
+            "malformed context",
+            "sql text as context"
+        ]
+    );
+    c.batch_execute("DROP POLICY planted ON customers")
+        .await
+        .unwrap();
+    let orgs: i64 = c
+        .query_one("SELECT count(*) FROM tenancy.organizations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(orgs, 2, "the probe left an organization behind");
     // Enforced: the pass-through is gone; a role outside the policy sees nothing.
     let r = enforce::step(&mut c, &plan, &inv, &customers, true, true, &opts)
         .await

@@ -356,6 +356,9 @@ pub enum DbCommand {
     Enforce(DbEnforceArgs),
     /// Move one table's row level security one phase back.
     Unenforce(DbEnforceArgs),
+    /// Attack the isolation as the tenant roles (always rolled back): a matrix of
+    /// table × attack, blocked or LEAK; exit 1 on any leak.
+    Probe(DbPlanFile),
     /// Tenants in the database's spine.
     #[command(subcommand)]
     Tenant(DbTenantCommand),

@@ -104,6 +104,36 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
         DbCommand::Revert(args) => revert_cmd(args, json, out).await,
         DbCommand::Enforce(args) => enforce_cmd(args, true, json, out).await,
         DbCommand::Unenforce(args) => enforce_cmd(args, false, json, out).await,
+        DbCommand::Probe(target) => {
+            let (plan, _inv, mut client) = load(&target).await?;
+            let result = ficus_retrofit::probe::probe(&mut client, &plan).await?;
+            if json {
+                output::json(out, &result)?;
+            } else {
+                let rows: Vec<Vec<String>> = result
+                    .findings
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.table.clone(),
+                            f.role.clone(),
+                            f.attack.clone(),
+                            if f.leak { "LEAK" } else { "blocked" }.to_string(),
+                            f.detail.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(out, &["TABLE", "ROLE", "ATTACK", "RESULT", "SEEN"], &rows)?;
+            }
+            let leaks = result.leaks();
+            if leaks > 0 {
+                bail!(
+                    "the probe found {leaks} leak{}",
+                    if leaks == 1 { "" } else { "s" }
+                );
+            }
+            Ok(())
+        }
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;
             let id = apply::add_tenant(&client, &args.id, &args.name).await?;
