@@ -101,7 +101,12 @@ fn mask_times(s: &str) -> String {
 }
 
 fn check(f: &Ficus, args: &[&str], expect: Expect) {
-    let out = f.run(args);
+    expect.assert_eq(&render(f, &f.run(args)));
+}
+
+/// A command's exit code, stdout and stderr as snapshots show them: times,
+/// the store and the working directory masked.
+fn render(f: &Ficus, out: &Output) -> String {
     let code = out
         .status
         .code()
@@ -112,10 +117,9 @@ fn check(f: &Ficus, args: &[&str], expect: Expect) {
         actual.push_str("--- stderr\n");
         actual.push_str(&stderr);
     }
-    let actual = mask_times(&actual)
+    mask_times(&actual)
         .replace(&f.store, "STORE")
-        .replace(&f.dir.path().display().to_string(), "TMP");
-    expect.assert_eq(&actual);
+        .replace(&f.dir.path().display().to_string(), "TMP")
 }
 
 #[test]
@@ -1106,19 +1110,6 @@ impl Ficus {
     }
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "exit {}\n{}{}",
-        out.status.code().unwrap_or(-1),
-        mask_times(&String::from_utf8_lossy(&out.stdout)),
-        if out.stderr.is_empty() {
-            String::new()
-        } else {
-            format!("--- stderr\n{}", String::from_utf8_lossy(&out.stderr))
-        }
-    )
-}
-
 #[test]
 fn the_cli_drives_a_remote_control_plane_through_the_api() {
     let f = Ficus::sqlite();
@@ -1127,7 +1118,7 @@ fn the_cli_drives_a_remote_control_plane_through_the_api() {
         .unwrap()
         .to_string();
     let served = f.serve();
-    let api = |args: &[&str]| text(&f.remote(&served.url, &token, args));
+    let api = |args: &[&str]| render(&f, &f.remote(&served.url, &token, args));
     expect![[r#"
         exit 0
         added tenant acme in stage legacy (version 1)
@@ -1215,14 +1206,17 @@ fn the_cli_drives_a_remote_control_plane_through_the_api() {
         --- stderr
         error: the control plane refused the token: wrong token
     "#]]
-    .assert_eq(&text(&f.remote(&served.url, "ficus_wrong", &["status"])));
+    .assert_eq(&render(
+        &f,
+        &f.remote(&served.url, "ficus_wrong", &["status"]),
+    ));
     expect![[r#"
         exit 1
         --- stderr
         error: this command works on the store itself; drop --api (and FICUS_API) to use --store
     "#]]
     .assert_eq(&api(&["tenant", "import", "x.csv"]));
-    let unreachable = text(&f.remote("http://127.0.0.1:1", &token, &["status"]));
+    let unreachable = render(&f, &f.remote("http://127.0.0.1:1", &token, &["status"]));
     assert!(
         unreachable.starts_with(
             "exit 1\n--- stderr\nerror: cannot reach the control plane at http://127.0.0.1:1:"
@@ -1257,7 +1251,8 @@ fn promote_next_moves_the_most_ready_one_at_a_time_and_stops_at_a_failure() {
         --- stderr
         error: stopped: none of the 2 tenants in shadow is ready
     "#]]
-    .assert_eq(&text(
+    .assert_eq(&render(
+        &f,
         &f.run(&["tenant", "promote", "--next", "3", "--soak", "100ms"]),
     ));
     // A tenant the guard (here: an operator) rolls back during its soak stops the run.
@@ -1292,5 +1287,5 @@ fn promote_next_moves_the_most_ready_one_at_a_time_and_stops_at_a_failure() {
         --- stderr
         error: stopped: tenant umbrella did not hold through the soak: it is in stage shadow (version 3); see `ficus audit umbrella`
     "#]]
-    .assert_eq(&text(&out));
+    .assert_eq(&render(&f, &out));
 }
