@@ -133,7 +133,7 @@ pub async fn journal(client: &Client) -> Result<BTreeSet<String>> {
 
 /// Who holds locks on `table` (or, with none, which transactions are old), for
 /// an error an operator can act on.
-async fn blockers(client: &Client, table: Option<&Table>) -> String {
+pub(crate) async fn blockers(client: &Client, table: Option<&Table>) -> String {
     let on_table = match table {
         Some(t) => client
             .query(
@@ -185,11 +185,28 @@ async fn blockers(client: &Client, table: Option<&Table>) -> String {
         .join("; ")
 }
 
-fn jitter(base: Duration) -> Duration {
-    let mut b = [0u8; 2];
-    let _ = getrandom::fill(&mut b);
-    let r = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX);
-    base.mul_f64(0.5 + r)
+/// The waits between attempts to take a lock: doubling from 200 ms up to 5 s,
+/// each jittered by ±50% so that retrying sessions do not line up.
+pub(crate) struct Backoff {
+    base: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff {
+            base: Duration::from_millis(200),
+        }
+    }
+
+    /// The next wait.
+    pub(crate) fn next_wait(&mut self) -> Duration {
+        let mut b = [0u8; 2];
+        let _ = getrandom::fill(&mut b);
+        let r = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX);
+        let wait = self.base.mul_f64(0.5 + r);
+        self.base = (self.base * 2).min(Duration::from_secs(5));
+        wait
+    }
 }
 
 /// Runs one statement under the lock timeout, with retries. Returns whether it
@@ -212,7 +229,7 @@ async fn run_statement(
         }
     }
     let timeout = opts.lock_timeout.as_millis();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new();
     for attempt in 1..=opts.attempts {
         let outcome = if s.concurrent {
             // A concurrent index build cannot run in a transaction; a failed one
@@ -263,7 +280,7 @@ async fn run_statement(
                         blockers: who,
                     });
                 }
-                let wait = jitter(backoff);
+                let wait = backoff.next_wait();
                 on_event(&Event::Retry {
                     step: step.id.clone(),
                     attempt,
@@ -271,7 +288,6 @@ async fn run_statement(
                     blockers: who,
                 });
                 tokio::time::sleep(wait).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
                 return Err(Error::Sql {

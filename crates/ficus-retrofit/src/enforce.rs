@@ -11,12 +11,10 @@
 //! error says what was seen. The phase is recorded in
 //! `tenancy_private.enforcement` in the same transaction.
 
-use std::time::Duration;
-
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use crate::apply::Options;
+use crate::apply::{Backoff, Options, blockers};
 use crate::ident::{Table, literal, quote};
 use crate::inspect::Inventory;
 use crate::plan::{POLICY, Plan, key};
@@ -317,7 +315,7 @@ pub async fn step(
         report.verified = statements;
         return Ok(report);
     }
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new();
     for attempt in 1..=opts.attempts {
         match run_phase(client, plan, t, to, &statements, opts).await {
             Ok(verified) => {
@@ -326,15 +324,14 @@ pub async fn step(
                 return Ok(report);
             }
             Err(PhaseError::Lock) if attempt < opts.attempts => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_wait()).await;
             }
             Err(PhaseError::Lock) => {
                 return Err(Error::LockTimeout {
                     step: format!("{} {}", to.as_str(), key(t)),
                     timeout_ms: opts.lock_timeout.as_millis() as u64,
                     attempts: attempt,
-                    blockers: "a session using the table (see pg_locks)".to_string(),
+                    blockers: blockers(client, Some(t)).await,
                 });
             }
             Err(PhaseError::Other(e)) => return Err(e),
