@@ -86,17 +86,8 @@ pub enum GateCommand {
 
 #[derive(Debug, Args)]
 pub struct GateSetArgs {
-    /// The evidence window, as an age (24h, 90m, 7d).
-    #[arg(long)]
-    pub window: Option<String>,
-    #[arg(long)]
-    pub min_comparisons: Option<u64>,
-    #[arg(long)]
-    pub max_mismatches: Option<u64>,
-    #[arg(long)]
-    pub min_per_endpoint: Option<u64>,
-    #[arg(long)]
-    pub max_error_rate: Option<f64>,
+    #[command(flatten)]
+    pub gate: GateArgs,
     /// New's p99 may be at most this many times legacy's.
     #[arg(long)]
     pub max_latency_ratio: Option<f64>,
@@ -168,7 +159,8 @@ pub enum TenantCommand {
     Promote(PromoteArgs),
 }
 
-/// Per-call changes to the stored gate (`ficus gate show`), for "what if".
+/// The readiness gate's thresholds as flags: per-call overrides for `readiness`
+/// ("what if"), new stored values for `gate set`.
 #[derive(Debug, Args)]
 pub struct GateArgs {
     /// The evidence window, as an age (24h, 90m, 7d).

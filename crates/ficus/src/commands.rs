@@ -712,19 +712,20 @@ async fn set_gate(
     out: &mut impl Write,
 ) -> Result<()> {
     let mut g = c.gate().await?;
-    if let Some(v) = args.window {
+    let shared = args.gate;
+    if let Some(v) = shared.window {
         g.window = v;
     }
-    if let Some(v) = args.min_comparisons {
+    if let Some(v) = shared.min_comparisons {
         g.min_comparisons = v;
     }
-    if let Some(v) = args.max_mismatches {
+    if let Some(v) = shared.max_mismatches {
         g.max_mismatches = v;
     }
-    if let Some(v) = args.min_per_endpoint {
+    if let Some(v) = shared.min_per_endpoint {
         g.min_per_endpoint = v;
     }
-    if let Some(v) = args.max_error_rate {
+    if let Some(v) = shared.max_error_rate {
         g.max_error_rate = v;
     }
     if let Some(v) = args.max_latency_ratio {
