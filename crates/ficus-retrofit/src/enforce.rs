@@ -3,12 +3,22 @@
 //!
 //! Phases: *off* → *enabled* (RLS on, plus a pass-through policy for the live
 //! app's roles, so the app sees no change while the tenant roles are already
-//! isolated) → *enforced* (pass-through gone; `FORCE` when an app role owns the
-//! table). Each phase is one short transaction under the lock timeout; before it
-//! commits, the same transaction switches to a tenant role and counts: in tenant
-//! zero's context it must see exactly the table's total row count, in another
-//! tenant's context none. If it does not, the transaction is rolled back and the
-//! error says what was seen. The phase is recorded in
+//! isolated) → *enforced* (the pass-through is replaced by the single-tenant
+//! policy: the live app, which knows nothing of tenants, sees tenant zero's rows
+//! — the customer it was written for — and what it inserts is stamped with
+//! tenant zero, while every other tenant's rows become invisible to it; `FORCE`
+//! when an app role owns the table, because owners bypass row level security).
+//! Roles with `BYPASSRLS` and superusers see every row in every phase; the
+//! pre-checks say so.
+//!
+//! Each phase is one short transaction under the lock timeout; before it
+//! commits, the same transaction switches to each tenant role and each app role
+//! and counts: in tenant zero's context a tenant role must see every row that
+//! belongs to no other tenant — the table's whole row count while tenant zero is
+//! the only one, so a row stamped with nobody or with an unknown tenant fails the
+//! proof — and in another tenant's context exactly that tenant's rows; an app
+//! role must see what its phase promises. If anything differs, the transaction
+//! is rolled back and the error says what was seen. The phase is recorded in
 //! `tenancy_private.enforcement` in the same transaction.
 
 use tokio_postgres::Client;
@@ -17,11 +27,15 @@ use tokio_postgres::error::SqlState;
 use crate::apply::{Backoff, Options, blockers};
 use crate::ident::{Table, literal, quote};
 use crate::inspect::Inventory;
-use crate::plan::{POLICY, Plan, key};
+use crate::plan::{POLICY, Plan, TenantContext, key};
 use crate::{Error, Result, describe, sql};
 
 /// The policy that lets the live app see every row while a table is *enabled*.
 pub const PASSTHROUGH: &str = "ficus_passthrough";
+
+/// The policy that confines the live app to tenant zero (or its transaction's
+/// tenant, if it names one) once a table is *enforced*.
+pub const SINGLE_TENANT: &str = "ficus_single_tenant";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -208,13 +222,13 @@ async fn pre_checks(
             ));
         } else if r.name == info.owner {
             checks.push(format!(
-                "app role {} owns {t}: owners bypass row level security unless it is FORCEd, which the enforced phase does",
+                "app role {} owns {t}: owners bypass row level security unless it is FORCEd, so the enforced phase FORCEs it",
                 r.name
             ));
             owners.push(r.name.clone());
         } else {
             checks.push(format!(
-                "app role {} is subject to row level security: the pass-through policy keeps its view unchanged while enabled",
+                "app role {} is subject to row level security: the pass-through policy keeps its view unchanged while enabled; once enforced it sees tenant zero's rows only",
                 r.name
             ));
         }
@@ -258,50 +272,23 @@ pub async fn step(
     } else {
         (Vec::new(), Vec::new())
     };
-    let app: Vec<String> = plan.app_roles.iter().map(|r| quote(r)).collect();
-    let passthrough = if app.is_empty() {
-        None
-    } else {
-        Some(format!(
-            "CREATE POLICY {PASSTHROUGH} ON {} AS PERMISSIVE FOR ALL TO {} USING (true) WITH CHECK (true)",
-            t.sql(),
-            app.join(", ")
-        ))
-    };
-    let drop_passthrough = format!("DROP POLICY IF EXISTS {PASSTHROUGH} ON {}", t.sql());
-    let mut statements: Vec<String> = Vec::new();
-    match (from, to) {
-        (Phase::Off, Phase::Enabled) => {
-            statements.push(drop_passthrough.clone());
-            statements.extend(passthrough.clone());
-            statements.push(format!("ALTER TABLE {} ENABLE ROW LEVEL SECURITY", t.sql()));
-        }
-        (Phase::Enabled, Phase::Enforced) => {
-            statements.push(drop_passthrough.clone());
-            if !owners.is_empty() {
-                statements.push(format!("ALTER TABLE {} FORCE ROW LEVEL SECURITY", t.sql()));
-            }
-        }
-        (Phase::Enforced, Phase::Enabled) => {
-            statements.push(format!(
-                "ALTER TABLE {} NO FORCE ROW LEVEL SECURITY",
-                t.sql()
-            ));
-            statements.push(drop_passthrough.clone());
-            statements.extend(passthrough.clone());
-        }
-        (Phase::Enabled, Phase::Off) => {
-            statements.push(format!(
-                "ALTER TABLE {} NO FORCE ROW LEVEL SECURITY",
-                t.sql()
-            ));
-            statements.push(format!(
-                "ALTER TABLE {} DISABLE ROW LEVEL SECURITY",
-                t.sql()
-            ));
-            statements.push(drop_passthrough.clone());
-        }
-        _ => unreachable!("the phase pairs are decided above"),
+    // A partition queried by name is not subject to its parent's policies, so
+    // every partition goes through the same phases, with the isolation policy
+    // of its own.
+    let partitions = inv
+        .table(t)
+        .map(|i| i.partitions.clone())
+        .unwrap_or_default();
+    let mut statements = phase_statements(plan, t, false, from, to, !owners.is_empty());
+    for p in &partitions {
+        statements.extend(phase_statements(
+            plan,
+            p,
+            true,
+            from,
+            to,
+            !owners.is_empty(),
+        ));
     }
     let mut report = Report {
         table: t.to_string(),
@@ -317,7 +304,7 @@ pub async fn step(
     }
     let mut backoff = Backoff::new();
     for attempt in 1..=opts.attempts {
-        match run_phase(client, plan, t, to, &statements, opts).await {
+        match run_phase(client, plan, inv, t, to, &statements, opts).await {
             Ok(verified) => {
                 report.verified = verified;
                 report.executed = true;
@@ -338,6 +325,79 @@ pub async fn step(
         }
     }
     unreachable!("the loop returns on its last attempt")
+}
+
+/// The statements that move one relation from `from` to `to`. A partition
+/// (`partition`) also gets the isolation policy, which the plan makes only on
+/// its parent.
+fn phase_statements(
+    plan: &Plan,
+    rel: &Table,
+    partition: bool,
+    from: Phase,
+    to: Phase,
+    force: bool,
+) -> Vec<String> {
+    let t = rel.sql();
+    let app: Vec<String> = plan.app_roles.iter().map(|r| quote(r)).collect();
+    let tenants: Vec<String> = plan.tenant_roles.iter().map(|r| quote(r)).collect();
+    let policy = |name: &str, roles: &[String], rule: &str| {
+        (!roles.is_empty()).then(|| {
+            format!(
+                "CREATE POLICY {name} ON {t} AS PERMISSIVE FOR ALL TO {} USING ({rule}) WITH CHECK ({rule})",
+                roles.join(", ")
+            )
+        })
+    };
+    let passthrough = policy(PASSTHROUGH, &app, "true");
+    let single_tenant = policy(
+        SINGLE_TENANT,
+        &app,
+        "tenant_id = (SELECT tenancy_private.default_tenant_id())",
+    );
+    let isolation = policy(
+        POLICY,
+        &tenants,
+        "tenant_id = (SELECT tenancy_private.current_tenant_id())",
+    );
+    let drop = |name: &str| format!("DROP POLICY IF EXISTS {name} ON {t}");
+    let mut out = Vec::new();
+    match (from, to) {
+        (Phase::Off, Phase::Enabled) => {
+            if partition {
+                out.push(drop(POLICY));
+                out.extend(isolation);
+            }
+            out.push(drop(PASSTHROUGH));
+            out.extend(passthrough);
+            out.push(format!("ALTER TABLE {t} ENABLE ROW LEVEL SECURITY"));
+        }
+        (Phase::Enabled, Phase::Enforced) => {
+            out.push(drop(PASSTHROUGH));
+            out.push(drop(SINGLE_TENANT));
+            out.extend(single_tenant);
+            if force {
+                out.push(format!("ALTER TABLE {t} FORCE ROW LEVEL SECURITY"));
+            }
+        }
+        (Phase::Enforced, Phase::Enabled) => {
+            out.push(format!("ALTER TABLE {t} NO FORCE ROW LEVEL SECURITY"));
+            out.push(drop(SINGLE_TENANT));
+            out.push(drop(PASSTHROUGH));
+            out.extend(passthrough);
+        }
+        (Phase::Enabled, Phase::Off) => {
+            out.push(format!("ALTER TABLE {t} NO FORCE ROW LEVEL SECURITY"));
+            out.push(format!("ALTER TABLE {t} DISABLE ROW LEVEL SECURITY"));
+            out.push(drop(PASSTHROUGH));
+            out.push(drop(SINGLE_TENANT));
+            if partition {
+                out.push(drop(POLICY));
+            }
+        }
+        _ => unreachable!("the phase pairs are decided by the caller"),
+    }
+    out
 }
 
 enum PhaseError {
@@ -362,6 +422,7 @@ impl From<tokio_postgres::Error> for PhaseError {
 async fn run_phase(
     client: &mut Client,
     plan: &Plan,
+    inv: &Inventory,
     t: &Table,
     to: Phase,
     statements: &[String],
@@ -377,56 +438,125 @@ async fn run_phase(
         "CREATE TABLE IF NOT EXISTS tenancy_private.enforcement (table_name text PRIMARY KEY, phase text NOT NULL)",
     )
     .await?;
-    // The total, counted as the migrator before the change.
-    let total: i64 = tx
-        .query_one(&format!("SELECT count(*) FROM {}", t.sql()), &[])
+    // The lock every phase change takes anyway, taken first so that the counts
+    // below and the proof after the change see the same rows while the live
+    // app's writes wait (for no longer than the proof takes).
+    tx.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", t.sql()))
+        .await?;
+    // What each tenant owns, counted as the migrator before the change: the
+    // total, the rows of the organizations other than tenant zero, and the
+    // rows of one of them (the one the proof looks through).
+    let other: Option<String> = tx
+        .query_opt(
+            "SELECT id::text FROM tenancy.organizations WHERE id::text <> $1 ORDER BY created_at, id LIMIT 1",
+            &[&plan.tenant_zero.id],
+        )
         .await?
-        .get(0);
+        .map(|r| r.get(0));
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT count(*),
+                        count(*) FILTER (WHERE tenant_id::text = $1),
+                        count(*) FILTER (WHERE tenant_id IN (SELECT id FROM tenancy.organizations WHERE id::text <> $1)),
+                        count(*) FILTER (WHERE tenant_id::text = $2)
+                 FROM {}",
+                t.sql()
+            ),
+            &[&plan.tenant_zero.id, &other],
+        )
+        .await?;
+    let (total, zero_rows, other_tenants_rows, other_rows): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     for s in statements {
         tx.batch_execute(s).await?;
     }
+    // In member mode the helpers find the tenant through a member identity, so
+    // the proof makes one, belonging to the tenants it looks through, and
+    // removes it before the commit.
+    let proof_member = "ficus-proof";
+    if plan.tenant_context == TenantContext::Member {
+        tx.execute(
+            "INSERT INTO tenancy.members (organization_id, identity)
+             SELECT id, $2 FROM tenancy.organizations WHERE id::text = $1 OR id::text = $3
+             ON CONFLICT DO NOTHING",
+            &[&plan.tenant_zero.id, &proof_member, &other],
+        )
+        .await?;
+    }
     let mut verified = Vec::new();
+    let mut failed = Vec::new();
     if to != Phase::Off {
-        let other: Option<String> = tx
-            .query_opt(
-                "SELECT id::text FROM tenancy.organizations WHERE id::text <> $1 ORDER BY created_at LIMIT 1",
-                &[&plan.tenant_zero.id],
-            )
-            .await?
-            .map(|r| r.get(0));
-        for role in &plan.tenant_roles {
-            tx.batch_execute(&format!("SET LOCAL ROLE {}", quote(role)))
-                .await?;
-            let count = |ctx: String| {
-                let tx = &tx;
-                async move {
-                    tx.batch_execute(&format!(
-                        "SELECT set_config('ficus.tenant_id', {}, true)",
-                        literal(&ctx)
-                    ))
+        let count = |role: String, ctx: Option<String>| {
+            let tx = &tx;
+            async move {
+                tx.batch_execute(&format!("SET LOCAL ROLE {}", quote(&role)))
                     .await?;
-                    tx.query_one(&format!("SELECT count(*) FROM {}", t.sql()), &[])
-                        .await
-                        .map(|r| r.get::<_, i64>(0))
-                }
-            };
-            let zero = count(plan.tenant_zero.id.clone()).await?;
-            let other_ctx = other
-                .clone()
-                .unwrap_or_else(|| "00000000-0000-4000-8000-000000000000".to_string());
-            let others = count(other_ctx).await?;
-            tx.batch_execute("RESET ROLE").await?;
+                tx.batch_execute(&format!(
+                    "SELECT set_config('ficus.tenant_id', {}, true), set_config('ficus.member', {}, true)",
+                    literal(ctx.as_deref().unwrap_or("")),
+                    literal(if ctx.is_some() { proof_member } else { "" })
+                ))
+                .await?;
+                let n = tx
+                    .query_one(&format!("SELECT count(*) FROM {}", t.sql()), &[])
+                    .await
+                    .map(|r| r.get::<_, i64>(0));
+                tx.batch_execute("RESET ROLE").await?;
+                n
+            }
+        };
+        let other_ctx = other
+            .clone()
+            .unwrap_or_else(|| "00000000-0000-4000-8000-000000000000".to_string());
+        for role in &plan.tenant_roles {
+            let zero = count(role.clone(), Some(plan.tenant_zero.id.clone())).await?;
+            let others = count(role.clone(), Some(other_ctx.clone())).await?;
             let line = format!(
                 "as {role}: tenant zero sees {zero} of {total} rows, another tenant sees {others}"
             );
-            if zero != total || others != 0 {
-                // Dropping the transaction rolls the phase back.
-                return Err(PhaseError::Other(Error::Refused(format!(
-                    "verification failed, the phase change was rolled back: {line}"
-                ))));
+            let expect_zero = total - other_tenants_rows;
+            if zero != expect_zero || others != other_rows {
+                failed.push(format!("{line} (expected {expect_zero} and {other_rows})"));
+            } else {
+                verified.push(line);
             }
-            verified.push(line);
         }
+        for role in &plan.app_roles {
+            let bypass = inv
+                .roles
+                .iter()
+                .any(|r| &r.name == role && (r.superuser || r.bypass_rls));
+            let seen = count(role.clone(), None).await?;
+            // While enabled, the pass-through shows the live app everything; once
+            // enforced, tenant zero's rows, unless the role bypasses RLS.
+            let expect = if to == Phase::Enforced && !bypass {
+                zero_rows
+            } else {
+                total
+            };
+            let line =
+                format!("as {role} (live app, no tenant context): sees {seen} of {total} rows");
+            if seen != expect {
+                failed.push(format!("{line} (expected {expect})"));
+            } else {
+                verified.push(line);
+            }
+        }
+    }
+    if plan.tenant_context == TenantContext::Member {
+        tx.execute(
+            "DELETE FROM tenancy.members WHERE identity = $1",
+            &[&proof_member],
+        )
+        .await?;
+    }
+    if !failed.is_empty() {
+        // Dropping the transaction rolls the phase back.
+        return Err(PhaseError::Other(Error::Refused(format!(
+            "verification failed, the phase change was rolled back: {}",
+            failed.join("; ")
+        ))));
     }
     tx.execute(
         "INSERT INTO tenancy_private.enforcement (table_name, phase) VALUES ($1, $2)

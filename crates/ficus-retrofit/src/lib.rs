@@ -15,6 +15,7 @@ pub mod backfill;
 pub mod enforce;
 pub mod ident;
 pub mod inspect;
+pub mod lint;
 pub mod plan;
 pub mod probe;
 

@@ -21,6 +21,31 @@ pub const HELPERS_OWNER: &str = "ficus_tenancy";
 /// The plan file format this build writes and reads.
 pub const PLAN_VERSION: u32 = 1;
 
+/// Where the helpers read a transaction's tenant from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantContext {
+    /// The transaction-local setting `ficus.tenant_id` names the tenant; safe
+    /// behind a transaction-mode pooler because `SET LOCAL` ends with the
+    /// transaction.
+    #[default]
+    Setting,
+    /// The transaction-local setting `ficus.member` names a member identity,
+    /// looked up in `tenancy.members`: the tenant is the one organization it
+    /// belongs to, or, when it belongs to several, the one `ficus.tenant_id`
+    /// names (and only if the member belongs to it).
+    Member,
+}
+
+impl TenantContext {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantContext::Setting => "setting",
+            TenantContext::Member => "member",
+        }
+    }
+}
+
 /// The tenant id's type, the same everywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,6 +107,9 @@ pub struct Plan {
     pub database: String,
     pub system_identifier: String,
     pub id_type: IdType,
+    /// Where a transaction's tenant comes from.
+    #[serde(default)]
+    pub tenant_context: TenantContext,
     pub tenant_zero: TenantZero,
     /// Roles the live application connects as: they may call the helpers.
     pub app_roles: Vec<String>,
@@ -221,6 +249,7 @@ impl Plan {
             database: inv.database.clone(),
             system_identifier: inv.system_identifier.clone(),
             id_type,
+            tenant_context: TenantContext::Setting,
             tenant_zero: TenantZero {
                 id,
                 slug,
@@ -256,6 +285,8 @@ impl Plan {
              #        excluded (not application data). backfill: batched, or instant\n\
              #        (ADD COLUMN ... DEFAULT tenant zero: catalog-only, no row written,\n\
              #        the value lives in the catalog until each row is next updated).\n\
+             # tenant_context: setting (ficus.tenant_id, set with SET LOCAL per transaction)\n\
+             #        or member (ficus.member, an identity looked up in tenancy.members).\n\
              # app_roles: the roles the live app connects as (they may call the helpers).\n\
              # tenant_roles: the roles the tenant-aware backend connects as; the\n\
              #        isolation policies are made for them, inert until enforced.\n\
@@ -454,18 +485,30 @@ impl Plan {
                 "INSERT INTO tenancy.units (organization_id, name) VALUES ({zero}, 'main') ON CONFLICT DO NOTHING"
             )),
             stmt(format!(
-                "INSERT INTO tenancy_private.settings (key, value) VALUES ('tenant_zero', {}), ('single_tenant_mode', 'on') ON CONFLICT (key) DO NOTHING",
-                literal(&self.tenant_zero.id)
+                "INSERT INTO tenancy_private.settings (key, value) VALUES ('tenant_zero', {}), ('single_tenant_mode', 'on'), ('tenant_context', {}) ON CONFLICT (key) DO NOTHING",
+                literal(&self.tenant_zero.id),
+                literal(self.tenant_context.as_str())
             )),
             // The tenant of the current transaction: a transaction-local setting
-            // naming an existing organization, else nothing. A malformed value is
-            // no tenant, never an error.
+            // naming an existing organization, or (in member mode) the one
+            // organization the member identity belongs to, else nothing. A
+            // malformed or unknown value is no tenant, never an error, so that a
+            // probing caller learns nothing from the difference.
             stmt(format!(
                 "CREATE OR REPLACE FUNCTION tenancy_private.current_tenant_id() RETURNS {ty}
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
 AS $fn$
     SELECT o.id FROM tenancy.organizations AS o
     WHERE o.id::text = pg_catalog.current_setting('ficus.tenant_id', true)
+      AND NOT EXISTS (SELECT 1 FROM tenancy_private.settings AS s
+                      WHERE s.key = 'tenant_context' AND s.value = 'member')
+    UNION ALL
+    SELECT (pg_catalog.array_agg(m.organization_id))[1] FROM tenancy.members AS m
+    WHERE EXISTS (SELECT 1 FROM tenancy_private.settings AS s
+                  WHERE s.key = 'tenant_context' AND s.value = 'member')
+      AND m.identity = pg_catalog.current_setting('ficus.member', true)
+      AND coalesce(pg_catalog.current_setting('ficus.tenant_id', true), '') IN ('', m.organization_id::text)
+    HAVING pg_catalog.count(*) = 1
 $fn$"
             )),
             // What a new row's tenant_id defaults to: the transaction's tenant, or
@@ -495,7 +538,7 @@ END $role$"
             )),
             stmt(format!("GRANT USAGE ON SCHEMA tenancy, tenancy_private TO {owner}")),
             stmt(format!(
-                "GRANT SELECT ON tenancy.organizations, tenancy_private.settings TO {owner}"
+                "GRANT SELECT ON tenancy.organizations, tenancy.members, tenancy_private.settings TO {owner}"
             )),
             stmt(format!(
                 "ALTER FUNCTION tenancy_private.current_tenant_id() OWNER TO {owner}"

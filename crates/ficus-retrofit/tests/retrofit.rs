@@ -748,9 +748,12 @@ async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
     assert_eq!((r.from, r.to), (Phase::Off, Phase::Enabled));
     assert_eq!(
         r.verified,
-        vec![format!(
-            "as ficus_tenant: tenant zero sees {total} of {total} rows, another tenant sees 0"
-        )]
+        vec![
+            format!(
+                "as ficus_tenant: tenant zero sees {total} of {total} rows, another tenant sees 0"
+            ),
+            format!("as ficus_app (live app, no tenant context): sees {total} of {total} rows"),
+        ]
     );
     assert_eq!(visible(&db.url, "ficus_app", None).await, total);
     assert_eq!(visible(&db.url, "ficus_tenant", Some(&zero)).await, total);
@@ -797,12 +800,13 @@ async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
         .unwrap()
         .get(0);
     assert_eq!(orgs, 2, "the probe left an organization behind");
-    // Enforced: the pass-through is gone; a role outside the policy sees nothing.
+    // Enforced: the pass-through is gone; the live app sees tenant zero's rows
+    // (all of them, while tenant zero is the only tenant with rows).
     let r = enforce::step(&mut c, &plan, &inv, &customers, true, true, &opts)
         .await
         .unwrap();
     assert_eq!(r.to, Phase::Enforced);
-    assert_eq!(visible(&db.url, "ficus_app", None).await, 0);
+    assert_eq!(visible(&db.url, "ficus_app", None).await, total);
     assert_eq!(visible(&db.url, "ficus_tenant", Some(&zero)).await, total);
     assert_ne!(
         enforce::next_table(&c, &plan).await.unwrap(),
@@ -832,7 +836,7 @@ async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
     assert_eq!(
         err,
         format!(
-            "verification failed, the phase change was rolled back: as ficus_tenant: tenant zero sees {total} of {total} rows, another tenant sees {total}"
+            "verification failed, the phase change was rolled back: as ficus_tenant: tenant zero sees {total} of {total} rows, another tenant sees {total} (expected {total} and 0)"
         )
     );
     let rls: bool = c
@@ -845,4 +849,502 @@ async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
         .get(0);
     assert!(!rls, "a failed proof left row level security on");
     assert_eq!(enforce::phase(&c, &customers).await.unwrap(), Phase::Off);
+}
+
+/// Rows of `products` a role sees with no tenant context, or in a tenant's.
+async fn products_seen(url: &str, role: &str, tenant: Option<&str>) -> i64 {
+    let c = connect(&url.replace("postgres://postgres@", &format!("postgres://{role}@")))
+        .await
+        .unwrap();
+    c.execute(
+        "SELECT set_config('ficus.tenant_id', $1, false)",
+        &[&tenant.unwrap_or("")],
+    )
+    .await
+    .unwrap();
+    c.query_one("SELECT count(*) FROM products", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The live app as the tables' owner, as a plain role and as a `BYPASSRLS`
+/// role, plus the tenant-aware backend in tenant zero's context, all reading
+/// and writing while every tenant-owned table is enforced and un-enforced: no
+/// error for any of them, and what each sees is proved at every phase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_plain_and_bypassrls_apps_see_the_right_rows_in_every_phase_without_an_error() {
+    use ficus_retrofit::enforce::{self, Phase};
+    let db = sample().await;
+    let mut c = connect(&db.url).await.unwrap();
+    c.batch_execute(
+        r#"
+DO $$ BEGIN CREATE ROLE ficus_owner LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+DO $$ BEGIN CREATE ROLE ficus_bypass LOGIN BYPASSRLS; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+GRANT ALL ON SCHEMA public TO ficus_owner;
+DO $$ DECLARE r record; BEGIN
+  FOR r IN SELECT c.oid::regclass AS t FROM pg_class c
+           WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v') LOOP
+    EXECUTE format('ALTER TABLE %s OWNER TO ficus_owner', r.t);
+  END LOOP;
+END $$;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO ficus_bypass, ficus_app, ficus_tenant;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO ficus_bypass, ficus_app, ficus_tenant;
+ALTER VIEW customer_orders SET (security_invoker = true);
+"#,
+    )
+    .await
+    .unwrap();
+    let client = connect(&db.url).await.unwrap();
+    let inv = inspect(&client).await.unwrap();
+    let mut plan = Plan::draft(&inv, "Acme Homes", IdType::Uuid).unwrap();
+    plan.app_roles = vec![
+        "ficus_app".into(),
+        "ficus_bypass".into(),
+        "ficus_owner".into(),
+    ];
+    plan.tenant_roles = vec!["ficus_tenant".into()];
+    apply::apply(&mut c, &plan, &inv, &Options::default(), &mut quiet())
+        .await
+        .unwrap();
+    let zero = plan.tenant_zero.id.clone();
+
+    // The workload: every role reads every tenant-owned table and writes two of
+    // them, over and over, until every phase change is done.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let ops = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for (w, role) in ["ficus_owner", "ficus_app", "ficus_bypass", "ficus_tenant"]
+        .into_iter()
+        .enumerate()
+    {
+        let url = db
+            .url
+            .replace("postgres://postgres@", &format!("postgres://{role}@"));
+        let (stop, failures, ops, zero) = (
+            Arc::clone(&stop),
+            Arc::clone(&failures),
+            Arc::clone(&ops),
+            zero.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let live = connect(&url).await.unwrap();
+            if role == "ficus_tenant" {
+                live.execute("SELECT set_config('ficus.tenant_id', $1, false)", &[&zero])
+                    .await
+                    .unwrap();
+            }
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let n = w as u64 * 1_000_000 + i;
+                let mut statements: Vec<String> = OWNED
+                    .iter()
+                    .map(|t| format!("SELECT count(*) FROM {t}"))
+                    .collect();
+                statements.push(format!(
+                    "INSERT INTO customers (email, country) VALUES ('{role}{n}@example.test', 'NL')"
+                ));
+                statements.push(format!(
+                    "INSERT INTO audit_events (actor, action) VALUES ('{role}', 'live {n}')"
+                ));
+                statements.push(format!(
+                    "UPDATE customers SET country = 'US' WHERE id = {}",
+                    1 + n % 3000
+                ));
+                statements.push("SELECT count(*) FROM customer_orders".into());
+                for q in &statements {
+                    match live.execute(q.as_str(), &[]).await {
+                        Ok(_) => {
+                            ops.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{role}: {q}: {}", ficus_retrofit::describe(&e))),
+                    }
+                }
+            }
+        }));
+    }
+
+    let products = Table::new("public", "products");
+    let n = products_seen(&db.url, "postgres", None).await;
+    let seen = |tenant: Option<String>| {
+        let url = db.url.clone();
+        async move {
+            let mut out = Vec::new();
+            for role in ["ficus_owner", "ficus_app", "ficus_bypass"] {
+                out.push(products_seen(&url, role, None).await);
+            }
+            out.push(products_seen(&url, "ficus_tenant", Some(&zero_of(&url).await)).await);
+            out.push(products_seen(&url, "ficus_tenant", tenant.as_deref()).await);
+            out.push(products_seen(&url, "ficus_tenant", None).await);
+            out
+        }
+    };
+    // Off: row level security changes nothing for anyone.
+    assert_eq!(seen(None).await, [n, n, n, n, n, n]);
+    let mut phases = Vec::new();
+    let owned: Vec<Table> = plan
+        .owned()
+        .map(|p| Table::new(&p.schema, &p.name))
+        .collect();
+    for t in &owned {
+        for _ in 0..2 {
+            let r = enforce::step(&mut c, &plan, &inv, t, true, true, &Options::default())
+                .await
+                .unwrap();
+            phases.push((t.to_string(), r.to));
+            if t == &products && r.to == Phase::Enabled {
+                // Enabled: the live app, whatever its role, still sees every row;
+                // the tenant role only its tenant's.
+                assert_eq!(seen(None).await, [n, n, n, n, 0, 0]);
+                assert!(
+                    r.checks.iter().any(|c| c
+                        == "app role ficus_owner owns products: owners bypass row level security unless it is FORCEd, so the enforced phase FORCEs it"),
+                    "{:#?}",
+                    r.checks
+                );
+                assert!(
+                    r.checks.iter().any(|c| c
+                        == "app role ficus_bypass bypasses row level security (BYPASSRLS): it keeps seeing every row in every phase"),
+                    "{:#?}",
+                    r.checks
+                );
+            }
+        }
+    }
+    assert!(phases.iter().all(|(_, p)| *p != Phase::Off), "{phases:?}");
+    // Enforced everywhere. A second tenant gets a product of its own: the live
+    // app (owner or plain role) is confined to tenant zero and cannot see it,
+    // the BYPASSRLS role sees it, the tenant roles see exactly their tenant's.
+    let globex = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
+    let tenant = connect(
+        &db.url
+            .replace("postgres://postgres@", "postgres://ficus_tenant@"),
+    )
+    .await
+    .unwrap();
+    tenant
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL ficus.tenant_id = '{globex}'; INSERT INTO products (sku, title, price) VALUES ('globex-1', 'globex only', 1); COMMIT;"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(seen(Some(globex.clone())).await, [n, n, n + 1, n, 1, 0]);
+    // The live app's own inserts land in tenant zero, even as the owner.
+    let owner = connect(
+        &db.url
+            .replace("postgres://postgres@", "postgres://ficus_owner@"),
+    )
+    .await
+    .unwrap();
+    owner
+        .batch_execute(
+            "INSERT INTO products (sku, title, price) VALUES ('owner-1', 'by the legacy app', 1)",
+        )
+        .await
+        .unwrap();
+    let stamped: String = c
+        .query_one(
+            "SELECT tenant_id::text FROM products WHERE sku = 'owner-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stamped, zero);
+    // The live app cannot write into another tenant either.
+    let err = owner
+        .batch_execute(&format!(
+            "INSERT INTO products (sku, title, price, tenant_id) VALUES ('owner-2', 'x', 1, '{globex}')"
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        ficus_retrofit::describe(&err).contains("row-level security"),
+        "{err}"
+    );
+    let n = n + 1;
+
+    // And back, every table, phase by phase, with the other tenant's row in place.
+    for t in &owned {
+        for _ in 0..2 {
+            let r = enforce::step(&mut c, &plan, &inv, t, false, true, &Options::default())
+                .await
+                .unwrap();
+            if t == &products && r.to == Phase::Enabled {
+                assert_eq!(
+                    seen(Some(globex.clone())).await,
+                    [n + 1, n + 1, n + 1, n, 1, 0]
+                );
+            }
+        }
+    }
+    assert_eq!(seen(Some(globex.clone())).await, [n + 1; 6]);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(ops.load(Ordering::Relaxed) > 100, "the workload hardly ran");
+}
+
+/// Tenant zero's id, from the database's own settings.
+async fn zero_of(url: &str) -> String {
+    connect(url)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT value FROM tenancy_private.settings WHERE key = 'tenant_zero'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// In member mode the tenant comes from a member identity looked up in
+/// `tenancy.members`; a tenant id alone, a stranger, or an ambiguous member
+/// with no tenant named gets no rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_identity_mode_finds_the_tenant_from_tenancy_members() {
+    use ficus_retrofit::enforce;
+    use ficus_retrofit::plan::TenantContext;
+    let db = sample().await;
+    let mut c = connect(&db.url).await.unwrap();
+    c.batch_execute("ALTER VIEW customer_orders SET (security_invoker = true)")
+        .await
+        .unwrap();
+    let (mut plan, inv) = draft(&db).await;
+    plan.tenant_roles = vec!["ficus_tenant".into()];
+    plan.tenant_context = TenantContext::Member;
+    let plan = Plan::from_toml(&plan.to_toml().unwrap(), "plan.toml").unwrap();
+    assert_eq!(plan.tenant_context, TenantContext::Member);
+    apply::apply(&mut c, &plan, &inv, &Options::default(), &mut quiet())
+        .await
+        .unwrap();
+    let zero = plan.tenant_zero.id.clone();
+    let globex = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO tenancy.members (organization_id, identity) VALUES
+           ('{zero}', 'alice'), ('{zero}', 'carol'), ('{globex}', 'carol'), ('{globex}', 'bob')"
+    ))
+    .await
+    .unwrap();
+    let customers = Table::new("public", "customers");
+    // The proof works in member terms too, and leaves no member behind.
+    for _ in 0..2 {
+        enforce::step(
+            &mut c,
+            &plan,
+            &inv,
+            &customers,
+            true,
+            true,
+            &Options::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let members: i64 = c
+        .query_one("SELECT count(*) FROM tenancy.members", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(members, 4);
+    let total: i64 = c
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tenant = connect(
+        &db.url
+            .replace("postgres://postgres@", "postgres://ficus_tenant@"),
+    )
+    .await
+    .unwrap();
+    let check = |member: &'static str, tenant_id: String| {
+        let tenant = &tenant;
+        async move {
+            tenant
+                .query_one(
+                    "SELECT set_config('ficus.member', $1, false), set_config('ficus.tenant_id', $2, false)",
+                    &[&member, &tenant_id],
+                )
+                .await
+                .unwrap();
+            tenant
+                .query_one("SELECT count(*) FROM customers", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        check("alice", String::new()).await,
+        total,
+        "alice's one org"
+    );
+    assert_eq!(
+        check("bob", String::new()).await,
+        0,
+        "bob's org has no rows"
+    );
+    assert_eq!(check("carol", String::new()).await, 0, "carol is ambiguous");
+    assert_eq!(
+        check("carol", zero.clone()).await,
+        total,
+        "carol names tenant zero"
+    );
+    assert_eq!(
+        check("bob", zero.clone()).await,
+        0,
+        "bob is not tenant zero's"
+    );
+    assert_eq!(check("", zero.clone()).await, 0, "a tenant id alone");
+    assert_eq!(check("mallory", zero.clone()).await, 0, "a stranger");
+    assert_eq!(check("' OR 1=1 --", String::new()).await, 0, "sql text");
+}
+
+/// What Ficus made, enforced everywhere, lints clean; each planted weakness is
+/// found, with its severity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lint_finds_planted_weaknesses_and_nothing_in_what_ficus_made() {
+    use ficus_retrofit::enforce;
+    use ficus_retrofit::lint::{Severity, lint};
+    let db = sample().await;
+    let mut c = connect(&db.url).await.unwrap();
+    c.batch_execute("ALTER VIEW customer_orders SET (security_invoker = true)")
+        .await
+        .unwrap();
+    let (mut plan, inv) = draft(&db).await;
+    plan.tenant_roles = vec!["ficus_tenant".into()];
+    apply::apply(&mut c, &plan, &inv, &Options::default(), &mut quiet())
+        .await
+        .unwrap();
+    // Half way, Ficus's inert policies are worth a note, nothing more.
+    let before = lint(&c).await.unwrap();
+    assert_eq!(before.count(Severity::Error), 0, "{:#?}", before.findings);
+    assert_eq!(before.count(Severity::Warning), 0, "{:#?}", before.findings);
+    assert_eq!(before.count(Severity::Info), OWNED.len());
+    for p in plan.owned() {
+        let t = Table::new(&p.schema, &p.name);
+        for _ in 0..2 {
+            enforce::step(&mut c, &plan, &inv, &t, true, true, &Options::default())
+                .await
+                .unwrap();
+        }
+    }
+    let clean = lint(&c).await.unwrap();
+    assert_eq!(
+        clean.findings,
+        vec![],
+        "what Ficus made does not lint clean"
+    );
+    // A partition queried by name is isolated like its parent.
+    let globex = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
+    let tenant = connect(
+        &db.url
+            .replace("postgres://postgres@", "postgres://ficus_tenant@"),
+    )
+    .await
+    .unwrap();
+    tenant
+        .execute(
+            "SELECT set_config('ficus.tenant_id', $1, false)",
+            &[&globex],
+        )
+        .await
+        .unwrap();
+    let leaked: i64 = tenant
+        .query_one("SELECT count(*) FROM measurements_2025", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leaked, 0, "a partition escaped its parent's isolation");
+
+    c.batch_execute(
+        r#"
+CREATE FUNCTION public.leaky() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1';
+CREATE POLICY planted ON customers FOR SELECT TO ficus_tenant USING (true);
+CREATE POLICY per_row ON products AS RESTRICTIVE FOR SELECT TO ficus_tenant
+    USING (tenant_id = tenancy_private.current_tenant_id());
+ALTER VIEW customer_orders RESET (security_invoker);
+CREATE TABLE notes (id int PRIMARY KEY, tenant_id uuid);
+ALTER TABLE countries ENABLE ROW LEVEL SECURITY;
+DO $$ BEGIN CREATE ROLE ficus_lint_bypass NOLOGIN BYPASSRLS; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+GRANT SELECT ON customers TO ficus_lint_bypass;
+"#,
+    )
+    .await
+    .unwrap();
+    let found = lint(&c).await.unwrap();
+    let got: Vec<(Severity, &str, &str)> = found
+        .findings
+        .iter()
+        .map(|f| (f.severity, f.check, f.object.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                Severity::Error,
+                "definer-executable-by-public",
+                "public.leaky()"
+            ),
+            (
+                Severity::Error,
+                "definer-mutable-search-path",
+                "public.leaky()"
+            ),
+            (Severity::Error, "tenant-table-without-policy", "notes"),
+            (Severity::Error, "view-bypasses-rls", "customer_orders"),
+            (
+                Severity::Warning,
+                "definer-in-exposed-schema",
+                "public.leaky()"
+            ),
+            (Severity::Warning, "nullable-tenant-id", "notes"),
+            (
+                Severity::Warning,
+                "policy-calls-per-row",
+                "per_row on products"
+            ),
+            (Severity::Warning, "rls-without-policy", "countries"),
+            (Severity::Warning, "role-bypasses-rls", "ficus_lint_bypass"),
+            (
+                Severity::Warning,
+                "several-permissive-policies",
+                "customers"
+            ),
+            (Severity::Warning, "tenant-id-not-indexed", "notes"),
+        ]
+    );
+    let several = found
+        .findings
+        .iter()
+        .find(|f| f.check == "several-permissive-policies")
+        .unwrap();
+    assert_eq!(
+        several.message,
+        "role ficus_tenant has 2 permissive policies for SELECT (ficus_tenant_isolation, planted): they are ORed, so the widest one wins"
+    );
+    let per_row = found
+        .findings
+        .iter()
+        .find(|f| f.check == "policy-calls-per-row")
+        .unwrap();
+    assert_eq!(
+        per_row.message,
+        "calls tenancy_private.current_tenant_id() for every row it checks instead of once per query"
+    );
 }

@@ -351,6 +351,9 @@ pub enum DbCommand {
     /// Attack the isolation as the tenant roles (always rolled back): a matrix of
     /// table × attack, blocked or LEAK; exit 1 on any leak.
     Probe(DbPlanFile),
+    /// Security and performance checks on tenancy, from the catalogs, each with a
+    /// severity and a fix; exit 1 on any error.
+    Lint(DbUrl),
     /// Tenants in the database's spine.
     #[command(subcommand)]
     Tenant(DbTenantCommand),

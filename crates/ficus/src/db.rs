@@ -134,6 +134,42 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             }
             Ok(())
         }
+        DbCommand::Lint(db) => {
+            let client = connect(&db.url).await?;
+            let report = ficus_retrofit::lint::lint(&client).await?;
+            if json {
+                output::json(out, &report)?;
+            } else if report.findings.is_empty() {
+                writeln!(out, "no findings")?;
+            } else {
+                let rows: Vec<Vec<String>> = report
+                    .findings
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.severity.as_str().to_string(),
+                            f.check.to_string(),
+                            f.object.clone(),
+                            f.message.clone(),
+                            f.fix.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    out,
+                    &["SEVERITY", "CHECK", "OBJECT", "PROBLEM", "FIX"],
+                    &rows,
+                )?;
+            }
+            let errors = report.count(ficus_retrofit::lint::Severity::Error);
+            if errors > 0 {
+                bail!(
+                    "lint found {errors} error{}",
+                    if errors == 1 { "" } else { "s" }
+                );
+            }
+            Ok(())
+        }
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;
             let id = apply::add_tenant(&client, &args.id, &args.name).await?;
