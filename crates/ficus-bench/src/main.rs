@@ -14,7 +14,9 @@
 //!   PostgreSQL store and a `ficus proxy` on it, then measures the time from a
 //!   committed stage change to the proxy routing by it;
 //! - `ficus-bench backfill [--rows N] [--secs S]`: the `ficus db` numbers (see
-//!   `backfill.rs`).
+//!   `backfill.rs`);
+//! - `ficus-bench rls [--rows N] [--secs S]`: the cost of enforced row level
+//!   security for a tenant role's queries (see `rls.rs`).
 //!
 //! `ficus-bench store`:
 //! Measures, on SQLite and on a PostgreSQL cluster with durable commits:
@@ -32,6 +34,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backfill;
+mod rls;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -88,6 +91,7 @@ fn main() -> Result<(), Error> {
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
+        Some("rls") => return rls::run(&argv[1..]),
         _ => {}
     }
     let args = parse_args()?;
