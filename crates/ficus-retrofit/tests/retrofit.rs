@@ -1250,6 +1250,12 @@ async fn lint_finds_planted_weaknesses_and_nothing_in_what_ficus_made() {
         vec![],
         "what Ficus made does not lint clean"
     );
+    let probe = ficus_retrofit::probe::probe(&mut c, &plan).await.unwrap();
+    assert_eq!(probe.leaks(), 0, "{:#?}", probe.findings);
+    assert_eq!(
+        probe.findings.len(),
+        4 + OWNED.len() * ficus_retrofit::probe::ATTACKS.len()
+    );
     // A partition queried by name is isolated like its parent.
     let globex = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
     let tenant = connect(
