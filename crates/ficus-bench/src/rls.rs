@@ -109,7 +109,17 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
                 let out = Command::new(&pgbench)
                     .env("PGOPTIONS", format!("-c ficus.tenant_id={tenant}"))
                     .args(["-h", "127.0.0.1", "-p", &cluster.port().to_string()])
-                    .args(["-U", "bench_tenant", "-n", "-M", "prepared", "-c", "2", "-j", "2"])
+                    .args([
+                        "-U",
+                        "bench_tenant",
+                        "-n",
+                        "-M",
+                        "prepared",
+                        "-c",
+                        "2",
+                        "-j",
+                        "2",
+                    ])
                     .args(["-T", &secs.to_string()])
                     .args(["-D", &format!("lo={lo}"), "-D", &format!("hi={hi}")])
                     .args(["-D", &format!("tenant={tenant}")])
@@ -136,7 +146,9 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
             }
         }
     }
-    println!("| query | RLS off | enforced (Ficus's policy) | ratio | without the `SELECT` wrapper | ratio |");
+    println!(
+        "| query | RLS off | enforced (Ficus's policy) | ratio | without the `SELECT` wrapper | ratio |"
+    );
     println!("|---|---|---|---|---|---|");
     for (name, what, _, _) in SCRIPTS {
         let off = best[&("off", *name)];
@@ -154,7 +166,9 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
             off.0 / raw.0
         );
     }
-    println!("\nratio: RLS-off throughput over the state's throughput (1.00× = no overhead; the target is at most 1.10×). The count's RLS-off query filters by tenant_id itself, as an application without row level security must.");
+    println!(
+        "\nratio: RLS-off throughput over the state's throughput (1.00× = no overhead; the target is at most 1.10×). The count's RLS-off query filters by tenant_id itself, as an application without row level security must."
+    );
     Ok(())
 }
 

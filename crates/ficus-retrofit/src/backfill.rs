@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use crate::ident::literal;
+use crate::apply::{Backoff, blockers};
+use crate::ident::{Table, literal};
 use crate::inspect::TableInfo;
 use crate::plan::{Plan, key};
 use crate::{Error, Result, describe, sql};
@@ -34,6 +35,10 @@ pub struct Options {
     /// Pause while any replica's replay lag is above this.
     pub max_replica_lag: Duration,
     pub lock_timeout: Duration,
+    /// Batches in a row that may fail to get their locks (each after waiting the
+    /// lock timeout, then a jittered backoff) before the run stops cleanly and
+    /// names the sessions holding them.
+    pub attempts: u32,
 }
 
 impl Default for Options {
@@ -45,6 +50,7 @@ impl Default for Options {
             max_rows_per_sec: None,
             max_replica_lag: Duration::from_secs(10),
             lock_timeout: Duration::from_millis(500),
+            attempts: 10,
         }
     }
 }
@@ -69,6 +75,7 @@ pub async fn run(
     opts: &Options,
     on_progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<i64> {
+    let mut retry = LockRetry::new(opts);
     let t = &info.table;
     let name = key(t);
     let zero = format!("{}::{}", literal(&plan.tenant_zero.id), plan.id_type.sql());
@@ -218,7 +225,7 @@ pub async fn run(
                 Ok(r) => r,
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                     drop(tx);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    retry.wait(client, t).await?;
                     continue;
                 }
                 Err(e) => {
@@ -241,6 +248,7 @@ pub async fn run(
             tx.commit()
                 .await
                 .map_err(sql("committing a backfill batch"))?;
+            retry = LockRetry::new(opts);
             report(rows, batch, "keyset");
             if finished {
                 break;
@@ -269,7 +277,7 @@ pub async fn run(
                 Ok(n) => n as i64,
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                     drop(tx);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    retry.wait(client, t).await?;
                     continue;
                 }
                 Err(e) => {
@@ -289,6 +297,7 @@ pub async fn run(
             tx.commit()
                 .await
                 .map_err(sql("committing a backfill batch"))?;
+            retry = LockRetry::new(opts);
             if updated == 0 {
                 break;
             }
@@ -372,5 +381,40 @@ mod tests {
         assert_eq!(next_batch(1_000, Duration::from_millis(400), &o), 500);
         assert_eq!(next_batch(1_000, Duration::from_secs(100), &o), 100);
         assert_eq!(next_batch(40_000, Duration::from_millis(1), &o), 50_000);
+    }
+}
+
+/// The budget for batches that cannot get their locks: consecutive failures,
+/// each followed by a jittered wait; spent, it stops the run with the names of
+/// the sessions holding the table.
+struct LockRetry {
+    backoff: Backoff,
+    failures: u32,
+    attempts: u32,
+    timeout: Duration,
+}
+
+impl LockRetry {
+    fn new(opts: &Options) -> LockRetry {
+        LockRetry {
+            backoff: Backoff::new(),
+            failures: 0,
+            attempts: opts.attempts.max(1),
+            timeout: opts.lock_timeout,
+        }
+    }
+
+    async fn wait(&mut self, client: &Client, t: &Table) -> Result<()> {
+        self.failures += 1;
+        if self.failures >= self.attempts {
+            return Err(Error::LockTimeout {
+                step: format!("backfill:{}", key(t)),
+                timeout_ms: self.timeout.as_millis() as u64,
+                attempts: self.failures,
+                blockers: blockers(client, Some(t)).await,
+            });
+        }
+        tokio::time::sleep(self.backoff.next_wait()).await;
+        Ok(())
     }
 }

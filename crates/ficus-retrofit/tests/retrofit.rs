@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ficus_retrofit::apply::{self, Event, Options};
 use ficus_retrofit::ident::Table;
 use ficus_retrofit::inspect::Class;
-use ficus_retrofit::plan::{Backfill, IdType, Plan};
+use ficus_retrofit::plan::{Backfill, IdType, Plan, StepKind};
 use ficus_retrofit::{Error, backfill, connect, inspect};
 
 const SCHEMA: &str = r#"
@@ -442,7 +442,43 @@ async fn a_long_transaction_never_makes_other_queries_wait_past_the_lock_timeout
         worst < Duration::from_millis(200) + Duration::from_millis(400),
         "a point query waited {worst:?}, beyond the 200 ms lock timeout"
     );
-    // Once the reader is gone, the same apply finishes from where it stopped.
+    // Once the reader is gone, the columns and defaults go in; then a session
+    // that locks the table against writes stops the backfill too, within its
+    // budget, naming the holder, instead of retrying forever.
+    holder.batch_execute("COMMIT").await.unwrap();
+    for kind in [StepKind::Spine, StepKind::Column, StepKind::Default] {
+        let only = Options {
+            only: Some(kind),
+            ..Options::default()
+        };
+        apply::apply(&mut client, &plan, &inv, &only, &mut quiet())
+            .await
+            .unwrap();
+    }
+    holder
+        .batch_execute("BEGIN; LOCK TABLE customers IN SHARE MODE;")
+        .await
+        .unwrap();
+    let backfill_only = Options {
+        only: Some(StepKind::Backfill),
+        backfill: backfill::Options {
+            lock_timeout: Duration::from_millis(100),
+            attempts: 3,
+            ..backfill::Options::default()
+        },
+        ..Options::default()
+    };
+    let err = apply::apply(&mut client, &plan, &inv, &backfill_only, &mut quiet())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(
+            "backfill:public.customers: could not take its lock within 100 ms after 3 attempts"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("application \"report-job\""), "{err}");
     holder.batch_execute("COMMIT").await.unwrap();
     apply::apply(&mut client, &plan, &inv, &Options::default(), &mut quiet())
         .await
@@ -689,7 +725,6 @@ async fn visible(url: &str, role: &str, tenant: Option<&str>) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
     use ficus_retrofit::enforce::{self, Phase};
-    use ficus_retrofit::plan::StepKind;
     let db = sample().await;
     let mut c = connect(&db.url).await.unwrap();
     // A view over the table that runs as its owner would bypass row level

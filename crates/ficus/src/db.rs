@@ -336,6 +336,7 @@ fn options(args: &DbApplyArgs, only: Option<StepKind>) -> Options {
             target_batch: args.batch_time,
             max_rows_per_sec: args.max_rows_per_sec,
             lock_timeout: args.lock_timeout,
+            attempts: args.attempts.max(1),
             ..backfill::Options::default()
         },
         only,
