@@ -370,20 +370,6 @@ async fn wait_for_replicas(client: &Client, opts: &Options) -> Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_follow_the_target_duration_within_bounds() {
-        let o = Options::default();
-        assert_eq!(next_batch(1_000, Duration::from_millis(100), &o), 2_000);
-        assert_eq!(next_batch(1_000, Duration::from_millis(400), &o), 500);
-        assert_eq!(next_batch(1_000, Duration::from_secs(100), &o), 100);
-        assert_eq!(next_batch(40_000, Duration::from_millis(1), &o), 50_000);
-    }
-}
-
 /// The budget for batches that cannot get their locks: consecutive failures,
 /// each followed by a jittered wait; spent, it stops the run with the names of
 /// the sessions holding the table.
@@ -416,5 +402,19 @@ impl LockRetry {
         }
         tokio::time::sleep(self.backoff.next_wait()).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_follow_the_target_duration_within_bounds() {
+        let o = Options::default();
+        assert_eq!(next_batch(1_000, Duration::from_millis(100), &o), 2_000);
+        assert_eq!(next_batch(1_000, Duration::from_millis(400), &o), 500);
+        assert_eq!(next_batch(1_000, Duration::from_secs(100), &o), 100);
+        assert_eq!(next_batch(40_000, Duration::from_millis(1), &o), 50_000);
     }
 }
