@@ -24,9 +24,11 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const ZERO: &str = "7a1c0e2e-1111-4a4a-8b8b-000000000000";
 
-pub fn run(argv: &[String]) -> Result<(), Error> {
+/// `--rows N` (default 10 million) and `--secs S`, the flags of the
+/// PostgreSQL benchmarks.
+pub fn rows_and_secs(argv: &[String], default_secs: u64) -> Result<(i64, u64), Error> {
     let mut rows: i64 = 10_000_000;
-    let mut secs: u64 = 10;
+    let mut secs = default_secs;
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -36,6 +38,11 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
+    Ok((rows, secs))
+}
+
+pub fn run(argv: &[String]) -> Result<(), Error> {
+    let (rows, secs) = rows_and_secs(argv, 10)?;
     let cluster = ficus_testkit::PgCluster::start_with(&[
         ("shared_buffers", "1GB"),
         ("max_wal_size", "8GB"),

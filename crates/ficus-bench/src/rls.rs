@@ -59,17 +59,7 @@ const SCRIPTS: &[(&str, &str, &str, Option<&str>)] = &[
 const STATES: &[&str] = &["off", "enforced", "unwrapped"];
 
 pub fn run(argv: &[String]) -> Result<(), Error> {
-    let mut rows: i64 = 10_000_000;
-    let mut secs: u64 = 15;
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--rows" => rows = value.parse()?,
-            "--secs" => secs = value.parse()?,
-            _ => return Err(format!("unknown flag {flag}").into()),
-        }
-    }
+    let (rows, secs) = crate::backfill::rows_and_secs(argv, 10)?;
     let cluster = ficus_testkit::PgCluster::start_with(&[
         ("shared_buffers", "2GB"),
         ("max_wal_size", "8GB"),

@@ -706,34 +706,46 @@ async fn an_invalid_index_left_by_a_failed_build_is_rebuilt() {
     );
 }
 
-/// Rows of `customers` a role sees, in a tenant context (or none).
-async fn visible(url: &str, role: &str, tenant: Option<&str>) -> i64 {
+/// Rows of `table` a role sees, in a tenant context (or none).
+async fn rows_seen(url: &str, role: &str, table: &str, tenant: Option<&str>) -> i64 {
     let c = connect(&url.replace("postgres://postgres@", &format!("postgres://{role}@")))
         .await
         .unwrap();
-    if let Some(t) = tenant {
-        c.execute("SELECT set_config('ficus.tenant_id', $1, false)", &[&t])
-            .await
-            .unwrap();
-    }
-    c.query_one("SELECT count(*) FROM customers", &[])
+    c.execute(
+        "SELECT set_config('ficus.tenant_id', $1, false)",
+        &[&tenant.unwrap_or("")],
+    )
+    .await
+    .unwrap();
+    c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await
         .unwrap()
         .get(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
-    use ficus_retrofit::enforce::{self, Phase};
+/// Rows of `customers` a role sees, in a tenant context (or none).
+async fn visible(url: &str, role: &str, tenant: Option<&str>) -> i64 {
+    rows_seen(url, role, "customers", tenant).await
+}
+
+/// The sample, its view running as its invoker (a view running as its owner
+/// would bypass row level security, and the pre-checks refuse it), a drafted
+/// plan with `ficus_tenant` as the tenant role, and a migrator connection.
+async fn enforceable() -> (Db, tokio_postgres::Client, Plan, ficus_retrofit::Inventory) {
     let db = sample().await;
-    let mut c = connect(&db.url).await.unwrap();
-    // A view over the table that runs as its owner would bypass row level
-    // security; the pre-check refuses until it runs as its invoker.
+    let c = connect(&db.url).await.unwrap();
     c.batch_execute("ALTER VIEW customer_orders SET (security_invoker = true)")
         .await
         .unwrap();
     let (mut plan, inv) = draft(&db).await;
     plan.tenant_roles = vec!["ficus_tenant".into()];
+    (db, c, plan, inv)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
+    use ficus_retrofit::enforce::{self, Phase};
+    let (db, mut c, plan, inv) = enforceable().await;
     let customers = Table::new("public", "customers");
     for kind in [
         StepKind::Spine,
@@ -888,19 +900,7 @@ async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
 
 /// Rows of `products` a role sees with no tenant context, or in a tenant's.
 async fn products_seen(url: &str, role: &str, tenant: Option<&str>) -> i64 {
-    let c = connect(&url.replace("postgres://postgres@", &format!("postgres://{role}@")))
-        .await
-        .unwrap();
-    c.execute(
-        "SELECT set_config('ficus.tenant_id', $1, false)",
-        &[&tenant.unwrap_or("")],
-    )
-    .await
-    .unwrap();
-    c.query_one("SELECT count(*) FROM products", &[])
-        .await
-        .unwrap()
-        .get(0)
+    rows_seen(url, role, "products", tenant).await
 }
 
 /// The live app as the tables' owner, as a plain role and as a `BYPASSRLS`
@@ -1154,13 +1154,7 @@ async fn zero_of(url: &str) -> String {
 async fn member_identity_mode_finds_the_tenant_from_tenancy_members() {
     use ficus_retrofit::enforce;
     use ficus_retrofit::plan::TenantContext;
-    let db = sample().await;
-    let mut c = connect(&db.url).await.unwrap();
-    c.batch_execute("ALTER VIEW customer_orders SET (security_invoker = true)")
-        .await
-        .unwrap();
-    let (mut plan, inv) = draft(&db).await;
-    plan.tenant_roles = vec!["ficus_tenant".into()];
+    let (db, mut c, mut plan, inv) = enforceable().await;
     plan.tenant_context = TenantContext::Member;
     let plan = Plan::from_toml(&plan.to_toml().unwrap(), "plan.toml").unwrap();
     assert_eq!(plan.tenant_context, TenantContext::Member);
@@ -1256,13 +1250,7 @@ async fn member_identity_mode_finds_the_tenant_from_tenancy_members() {
 async fn lint_finds_planted_weaknesses_and_nothing_in_what_ficus_made() {
     use ficus_retrofit::enforce;
     use ficus_retrofit::lint::{Severity, lint};
-    let db = sample().await;
-    let mut c = connect(&db.url).await.unwrap();
-    c.batch_execute("ALTER VIEW customer_orders SET (security_invoker = true)")
-        .await
-        .unwrap();
-    let (mut plan, inv) = draft(&db).await;
-    plan.tenant_roles = vec!["ficus_tenant".into()];
+    let (db, mut c, plan, inv) = enforceable().await;
     apply::apply(&mut c, &plan, &inv, &Options::default(), &mut quiet())
         .await
         .unwrap();
@@ -1329,47 +1317,25 @@ GRANT SELECT ON customers TO ficus_lint_bypass;
     .await
     .unwrap();
     let found = lint(&c).await.unwrap();
-    let got: Vec<(Severity, &str, &str)> = found
+    let got: String = found
         .findings
         .iter()
-        .map(|f| (f.severity, f.check, f.object.as_str()))
+        .map(|f| format!("{} {} {}\n", f.severity.as_str(), f.check, f.object))
         .collect();
-    assert_eq!(
-        got,
-        [
-            (
-                Severity::Error,
-                "definer-executable-by-public",
-                "public.leaky()"
-            ),
-            (
-                Severity::Error,
-                "definer-mutable-search-path",
-                "public.leaky()"
-            ),
-            (Severity::Error, "tenant-table-without-policy", "notes"),
-            (Severity::Error, "view-bypasses-rls", "customer_orders"),
-            (
-                Severity::Warning,
-                "definer-in-exposed-schema",
-                "public.leaky()"
-            ),
-            (Severity::Warning, "nullable-tenant-id", "notes"),
-            (
-                Severity::Warning,
-                "policy-calls-per-row",
-                "per_row on products"
-            ),
-            (Severity::Warning, "rls-without-policy", "countries"),
-            (Severity::Warning, "role-bypasses-rls", "ficus_lint_bypass"),
-            (
-                Severity::Warning,
-                "several-permissive-policies",
-                "customers"
-            ),
-            (Severity::Warning, "tenant-id-not-indexed", "notes"),
-        ]
-    );
+    expect_test::expect![[r#"
+        error definer-executable-by-public public.leaky()
+        error definer-mutable-search-path public.leaky()
+        error tenant-table-without-policy notes
+        error view-bypasses-rls customer_orders
+        warning definer-in-exposed-schema public.leaky()
+        warning nullable-tenant-id notes
+        warning policy-calls-per-row per_row on products
+        warning rls-without-policy countries
+        warning role-bypasses-rls ficus_lint_bypass
+        warning several-permissive-policies customers
+        warning tenant-id-not-indexed notes
+    "#]]
+    .assert_eq(&got);
     let several = found
         .findings
         .iter()
