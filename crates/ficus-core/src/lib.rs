@@ -6,6 +6,7 @@
 //! the proxy and the CLI call into it so that every one of them decides the same way.
 
 pub mod audit;
+pub mod config;
 pub mod latency;
 pub mod progress;
 pub mod readiness;

@@ -35,7 +35,7 @@ pub use crate::url::StoreUrl;
 
 /// The schema version this build writes. A store with a higher version was written by
 /// a newer Ficus and is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// A tenant to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +156,31 @@ pub enum OpenMode {
     Create,
     /// The store must exist already; every other command.
     Existing,
+}
+
+/// One version of a tenant's configuration: the document as written (JSON,
+/// which the store keeps as text and never reads) and who wrote it, when, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigVersion {
+    pub tenant: TenantId,
+    pub version: u64,
+    pub document: String,
+    pub actor: Actor,
+    pub reason: String,
+    pub at: Timestamp,
+}
+
+/// A new version of a tenant's configuration.
+#[derive(Debug, Clone)]
+pub struct ConfigChange {
+    pub tenant: TenantId,
+    pub document: String,
+    /// The custom domains the document names.
+    pub domains: Vec<Domain>,
+    /// The version the change was decided on (0: the tenant had none).
+    pub expected_version: u64,
+    pub actor: Actor,
+    pub reason: String,
 }
 
 /// What happened when a store was opened with [`OpenMode::Create`].
@@ -279,6 +304,24 @@ pub trait ControlStore: Send + Sync + 'static {
     /// Follows committed changes after `from_seq` (after the current position when
     /// `None`). The feed stops when the subscription is dropped.
     fn subscribe(&self, from_seq: Option<u64>) -> Subscription;
+
+    /// One version of a tenant's configuration (the latest when `version` is
+    /// `None`); `None` when the tenant has none (yet, or of that number).
+    async fn tenant_config(
+        &self,
+        tenant: &TenantId,
+        version: Option<u64>,
+    ) -> Result<Option<ConfigVersion>>;
+
+    /// Every version of a tenant's configuration, newest first.
+    async fn tenant_config_history(&self, tenant: &TenantId) -> Result<Vec<ConfigVersion>>;
+
+    /// Writes the next version of a tenant's configuration, if the latest is
+    /// still `change.expected_version` (0: none yet). The tenant's custom
+    /// domains become `change.domains` in the same transaction, so that routing
+    /// follows at once through the change feed; a domain of another tenant is
+    /// refused.
+    async fn set_tenant_config(&self, change: ConfigChange) -> Result<ConfigVersion>;
 }
 
 /// Opens the store at `url`.
@@ -339,6 +382,14 @@ pub enum StoreError {
         changed_by: Actor,
         changed_at: String,
         reason: String,
+    },
+    #[error(
+        "tenant {tenant}'s configuration changed since version {expected}: it is at version {actual}; nothing was written"
+    )]
+    ConfigStale {
+        tenant: TenantId,
+        expected: u64,
+        actual: u64,
     },
     #[error("a reason is required and must not be empty")]
     MissingReason,

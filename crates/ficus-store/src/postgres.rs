@@ -23,11 +23,11 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
 
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
-use crate::rules::{self, AuditRow, NewEvent, TenantRow};
+use crate::rules::{self, AuditRow, ConfigRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ComparisonCount, ControlStore, InitOutcome, LatencyReport, MismatchSample,
-    NewTenant, NoiseEntry, OpenMode, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange,
-    StoreError, StoreUrl, TrafficCount, now,
+    AuditQuery, ComparisonCount, ConfigChange, ConfigVersion, ControlStore, InitOutcome,
+    LatencyReport, MismatchSample, NewTenant, NoiseEntry, OpenMode, Result, SAMPLES_KEPT,
+    SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl, TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -163,6 +163,19 @@ CREATE TABLE {s}.latencies (
     count     bigint NOT NULL,
     PRIMARY KEY (tenant_id, backend, hour, bucket)
 );
+"#,
+    r#"
+CREATE TABLE {s}.tenant_configs (
+    tenant_id text NOT NULL REFERENCES {s}.tenants (id),
+    version   bigint NOT NULL CHECK (version > 0),
+    document  text NOT NULL,
+    at        bigint NOT NULL,
+    actor     text NOT NULL,
+    reason    text NOT NULL,
+    PRIMARY KEY (tenant_id, version)
+);
+CREATE TRIGGER tenant_configs_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {s}.tenant_configs
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_log_append_only();
 "#,
 ];
 
@@ -1336,6 +1349,126 @@ impl ControlStore for PgStore {
         self.inner.load_changes(&**client, seq).await
     }
 
+    async fn tenant_config(
+        &self,
+        tenant: &TenantId,
+        version: Option<u64>,
+    ) -> Result<Option<ConfigVersion>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let version = version.map(|v| v as i64);
+        client
+            .query_opt(
+                &s.q(
+                    "SELECT tenant_id, version, document, at, actor, reason FROM {s}.tenant_configs
+                      WHERE tenant_id = $1 AND ($2::bigint IS NULL OR version = $2)
+                      ORDER BY version DESC LIMIT 1",
+                ),
+                &[&tenant.as_str(), &version],
+            )
+            .await
+            .map_err(s.err("reading a configuration"))?
+            .map(|r| rules::config_from_row(config_row(&r)))
+            .transpose()
+    }
+
+    async fn tenant_config_history(&self, tenant: &TenantId) -> Result<Vec<ConfigVersion>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        client
+            .query(
+                &s.q(
+                    "SELECT tenant_id, version, document, at, actor, reason FROM {s}.tenant_configs
+                      WHERE tenant_id = $1 ORDER BY version DESC",
+                ),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(s.err("reading configuration history"))?
+            .iter()
+            .map(|r| rules::config_from_row(config_row(r)))
+            .collect()
+    }
+
+    async fn set_tenant_config(&self, change: ConfigChange) -> Result<ConfigVersion> {
+        rules::config_change(&change)?;
+        let s = &*self.inner;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        // Taking the change-log position first serializes writers, so two
+        // concurrent changes cannot both be decided on the same version.
+        let seq = s.next_seq(&*tx).await?;
+        let id = change.tenant.as_str();
+        if s.load_tenant(&*tx, id).await?.is_none() {
+            return Err(StoreError::UnknownTenant(change.tenant.clone()));
+        }
+        let current: i64 = tx
+            .query_one(
+                &s.q(
+                    "SELECT coalesce(max(version), 0) FROM {s}.tenant_configs WHERE tenant_id = $1",
+                ),
+                &[&id],
+            )
+            .await
+            .map_err(s.err("reading a configuration"))?
+            .get(0);
+        if current as u64 != change.expected_version {
+            return Err(StoreError::ConfigStale {
+                tenant: change.tenant.clone(),
+                expected: change.expected_version,
+                actual: current as u64,
+            });
+        }
+        let domains: Vec<&str> = change.domains.iter().map(Domain::as_str).collect();
+        let mut owners = s.domain_owners(&*tx, &domains).await?;
+        owners.retain(|_, owner| owner != id);
+        check_domains_free(&owners, &change.domains)?;
+        tx.execute(
+            &s.q("DELETE FROM {s}.tenant_domains WHERE tenant_id = $1"),
+            &[&id],
+        )
+        .await
+        .map_err(s.err("replacing domains"))?;
+        tx.execute(
+            &s.q(
+                "INSERT INTO {s}.tenant_domains (domain, tenant_id) SELECT unnest($1::text[]), $2",
+            ),
+            &[&domains, &id],
+        )
+        .await
+        .map_err(s.err("replacing domains"))?;
+        let at = now().unix_millis();
+        tx.execute(
+            &s.q(
+                "INSERT INTO {s}.tenant_configs (tenant_id, version, document, at, actor, reason)
+                  VALUES ($1, $2, $3, $4, $5, $6)",
+            ),
+            &[
+                &id,
+                &(current + 1),
+                &change.document,
+                &at,
+                &change.actor.as_str(),
+                &change.reason,
+            ],
+        )
+        .await
+        .map_err(s.err("writing a configuration"))?;
+        s.record_change(&*tx, seq, Some(id)).await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        Ok(ConfigVersion {
+            tenant: change.tenant,
+            version: current as u64 + 1,
+            document: change.document,
+            actor: change.actor,
+            reason: change.reason,
+            at: Timestamp::from_unix_millis(at),
+        })
+    }
+
     fn subscribe(&self, from_seq: Option<u64>) -> Subscription {
         let (tx, sub) = Subscription::channel();
         match tokio::runtime::Handle::try_current() {
@@ -1464,4 +1597,15 @@ async fn follow(
     .await;
     driver.abort();
     result
+}
+
+fn config_row(r: &tokio_postgres::Row) -> ConfigRow {
+    ConfigRow {
+        tenant: r.get(0),
+        version: r.get(1),
+        document: r.get(2),
+        at: r.get(3),
+        actor: r.get(4),
+        reason: r.get(5),
+    }
 }

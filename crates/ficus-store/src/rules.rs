@@ -9,7 +9,10 @@ use ficus_core::{
     Actor, AuditEvent, Backend, Domain, Stage, Tenant, TenantId, Timestamp, Transition,
 };
 
-use crate::{ConflictKind, ImportConflict, NewTenant, StageChange, StoreError, format_time};
+use crate::{
+    ConfigChange, ConfigVersion, ConflictKind, ImportConflict, NewTenant, StageChange, StoreError,
+    format_time,
+};
 
 /// One audit event about to be appended, as both stores write it.
 pub(crate) struct NewEvent<'a> {
@@ -221,6 +224,45 @@ pub(crate) fn audit_from_row(row: AuditRow) -> Result<AuditEvent, StoreError> {
         actor: Actor::parse(&row.actor).map_err(|e| corrupt(&e))?,
         reason: row.reason,
     })
+}
+
+/// A configuration version as a backend reads it.
+pub(crate) struct ConfigRow {
+    pub tenant: String,
+    pub version: i64,
+    pub document: String,
+    pub at: i64,
+    pub actor: String,
+    pub reason: String,
+}
+
+pub(crate) fn config_from_row(row: ConfigRow) -> Result<ConfigVersion, StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| {
+        StoreError::Corrupt(format!(
+            "configuration {} of {}: {e}",
+            row.version, row.tenant
+        ))
+    };
+    Ok(ConfigVersion {
+        tenant: TenantId::parse(&row.tenant).map_err(|e| corrupt(&e))?,
+        version: u64::try_from(row.version).map_err(|e| corrupt(&e))?,
+        document: row.document,
+        actor: Actor::parse(&row.actor).map_err(|e| corrupt(&e))?,
+        reason: row.reason,
+        at: Timestamp::from_unix_millis(row.at),
+    })
+}
+
+/// Checks a configuration change before any backend writes it: a reason, and
+/// no domain twice.
+pub(crate) fn config_change(change: &ConfigChange) -> Result<(), StoreError> {
+    reason(&change.reason)?;
+    for (i, d) in change.domains.iter().enumerate() {
+        if change.domains[..i].contains(d) {
+            return Err(StoreError::DuplicateDomain(d.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// The key a traffic count is stored under: the tenant id, or "" for requests

@@ -19,11 +19,11 @@ use rusqlite::{
 };
 
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
-use crate::rules::{self, AuditRow, NewEvent, TenantRow};
+use crate::rules::{self, AuditRow, ConfigRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ComparisonCount, ControlStore, InitOutcome, LatencyReport, MismatchSample,
-    NewTenant, NoiseEntry, OpenMode, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange,
-    StoreError, TrafficCount, now,
+    AuditQuery, ComparisonCount, ConfigChange, ConfigVersion, ControlStore, InitOutcome,
+    LatencyReport, MismatchSample, NewTenant, NoiseEntry, OpenMode, Result, SAMPLES_KEPT,
+    SCHEMA_VERSION, Snapshot, StageChange, StoreError, TrafficCount, now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -162,6 +162,21 @@ CREATE TABLE latencies (
     count     INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, backend, hour, bucket)
 ) STRICT;
+"#,
+    r#"
+CREATE TABLE tenant_configs (
+    tenant_id TEXT NOT NULL REFERENCES tenants (id),
+    version   INTEGER NOT NULL CHECK (version > 0),
+    document  TEXT NOT NULL,
+    at        INTEGER NOT NULL,
+    actor     TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, version)
+) STRICT;
+CREATE TRIGGER tenant_configs_no_update BEFORE UPDATE ON tenant_configs
+BEGIN SELECT RAISE(ABORT, 'configuration history is append-only'); END;
+CREATE TRIGGER tenant_configs_no_delete BEFORE DELETE ON tenant_configs
+BEGIN SELECT RAISE(ABORT, 'configuration history is append-only'); END;
 "#,
 ];
 
@@ -1200,6 +1215,115 @@ impl ControlStore for SqliteStore {
             .await
     }
 
+    async fn tenant_config(
+        &self,
+        tenant: &TenantId,
+        version: Option<u64>,
+    ) -> Result<Option<ConfigVersion>> {
+        let (id, version) = (tenant.as_str().to_string(), version.map(|v| v as i64));
+        self.with(move |conn, location| {
+            conn.prepare_cached(
+                "SELECT tenant_id, version, document, at, actor, reason FROM tenant_configs
+                 WHERE tenant_id = ?1 AND (?2 IS NULL OR version = ?2)
+                 ORDER BY version DESC LIMIT 1",
+            )
+            .and_then(|mut s| s.query_row(params![id, version], config_row).optional())
+            .map_err(sql_err(location, "reading a configuration"))?
+            .map(rules::config_from_row)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn tenant_config_history(&self, tenant: &TenantId) -> Result<Vec<ConfigVersion>> {
+        let id = tenant.as_str().to_string();
+        self.with(move |conn, location| {
+            let rows: Vec<ConfigRow> = conn
+                .prepare_cached(
+                    "SELECT tenant_id, version, document, at, actor, reason FROM tenant_configs
+                     WHERE tenant_id = ?1 ORDER BY version DESC",
+                )
+                .and_then(|mut s| s.query_map([&id], config_row)?.collect())
+                .map_err(sql_err(location, "reading configuration history"))?;
+            rows.into_iter().map(rules::config_from_row).collect()
+        })
+        .await
+    }
+
+    async fn set_tenant_config(&self, change: ConfigChange) -> Result<ConfigVersion> {
+        rules::config_change(&change)?;
+        self.write(move |tx, location, seq| {
+            let id = change.tenant.as_str();
+            if load_tenant(tx, location, id)?.is_none() {
+                return Err(StoreError::UnknownTenant(change.tenant.clone()));
+            }
+            let current: i64 = tx
+                .query_row(
+                    "SELECT coalesce(max(version), 0) FROM tenant_configs WHERE tenant_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err(location, "reading a configuration"))?;
+            if current as u64 != change.expected_version {
+                return Err(StoreError::ConfigStale {
+                    tenant: change.tenant.clone(),
+                    expected: change.expected_version,
+                    actual: current as u64,
+                });
+            }
+            for d in &change.domains {
+                let owner: Option<String> = tx
+                    .query_row(
+                        "SELECT tenant_id FROM tenant_domains WHERE domain = ?1 AND tenant_id <> ?2",
+                        [d.as_str(), id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(sql_err(location, "checking a domain"))?;
+                if let Some(owner) = owner {
+                    return Err(StoreError::DomainTaken {
+                        domain: d.clone(),
+                        owner: TenantId::parse(&owner)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    });
+                }
+            }
+            tx.execute("DELETE FROM tenant_domains WHERE tenant_id = ?1", [id])
+                .map_err(sql_err(location, "replacing domains"))?;
+            for d in &change.domains {
+                tx.execute(
+                    "INSERT INTO tenant_domains (domain, tenant_id) VALUES (?1, ?2)",
+                    [d.as_str(), id],
+                )
+                .map_err(sql_err(location, "replacing domains"))?;
+            }
+            let at = now().unix_millis();
+            tx.execute(
+                "INSERT INTO tenant_configs (tenant_id, version, document, at, actor, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    id,
+                    current + 1,
+                    change.document,
+                    at,
+                    change.actor.as_str(),
+                    change.reason
+                ],
+            )
+            .map_err(sql_err(location, "writing a configuration"))?;
+            record_change(tx, location, seq, Some(id))?;
+            Ok(ConfigVersion {
+                tenant: change.tenant.clone(),
+                version: current as u64 + 1,
+                document: change.document.clone(),
+                actor: change.actor,
+                reason: change.reason.clone(),
+                at: Timestamp::from_unix_millis(at),
+            })
+        })
+        .await
+    }
+
     fn subscribe(&self, from_seq: Option<u64>) -> Subscription {
         let (tx, sub) = Subscription::channel();
         let path = self.path.clone();
@@ -1288,4 +1412,15 @@ fn sqlite_feed(
         )]
         std::thread::sleep(FEED_POLL);
     }
+}
+
+fn config_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConfigRow> {
+    Ok(ConfigRow {
+        tenant: r.get(0)?,
+        version: r.get(1)?,
+        document: r.get(2)?,
+        at: r.get(3)?,
+        actor: r.get(4)?,
+        reason: r.get(5)?,
+    })
 }

@@ -739,6 +739,114 @@ async fn keeps_settings_with_audited_changes(store: Arc<dyn ControlStore>) {
     assert!(!store.legacy_retired().await.unwrap());
 }
 
+async fn versions_tenant_configuration_and_moves_its_domains(store: Arc<dyn ControlStore>) {
+    use ficus_store::ConfigChange;
+    store
+        .add_tenant(
+            new("acme", Stage::Legacy, &["acme.test"]),
+            Actor::Cli,
+            "new",
+        )
+        .await
+        .unwrap();
+    store
+        .add_tenant(
+            new("globex", Stage::Legacy, &["globex.test"]),
+            Actor::Cli,
+            "new",
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.tenant_config(&id("acme"), None).await.unwrap(), None);
+    let set = |doc: &str, domains: &[&str], expected: u64| ConfigChange {
+        tenant: id("acme"),
+        document: doc.to_string(),
+        domains: domains.iter().map(|d| Domain::parse(d).unwrap()).collect(),
+        expected_version: expected,
+        actor: Actor::Api,
+        reason: format!("write {doc}"),
+    };
+    let v1 = store
+        .set_tenant_config(set("{\"v\":1}", &["acme.test", "homes.acme.test"], 0))
+        .await
+        .unwrap();
+    assert_eq!(v1.version, 1);
+    let mut feed = store.subscribe(Some(store.snapshot().await.unwrap().seq));
+    let v2 = store
+        .set_tenant_config(set("{\"v\":2}", &["homes.acme.test"], 1))
+        .await
+        .unwrap();
+    assert_eq!((v2.version, v2.actor), (2, Actor::Api));
+    // The domains moved with the configuration, and the feed says so.
+    let changed = next_change(&mut feed).await;
+    assert!(changed.tenants.contains(&id("acme")), "{changed:?}");
+    assert_eq!(
+        store.tenant(&id("acme")).await.unwrap().unwrap().domains,
+        vec![Domain::parse("homes.acme.test").unwrap()]
+    );
+    // Stale, taken by another tenant, twice, no reason, unknown tenant: refused,
+    // nothing written.
+    check_err(
+        store.set_tenant_config(set("{}", &[], 1)).await,
+        expect![
+            "tenant acme's configuration changed since version 1: it is at version 2; nothing was written"
+        ],
+    );
+    check_err(
+        store
+            .set_tenant_config(set("{}", &["globex.test"], 2))
+            .await,
+        expect!["domain globex.test already belongs to tenant globex"],
+    );
+    check_err(
+        store
+            .set_tenant_config(set("{}", &["a.test", "a.test"], 2))
+            .await,
+        expect!["domain a.test is given twice"],
+    );
+    let mut blank = set("{}", &[], 2);
+    blank.reason = " ".into();
+    check_err(
+        store.set_tenant_config(blank).await,
+        expect!["a reason is required and must not be empty"],
+    );
+    let mut stranger = set("{}", &[], 0);
+    stranger.tenant = id("nobody");
+    check_err(
+        store.set_tenant_config(stranger).await,
+        expect!["no tenant nobody"],
+    );
+    let history = store.tenant_config_history(&id("acme")).await.unwrap();
+    let versions: Vec<(u64, &str, &str)> = history
+        .iter()
+        .map(|v| (v.version, v.document.as_str(), v.reason.as_str()))
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            (2, "{\"v\":2}", "write {\"v\":2}"),
+            (1, "{\"v\":1}", "write {\"v\":1}")
+        ]
+    );
+    assert_eq!(
+        store
+            .tenant_config(&id("acme"), Some(1))
+            .await
+            .unwrap()
+            .unwrap()
+            .document,
+        "{\"v\":1}"
+    );
+    assert_eq!(
+        store.tenant_config(&id("acme"), Some(9)).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.tenant(&id("globex")).await.unwrap().unwrap().domains,
+        vec![Domain::parse("globex.test").unwrap()]
+    );
+}
+
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn ControlStore> {
     let url =
         StoreUrl::parse(&format!("sqlite:{}", dir.path().join("ficus.db").display())).unwrap();
@@ -787,6 +895,7 @@ both!(
     keeps_comparison_evidence_bounded,
     sums_latency_histograms_per_backend,
     keeps_settings_with_audited_changes,
+    versions_tenant_configuration_and_moves_its_domains,
 );
 
 /// Faults specific to the embedded store: files that are not ours must come out of
@@ -860,6 +969,7 @@ mod sqlite_faults {
             c.execute_batch(
                 "DROP TABLE settings; DROP TABLE global_audit; DROP TABLE legacy_traffic; DROP TABLE traffic_reports;
                  DROP TABLE comparisons; DROP TABLE mismatch_samples; DROP TABLE noise_paths; DROP TABLE latencies;
+                 DROP TABLE tenant_configs;
                  UPDATE ficus_meta SET value = '1' WHERE key = 'schema_version';",
             )
             .unwrap();
@@ -940,7 +1050,7 @@ mod sqlite_faults {
             let err = open(&path, mode).await.err().unwrap();
             assert_eq!(
                 location(&err, &path),
-                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 4); upgrade ficus, the store was not modified"
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 5); upgrade ficus, the store was not modified"
             );
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }
