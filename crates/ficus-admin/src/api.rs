@@ -340,3 +340,51 @@ pub struct GateRequest {
     pub gate: GateJson,
     pub reason: String,
 }
+
+/// One version of a tenant's configuration. Version 0 is the configuration a
+/// tenant has before anyone wrote one (its name and domains).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigJson {
+    pub tenant: String,
+    pub version: u64,
+    pub config: serde_json::Value,
+    pub actor: Option<String>,
+    pub reason: Option<String>,
+    pub at: Option<String>,
+}
+
+impl ConfigJson {
+    pub fn from_version(v: &ficus_store::ConfigVersion, config: serde_json::Value) -> ConfigJson {
+        ConfigJson {
+            tenant: v.tenant.to_string(),
+            version: v.version,
+            config,
+            actor: Some(v.actor.as_str().to_string()),
+            reason: Some(v.reason.clone()),
+            at: Some(format_time(v.at)),
+        }
+    }
+}
+
+/// Every version, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigHistoryJson {
+    pub tenant: String,
+    pub versions: Vec<ConfigJson>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigRequest {
+    /// The whole document (see `/v1/tenant-config.schema.json`).
+    pub config: serde_json::Value,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The version whose document becomes the next version.
+    pub version: u64,
+    pub reason: String,
+}

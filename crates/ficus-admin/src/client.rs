@@ -12,9 +12,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    AddRequest, ErrorJson, EventsJson, GateJson, GateRequest, MismatchesJson, PromoteRequest,
-    ReadinessAllJson, ReadinessJson, RetireJson, RetireRequest, RollbackRequest, ShowJson,
-    StageRequest, StatusJson, TenantEnvelope, TenantsJson,
+    AddRequest, ConfigHistoryJson, ConfigJson, ConfigRequest, ErrorJson, EventsJson, GateJson,
+    GateRequest, MismatchesJson, PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest,
+    RetireJson, RetireRequest, RollbackRequest, ShowJson, StageRequest, StatusJson, TenantEnvelope,
+    TenantsJson,
 };
 use crate::ops::{AuditFilter, Control, GateOverrides};
 use crate::server::gate_version;
@@ -263,6 +264,50 @@ impl Control for Remote {
     async fn set_gate(&self, request: GateRequest) -> Result<GateJson> {
         let current = gate_version(&self.gate().await?);
         self.write(Method::PUT, "/v1/gate", &current, &request)
+            .await
+    }
+
+    async fn config(&self, id: &TenantId, version: Option<u64>) -> Result<ConfigJson> {
+        let path = format!("/v1/tenants/{}/config", path_id(id));
+        self.get(&with_query(
+            &path,
+            &serde_json::json!({ "version": version }),
+        ))
+        .await
+    }
+
+    async fn set_config(
+        &self,
+        id: &TenantId,
+        request: ConfigRequest,
+        if_version: Option<u64>,
+    ) -> Result<ConfigJson> {
+        let v = match if_version {
+            Some(v) => v,
+            None => self.config(id, None).await?.version,
+        };
+        let path = format!("/v1/tenants/{}/config", path_id(id));
+        self.write(Method::PUT, &path, &v.to_string(), &request)
+            .await
+    }
+
+    async fn config_history(&self, id: &TenantId) -> Result<ConfigHistoryJson> {
+        self.get(&format!("/v1/tenants/{}/config/history", path_id(id)))
+            .await
+    }
+
+    async fn restore_config(
+        &self,
+        id: &TenantId,
+        request: RestoreRequest,
+        if_version: Option<u64>,
+    ) -> Result<ConfigJson> {
+        let v = match if_version {
+            Some(v) => v,
+            None => self.config(id, None).await?.version,
+        };
+        let path = format!("/v1/tenants/{}/config/restore", path_id(id));
+        self.write(Method::POST, &path, &v.to_string(), &request)
             .await
     }
 }

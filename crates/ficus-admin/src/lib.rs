@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod client;
+pub mod config;
 pub mod gate;
 pub mod ops;
 pub mod server;

@@ -7,17 +7,20 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use ficus_core::config::TenantConfig;
 use ficus_core::readiness::{EndpointEvidence, Readiness, judge};
 use ficus_core::{Actor, Domain, Stage, TenantId, Timestamp, Transition, tenant::parse_name};
-use ficus_store::{AuditQuery, ControlStore, NewTenant, StageChange, StoreError};
+use ficus_store::{AuditQuery, ConfigChange, ControlStore, NewTenant, StageChange, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    AddRequest, ComparisonsJson, CriterionJson, EventJson, EventsJson, GateJson, GateRequest,
-    LegacyTrafficJson, MismatchJson, MismatchesJson, PromoteRequest, ReadinessAllJson,
-    ReadinessJson, RetireJson, RetireRequest, RollbackRequest, ShowJson, StageRequest, StatusJson,
-    TenantEnvelope, TenantJson, TenantsJson, retire_version,
+    AddRequest, ComparisonsJson, ConfigHistoryJson, ConfigJson, ConfigRequest, CriterionJson,
+    EventJson, EventsJson, GateJson, GateRequest, LegacyTrafficJson, MismatchJson, MismatchesJson,
+    PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest, RetireJson, RetireRequest,
+    RollbackRequest, ShowJson, StageRequest, StatusJson, TenantEnvelope, TenantJson, TenantsJson,
+    retire_version,
 };
+use crate::config;
 use crate::gate::{self, Gate};
 use crate::{Error, Result};
 
@@ -92,6 +95,23 @@ pub trait Control: Send + Sync {
     async fn retire(&self, request: RetireRequest, if_version: Option<&str>) -> Result<RetireJson>;
     async fn gate(&self) -> Result<GateJson>;
     async fn set_gate(&self, request: GateRequest) -> Result<GateJson>;
+    /// A tenant's configuration: the latest, or `version`.
+    async fn config(&self, id: &TenantId, version: Option<u64>) -> Result<ConfigJson>;
+    /// Writes the next version; `if_version` makes it a compare-and-set.
+    async fn set_config(
+        &self,
+        id: &TenantId,
+        request: ConfigRequest,
+        if_version: Option<u64>,
+    ) -> Result<ConfigJson>;
+    async fn config_history(&self, id: &TenantId) -> Result<ConfigHistoryJson>;
+    /// Makes an earlier version's document the next version.
+    async fn restore_config(
+        &self,
+        id: &TenantId,
+        request: RestoreRequest,
+        if_version: Option<u64>,
+    ) -> Result<ConfigJson>;
 }
 
 /// The control plane on a store this process opened.
@@ -542,6 +562,93 @@ impl Control for Direct {
         Ok(gate::load(&*self.store).await?.to_json())
     }
 
+    async fn config(&self, id: &TenantId, version: Option<u64>) -> Result<ConfigJson> {
+        let tenant = self.existing(id).await?;
+        match self.store.tenant_config(id, version).await? {
+            Some(v) => Ok(ConfigJson::from_version(&v, stored_document(&v)?)),
+            None if version.is_none_or(|v| v == 0) => {
+                let initial = TenantConfig::initial(&tenant.name, &tenant.domains);
+                Ok(ConfigJson {
+                    tenant: id.to_string(),
+                    version: 0,
+                    config: config::to_json(&initial),
+                    actor: None,
+                    reason: None,
+                    at: None,
+                })
+            }
+            None => Err(Error::Invalid(format!(
+                "tenant {id} has no configuration version {}",
+                version.unwrap_or_default()
+            ))),
+        }
+    }
+
+    async fn set_config(
+        &self,
+        id: &TenantId,
+        request: ConfigRequest,
+        if_version: Option<u64>,
+    ) -> Result<ConfigJson> {
+        let parsed = config::parse(&request.config).map_err(|e| {
+            Error::Invalid(if e.field == "(document)" {
+                format!("config: {}", e.why)
+            } else {
+                format!("config.{e}")
+            })
+        })?;
+        let expected = match if_version {
+            Some(v) => v,
+            None => self.config(id, None).await?.version,
+        };
+        let document = config::to_json(&parsed);
+        let written = self
+            .store
+            .set_tenant_config(ConfigChange {
+                tenant: id.clone(),
+                document: document.to_string(),
+                domains: parsed.domains.clone(),
+                expected_version: expected,
+                actor: self.actor,
+                reason: request.reason,
+            })
+            .await?;
+        Ok(ConfigJson::from_version(&written, document))
+    }
+
+    async fn config_history(&self, id: &TenantId) -> Result<ConfigHistoryJson> {
+        self.existing(id).await?;
+        let versions = self
+            .store
+            .tenant_config_history(id)
+            .await?
+            .iter()
+            .map(|v| Ok(ConfigJson::from_version(v, stored_document(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ConfigHistoryJson {
+            tenant: id.to_string(),
+            versions,
+        })
+    }
+
+    async fn restore_config(
+        &self,
+        id: &TenantId,
+        request: RestoreRequest,
+        if_version: Option<u64>,
+    ) -> Result<ConfigJson> {
+        let old = self.config(id, Some(request.version)).await?;
+        self.set_config(
+            id,
+            ConfigRequest {
+                config: old.config,
+                reason: format!("restore version {}: {}", request.version, request.reason),
+            },
+            if_version,
+        )
+        .await
+    }
+
     async fn set_gate(&self, request: GateRequest) -> Result<GateJson> {
         let gate = Gate::from_json(&request.gate)?;
         let json = gate.to_json();
@@ -562,4 +669,14 @@ pub(crate) fn now() -> Timestamp {
 
 fn ago(span: Duration) -> Timestamp {
     Timestamp::from_unix_millis(now().unix_millis() - span.as_millis() as i64)
+}
+
+/// A stored document, which this build wrote; unreadable means hand-edited.
+fn stored_document(v: &ficus_store::ConfigVersion) -> Result<serde_json::Value> {
+    serde_json::from_str(&v.document).map_err(|e| {
+        Error::Store(StoreError::Corrupt(format!(
+            "configuration {} of {}: {e}",
+            v.version, v.tenant
+        )))
+    })
 }

@@ -23,8 +23,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    AddRequest, ErrorJson, GateRequest, PromoteRequest, RetireRequest, RollbackRequest,
-    StageRequest,
+    AddRequest, ConfigRequest, ErrorJson, GateRequest, PromoteRequest, RestoreRequest,
+    RetireRequest, RollbackRequest, StageRequest,
 };
 use crate::ops::{self, AuditFilter, Control, Direct, GateOverrides};
 use crate::{Error, token};
@@ -53,6 +53,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/retire"),
     ("get", "/v1/gate"),
     ("put", "/v1/gate"),
+    ("get", "/v1/tenants/{id}/config"),
+    ("put", "/v1/tenants/{id}/config"),
+    ("get", "/v1/tenants/{id}/config/history"),
+    ("post", "/v1/tenants/{id}/config/restore"),
+    ("get", "/v1/tenant-config.schema.json"),
 ];
 
 /// Where the API finds the store: set once it is open (the proxy opens it after
@@ -75,6 +80,10 @@ pub fn router(store: StoreSlot) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/retire", post(retire))
         .route("/v1/gate", get(gate).put(set_gate))
+        .route("/v1/tenants/{id}/config", get(config).put(set_config))
+        .route("/v1/tenants/{id}/config/history", get(config_history))
+        .route("/v1/tenants/{id}/config/restore", post(restore_config))
+        .route("/v1/tenant-config.schema.json", get(config_schema))
         .fallback(|| async {
             ApiError::Status(StatusCode::NOT_FOUND, "no such API route".to_string())
         });
@@ -102,7 +111,9 @@ fn store_status(e: &StoreError) -> StatusCode {
         | StoreError::DomainTaken { .. }
         | StoreError::Transition { .. }
         | StoreError::ImportConflicts(_) => StatusCode::CONFLICT,
-        StoreError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
+        StoreError::Stale { .. } | StoreError::ConfigStale { .. } => {
+            StatusCode::PRECONDITION_FAILED
+        }
         StoreError::MissingReason | StoreError::DuplicateDomain(_) | StoreError::BadSetting(_) => {
             StatusCode::BAD_REQUEST
         }
@@ -482,6 +493,69 @@ async fn set_gate(
         ))));
     }
     Ok(axum::Json(c.set_gate(body).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigQuery {
+    version: Option<u64>,
+}
+
+/// The configuration, with its version as the ETag a change must name.
+async fn config(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    q: Result<Query<ConfigQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let c = control(&slot)?.config(&id(&raw)?, q.version).await?;
+    let etag = format!("\"{}\"", c.version);
+    Ok(([(header::ETAG, etag)], axum::Json(c)).into_response())
+}
+
+async fn set_config(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ConfigRequest>,
+) -> ApiResult<crate::api::ConfigJson> {
+    let version = if_match_version(&headers)?;
+    reason(&body.reason)?;
+    let c = control(&slot)?;
+    Ok(axum::Json(
+        c.set_config(&id(&raw)?, body, Some(version)).await?,
+    ))
+}
+
+async fn config_history(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+) -> ApiResult<crate::api::ConfigHistoryJson> {
+    Ok(axum::Json(
+        control(&slot)?.config_history(&id(&raw)?).await?,
+    ))
+}
+
+async fn restore_config(
+    State(slot): State<StoreSlot>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RestoreRequest>,
+) -> ApiResult<crate::api::ConfigJson> {
+    let version = if_match_version(&headers)?;
+    reason(&body.reason)?;
+    let c = control(&slot)?;
+    Ok(axum::Json(
+        c.restore_config(&id(&raw)?, body, Some(version)).await?,
+    ))
+}
+
+async fn config_schema() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/schema+json")],
+        crate::config::SCHEMA,
+    )
+        .into_response()
 }
 
 /// A gate's version: a short hash of its content.

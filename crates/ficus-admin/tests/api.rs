@@ -514,3 +514,171 @@ async fn an_operator_moves_a_tenant_through_the_gate_using_only_the_api() {
     let rotated = Remote::new(&api.base, &fresh).unwrap();
     assert_eq!(rotated.status().await.unwrap().tenants, 2);
 }
+
+/// Tenant configuration through the API: the initial one, a write, refusals that
+/// name the field, versions, a domain of another tenant, history and restore,
+/// and the schema.
+#[tokio::test]
+async fn tenant_configuration_is_versioned_validated_and_restorable() {
+    use ficus_admin::api::{ConfigRequest, RestoreRequest};
+    use serde_json::json;
+    let api = start().await;
+    let remote = Remote::new(&api.base, &api.token).unwrap();
+    for (tenant, domain) in [("acme", "acme.test"), ("globex", "globex.test")] {
+        remote
+            .add(AddRequest {
+                id: tenant.into(),
+                name: Some(format!("{tenant} inc")),
+                domains: vec![domain.into()],
+                stage: None,
+                reason: "onboarding".into(),
+            })
+            .await
+            .unwrap();
+    }
+    // Before anyone writes one: version 0, from the registry.
+    let initial = remote.config(&id("acme"), None).await.unwrap();
+    assert_eq!(initial.version, 0);
+    assert_eq!(initial.config["display_name"], "acme inc");
+    assert_eq!(initial.config["domains"], json!(["acme.test"]));
+
+    let put = |body: serde_json::Value, if_match: Option<&str>| {
+        let mut r = api
+            .http
+            .put(format!("{}/v1/tenants/acme/config", api.base))
+            .bearer_auth(&api.token)
+            .json(&body);
+        if let Some(v) = if_match {
+            r = r.header("if-match", v.to_string());
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, body)
+        }
+    };
+    let doc = json!({
+        "display_name": "Acme Homes",
+        "app_name": "Acme",
+        "branding": {"primary_color": "#0a7f5a", "logo_url": "https://cdn.acme.test/logo.svg"},
+        "domains": ["homes.acme.test"],
+        "locale": "en-GB",
+        "features": {"dark_mode": {"default": false, "ios": true}}
+    });
+    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut d = doc.clone();
+        edit(&mut d);
+        json!({"config": d, "reason": "rebrand"})
+    };
+    let refusals = [
+        (
+            with(&|d| d["branding"]["primary_color"] = json!("teal")),
+            Some("0"),
+            400,
+            "config.branding.primary_color: \"teal\" is not a colour: use #rgb or #rrggbb",
+        ),
+        (
+            with(&|d| d["colour"] = json!("#fff")),
+            Some("0"),
+            400,
+            "config.colour: unknown key; expected one of display_name, app_name, branding, domains, locale, features",
+        ),
+        (
+            with(&|d| d["domains"] = json!(["globex.test"])),
+            Some("0"),
+            409,
+            "domain globex.test already belongs to tenant globex",
+        ),
+        (
+            with(&|_| {}),
+            None,
+            428,
+            "If-Match with the version this change was decided on is required",
+        ),
+        (
+            with(&|_| {}),
+            Some("3"),
+            412,
+            "tenant acme's configuration changed since version 3: it is at version 0; nothing was written",
+        ),
+        (
+            json!({"config": doc, "reason": " "}),
+            Some("0"),
+            400,
+            "a reason is required and must not be empty",
+        ),
+    ];
+    for (body, if_match, status, error) in refusals {
+        let got = put(body, if_match).await;
+        assert_eq!(got, (status, json!({ "error": error })));
+    }
+    assert_eq!(remote.config(&id("acme"), None).await.unwrap().version, 0);
+
+    let (status, v1) = put(with(&|_| {}), Some("0")).await;
+    assert_eq!(status, 200, "{v1}");
+    assert_eq!(
+        (v1["version"].clone(), v1["actor"].clone()),
+        (json!(1), json!("api"))
+    );
+    // The domains moved with it.
+    let show = remote.show(&id("acme"), 0).await.unwrap();
+    assert_eq!(show.tenant.domains, ["homes.acme.test"]);
+    let v2 = remote
+        .set_config(
+            &id("acme"),
+            ConfigRequest {
+                config: with(&|d| d["app_name"] = json!("Acme Next"))["config"].clone(),
+                reason: "new app name".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    let restored = remote
+        .restore_config(
+            &id("acme"),
+            RestoreRequest {
+                version: 1,
+                reason: "the old name tested better".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(restored.version, 3);
+    assert_eq!(restored.config["app_name"], "Acme");
+    let history = remote.config_history(&id("acme")).await.unwrap();
+    let lines: Vec<(u64, String)> = history
+        .versions
+        .iter()
+        .map(|v| (v.version, v.reason.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            (
+                3,
+                "restore version 1: the old name tested better".to_string()
+            ),
+            (2, "new app name".to_string()),
+            (1, "rebrand".to_string()),
+        ]
+    );
+    assert_eq!(
+        remote.config(&id("acme"), Some(2)).await.unwrap().config["app_name"],
+        "Acme Next"
+    );
+    let schema: serde_json::Value = api
+        .http
+        .get(format!("{}/v1/tenant-config.schema.json", api.base))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(schema["title"], "Ficus tenant configuration");
+}

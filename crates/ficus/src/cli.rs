@@ -157,6 +157,61 @@ pub enum TenantCommand {
     /// Move a tenant one stage forward: legacy → shadow, or shadow → migrated
     /// when its readiness passes (or with --force and a reason).
     Promote(PromoteArgs),
+    /// A tenant's white-label configuration: names, branding, domains, locale,
+    /// feature toggles; every change versioned.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the configuration (the latest, or --version N).
+    Get(ConfigGetArgs),
+    /// Write the next version: a whole document from --file, or --set edits on
+    /// the current one.
+    Set(ConfigSetArgs),
+    /// Every version, newest first, with who wrote it and why.
+    History(ConfigIdArgs),
+    /// Make an earlier version's document the next version.
+    Restore(ConfigRestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigIdArgs {
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigGetArgs {
+    pub id: String,
+    #[arg(long)]
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigSetArgs {
+    pub id: String,
+    /// The whole document, as JSON (see `ficus tenant config get` for its shape).
+    #[arg(long, value_name = "FILE", conflicts_with = "set")]
+    pub file: Option<PathBuf>,
+    /// One edit as key=value, repeatable: display_name=Acme,
+    /// branding.primary_color=#0a7f5a, features.dark_mode.ios=true,
+    /// domains=a.example.com,b.example.com.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Why, for the history.
+    #[arg(long)]
+    pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigRestoreArgs {
+    pub id: String,
+    #[arg(long)]
+    pub version: u64,
+    /// Why, for the history.
+    #[arg(long)]
+    pub reason: String,
 }
 
 /// The readiness gate's thresholds as flags: per-call overrides for `readiness`

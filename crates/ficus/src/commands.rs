@@ -10,8 +10,8 @@ use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
 use ficus_admin::api::{
-    AddRequest, GateJson, GateRequest, PromoteRequest, ReadinessJson, RetireRequest,
-    RollbackRequest, StageRequest, StatusJson, TenantEnvelope,
+    AddRequest, ConfigJson, ConfigRequest, GateJson, GateRequest, PromoteRequest, ReadinessJson,
+    RestoreRequest, RetireRequest, RollbackRequest, StageRequest, StatusJson, TenantEnvelope,
 };
 use ficus_admin::client::Remote;
 use ficus_admin::ops::{self, AuditFilter, GateOverrides};
@@ -21,9 +21,9 @@ use ficus_store::{ControlStore, FeedEvent, InitOutcome, OpenMode, StoreError, St
 use serde_json::json;
 
 use crate::cli::{
-    AddArgs, AuditArgs, Cli, Command, GateArgs, GateCommand, GateSetArgs, ImportArgs, ListArgs,
-    MismatchesArgs, PromoteArgs, ProxyArgs, ReadinessArgs, RetireArgs, RollbackArgs, ServeArgs,
-    ShowArgs, StageArgs, TenantCommand, TokenCommand, WatchArgs,
+    AddArgs, AuditArgs, Cli, Command, ConfigCommand, GateArgs, GateCommand, GateSetArgs,
+    ImportArgs, ListArgs, MismatchesArgs, PromoteArgs, ProxyArgs, ReadinessArgs, RetireArgs,
+    RollbackArgs, ServeArgs, ShowArgs, StageArgs, TenantCommand, TokenCommand, WatchArgs,
 };
 use crate::import;
 use crate::output::{self, EVENT_HEADER, TENANT_HEADER};
@@ -117,6 +117,7 @@ async fn control_command(
             TenantCommand::Rollback(args) => rollback(c, args, json, out).await,
             TenantCommand::Promote(args) => promote(c, args, json, out).await,
             TenantCommand::Import(_) => bail!("ficus tenant import works on the store itself"),
+            TenantCommand::Config(command) => tenant_config(c, command, json, out).await,
         },
         Command::Audit(args) => audit(c, args, json, out).await,
         Command::Status => status(c, json, out).await,
@@ -309,6 +310,109 @@ async fn stage(c: &dyn Control, args: StageArgs, json: bool, out: &mut impl Writ
     };
     let moved = c.stage(&id, request, args.if_version).await?;
     print_tenant(&moved, json, out)
+}
+
+async fn tenant_config(
+    c: &dyn Control,
+    command: ConfigCommand,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let written = match command {
+        ConfigCommand::Get(args) => {
+            let config = c.config(&tenant_id(&args.id)?, args.version).await?;
+            return print_config(&config, json, out);
+        }
+        ConfigCommand::History(args) => {
+            let history = c.config_history(&tenant_id(&args.id)?).await?;
+            if json {
+                return Ok(output::json(out, &history)?);
+            }
+            if history.versions.is_empty() {
+                writeln!(
+                    out,
+                    "tenant {} has no written configuration yet",
+                    history.tenant
+                )?;
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = history
+                .versions
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.version.to_string(),
+                        v.at.clone().unwrap_or_default(),
+                        v.actor.clone().unwrap_or_default(),
+                        v.reason.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            return Ok(output::table(
+                out,
+                &["VERSION", "AT", "ACTOR", "REASON"],
+                &rows,
+            )?);
+        }
+        ConfigCommand::Set(args) => {
+            let id = tenant_id(&args.id)?;
+            let current = c.config(&id, None).await?;
+            let document = match &args.file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not JSON", path.display()))?
+                }
+                None if args.set.is_empty() => {
+                    bail!("give --file FILE or at least one --set KEY=VALUE")
+                }
+                None => {
+                    let mut doc = current.config.clone();
+                    for edit in &args.set {
+                        ficus_admin::config::set(&mut doc, edit)?;
+                    }
+                    doc
+                }
+            };
+            let request = ConfigRequest {
+                config: document,
+                reason: args.reason,
+            };
+            c.set_config(&id, request, Some(current.version)).await?
+        }
+        ConfigCommand::Restore(args) => {
+            let request = RestoreRequest {
+                version: args.version,
+                reason: args.reason,
+            };
+            c.restore_config(&tenant_id(&args.id)?, request, None)
+                .await?
+        }
+    };
+    print_config(&written, json, out)
+}
+
+fn print_config(config: &ConfigJson, json: bool, out: &mut impl Write) -> Result<()> {
+    if json {
+        return Ok(output::json(out, config)?);
+    }
+    match (&config.actor, &config.at) {
+        (Some(actor), Some(at)) => writeln!(
+            out,
+            "tenant {} configuration version {} (by {actor} at {at}: {})",
+            config.tenant,
+            config.version,
+            config.reason.as_deref().unwrap_or("")
+        )?,
+        _ => writeln!(
+            out,
+            "tenant {} configuration version 0 (none written yet: from the registry)",
+            config.tenant
+        )?,
+    }
+    writeln!(out, "{}", serde_json::to_string_pretty(&config.config)?)?;
+    Ok(())
 }
 
 async fn rollback(

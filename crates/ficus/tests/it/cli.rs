@@ -1289,3 +1289,193 @@ fn promote_next_moves_the_most_ready_one_at_a_time_and_stops_at_a_failure() {
     "#]]
     .assert_eq(&render(&f, &out));
 }
+
+#[test]
+fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
+    let f = Ficus::sqlite();
+    f.run(&[
+        "tenant",
+        "add",
+        "acme",
+        "--name",
+        "Acme Homes",
+        "--domain",
+        "acme.test",
+    ]);
+    f.run(&["tenant", "add", "globex", "--domain", "globex.test"]);
+    check(
+        &f,
+        &["tenant", "config", "get", "acme"],
+        expect![[r#"
+            exit 0
+            tenant acme configuration version 0 (none written yet: from the registry)
+            {
+              "display_name": "Acme Homes",
+              "app_name": "Acme Homes",
+              "branding": {
+                "primary_color": null,
+                "accent_color": null,
+                "logo_url": null,
+                "icon_url": null
+              },
+              "domains": [
+                "acme.test"
+              ],
+              "locale": "en",
+              "features": {}
+            }
+        "#]],
+    );
+    let doc = f.dir.path().join("acme.json");
+    std::fs::write(
+        &doc,
+        r##"{"display_name": "Acme Homes", "app_name": "Acme", "domains": ["homes.acme.test"],
+            "branding": {"primary_color": "#0a7f5a"}, "features": {"dark_mode": {"default": false, "ios": true}}}"##,
+    )
+    .unwrap();
+    check(
+        &f,
+        &[
+            "tenant",
+            "config",
+            "set",
+            "acme",
+            "--file",
+            doc.to_str().unwrap(),
+            "--reason",
+            "rebrand",
+        ],
+        expect![[r##"
+            exit 0
+            tenant acme configuration version 1 (by cli at TIME: rebrand)
+            {
+              "display_name": "Acme Homes",
+              "app_name": "Acme",
+              "branding": {
+                "primary_color": "#0a7f5a",
+                "accent_color": null,
+                "logo_url": null,
+                "icon_url": null
+              },
+              "domains": [
+                "homes.acme.test"
+              ],
+              "locale": "en",
+              "features": {
+                "dark_mode": {
+                  "default": false,
+                  "ios": true
+                }
+              }
+            }
+        "##]],
+    );
+    // Refusals name the field; nothing is written.
+    check(
+        &f,
+        &[
+            "tenant",
+            "config",
+            "set",
+            "acme",
+            "--set",
+            "branding.accent_color=orange",
+            "--reason",
+            "x",
+        ],
+        expect![[r##"
+            exit 1
+            --- stderr
+            error: config.branding.accent_color: "orange" is not a colour: use #rgb or #rrggbb
+        "##]],
+    );
+    check(
+        &f,
+        &[
+            "tenant",
+            "config",
+            "set",
+            "acme",
+            "--set",
+            "domains=globex.test",
+            "--reason",
+            "x",
+        ],
+        expect![[r##"
+            exit 1
+            --- stderr
+            error: domain globex.test already belongs to tenant globex
+        "##]],
+    );
+    let edited = f.run(&[
+        "tenant",
+        "config",
+        "set",
+        "acme",
+        "--set",
+        "app_name=Acme Next",
+        "--set",
+        "features.dark_mode.android=true",
+        "--reason",
+        "new name",
+        "--json",
+    ]);
+    let edited: serde_json::Value = serde_json::from_slice(&edited.stdout).unwrap();
+    assert_eq!(edited["version"], 2);
+    assert_eq!(edited["config"]["features"]["dark_mode"]["android"], true);
+    check(
+        &f,
+        &[
+            "tenant",
+            "config",
+            "restore",
+            "acme",
+            "--version",
+            "1",
+            "--reason",
+            "roll back the name",
+            "--json",
+        ],
+        expect![[r##"
+            exit 0
+            {
+              "tenant": "acme",
+              "version": 3,
+              "config": {
+                "display_name": "Acme Homes",
+                "app_name": "Acme",
+                "branding": {
+                  "primary_color": "#0a7f5a",
+                  "accent_color": null,
+                  "logo_url": null,
+                  "icon_url": null
+                },
+                "domains": [
+                  "homes.acme.test"
+                ],
+                "locale": "en",
+                "features": {
+                  "dark_mode": {
+                    "default": false,
+                    "ios": true
+                  }
+                }
+              },
+              "actor": "cli",
+              "reason": "restore version 1: roll back the name",
+              "at": "TIME"
+            }
+        "##]],
+    );
+    check(
+        &f,
+        &["tenant", "config", "history", "acme"],
+        expect![[r#"
+            exit 0
+            VERSION  AT                        ACTOR  REASON
+            3        TIME  cli    restore version 1: roll back the name
+            2        TIME  cli    new name
+            1        TIME  cli    rebrand
+        "#]],
+    );
+}
