@@ -64,6 +64,10 @@ pub struct Settings {
     pub request_id_header: HeaderName,
     pub traffic_flush: Duration,
     pub tenant_label_cap: usize,
+    /// The path the proxy answers itself with the tenant's configuration.
+    pub tenant_config_path: String,
+    /// How long clients and caches may keep that answer.
+    pub tenant_config_max_age: Duration,
     pub shadow: ShadowConfig,
     pub guard: GuardConfig,
 }
@@ -239,6 +243,8 @@ struct RawProxy {
     drain_timeout_ms: Option<u64>,
     traffic_flush_ms: Option<Spanned<u64>>,
     tenant_label_cap: Option<usize>,
+    tenant_config_path: Option<Spanned<String>>,
+    tenant_config_max_age_s: Option<u64>,
     log_format: Option<Spanned<String>>,
     tenant_header: Option<Spanned<String>>,
     backend_header: Option<Spanned<String>>,
@@ -379,6 +385,23 @@ impl Config {
             Some(ms) => Duration::from_millis(*ms.get_ref()),
             None => Duration::from_secs(10),
         };
+        let tenant_config_path = match &p.tenant_config_path {
+            Some(raw) => {
+                let path = raw.get_ref();
+                if !path.starts_with('/')
+                    || path.contains('?')
+                    || path.contains('#')
+                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(cx.at(
+                        raw,
+                        &format!("proxy.tenant_config_path: {path:?} is not an absolute path such as /.well-known/tenant-config"),
+                    ));
+                }
+                path.clone()
+            }
+            None => "/.well-known/tenant-config".to_string(),
+        };
         let settings = Settings {
             unknown_tenant,
             max_body_bytes: p.max_body_bytes.unwrap_or(10 * 1024 * 1024),
@@ -406,6 +429,8 @@ impl Config {
             )?,
             traffic_flush,
             tenant_label_cap: p.tenant_label_cap.unwrap_or(100),
+            tenant_config_path,
+            tenant_config_max_age: Duration::from_secs(p.tenant_config_max_age_s.unwrap_or(60)),
             shadow: cx.shadow(raw.shadow.as_ref(), &raw.compare)?,
             guard: cx.guard(raw.guard.as_ref())?,
         };

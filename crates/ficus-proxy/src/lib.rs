@@ -13,6 +13,7 @@ pub mod config;
 pub mod guard;
 pub mod metrics;
 pub mod resolve;
+pub mod served_config;
 pub mod service;
 pub mod shadow;
 pub mod table;

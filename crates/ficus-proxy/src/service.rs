@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use bytes::Bytes;
+use ficus_core::config::Platform;
 use ficus_core::{Backend, Decision, Stage, TenantId, Timestamp};
 use http::header;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -191,6 +192,106 @@ impl Ficus {
     }
 }
 
+/// What the tenant-config endpoint needs of a request.
+struct ConfigRequest {
+    head: bool,
+    other_method: bool,
+    query: String,
+    if_none_match: Option<String>,
+    has_body: bool,
+}
+
+impl Ficus {
+    /// Answers the tenant-config path: the resolved tenant's configuration
+    /// (optionally for one platform), 304 when the client's copy is current, a
+    /// 404 that says nothing about other tenants when the host has none.
+    async fn serve_config(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        table: &RoutingTable,
+        request: ConfigRequest,
+    ) -> Result<()> {
+        if request.other_method {
+            return self
+                .respond(
+                    session,
+                    ctx,
+                    405,
+                    "the tenant configuration is read with GET",
+                )
+                .await;
+        }
+        let mut platform = None;
+        for pair in request.query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("platform", value)) => match Platform::parse(value) {
+                    Some(p) => platform = Some(p),
+                    None => {
+                        return self
+                            .respond(session, ctx, 400, "platform must be web, ios or android")
+                            .await;
+                    }
+                },
+                _ => {
+                    return self
+                        .respond(session, ctx, 400, "the only query parameter is platform")
+                        .await;
+                }
+            }
+        }
+        let Some(config) = ctx.tenant.as_ref().and_then(|t| table.config(t)) else {
+            return self
+                .respond(
+                    session,
+                    ctx,
+                    404,
+                    "no tenant configuration for this request",
+                )
+                .await;
+        };
+        let etag = config.etag(platform);
+        let fresh = request.if_none_match.as_deref().is_some_and(|v| {
+            v.split(',')
+                .map(|t| t.trim().trim_start_matches("W/"))
+                .any(|t| t == etag || t == "*")
+        });
+        let status = if fresh { 304 } else { 200 };
+        let body = config.body(platform);
+        let mut resp = ResponseHeader::build(status, Some(6))?;
+        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(header::ETAG, etag)?;
+        resp.insert_header(
+            header::CACHE_CONTROL,
+            format!(
+                "public, max-age={}",
+                ctx.settings.tenant_config_max_age.as_secs()
+            ),
+        )?;
+        resp.insert_header(
+            ctx.settings.request_id_header.clone(),
+            ctx.request_id.as_str(),
+        )?;
+        if status == 200 {
+            resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        }
+        if request.has_body {
+            // An unread request body would be taken for the next request.
+            session.set_keepalive(None);
+        }
+        let no_body = fresh || request.head;
+        session
+            .write_response_header(Box::new(resp), no_body)
+            .await?;
+        if !no_body {
+            session
+                .write_response_body(Some(body.clone()), true)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Ficus {
     type CTX = Ctx;
@@ -310,6 +411,31 @@ impl ProxyHttp for Ficus {
             ctx.tenant = r.known.then_some(r.tenant);
         }
         ctx.stage = stage;
+        // The tenant's configuration is the proxy's own to answer, resolved
+        // exactly as a request is routed.
+        let effective_path = ctx
+            .rewritten_path
+            .as_deref()
+            .map_or(req.uri.path(), |p| p.split('?').next().unwrap_or(p));
+        if effective_path == settings.tenant_config_path {
+            let request = ConfigRequest {
+                head: req.method == http::Method::HEAD,
+                other_method: !matches!(req.method, http::Method::GET | http::Method::HEAD),
+                query: req.uri.query().unwrap_or("").to_string(),
+                if_none_match: req
+                    .headers
+                    .get(header::IF_NONE_MATCH)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                has_body: req.headers.contains_key(header::TRANSFER_ENCODING)
+                    || req
+                        .headers
+                        .get(header::CONTENT_LENGTH)
+                        .is_some_and(|l| l.as_bytes() != b"0"),
+            };
+            self.serve_config(session, ctx, &table, request).await?;
+            return Ok(true);
+        }
         match ficus_core::decide(stage, table.legacy_retired, settings.unknown_tenant) {
             Decision::Serve(b) => ctx.backend = Some(b),
             Decision::Reject => return Err(refuse(404, "unknown tenant")),

@@ -13,14 +13,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use ficus_core::{Stage, Tenant, TenantId};
-use ficus_store::{ControlStore, FeedEvent, OpenMode, StoreUrl};
+use ficus_core::{Domain, Stage, Tenant, TenantId};
+use ficus_store::{ConfigVersion, ControlStore, FeedEvent, OpenMode, StoreUrl};
 use tokio::sync::watch;
+
+use crate::served_config::ServedConfig;
 
 #[derive(Debug, Clone)]
 struct Entry {
     stage: Stage,
     domains: Vec<Arc<str>>,
+    name: Arc<str>,
 }
 
 /// One immutable view of the control plane, as the proxy routes by it.
@@ -30,6 +33,9 @@ pub struct RoutingTable {
     pub legacy_retired: bool,
     tenants: HashMap<TenantId, Entry>,
     domains: HashMap<Arc<str>, TenantId>,
+    /// Written configurations, rendered; a tenant without one is served its
+    /// initial configuration, rendered on demand.
+    configs: HashMap<TenantId, Arc<ServedConfig>>,
     /// When this table was built; for the snapshot-age metric.
     pub built_at: SystemTime,
 }
@@ -41,6 +47,7 @@ impl RoutingTable {
             legacy_retired,
             tenants: HashMap::with_capacity(tenants.len()),
             domains: HashMap::new(),
+            configs: HashMap::new(),
             built_at: SystemTime::now(),
         };
         for t in tenants {
@@ -51,6 +58,36 @@ impl RoutingTable {
 
     pub fn stage(&self, tenant: &TenantId) -> Option<Stage> {
         self.tenants.get(tenant).map(|e| e.stage)
+    }
+
+    /// What the tenant-config endpoint serves for a tenant (`None`: unknown).
+    pub fn config(&self, tenant: &TenantId) -> Option<Arc<ServedConfig>> {
+        if let Some(c) = self.configs.get(tenant) {
+            return Some(Arc::clone(c));
+        }
+        let e = self.tenants.get(tenant)?;
+        let domains: Vec<Domain> = e
+            .domains
+            .iter()
+            .filter_map(|d| Domain::parse(d).ok())
+            .collect();
+        ServedConfig::build(tenant, &e.name, &domains, None).map(Arc::new)
+    }
+
+    /// Sets (or, with `None`, forgets) a tenant's written configuration.
+    pub fn set_config(&mut self, tenant: &TenantId, written: Option<&ConfigVersion>) {
+        let served = written.and_then(|v| {
+            let e = self.tenants.get(tenant)?;
+            ServedConfig::build(tenant, &e.name, &[], Some(v))
+        });
+        match served {
+            Some(c) => {
+                self.configs.insert(tenant.clone(), Arc::new(c));
+            }
+            None => {
+                self.configs.remove(tenant);
+            }
+        }
     }
 
     pub fn tenant_by_domain(&self, host: &str) -> Option<&TenantId> {
@@ -76,6 +113,7 @@ impl RoutingTable {
             Entry {
                 stage: t.stage,
                 domains,
+                name: Arc::from(t.name.as_str()),
             },
         );
     }
@@ -153,11 +191,20 @@ pub async fn follow(
         health.reachable.store(true, Ordering::Relaxed);
         health.failures.store(0, Ordering::Relaxed);
         let seq = snapshot.seq;
-        table.store(Some(Arc::new(RoutingTable::from_snapshot(
-            seq,
-            snapshot.legacy_retired,
-            snapshot.tenants,
-        ))));
+        let mut loaded =
+            RoutingTable::from_snapshot(seq, snapshot.legacy_retired, snapshot.tenants);
+        match store.latest_tenant_configs().await {
+            Ok(configs) => {
+                for c in &configs {
+                    loaded.set_config(&c.tenant, Some(c));
+                }
+            }
+            Err(e) => {
+                note_failure(&e.to_string(), &health);
+                continue 'reload;
+            }
+        }
+        table.store(Some(Arc::new(loaded)));
         tracing::info!(seq, "routing table loaded");
         let mut feed = store.subscribe(Some(seq));
         loop {
@@ -186,6 +233,16 @@ pub async fn follow(
                             }
                             for t in changed {
                                 next.upsert(t);
+                            }
+                            // A change to a tenant may be a new configuration.
+                            for id in &ids {
+                                match store.tenant_config(id, None).await {
+                                    Ok(c) => next.set_config(id, c.as_ref()),
+                                    Err(e) => {
+                                        note_failure(&e.to_string(), &health);
+                                        continue 'reload;
+                                    }
+                                }
                             }
                             next.seq = set.seq;
                             next.built_at = SystemTime::now();

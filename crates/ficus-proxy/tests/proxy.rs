@@ -41,6 +41,25 @@ fn check_config(extra: &str, expect: Expect) {
 }
 
 #[test]
+fn the_tenant_config_path_must_be_an_absolute_path() {
+    let with = |path: &str| {
+        let text = BASE.replace(
+            "store = \"sqlite:ficus.db\"",
+            &format!("store = \"sqlite:ficus.db\"\ntenant_config_path = {path:?}"),
+        );
+        match Config::parse(Path::new("ficus.toml"), &text, &env) {
+            Ok(c) => format!("ok: {}", c.settings.tenant_config_path),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(with("/config"), "ok: /config");
+    assert_eq!(
+        with("config?x=1"),
+        "ficus.toml:6: proxy.tenant_config_path: \"config?x=1\" is not an absolute path such as /.well-known/tenant-config"
+    );
+}
+
+#[test]
 fn config_errors_name_the_line_and_the_key() {
     check_config("", expect!["ok: 0 rules"]);
     check_config(

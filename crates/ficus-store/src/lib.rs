@@ -313,6 +313,10 @@ pub trait ControlStore: Send + Sync + 'static {
         version: Option<u64>,
     ) -> Result<Option<ConfigVersion>>;
 
+    /// Every tenant's latest configuration (tenants that have one), for a
+    /// proxy loading its table.
+    async fn latest_tenant_configs(&self) -> Result<Vec<ConfigVersion>>;
+
     /// Every version of a tenant's configuration, newest first.
     async fn tenant_config_history(&self, tenant: &TenantId) -> Result<Vec<ConfigVersion>>;
 

@@ -1372,6 +1372,24 @@ impl ControlStore for PgStore {
             .transpose()
     }
 
+    async fn latest_tenant_configs(&self) -> Result<Vec<ConfigVersion>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        client
+            .query(
+                &s.q(
+                    "SELECT DISTINCT ON (tenant_id) tenant_id, version, document, at, actor, reason
+                      FROM {s}.tenant_configs ORDER BY tenant_id, version DESC",
+                ),
+                &[],
+            )
+            .await
+            .map_err(s.err("reading configurations"))?
+            .iter()
+            .map(|r| rules::config_from_row(config_row(r)))
+            .collect()
+    }
+
     async fn tenant_config_history(&self, tenant: &TenantId) -> Result<Vec<ConfigVersion>> {
         let s = &*self.inner;
         let client = s.client().await?;

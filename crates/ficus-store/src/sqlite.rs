@@ -1235,6 +1235,22 @@ impl ControlStore for SqliteStore {
         .await
     }
 
+    async fn latest_tenant_configs(&self) -> Result<Vec<ConfigVersion>> {
+        self.with(move |conn, location| {
+            let rows: Vec<ConfigRow> = conn
+                .prepare_cached(
+                    "SELECT c.tenant_id, c.version, c.document, c.at, c.actor, c.reason
+                     FROM tenant_configs c
+                     JOIN (SELECT tenant_id, max(version) AS version FROM tenant_configs GROUP BY tenant_id) m
+                       ON m.tenant_id = c.tenant_id AND m.version = c.version",
+                )
+                .and_then(|mut s| s.query_map([], config_row)?.collect())
+                .map_err(sql_err(location, "reading configurations"))?;
+            rows.into_iter().map(rules::config_from_row).collect()
+        })
+        .await
+    }
+
     async fn tenant_config_history(&self, tenant: &TenantId) -> Result<Vec<ConfigVersion>> {
         let id = tenant.as_str().to_string();
         self.with(move |conn, location| {

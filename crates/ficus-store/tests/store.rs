@@ -841,6 +841,14 @@ async fn versions_tenant_configuration_and_moves_its_domains(store: Arc<dyn Cont
         store.tenant_config(&id("acme"), Some(9)).await.unwrap(),
         None
     );
+    let latest = store.latest_tenant_configs().await.unwrap();
+    assert_eq!(
+        latest
+            .iter()
+            .map(|v| (v.tenant.as_str(), v.version))
+            .collect::<Vec<_>>(),
+        [("acme", 2)]
+    );
     assert_eq!(
         store.tenant(&id("globex")).await.unwrap().unwrap().domains,
         vec![Domain::parse("globex.test").unwrap()]

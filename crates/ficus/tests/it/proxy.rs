@@ -1304,3 +1304,166 @@ async fn guard_reaction_time() {
         times[times.len() - 1]
     );
 }
+
+/// The proxy answers the tenant-config path itself, resolving the tenant as it
+/// routes: by custom domain, with ETag/304, per platform; a written change is
+/// served, and its new domain routed, within a second; an unknown host learns
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("globex", "migrated")]);
+    ficus(
+        &store,
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--name",
+            "Acme Homes",
+            "--stage",
+            "migrated",
+            "--domain",
+            "portal.acme.test",
+        ],
+    );
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: "[[tenant_from]]\nhost = \"{tenant}.example.test\"\n",
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let get = |host: &'static str, query: &'static str, etag: Option<String>| {
+        let mut r = c
+            .get(proxy.url(&format!("/.well-known/tenant-config{query}")))
+            .header("host", host);
+        if let Some(e) = etag {
+            r = r.header("if-none-match", e);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            let etag = r
+                .headers()
+                .get("etag")
+                .map(|v| v.to_str().unwrap().to_string());
+            let cache = r
+                .headers()
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body = r.text().await.unwrap();
+            (status, etag, cache, body)
+        }
+    };
+    let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
+
+    // Before anything is written: the registry's name and domain, version 0.
+    let (status, etag, cache, body) = get("portal.acme.test", "", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cache.as_deref(), Some("public, max-age=60"));
+    let doc = json(&body);
+    assert_eq!(
+        (
+            doc["tenant"].clone(),
+            doc["version"].clone(),
+            doc["display_name"].clone()
+        ),
+        (
+            serde_json::json!("acme"),
+            serde_json::json!(0),
+            serde_json::json!("Acme Homes")
+        )
+    );
+    let (status, _, _, body) = get("portal.acme.test", "", etag.clone()).await;
+    assert_eq!((status, body.as_str()), (304, ""));
+    // The same tenant by its host pattern.
+    let (status, _, _, body) = get("globex.example.test", "", None).await;
+    assert_eq!(
+        (status, json(&body)["tenant"].clone()),
+        (200, serde_json::json!("globex"))
+    );
+
+    // A written configuration with a new domain: served and routed within a second.
+    let written = std::time::Instant::now();
+    ficus(
+        &store,
+        &[
+            "tenant",
+            "config",
+            "set",
+            "acme",
+            "--set",
+            "domains=homes.acme.test",
+            "--set",
+            "branding.primary_color=#0a7f5a",
+            "--set",
+            "features.dark_mode.ios=true",
+            "--set",
+            "features.dark_mode.default=false",
+            "--reason",
+            "rebrand",
+        ],
+    );
+    let waited = eventually(Duration::from_secs(5), || async {
+        get("homes.acme.test", "", None).await.0 == 200
+    })
+    .await;
+    let seen = written.elapsed();
+    let (_, etag_v1, _, body) = get("homes.acme.test", "", None).await;
+    let doc = json(&body);
+    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["branding"]["primary_color"], "#0a7f5a");
+    assert_ne!(etag_v1, etag);
+    let routed: serde_json::Value = c
+        .get(proxy.url("/homes/1"))
+        .header("host", "homes.acme.test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (routed["backend"].as_str(), routed["tenant"].as_str()),
+        (Some("new"), Some("acme"))
+    );
+    eprintln!("config change visible after {waited:?} of polling, {seen:?} after the write began");
+    // The old domain went with the old configuration.
+    assert_eq!(get("portal.acme.test", "", None).await.0, 404);
+    // Per platform: features resolved to values.
+    let (_, etag_ios, _, ios) = get("homes.acme.test", "?platform=ios", None).await;
+    let (_, _, _, web) = get("homes.acme.test", "?platform=web", None).await;
+    assert_eq!(json(&ios)["features"]["dark_mode"], true);
+    assert_eq!(json(&web)["features"]["dark_mode"], false);
+    assert_ne!(etag_ios, etag_v1);
+    assert_eq!(
+        get("homes.acme.test", "?platform=ios", etag_ios).await.0,
+        304
+    );
+
+    // Unknown host, bad platform, other method: JSON errors, nothing about others.
+    let (status, _, _, body) = get("nobody.test", "", None).await;
+    assert_eq!(status, 404);
+    let err = json(&body);
+    assert_eq!(err["error"], "no tenant configuration for this request");
+    assert!(!body.contains("acme") && !body.contains("globex"), "{body}");
+    let (status, _, _, body) = get("homes.acme.test", "?platform=tv", None).await;
+    assert_eq!(
+        (status, json(&body)["error"].clone()),
+        (
+            400,
+            serde_json::json!("platform must be web, ios or android")
+        )
+    );
+    let post = c
+        .post(proxy.url("/.well-known/tenant-config"))
+        .header("host", "homes.acme.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status().as_u16(), 405);
+}
