@@ -15,6 +15,9 @@ pub struct TenantJson {
     pub stage: String,
     pub version: u64,
     pub domains: Vec<String>,
+    /// Present, and true, only for a suspended tenant.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -24,6 +27,7 @@ impl From<&Tenant> for TenantJson {
         TenantJson {
             id: t.id.to_string(),
             name: t.name.clone(),
+            suspended: t.suspended,
             stage: t.stage.as_str().to_string(),
             version: t.version,
             domains: t.domains.iter().map(ToString::to_string).collect(),

@@ -157,6 +157,9 @@ pub struct Tenant {
     /// stale write is refused instead of silently overwriting a newer one.
     pub version: u64,
     pub domains: Vec<Domain>,
+    /// A suspended tenant (its subscription ended) keeps every row and its
+    /// stage, but the proxy answers its requests itself and forwards none.
+    pub suspended: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -197,6 +197,7 @@ fn a_secret_never_appears_in_debug_output() {
 
 fn table() -> RoutingTable {
     let t = |id: &str, stage, domains: &[&str]| Tenant {
+        suspended: false,
         id: TenantId::parse(id).unwrap(),
         name: id.into(),
         stage,

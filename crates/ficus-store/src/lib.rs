@@ -35,7 +35,7 @@ pub use crate::url::StoreUrl;
 
 /// The schema version this build writes. A store with a higher version was written by
 /// a newer Ficus and is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// A tenant to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +156,65 @@ pub enum OpenMode {
     Create,
     /// The store must exist already; every other command.
     Existing,
+}
+
+/// Suspends a tenant (its subscription ended) or lets it back in.
+#[derive(Debug, Clone)]
+pub struct SuspendChange {
+    pub tenant: TenantId,
+    pub suspended: bool,
+    pub actor: Actor,
+    pub reason: String,
+}
+
+/// Where a provisioning job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Received, not finished: a step is still to run (or failed and will be
+    /// retried).
+    Pending,
+    Done,
+    /// Given up on: the event cannot be carried out (it names nothing usable).
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<JobState> {
+        match raw {
+            "pending" => Some(JobState::Pending),
+            "done" => Some(JobState::Done),
+            "failed" => Some(JobState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One billing event and how far carrying it out has come. The event id is
+/// the key: a delivery of an event already recorded finds its job instead of
+/// starting another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionJob {
+    pub event_id: String,
+    /// What the event asks for: `create` or `cancel`.
+    pub kind: String,
+    /// The event as received.
+    pub payload: String,
+    pub tenant: Option<TenantId>,
+    pub state: JobState,
+    /// The steps done, in order.
+    pub steps: Vec<String>,
+    pub attempts: u64,
+    pub last_error: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
 }
 
 /// One version of a tenant's configuration: the document as written (JSON,
@@ -312,6 +371,33 @@ pub trait ControlStore: Send + Sync + 'static {
         tenant: &TenantId,
         version: Option<u64>,
     ) -> Result<Option<ConfigVersion>>;
+
+    /// Suspends a tenant or lets it back in: its version goes up, the audit log
+    /// says why (`suspended: …` / `resumed: …`), and the proxies follow.
+    /// Setting the state it already has changes nothing.
+    async fn set_suspended(&self, change: SuspendChange) -> Result<Tenant>;
+
+    /// Records a provisioning job for `event_id` unless one exists. Returns the
+    /// job and whether this call created it: of any number of concurrent
+    /// deliveries of one event, exactly one creates it.
+    async fn claim_provision_job(
+        &self,
+        event_id: &str,
+        kind: &str,
+        payload: &str,
+    ) -> Result<(ProvisionJob, bool)>;
+
+    /// Writes a job's progress (tenant, state, steps, attempts, last error).
+    async fn update_provision_job(&self, job: &ProvisionJob) -> Result<()>;
+
+    async fn provision_job(&self, event_id: &str) -> Result<Option<ProvisionJob>>;
+
+    /// Jobs, oldest first, optionally only those in one state.
+    async fn provision_jobs(
+        &self,
+        state: Option<JobState>,
+        limit: u64,
+    ) -> Result<Vec<ProvisionJob>>;
 
     /// Every tenant's latest configuration (tenants that have one), for a
     /// proxy loading its table.

@@ -23,11 +23,12 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
 
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
-use crate::rules::{self, AuditRow, ConfigRow, NewEvent, TenantRow};
+use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ComparisonCount, ConfigChange, ConfigVersion, ControlStore, InitOutcome,
-    LatencyReport, MismatchSample, NewTenant, NoiseEntry, OpenMode, Result, SAMPLES_KEPT,
-    SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl, TrafficCount, now,
+    AuditQuery, ComparisonCount, ConfigChange, ConfigVersion, ControlStore, InitOutcome, JobState,
+    LatencyReport, MismatchSample, NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result,
+    SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl, SuspendChange,
+    TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -176,6 +177,22 @@ CREATE TABLE {s}.tenant_configs (
 );
 CREATE TRIGGER tenant_configs_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {s}.tenant_configs
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_log_append_only();
+"#,
+    r#"
+ALTER TABLE {s}.tenants ADD COLUMN suspended boolean NOT NULL DEFAULT false;
+CREATE TABLE {s}.provision_jobs (
+    event_id   text PRIMARY KEY,
+    kind       text NOT NULL,
+    payload    text NOT NULL,
+    tenant_id  text,
+    state      text NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+    steps      text NOT NULL DEFAULT '',
+    attempts   bigint NOT NULL DEFAULT 0,
+    last_error text,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL
+);
+CREATE INDEX provision_jobs_state ON {s}.provision_jobs (state, created_at);
 "#,
 ];
 
@@ -699,7 +716,7 @@ impl Inner {
     }
 }
 
-const TENANT_COLUMNS: &str = "id, name, stage, version, created_at, updated_at";
+const TENANT_COLUMNS: &str = "id, name, stage, version, created_at, updated_at, suspended";
 
 fn tenant_row(r: &Row) -> TenantRow {
     TenantRow {
@@ -709,6 +726,7 @@ fn tenant_row(r: &Row) -> TenantRow {
         version: r.get(3),
         created_at: r.get(4),
         updated_at: r.get(5),
+        suspended: r.get(6),
     }
 }
 
@@ -1372,6 +1390,139 @@ impl ControlStore for PgStore {
             .transpose()
     }
 
+    async fn set_suspended(&self, change: SuspendChange) -> Result<Tenant> {
+        let s = &*self.inner;
+        let reason = rules::suspend_reason(&change)?;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        let seq = s.next_seq(&*tx).await?;
+        let id = change.tenant.as_str();
+        let current = s
+            .load_tenant(&*tx, id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))?;
+        if current.suspended == change.suspended {
+            // Nothing to change: the transaction is dropped, so the change
+            // position taken above is rolled back with it.
+            return Ok(current);
+        }
+        let at = now().unix_millis();
+        let version = current.version + 1;
+        tx.execute(
+            &s.q("UPDATE {s}.tenants SET suspended = $1, version = $2, updated_at = $3 WHERE id = $4"),
+            &[&change.suspended, &(version as i64), &at, &id],
+        )
+        .await
+        .map_err(s.err("suspending a tenant"))?;
+        let event = NewEvent {
+            at,
+            tenant: id,
+            from: Some(current.stage),
+            to: current.stage,
+            version,
+            actor: change.actor,
+            reason: &reason,
+        };
+        s.append_audit(&*tx, event).await?;
+        s.record_change(&*tx, seq, Some(id)).await?;
+        let changed = s.load_tenant(&*tx, id).await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        changed.ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
+    }
+
+    async fn claim_provision_job(
+        &self,
+        event_id: &str,
+        kind: &str,
+        payload: &str,
+    ) -> Result<(ProvisionJob, bool)> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let at = now().unix_millis();
+        let created = client
+            .execute(
+                &s.q("INSERT INTO {s}.provision_jobs (event_id, kind, payload, state, created_at, updated_at)
+                      VALUES ($1, $2, $3, 'pending', $4, $4) ON CONFLICT (event_id) DO NOTHING"),
+                &[&event_id, &kind, &payload, &at],
+            )
+            .await
+            .map_err(s.err("recording a provisioning job"))?
+            == 1;
+        let row = client
+            .query_one(
+                &s.q(&format!(
+                    "SELECT {JOB_COLUMNS} FROM {{s}}.provision_jobs WHERE event_id = $1"
+                )),
+                &[&event_id],
+            )
+            .await
+            .map_err(s.err("reading a provisioning job"))?;
+        Ok((rules::job_from_row(job_row(&row))?, created))
+    }
+
+    async fn update_provision_job(&self, job: &ProvisionJob) -> Result<()> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        client
+            .execute(
+                &s.q("UPDATE {s}.provision_jobs SET tenant_id = $2, state = $3, steps = $4, attempts = $5,
+                             last_error = $6, updated_at = $7 WHERE event_id = $1"),
+                &[
+                    &job.event_id,
+                    &job.tenant.as_ref().map(TenantId::as_str),
+                    &job.state.as_str(),
+                    &job.steps.join(","),
+                    &(job.attempts as i64),
+                    &job.last_error,
+                    &now().unix_millis(),
+                ],
+            )
+            .await
+            .map_err(s.err("recording a provisioning job's progress"))?;
+        Ok(())
+    }
+
+    async fn provision_job(&self, event_id: &str) -> Result<Option<ProvisionJob>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        client
+            .query_opt(
+                &s.q(&format!(
+                    "SELECT {JOB_COLUMNS} FROM {{s}}.provision_jobs WHERE event_id = $1"
+                )),
+                &[&event_id],
+            )
+            .await
+            .map_err(s.err("reading a provisioning job"))?
+            .map(|r| rules::job_from_row(job_row(&r)))
+            .transpose()
+    }
+
+    async fn provision_jobs(
+        &self,
+        state: Option<JobState>,
+        limit: u64,
+    ) -> Result<Vec<ProvisionJob>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        client
+            .query(
+                &s.q(&format!(
+                    "SELECT {JOB_COLUMNS} FROM {{s}}.provision_jobs WHERE $1::text IS NULL OR state = $1
+                     ORDER BY created_at, event_id LIMIT $2"
+                )),
+                &[&state.map(JobState::as_str), &(limit as i64)],
+            )
+            .await
+            .map_err(s.err("listing provisioning jobs"))?
+            .iter()
+            .map(|r| rules::job_from_row(job_row(r)))
+            .collect()
+    }
+
     async fn latest_tenant_configs(&self) -> Result<Vec<ConfigVersion>> {
         let s = &*self.inner;
         let client = s.client().await?;
@@ -1625,5 +1776,20 @@ fn config_row(r: &tokio_postgres::Row) -> ConfigRow {
         at: r.get(3),
         actor: r.get(4),
         reason: r.get(5),
+    }
+}
+
+fn job_row(r: &Row) -> JobRow {
+    JobRow {
+        event_id: r.get(0),
+        kind: r.get(1),
+        payload: r.get(2),
+        tenant: r.get(3),
+        state: r.get(4),
+        steps: r.get(5),
+        attempts: r.get(6),
+        last_error: r.get(7),
+        created_at: r.get(8),
+        updated_at: r.get(9),
     }
 }

@@ -10,8 +10,8 @@ use ficus_core::{
 };
 
 use crate::{
-    ConfigChange, ConfigVersion, ConflictKind, ImportConflict, NewTenant, StageChange, StoreError,
-    format_time,
+    ConfigChange, ConfigVersion, ConflictKind, ImportConflict, JobState, NewTenant, ProvisionJob,
+    StageChange, StoreError, SuspendChange, format_time,
 };
 
 /// One audit event about to be appended, as both stores write it.
@@ -155,6 +155,7 @@ pub(crate) struct TenantRow {
     pub version: i64,
     pub created_at: i64,
     pub updated_at: i64,
+    pub suspended: bool,
 }
 
 pub(crate) fn tenant_from_row(row: TenantRow, domains: Vec<String>) -> Result<Tenant, StoreError> {
@@ -172,6 +173,7 @@ pub(crate) fn tenant_from_row(row: TenantRow, domains: Vec<String>) -> Result<Te
         created_at: Timestamp::from_unix_millis(row.created_at),
         updated_at: Timestamp::from_unix_millis(row.updated_at),
         name: row.name,
+        suspended: row.suspended,
     })
 }
 
@@ -251,6 +253,63 @@ pub(crate) fn config_from_row(row: ConfigRow) -> Result<ConfigVersion, StoreErro
         reason: row.reason,
         at: Timestamp::from_unix_millis(row.at),
     })
+}
+
+/// A provisioning job as a backend reads it.
+pub(crate) struct JobRow {
+    pub event_id: String,
+    pub kind: String,
+    pub payload: String,
+    pub tenant: Option<String>,
+    pub state: String,
+    pub steps: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+pub(crate) const JOB_COLUMNS: &str = "event_id, kind, payload, tenant_id, state, steps, attempts, last_error, created_at, updated_at";
+
+pub(crate) fn job_from_row(row: JobRow) -> Result<ProvisionJob, StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| {
+        StoreError::Corrupt(format!("provisioning job {:?}: {e}", row.event_id))
+    };
+    Ok(ProvisionJob {
+        tenant: row
+            .tenant
+            .as_deref()
+            .map(TenantId::parse)
+            .transpose()
+            .map_err(|e| corrupt(&e))?,
+        state: JobState::parse(&row.state).ok_or_else(|| corrupt(&row.state))?,
+        steps: row
+            .steps
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        attempts: u64::try_from(row.attempts).map_err(|e| corrupt(&e))?,
+        last_error: row.last_error,
+        created_at: Timestamp::from_unix_millis(row.created_at),
+        updated_at: Timestamp::from_unix_millis(row.updated_at),
+        event_id: row.event_id,
+        kind: row.kind,
+        payload: row.payload,
+    })
+}
+
+/// The audit reason of a suspension or its end.
+pub(crate) fn suspend_reason(change: &SuspendChange) -> Result<String, StoreError> {
+    let why = reason(&change.reason)?;
+    Ok(format!(
+        "{}: {why}",
+        if change.suspended {
+            "suspended"
+        } else {
+            "resumed"
+        }
+    ))
 }
 
 /// Checks a configuration change before any backend writes it: a reason, and

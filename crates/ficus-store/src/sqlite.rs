@@ -19,11 +19,12 @@ use rusqlite::{
 };
 
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
-use crate::rules::{self, AuditRow, ConfigRow, NewEvent, TenantRow};
+use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ComparisonCount, ConfigChange, ConfigVersion, ControlStore, InitOutcome,
-    LatencyReport, MismatchSample, NewTenant, NoiseEntry, OpenMode, Result, SAMPLES_KEPT,
-    SCHEMA_VERSION, Snapshot, StageChange, StoreError, TrafficCount, now,
+    AuditQuery, ComparisonCount, ConfigChange, ConfigVersion, ControlStore, InitOutcome, JobState,
+    LatencyReport, MismatchSample, NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result,
+    SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, SuspendChange, TrafficCount,
+    now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -177,6 +178,22 @@ CREATE TRIGGER tenant_configs_no_update BEFORE UPDATE ON tenant_configs
 BEGIN SELECT RAISE(ABORT, 'configuration history is append-only'); END;
 CREATE TRIGGER tenant_configs_no_delete BEFORE DELETE ON tenant_configs
 BEGIN SELECT RAISE(ABORT, 'configuration history is append-only'); END;
+"#,
+    r#"
+ALTER TABLE tenants ADD COLUMN suspended INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE provision_jobs (
+    event_id   TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    tenant_id  TEXT,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+    steps      TEXT NOT NULL DEFAULT '',
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX provision_jobs_state ON provision_jobs (state, created_at);
 "#,
 ];
 
@@ -480,7 +497,7 @@ fn insert_tenant(tx: &Transaction<'_>, location: &str, t: &NewTenant, at: i64) -
     Ok(())
 }
 
-const TENANT_COLUMNS: &str = "id, name, stage, version, created_at, updated_at";
+const TENANT_COLUMNS: &str = "id, name, stage, version, created_at, updated_at, suspended";
 
 fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
     Ok(TenantRow {
@@ -490,6 +507,7 @@ fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
         version: r.get(3)?,
         created_at: r.get(4)?,
         updated_at: r.get(5)?,
+        suspended: r.get::<_, i64>(6)? != 0,
     })
 }
 
@@ -1235,6 +1253,133 @@ impl ControlStore for SqliteStore {
         .await
     }
 
+    async fn set_suspended(&self, change: SuspendChange) -> Result<Tenant> {
+        let reason = rules::suspend_reason(&change)?;
+        match self.tenant(&change.tenant).await? {
+            None => return Err(StoreError::UnknownTenant(change.tenant)),
+            Some(t) if t.suspended == change.suspended => return Ok(t),
+            Some(_) => {}
+        }
+        self.write(move |tx, location, seq| {
+            let id = change.tenant.as_str();
+            let current = load_tenant(tx, location, id)?
+                .ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))?;
+            let at = now().unix_millis();
+            let version = current.version + 1;
+            tx.execute(
+                "UPDATE tenants SET suspended = ?1, version = ?2, updated_at = ?3 WHERE id = ?4",
+                params![i64::from(change.suspended), version as i64, at, id],
+            )
+            .map_err(sql_err(location, "suspending a tenant"))?;
+            let event = NewEvent {
+                at,
+                tenant: id,
+                from: Some(current.stage),
+                to: current.stage,
+                version,
+                actor: change.actor,
+                reason: &reason,
+            };
+            append_audit(tx, location, event)?;
+            record_change(tx, location, seq, Some(id))?;
+            load_tenant(tx, location, id)?
+                .ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
+        })
+        .await
+    }
+
+    async fn claim_provision_job(
+        &self,
+        event_id: &str,
+        kind: &str,
+        payload: &str,
+    ) -> Result<(ProvisionJob, bool)> {
+        let (event_id, kind, payload) =
+            (event_id.to_string(), kind.to_string(), payload.to_string());
+        self.with(move |conn, location| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_err(location, "starting a write"))?;
+            let at = now().unix_millis();
+            let created = tx
+                .execute(
+                    "INSERT INTO provision_jobs (event_id, kind, payload, state, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, 'pending', ?4, ?4) ON CONFLICT (event_id) DO NOTHING",
+                    params![event_id, kind, payload, at],
+                )
+                .map_err(sql_err(location, "recording a provisioning job"))?
+                == 1;
+            let row = tx
+                .query_row(
+                    &format!("SELECT {JOB_COLUMNS} FROM provision_jobs WHERE event_id = ?1"),
+                    [&event_id],
+                    job_row,
+                )
+                .map_err(sql_err(location, "reading a provisioning job"))?;
+            tx.commit().map_err(sql_err(location, "committing"))?;
+            Ok((rules::job_from_row(row)?, created))
+        })
+        .await
+    }
+
+    async fn update_provision_job(&self, job: &ProvisionJob) -> Result<()> {
+        let job = job.clone();
+        self.with(move |conn, location| {
+            conn.execute(
+                "UPDATE provision_jobs SET tenant_id = ?2, state = ?3, steps = ?4, attempts = ?5,
+                        last_error = ?6, updated_at = ?7 WHERE event_id = ?1",
+                params![
+                    job.event_id,
+                    job.tenant.as_ref().map(TenantId::as_str),
+                    job.state.as_str(),
+                    job.steps.join(","),
+                    job.attempts as i64,
+                    job.last_error,
+                    now().unix_millis()
+                ],
+            )
+            .map_err(sql_err(location, "recording a provisioning job's progress"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn provision_job(&self, event_id: &str) -> Result<Option<ProvisionJob>> {
+        let event_id = event_id.to_string();
+        self.with(move |conn, location| {
+            conn.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM provision_jobs WHERE event_id = ?1"
+            ))
+            .and_then(|mut s| s.query_row([&event_id], job_row).optional())
+            .map_err(sql_err(location, "reading a provisioning job"))?
+            .map(rules::job_from_row)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn provision_jobs(
+        &self,
+        state: Option<JobState>,
+        limit: u64,
+    ) -> Result<Vec<ProvisionJob>> {
+        let state = state.map(JobState::as_str);
+        self.with(move |conn, location| {
+            let rows: Vec<JobRow> = conn
+                .prepare_cached(&format!(
+                    "SELECT {JOB_COLUMNS} FROM provision_jobs WHERE ?1 IS NULL OR state = ?1
+                     ORDER BY created_at, event_id LIMIT ?2"
+                ))
+                .and_then(|mut s| {
+                    s.query_map(params![state, limit as i64], job_row)?
+                        .collect()
+                })
+                .map_err(sql_err(location, "listing provisioning jobs"))?;
+            rows.into_iter().map(rules::job_from_row).collect()
+        })
+        .await
+    }
+
     async fn latest_tenant_configs(&self) -> Result<Vec<ConfigVersion>> {
         self.with(move |conn, location| {
             let rows: Vec<ConfigRow> = conn
@@ -1438,5 +1583,20 @@ fn config_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConfigRow> {
         at: r.get(3)?,
         actor: r.get(4)?,
         reason: r.get(5)?,
+    })
+}
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    Ok(JobRow {
+        event_id: r.get(0)?,
+        kind: r.get(1)?,
+        payload: r.get(2)?,
+        tenant: r.get(3)?,
+        state: r.get(4)?,
+        steps: r.get(5)?,
+        attempts: r.get(6)?,
+        last_error: r.get(7)?,
+        created_at: r.get(8)?,
+        updated_at: r.get(9)?,
     })
 }

@@ -855,6 +855,95 @@ async fn versions_tenant_configuration_and_moves_its_domains(store: Arc<dyn Cont
     );
 }
 
+async fn suspends_tenants_and_records_each_billing_event_once(store: Arc<dyn ControlStore>) {
+    use ficus_store::{JobState, SuspendChange};
+    store
+        .add_tenant(new("acme", Stage::Migrated, &[]), Actor::Cli, "new")
+        .await
+        .unwrap();
+    let suspend = |suspended: bool| SuspendChange {
+        tenant: id("acme"),
+        suspended,
+        actor: Actor::Provisioning,
+        reason: "subscription cancelled".into(),
+    };
+    let t = store.set_suspended(suspend(true)).await.unwrap();
+    assert!(t.suspended);
+    assert_eq!((t.stage, t.version), (Stage::Migrated, 2));
+    // Again: nothing changes, nothing is audited.
+    assert_eq!(store.set_suspended(suspend(true)).await.unwrap().version, 2);
+    let t = store.set_suspended(suspend(false)).await.unwrap();
+    assert!(!t.suspended);
+    expect![[r#"
+        acme migrated -> migrated v2 by provisioning: suspended: subscription cancelled
+        acme migrated -> migrated v3 by provisioning: resumed: subscription cancelled
+    "#]]
+    .assert_eq(
+        &audit_text(&*store, Some("acme"))
+            .await
+            .lines()
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    );
+
+    // Ten concurrent deliveries of one event: one creates the job.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .claim_provision_job("evt_1", "create", "{}")
+                .await
+                .unwrap()
+                .1
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        created += usize::from(t.await.unwrap());
+    }
+    assert_eq!(created, 1);
+    let (mut job, again) = store
+        .claim_provision_job("evt_1", "create", "{\"other\":1}")
+        .await
+        .unwrap();
+    assert!(!again);
+    assert_eq!((job.payload.as_str(), job.state), ("{}", JobState::Pending));
+    job.tenant = Some(id("acme"));
+    job.steps = vec!["tenant".into(), "config".into()];
+    job.attempts = 1;
+    job.last_error = Some("database unreachable".into());
+    store.update_provision_job(&job).await.unwrap();
+    let read = store.provision_job("evt_1").await.unwrap().unwrap();
+    assert_eq!(
+        (read.tenant, read.steps, read.attempts, read.last_error),
+        (
+            Some(id("acme")),
+            vec!["tenant".to_string(), "config".to_string()],
+            1,
+            Some("database unreachable".to_string())
+        )
+    );
+    store
+        .claim_provision_job("evt_2", "cancel", "{}")
+        .await
+        .unwrap();
+    let mut done = store.provision_job("evt_2").await.unwrap().unwrap();
+    done.state = JobState::Done;
+    store.update_provision_job(&done).await.unwrap();
+    let pending: Vec<String> = store
+        .provision_jobs(Some(JobState::Pending), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.event_id)
+        .collect();
+    assert_eq!(pending, ["evt_1"]);
+    assert_eq!(store.provision_jobs(None, 10).await.unwrap().len(), 2);
+    assert_eq!(store.provision_job("evt_9").await.unwrap(), None);
+}
+
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn ControlStore> {
     let url =
         StoreUrl::parse(&format!("sqlite:{}", dir.path().join("ficus.db").display())).unwrap();
@@ -904,6 +993,7 @@ both!(
     sums_latency_histograms_per_backend,
     keeps_settings_with_audited_changes,
     versions_tenant_configuration_and_moves_its_domains,
+    suspends_tenants_and_records_each_billing_event_once,
 );
 
 /// Faults specific to the embedded store: files that are not ours must come out of
@@ -977,7 +1067,8 @@ mod sqlite_faults {
             c.execute_batch(
                 "DROP TABLE settings; DROP TABLE global_audit; DROP TABLE legacy_traffic; DROP TABLE traffic_reports;
                  DROP TABLE comparisons; DROP TABLE mismatch_samples; DROP TABLE noise_paths; DROP TABLE latencies;
-                 DROP TABLE tenant_configs;
+                 DROP TABLE tenant_configs; DROP TABLE provision_jobs;
+                 ALTER TABLE tenants DROP COLUMN suspended;
                  UPDATE ficus_meta SET value = '1' WHERE key = 'schema_version';",
             )
             .unwrap();
@@ -1058,7 +1149,7 @@ mod sqlite_faults {
             let err = open(&path, mode).await.err().unwrap();
             assert_eq!(
                 location(&err, &path),
-                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 5); upgrade ficus, the store was not modified"
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 6); upgrade ficus, the store was not modified"
             );
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }
