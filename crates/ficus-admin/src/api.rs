@@ -345,6 +345,45 @@ pub struct GateRequest {
     pub reason: String,
 }
 
+/// A provisioning job: one billing event and how far it has come.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobJson {
+    pub event: String,
+    pub kind: String,
+    pub state: String,
+    pub tenant: Option<String>,
+    pub steps: Vec<String>,
+    pub attempts: u64,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Set on a webhook answer when the event had been delivered before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+impl From<&ficus_store::ProvisionJob> for JobJson {
+    fn from(j: &ficus_store::ProvisionJob) -> JobJson {
+        JobJson {
+            event: j.event_id.clone(),
+            kind: j.kind.clone(),
+            state: j.state.as_str().to_string(),
+            tenant: j.tenant.as_ref().map(|t| t.to_string()),
+            steps: j.steps.clone(),
+            attempts: j.attempts,
+            last_error: j.last_error.clone(),
+            created_at: format_time(j.created_at),
+            updated_at: format_time(j.updated_at),
+            duplicate: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsJson {
+    pub jobs: Vec<JobJson>,
+}
+
 /// One version of a tenant's configuration. Version 0 is the configuration a
 /// tenant has before anyone wrote one (its name and domains).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -13,9 +13,9 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{
     AddRequest, ConfigHistoryJson, ConfigJson, ConfigRequest, ErrorJson, EventsJson, GateJson,
-    GateRequest, MismatchesJson, PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest,
-    RetireJson, RetireRequest, RollbackRequest, ShowJson, StageRequest, StatusJson, TenantEnvelope,
-    TenantsJson,
+    GateRequest, JobJson, JobsJson, MismatchesJson, PromoteRequest, ReadinessAllJson,
+    ReadinessJson, RestoreRequest, RetireJson, RetireRequest, RollbackRequest, ShowJson,
+    StageRequest, StatusJson, TenantEnvelope, TenantsJson,
 };
 use crate::ops::{AuditFilter, Control, GateOverrides};
 use crate::server::gate_version;
@@ -289,6 +289,28 @@ impl Control for Remote {
         let path = format!("/v1/tenants/{}/config", path_id(id));
         self.write(Method::PUT, &path, &v.to_string(), &request)
             .await
+    }
+
+    async fn jobs(&self, state: Option<&str>) -> Result<JobsJson> {
+        self.get(&with_query(
+            "/v1/provisioning/jobs",
+            &serde_json::json!({ "state": state }),
+        ))
+        .await
+    }
+
+    async fn job(&self, event: &str) -> Result<JobJson> {
+        self.get(&format!("/v1/provisioning/jobs/{}", encode(event)))
+            .await
+    }
+
+    async fn retry_job(&self, event: &str) -> Result<JobJson> {
+        let path = format!("/v1/provisioning/jobs/{}/retry", encode(event));
+        self.send(
+            self.request(Method::POST, &path)
+                .json(&serde_json::json!({})),
+        )
+        .await
     }
 
     async fn config_history(&self, id: &TenantId) -> Result<ConfigHistoryJson> {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod gate;
 pub mod ops;
+pub mod provision;
 pub mod server;
 pub mod token;
 

@@ -10,18 +10,21 @@ use async_trait::async_trait;
 use ficus_core::config::TenantConfig;
 use ficus_core::readiness::{EndpointEvidence, Readiness, judge};
 use ficus_core::{Actor, Domain, Stage, TenantId, Timestamp, Transition, tenant::parse_name};
-use ficus_store::{AuditQuery, ConfigChange, ControlStore, NewTenant, StageChange, StoreError};
+use ficus_store::{
+    AuditQuery, ConfigChange, ControlStore, JobState, NewTenant, StageChange, StoreError,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
     AddRequest, ComparisonsJson, ConfigHistoryJson, ConfigJson, ConfigRequest, CriterionJson,
-    EventJson, EventsJson, GateJson, GateRequest, LegacyTrafficJson, MismatchJson, MismatchesJson,
-    PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest, RetireJson, RetireRequest,
-    RollbackRequest, ShowJson, StageRequest, StatusJson, TenantEnvelope, TenantJson, TenantsJson,
-    retire_version,
+    EventJson, EventsJson, GateJson, GateRequest, JobJson, JobsJson, LegacyTrafficJson,
+    MismatchJson, MismatchesJson, PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest,
+    RetireJson, RetireRequest, RollbackRequest, ShowJson, StageRequest, StatusJson, TenantEnvelope,
+    TenantJson, TenantsJson, retire_version,
 };
 use crate::config;
 use crate::gate::{self, Gate};
+use crate::provision::{self, Hooks};
 use crate::{Error, Result};
 
 /// Per-call changes to the stored gate, for exploring "what if" with `ficus
@@ -112,18 +115,38 @@ pub trait Control: Send + Sync {
         request: RestoreRequest,
         if_version: Option<u64>,
     ) -> Result<ConfigJson>;
+    /// Provisioning jobs, oldest first (`state`: pending, done or failed).
+    async fn jobs(&self, state: Option<&str>) -> Result<JobsJson>;
+    async fn job(&self, event: &str) -> Result<JobJson>;
+    /// Runs a pending job's remaining steps now.
+    async fn retry_job(&self, event: &str) -> Result<JobJson>;
 }
 
 /// The control plane on a store this process opened.
 pub struct Direct {
     store: Arc<dyn ControlStore>,
     actor: Actor,
+    hooks: Hooks,
 }
 
 impl Direct {
     /// Operations on `store`, recorded in the audit log as done by `actor`.
     pub fn new(store: Arc<dyn ControlStore>, actor: Actor) -> Direct {
-        Direct { store, actor }
+        Direct {
+            store,
+            actor,
+            hooks: Hooks::from_env(),
+        }
+    }
+
+    /// The same, with the provisioning pipeline's secret and database given
+    /// rather than read from the environment.
+    pub fn with_hooks(store: Arc<dyn ControlStore>, actor: Actor, hooks: Hooks) -> Direct {
+        Direct {
+            store,
+            actor,
+            hooks,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn ControlStore> {
@@ -647,6 +670,43 @@ impl Control for Direct {
             if_version,
         )
         .await
+    }
+
+    async fn jobs(&self, state: Option<&str>) -> Result<JobsJson> {
+        let state = state
+            .map(|s| {
+                JobState::parse(s).ok_or_else(|| {
+                    Error::Invalid(format!("state {s:?} is not pending, done or failed"))
+                })
+            })
+            .transpose()?;
+        let jobs = self.store.provision_jobs(state, 1_000).await?;
+        Ok(JobsJson {
+            jobs: jobs.iter().map(JobJson::from).collect(),
+        })
+    }
+
+    async fn job(&self, event: &str) -> Result<JobJson> {
+        self.store
+            .provision_job(event)
+            .await?
+            .map(|j| JobJson::from(&j))
+            .ok_or_else(|| Error::Invalid(format!("no provisioning job for event {event:?}")))
+    }
+
+    async fn retry_job(&self, event: &str) -> Result<JobJson> {
+        let job =
+            self.store.provision_job(event).await?.ok_or_else(|| {
+                Error::Invalid(format!("no provisioning job for event {event:?}"))
+            })?;
+        if job.state != JobState::Pending {
+            return Err(Error::Refused(format!(
+                "the job for event {event:?} is {}, not pending; nothing was run",
+                job.state.as_str()
+            )));
+        }
+        let job = provision::run(&self.store, &self.hooks, job).await?;
+        Ok(JobJson::from(&job))
     }
 
     async fn set_gate(&self, request: GateRequest) -> Result<GateJson> {

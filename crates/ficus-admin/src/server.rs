@@ -27,6 +27,7 @@ use crate::api::{
     RetireRequest, RollbackRequest, StageRequest,
 };
 use crate::ops::{self, AuditFilter, Control, Direct, GateOverrides};
+use crate::provision::{self, Hooks};
 use crate::{Error, token};
 
 /// Request bodies larger than this are refused: no call needs more.
@@ -58,14 +59,30 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/tenants/{id}/config/history"),
     ("post", "/v1/tenants/{id}/config/restore"),
     ("get", "/v1/tenant-config.schema.json"),
+    ("get", "/v1/provisioning/jobs"),
+    ("get", "/v1/provisioning/jobs/{event}"),
+    ("post", "/v1/provisioning/jobs/{event}/retry"),
 ];
+
+/// The billing webhook: outside the bearer token, authenticated by its
+/// signature instead (see `crate::provision`).
+pub const HOOK_PATH: &str = "/v1/hooks/billing";
 
 /// Where the API finds the store: set once it is open (the proxy opens it after
 /// its listeners are up; until then the API answers 503).
 pub type StoreSlot = Arc<OnceLock<Arc<dyn ControlStore>>>;
 
-/// The API's routes, to be served or merged into another router.
+/// The API's routes, to be served or merged into another router; the billing
+/// webhook's secret and tenant database come from the environment.
 pub fn router(store: StoreSlot) -> Router {
+    router_with(store, Hooks::from_env())
+}
+
+/// The API's routes with the webhook's settings given.
+pub fn router_with(store: StoreSlot, hooks: Hooks) -> Router {
+    let hook = Router::new()
+        .route(HOOK_PATH, post(billing_hook))
+        .with_state((store.clone(), hooks));
     let api = Router::new()
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/tenants", get(list).post(add))
@@ -84,11 +101,16 @@ pub fn router(store: StoreSlot) -> Router {
         .route("/v1/tenants/{id}/config/history", get(config_history))
         .route("/v1/tenants/{id}/config/restore", post(restore_config))
         .route("/v1/tenant-config.schema.json", get(config_schema))
+        .route("/v1/provisioning/jobs", get(jobs))
+        .route("/v1/provisioning/jobs/{event}", get(job))
+        .route("/v1/provisioning/jobs/{event}/retry", post(retry_job))
         .fallback(|| async {
             ApiError::Status(StatusCode::NOT_FOUND, "no such API route".to_string())
         });
-    api.route_layer(middleware::from_fn_with_state(store.clone(), authorize))
-        .with_state(store)
+    hook.merge(
+        api.route_layer(middleware::from_fn_with_state(store.clone(), authorize))
+            .with_state(store),
+    )
 }
 
 /// An error on its way to becoming a response: the one place that decides status
@@ -558,6 +580,110 @@ async fn config_schema() -> Response {
         .into_response()
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsQuery {
+    state: Option<String>,
+}
+
+async fn jobs(
+    State(slot): State<StoreSlot>,
+    q: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::JobsJson> {
+    let q = query(q)?;
+    Ok(axum::Json(control(&slot)?.jobs(q.state.as_deref()).await?))
+}
+
+async fn job(
+    State(slot): State<StoreSlot>,
+    Path(event): Path<String>,
+) -> ApiResult<crate::api::JobJson> {
+    Ok(axum::Json(control(&slot)?.job(&event).await?))
+}
+
+/// Runs a pending job now. Not versioned: running a pending job's remaining
+/// steps again is what the resumer does anyway, and every step is idempotent.
+async fn retry_job(
+    State(slot): State<StoreSlot>,
+    Path(event): Path<String>,
+) -> ApiResult<crate::api::JobJson> {
+    Ok(axum::Json(control(&slot)?.retry_job(&event).await?))
+}
+
+/// `POST /v1/hooks/billing`: a signed billing event. 401 for a missing, bad or
+/// stale signature; 400 for a body that is not an event; 422 for an event type
+/// that is neither a creation nor a cancellation; 413 over 64 KiB; nothing is
+/// written in any of those cases. 200 with the job when it is done (or was
+/// done before: `duplicate`), 202 when a step must be retried.
+async fn billing_hook(
+    State((slot, hooks)): State<(StoreSlot, Hooks)>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let refuse = |status: StatusCode, why: String| {
+        tracing::warn!(
+            status = status.as_u16(),
+            why,
+            "billing hook: delivery refused"
+        );
+        ApiError::Status(status, why)
+    };
+    let Some(secret) = hooks.secret.clone() else {
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the billing webhook is not configured: set FICUS_BILLING_SECRET".into(),
+        ));
+    };
+    let store = slot.get().cloned().ok_or_else(|| {
+        ApiError::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the control store is not open yet".to_string(),
+        )
+    })?;
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or("").trim() == "application/json");
+    if !json {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the event as application/json".into(),
+        ));
+    }
+    let signature = request
+        .headers()
+        .get(provision::SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = axum::body::to_bytes(request.into_body(), BODY_LIMIT)
+        .await
+        .map_err(|_| {
+            refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("an event is at most {BODY_LIMIT} bytes"),
+            )
+        })?;
+    let now = ops::now().unix_millis() / 1000;
+    provision::verify(signature.as_deref(), &body, &secret, now)
+        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    match provision::receive(&store, &hooks, &body).await? {
+        Err(r @ provision::Refusal::UnknownType(_)) => {
+            Err(refuse(StatusCode::UNPROCESSABLE_ENTITY, r.to_string()))
+        }
+        Err(r) => Err(refuse(StatusCode::BAD_REQUEST, r.to_string())),
+        Ok(received) => {
+            let mut json = crate::api::JobJson::from(&received.job);
+            json.duplicate = received.duplicate;
+            let status = if received.job.state == ficus_store::JobState::Pending {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, axum::Json(json)).into_response())
+        }
+    }
+}
+
 /// A gate's version: a short hash of its content.
 pub fn gate_version(g: &crate::api::GateJson) -> String {
     let text = serde_json::to_string(g).unwrap_or_default();
@@ -571,9 +697,30 @@ pub async fn serve(
     store: Arc<dyn ControlStore>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, store, Hooks::from_env(), shutdown).await
+}
+
+/// [`serve`] with the webhook's settings given; it also runs the resumer that
+/// finishes pending provisioning jobs.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn ControlStore>,
+    hooks: Hooks,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let slot: StoreSlot = Arc::default();
-    let _ = slot.set(store);
-    axum::serve(listener, router(slot))
+    let _ = slot.set(Arc::clone(&store));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let resumer = tokio::spawn(provision::resume(
+        store,
+        hooks.clone(),
+        std::time::Duration::from_secs(5),
+        stopped,
+    ));
+    let served = axum::serve(listener, router_with(slot, hooks))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    let _ = stop.send(true);
+    let _ = resumer.await;
+    served
 }

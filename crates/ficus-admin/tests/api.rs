@@ -682,3 +682,229 @@ async fn tenant_configuration_is_versioned_validated_and_restorable() {
         .unwrap();
     assert_eq!(schema["title"], "Ficus tenant configuration");
 }
+
+/// The billing webhook on a real listener: every bad delivery refused with its
+/// status and nothing written; one good event delivered ten times, five of them
+/// at once, makes exactly one tenant with its configuration; cancellation
+/// suspends it and deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_events_provision_exactly_once_and_bad_deliveries_write_nothing() {
+    use ficus_admin::provision::{Hooks, SIGNATURE_HEADER, sign};
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let url = StoreUrl::parse(&format!("sqlite:{}", dir.path().join("f.db").display())).unwrap();
+    let store = ficus_store::open(&url, OpenMode::Create).await.unwrap();
+    let token = token::ensure(&*store, Actor::Cli).await.unwrap().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let hooks = Hooks {
+        secret: Some(std::sync::Arc::from(b"whsec_test".to_vec())),
+        database_url: None,
+    };
+    tokio::spawn(server::serve_with(
+        listener,
+        Arc::clone(&store),
+        hooks,
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let now = now_ms() / 1000;
+    let deliver = |body: Vec<u8>, signature: Option<String>, content_type: &'static str| {
+        let mut r = http
+            .post(format!("{base}/v1/hooks/billing"))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(s) = signature {
+            r = r.header(SIGNATURE_HEADER, s);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
+            (status, body)
+        }
+    };
+    let event = json!({
+        "id": "evt_1001",
+        "type": "subscription.created",
+        "data": {"customer": {"name": "Initech Homes"}, "domain": "portal.initech.test"}
+    })
+    .to_string()
+    .into_bytes();
+    let signed = |body: &[u8], at: i64| Some(sign(b"whsec_test", at, body));
+    let err = |v: &serde_json::Value| v["error"].as_str().unwrap_or("").to_string();
+
+    let bad = vec![
+        (
+            deliver(event.clone(), None, "application/json").await,
+            401,
+            "the ficus-signature header is missing",
+        ),
+        (
+            deliver(
+                event.clone(),
+                Some(sign(b"wrong", now, &event)),
+                "application/json",
+            )
+            .await,
+            401,
+            "the signature does not match the body",
+        ),
+        (
+            deliver(event.clone(), signed(&event, now - 600), "application/json").await,
+            401,
+            "the signature's timestamp is 600 s away from now (at most 300 s): a replay or a wrong clock",
+        ),
+        (
+            deliver(
+                b"{\"id\": ".to_vec(),
+                signed(b"{\"id\": ", now),
+                "application/json",
+            )
+            .await,
+            400,
+            "the body is not JSON: EOF while parsing a value at line 1 column 7",
+        ),
+        (
+            deliver(event.clone(), signed(&event, now), "text/plain").await,
+            415,
+            "send the event as application/json",
+        ),
+    ];
+    for ((status, body), want_status, want) in bad {
+        assert_eq!((status, err(&body).as_str()), (want_status, want));
+    }
+    let unknown = json!({"id": "evt_x", "type": "invoice.paid"})
+        .to_string()
+        .into_bytes();
+    let (status, body) = deliver(unknown.clone(), signed(&unknown, now), "application/json").await;
+    assert_eq!(
+        (status, err(&body).as_str()),
+        (
+            422,
+            "event type \"invoice.paid\" is neither a creation nor a cancellation"
+        )
+    );
+    let big = vec![b' '; 100 * 1024];
+    let (status, _) = deliver(big.clone(), signed(&big, now), "application/json").await;
+    assert_eq!(status, 413);
+    assert!(
+        store.tenants(None).await.unwrap().is_empty(),
+        "a refused delivery wrote a tenant"
+    );
+    assert!(
+        store.provision_jobs(None, 10).await.unwrap().is_empty(),
+        "a refused delivery wrote a job"
+    );
+
+    // Ten deliveries of one event, five of them at once: one tenant.
+    let mut answers = Vec::new();
+    let mut concurrent = Vec::new();
+    for _ in 0..5 {
+        concurrent.push(deliver(
+            event.clone(),
+            signed(&event, now),
+            "application/json",
+        ));
+    }
+    for a in futures_join(concurrent).await {
+        answers.push(a);
+    }
+    for _ in 0..5 {
+        answers.push(deliver(event.clone(), signed(&event, now), "application/json").await);
+    }
+    // A delivery that arrives while the first is still at work is told so
+    // (202, pending, duplicate); the later ones see it done.
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 202),
+        "{answers:?}"
+    );
+    assert!(statuses[5..].iter().all(|s| *s == 200), "{answers:?}");
+    let firsts = answers
+        .iter()
+        .filter(|(_, b)| b["duplicate"].is_null())
+        .count();
+    assert_eq!(
+        firsts, 1,
+        "exactly one delivery carried the event out: {answers:?}"
+    );
+    let tenants = store.tenants(None).await.unwrap();
+    assert_eq!(tenants.len(), 1);
+    let t = &tenants[0];
+    assert_eq!(
+        (t.id.as_str(), t.name.as_str(), t.stage.as_str()),
+        ("initech-homes", "Initech Homes", "legacy")
+    );
+    assert_eq!(
+        t.domains.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+        ["portal.initech.test"]
+    );
+    let config = store.tenant_config(&t.id, None).await.unwrap().unwrap();
+    assert_eq!((config.version, config.actor), (1, Actor::Provisioning));
+    let jobs = store.provision_jobs(None, 10).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].steps, ["tenant", "config", "database"]);
+
+    // Cancellation suspends; nothing is deleted; a repeat changes nothing.
+    let cancel = json!({"id": "evt_1002", "type": "subscription.cancelled", "data": {"customer": {"name": "Initech Homes"}}})
+        .to_string()
+        .into_bytes();
+    let (status, body) = deliver(cancel.clone(), signed(&cancel, now), "application/json").await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("done")),
+        "{body}"
+    );
+    let t = store.tenant(&t.id).await.unwrap().unwrap();
+    assert!(t.suspended);
+    assert_eq!(
+        store
+            .tenant_config(&t.id, None)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        1
+    );
+    let audit = store
+        .audit(ficus_store::AuditQuery {
+            tenant: Some(t.id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let lines: Vec<String> = audit
+        .iter()
+        .map(|e| format!("{} {}", e.actor, e.reason))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "provisioning provisioned from billing event evt_1001",
+            "provisioning suspended: subscription ended, billing event evt_1002"
+        ]
+    );
+    // The jobs, through the API.
+    let remote = Remote::new(&base, &token).unwrap();
+    let listed = remote.jobs(Some("done")).await.unwrap();
+    assert_eq!(listed.jobs.len(), 2);
+    let Err(Error::Remote { status, .. }) = remote.retry_job("evt_1001").await else {
+        panic!("a done job is not run again")
+    };
+    assert_eq!(status, 409);
+}
+
+/// Awaits every future, in order.
+async fn futures_join<F>(fs: Vec<F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

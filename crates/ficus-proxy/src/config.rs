@@ -68,6 +68,9 @@ pub struct Settings {
     pub tenant_config_path: String,
     /// How long clients and caches may keep that answer.
     pub tenant_config_max_age: Duration,
+    /// What a suspended tenant's requests get instead of a backend's answer.
+    pub suspended_status: u16,
+    pub suspended_message: String,
     pub shadow: ShadowConfig,
     pub guard: GuardConfig,
 }
@@ -245,6 +248,8 @@ struct RawProxy {
     tenant_label_cap: Option<usize>,
     tenant_config_path: Option<Spanned<String>>,
     tenant_config_max_age_s: Option<u64>,
+    suspended_status: Option<Spanned<u16>>,
+    suspended_message: Option<String>,
     log_format: Option<Spanned<String>>,
     tenant_header: Option<Spanned<String>>,
     backend_header: Option<Spanned<String>>,
@@ -402,6 +407,19 @@ impl Config {
             }
             None => "/.well-known/tenant-config".to_string(),
         };
+        let suspended_status = match &p.suspended_status {
+            Some(s) if !(400..500).contains(s.get_ref()) => {
+                return Err(cx.at(
+                    s,
+                    &format!(
+                        "proxy.suspended_status: {} is not a 4xx status",
+                        s.get_ref()
+                    ),
+                ));
+            }
+            Some(s) => *s.get_ref(),
+            None => 403,
+        };
         let settings = Settings {
             unknown_tenant,
             max_body_bytes: p.max_body_bytes.unwrap_or(10 * 1024 * 1024),
@@ -430,6 +448,11 @@ impl Config {
             traffic_flush,
             tenant_label_cap: p.tenant_label_cap.unwrap_or(100),
             tenant_config_path,
+            suspended_status,
+            suspended_message: p
+                .suspended_message
+                .clone()
+                .unwrap_or_else(|| "this account is suspended".to_string()),
             tenant_config_max_age: Duration::from_secs(p.tenant_config_max_age_s.unwrap_or(60)),
             shadow: cx.shadow(raw.shadow.as_ref(), &raw.compare)?,
             guard: cx.guard(raw.guard.as_ref())?,

@@ -248,6 +248,36 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
         ));
     }
     {
+        // Billing events received on the admin listener whose job could not
+        // finish (an unavailable database, a crash between steps) are finished
+        // here once the store is open.
+        let shared = Arc::clone(&shared);
+        server.add_service(background_service(
+            "provisioning",
+            Background(Box::new(move |mut shutdown| {
+                let shared = Arc::clone(&shared);
+                Box::pin(async move {
+                    let store = loop {
+                        if let Some(s) = shared.store.get() {
+                            break Arc::clone(s);
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    };
+                    ficus_admin::provision::resume(
+                        store,
+                        ficus_admin::provision::Hooks::from_env(),
+                        Duration::from_secs(5),
+                        shutdown,
+                    )
+                    .await;
+                })
+            })),
+        ));
+    }
+    {
         let shared = Arc::clone(&shared);
         let listener = std::sync::Mutex::new(Some(admin_listener));
         server.add_service(background_service(

@@ -436,6 +436,14 @@ impl ProxyHttp for Ficus {
             self.serve_config(session, ctx, &table, request).await?;
             return Ok(true);
         }
+        // A suspended tenant keeps its data and its stage; its requests are
+        // answered here and reach no backend.
+        if ctx.tenant.as_ref().is_some_and(|t| table.suspended(t)) {
+            let status = settings.suspended_status;
+            let message = settings.suspended_message.clone();
+            self.respond(session, ctx, status, &message).await?;
+            return Ok(true);
+        }
         match ficus_core::decide(stage, table.legacy_retired, settings.unknown_tenant) {
             Decision::Serve(b) => ctx.backend = Some(b),
             Decision::Reject => return Err(refuse(404, "unknown tenant")),

@@ -24,6 +24,7 @@ struct Entry {
     stage: Stage,
     domains: Vec<Arc<str>>,
     name: Arc<str>,
+    suspended: bool,
 }
 
 /// One immutable view of the control plane, as the proxy routes by it.
@@ -90,6 +91,10 @@ impl RoutingTable {
         }
     }
 
+    pub fn suspended(&self, tenant: &TenantId) -> bool {
+        self.tenants.get(tenant).is_some_and(|e| e.suspended)
+    }
+
     pub fn tenant_by_domain(&self, host: &str) -> Option<&TenantId> {
         self.domains.get(host)
     }
@@ -114,6 +119,7 @@ impl RoutingTable {
                 stage: t.stage,
                 domains,
                 name: Arc::from(t.name.as_str()),
+                suspended: t.suspended,
             },
         );
     }
