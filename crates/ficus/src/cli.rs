@@ -69,8 +69,12 @@ pub enum Command {
     /// Replace the admin API's bearer token; the new one is shown once.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Serve the control plane's HTTP API alone (without a proxy).
+    /// Serve the control plane's HTTP API alone (without a proxy), with the
+    /// billing webhook (FICUS_BILLING_SECRET) and the provisioning resumer.
     Serve(ServeArgs),
+    /// Provisioning jobs: one per billing event received.
+    #[command(subcommand)]
+    Provision(ProvisionCommand),
     /// Retrofit tenancy onto a live PostgreSQL: inspect, plan, apply, status, revert.
     #[command(subcommand)]
     Db(DbCommand),
@@ -161,6 +165,20 @@ pub enum TenantCommand {
     /// feature toggles; every change versioned.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProvisionCommand {
+    /// Jobs, oldest first.
+    List {
+        /// Only jobs in this state: pending, done or failed.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One job: its steps, attempts and last error.
+    Show { event: String },
+    /// Run a pending job's remaining steps now.
+    Retry { event: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -10,8 +10,9 @@ use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
 use ficus_admin::api::{
-    AddRequest, ConfigJson, ConfigRequest, GateJson, GateRequest, PromoteRequest, ReadinessJson,
-    RestoreRequest, RetireRequest, RollbackRequest, StageRequest, StatusJson, TenantEnvelope,
+    AddRequest, ConfigJson, ConfigRequest, GateJson, GateRequest, JobJson, PromoteRequest,
+    ReadinessJson, RestoreRequest, RetireRequest, RollbackRequest, StageRequest, StatusJson,
+    TenantEnvelope,
 };
 use ficus_admin::client::Remote;
 use ficus_admin::ops::{self, AuditFilter, GateOverrides};
@@ -22,8 +23,9 @@ use serde_json::json;
 
 use crate::cli::{
     AddArgs, AuditArgs, Cli, Command, ConfigCommand, GateArgs, GateCommand, GateSetArgs,
-    ImportArgs, ListArgs, MismatchesArgs, PromoteArgs, ProxyArgs, ReadinessArgs, RetireArgs,
-    RollbackArgs, ServeArgs, ShowArgs, StageArgs, TenantCommand, TokenCommand, WatchArgs,
+    ImportArgs, ListArgs, MismatchesArgs, PromoteArgs, ProvisionCommand, ProxyArgs, ReadinessArgs,
+    RetireArgs, RollbackArgs, ServeArgs, ShowArgs, StageArgs, TenantCommand, TokenCommand,
+    WatchArgs,
 };
 use crate::import;
 use crate::output::{self, EVENT_HEADER, TENANT_HEADER};
@@ -45,7 +47,8 @@ fn remote_capable(command: &Command) -> bool {
         | Command::Mismatches(_)
         | Command::Readiness(_)
         | Command::RetireLegacy(_)
-        | Command::Gate(_) => true,
+        | Command::Gate(_)
+        | Command::Provision(_) => true,
     }
 }
 
@@ -129,6 +132,14 @@ async fn control_command(
             print_gate(&gate, json, out)
         }
         Command::Gate(GateCommand::Set(args)) => set_gate(c, args, json, out).await,
+        Command::Provision(command) => {
+            let jobs = match command {
+                ProvisionCommand::List { state } => c.jobs(state.as_deref()).await?.jobs,
+                ProvisionCommand::Show { event } => vec![c.job(&event).await?],
+                ProvisionCommand::Retry { event } => vec![c.retry_job(&event).await?],
+            };
+            print_jobs(&jobs, json, out)
+        }
         _ => bail!("this command works on the store itself"),
     }
 }
@@ -391,6 +402,43 @@ async fn tenant_config(
         }
     };
     print_config(&written, json, out)
+}
+
+fn print_jobs(jobs: &[JobJson], json: bool, out: &mut impl Write) -> Result<()> {
+    if json {
+        return Ok(output::json(out, &serde_json::json!({ "jobs": jobs }))?);
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.event.clone(),
+                j.kind.clone(),
+                j.state.clone(),
+                j.tenant.clone().unwrap_or_else(|| "-".into()),
+                if j.steps.is_empty() {
+                    "-".into()
+                } else {
+                    j.steps.join(",")
+                },
+                j.attempts.to_string(),
+                j.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    Ok(output::table(
+        out,
+        &[
+            "EVENT",
+            "KIND",
+            "STATE",
+            "TENANT",
+            "STEPS DONE",
+            "ATTEMPTS",
+            "LAST ERROR",
+        ],
+        &rows,
+    )?)
 }
 
 fn print_config(config: &ConfigJson, json: bool, out: &mut impl Write) -> Result<()> {

@@ -1081,9 +1081,14 @@ impl Drop for Served {
 
 impl Ficus {
     fn serve(&self) -> Served {
+        self.serve_with_env(&[])
+    }
+
+    fn serve_with_env(&self, env: &[(&str, &str)]) -> Served {
         use std::io::BufRead;
-        let mut child = self
-            .command(&["serve", "--listen", "127.0.0.1:0"])
+        let mut cmd = self.command(&["serve", "--listen", "127.0.0.1:0"]);
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -1478,4 +1483,109 @@ fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
             1        TIME  cli    rebrand
         "#]],
     );
+}
+
+/// A billing event whose database step cannot run yet (the tenant database has
+/// no tenancy spine), the server killed with the job half done, then restarted
+/// once the database is ready: the job is finished without a second delivery.
+#[test]
+fn a_billing_event_interrupted_between_the_store_and_the_database_is_finished_on_restart() {
+    let f = Ficus::sqlite();
+    let db = ficus_testkit::shared().fresh_database("provision").unwrap();
+    let env = [
+        ("FICUS_BILLING_SECRET", "whsec_cli"),
+        ("FICUS_TENANT_DB_URL", db.as_str()),
+    ];
+    let served = f.serve_with_env(&env);
+    let body = serde_json::json!({
+        "id": "evt_crash",
+        "type": "subscription.created",
+        "data": {"customer": {"name": "Umbrella Homes"}, "domain": "homes.umbrella.test"}
+    })
+    .to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let signature = ficus_admin::provision::sign(b"whsec_cli", now, body.as_bytes());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, answer) = rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/hooks/billing", served.url))
+            .header("content-type", "application/json")
+            .header("ficus-signature", &signature)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<serde_json::Value>().await.unwrap(),
+        )
+    });
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["steps"], serde_json::json!(["tenant", "config"]));
+    assert!(
+        answer["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("database: this database has no tenancy spine yet"),
+        "{answer}"
+    );
+    // The crash: the store holds the tenant and its configuration, the tenant
+    // database nothing.
+    drop(served);
+    let tenant = f.json(&["tenant", "show", "umbrella-homes"]);
+    assert_eq!(
+        tenant["tenant"]["domains"],
+        serde_json::json!(["homes.umbrella.test"])
+    );
+    // The database gets its spine; the restarted server finishes the job.
+    rt.block_on(async {
+        let mut c = ficus_retrofit::connect(&db).await.unwrap();
+        let inv = ficus_retrofit::inspect(&c).await.unwrap();
+        let plan =
+            ficus_retrofit::Plan::draft(&inv, "Acme", ficus_retrofit::plan::IdType::Uuid).unwrap();
+        let only = ficus_retrofit::apply::Options {
+            only: Some(ficus_retrofit::plan::StepKind::Spine),
+            ..Default::default()
+        };
+        ficus_retrofit::apply::apply(&mut c, &plan, &inv, &only, &mut |_| {})
+            .await
+            .unwrap();
+    });
+    let _restarted = f.serve_with_env(&env);
+    let started = std::time::Instant::now();
+    loop {
+        let job = f.json(&["provision", "show", "evt_crash"]);
+        if job["jobs"][0]["state"] == "done" {
+            assert_eq!(
+                job["jobs"][0]["steps"],
+                serde_json::json!(["tenant", "config", "database"])
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the restarted server did not finish the job: {job}"
+        );
+        #[allow(clippy::disallowed_methods, reason = "a test polling another process")]
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let name = db.rsplit('/').next().unwrap();
+    assert_eq!(
+        ficus_testkit::shared()
+            .psql(
+                name,
+                "SELECT name FROM tenancy.organizations WHERE slug = 'umbrella-homes'"
+            )
+            .unwrap(),
+        "Umbrella Homes"
+    );
+    // Exactly one tenant, however many times the event comes again.
+    let tenants = f.json(&["tenant", "list"]);
+    assert_eq!(tenants["tenants"].as_array().unwrap().len(), 1);
 }

@@ -1466,4 +1466,40 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
         .await
         .unwrap();
     assert_eq!(post.status().as_u16(), 405);
+
+    // A suspended tenant (its subscription ended) is answered by the proxy,
+    // on every path, until it is let back in; nothing of it is deleted.
+    let control = open_store(&store).await;
+    let suspend = |suspended: bool| ficus_store::SuspendChange {
+        tenant: ficus_core::TenantId::parse("acme").unwrap(),
+        suspended,
+        actor: ficus_core::Actor::Provisioning,
+        reason: "subscription cancelled".into(),
+    };
+    control.set_suspended(suspend(true)).await.unwrap();
+    let homes = || {
+        let c = c.clone();
+        let url = proxy.url("/homes/1");
+        async move {
+            let r = c
+                .get(url)
+                .header("host", "homes.acme.test")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    eventually(Duration::from_secs(5), || async { homes().await.0 == 403 }).await;
+    let served_before = new.served_total();
+    let (_, body) = homes().await;
+    assert_eq!(body["error"], "this account is suspended");
+    assert_eq!(
+        new.served_total(),
+        served_before,
+        "a suspended tenant's request reached a backend"
+    );
+    control.set_suspended(suspend(false)).await.unwrap();
+    eventually(Duration::from_secs(5), || async { homes().await.0 == 200 }).await;
 }
