@@ -16,7 +16,11 @@
 //! - `ficus-bench backfill [--rows N] [--secs S]`: the `ficus db` numbers (see
 //!   `backfill.rs`);
 //! - `ficus-bench rls [--rows N] [--secs S]`: the cost of enforced row level
-//!   security for a tenant role's queries (see `rls.rs`).
+//!   security for a tenant role's queries (see `rls.rs`);
+//! - `ficus-bench provision [--events N] [--clients C]`: signed billing events
+//!   to ready tenants on PostgreSQL (see `provision.rs`);
+//! - `ficus-bench seed-configs --store URL --tenants N`: tenants with written
+//!   configurations and custom domains, for `scripts/bench/tenant_config.sh`.
 //!
 //! `ficus-bench store`:
 //! Measures, on SQLite and on a PostgreSQL cluster with durable commits:
@@ -34,6 +38,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backfill;
+mod provision;
 mod rls;
 
 use std::io::{BufRead, BufReader};
@@ -92,6 +97,8 @@ fn main() -> Result<(), Error> {
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
         Some("rls") => return rls::run(&argv[1..]),
+        Some("provision") => return provision::run(&argv[1..]),
+        Some("seed-configs") => return provision::seed_configs(&argv[1..]),
         _ => {}
     }
     let args = parse_args()?;
