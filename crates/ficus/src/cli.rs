@@ -179,6 +179,17 @@ pub enum ProvisionCommand {
     Show { event: String },
     /// Run a pending job's remaining steps now.
     Retry { event: String },
+    /// Print how billing events map onto tenants, or replace it with --file.
+    Mapping {
+        /// The mapping as JSON: created, cancelled (event types), event_id,
+        /// event_type, tenant_id, name, domain (dotted paths into the event),
+        /// start_on_new, template (the configuration new tenants start from).
+        #[arg(long, value_name = "FILE", requires = "reason")]
+        file: Option<PathBuf>,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,6 +40,7 @@ fn remote_capable(command: &Command) -> bool {
         | Command::Noise
         | Command::Token(_)
         | Command::Serve(_)
+        | Command::Provision(ProvisionCommand::Mapping { .. })
         | Command::Db(_) => false,
         Command::Tenant(_)
         | Command::Audit(_)
@@ -97,6 +98,34 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve(args) => serve(store, args, out).await,
+        Command::Provision(ProvisionCommand::Mapping { file, reason }) => {
+            use ficus_admin::provision::{Mapping, SETTING};
+            if let Some(path) = file {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let mapping: Mapping = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a provisioning mapping", path.display()))?;
+                if !mapping.template.is_object() {
+                    bail!(
+                        "{}: template must be a JSON object (a partial tenant configuration)",
+                        path.display()
+                    );
+                }
+                let stored = serde_json::to_string(&mapping)?;
+                store
+                    .set_setting(
+                        SETTING,
+                        &stored,
+                        &stored,
+                        Actor::Cli,
+                        reason.as_deref().unwrap_or(""),
+                    )
+                    .await?;
+            }
+            let mapping = Mapping::load(&*store).await?;
+            output::json(out, &mapping)?;
+            Ok(())
+        }
         Command::Proxy(_) => bail!("ficus proxy is started before the async runtime"),
         command => {
             let direct = Direct::new(store, Actor::Cli);
@@ -137,6 +166,9 @@ async fn control_command(
                 ProvisionCommand::List { state } => c.jobs(state.as_deref()).await?.jobs,
                 ProvisionCommand::Show { event } => vec![c.job(&event).await?],
                 ProvisionCommand::Retry { event } => vec![c.retry_job(&event).await?],
+                ProvisionCommand::Mapping { .. } => {
+                    bail!("ficus provision mapping works on the store itself")
+                }
             };
             print_jobs(&jobs, json, out)
         }

@@ -1589,3 +1589,51 @@ fn a_billing_event_interrupted_between_the_store_and_the_database_is_finished_on
     let tenants = f.json(&["tenant", "list"]);
     assert_eq!(tenants["tenants"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn the_provisioning_mapping_is_shown_replaced_and_checked() {
+    let f = Ficus::sqlite();
+    let shown = f.json(&["provision", "mapping"]);
+    assert_eq!(
+        shown["created"],
+        serde_json::json!(["subscription.created"])
+    );
+    assert_eq!(shown["name"], "data.customer.name");
+    let file = f.file(
+        "mapping.json",
+        r#"{"created": ["checkout.completed"], "name": "data.account.company", "start_on_new": true,
+            "template": {"locale": "nl-NL", "features": {"beta": true}}}"#,
+    );
+    let set = f.json(&[
+        "provision",
+        "mapping",
+        "--file",
+        file.to_str().unwrap(),
+        "--reason",
+        "new billing provider",
+    ]);
+    assert_eq!(set["created"], serde_json::json!(["checkout.completed"]));
+    assert_eq!(set["start_on_new"], true);
+    // Fields not given keep their defaults.
+    assert_eq!(
+        set["cancelled"],
+        serde_json::json!(["subscription.cancelled", "subscription.deleted"])
+    );
+    let bad = f.file("bad.json", r#"{"nmae": "data.x"}"#);
+    check(
+        &f,
+        &[
+            "provision",
+            "mapping",
+            "--file",
+            bad.to_str().unwrap(),
+            "--reason",
+            "typo",
+        ],
+        expect![[r#"
+            exit 1
+            --- stderr
+            error: TMP/bad.json is not a provisioning mapping: unknown field `nmae`, expected one of `created`, `cancelled`, `event_id`, `event_type`, `tenant_id`, `name`, `domain`, `start_on_new`, `template` at line 1 column 7
+        "#]],
+    );
+}
