@@ -290,6 +290,13 @@ impl Control for Direct {
                 &request.reason,
             )
             .await?;
+        // The same pipeline as a billing event: configuration and tenant
+        // database. A step that fails leaves the job pending (the resumer and
+        // `ficus provision retry` finish it); the tenant is added either way.
+        let job = provision::finish_manual(&self.store, &self.hooks, &tenant).await?;
+        if let Some(e) = &job.last_error {
+            tracing::warn!(tenant = %tenant.id, error = %e, "tenant added, a provisioning step is pending");
+        }
         Ok(TenantEnvelope {
             tenant: TenantJson::from(&tenant),
         })

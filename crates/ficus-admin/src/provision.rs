@@ -351,7 +351,11 @@ async fn run_step(
     step: &str,
 ) -> std::result::Result<(), StepError> {
     let name = text(event, &mapping.name);
-    let reason = format!("billing event {}", job.event_id);
+    let reason = if job.event_id.starts_with(MANUAL) {
+        "the tenant's addition by an operator".to_string()
+    } else {
+        format!("billing event {}", job.event_id)
+    };
     match step {
         "tenant" => {
             if job.tenant.is_none() {
@@ -406,14 +410,22 @@ async fn run_step(
             if doc.get("app_name").is_none_or(Value::is_null) {
                 doc["app_name"] = json!(display.chars().take(50).collect::<String>());
             }
-            let domain = mapping
-                .domain
-                .as_deref()
-                .and_then(|p| text(event, p))
-                .map(|d| Domain::parse(&d).map_err(|e| StepError::GiveUp(e.to_string())))
-                .transpose()?;
-            if let Some(d) = &domain {
-                doc["domains"] = json!([d.as_str()]);
+            // One domain from a billing event, or every domain of a tenant
+            // added by hand.
+            let domains: Vec<String> = match mapping.domain.as_deref().and_then(|p| field(event, p))
+            {
+                Some(Value::String(d)) => vec![d.clone()],
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .filter_map(|d| d.as_str().map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for d in &domains {
+                Domain::parse(d).map_err(|e| StepError::GiveUp(e.to_string()))?;
+            }
+            if !domains.is_empty() {
+                doc["domains"] = json!(domains);
             }
             let parsed = config::parse(&doc).map_err(|e| StepError::GiveUp(e.to_string()))?;
             let change = ConfigChange {
@@ -476,6 +488,58 @@ async fn run_step(
         }
         other => Err(StepError::GiveUp(format!("unknown step {other}"))),
     }
+}
+
+/// The event id prefix of a tenant added by hand.
+pub const MANUAL: &str = "manual:";
+
+/// Finishes a tenant an operator added (`ficus tenant add`, `POST /v1/tenants`)
+/// the way a billing event finishes one, so that the two are alike: its
+/// configuration from the template and its organization in the tenant
+/// database, as the job `manual:<id>` (which the resumer retries if a step
+/// fails). The tenant itself already exists.
+pub async fn finish_manual(
+    store: &Arc<dyn ControlStore>,
+    hooks: &Hooks,
+    tenant: &ficus_core::Tenant,
+) -> Result<ProvisionJob> {
+    let mapping = Mapping::load(&**store).await?;
+    let event_id = format!("{MANUAL}{}", tenant.id);
+    let mut event = json!({});
+    set_path(&mut event, &mapping.event_id, json!(event_id));
+    if let Some(kind) = mapping.created.first() {
+        set_path(&mut event, &mapping.event_type, json!(kind));
+    }
+    set_path(&mut event, &mapping.name, json!(tenant.name));
+    if let Some(path) = &mapping.tenant_id {
+        set_path(&mut event, path, json!(tenant.id.as_str()));
+    }
+    if let Some(path) = &mapping.domain {
+        let domains: Vec<&str> = tenant.domains.iter().map(Domain::as_str).collect();
+        set_path(&mut event, path, json!(domains));
+    }
+    let (mut job, created) = store
+        .claim_provision_job(&event_id, "create", &event.to_string())
+        .await?;
+    if created {
+        job.tenant = Some(tenant.id.clone());
+        job.steps = vec!["tenant".to_string()];
+        store.update_provision_job(&job).await?;
+    }
+    run(store, hooks, job).await
+}
+
+/// Sets a dotted path in a JSON object, making the objects on the way.
+fn set_path(doc: &mut Value, path: &str, value: Value) {
+    let mut at = doc;
+    let parts: Vec<&str> = path.split('.').collect();
+    for p in &parts[..parts.len() - 1] {
+        if !at.get(*p).is_some_and(Value::is_object) {
+            at[*p] = json!({});
+        }
+        at = &mut at[*p];
+    }
+    at[parts[parts.len() - 1]] = value;
 }
 
 /// The new tenant's id: the event's, or its name slugified, with `-2`, `-3`…

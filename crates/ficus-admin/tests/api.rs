@@ -536,9 +536,13 @@ async fn tenant_configuration_is_versioned_validated_and_restorable() {
             .await
             .unwrap();
     }
-    // Before anyone writes one: version 0, from the registry.
+    // Added by hand, a tenant gets its configuration the way a billing event
+    // gives one: the template with its name and domains, by provisioning.
     let initial = remote.config(&id("acme"), None).await.unwrap();
-    assert_eq!(initial.version, 0);
+    assert_eq!(
+        (initial.version, initial.actor.as_deref()),
+        (1, Some("provisioning"))
+    );
     assert_eq!(initial.config["display_name"], "acme inc");
     assert_eq!(initial.config["domains"], json!(["acme.test"]));
 
@@ -574,19 +578,19 @@ async fn tenant_configuration_is_versioned_validated_and_restorable() {
     let refusals = [
         (
             with(&|d| d["branding"]["primary_color"] = json!("teal")),
-            Some("0"),
+            Some("1"),
             400,
             "config.branding.primary_color: \"teal\" is not a colour: use #rgb or #rrggbb",
         ),
         (
             with(&|d| d["colour"] = json!("#fff")),
-            Some("0"),
+            Some("1"),
             400,
             "config.colour: unknown key; expected one of display_name, app_name, branding, domains, locale, features",
         ),
         (
             with(&|d| d["domains"] = json!(["globex.test"])),
-            Some("0"),
+            Some("1"),
             409,
             "domain globex.test already belongs to tenant globex",
         ),
@@ -600,11 +604,11 @@ async fn tenant_configuration_is_versioned_validated_and_restorable() {
             with(&|_| {}),
             Some("3"),
             412,
-            "tenant acme's configuration changed since version 3: it is at version 0; nothing was written",
+            "tenant acme's configuration changed since version 3: it is at version 1; nothing was written",
         ),
         (
             json!({"config": doc, "reason": " "}),
-            Some("0"),
+            Some("1"),
             400,
             "a reason is required and must not be empty",
         ),
@@ -613,13 +617,13 @@ async fn tenant_configuration_is_versioned_validated_and_restorable() {
         let got = put(body, if_match).await;
         assert_eq!(got, (status, json!({ "error": error })));
     }
-    assert_eq!(remote.config(&id("acme"), None).await.unwrap().version, 0);
+    assert_eq!(remote.config(&id("acme"), None).await.unwrap().version, 1);
 
-    let (status, v1) = put(with(&|_| {}), Some("0")).await;
+    let (status, v1) = put(with(&|_| {}), Some("1")).await;
     assert_eq!(status, 200, "{v1}");
     assert_eq!(
         (v1["version"].clone(), v1["actor"].clone()),
-        (json!(1), json!("api"))
+        (json!(2), json!("api"))
     );
     // The domains moved with it.
     let show = remote.show(&id("acme"), 0).await.unwrap();
@@ -635,19 +639,19 @@ async fn tenant_configuration_is_versioned_validated_and_restorable() {
         )
         .await
         .unwrap();
-    assert_eq!(v2.version, 2);
+    assert_eq!(v2.version, 3);
     let restored = remote
         .restore_config(
             &id("acme"),
             RestoreRequest {
-                version: 1,
+                version: 2,
                 reason: "the old name tested better".into(),
             },
             None,
         )
         .await
         .unwrap();
-    assert_eq!(restored.version, 3);
+    assert_eq!(restored.version, 4);
     assert_eq!(restored.config["app_name"], "Acme");
     let history = remote.config_history(&id("acme")).await.unwrap();
     let lines: Vec<(u64, String)> = history
@@ -659,15 +663,19 @@ async fn tenant_configuration_is_versioned_validated_and_restorable() {
         lines,
         [
             (
-                3,
-                "restore version 1: the old name tested better".to_string()
+                4,
+                "restore version 2: the old name tested better".to_string()
             ),
-            (2, "new app name".to_string()),
-            (1, "rebrand".to_string()),
+            (3, "new app name".to_string()),
+            (2, "rebrand".to_string()),
+            (
+                1,
+                "initial configuration from the tenant's addition by an operator".to_string()
+            ),
         ]
     );
     assert_eq!(
-        remote.config(&id("acme"), Some(2)).await.unwrap().config["app_name"],
+        remote.config(&id("acme"), Some(3)).await.unwrap().config["app_name"],
         "Acme Next"
     );
     let schema: serde_json::Value = api

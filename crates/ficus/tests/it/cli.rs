@@ -1313,7 +1313,7 @@ fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
         &["tenant", "config", "get", "acme"],
         expect![[r#"
             exit 0
-            tenant acme configuration version 0 (none written yet: from the registry)
+            tenant acme configuration version 1 (by provisioning at TIME: initial configuration from the tenant's addition by an operator)
             {
               "display_name": "Acme Homes",
               "app_name": "Acme Homes",
@@ -1352,7 +1352,7 @@ fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
         ],
         expect![[r##"
             exit 0
-            tenant acme configuration version 1 (by cli at TIME: rebrand)
+            tenant acme configuration version 2 (by cli at TIME: rebrand)
             {
               "display_name": "Acme Homes",
               "app_name": "Acme",
@@ -1426,7 +1426,7 @@ fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
         "--json",
     ]);
     let edited: serde_json::Value = serde_json::from_slice(&edited.stdout).unwrap();
-    assert_eq!(edited["version"], 2);
+    assert_eq!(edited["version"], 3);
     assert_eq!(edited["config"]["features"]["dark_mode"]["android"], true);
     check(
         &f,
@@ -1436,7 +1436,7 @@ fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
             "restore",
             "acme",
             "--version",
-            "1",
+            "2",
             "--reason",
             "roll back the name",
             "--json",
@@ -1445,7 +1445,7 @@ fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
             exit 0
             {
               "tenant": "acme",
-              "version": 3,
+              "version": 4,
               "config": {
                 "display_name": "Acme Homes",
                 "app_name": "Acme",
@@ -1467,7 +1467,7 @@ fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
                 }
               },
               "actor": "cli",
-              "reason": "restore version 1: roll back the name",
+              "reason": "restore version 2: roll back the name",
               "at": "TIME"
             }
         "##]],
@@ -1477,10 +1477,11 @@ fn tenant_configuration_is_edited_versioned_and_restored_from_the_cli() {
         &["tenant", "config", "history", "acme"],
         expect![[r#"
             exit 0
-            VERSION  AT                        ACTOR  REASON
-            3        TIME  cli    restore version 1: roll back the name
-            2        TIME  cli    new name
-            1        TIME  cli    rebrand
+            VERSION  AT                        ACTOR         REASON
+            4        TIME  cli           restore version 2: roll back the name
+            3        TIME  cli           new name
+            2        TIME  cli           rebrand
+            1        TIME  provisioning  initial configuration from the tenant's addition by an operator
         "#]],
     );
 }
@@ -1588,6 +1589,46 @@ fn a_billing_event_interrupted_between_the_store_and_the_database_is_finished_on
     // Exactly one tenant, however many times the event comes again.
     let tenants = f.json(&["tenant", "list"]);
     assert_eq!(tenants["tenants"].as_array().unwrap().len(), 1);
+    // A tenant added by hand goes through the same steps: configuration and
+    // tenant database.
+    let added = f
+        .command(&[
+            "tenant",
+            "add",
+            "hand-made",
+            "--name",
+            "Hand Made",
+            "--domain",
+            "hand.made.test",
+        ])
+        .env("FICUS_TENANT_DB_URL", &db)
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let job = f.json(&["provision", "show", "manual:hand-made"]);
+    assert_eq!(job["jobs"][0]["state"], "done", "{job}");
+    assert_eq!(
+        job["jobs"][0]["steps"],
+        serde_json::json!(["tenant", "config", "database"])
+    );
+    assert_eq!(
+        ficus_testkit::shared()
+            .psql(
+                name,
+                "SELECT name FROM tenancy.organizations WHERE slug = 'hand-made'"
+            )
+            .unwrap(),
+        "Hand Made"
+    );
+    let config = f.json(&["tenant", "config", "get", "hand-made"]);
+    assert_eq!(
+        config["config"]["domains"],
+        serde_json::json!(["hand.made.test"])
+    );
 }
 
 #[test]

@@ -1361,7 +1361,7 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
     };
     let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
 
-    // Before anything is written: the registry's name and domain, version 0.
+    // Added by hand: the template with the registry's name and domain, version 1.
     let (status, etag, cache, body) = get("portal.acme.test", "", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(cache.as_deref(), Some("public, max-age=60"));
@@ -1374,7 +1374,7 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
         ),
         (
             serde_json::json!("acme"),
-            serde_json::json!(0),
+            serde_json::json!(1),
             serde_json::json!("Acme Homes")
         )
     );
@@ -1415,7 +1415,7 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
     let seen = written.elapsed();
     let (_, etag_v1, _, body) = get("homes.acme.test", "", None).await;
     let doc = json(&body);
-    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["version"], 2);
     assert_eq!(doc["branding"]["primary_color"], "#0a7f5a");
     assert_ne!(etag_v1, etag);
     let routed: serde_json::Value = c
