@@ -307,6 +307,22 @@ pub async fn run(
         }
         match run_step(store, hooks, &mapping, &event, &mut job, step).await {
             Ok(()) => {
+                // The tenant's creation and suspension are audited by the store
+                // as they happen; the other steps of a billing event get a note
+                // of their own (an operator's addition is audited as such, and
+                // its configuration is in the configuration's history).
+                let billing = !job.event_id.starts_with(MANUAL);
+                if let (true, Some(tenant), Some(what)) =
+                    (billing, &job.tenant, step_note(step, hooks))
+                {
+                    store
+                        .note(
+                            tenant,
+                            Actor::Provisioning,
+                            &format!("{what}, from {}", job_source(&job)),
+                        )
+                        .await?;
+                }
                 job.steps.push(step.to_string());
                 job.last_error = None;
                 store.update_provision_job(&job).await?;
@@ -327,6 +343,28 @@ pub async fn run(
     job.state = JobState::Done;
     store.update_provision_job(&job).await?;
     Ok(job)
+}
+
+/// Where a job came from, for audit reasons.
+fn job_source(job: &ProvisionJob) -> String {
+    if job.event_id.starts_with(MANUAL) {
+        "the tenant's addition by an operator".to_string()
+    } else {
+        format!("billing event {}", job.event_id)
+    }
+}
+
+/// The audit note of a finished step, for the steps the store does not audit
+/// by itself.
+fn step_note(step: &str, hooks: &Hooks) -> Option<&'static str> {
+    match step {
+        "config" => Some("provisioning: initial configuration written"),
+        "database" if hooks.database_url.is_some() => {
+            Some("provisioning: organization added to the tenant database")
+        }
+        // Without a tenant database the step does nothing, and says nothing.
+        _ => None,
+    }
 }
 
 enum StepError {
@@ -351,11 +389,7 @@ async fn run_step(
     step: &str,
 ) -> std::result::Result<(), StepError> {
     let name = text(event, &mapping.name);
-    let reason = if job.event_id.starts_with(MANUAL) {
-        "the tenant's addition by an operator".to_string()
-    } else {
-        format!("billing event {}", job.event_id)
-    };
+    let reason = job_source(job);
     match step {
         "tenant" => {
             if job.tenant.is_none() {

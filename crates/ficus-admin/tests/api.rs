@@ -890,6 +890,7 @@ async fn billing_events_provision_exactly_once_and_bad_deliveries_write_nothing(
         lines,
         [
             "provisioning provisioned from billing event evt_1001",
+            "provisioning provisioning: initial configuration written, from billing event evt_1001",
             "provisioning suspended: subscription ended, billing event evt_1002"
         ]
     );

@@ -372,6 +372,11 @@ pub trait ControlStore: Send + Sync + 'static {
         version: Option<u64>,
     ) -> Result<Option<ConfigVersion>>;
 
+    /// Appends a note to a tenant's audit log — something done for it that is
+    /// not a change of its stage (a provisioning step) — at its current stage
+    /// and version, which do not change.
+    async fn note(&self, tenant: &TenantId, actor: Actor, reason: &str) -> Result<()>;
+
     /// Suspends a tenant or lets it back in: its version goes up, the audit log
     /// says why (`suspended: …` / `resumed: …`), and the proxies follow.
     /// Setting the state it already has changes nothing.

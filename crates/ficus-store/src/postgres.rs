@@ -1390,6 +1390,31 @@ impl ControlStore for PgStore {
             .transpose()
     }
 
+    async fn note(&self, tenant: &TenantId, actor: Actor, reason: &str) -> Result<()> {
+        let s = &*self.inner;
+        let reason = rules::reason(reason)?;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        let current = s
+            .load_tenant(&*tx, tenant.as_str())
+            .await?
+            .ok_or_else(|| StoreError::UnknownTenant(tenant.clone()))?;
+        let event = NewEvent {
+            at: now().unix_millis(),
+            tenant: tenant.as_str(),
+            from: Some(current.stage),
+            to: current.stage,
+            version: current.version,
+            actor,
+            reason,
+        };
+        s.append_audit(&*tx, event).await?;
+        tx.commit().await.map_err(s.err("committing"))
+    }
+
     async fn set_suspended(&self, change: SuspendChange) -> Result<Tenant> {
         let s = &*self.inner;
         let reason = rules::suspend_reason(&change)?;

@@ -1253,6 +1253,30 @@ impl ControlStore for SqliteStore {
         .await
     }
 
+    async fn note(&self, tenant: &TenantId, actor: Actor, reason: &str) -> Result<()> {
+        let reason = rules::reason(reason)?.to_string();
+        let tenant = tenant.clone();
+        self.with(move |conn, location| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_err(location, "starting a write"))?;
+            let current = load_tenant(&tx, location, tenant.as_str())?
+                .ok_or_else(|| StoreError::UnknownTenant(tenant.clone()))?;
+            let event = NewEvent {
+                at: now().unix_millis(),
+                tenant: tenant.as_str(),
+                from: Some(current.stage),
+                to: current.stage,
+                version: current.version,
+                actor,
+                reason: &reason,
+            };
+            append_audit(&tx, location, event)?;
+            tx.commit().map_err(sql_err(location, "committing"))
+        })
+        .await
+    }
+
     async fn set_suspended(&self, change: SuspendChange) -> Result<Tenant> {
         let reason = rules::suspend_reason(&change)?;
         match self.tenant(&change.tenant).await? {

@@ -874,9 +874,19 @@ async fn suspends_tenants_and_records_each_billing_event_once(store: Arc<dyn Con
     assert_eq!(store.set_suspended(suspend(true)).await.unwrap().version, 2);
     let t = store.set_suspended(suspend(false)).await.unwrap();
     assert!(!t.suspended);
+    store
+        .note(&id("acme"), Actor::Provisioning, "provisioning: a note")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.tenant(&id("acme")).await.unwrap().unwrap().version,
+        3,
+        "a note changes no version"
+    );
     expect![[r#"
         acme migrated -> migrated v2 by provisioning: suspended: subscription cancelled
         acme migrated -> migrated v3 by provisioning: resumed: subscription cancelled
+        acme migrated -> migrated v3 by provisioning: provisioning: a note
     "#]]
     .assert_eq(
         &audit_text(&*store, Some("acme"))
