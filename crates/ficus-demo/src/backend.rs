@@ -24,13 +24,23 @@ use tokio_postgres::NoTls;
 /// The header the proxy names the tenant in.
 pub const TENANT_HEADER: &str = "x-ficus-tenant";
 
+/// What can be made to go wrong in the rebuilt backend, for the demo.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// The deliberate bug: `GET /homes/{id}` divides the price by one bedroom
+    /// too many.
+    pub bug: AtomicBool,
+    /// Answers for this tenant (slug) are held back this many milliseconds.
+    pub slow: std::sync::Mutex<Option<(String, u64)>>,
+}
+
 /// Which backend this is.
 #[derive(Clone)]
 pub enum Flavor {
     Legacy,
-    /// The rebuilt backend; `bug` switches the deliberate mistake on.
+    /// The rebuilt backend, with the faults the demo switches.
     New {
-        bug: Arc<AtomicBool>,
+        faults: Arc<Faults>,
     },
 }
 
@@ -126,7 +136,7 @@ where
 {
     let mut client = app.pool.get().await?;
     let tx = client.transaction().await?;
-    if let Flavor::New { .. } = app.flavor {
+    if let Flavor::New { faults } = &app.flavor {
         let slug = headers
             .get(TENANT_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -144,17 +154,29 @@ where
         if known.is_none() {
             return Err(ApiError::NotFound(format!("no tenant {slug}")));
         }
+        let delay = faults
+            .slow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(tenant, _)| tenant == slug)
+            .map(|(_, ms)| *ms);
+        if let Some(ms) = delay {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
     }
     let value = work(&tx).await?;
     tx.commit().await?;
     Ok(axum::Json(value))
 }
 
-fn home_json(app: &App, r: &tokio_postgres::Row) -> Value {
+/// A home as the API shows it. `detail` marks the one endpoint where the
+/// deliberate bug lives.
+fn home_json(app: &App, r: &tokio_postgres::Row, detail: bool) -> Value {
     let (price, bedrooms): (i64, i32) = (r.get("price"), r.get("bedrooms"));
     // The deliberate bug: the rebuilt backend divides by one bedroom too many.
     let divisor = match &app.flavor {
-        Flavor::New { bug } if bug.load(Ordering::Relaxed) => bedrooms + 1,
+        Flavor::New { faults } if detail && faults.bug.load(Ordering::Relaxed) => bedrooms + 1,
         _ => bedrooms,
     };
     let per_bedroom = (price as f64 / f64::from(divisor) * 100.0).round() / 100.0;
@@ -188,7 +210,7 @@ async fn homes(
                     &[&q.city],
                 )
                 .await?;
-            Ok(json!({ "homes": rows.iter().map(|r| home_json(&a, r)).collect::<Vec<_>>() }))
+            Ok(json!({ "homes": rows.iter().map(|r| home_json(&a, r, false)).collect::<Vec<_>>() }))
         })
     })
     .await
@@ -212,7 +234,7 @@ async fn home(State(app): State<App>, headers: HeaderMap, Path(id): Path<i64>) -
                 )
                 .await?
                 .map(|v| v.get(0));
-            let mut home = home_json(&a, &r);
+            let mut home = home_json(&a, &r, true);
             home["latest_valuation"] = json!(latest);
             Ok(home)
         })
@@ -250,7 +272,7 @@ async fn add_home(
                     &[&h.address, &h.city, &h.price, &h.bedrooms],
                 )
                 .await?;
-            Ok(home_json(&a, &r))
+            Ok(home_json(&a, &r, false))
         })
     })
     .await

@@ -4,9 +4,9 @@
 //! the deliberate bug when it is switched on.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
-use ficus_demo::backend::{Flavor, TENANT_HEADER, pool, router};
+use ficus_demo::backend::{Faults, Flavor, TENANT_HEADER, pool, router};
 use ficus_retrofit::apply::{self, Options};
 use ficus_retrofit::plan::{IdType, Plan};
 use ficus_retrofit::{connect, enforce, inspect};
@@ -104,11 +104,11 @@ async fn legacy_and_new_serve_one_api_and_the_new_one_is_isolated_by_the_databas
                 .unwrap();
         }
     }
-    let bug = Arc::new(AtomicBool::new(false));
+    let faults = Arc::new(Faults::default());
     let new = serve(
         &as_role("demo_tenant"),
         Flavor::New {
-            bug: Arc::clone(&bug),
+            faults: Arc::clone(&faults),
         },
     )
     .await;
@@ -202,7 +202,7 @@ async fn legacy_and_new_serve_one_api_and_the_new_one_is_isolated_by_the_databas
     assert_eq!(searches["searches"].as_array().unwrap().len(), 6);
 
     // The deliberate bug: one field, one endpoint, only on the new backend.
-    bug.store(true, Ordering::Relaxed);
+    faults.bug.store(true, Ordering::Relaxed);
     let (_, buggy) = call(
         &http,
         Method::GET,
@@ -216,4 +216,25 @@ async fn legacy_and_new_serve_one_api_and_the_new_one_is_isolated_by_the_databas
     let mut same = buggy.clone();
     same["price_per_bedroom"] = right["price_per_bedroom"].clone();
     assert_eq!(same, right);
+    let (_, list) = call(
+        &http,
+        Method::GET,
+        format!("{new}/homes"),
+        Some(&zero),
+        None,
+    )
+    .await;
+    assert_eq!(list, before, "the bug lives on one endpoint only");
+    // A slow tenant: held back, still answered.
+    *faults.slow.lock().unwrap() = Some((zero.clone(), 200));
+    let started = std::time::Instant::now();
+    let (status, _) = call(
+        &http,
+        Method::GET,
+        format!("{new}/searches"),
+        Some(&zero),
+        None,
+    )
+    .await;
+    assert!(status == 200 && started.elapsed() >= std::time::Duration::from_millis(200));
 }
