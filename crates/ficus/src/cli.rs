@@ -72,6 +72,9 @@ pub enum Command {
     /// Serve the control plane's HTTP API alone (without a proxy), with the
     /// billing webhook (FICUS_BILLING_SECRET) and the provisioning resumer.
     Serve(ServeArgs),
+    /// Run a whole zero-downtime migration on this machine, narrated: a sample
+    /// portal retrofitted, enforced, moved tenant by tenant, legacy retired.
+    Demo(DemoArgs),
     /// Provisioning jobs: one per billing event received.
     #[command(subcommand)]
     Provision(ProvisionCommand),
@@ -165,6 +168,16 @@ pub enum TenantCommand {
     /// feature toggles; every change versioned.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Less data and shorter waits (for CI).
+    #[arg(long)]
+    pub fast: bool,
+    /// Leave everything running at the end, for exploring, until Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,6 +40,7 @@ fn remote_capable(command: &Command) -> bool {
         | Command::Noise
         | Command::Token(_)
         | Command::Serve(_)
+        | Command::Demo(_)
         | Command::Provision(ProvisionCommand::Mapping { .. })
         | Command::Db(_) => false,
         Command::Tenant(_)
@@ -56,6 +57,10 @@ fn remote_capable(command: &Command) -> bool {
 pub async fn run(cli: Cli) -> Result<()> {
     let out = &mut io::stdout().lock();
     let json = cli.json;
+    if let Command::Demo(args) = cli.command {
+        // The demo makes its own store, database and proxy.
+        return crate::demo::run(args, out).await;
+    }
     if let Some(api) = &cli.api {
         if !remote_capable(&cli.command) {
             bail!(

@@ -1077,10 +1077,13 @@ async fn the_guard_rolls_back_on_slow_answers_and_on_reverse_shadow_mismatches()
             &["tenant", "stage", t, "migrated", "--reason", "moved"],
         );
     }
-    // Their parallel runs measured legacy at about 2 ms.
+    // Their parallel runs measured legacy at about 2 ms, over many reads: the
+    // reverse shadow below adds legacy samples of 40 ms to the same hour, and a
+    // baseline of only a few reads would let the guard's next refresh take its
+    // p99 from those (regression: the guard then never saw new as slow).
     let s = open_store(&store).await;
     let mut baseline = ficus_core::latency::Histogram::default();
-    for _ in 0..100 {
+    for _ in 0..100_000 {
         baseline.record(2_000);
     }
     let now = std::time::SystemTime::now()
