@@ -333,7 +333,9 @@ async fn searches(State(app): State<App>, headers: HeaderMap) -> ApiResult {
         Box::pin(async move {
             let rows = tx
                 .query(
-                    "SELECT id, owner, city, max_price FROM saved_searches ORDER BY id",
+                    // The oldest first, at most 50: a page that a client's
+                    // new search does not shift once it is full.
+                    "SELECT id, owner, city, max_price FROM saved_searches ORDER BY id LIMIT 50",
                     &[],
                 )
                 .await?;
@@ -385,7 +387,7 @@ async fn notifications(State(app): State<App>, headers: HeaderMap) -> ApiResult 
         Box::pin(async move {
             let rows = tx
                 .query(
-                    "SELECT id, search_id, message, read FROM notifications ORDER BY id DESC LIMIT 20",
+                    "SELECT id, search_id, message, read FROM notifications ORDER BY id LIMIT 20",
                     &[],
                 )
                 .await?;
