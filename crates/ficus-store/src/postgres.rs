@@ -503,6 +503,22 @@ impl Inner {
         Ok(())
     }
 
+    /// The tail of every change to an existing tenant: its audit entry, its
+    /// change-log row, and the tenant as it now is.
+    async fn finish_tenant_change(
+        &self,
+        tx: &impl GenericClient,
+        seq: i64,
+        tenant: &TenantId,
+        event: NewEvent<'_>,
+    ) -> Result<Tenant> {
+        self.append_audit(tx, event).await?;
+        self.record_change(tx, seq, Some(tenant.as_str())).await?;
+        self.load_tenant(tx, tenant.as_str())
+            .await?
+            .ok_or_else(|| StoreError::UnknownTenant(tenant.clone()))
+    }
+
     async fn domain_owners(
         &self,
         client: &impl GenericClient,
@@ -924,11 +940,11 @@ impl ControlStore for PgStore {
             actor: change.actor,
             reason,
         };
-        s.append_audit(&*tx, event).await?;
-        s.record_change(&*tx, seq, Some(id)).await?;
-        let changed = s.load_tenant(&*tx, id).await?;
+        let changed = s
+            .finish_tenant_change(&*tx, seq, &change.tenant, event)
+            .await?;
         tx.commit().await.map_err(s.err("committing"))?;
-        changed.ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
+        Ok(changed)
     }
 
     async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>> {
@@ -1451,11 +1467,11 @@ impl ControlStore for PgStore {
             actor: change.actor,
             reason: &reason,
         };
-        s.append_audit(&*tx, event).await?;
-        s.record_change(&*tx, seq, Some(id)).await?;
-        let changed = s.load_tenant(&*tx, id).await?;
+        let changed = s
+            .finish_tenant_change(&*tx, seq, &change.tenant, event)
+            .await?;
         tx.commit().await.map_err(s.err("committing"))?;
-        changed.ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
+        Ok(changed)
     }
 
     async fn claim_provision_job(

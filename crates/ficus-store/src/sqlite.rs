@@ -431,6 +431,21 @@ fn migrate(conn: &mut Connection, location: &str) -> Result<InitOutcome> {
     })
 }
 
+/// The tail of every change to an existing tenant: its audit entry, its
+/// change-log row, and the tenant as it now is.
+fn finish_tenant_change(
+    tx: &Transaction<'_>,
+    location: &str,
+    seq: i64,
+    tenant: &TenantId,
+    event: NewEvent<'_>,
+) -> Result<Tenant> {
+    append_audit(tx, location, event)?;
+    record_change(tx, location, seq, Some(tenant.as_str()))?;
+    load_tenant(tx, location, tenant.as_str())?
+        .ok_or_else(|| StoreError::UnknownTenant(tenant.clone()))
+}
+
 /// Takes the next change-log position; prunes old entries now and then.
 fn next_seq(tx: &Transaction<'_>, location: &str) -> Result<i64> {
     let seq: i64 = tx
@@ -804,9 +819,7 @@ impl ControlStore for SqliteStore {
                 actor: change.actor,
                 reason: &reason,
             };
-            append_audit(tx, location, event)?;
-            record_change(tx, location, seq, Some(id))?;
-            load_tenant(tx, location, id)?.ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
+            finish_tenant_change(tx, location, seq, &change.tenant, event)
         })
         .await
     }
@@ -1304,10 +1317,7 @@ impl ControlStore for SqliteStore {
                 actor: change.actor,
                 reason: &reason,
             };
-            append_audit(tx, location, event)?;
-            record_change(tx, location, seq, Some(id))?;
-            load_tenant(tx, location, id)?
-                .ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))
+            finish_tenant_change(tx, location, seq, &change.tenant, event)
         })
         .await
     }
