@@ -115,6 +115,15 @@ impl Remote {
             None => Ok(self.show(id, 0).await?.tenant.version),
         }
     }
+
+    /// The configuration version a change is decided on: the one given, or
+    /// the current one.
+    async fn config_version(&self, id: &TenantId, given: Option<u64>) -> Result<u64> {
+        match given {
+            Some(v) => Ok(v),
+            None => Ok(self.config(id, None).await?.version),
+        }
+    }
 }
 
 fn path_id(id: &TenantId) -> String {
@@ -282,10 +291,7 @@ impl Control for Remote {
         request: ConfigRequest,
         if_version: Option<u64>,
     ) -> Result<ConfigJson> {
-        let v = match if_version {
-            Some(v) => v,
-            None => self.config(id, None).await?.version,
-        };
+        let v = self.config_version(id, if_version).await?;
         let path = format!("/v1/tenants/{}/config", path_id(id));
         self.write(Method::PUT, &path, &v.to_string(), &request)
             .await
@@ -324,10 +330,7 @@ impl Control for Remote {
         request: RestoreRequest,
         if_version: Option<u64>,
     ) -> Result<ConfigJson> {
-        let v = match if_version {
-            Some(v) => v,
-            None => self.config(id, None).await?.version,
-        };
+        let v = self.config_version(id, if_version).await?;
         let path = format!("/v1/tenants/{}/config/restore", path_id(id));
         self.write(Method::POST, &path, &v.to_string(), &request)
             .await

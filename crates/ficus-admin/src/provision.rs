@@ -272,7 +272,7 @@ pub async fn receive(
             duplicate: true,
         }));
     }
-    let job = run(store, hooks, job).await?;
+    let job = run_with(store, hooks, &mapping, job).await?;
     Ok(Ok(Received {
         job,
         duplicate: false,
@@ -293,19 +293,32 @@ fn steps(kind: &str) -> &'static [&'static str] {
 pub async fn run(
     store: &Arc<dyn ControlStore>,
     hooks: &Hooks,
-    mut job: ProvisionJob,
+    job: ProvisionJob,
 ) -> Result<ProvisionJob> {
     if job.state != JobState::Pending {
         return Ok(job);
     }
     let mapping = Mapping::load(&**store).await?;
+    run_with(store, hooks, &mapping, job).await
+}
+
+/// [`run`] with the mapping its caller has already read.
+async fn run_with(
+    store: &Arc<dyn ControlStore>,
+    hooks: &Hooks,
+    mapping: &Mapping,
+    mut job: ProvisionJob,
+) -> Result<ProvisionJob> {
+    if job.state != JobState::Pending {
+        return Ok(job);
+    }
     let event: Value = serde_json::from_str(&job.payload).unwrap_or(Value::Null);
     job.attempts += 1;
     for step in steps(&job.kind) {
         if job.steps.iter().any(|s| s == step) {
             continue;
         }
-        match run_step(store, hooks, &mapping, &event, &mut job, step).await {
+        match run_step(store, hooks, mapping, &event, &mut job, step).await {
             Ok(()) => {
                 // The tenant's creation and suspension are audited by the store
                 // as they happen; the other steps of a billing event get a note
@@ -560,7 +573,7 @@ pub async fn finish_manual(
         job.steps = vec!["tenant".to_string()];
         store.update_provision_job(&job).await?;
     }
-    run(store, hooks, job).await
+    run_with(store, hooks, &mapping, job).await
 }
 
 /// Sets a dotted path in a JSON object, making the objects on the way.

@@ -204,12 +204,9 @@ async fn authorize(State(slot): State<StoreSlot>, request: Request, next: Next) 
     let Some(presented) = presented.filter(|t| !t.is_empty()) else {
         return refuse("missing Authorization: Bearer TOKEN");
     };
-    let Some(store) = slot.get() else {
-        return ApiError::Status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the control store is not open yet".to_string(),
-        )
-        .into_response();
+    let store = match open_store(&slot) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
     };
     match store.setting(token::SETTING).await {
         Ok(Some(stored)) if token::matches(presented, &stored) => next.run(request).await,
@@ -219,15 +216,19 @@ async fn authorize(State(slot): State<StoreSlot>, request: Request, next: Next) 
     }
 }
 
+/// The store, once the process has opened it (the proxy opens it after its
+/// listeners are up).
+fn open_store(slot: &StoreSlot) -> Result<Arc<dyn ControlStore>, ApiError> {
+    slot.get().cloned().ok_or_else(|| {
+        ApiError::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the control store is not open yet".to_string(),
+        )
+    })
+}
+
 fn control(slot: &StoreSlot) -> Result<Direct, ApiError> {
-    slot.get()
-        .map(|s| Direct::new(Arc::clone(s), Actor::Api))
-        .ok_or_else(|| {
-            ApiError::Status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the control store is not open yet".to_string(),
-            )
-        })
+    open_store(slot).map(|s| Direct::new(s, Actor::Api))
 }
 
 /// A JSON body read with the API's own limit and errors.
@@ -633,12 +634,7 @@ async fn billing_hook(
             "the billing webhook is not configured: set FICUS_BILLING_SECRET".into(),
         ));
     };
-    let store = slot.get().cloned().ok_or_else(|| {
-        ApiError::Status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the control store is not open yet".to_string(),
-        )
-    })?;
+    let store = open_store(&slot)?;
     let json = request
         .headers()
         .get(header::CONTENT_TYPE)
