@@ -240,7 +240,7 @@ impl Ficus {
                 }
             }
         }
-        let Some(config) = ctx.tenant.as_ref().and_then(|t| table.config(t)) else {
+        let Some(served) = ctx.tenant.as_ref().and_then(|t| table.config(t, platform)) else {
             return self
                 .respond(
                     session,
@@ -250,14 +250,14 @@ impl Ficus {
                 )
                 .await;
         };
-        let etag = config.etag(platform);
+        let etag: &str = &served.etag;
         let fresh = request.if_none_match.as_deref().is_some_and(|v| {
             v.split(',')
                 .map(|t| t.trim().trim_start_matches("W/"))
                 .any(|t| t == etag || t == "*")
         });
         let status = if fresh { 304 } else { 200 };
-        let body = config.body(platform);
+        let body = served.body;
         let mut resp = ResponseHeader::build(status, Some(6))?;
         resp.insert_header(header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(header::ETAG, etag)?;
@@ -284,9 +284,7 @@ impl Ficus {
             .write_response_header(Box::new(resp), no_body)
             .await?;
         if !no_body {
-            session
-                .write_response_body(Some(body.clone()), true)
-                .await?;
+            session.write_response_body(Some(body), true).await?;
         }
         Ok(())
     }

@@ -17,7 +17,8 @@ use ficus_core::{Domain, Stage, Tenant, TenantId};
 use ficus_store::{ConfigVersion, ControlStore, FeedEvent, OpenMode, StoreUrl};
 use tokio::sync::watch;
 
-use crate::served_config::ServedConfig;
+use crate::served_config::{self, Served, ServedConfig};
+use ficus_core::config::Platform;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -61,10 +62,11 @@ impl RoutingTable {
         self.tenants.get(tenant).map(|e| e.stage)
     }
 
-    /// What the tenant-config endpoint serves for a tenant (`None`: unknown).
-    pub fn config(&self, tenant: &TenantId) -> Option<Arc<ServedConfig>> {
+    /// What the tenant-config endpoint serves for a tenant and platform
+    /// (`None`: unknown tenant).
+    pub fn config(&self, tenant: &TenantId, platform: Option<Platform>) -> Option<Served> {
         if let Some(c) = self.configs.get(tenant) {
-            return Some(Arc::clone(c));
+            return Some(c.get(platform).clone());
         }
         let e = self.tenants.get(tenant)?;
         let domains: Vec<Domain> = e
@@ -72,15 +74,14 @@ impl RoutingTable {
             .iter()
             .filter_map(|d| Domain::parse(d).ok())
             .collect();
-        ServedConfig::build(tenant, &e.name, &domains, None).map(Arc::new)
+        Some(served_config::initial(tenant, &e.name, &domains, platform))
     }
 
     /// Sets (or, with `None`, forgets) a tenant's written configuration.
     pub fn set_config(&mut self, tenant: &TenantId, written: Option<&ConfigVersion>) {
-        let served = written.and_then(|v| {
-            let e = self.tenants.get(tenant)?;
-            ServedConfig::build(tenant, &e.name, &[], Some(v))
-        });
+        let served = written
+            .filter(|_| self.tenants.contains_key(tenant))
+            .and_then(|v| ServedConfig::build(tenant, v));
         match served {
             Some(c) => {
                 self.configs.insert(tenant.clone(), Arc::new(c));
