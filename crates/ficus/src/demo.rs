@@ -189,7 +189,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
             reason: "the customer the portal serves today".into(),
         })
         .await?;
-    let mut proxy = Proxy::start(work.path(), &store_url, &legacy, &new, &db_url).await?;
+    let proxy = Proxy::start(work.path(), &store_url, &legacy, &new, &db_url).await?;
     say(
         out,
         &format!(
@@ -401,14 +401,25 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
             .await?;
         let job: serde_json::Value = r.json().await?;
         let slug = job["tenant"].as_str().unwrap_or_default().to_string();
+        // The proxy learns of the new tenant through the change feed: wait
+        // until its domain is served rather than print a miss.
+        let url = format!("http://{}/.well-known/tenant-config", proxy.addr);
+        until(
+            Duration::from_secs(10),
+            "the new tenant's configuration",
+            || async {
+                let r = http.get(&url).header("host", *domain).send().await?;
+                Ok(r.status().is_success())
+            },
+        )
+        .await?;
         let config: serde_json::Value = http
-            .get(format!("http://{}/.well-known/tenant-config", proxy.addr))
+            .get(&url)
             .header("host", *domain)
             .send()
             .await?
             .json()
-            .await
-            .unwrap_or_default();
+            .await?;
         say(
             out,
             &format!(
@@ -604,7 +615,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
             "\n   next: ficus demo --keep leaves it all running to explore (the proxy, its /metrics, the store, the database); README.md has the guide to your own system",
         );
     }
-    proxy.stop();
+    drop(proxy);
     drop(cluster);
     let errors = load
         .errors
@@ -774,7 +785,7 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .context("starting ficus proxy")?;
-        let mut proxy = Proxy { child, addr, admin };
+        let proxy = Proxy { child, addr, admin };
         let http = reqwest::Client::builder().no_proxy().build()?;
         let started = Instant::now();
         loop {
@@ -787,7 +798,7 @@ impl Proxy {
                 return Ok(proxy);
             }
             if started.elapsed() > Duration::from_secs(30) {
-                proxy.stop();
+                // Dropping the proxy stops it.
                 bail!(
                     "ficus proxy did not become ready; see {}",
                     dir.join("proxy.log").display()
@@ -800,5 +811,13 @@ impl Proxy {
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A phase that fails returns early with `?`; the proxy must not outlive the
+/// demo (regression: a failed run left `ficus proxy` running).
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
