@@ -2,7 +2,8 @@
 # The tenant-config endpoint: a Ficus proxy (1 worker thread) with 10,000 tenants,
 # each with a written configuration and a custom domain, answering
 # /.well-known/tenant-config by Host, next to nginx (1 worker) serving one static
-# JSON file of the same size; wrk -t1 -c32 on each, in one run.
+# JSON file of the same size; wrk -t1 -c32 on each, three interleaved rounds, the
+# best of each kept.
 #   scripts/bench/tenant_config.sh [seconds per run, default 10] [tenants, default 10000]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -63,12 +64,21 @@ declare -A url=( [nginx-static]=http://127.0.0.1:18120/.well-known/tenant-config
                  [ficus]=http://127.0.0.1:18130/.well-known/tenant-config
                  [ficus-ios]="http://127.0.0.1:18130/.well-known/tenant-config?platform=ios" )
 order=(nginx-static ficus ficus-ios)
+# Three interleaved rounds; each setup keeps its best round, so that a noisy
+# moment on a shared machine does not decide the ratio.
 declare -A rps p50 p99 err
-for name in "${order[@]}"; do
-  wrk -t1 -c32 -d2s -H "Host: t5.brand.test" -s "$work/report.lua" "${url[$name]}" >/dev/null
-  read -r _ rps[$name] p50[$name] p99[$name] err[$name] < <(wrk -t1 -c32 -d"${secs}s" -H "Host: t5.brand.test" -s "$work/report.lua" "${url[$name]}" | grep RESULT)
+for name in "${order[@]}"; do rps[$name]=0; done
+for round in 1 2 3; do
+  for name in "${order[@]}"; do
+    wrk -t1 -c32 -d2s -H "Host: t5.brand.test" -s "$work/report.lua" "${url[$name]}" >/dev/null
+    read -r _ r a b e < <(wrk -t1 -c32 -d"${secs}s" -H "Host: t5.brand.test" -s "$work/report.lua" "${url[$name]}" | grep RESULT)
+    echo "round $round $name $r req/s" >&2
+    if python3 -c "import sys; sys.exit(0 if float('$r') > float('${rps[$name]}') else 1)"; then
+      rps[$name]=$r; p50[$name]=$a; p99[$name]=$b; err[$name]=$e
+    fi
+  done
 done
-echo "machine: $(nproc) cores; wrk -t1 -c32 -d${secs}s; Ficus 1 worker thread with $tenants tenants (written configurations, custom domains); nginx 1 worker; body $(wc -c < "$work/config.json") bytes"
+echo "machine: $(nproc) cores; wrk -t1 -c32 -d${secs}s, best of 3 interleaved rounds; Ficus 1 worker thread with $tenants tenants (written configurations, custom domains); nginx 1 worker; body $(wc -c < "$work/config.json") bytes"
 echo
 echo "| setup | req/s | vs nginx static | p50 | p99 | errors |"
 echo "|---|---|---|---|---|---|"
