@@ -257,7 +257,7 @@ impl Ficus {
                 .any(|t| t == etag || t == "*")
         });
         let status = if fresh { 304 } else { 200 };
-        let body = served.body;
+        let body = served.body.clone();
         let mut resp = ResponseHeader::build(status, Some(6))?;
         resp.insert_header(header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(header::ETAG, etag)?;

@@ -64,9 +64,15 @@ impl RoutingTable {
 
     /// What the tenant-config endpoint serves for a tenant and platform
     /// (`None`: unknown tenant).
-    pub fn config(&self, tenant: &TenantId, platform: Option<Platform>) -> Option<Served> {
+    /// A written configuration is lent from the table (no copy on the hot
+    /// path); an initial one is rendered.
+    pub fn config(
+        &self,
+        tenant: &TenantId,
+        platform: Option<Platform>,
+    ) -> Option<std::borrow::Cow<'_, Served>> {
         if let Some(c) = self.configs.get(tenant) {
-            return Some(c.get(platform).clone());
+            return Some(std::borrow::Cow::Borrowed(c.get(platform)));
         }
         let e = self.tenants.get(tenant)?;
         let domains: Vec<Domain> = e
@@ -74,7 +80,9 @@ impl RoutingTable {
             .iter()
             .filter_map(|d| Domain::parse(d).ok())
             .collect();
-        Some(served_config::initial(tenant, &e.name, &domains, platform))
+        Some(std::borrow::Cow::Owned(served_config::initial(
+            tenant, &e.name, &domains, platform,
+        )))
     }
 
     /// Sets (or, with `None`, forgets) a tenant's written configuration.
