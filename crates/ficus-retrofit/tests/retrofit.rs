@@ -90,6 +90,11 @@ fn quiet() -> impl FnMut(&Event) + Send {
     |_: &Event| {}
 }
 
+/// The one number a `SELECT count(*) …` answers.
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// A checksum of every column but tenant_id, to prove the backfill touched
 /// nothing else.
 async fn checksum(client: &tokio_postgres::Client, table: &str, columns: &str) -> String {
@@ -277,11 +282,7 @@ async fn apply_under_a_live_workload_sees_no_error_loses_no_row_and_reverts() {
         );
     }
     // No row lost: the audit events are the 2,000 loaded, plus the inserted, minus the deleted.
-    let audit: i64 = client
-        .query_one("SELECT count(*) FROM audit_events", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let audit = count(&client, "SELECT count(*) FROM audit_events").await;
     assert_eq!(audit, 2_000 + inserted as i64 - deleted as i64);
     assert_eq!(
         checksum(&client, "order_items", "order_id, line_no, sku, qty").await,
@@ -626,11 +627,7 @@ async fn bad_urls_plans_and_privileges_are_refused_and_change_nothing() {
     apply::apply(&mut c, &instant, &inv, &Options::default(), &mut quiet())
         .await
         .unwrap();
-    let nulls: i64 = c
-        .query_one("SELECT count(*) FROM products WHERE tenant_id IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let nulls = count(&c, "SELECT count(*) FROM products WHERE tenant_id IS NULL").await;
     assert_eq!(nulls, 0);
     // A tenant for provisioning: idempotent by its id.
     let a = apply::add_tenant(&c, "globex", "Globex").await.unwrap();
@@ -841,11 +838,7 @@ async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
     c.batch_execute("DROP POLICY planted ON customers")
         .await
         .unwrap();
-    let orgs: i64 = c
-        .query_one("SELECT count(*) FROM tenancy.organizations", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let orgs = count(&c, "SELECT count(*) FROM tenancy.organizations").await;
     assert_eq!(orgs, 2, "the probe left an organization behind");
     // Enforced: the pass-through is gone; the live app sees tenant zero's rows
     // (all of them, while tenant zero is the only tenant with rows).
@@ -1184,17 +1177,9 @@ async fn member_identity_mode_finds_the_tenant_from_tenancy_members() {
         .await
         .unwrap();
     }
-    let members: i64 = c
-        .query_one("SELECT count(*) FROM tenancy.members", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let members = count(&c, "SELECT count(*) FROM tenancy.members").await;
     assert_eq!(members, 4);
-    let total: i64 = c
-        .query_one("SELECT count(*) FROM customers", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let total = count(&c, "SELECT count(*) FROM customers").await;
     let tenant = connect(
         &db.url
             .replace("postgres://postgres@", "postgres://ficus_tenant@"),
@@ -1294,11 +1279,7 @@ async fn lint_finds_planted_weaknesses_and_nothing_in_what_ficus_made() {
         )
         .await
         .unwrap();
-    let leaked: i64 = tenant
-        .query_one("SELECT count(*) FROM measurements_2025", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let leaked = count(&tenant, "SELECT count(*) FROM measurements_2025").await;
     assert_eq!(leaked, 0, "a partition escaped its parent's isolation");
 
     c.batch_execute(
