@@ -1336,3 +1336,328 @@ GRANT SELECT ON customers TO ficus_lint_bypass;
         "calls tenancy_private.current_tenant_id() for every row it checks instead of once per query"
     );
 }
+
+/// The steps before the backfill, for tests of the backfill alone.
+async fn ready_for_backfill(
+    client: &mut tokio_postgres::Client,
+    plan: &Plan,
+    inv: &ficus_retrofit::Inventory,
+) {
+    for kind in [StepKind::Spine, StepKind::Column, StepKind::Default] {
+        let only = Options {
+            only: Some(kind),
+            ..Options::default()
+        };
+        apply::apply(client, plan, inv, &only, &mut quiet())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waiting_on_an_app_row_gives_way_before_a_deadlock_can_abort_the_app() {
+    let db = sample().await;
+    let (plan, inv) = draft(&db).await;
+    let client = connect(&db.url).await.unwrap();
+    // A wide window for the test to close the cycle in: the batch may wait
+    // 2 s (half the deadlock timeout), the app's deadlock check runs after 4 s.
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" SET deadlock_timeout = '4s'"
+        ))
+        .await
+        .unwrap();
+    let mut client = connect(&db.url).await.unwrap();
+    ready_for_backfill(&mut client, &plan, &inv).await;
+    // The app holds order 3000, the last row of the third 1,000-row batch, and
+    // another session holds order 2999 for a moment.
+    let app = connect(&db.app_url).await.unwrap();
+    app.batch_execute("BEGIN; UPDATE \"order\" SET total = total + 1 WHERE id = 3000;")
+        .await
+        .unwrap();
+    let other = connect(&db.app_url).await.unwrap();
+    other
+        .batch_execute("BEGIN; UPDATE \"order\" SET total = total + 1 WHERE id = 2999;")
+        .await
+        .unwrap();
+    let opts = Options {
+        only: Some(StepKind::Backfill),
+        backfill: backfill::Options {
+            min_batch: 1_000,
+            max_batch: 1_000,
+            lock_timeout: Duration::from_secs(3),
+            ..backfill::Options::default()
+        },
+        ..Options::default()
+    };
+    let run =
+        tokio::spawn(
+            async move { apply::apply(&mut client, &plan, &inv, &opts, &mut quiet()).await },
+        );
+    // The batch stops at order 2999, holding orders 2001 to 2998. The app now
+    // asks for one of them and waits first; then order 2999 is let go, the batch
+    // reaches order 3000 and waits for the app: a cycle in which the app has
+    // waited longer, so without the batch's budget the app's own deadlock
+    // check would fire first and abort the app's transaction.
+    let watcher = connect(&db.url).await.unwrap();
+    let batch_waits = || async {
+        count(
+            &watcher,
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'ficus-db' AND wait_event_type = 'Lock' AND query LIKE '%\"order\"%'",
+        )
+        .await
+            > 0
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !batch_waits().await {
+        assert!(
+            Instant::now() < deadline,
+            "the backfill never waited for the row held"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let app = Arc::new(app);
+    let app_tx = tokio::spawn({
+        let app = Arc::clone(&app);
+        async move {
+            let t = Instant::now();
+            let r = app
+                .batch_execute("UPDATE \"order\" SET total = total + 1 WHERE id = 2500; COMMIT;")
+                .await;
+            (r, t.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    other.batch_execute("COMMIT").await.unwrap();
+    let (r, waited) = app_tx.await.unwrap();
+    r.expect("the app's transaction must not be chosen as a deadlock victim");
+    eprintln!("the app waited {waited:?} for the batch to give way");
+    assert!(
+        waited > Duration::from_millis(300),
+        "the app never waited on the batch ({waited:?}): no cycle was formed"
+    );
+    run.await.unwrap().unwrap();
+    let r = app
+        .query_one(
+            "SELECT count(*) FILTER (WHERE tenant_id IS NULL), (sum(total) FILTER (WHERE id IN (2500, 3000)))::float8 FROM \"order\"",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 0);
+    // Orders 2500 and 3000 had totals 2500 and 3000; each gained one.
+    assert_eq!(r.get::<_, f64>(1), 5502.0);
+    assert_eq!(
+        count(&app, "SELECT total::int8 FROM \"order\" WHERE id = 2999").await,
+        3000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backfill_waits_while_a_replica_lags_and_refuses_to_run_blind() {
+    // A primary of its own with a streaming replica whose replay can be paused.
+    let (primary, standby, url) = tokio::task::spawn_blocking(|| {
+        let primary = ficus_testkit::PgCluster::start_with(&[
+            ("fsync", "off"),
+            ("synchronous_commit", "off"),
+            ("wal_receiver_status_interval", "1s"),
+        ])
+        .unwrap();
+        let url = primary.fresh_database("replica").unwrap();
+        let standby = primary.start_standby().unwrap();
+        (primary, standby, url)
+    })
+    .await
+    .unwrap();
+    let db = Db {
+        app_url: url.replace("postgres://postgres@", "postgres://ficus_app@"),
+        url,
+    };
+    connect(&db.url)
+        .await
+        .unwrap()
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap();
+    let (plan, inv) = draft(&db).await;
+    let mut client = connect(&db.url).await.unwrap();
+    ready_for_backfill(&mut client, &plan, &inv).await;
+    let nulls = || async {
+        count(
+            &connect(&db.url).await.unwrap(),
+            "SELECT count(*) FROM \"order\" WHERE tenant_id IS NULL",
+        )
+        .await
+    };
+    let before = nulls().await;
+    assert_eq!(before, 6_000);
+    // A role that may not see the replicas' state would never wait: refused
+    // before anything is written.
+    client
+        .batch_execute(
+            "GRANT USAGE ON SCHEMA tenancy, tenancy_private TO ficus_app;
+             GRANT ALL ON ALL TABLES IN SCHEMA tenancy_private TO ficus_app;",
+        )
+        .await
+        .unwrap();
+    let mut app = connect(&db.app_url).await.unwrap();
+    let only_backfill = |lag: Duration| Options {
+        only: Some(StepKind::Backfill),
+        backfill: backfill::Options {
+            max_replica_lag: lag,
+            ..backfill::Options::default()
+        },
+        ..Options::default()
+    };
+    let err = apply::apply(
+        &mut app,
+        &plan,
+        &inv,
+        &only_backfill(Duration::from_secs(1)),
+        &mut quiet(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("cannot see the replay lag of 1 replica(s): the role needs pg_read_all_stats"),
+        "{err}"
+    );
+    assert_eq!(nulls().await, before);
+    // The replica stops replaying; WAL keeps coming, so its lag grows.
+    tokio::task::spawn_blocking({
+        let standby = standby.psql("postgres", "SELECT pg_wal_replay_pause()");
+        move || standby.unwrap()
+    })
+    .await
+    .unwrap();
+    let paused = Instant::now();
+    let deadline = paused + Duration::from_secs(30);
+    loop {
+        client
+            .batch_execute("INSERT INTO schema_migrations VALUES (gen_random_uuid()::text)")
+            .await
+            .unwrap();
+        let lag: f64 = client
+            .query_one(
+                "SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 FROM pg_stat_replication",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if lag > 2.0 {
+            eprintln!(
+                "replica lag {lag:.1} s, {:?} after the pause",
+                paused.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the paused replica's lag never grew ({lag} s)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The backfill waits, says so, and writes nothing while the replica lags.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let run = tokio::spawn(async move {
+        let mut on = move |e: &Event| {
+            if let Event::Backfill(p) = e {
+                let _ = tx.send((p.phase, p.replica_lag_secs));
+            }
+        };
+        apply::apply(
+            &mut client,
+            &plan,
+            &inv,
+            &only_backfill(Duration::from_secs(1)),
+            &mut on,
+        )
+        .await
+    });
+    let (phase, lag) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the backfill said nothing while the replica lagged")
+        .unwrap();
+    assert_eq!(phase, "waiting for replicas");
+    assert!(lag.unwrap() > 1.0, "{lag:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!run.is_finished());
+    assert_eq!(
+        nulls().await,
+        before,
+        "rows were backfilled while the replica lagged"
+    );
+    // Replay resumes: the lag falls and the backfill finishes.
+    // The replica stays attached (dropping it would end the lag trivially).
+    let resumed = Instant::now();
+    let standby = tokio::task::spawn_blocking(move || {
+        standby
+            .psql("postgres", "SELECT pg_wal_replay_resume()")
+            .unwrap();
+        standby
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the backfill never went on after the replica caught up")
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "the backfill finished {:?} after replay resumed",
+        resumed.elapsed()
+    );
+    assert_eq!(nulls().await, 0);
+    let attached = count(
+        &connect(&db.url).await.unwrap(),
+        "SELECT count(*) FROM pg_stat_replication",
+    )
+    .await;
+    assert_eq!(attached, 1, "the replica was not attached to the end");
+    drop((standby, primary));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_refused_by_name_without_echoing_it() {
+    let db = sample().await;
+    let client = connect(&db.url).await.unwrap();
+    client
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE ficus_pw LOGIN PASSWORD 'right-horse'; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;",
+        )
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(|| {
+        ficus_testkit::shared()
+            .require_password("ficus_pw")
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let at = db.url.trim_start_matches("postgres://postgres@");
+    let (host, database) = at.split_once('/').unwrap();
+    let err = connect(&format!("postgres://ficus_pw:wrong-horse@{at}"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "cannot connect to postgres://{host}/{database}: password authentication failed for user \"ficus_pw\""
+        )
+    );
+    assert!(!err.contains("wrong-horse") && !err.contains("right-horse"));
+    // The right one gets in, so the refusal above was the password's doing.
+    let ok = connect(&format!("postgres://ficus_pw:right-horse@{at}"))
+        .await
+        .unwrap();
+    assert_eq!(count(&ok, "SELECT 1::int8").await, 1);
+}

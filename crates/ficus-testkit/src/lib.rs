@@ -70,35 +70,12 @@ impl PgCluster {
     /// Starts a cluster with extra `postgresql.conf` settings (for benchmarks that
     /// must measure with durable commits, pass no settings).
     pub fn start_with(settings: &[(&str, &str)]) -> Result<PgCluster, Error> {
-        let bin = find_bin_dir().ok_or(Error::BinariesNotFound)?;
-        let as_postgres_user = running_as_root()?;
-        if as_postgres_user && !user_exists("postgres") {
-            return Err(Error::NoPostgresUser);
-        }
-        let parent = std::env::temp_dir();
-        let dir = tempfile::Builder::new()
-            .prefix("ficus-pg-")
-            .tempdir_in(&parent)
-            .map_err(io_err("creating a directory for the cluster"))?
-            .keep();
-        let mut cluster = PgCluster {
-            bin,
-            dir,
-            port: 0,
-            as_postgres_user,
-            settings: settings
+        let mut cluster = PgCluster::unstarted(
+            settings
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        if as_postgres_user {
-            run(
-                Command::new("chown")
-                    .arg("postgres:postgres")
-                    .arg(&cluster.dir),
-                "chown of the cluster directory",
-            )?;
-        }
+        )?;
         let data = cluster.data_dir();
         let mut initdb = cluster.pg_command("initdb");
         initdb.arg("-D").arg(&data).args([
@@ -114,6 +91,111 @@ impl PgCluster {
         run(&mut initdb, "initdb")?;
         cluster.watch_owner()?;
         cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// Starts a streaming replica of this cluster (`pg_basebackup -R`, hot standby),
+    /// for tests of what Ficus does while a replica lags. It is torn down like any
+    /// other cluster; the primary's default `pg_hba.conf` already trusts
+    /// replication connections from 127.0.0.1.
+    pub fn start_standby(&self) -> Result<PgCluster, Error> {
+        let mut standby = PgCluster::unstarted(self.settings.clone())?;
+        let mut backup = standby.pg_command("pg_basebackup");
+        backup
+            .arg("-D")
+            .arg(standby.data_dir())
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string());
+        run(&mut backup, "pg_basebackup")?;
+        standby.watch_owner()?;
+        standby.start_server()?;
+        Ok(standby)
+    }
+
+    /// Makes `role` log in over TCP with a password (`scram-sha-256`) while every
+    /// other role keeps trust authentication, so a test can see what a wrong
+    /// password does. The role must exist; returns once new connections are
+    /// checked by the new rule (the reload is asynchronous).
+    pub fn require_password(&self, role: &str) -> Result<(), Error> {
+        if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(Error::Command {
+                what: "require_password".into(),
+                detail: format!("{role:?} is not a plain role name"),
+            });
+        }
+        let hba = self.data_dir().join("pg_hba.conf");
+        let old = fs::read_to_string(&hba).map_err(io_err("reading pg_hba.conf"))?;
+        fs::write(
+            &hba,
+            format!("host all {role} 127.0.0.1/32 scram-sha-256\n{old}"),
+        )
+        .map_err(io_err("writing pg_hba.conf"))?;
+        self.psql("postgres", "SELECT pg_reload_conf()")?;
+        for _ in 0..100 {
+            // `-w` never prompts: once the rule is loaded, a login without a
+            // password fails.
+            let out = Command::new(self.bin.join("psql"))
+                .args(["-X", "-w", "-h", "127.0.0.1", "-U", role, "-d", "postgres"])
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args(["-c", "SELECT 1"])
+                .env_remove("PGPASSWORD")
+                .stdin(Stdio::null())
+                .output()
+                .map_err(io_err("running psql"))?;
+            if !out.status.success() {
+                return Ok(());
+            }
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "a synchronous test helper polling for the server's reload"
+            )]
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(Error::Command {
+            what: "require_password".into(),
+            detail: format!("the server still lets {role} in without a password after 5 s"),
+        })
+    }
+
+    /// A cluster directory, not yet initialised or started.
+    fn unstarted(settings: Vec<(String, String)>) -> Result<PgCluster, Error> {
+        let bin = find_bin_dir().ok_or(Error::BinariesNotFound)?;
+        let as_postgres_user = running_as_root()?;
+        if as_postgres_user && !user_exists("postgres") {
+            return Err(Error::NoPostgresUser);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ficus-pg-")
+            .tempdir_in(std::env::temp_dir())
+            .map_err(io_err("creating a directory for the cluster"))?
+            .keep();
+        let cluster = PgCluster {
+            bin,
+            dir,
+            port: 0,
+            as_postgres_user,
+            settings,
+        };
+        if as_postgres_user {
+            run(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&cluster.dir),
+                "chown of the cluster directory",
+            )?;
+        }
         Ok(cluster)
     }
 

@@ -506,6 +506,10 @@ pub struct DbApplyArgs {
     /// At most this many backfilled rows per second.
     #[arg(long)]
     pub max_rows_per_sec: Option<u64>,
+    /// The backfill pauses while a replica's replay lag is above this (0: never
+    /// waits; seeing the lag needs pg_read_all_stats).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub max_replica_lag: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

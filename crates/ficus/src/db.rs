@@ -335,6 +335,7 @@ fn options(args: &DbApplyArgs, only: Option<StepKind>) -> Options {
         backfill: backfill::Options {
             target_batch: args.batch_time,
             max_rows_per_sec: args.max_rows_per_sec,
+            max_replica_lag: args.max_replica_lag,
             lock_timeout: args.lock_timeout,
             attempts: args.attempts.max(1),
             ..backfill::Options::default()
@@ -362,6 +363,12 @@ fn reporter(json: bool) -> impl FnMut(&Event) + Send {
             } => writeln!(
                 out,
                 "\r{step}: lock not available (attempt {attempt}), retrying in {wait_ms} ms; held by {blockers}\x1b[K"
+            ),
+            Event::Backfill(p) if p.replica_lag_secs.is_some() => write!(
+                out,
+                "\r{}: waiting for replicas: replay lag {:.1} s\x1b[K",
+                p.table,
+                p.replica_lag_secs.unwrap_or_default()
             ),
             Event::Backfill(p) => write!(
                 out,
