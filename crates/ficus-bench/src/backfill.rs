@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ficus_core::latency::{Histogram, format_micros};
 use ficus_retrofit::apply::{self, Event, Options};
 use ficus_retrofit::inspect::Class;
-use ficus_retrofit::plan::{Backfill, IdType, Plan};
+use ficus_retrofit::plan::{Backfill, IdType, Plan, StepKind};
 use ficus_retrofit::{backfill, connect, inspect};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -80,7 +80,7 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
 
 async fn setup(url: &str, rows: i64) -> Result<(), Error> {
     let c = connect(url).await?;
-    for t in ["bench_ficus", "bench_naive", "bench_instant"] {
+    for t in ["bench_ficus", "bench_naive", "bench_floor", "bench_instant"] {
         let n = if t == "bench_instant" {
             rows / 10
         } else {
@@ -189,6 +189,31 @@ where
     Ok((out?, h))
 }
 
+/// The server's WAL position, to count the WAL a run wrote.
+struct Lsn<'a>(&'a tokio_postgres::Client);
+
+impl Lsn<'_> {
+    async fn now(&self) -> Result<String, Error> {
+        Ok(self
+            .0
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0))
+    }
+
+    /// Bytes of WAL written since `from`.
+    async fn since(&self, from: String) -> Result<i64, Error> {
+        Ok(self
+            .0
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::int8",
+                &[&from],
+            )
+            .await?
+            .get(0))
+    }
+}
+
 fn p99(h: &Histogram) -> u64 {
     h.quantile_micros(0.99).unwrap_or(0)
 }
@@ -217,32 +242,42 @@ async fn bench(
         Ok(())
     })
     .await?;
-    // The naive update, as one statement.
+    // The naive update, as one statement; then the same update of a table the
+    // workload does not touch, which is what the server alone (its WAL, its
+    // CPU) does to the workload at full speed, with no row lock in the way.
     eprintln!("naive UPDATE…");
-    let (naive_secs, [naive_h, _, _]) =
-        with_workload(url, "bench_naive", rows, no_phases(), async {
-            let c = connect(url).await?;
-            c.batch_execute("ALTER TABLE bench_naive ADD COLUMN tenant_id uuid")
-                .await?;
-            let t = Instant::now();
-            c.batch_execute(&format!("UPDATE bench_naive SET tenant_id = '{ZERO}'"))
-                .await?;
-            Ok(t.elapsed().as_secs_f64())
-        })
-        .await?;
-    // Ficus: the plan's steps for bench_ficus only.
-    // The naive update left a dead copy of every row; autovacuum would clean it
-    // up during the next run and its WAL would be counted against Ficus. Vacuum
-    // it now, outside both measurements, and checkpoint as after the load.
-    {
+    let naive = |table: &'static str| async move {
         let c = connect(url).await?;
-        c.batch_execute("VACUUM bench_naive").await?;
+        c.batch_execute(&format!("ALTER TABLE {table} ADD COLUMN tenant_id uuid"))
+            .await?;
+        let lsn = Lsn(&c);
+        let (t, from) = (Instant::now(), lsn.now().await?);
+        c.batch_execute(&format!("UPDATE {table} SET tenant_id = '{ZERO}'"))
+            .await?;
+        let secs = t.elapsed().as_secs_f64();
+        Ok((secs, lsn.since(from).await?))
+    };
+    let ((naive_secs, naive_wal), [naive_h, _, _]) =
+        with_workload(url, "bench_naive", rows, no_phases(), naive("bench_naive")).await?;
+    // Each update left a dead copy of every row; autovacuum would clean it up
+    // during the next run and its WAL would be counted against that run. Vacuum
+    // now, outside the measurements, and checkpoint as after the load.
+    let settle = |table: &'static str| async move {
+        let c = connect(url).await?;
+        c.batch_execute(&format!("VACUUM {table}")).await?;
         c.batch_execute("CHECKPOINT").await?;
-    }
+        Ok::<(), Error>(())
+    };
+    settle("bench_naive").await?;
+    eprintln!("naive UPDATE of a table the workload does not touch…");
+    let ((floor_secs, _), [floor_h, _, _]) =
+        with_workload(url, "bench_ficus", rows, no_phases(), naive("bench_floor")).await?;
+    settle("bench_floor").await?;
+    // Ficus: the plan's steps for bench_ficus only; the workload's phase 1 is
+    // the backfill step itself, 0 and 2 the steps before and after.
     eprintln!("ficus db apply…");
-    // Phase 1 is the backfill step itself; 0 and 2 the steps before and after.
     let phase = Arc::new(AtomicUsize::new(0));
-    let (ficus_secs, ficus_phases) =
+    let ((ficus_secs, ficus_wal), ficus_phases) =
         with_workload(url, "bench_ficus", rows, Arc::clone(&phase), async {
             let mut c = connect(url).await?;
             let inv = inspect(&c).await?;
@@ -253,31 +288,40 @@ async fn bench(
                     t.class = Class::Shared;
                 }
             }
-            let mut backfill_ms = 0u64;
-            let mut on = |e: &Event| {
-                if let Event::Step { step, ms, .. } = e {
-                    if step.starts_with("default:") {
-                        phase.store(1, Ordering::Relaxed);
-                    }
-                    if step.starts_with("backfill:") {
-                        backfill_ms = *ms;
-                        phase.store(2, Ordering::Relaxed);
-                    }
-                }
+            let only = |kind| Options {
+                only: Some(kind),
+                ..options.clone()
             };
-            apply::apply(&mut c, &plan, &inv, &options, &mut on).await?;
-            Ok(backfill_ms as f64 / 1000.0)
+            for kind in [StepKind::Spine, StepKind::Column, StepKind::Default] {
+                apply::apply(&mut c, &plan, &inv, &only(kind), &mut |_: &Event| {}).await?;
+            }
+            phase.store(1, Ordering::Relaxed);
+            let from = Lsn(&c).now().await?;
+            let t = Instant::now();
+            apply::apply(
+                &mut c,
+                &plan,
+                &inv,
+                &only(StepKind::Backfill),
+                &mut |_: &Event| {},
+            )
+            .await?;
+            let secs = t.elapsed().as_secs_f64();
+            let wal = Lsn(&c).since(from).await?;
+            phase.store(2, Ordering::Relaxed);
+            apply::apply(&mut c, &plan, &inv, &options, &mut |_: &Event| {}).await?;
+            Ok((secs, wal))
         })
         .await?;
     println!("### Backfill of {rows} rows under an OLTP workload\n");
     println!(
-        "| run | time | rows/s | vs naive | workload p99 | p99 vs idle | workload max | workload transactions/s |"
+        "| run | time | rows/s | vs naive | WAL per row | workload p99 | p99 vs idle | workload max | workload transactions/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let max = |h: &Histogram| format_micros(h.quantile_micros(1.0).unwrap_or(0));
     let tps = |h: &Histogram, secs: f64| h.total() as f64 / (secs + 0.5);
     println!(
-        "| idle workload (no backfill) | | | | {} | 1.00× | {} | {:.0} |",
+        "| idle workload (no backfill) | | | | | {} | 1.00× | {} | {:.0} |",
         format_micros(p99(&base)),
         max(&base),
         tps(&base, idle.as_secs_f64())
@@ -289,24 +333,35 @@ async fn bench(
         whole.merge(h);
     }
     println!(
-        "| naive `UPDATE … SET tenant_id` | {naive_secs:.1} s | {:.0} | 1.00× | {} | {:.2}× | {} | {:.0} |",
+        "| naive `UPDATE … SET tenant_id` | {naive_secs:.1} s | {:.0} | 1.00× | {} B | {} | {:.2}× | {} | {:.0} |",
         rows as f64 / naive_secs,
+        naive_wal / rows,
         format_micros(p99(&naive_h)),
         ratio(&naive_h),
         max(&naive_h),
         tps(&naive_h, naive_secs)
     );
     println!(
-        "| ficus batched backfill | {ficus_secs:.1} s | {:.0} | {:.2}× | {} | {:.2}× | {} | {:.0} |",
+        "| the same naive `UPDATE` of a table the workload does not touch | {floor_secs:.1} s | {:.0} | {:.2}× | | {} | {:.2}× | {} | {:.0} |",
+        rows as f64 / floor_secs,
+        naive_secs / floor_secs,
+        format_micros(p99(&floor_h)),
+        ratio(&floor_h),
+        max(&floor_h),
+        tps(&floor_h, floor_secs)
+    );
+    println!(
+        "| ficus batched backfill | {ficus_secs:.1} s | {:.0} | {:.2}× | {} B | {} | {:.2}× | {} | {:.0} |",
         rows as f64 / ficus_secs,
         naive_secs / ficus_secs,
+        ficus_wal / rows,
         format_micros(p99(ficus_h)),
         ratio(ficus_h),
         max(ficus_h),
         tps(ficus_h, ficus_secs)
     );
     println!(
-        "| (the whole `ficus db apply`, spine to tighten) | | | | {} | {:.2}× | {} | |",
+        "| (the whole `ficus db apply`, spine to tighten) | | | | | {} | {:.2}× | {} | |",
         format_micros(p99(&whole)),
         ratio(&whole),
         max(&whole),

@@ -185,6 +185,20 @@ pub(crate) async fn blockers(client: &Client, table: Option<&Table>) -> String {
         .join("; ")
 }
 
+/// The server's `deadlock_timeout`: how long a lock waiter waits before the
+/// server checks for a deadlock (and cancels an autovacuum in the way).
+pub(crate) async fn deadlock_timeout(client: &Client) -> Result<Duration> {
+    let ms: f64 = client
+        .query_one(
+            "SELECT setting::float8 FROM pg_settings WHERE name = 'deadlock_timeout'",
+            &[],
+        )
+        .await
+        .map_err(sql("reading deadlock_timeout"))?
+        .get(0);
+    Ok(Duration::from_secs_f64(ms.max(1.0) / 1_000.0))
+}
+
 /// The waits between attempts to take a lock: doubling from 200 ms up to 5 s,
 /// each jittered by ±50% so that retrying sessions do not line up.
 pub(crate) struct Backoff {
@@ -228,7 +242,14 @@ async fn run_statement(
             return Ok(false);
         }
     }
-    let timeout = opts.lock_timeout.as_millis();
+    // A statement whose lock still lets the app read and write (a concurrent
+    // index build, a VALIDATE) may wait longer when an autovacuum is in its way:
+    // long enough for the server to cancel that vacuum, which it does for any
+    // waiter after `deadlock_timeout` (unless the vacuum prevents wraparound).
+    // Regression: the backfill's own dead rows start an autovacuum that held
+    // the index step off for every one of its 500 ms attempts.
+    let app_safe = s.concurrent || s.sql.contains(" VALIDATE CONSTRAINT ");
+    let mut timeout = opts.lock_timeout.as_millis();
     let mut backoff = Backoff::new();
     for attempt in 1..=opts.attempts {
         let outcome = if s.concurrent {
@@ -267,6 +288,10 @@ async fn run_statement(
             Ok(()) => return Ok(true),
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 let who = blockers(client, step.table.as_ref()).await;
+                if app_safe && who.contains("autovacuum: ") {
+                    let deadlock = deadlock_timeout(client).await?;
+                    timeout = timeout.max((deadlock + Duration::from_secs(1)).as_millis());
+                }
                 if attempt == opts.attempts {
                     if s.concurrent
                         && let Some(fix) = invalid_index_cleanup(&s.sql)

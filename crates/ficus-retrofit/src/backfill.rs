@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use crate::apply::{Backoff, blockers};
+use crate::apply::{Backoff, blockers, deadlock_timeout};
 use crate::ident::{Table, literal};
 use crate::inspect::TableInfo;
 use crate::plan::{Plan, key};
@@ -459,15 +459,7 @@ impl Keyset {
 /// How long a waiting batch may run: half the server's `deadlock_timeout`, so a
 /// session waiting on the batch is released before its deadlock check runs.
 async fn wait_budget(client: &Client) -> Result<Duration> {
-    let ms: f64 = client
-        .query_one(
-            "SELECT setting::float8 FROM pg_settings WHERE name = 'deadlock_timeout'",
-            &[],
-        )
-        .await
-        .map_err(sql("reading deadlock_timeout"))?
-        .get(0);
-    Ok(Duration::from_secs_f64((ms / 2_000.0).max(0.01)))
+    Ok((deadlock_timeout(client).await? / 2).max(Duration::from_millis(10)))
 }
 
 /// The `SET LOCAL`s of a batch: a skipping batch waits only for the table's lock;
@@ -486,7 +478,9 @@ fn timeouts(opts: &Options, form: Form, budget: Duration) -> String {
     }
 }
 
-/// Starts one batch's transaction under its timeouts.
+/// Starts one batch's transaction under its timeouts. Its commit does not wait
+/// for the WAL to reach the disk: a crash may lose the last few batches, but each
+/// takes its journal row with it, so the resumed run does exactly those again.
 async fn begin_batch<'a>(
     client: &'a mut Client,
     opts: &Options,
@@ -497,9 +491,12 @@ async fn begin_batch<'a>(
         .transaction()
         .await
         .map_err(sql("starting a backfill batch"))?;
-    tx.batch_execute(&timeouts(opts, form, budget))
-        .await
-        .map_err(sql("setting the batch's timeouts"))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL synchronous_commit = off; {}",
+        timeouts(opts, form, budget)
+    ))
+    .await
+    .map_err(sql("setting the batch's timeouts"))?;
     Ok(tx)
 }
 

@@ -1661,3 +1661,87 @@ async fn a_wrong_password_is_refused_by_name_without_echoing_it() {
         .unwrap();
     assert_eq!(count(&ok, "SELECT 1::int8").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autovacuum_started_by_the_backfill_does_not_stop_the_index_step() {
+    // Regression: on a 10-million-row table the backfill's dead rows started an
+    // autovacuum, which held the concurrent index build off for every one of
+    // its 500 ms attempts. Here a vacuum made very slow plays that part.
+    let (cluster, url) = tokio::task::spawn_blocking(|| {
+        let cluster = ficus_testkit::PgCluster::start_with(&[
+            ("fsync", "off"),
+            ("synchronous_commit", "off"),
+            ("autovacuum_naptime", "1s"),
+        ])
+        .unwrap();
+        let url = cluster.fresh_database("autovacuum").unwrap();
+        (cluster, url)
+    })
+    .await
+    .unwrap();
+    let db = Db {
+        app_url: url.replace("postgres://postgres@", "postgres://ficus_app@"),
+        url,
+    };
+    let mut client = connect(&db.url).await.unwrap();
+    client.batch_execute(SCHEMA).await.unwrap();
+    let (plan, inv) = draft(&db).await;
+    ready_for_backfill(&mut client, &plan, &inv).await;
+    let only = |kind| Options {
+        only: Some(kind),
+        ..Options::default()
+    };
+    apply::apply(
+        &mut client,
+        &plan,
+        &inv,
+        &only(StepKind::Backfill),
+        &mut quiet(),
+    )
+    .await
+    .unwrap();
+    client
+        .batch_execute(
+            "ALTER TABLE customers SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
+                                        autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1)",
+        )
+        .await
+        .unwrap();
+    let vacuuming =
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'autovacuum: VACUUM%customers%'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&client, vacuuming).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no autovacuum of customers started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut retries = Vec::new();
+    let mut on = |e: &Event| {
+        if let Event::Retry { blockers, .. } = e {
+            retries.push(blockers.clone());
+        }
+    };
+    let t = Instant::now();
+    apply::apply(&mut client, &plan, &inv, &only(StepKind::Index), &mut on)
+        .await
+        .expect("the index step waits out the autovacuum instead of giving up");
+    eprintln!(
+        "index step done in {:?} after {} retries",
+        t.elapsed(),
+        retries.len()
+    );
+    assert!(
+        retries.iter().any(|b| b.contains("autovacuum: VACUUM")),
+        "the autovacuum was never in the way: {retries:?}"
+    );
+    let valid = count(
+        &client,
+        "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid = 'customers'::regclass AND i.indisvalid AND c.relname LIKE '%tenant%'",
+    )
+    .await;
+    assert_eq!(valid, 1);
+    drop(cluster);
+}
