@@ -242,12 +242,15 @@ async fn run_statement(
             return Ok(false);
         }
     }
-    // A statement whose lock still lets the app read and write (a concurrent
-    // index build, a VALIDATE) may wait longer when an autovacuum is in its way:
-    // long enough for the server to cancel that vacuum, which it does for any
-    // waiter after `deadlock_timeout` (unless the vacuum prevents wraparound).
-    // Regression: the backfill's own dead rows start an autovacuum that held
-    // the index step off for every one of its 500 ms attempts.
+    // An autovacuum in the way (the backfill's own dead rows start one, which on
+    // a large table runs for minutes) is moved aside. A statement whose lock
+    // still lets the app read and write (a concurrent index build, a VALIDATE)
+    // waits past `deadlock_timeout`, after which the server cancels the vacuum
+    // for any waiter. Any other statement would make the app queue behind it
+    // that long, so it cancels the vacuum itself when the role may (superuser,
+    // or `pg_signal_autovacuum_worker` on PostgreSQL 18). A vacuum that prevents
+    // wraparound is never cancelled. Regression: on 10 million rows the index
+    // and tighten steps gave up after every one of their 500 ms attempts.
     let app_safe = s.concurrent || s.sql.contains(" VALIDATE CONSTRAINT ");
     let mut timeout = opts.lock_timeout.as_millis();
     let mut backoff = Backoff::new();
@@ -288,9 +291,18 @@ async fn run_statement(
             Ok(()) => return Ok(true),
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 let who = blockers(client, step.table.as_ref()).await;
-                if app_safe && who.contains("autovacuum: ") {
-                    let deadlock = deadlock_timeout(client).await?;
-                    timeout = timeout.max((deadlock + Duration::from_secs(1)).as_millis());
+                let mut who = who;
+                if who.contains("autovacuum: ") {
+                    if app_safe {
+                        let deadlock = deadlock_timeout(client).await?;
+                        timeout = timeout.max((deadlock + Duration::from_secs(1)).as_millis());
+                    } else if let Some(t) = step.table.as_ref() {
+                        let cancelled = cancel_autovacuum(client, t).await;
+                        if !cancelled.is_empty() {
+                            who =
+                                format!("{who}; cancelled autovacuum pid {}", cancelled.join(", "));
+                        }
+                    }
                 }
                 if attempt == opts.attempts {
                     if s.concurrent
@@ -323,6 +335,35 @@ async fn run_statement(
         }
     }
     unreachable!("the loop returns on its last attempt")
+}
+
+/// Cancels the autovacuum workers holding a lock on `table`, except those that
+/// prevent wraparound; returns the pids it could cancel (none when the role may
+/// not signal them).
+async fn cancel_autovacuum(client: &Client, table: &Table) -> Vec<String> {
+    let rows = client
+        .query(
+            "SELECT a.pid::text FROM pg_stat_activity a
+             WHERE a.backend_type = 'autovacuum worker'
+               AND a.query NOT LIKE '%to prevent wraparound%'
+               AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.relation = $1::text::regclass)",
+            &[&table.sql()],
+        )
+        .await
+        .unwrap_or_default();
+    let mut cancelled = Vec::new();
+    for r in rows {
+        let pid: String = r.get(0);
+        let ok = client
+            .query_one("SELECT pg_cancel_backend($1::text::int)", &[&pid])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false);
+        if ok {
+            cancelled.push(pid);
+        }
+    }
+    cancelled
 }
 
 fn first_line(sql: &str) -> &str {
