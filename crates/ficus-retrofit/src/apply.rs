@@ -290,8 +290,7 @@ async fn run_statement(
         match outcome {
             Ok(()) => return Ok(true),
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                let who = blockers(client, step.table.as_ref()).await;
-                let mut who = who;
+                let mut who = blockers(client, step.table.as_ref()).await;
                 if who.contains("autovacuum: ") {
                     if app_safe {
                         let deadlock = deadlock_timeout(client).await?;

@@ -33,7 +33,7 @@ use crate::apply::{Backoff, blockers, deadlock_timeout};
 use crate::ident::{Table, literal};
 use crate::inspect::TableInfo;
 use crate::plan::{Plan, key};
-use crate::{Error, Result, describe, sql};
+use crate::{Error, Result, sql};
 
 /// How the backfill paces itself.
 #[derive(Debug, Clone)]
@@ -217,10 +217,7 @@ pub async fn run(
                     continue;
                 }
                 Err(e) => {
-                    return Err(Error::Sql {
-                        context: format!("backfilling {t}"),
-                        detail: describe(&e),
-                    });
+                    return Err(sql(format!("backfilling {t}"))(e));
                 }
             };
             let updated: i64 = r.get(0);
@@ -278,20 +275,18 @@ pub async fn run(
                 .execute(&skip, &[&batch])
                 .await
                 .map(|n| (n as i64, n as i64)),
-            Form::Wait => match tx.query_one(&find, &[&batch]).await {
-                Ok(r) => {
-                    let ctids: Vec<String> = r.get(0);
-                    let found = ctids.len() as i64;
-                    match tx.batch_execute(&timeouts(opts, Form::Wait, budget)).await {
-                        Ok(()) => tx
-                            .execute(&update, &[&ctids])
-                            .await
-                            .map(|n| (found, n as i64)),
-                        Err(e) => Err(e),
-                    }
+            // Finding takes no row lock, so only the update runs under the
+            // waiting form's budget.
+            Form::Wait => {
+                async {
+                    let ctids: Vec<String> = tx.query_one(&find, &[&batch]).await?.get(0);
+                    tx.batch_execute(&timeouts(opts, Form::Wait, budget))
+                        .await?;
+                    let n = tx.execute(&update, &[&ctids]).await?;
+                    Ok((ctids.len() as i64, n as i64))
                 }
-                Err(e) => Err(e),
-            },
+                .await
+            }
         };
         let (found, updated) = match outcome {
             Ok(n) => n,
@@ -308,10 +303,7 @@ pub async fn run(
                 continue;
             }
             Err(e) => {
-                return Err(Error::Sql {
-                    context: format!("backfilling {t}"),
-                    detail: describe(&e),
-                });
+                return Err(sql(format!("backfilling {t}"))(e));
             }
         };
         rows += updated;

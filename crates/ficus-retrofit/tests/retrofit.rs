@@ -447,15 +447,7 @@ async fn a_long_transaction_never_makes_other_queries_wait_past_the_lock_timeout
     // that locks the table against writes stops the backfill too, within its
     // budget, naming the holder, instead of retrying forever.
     holder.batch_execute("COMMIT").await.unwrap();
-    for kind in [StepKind::Spine, StepKind::Column, StepKind::Default] {
-        let only = Options {
-            only: Some(kind),
-            ..Options::default()
-        };
-        apply::apply(&mut client, &plan, &inv, &only, &mut quiet())
-            .await
-            .unwrap();
-    }
+    ready_for_backfill(&mut client, &plan, &inv).await;
     holder
         .batch_execute("BEGIN; LOCK TABLE customers IN SHARE MODE;")
         .await
@@ -1354,6 +1346,43 @@ async fn ready_for_backfill(
     }
 }
 
+/// Polls `sql` (a count) every `every` until it is above zero; fails the test
+/// with `what` after `within`.
+async fn until_counted(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    every: Duration,
+    within: Duration,
+    what: &str,
+) {
+    let deadline = Instant::now() + within;
+    while count(client, sql).await == 0 {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Runs the steps of one kind and returns the blockers named by each retry.
+async fn apply_kind_with_retries(
+    client: &mut tokio_postgres::Client,
+    plan: &Plan,
+    inv: &ficus_retrofit::Inventory,
+    kind: StepKind,
+) -> Result<Vec<String>, Error> {
+    let mut retries = Vec::new();
+    let mut on = |e: &Event| {
+        if let Event::Retry { blockers, .. } = e {
+            retries.push(blockers.clone());
+        }
+    };
+    let only = Options {
+        only: Some(kind),
+        ..Options::default()
+    };
+    apply::apply(client, plan, inv, &only, &mut on).await?;
+    Ok(retries)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waiting_on_an_app_row_gives_way_before_a_deadlock_can_abort_the_app() {
     let db = sample().await;
@@ -1405,23 +1434,15 @@ async fn a_batch_waiting_on_an_app_row_gives_way_before_a_deadlock_can_abort_the
     // waited longer, so without the batch's budget the app's own deadlock
     // check would fire first and abort the app's transaction.
     let watcher = connect(&db.url).await.unwrap();
-    let batch_waits = || async {
-        count(
-            &watcher,
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE application_name = 'ficus-db' AND wait_event_type = 'Lock' AND query LIKE '%\"order\"%'",
-        )
-        .await
-            > 0
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !batch_waits().await {
-        assert!(
-            Instant::now() < deadline,
-            "the backfill never waited for the row held"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_counted(
+        &watcher,
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE application_name = 'ficus-db' AND wait_event_type = 'Lock' AND query LIKE '%\"order\"%'",
+        Duration::from_millis(5),
+        Duration::from_secs(20),
+        "the backfill never waited for the row held",
+    )
+    .await;
     let app = Arc::new(app);
     let app_tx = tokio::spawn({
         let app = Arc::clone(&app);
@@ -1709,22 +1730,17 @@ async fn an_autovacuum_started_by_the_backfill_stops_neither_the_index_nor_the_t
         .unwrap();
     let vacuuming =
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'autovacuum: VACUUM%customers%'";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count(&client, vacuuming).await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no autovacuum of customers started"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut retries = Vec::new();
-    let mut on = |e: &Event| {
-        if let Event::Retry { blockers, .. } = e {
-            retries.push(blockers.clone());
-        }
-    };
+    let (every, within) = (Duration::from_millis(100), Duration::from_secs(30));
+    until_counted(
+        &client,
+        vacuuming,
+        every,
+        within,
+        "no autovacuum of customers started",
+    )
+    .await;
     let t = Instant::now();
-    apply::apply(&mut client, &plan, &inv, &only(StepKind::Index), &mut on)
+    let retries = apply_kind_with_retries(&mut client, &plan, &inv, StepKind::Index)
         .await
         .expect("the index step waits out the autovacuum instead of giving up");
     eprintln!(
@@ -1746,21 +1762,15 @@ async fn an_autovacuum_started_by_the_backfill_stops_neither_the_index_nor_the_t
     // The vacuum comes back (the dead rows are still there); tighten's first
     // statement needs a lock the app would queue behind, so Ficus, as a
     // superuser here, cancels the vacuum instead of waiting it out.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count(&client, vacuuming).await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the autovacuum of customers did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut retries = Vec::new();
-    let mut on = |e: &Event| {
-        if let Event::Retry { blockers, .. } = e {
-            retries.push(blockers.clone());
-        }
-    };
-    apply::apply(&mut client, &plan, &inv, &only(StepKind::Tighten), &mut on)
+    until_counted(
+        &client,
+        vacuuming,
+        every,
+        within,
+        "the autovacuum of customers did not come back",
+    )
+    .await;
+    let retries = apply_kind_with_retries(&mut client, &plan, &inv, StepKind::Tighten)
         .await
         .expect("the tighten step moves the autovacuum aside");
     assert!(
