@@ -328,8 +328,10 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
         out,
         "   the bug is fixed in the rebuilt backend (price_per_bedroom divided by the right number of bedrooms)",
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let known = mismatched(&*store, &zero).await?;
+    // Reads compared before the fix may still be on their way to the store; the
+    // count of known mismatches is taken once forty more comparisons have come
+    // in without a new one, however long that takes on this machine.
+    let known = settled_mismatches(&*store, &zero).await?;
     control
         .set_gate(GateRequest {
             gate: GateJson {
@@ -661,6 +663,35 @@ fn fold_indexes(path: &str) -> String {
         }
     }
     out
+}
+
+/// The tenant's mismatch count once it has stood still over forty further
+/// comparisons.
+async fn settled_mismatches(store: &dyn ControlStore, tenant: &TenantId) -> Result<u64> {
+    let since = ficus_core::Timestamp::from_unix_millis(0);
+    let totals = || async {
+        let stats = store.comparison_stats(tenant, since).await?;
+        Ok::<_, anyhow::Error>((
+            stats.iter().map(|c| c.compared).sum::<u64>(),
+            stats.iter().map(|c| c.mismatched).sum::<u64>(),
+        ))
+    };
+    let (mut base, mut known) = totals().await?;
+    let started = Instant::now();
+    loop {
+        let (compared, mismatched) = totals().await?;
+        if mismatched != known {
+            (base, known) = (compared, mismatched);
+        }
+        if compared >= base + 40 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the demo waited 120 s for the mismatch count to settle, in vain");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(known)
 }
 
 async fn mismatched(store: &dyn ControlStore, tenant: &TenantId) -> Result<u64> {

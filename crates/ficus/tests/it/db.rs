@@ -2,7 +2,6 @@
 //! including `kill -9` in the middle of a backfill.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 const FICUS: &str = env!("CARGO_BIN_EXE_ficus");
 
@@ -19,6 +18,22 @@ fn ficus(url: &str, dir: &std::path::Path, args: &[&str]) -> std::process::Outpu
 fn psql(url: &str, sql: &str) -> String {
     let db = url.rsplit('/').next().unwrap();
     ficus_testkit::shared().psql(db, sql).unwrap()
+}
+
+/// Reads `ficus db apply`'s JSON progress lines until a keyset batch reports
+/// more than `past` rows done; `None` when the run's output ends first.
+fn backfill_progress_past(stdout: std::process::ChildStdout, past: i64) -> Option<i64> {
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line.ok()?) else {
+            continue;
+        };
+        let rows = event["rows"].as_i64().unwrap_or_default();
+        if event["event"] == "backfill" && event["phase"] == "keyset" && rows > past {
+            return Some(rows);
+        }
+    }
+    None
 }
 
 #[test]
@@ -78,9 +93,13 @@ fn plan_apply_survive_kill_9_during_the_backfill_then_status_and_revert() {
         "a dry run changed the database"
     );
 
-    // Start the run and kill -9 it again and again while it backfills.
-    let mut kills = 0;
-    for round in 0..40 {
+    // Start the run and kill -9 it again and again while it backfills. Each kill
+    // waits for the run to report backfill progress past the point the previous
+    // one was killed at, so the ten kills land inside the backfill on any machine:
+    // the rate cap keeps the backfill of 300,000 rows longer than ten rounds need
+    // (one batch each), however fast or slow the machine is.
+    let mut killed_at = 0i64;
+    for kills in 0..10 {
         let mut child = Command::new(FICUS)
             .args([
                 "db",
@@ -90,33 +109,37 @@ fn plan_apply_survive_kill_9_during_the_backfill_then_status_and_revert() {
                 "--execute",
                 "--batch-time",
                 "20ms",
+                "--max-rows-per-sec",
+                "10000",
             ])
             .env("FICUS_DB_URL", &url)
             .current_dir(dir.path())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        #[allow(clippy::disallowed_methods, reason = "pacing kills of another process")]
-        std::thread::sleep(Duration::from_millis(150 + 40 * (round % 5)));
-        if child.try_wait().unwrap().is_some() {
+        let progressed = backfill_progress_past(child.stdout.take().unwrap(), killed_at);
+        let Some(rows) = progressed else {
             let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
+            panic!(
+                "after {kills} kills the run ended ({}) before its backfill passed {killed_at} rows: {}",
+                out.status,
                 String::from_utf8_lossy(&out.stderr)
             );
-            break;
-        }
+        };
         child.kill().unwrap();
         child.wait().unwrap();
-        kills += 1;
-        if kills >= 12 {
-            break;
-        }
+        assert_eq!(
+            psql(
+                &url,
+                "SELECT keyset_done FROM tenancy_private.backfill WHERE table_name = 'public.readings'"
+            ),
+            "f",
+            "kill {} landed after the backfill's keyset pass",
+            kills + 1
+        );
+        killed_at = rows;
     }
-    eprintln!("killed ficus db apply {kills} times");
-    assert!(kills >= 10, "the run finished before ten kills ({kills})");
     let done = ficus(
         &url,
         dir.path(),
