@@ -208,6 +208,25 @@ async fn pre_checks(
             ));
         }
     }
+    // A role that may use the table today but is in neither list would see no
+    // row at all once row level security is on: the operator decides where it
+    // goes, Ficus never moves it quietly. Owners keep bypassing row level
+    // security unless an app role owns the table (then it is FORCEd).
+    for r in inv.roles.iter().filter(|r| {
+        r.can_login
+            && !r.superuser
+            && !r.bypass_rls
+            && !plan.app_roles.contains(&r.name)
+            && !plan.tenant_roles.contains(&r.name)
+    }) {
+        if let Some(a) = r.access.iter().find(|a| &a.table == t && a.via != "owner") {
+            problems.push(format!(
+                "role {} {} but is in neither app_roles nor tenant_roles, so row level security would hide every row from it; add it to app_roles (it keeps working as today) or to tenant_roles (it is isolated)",
+                r.name,
+                a.describe()
+            ));
+        }
+    }
     let mut owners = Vec::new();
     for r in inv
         .roles
@@ -527,6 +546,21 @@ async fn run_phase(
                 .roles
                 .iter()
                 .any(|r| &r.name == role && (r.superuser || r.bypass_rls));
+            // A role that may not read the table does not see its rows change;
+            // counting as it would only fail the proof's transaction.
+            let reads: bool = tx
+                .query_one(
+                    "SELECT has_table_privilege($1, to_regclass($2), 'SELECT')",
+                    &[role, &t.sql()],
+                )
+                .await?
+                .get(0);
+            if !reads {
+                verified.push(format!(
+                    "as {role} (live app): may not read {t}, nothing to see"
+                ));
+                continue;
+            }
             let seen = count(role.clone(), None).await?;
             // While enabled, the pass-through shows the live app everything; once
             // enforced, tenant zero's rows, unless the role bypasses RLS.

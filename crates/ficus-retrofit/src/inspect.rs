@@ -112,6 +112,35 @@ pub struct Role {
     pub owns: u32,
     /// Connected to this database right now.
     pub connected: bool,
+    /// What it may do to the inventory's tables, and through what: its own
+    /// grants, a role it is a member of, `PUBLIC`, or ownership. Superusers
+    /// may do everything and have none listed.
+    pub access: Vec<Access>,
+}
+
+/// One role's use of one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Access {
+    pub table: Table,
+    /// Of `SELECT`, `INSERT`, `UPDATE`, `DELETE`, in that order.
+    pub privileges: Vec<String>,
+    /// `owner`, `granted`, `PUBLIC`, or `member of ROLE`.
+    pub via: String,
+}
+
+impl Access {
+    /// `may SELECT, INSERT public.film (member of writers)`.
+    pub fn describe(&self) -> String {
+        if self.via == "owner" {
+            return format!("owns {}", self.table);
+        }
+        format!(
+            "may {} {} ({})",
+            self.privileges.join(", "),
+            self.table,
+            self.via
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -352,8 +381,60 @@ pub async fn inspect(client: &Client) -> Result<Inventory> {
             can_login: r.get(3),
             owns: 0,
             connected: false,
+            access: Vec::new(),
         })
         .collect();
+    // Who may use each table, however the privilege reaches them: a role's own
+    // grant, a role it belongs to, PUBLIC, or owning the table. Column-level
+    // grants count, because an INSERT through them evaluates every default.
+    let oids: Vec<i64> = names.keys().copied().collect();
+    for r in client
+        .query(
+            "SELECT c.oid::bigint, r.rolname::text,
+                    array_remove(ARRAY[
+                        CASE WHEN has_any_column_privilege(r.oid, c.oid, 'SELECT') THEN 'SELECT' END,
+                        CASE WHEN has_any_column_privilege(r.oid, c.oid, 'INSERT') THEN 'INSERT' END,
+                        CASE WHEN has_any_column_privilege(r.oid, c.oid, 'UPDATE') THEN 'UPDATE' END,
+                        CASE WHEN has_table_privilege(r.oid, c.oid, 'DELETE') THEN 'DELETE' END], NULL),
+                    CASE
+                        WHEN c.relowner = r.oid THEN 'owner'
+                        WHEN EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee = r.oid)
+                          OR EXISTS (SELECT 1 FROM pg_attribute at, aclexplode(at.attacl) a
+                                     WHERE at.attrelid = c.oid AND a.grantee = r.oid) THEN 'granted'
+                        WHEN EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee = 0)
+                          OR EXISTS (SELECT 1 FROM pg_attribute at, aclexplode(at.attacl) a
+                                     WHERE at.attrelid = c.oid AND a.grantee = 0) THEN 'PUBLIC'
+                        ELSE coalesce('member of ' || (
+                            SELECT string_agg(g.rolname, ', ' ORDER BY g.rolname)
+                            FROM pg_roles g
+                            WHERE g.oid <> r.oid AND pg_has_role(r.oid, g.oid, 'USAGE')
+                              AND (c.relowner = g.oid
+                                   OR EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee = g.oid)
+                                   OR EXISTS (SELECT 1 FROM pg_attribute at, aclexplode(at.attacl) a
+                                              WHERE at.attrelid = c.oid AND a.grantee = g.oid))), 'a predefined role')
+                    END
+             FROM pg_class c CROSS JOIN pg_roles r
+             WHERE c.oid = ANY($1::bigint[]::oid[]) AND r.rolname !~ '^pg_' AND NOT r.rolsuper
+               AND (has_any_column_privilege(r.oid, c.oid, 'SELECT') OR has_any_column_privilege(r.oid, c.oid, 'INSERT')
+                    OR has_any_column_privilege(r.oid, c.oid, 'UPDATE') OR has_table_privilege(r.oid, c.oid, 'DELETE'))
+             ORDER BY 2, 1",
+            &[&oids],
+        )
+        .await
+        .map_err(sql("reading table privileges"))?
+    {
+        let Some(table) = names.get(&r.get::<_, i64>(0)) else {
+            continue;
+        };
+        let name: String = r.get(1);
+        if let Some(role) = roles.iter_mut().find(|x| x.name == name) {
+            role.access.push(Access {
+                table: table.clone(),
+                privileges: r.get(2),
+                via: r.get(3),
+            });
+        }
+    }
     for role in &mut roles {
         role.owns = tables.values().filter(|t| t.owner == role.name).count() as u32;
         role.connected = connected.contains(&role.name);

@@ -4,7 +4,7 @@
 //! every statement is generated here from catalog names and quoted, so editing
 //! the plan cannot inject SQL, and a name that is not in the database is refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -247,13 +247,7 @@ impl Plan {
             IdType::Uuid => random_uuid()?,
             IdType::Bigint => "1".to_string(),
         };
-        let mut app_roles: Vec<String> = inv
-            .roles
-            .iter()
-            .filter(|r| r.connected && r.can_login)
-            .map(|r| r.name.clone())
-            .collect();
-        app_roles.sort();
+        let app_roles: Vec<String> = app_role_reasons(inv).into_keys().collect();
         Ok(Plan {
             version: PLAN_VERSION,
             database: inv.database.clone(),
@@ -279,6 +273,24 @@ impl Plan {
                 })
                 .collect(),
         })
+    }
+
+    /// The plan file, with a comment above `app_roles` saying why each of them
+    /// is there, from `inv`.
+    pub fn to_toml_explained(&self, inv: &Inventory) -> Result<String> {
+        let text = self.to_toml()?;
+        let reasons = app_role_reasons(inv);
+        let mut note = String::from(
+            "# app_roles, from the catalogs: every role that may use a tenant-owned table\n\
+             # (owner, own grant, role membership or PUBLIC) or is connected now. Keep\n\
+             # each one the live app may connect as; a role moved to tenant_roles is\n\
+             # isolated once its tables are enforced.\n",
+        );
+        for role in &self.app_roles {
+            let why = reasons.get(role).map_or("named by hand", String::as_str);
+            note.push_str(&format!("#   {role}: {why}\n"));
+        }
+        Ok(text.replacen("\napp_roles = ", &format!("\n{note}app_roles = "), 1))
     }
 
     /// The plan as the file the operator edits, with a header that explains it.
@@ -692,14 +704,65 @@ $fn$"
 
     fn default(&self, _p: &PlannedTable, info: &TableInfo) -> Step {
         let t = &info.table;
+        let rel = format!("{}::regclass", literal(&t.sql()));
+        // Every role that may insert into the table evaluates the new default,
+        // so each gets what that takes before the default is set: the owner, a
+        // role's own grant, a role whose membership gives it the privilege, and
+        // PUBLIC when PUBLIC may insert (then every role may). Decided when the
+        // step runs, from the catalogs as they are then; revert drops the schema
+        // and the function, and the grants with them. Regression: the owner, not
+        // connected when the plan was made, lost every INSERT of the live app.
+        let may_insert = format!(
+            "SELECT ro.rolname FROM pg_catalog.pg_roles ro
+        WHERE ro.rolname OPERATOR(pg_catalog.!~) '^pg_' AND NOT ro.rolsuper
+          AND pg_catalog.has_any_column_privilege(ro.oid, {rel}, 'INSERT')
+          AND NOT (pg_catalog.has_schema_privilege(ro.oid, 'tenancy_private', 'USAGE')
+                   AND pg_catalog.has_function_privilege(ro.oid, 'tenancy_private.default_tenant_id()', 'EXECUTE'))"
+        );
+        let grants = format!(
+            "DO $grant$
+DECLARE
+    r record;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+               WHERE c.oid = {rel} AND a.grantee = 0 AND a.privilege_type = 'INSERT')
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute at, pg_catalog.aclexplode(at.attacl) a
+                  WHERE at.attrelid = {rel} AND a.grantee = 0 AND a.privilege_type = 'INSERT') THEN
+        GRANT USAGE ON SCHEMA tenancy_private TO PUBLIC;
+        GRANT EXECUTE ON FUNCTION tenancy_private.default_tenant_id() TO PUBLIC;
+    END IF;
+    FOR r IN {may_insert} LOOP
+        EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA tenancy_private TO %I', r.rolname);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION tenancy_private.default_tenant_id() TO %I', r.rolname);
+    END LOOP;
+END $grant$"
+        );
+        // The invariant, checked in the step itself: no role that may insert
+        // today would get an error from the default.
+        let check = format!(
+            "DO $check$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN {may_insert} LOOP
+        RAISE EXCEPTION 'role % may INSERT into % today but could not evaluate tenancy_private.default_tenant_id(), so the default would break its inserts; nothing was changed. Fix: GRANT USAGE ON SCHEMA tenancy_private TO %; GRANT EXECUTE ON FUNCTION tenancy_private.default_tenant_id() TO %',
+            pg_catalog.quote_ident(r.rolname), {}, pg_catalog.quote_ident(r.rolname), pg_catalog.quote_ident(r.rolname);
+    END LOOP;
+END $check$",
+            literal(&t.to_string())
+        );
         Step {
             id: format!("default:{}", key(t)),
             kind: StepKind::Default,
             table: Some(t.clone()),
-            forward: vec![stmt(format!(
-                "ALTER TABLE {} ALTER COLUMN tenant_id SET DEFAULT tenancy_private.default_tenant_id()",
-                t.sql()
-            ))],
+            forward: vec![
+                stmt(grants),
+                stmt(check),
+                stmt(format!(
+                    "ALTER TABLE {} ALTER COLUMN tenant_id SET DEFAULT tenancy_private.default_tenant_id()",
+                    t.sql()
+                )),
+            ],
             undo: vec![stmt(format!(
                 "ALTER TABLE {} ALTER COLUMN tenant_id DROP DEFAULT",
                 t.sql()
@@ -961,6 +1024,41 @@ $fn$"
 /// A table's key in the journal: `schema.name` with the raw names.
 pub fn key(t: &Table) -> String {
     format!("{}.{}", t.schema, t.name)
+}
+
+/// The roles the live app may connect as, each with why: every login role
+/// (superusers aside: they bypass everything Ficus adds) that may use a
+/// tenant-owned table, by owning it, by its own grant, through a role it belongs
+/// to or through PUBLIC, and every role connected now. Read from the catalogs,
+/// because the app need not be connected when the plan is made.
+pub fn app_role_reasons(inv: &Inventory) -> BTreeMap<String, String> {
+    let owned: BTreeSet<&Table> = inv
+        .tables
+        .iter()
+        .filter(|t| t.class == Class::TenantOwned)
+        .map(|t| &t.table)
+        .collect();
+    let mut out = BTreeMap::new();
+    for r in inv.roles.iter().filter(|r| r.can_login && !r.superuser) {
+        let uses: Vec<&crate::inspect::Access> = r
+            .access
+            .iter()
+            .filter(|a| owned.contains(&a.table))
+            .collect();
+        let why = match uses.as_slice() {
+            [] if r.connected => "connected now".to_string(),
+            [] => continue,
+            [one] => one.describe(),
+            [first, rest @ ..] => format!(
+                "{} and {} more tenant-owned table{}",
+                first.describe(),
+                rest.len(),
+                if rest.len() == 1 { "" } else { "s" }
+            ),
+        };
+        out.insert(r.name.clone(), why);
+    }
+    out
 }
 
 /// Lowercase letters, digits and single '-'.

@@ -11,7 +11,7 @@ use ficus_retrofit::apply::{self, Event, Options};
 use ficus_retrofit::ident::Table;
 use ficus_retrofit::inspect::Class;
 use ficus_retrofit::plan::{Backfill, IdType, Plan, StepKind};
-use ficus_retrofit::{Error, backfill, connect, inspect};
+use ficus_retrofit::{Error, backfill, connect, describe, inspect};
 
 const SCHEMA: &str = r#"
 DO $$ BEGIN CREATE ROLE ficus_app LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
@@ -1873,5 +1873,233 @@ async fn an_autovacuum_started_by_the_backfill_stops_neither_the_index_nor_the_t
     )
     .await;
     assert_eq!(not_null, 1);
+    drop(cluster);
+}
+
+/// Roles that may use the tables in every way a privilege can reach them, none
+/// connected when the plan is made: the owner, a role's own grant, a role
+/// through membership of a group, and any role through PUBLIC.
+const ROLE_MATRIX_SCHEMA: &str = r#"
+CREATE ROLE m_owner LOGIN;
+CREATE ROLE m_grantee LOGIN;
+CREATE ROLE m_writers NOLOGIN;
+CREATE ROLE m_member LOGIN IN ROLE m_writers;
+CREATE ROLE m_anyone LOGIN;
+CREATE ROLE m_tenant LOGIN;
+GRANT CREATE ON SCHEMA public TO m_owner;
+SET ROLE m_owner;
+CREATE TABLE owned_t (id bigserial PRIMARY KEY, note text, at timestamptz DEFAULT now(), n int);
+CREATE TABLE granted_t (id bigserial PRIMARY KEY, note text, at timestamptz DEFAULT now(), n int);
+CREATE TABLE group_t (id bigserial PRIMARY KEY, note text, at timestamptz DEFAULT now(), n int);
+CREATE TABLE public_t (id bigserial PRIMARY KEY, note text, at timestamptz DEFAULT now(), n int);
+INSERT INTO owned_t (note) SELECT 'seed' FROM generate_series(1, 50);
+INSERT INTO granted_t (note) SELECT 'seed' FROM generate_series(1, 50);
+INSERT INTO group_t (note) SELECT 'seed' FROM generate_series(1, 50);
+INSERT INTO public_t (note) SELECT 'seed' FROM generate_series(1, 50);
+GRANT SELECT, INSERT, UPDATE, DELETE ON granted_t TO m_grantee;
+GRANT USAGE ON SEQUENCE granted_t_id_seq TO m_grantee;
+GRANT SELECT, INSERT, UPDATE, DELETE ON group_t TO m_writers;
+GRANT USAGE ON SEQUENCE group_t_id_seq TO m_writers;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public_t TO PUBLIC;
+GRANT USAGE ON SEQUENCE public_t_id_seq TO PUBLIC;
+GRANT SELECT, INSERT ON owned_t, granted_t, group_t TO m_tenant;
+RESET ROLE;
+"#;
+
+/// Which role uses which table in the role matrix.
+const ROLE_MATRIX: &[(&str, &str)] = &[
+    ("m_owner", "owned_t"),
+    ("m_owner", "granted_t"),
+    ("m_owner", "group_t"),
+    ("m_owner", "public_t"),
+    ("m_grantee", "granted_t"),
+    ("m_grantee", "public_t"),
+    ("m_member", "group_t"),
+    ("m_member", "public_t"),
+    ("m_anyone", "public_t"),
+];
+
+/// Runs insert, select-by-key, update and delete as each role of the matrix;
+/// returns every statement that failed or saw nothing, with `when`.
+async fn role_matrix(url: &str, when: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (role, table) in ROLE_MATRIX {
+        let c = connect(&url.replace("postgres://postgres@", &format!("postgres://{role}@")))
+            .await
+            .unwrap();
+        let id: i64 = match c
+            .query_one(
+                &format!("INSERT INTO {table} (note) VALUES ('by {role}') RETURNING id"),
+                &[],
+            )
+            .await
+        {
+            Ok(r) => r.get(0),
+            Err(e) => {
+                failures.push(format!("{when}: {role} INSERT {table}: {}", describe(&e)));
+                continue;
+            }
+        };
+        let statements = [
+            format!("SELECT count(*) FROM {table} WHERE id = {id}"),
+            format!("UPDATE {table} SET n = 1 WHERE id = {id}"),
+            format!("DELETE FROM {table} WHERE id = {id}"),
+        ];
+        for q in &statements {
+            match c.execute(q.as_str(), &[]).await {
+                Ok(1) => {}
+                Ok(n) => failures.push(format!("{when}: {role} {q}: {n} rows instead of 1")),
+                Err(e) => failures.push(format!("{when}: {role} {q}: {}", describe(&e))),
+            }
+        }
+    }
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_that_may_use_a_table_keeps_working_through_every_step_of_apply_and_enforce() {
+    use ficus_retrofit::enforce;
+    // A cluster of its own, so that its roles are exactly the matrix's.
+    let (cluster, url) = tokio::task::spawn_blocking(|| {
+        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
+        let url = cluster.fresh_database("roles").unwrap();
+        (cluster, url)
+    })
+    .await
+    .unwrap();
+    let mut client = connect(&url).await.unwrap();
+    client.batch_execute(ROLE_MATRIX_SCHEMA).await.unwrap();
+    let inv = inspect(&client).await.unwrap();
+    // Nobody is connected: the plan finds the app's roles in the catalogs.
+    let mut plan = Plan::draft(&inv, "Acme Homes", IdType::Uuid).unwrap();
+    assert_eq!(
+        plan.app_roles,
+        ["m_anyone", "m_grantee", "m_member", "m_owner", "m_tenant"]
+    );
+    let text = plan.to_toml_explained(&inv).unwrap();
+    for why in [
+        "#   m_owner: owns owned_t and 3 more tenant-owned tables",
+        "#   m_grantee: may SELECT, INSERT, UPDATE, DELETE granted_t (granted) and 1 more tenant-owned table",
+        "#   m_member: may SELECT, INSERT, UPDATE, DELETE group_t (member of m_writers) and 1 more tenant-owned table",
+        "#   m_anyone: may SELECT, INSERT, UPDATE, DELETE public_t (PUBLIC)",
+    ] {
+        assert!(text.contains(why), "{why:?} missing from:\n{text}");
+    }
+    // The operator moves one role to isolation, deliberately.
+    plan.app_roles.retain(|r| r != "m_tenant");
+    plan.tenant_roles = vec!["m_tenant".into()];
+    let plan = Plan::from_toml(&plan.to_toml().unwrap(), "plan.toml").unwrap();
+
+    let mut failures = role_matrix(&url, "before").await;
+    for kind in [
+        StepKind::Spine,
+        StepKind::Column,
+        StepKind::Default,
+        StepKind::Backfill,
+        StepKind::Index,
+        StepKind::Tighten,
+        StepKind::Policy,
+    ] {
+        let only = Options {
+            only: Some(kind),
+            ..Options::default()
+        };
+        apply::apply(&mut client, &plan, &inv, &only, &mut quiet())
+            .await
+            .unwrap();
+        failures.extend(role_matrix(&url, &format!("after {}", kind.as_str())).await);
+    }
+    for table in ["owned_t", "granted_t", "group_t", "public_t"] {
+        let t = Table::new("public", table);
+        for _ in 0..2 {
+            let r = enforce::step(
+                &mut client,
+                &plan,
+                &inv,
+                &t,
+                true,
+                true,
+                &Options::default(),
+            )
+            .await
+            .unwrap();
+            failures.extend(role_matrix(&url, &format!("{table} {}", r.to.as_str())).await);
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // The rows each role wrote while enforced are tenant zero's.
+    let unstamped = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM public_t WHERE tenant_id IS DISTINCT FROM '{}'",
+            plan.tenant_zero.id
+        ),
+    )
+    .await;
+    assert_eq!(unstamped, 0);
+    drop(cluster);
+}
+
+/// The plan of the first real-schema report: `app_roles = []`, because the
+/// owner the app connects as was not connected at plan time. Every role that
+/// may write a table still keeps working through every step of apply (the
+/// default step grants what its default needs), and a role that may use a table
+/// but is in neither list is never isolated quietly: enforcement refuses and
+/// names it. Regression: the owner lost every INSERT at the default step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_without_the_owner_breaks_no_insert_and_enforcement_names_the_roles_left_out() {
+    use ficus_retrofit::enforce;
+    let (cluster, url) = tokio::task::spawn_blocking(|| {
+        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
+        let url = cluster.fresh_database("roles").unwrap();
+        (cluster, url)
+    })
+    .await
+    .unwrap();
+    let mut client = connect(&url).await.unwrap();
+    client.batch_execute(ROLE_MATRIX_SCHEMA).await.unwrap();
+    let inv = inspect(&client).await.unwrap();
+    let mut plan = Plan::draft(&inv, "Acme Homes", IdType::Uuid).unwrap();
+    plan.app_roles = Vec::new();
+    plan.tenant_roles = vec!["m_tenant".into()];
+    let mut failures = Vec::new();
+    for kind in [
+        StepKind::Spine,
+        StepKind::Column,
+        StepKind::Default,
+        StepKind::Backfill,
+        StepKind::Index,
+        StepKind::Tighten,
+        StepKind::Policy,
+    ] {
+        let only = Options {
+            only: Some(kind),
+            ..Options::default()
+        };
+        apply::apply(&mut client, &plan, &inv, &only, &mut quiet())
+            .await
+            .unwrap();
+        failures.extend(role_matrix(&url, &format!("after {}", kind.as_str())).await);
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    let t = Table::new("public", "group_t");
+    let err = enforce::step(
+        &mut client,
+        &plan,
+        &inv,
+        &t,
+        true,
+        true,
+        &Options::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "role m_member may SELECT, INSERT, UPDATE, DELETE group_t (member of m_writers) but is in neither app_roles nor tenant_roles"
+        ),
+        "{err}"
+    );
+    assert!(role_matrix(&url, "refused").await.is_empty());
     drop(cluster);
 }

@@ -37,7 +37,7 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             let client = connect(&args.db.url).await?;
             let inv = inspect(&client).await?;
             let plan = Plan::draft(&inv, &args.tenant_zero, id_type)?;
-            let text = plan.to_toml()?;
+            let text = plan.to_toml_explained(&inv)?;
             if json {
                 output::json(out, &json!({ "plan": plan, "steps": plan.steps(&inv) }))?;
             } else {
@@ -261,6 +261,7 @@ fn print_inventory(inv: &Inventory, out: &mut impl Write) -> Result<()> {
         writeln!(out, "{h}")?;
     }
     writeln!(out, "\nroles:")?;
+    let reasons = ficus_retrofit::plan::app_role_reasons(inv);
     let roles: Vec<Vec<String>> = inv
         .roles
         .iter()
@@ -272,6 +273,7 @@ fn print_inventory(inv: &Inventory, out: &mut impl Write) -> Result<()> {
                 r.bypass_rls.to_string(),
                 r.owns.to_string(),
                 r.connected.to_string(),
+                reasons.get(&r.name).cloned().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -283,6 +285,7 @@ fn print_inventory(inv: &Inventory, out: &mut impl Write) -> Result<()> {
             "BYPASSRLS",
             "OWNS TABLES",
             "CONNECTED NOW",
+            "APP ROLE BECAUSE",
         ],
         &roles,
     )?;
