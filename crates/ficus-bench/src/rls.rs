@@ -220,12 +220,7 @@ async fn setup(url: &str, rows: i64) -> Result<i64, Error> {
          SELECT g, 'tenant-' || g, 'Tenant ' || g FROM generate_series(2, {TENANTS}) g"
     ))
     .await?;
-    for kind in [
-        StepKind::Default,
-        StepKind::Index,
-        StepKind::Tighten,
-        StepKind::Policy,
-    ] {
+    for kind in [StepKind::Default, StepKind::Index, StepKind::Tighten] {
         apply::apply(
             &mut c,
             &plan,

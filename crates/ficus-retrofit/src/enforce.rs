@@ -168,19 +168,6 @@ async fn pre_checks(
     } else {
         problems.push("no valid index on tenant_id; run ficus db apply".to_string());
     }
-    let policy: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = to_regclass($1) AND polname = $2)",
-            &[&t.sql(), &POLICY],
-        )
-        .await
-        .map_err(sql(format!("reading {t}'s policies")))?
-        .get(0);
-    if policy {
-        checks.push(format!("policy {POLICY} is present"));
-    } else if !plan.tenant_roles.is_empty() {
-        problems.push(format!("policy {POLICY} is missing; run ficus db apply"));
-    }
     let definer_views: Vec<String> = info
         .views
         .iter()
@@ -298,16 +285,9 @@ pub async fn step(
         .table(t)
         .map(|i| i.partitions.clone())
         .unwrap_or_default();
-    let mut statements = phase_statements(plan, t, false, from, to, !owners.is_empty());
+    let mut statements = phase_statements(plan, t, from, to, !owners.is_empty());
     for p in &partitions {
-        statements.extend(phase_statements(
-            plan,
-            p,
-            true,
-            from,
-            to,
-            !owners.is_empty(),
-        ));
+        statements.extend(phase_statements(plan, p, from, to, !owners.is_empty()));
     }
     let mut report = Report {
         table: t.to_string(),
@@ -346,17 +326,9 @@ pub async fn step(
     unreachable!("the loop returns on its last attempt")
 }
 
-/// The statements that move one relation from `from` to `to`. A partition
-/// (`partition`) also gets the isolation policy, which the plan makes only on
-/// its parent.
-fn phase_statements(
-    plan: &Plan,
-    rel: &Table,
-    partition: bool,
-    from: Phase,
-    to: Phase,
-    force: bool,
-) -> Vec<String> {
+/// The statements that move one relation (a table or one of its partitions)
+/// from `from` to `to`.
+fn phase_statements(plan: &Plan, rel: &Table, from: Phase, to: Phase, force: bool) -> Vec<String> {
     let t = rel.sql();
     let app: Vec<String> = plan.app_roles.iter().map(|r| quote(r)).collect();
     let tenants: Vec<String> = plan.tenant_roles.iter().map(|r| quote(r)).collect();
@@ -383,10 +355,13 @@ fn phase_statements(
     let mut out = Vec::new();
     match (from, to) {
         (Phase::Off, Phase::Enabled) => {
-            if partition {
-                out.push(drop(POLICY));
-                out.extend(isolation);
-            }
+            // The isolation policy is made in the transaction that turns row
+            // level security on, never before: a policy on a table without row
+            // level security is an error to the ecosystem's linters (Supabase's
+            // policy_exists_rls_disabled), and until this moment it would change
+            // nothing anyway.
+            out.push(drop(POLICY));
+            out.extend(isolation);
             out.push(drop(PASSTHROUGH));
             out.extend(passthrough);
             out.push(format!("ALTER TABLE {t} ENABLE ROW LEVEL SECURITY"));
@@ -410,9 +385,7 @@ fn phase_statements(
             out.push(format!("ALTER TABLE {t} DISABLE ROW LEVEL SECURITY"));
             out.push(drop(PASSTHROUGH));
             out.push(drop(SINGLE_TENANT));
-            if partition {
-                out.push(drop(POLICY));
-            }
+            out.push(drop(POLICY));
         }
         _ => unreachable!("the phase pairs are decided by the caller"),
     }

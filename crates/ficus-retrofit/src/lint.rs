@@ -189,7 +189,8 @@ async fn tables(client: &Client, findings: &mut Vec<Finding>) -> Result<()> {
                                 AND i.indkey[0] = a.attnum),
                         c.relispartition,
                         (SELECT pc.relrowsecurity FROM pg_inherits h JOIN pg_class pc ON pc.oid = h.inhparent
-                          WHERE h.inhrelid = c.oid LIMIT 1)
+                          WHERE h.inhrelid = c.oid LIMIT 1),
+                        n.nspname::text || '.' || c.relname::text
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
                  WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMAS}
@@ -200,6 +201,31 @@ async fn tables(client: &Client, findings: &mut Vec<Finding>) -> Result<()> {
         )
         .await
         .map_err(sql("reading tables"))?;
+    // The tables whose tenant_id `ficus db apply` added: until they are
+    // enforced, having no policy is the plan's next step, not a hole someone
+    // left (the isolation policy is made when row level security goes on).
+    let prepared: BTreeSet<String> = if client
+        .query_one(
+            "SELECT to_regclass('tenancy_private.journal') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(sql("looking for the journal"))?
+        .get(0)
+    {
+        client
+            .query(
+                "SELECT substr(step, length('column:') + 1) FROM tenancy_private.journal WHERE step LIKE 'column:%'",
+                &[],
+            )
+            .await
+            .map_err(sql("reading the journal"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
     for r in rows {
         let table: String = r.get(0);
         let (rls, partitioned, npolicies): (bool, bool, i64) = (r.get(1), r.get(2), r.get(3));
@@ -213,7 +239,7 @@ async fn tables(client: &Client, findings: &mut Vec<Finding>) -> Result<()> {
                 check: "rls-without-policy",
                 object: table.clone(),
                 message: "row level security is on but no policy exists: every role it applies to sees no row and can write none".into(),
-                fix: format!("create the policies the roles need (ficus db apply makes {POLICY}), or ALTER TABLE {table} DISABLE ROW LEVEL SECURITY"),
+                fix: format!("create the policies the roles need (ficus db enforce makes {POLICY}), or ALTER TABLE {table} DISABLE ROW LEVEL SECURITY"),
             });
         }
         if !rls && npolicies > 0 {
@@ -253,13 +279,22 @@ async fn tables(client: &Client, findings: &mut Vec<Finding>) -> Result<()> {
         if !has_tenant || (is_partition && !partitioned && parent_rls.is_some()) {
             continue;
         }
-        if !tenant_policy {
+        let key: String = r.get(11);
+        if !tenant_policy && !rls && prepared.contains(&key) {
+            findings.push(Finding {
+                severity: Severity::Info,
+                check: "tenant-table-not-enforced",
+                object: table.clone(),
+                message: "ficus db apply gave it a tenant_id; row level security is not enforced yet, so nothing keeps one tenant from another's rows".into(),
+                fix: format!("ficus db enforce --table {key} when the table is ready (it needs tenant_roles in the plan)"),
+            });
+        } else if !tenant_policy {
             findings.push(Finding {
                 severity: Severity::Error,
                 check: "tenant-table-without-policy",
                 object: table.clone(),
                 message: "has a tenant_id but no policy filters on it: nothing in the database keeps one tenant from another's rows".into(),
-                fix: "add tenant_roles to the plan and run ficus db apply (it creates the isolation policy), then ficus db enforce".into(),
+                fix: "let ficus db enforce make the isolation policy (tenant_roles in the plan), or add a policy on tenant_id".into(),
             });
         }
         if !not_null {

@@ -200,7 +200,6 @@ pub enum StepKind {
     Backfill,
     Index,
     Tighten,
-    Policy,
 }
 
 impl StepKind {
@@ -212,7 +211,6 @@ impl StepKind {
             StepKind::Backfill => "backfill",
             StepKind::Index => "index",
             StepKind::Tighten => "tighten",
-            StepKind::Policy => "policy",
         }
     }
 }
@@ -425,11 +423,6 @@ impl Plan {
         for (p, info) in &owned {
             steps.push(self.tighten(p, info));
         }
-        if !self.tenant_roles.is_empty() {
-            for (_, info) in &owned {
-                steps.push(self.policy(info));
-            }
-        }
         steps
     }
 
@@ -627,43 +620,6 @@ DECLARE
 {body}
 $fn$"
         )
-    }
-
-    /// The isolation policy for the tenant roles, made while row level security
-    /// is off, so it changes nothing until a table is enforced. The `SELECT`
-    /// around the helper makes PostgreSQL evaluate it once per query, not per row.
-    fn policy(&self, info: &TableInfo) -> Step {
-        let t = &info.table;
-        let roles: Vec<String> = self.tenant_roles.iter().map(|r| quote(r)).collect();
-        let rule = "tenant_id = (SELECT tenancy_private.current_tenant_id())";
-        Step {
-            id: format!("policy:{}", key(t)),
-            kind: StepKind::Policy,
-            table: Some(t.clone()),
-            forward: vec![stmt_unless(
-                format!(
-                    "CREATE POLICY {POLICY} ON {} AS PERMISSIVE FOR ALL TO {} USING ({rule}) WITH CHECK ({rule})",
-                    t.sql(),
-                    roles.join(", ")
-                ),
-                format!(
-                    "SELECT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = to_regclass({}) AND polname = {})",
-                    literal(&t.sql()),
-                    literal(POLICY)
-                ),
-            )],
-            undo: vec![stmt(format!(
-                "DROP POLICY IF EXISTS {POLICY} ON {}",
-                t.sql()
-            ))],
-            lock: "ACCESS EXCLUSIVE, for a moment".into(),
-            hazard: Hazard::BriefExclusiveLock,
-            undo_hazard: Hazard::BriefExclusiveLock,
-            note: format!(
-                "inert until enforced: {} see only their tenant's rows",
-                self.tenant_roles.join(", ")
-            ),
-        }
     }
 
     fn column(&self, p: &PlannedTable, info: &TableInfo) -> Step {

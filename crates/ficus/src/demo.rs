@@ -219,7 +219,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
     // 1. The retrofit, under load.
     say(
         out,
-        "\n-- 1. retrofitting the database under load: plan, apply (spine, tenant_id, default, backfill, index, NOT NULL, policies)",
+        "\n-- 1. retrofitting the database under load: plan, apply (spine, tenant_id, default, backfill, index, NOT NULL; the isolation policies come with enforcement)",
     );
     let mut c = ficus_retrofit::connect(&db_url).await?;
     let inv = ficus_retrofit::inspect(&c).await?;
