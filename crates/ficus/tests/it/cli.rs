@@ -748,9 +748,10 @@ fn watch_sees_changes_from_another_process(f: &Ficus) {
         .spawn()
         .unwrap();
     // The watcher subscribes from the position it reads at start; a change made
-    // before that is not part of its feed, so keep changing until it reports.
+    // before that is not part of its feed, so keep changing until it reports,
+    // for as long as only a stuck run would need.
     let mut stage = "shadow";
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut pid_done = false;
     while !pid_done && std::time::Instant::now() < deadline {
         f.ok(&["tenant", "stage", "acme", stage, "--reason", "watch test"]);
@@ -1261,14 +1262,17 @@ fn promote_next_moves_the_most_ready_one_at_a_time_and_stops_at_a_failure() {
         &f.run(&["tenant", "promote", "--next", "3", "--soak", "100ms"]),
     ));
     // A tenant the guard (here: an operator) rolls back during its soak stops the run.
+    // The rollback has to land inside the soak, which is only checked when it
+    // ends; 30 s leave a busy machine room for the two commands in between (with
+    // 3 s, a slow `tenant show` and `tenant rollback` could land after it).
     record_evidence(&f.store, "umbrella", &[("GET /a", 300, 0)], None);
     let child = f
-        .command(&["tenant", "promote", "--next", "2", "--soak", "3s"])
+        .command(&["tenant", "promote", "--next", "2", "--soak", "30s"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while f.json(&["tenant", "show", "umbrella"])["tenant"]["stage"] != "migrated" {
         assert!(
             std::time::Instant::now() < deadline,
@@ -1287,7 +1291,7 @@ fn promote_next_moves_the_most_ready_one_at_a_time_and_stops_at_a_failure() {
     let out = child.wait_with_output().unwrap();
     expect![[r#"
         exit 1
-        tenant umbrella is now in stage migrated (version 2); soaking for 3s
+        tenant umbrella is now in stage migrated (version 2); soaking for 30s
         promoted 1 of 2: umbrella
         --- stderr
         error: stopped: tenant umbrella did not hold through the soak: it is in stage shadow (version 3); see `ficus audit umbrella`
@@ -1570,7 +1574,7 @@ fn a_billing_event_interrupted_between_the_store_and_the_database_is_finished_on
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(15),
+            started.elapsed() < Duration::from_secs(60),
             "the restarted server did not finish the job: {job}"
         );
         #[allow(clippy::disallowed_methods, reason = "a test polling another process")]

@@ -11,19 +11,20 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 
 use crate::support::{
-    Backend, HEADER_RULE, Proxy, ProxySetup, Rig, dead_address, eventually, ficus, get_as,
-    recording_backend, resetting_backend, sqlite_store,
+    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, dead_address, eventually, ficus,
+    get_as, recording_backend, resetting_backend, sqlite_store,
 };
 
+/// A client whose timeout only ends a stuck request, never a slow one.
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
+        .timeout(PATIENCE)
         .build()
         .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routes_by_stage_and_follows_a_stage_change_within_a_second() {
+async fn routes_by_stage_and_follows_a_stage_change() {
     let Rig {
         store,
         legacy,
@@ -86,7 +87,8 @@ async fn routes_by_stage_and_follows_a_stage_change_within_a_second() {
         "no tenant header for an unresolved request"
     );
 
-    // A stage change reaches the running proxy within a second.
+    // A stage change reaches the running proxy. How fast is for the benchmarks
+    // to say; this test waits for it however busy the machine is.
     ficus(
         &store,
         &["tenant", "stage", "acme", "shadow", "--reason", "canary"],
@@ -95,7 +97,7 @@ async fn routes_by_stage_and_follows_a_stage_change_within_a_second() {
         &store,
         &["tenant", "stage", "acme", "migrated", "--reason", "clean"],
     );
-    let took = eventually(Duration::from_secs(1), || {
+    let took = eventually(PATIENCE, || {
         let c = c.clone();
         let proxy = &proxy;
         async move { get_as(&c, proxy, "acme", "/").await.1["backend"] == "new" }
@@ -103,7 +105,7 @@ async fn routes_by_stage_and_follows_a_stage_change_within_a_second() {
     .await;
     eprintln!("stage change visible after {took:?}");
     ficus(&store, &["tenant", "rollback", "acme", "--reason", "undo"]);
-    eventually(Duration::from_secs(1), || {
+    eventually(PATIENCE, || {
         let c = c.clone();
         let proxy = &proxy;
         async move { get_as(&c, proxy, "acme", "/").await.1["backend"] == "legacy" }
@@ -378,7 +380,7 @@ async fn unknown_tenants_can_be_rejected_and_retirement_sends_everything_to_new(
     s.set_legacy_retired(true, ficus_core::Actor::Cli, "legacy is empty")
         .await
         .unwrap();
-    eventually(Duration::from_secs(1), || {
+    eventually(PATIENCE, || {
         let c = c.clone();
         let proxy = &proxy;
         async move { get_as(&c, proxy, "acme", "/").await.1["backend"] == "new" }
@@ -422,7 +424,11 @@ async fn speaks_http2_and_websocket_and_h2c_upstreams() {
         (Some("new"), Some("/over-h2"))
     );
 
-    // WebSocket upgrade passes through to the tenant's backend.
+    // WebSocket upgrade passes through to the tenant's backend. The backends'
+    // read timeout also bounds each wait for a message on the upgraded
+    // connection, so the rig's is generous (regression: with 2 s, an echo that
+    // took longer to come back on a busy machine was cut, and the client saw
+    // ResetWithoutClosingHandshake).
     let mut request =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
             "ws://{}/ws",
@@ -460,7 +466,7 @@ async fn speaks_http2_and_websocket_and_h2c_upstreams() {
     std::fs::write(&proxy.config, text).unwrap();
     proxy.signal("HUP");
     let c = client();
-    eventually(Duration::from_secs(5), || {
+    eventually(PATIENCE, || {
         let log = proxy.log_text();
         async move { log.contains("configuration reloaded") }
     })
@@ -483,13 +489,20 @@ async fn upstream_failures_become_502_and_504_and_the_proxy_stays_healthy() {
     let (reset_addr, _reset) = resetting_backend().await;
     let slow = Backend::start("legacy").await;
     // Legacy has a dead upstream first and a live one second: connect failures move on.
-    let routes =
-        format!("{HEADER_RULE}[[routes]]\npath_prefix = \"/slow/1500\"\nread_timeout_ms = 3000\n");
+    // The backends' read timeout is 2 s, but only `/slow/60000` keeps it (a route
+    // without its own timeout); every other path gets 60 s from the catch-all
+    // route, so that only the request meant to time out can, however busy the
+    // machine is.
+    let routes = format!(
+        "{HEADER_RULE}[[routes]]\npath_prefix = \"/slow/60000\"\n\
+         [[routes]]\npath_prefix = \"/\"\nread_timeout_ms = 60000\n"
+    );
     let proxy = Proxy::start(ProxySetup {
         store: &store,
         legacy: vec![dead_address(), slow.addr],
         new: vec![reset_addr],
         extra: &routes,
+        read_timeout_ms: Some(2000),
         ..Default::default()
     })
     .await;
@@ -512,16 +525,18 @@ async fn upstream_failures_become_502_and_504_and_the_proxy_stays_healthy() {
     );
     assert_eq!(body["request_id"].as_str().unwrap().len(), 16);
 
+    // A backend that takes a minute meets the 2 s read timeout. Only a lower
+    // bound is asserted: a busy machine may take longer to say so, never less.
     let started = Instant::now();
-    let (status, body) = get_as(&c, &proxy, "slow", "/slow/2500").await;
+    let (status, body) = get_as(&c, &proxy, "slow", "/slow/60000").await;
     let took = started.elapsed();
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["error"], "the backend did not answer in time");
     assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_millis(2450),
-        "504 after the 2 s read timeout, took {took:?}"
+        took >= Duration::from_millis(1900),
+        "504 before the 2 s read timeout, after {took:?}"
     );
-    let (status, _) = get_as(&c, &proxy, "slow", "/slow/1500").await;
+    let (status, _) = get_as(&c, &proxy, "slow", "/slow/2500").await;
     assert_eq!(status, 200, "a per-route timeout extends the backend's");
 
     let only_dead = dead_address();
@@ -557,7 +572,9 @@ async fn upstream_failures_become_502_and_504_and_the_proxy_stays_healthy() {
 /// "closed" if the proxy closed the connection without one.
 fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Generous, so that a proxy slow to answer on a busy machine is not taken
+    // for one that closed the connection.
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
     let _ = s.write_all(bytes);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -627,13 +644,18 @@ async fn malformed_requests_get_a_4xx_and_are_never_forwarded() {
         );
     }
     eprintln!("{}", report.join("\n"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     // Streamed bodies (chunked) go upstream as they arrive; one that turns out too
     // large or malformed is cut off, so the backend may see the head of a request
     // but never a complete one: no terminating chunk, and nothing else at all.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for conn in wire.lock().unwrap().iter() {
-        let text = String::from_utf8_lossy(conn);
+    // What the backend received is final once the proxy has closed every
+    // connection it opened to it.
+    eventually(PATIENCE, || {
+        let closed = wire.all_closed();
+        async move { closed }
+    })
+    .await;
+    for conn in wire.connections() {
+        let text = String::from_utf8_lossy(&conn);
         let head_end = text.find("\r\n\r\n").map_or(text.len(), |i| i + 4);
         assert!(
             text.contains("Transfer-Encoding: chunked") && !text[head_end..].contains("0\r\n\r\n"),
@@ -651,45 +673,71 @@ async fn a_tenant_flipped_under_1000_in_flight_requests_loses_none() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite_store(dir.path(), &[("acme", "shadow")]);
     let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    // Only legacy holds requests; new answers its shadow reads, and after the
+    // flip the tenant's requests, at once.
+    new.release();
     let proxy = Arc::new(
         Proxy::start(ProxySetup {
             store: &store,
             legacy: vec![legacy.addr],
             new: vec![new.addr],
-            // Regression: under a loaded CI machine the default 2 s read timeout
-            // answered a 300 ms request with 504; what this test proves is that
-            // the flip loses nothing, not how fast a starved backend answers.
-            extra: &format!(
-                "{HEADER_RULE}[[routes]]\npath_prefix = \"/slow/300\"\nread_timeout_ms = 15000\n"
-            ),
+            extra: HEADER_RULE,
             ..Default::default()
         })
         .await,
     );
     let c = client();
-    let flipped_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for i in 0..1000u64 {
-        let (c, proxy, flipped_at) = (c.clone(), Arc::clone(&proxy), Arc::clone(&flipped_at));
-        tasks.push(tokio::spawn(async move {
-            // Spread the starts over about 2 s; each request then takes 300 ms, so
-            // hundreds are in flight when the tenant is flipped at about 1 s.
-            tokio::time::sleep(Duration::from_millis(i * 2)).await;
-            let started = Instant::now();
-            let (status, body) = get_as(&c, &proxy, "acme", "/slow/300").await;
-            let after_flip = flipped_at
-                .lock()
-                .unwrap()
-                .is_some_and(|t| started > t + Duration::from_millis(500));
+    // Sends one request as acme after `pause`; gives back its status, the
+    // backend that answered and the request id.
+    let send = |pause: Duration| {
+        let (c, proxy) = (c.clone(), Arc::clone(&proxy));
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            let (status, body) = get_as(&c, &proxy, "acme", "/held").await;
             (
                 status,
                 body["backend"].as_str().unwrap_or("?").to_string(),
                 body["request_id"].as_str().unwrap_or("").to_string(),
-                after_flip,
             )
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+        })
+    };
+
+    // 200 requests routed before the flip, which legacy holds until the proxy
+    // has followed it: in flight during the flip, however fast the machine is.
+    let before: Vec<_> = (0..200).map(|_| send(Duration::ZERO)).collect();
+    eventually(PATIENCE, || {
+        let arrived = legacy.served_total();
+        async move { arrived == 200 }
+    })
+    .await;
+    // 100 more race the flip, spread over about 200 ms: either backend may
+    // answer each of them, but exactly one does.
+    let racing: Vec<_> = (0..100u64)
+        .map(|i| send(Duration::from_millis(i * 2)))
+        .collect();
+    let flip = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            ficus(
+                &store,
+                &[
+                    "tenant",
+                    "stage",
+                    "acme",
+                    "migrated",
+                    "--reason",
+                    "flip under load",
+                ],
+            )
+        })
+    };
+    flip.await.unwrap();
+    let flipped = open_store(&store).await.snapshot().await.unwrap().seq;
+    eventually(PATIENCE, || {
+        let proxy = Arc::clone(&proxy);
+        async move { proxy.routing_seq().await >= flipped }
+    })
+    .await;
     let in_flight_at_flip = proxy
         .metrics()
         .await
@@ -697,38 +745,37 @@ async fn a_tenant_flipped_under_1000_in_flight_requests_loses_none() {
         .find(|l| l.starts_with("ficus_in_flight_requests "))
         .unwrap_or("")
         .to_string();
-    ficus(
-        &store,
-        &[
-            "tenant",
-            "stage",
-            "acme",
-            "migrated",
-            "--reason",
-            "flip under load",
-        ],
-    );
-    *flipped_at.lock().unwrap() = Some(Instant::now());
+    legacy.release();
+    // 700 more, sent once the proxy routes by the flipped table: all to new.
+    let after: Vec<_> = (0..700u64)
+        .map(|i| send(Duration::from_millis(i * 2)))
+        .collect();
+
     let mut by_backend = std::collections::HashMap::new();
     let mut ids = std::collections::HashSet::new();
-    for t in tasks {
-        let (status, backend, id, after_flip) = t.await.unwrap();
-        assert_eq!(status, 200, "every request is answered (backend {backend})");
-        assert!(ids.insert(id.clone()), "request id {id} answered twice");
-        if after_flip {
+    for (wave, tasks, must) in [
+        ("before", before, Some("legacy")),
+        ("during", racing, None),
+        ("after", after, Some("new")),
+    ] {
+        for t in tasks {
+            let (status, backend, id) = t.await.unwrap();
             assert_eq!(
-                backend, "new",
-                "a request started well after the flip went to {backend}"
+                status, 200,
+                "every request is answered (sent {wave} the flip, backend {backend})"
             );
+            assert!(ids.insert(id.clone()), "request id {id} answered twice");
+            if let Some(want) = must {
+                assert_eq!(
+                    backend, want,
+                    "a request sent {wave} the flip went to {backend}"
+                );
+            }
+            *by_backend.entry(backend).or_insert(0) += 1;
         }
-        *by_backend.entry(backend).or_insert(0) += 1;
     }
     eprintln!("{in_flight_at_flip}; answered by {by_backend:?}");
     assert_eq!(by_backend.values().sum::<i32>(), 1000);
-    assert!(
-        by_backend.get("legacy").copied().unwrap_or(0) > 0
-            && by_backend.get("new").copied().unwrap_or(0) > 0
-    );
     // The tenant starts in shadow, so new also got shadow reads; what was served
     // reached exactly one backend.
     assert_eq!(
@@ -742,15 +789,17 @@ async fn a_tenant_flipped_under_1000_in_flight_requests_loses_none() {
 async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
     let Rig {
         store,
-        legacy: _legacy,
+        legacy,
         new: _new,
         mut proxy,
         dir: _dir,
     } = Rig::start(&[("acme", "legacy")], "").await;
     let c = client();
+    // 100 requests that legacy holds until the proxy is draining: all of them are
+    // in flight when the signal arrives, however fast the machine is.
     let mut tasks = Vec::new();
     for _ in 0..100 {
-        let (c, url) = (c.clone(), proxy.url("/slow/1000"));
+        let (c, url) = (c.clone(), proxy.url("/held"));
         tasks.push(tokio::spawn(async move {
             c.get(url)
                 .header("x-tenant-id", "acme")
@@ -759,7 +808,7 @@ async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
                 .map(|r| r.status().as_u16())
         }));
     }
-    eventually(Duration::from_secs(5), || {
+    eventually(PATIENCE, || {
         let proxy = &proxy;
         async move {
             proxy
@@ -771,6 +820,12 @@ async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
     .await;
     let signalled = Instant::now();
     proxy.signal("TERM");
+    eventually(PATIENCE, || {
+        let ready = proxy.admin_url("/readyz");
+        async move { reqwest::get(ready).await.is_ok_and(|r| r.status() == 503) }
+    })
+    .await;
+    legacy.release();
     let statuses: Vec<_> = futures_util::future::join_all(tasks)
         .await
         .into_iter()
@@ -782,7 +837,7 @@ async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
         "{} of 100 in-flight requests failed: {failed:?}",
         failed.len()
     );
-    let status = proxy.wait_exit(Duration::from_secs(15)).await;
+    let status = proxy.wait_exit(PATIENCE).await;
     assert!(
         status.success(),
         "exit status {status}: {}",
@@ -821,7 +876,7 @@ async fn sighup_reload_applies_a_good_config_and_refuses_a_bad_one() {
     )
     .unwrap();
     proxy.signal("HUP");
-    eventually(Duration::from_secs(5), || {
+    eventually(PATIENCE, || {
         let log = proxy.log_text();
         async move { log.contains("configuration reload refused") }
     })
@@ -839,7 +894,7 @@ async fn sighup_reload_applies_a_good_config_and_refuses_a_bad_one() {
         .replacen("LEGACY", &new.addr.to_string(), 1);
     std::fs::write(&proxy.config, swapped).unwrap();
     proxy.signal("HUP");
-    eventually(Duration::from_secs(5), || {
+    eventually(PATIENCE, || {
         let (c, proxy) = (c.clone(), &proxy);
         async move { get_as(&c, proxy, "acme", "/").await.1["backend"] == "new" }
     })
@@ -892,7 +947,13 @@ async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The load is running before the store goes away.
+    eventually(PATIENCE, || {
+        let served = ok.load(Ordering::Relaxed);
+        async move { served >= 100 }
+    })
+    .await;
+    let stopping_at = Instant::now();
     cluster = tokio::task::spawn_blocking(move || {
         cluster.stop().unwrap();
         cluster
@@ -900,24 +961,34 @@ async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
     .await
     .unwrap();
     let stopped_at = Instant::now();
-    eventually(Duration::from_secs(10), || {
+    eventually(PATIENCE, || {
         let proxy = Arc::clone(&proxy);
         async move { proxy.metrics().await.contains("ficus_store_reachable 0") }
     })
     .await;
+    // From here on every request is served without the store. The outage lasts
+    // 60 s, and however few requests a busy machine gets through in that time,
+    // at least 100 are answered before it ends, so the load did run during it.
+    let served_before = ok.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(60).saturating_sub(stopped_at.elapsed())).await;
-    let during = ok.load(Ordering::Relaxed);
+    eventually(PATIENCE, || {
+        let served = ok.load(Ordering::Relaxed);
+        async move { served >= served_before + 100 }
+    })
+    .await;
+    let during = ok.load(Ordering::Relaxed) - served_before;
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.restart().unwrap();
         cluster
     })
     .await
     .unwrap();
-    eventually(Duration::from_secs(15), || {
+    eventually(PATIENCE, || {
         let proxy = Arc::clone(&proxy);
         async move { proxy.metrics().await.contains("ficus_store_reachable 1") }
     })
     .await;
+    let outage = stopping_at.elapsed();
     stop.store(true, Ordering::Relaxed);
     for l in load {
         l.await.unwrap();
@@ -945,28 +1016,27 @@ async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
             "after the outage",
         ],
     );
-    eventually(Duration::from_secs(2), || {
+    eventually(PATIENCE, || {
         let (c, proxy) = (c.clone(), Arc::clone(&proxy));
         async move { get_as(&c, &proxy, "globex", "/").await.1["backend"] == "new" }
     })
     .await;
     let log = proxy.log_text();
-    let warnings = log.matches("control store unreachable").count();
+    let warnings = log.matches("control store unreachable").count() as u64;
     eprintln!(
-        "{during} requests served while the store was down; {warnings} outage warnings logged"
+        "{during} requests served while the store was down; {warnings} outage warnings logged in {outage:?}"
     );
     assert_eq!(
         failed.load(Ordering::Relaxed),
         0,
         "requests failed while the store was away"
     );
+    // Once when it starts and at most once a minute after: the bound follows
+    // how long the outage really lasted, which a busy machine stretches.
+    let allowed = 1 + outage.as_secs() / 60;
     assert!(
-        during > 1000,
-        "the load ran during the outage ({during} requests)"
-    );
-    assert!(
-        warnings <= 2,
-        "the outage is logged at most once a minute, got {warnings}"
+        warnings <= allowed,
+        "the outage ({outage:?}) is logged at most once a minute, got {warnings}"
     );
     drop(cluster);
 }
@@ -986,8 +1056,10 @@ async fn the_guard_rolls_back_only_the_failing_tenant_on_every_replica() {
         );
     }
     let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    // A window of an hour: the guard judges the answers it counted, not how many
+    // of them a busy machine got through in ten seconds.
     let extra = format!(
-        "{HEADER_RULE}[guard]\nwindow_ms = 10000\nmin_requests = 20\nmax_error_rate = 0.2\n"
+        "{HEADER_RULE}[guard]\nwindow_ms = 3600000\nmin_requests = 20\nmax_error_rate = 0.2\n"
     );
     let setup = || ProxySetup {
         store: &store,
@@ -1004,18 +1076,21 @@ async fn the_guard_rolls_back_only_the_failing_tenant_on_every_replica() {
         let path = if i < 3 { "/status/500" } else { "/ok" };
         get_as(&c, &a, "initech", path).await;
     }
-    // New fails every request of acme.
+    // New fails every request of acme, until the rollback reaches the first
+    // replica; the guard trips on the 20th error.
     let first_bad = Instant::now();
-    let mut sent = 0;
-    while sent < 100 {
-        sent += 1;
-        let (_, body) = get_as(&c, &a, "acme", "/status/500").await;
-        if body["backend"] == "legacy" {
-            break;
+    let sent = AtomicUsize::new(0);
+    let on_a = eventually(PATIENCE, || {
+        let (c, a, sent) = (c.clone(), &a, &sent);
+        async move {
+            sent.fetch_add(1, Ordering::Relaxed);
+            get_as(&c, a, "acme", "/status/500").await.1["backend"] == "legacy"
         }
-    }
-    let on_a = first_bad.elapsed();
-    eventually(Duration::from_secs(5), || {
+    })
+    .await;
+    let sent = sent.into_inner();
+    assert!(sent > 20, "legacy served acme after only {sent} requests");
+    eventually(PATIENCE, || {
         let (c, b) = (c.clone(), &b);
         async move { get_as(&c, b, "acme", "/ok").await.1["backend"] == "legacy" }
     })
@@ -1055,8 +1130,15 @@ async fn the_guard_rolls_back_only_the_failing_tenant_on_every_replica() {
         "{last}"
     );
     assert!(a.metrics().await.contains("ficus_guard_rollbacks_total 1"));
-    // The guard never promotes back.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The guard never promotes back, whatever it sees next.
+    for proxy in [&a, &b] {
+        for _ in 0..20 {
+            assert_eq!(
+                get_as(&c, proxy, "acme", "/ok").await.1["backend"],
+                "legacy"
+            );
+        }
+    }
     let shown: serde_json::Value =
         serde_json::from_str(&ficus(&store, &["tenant", "show", "acme", "--json"])).unwrap();
     assert_eq!(shown["tenant"]["stage"], "shadow");
@@ -1082,33 +1164,41 @@ async fn the_guard_rolls_back_on_slow_answers_and_on_reverse_shadow_mismatches()
             &["tenant", "stage", t, "migrated", "--reason", "moved"],
         );
     }
-    // Their parallel runs measured legacy at about 2 ms, over many reads: the
+    // Acme's parallel run measured legacy at about 2 ms, over many reads: the
     // reverse shadow below adds legacy samples of 40 ms to the same hour, and a
     // baseline of only a few reads would let the guard's next refresh take its
     // p99 from those (regression: the guard then never saw new as slow).
+    // Globex's measured 20 s, so that no answer of new's is ever slow for it:
+    // on a busy machine even a trivial answer can take over 3× 2 ms, and globex
+    // must be rolled back for its mismatches, not for the machine's speed.
     let s = open_store(&store).await;
-    let mut baseline = ficus_core::latency::Histogram::default();
-    for _ in 0..100_000 {
-        baseline.record(2_000);
-    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let reports: Vec<ficus_store::LatencyReport> = ["acme", "globex"]
-        .iter()
-        .map(|t| ficus_store::LatencyReport {
-            tenant: ficus_core::TenantId::parse(t).unwrap(),
-            backend: ficus_core::Backend::Legacy,
-            at: ficus_core::Timestamp::from_unix_millis(now),
-            histogram: baseline.clone(),
+    let reports: Vec<ficus_store::LatencyReport> = [("acme", 2_000), ("globex", 20_000_000)]
+        .into_iter()
+        .map(|(t, micros)| {
+            let mut baseline = ficus_core::latency::Histogram::default();
+            for _ in 0..100_000 {
+                baseline.record(micros);
+            }
+            ficus_store::LatencyReport {
+                tenant: ficus_core::TenantId::parse(t).unwrap(),
+                backend: ficus_core::Backend::Legacy,
+                at: ficus_core::Timestamp::from_unix_millis(now),
+                histogram: baseline,
+            }
         })
         .collect();
     s.record_latencies(&reports).await.unwrap();
     let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    // A window of an hour: the guard judges the answers and comparisons it
+    // counted, not how many a busy machine got through in ten seconds. The
+    // shadow timeout is as generous, so every comparison completes.
     let extra = format!(
-        "{HEADER_RULE}[shadow]\nreverse = true\nflush_ms = 100\n\
-         [guard]\nwindow_ms = 10000\nmin_requests = 20\nmin_compared = 10\n\
+        "{HEADER_RULE}[shadow]\nreverse = true\nflush_ms = 100\ntimeout_ms = 60000\n\
+         [guard]\nwindow_ms = 3600000\nmin_requests = 20\nmin_compared = 10\n\
          [[compare]]\nendpoint = \"GET /slow/{{id}}\"\nignore = [\"$.backend\"]\n\
          [[compare]]\nendpoint = \"GET /ok\"\nignore = [\"$.backend\"]\n"
     );
@@ -1122,37 +1212,34 @@ async fn the_guard_rolls_back_on_slow_answers_and_on_reverse_shadow_mismatches()
     .await;
     let c = client();
 
-    // New answers acme in 40 ms: beyond 3× its 2 ms legacy p99.
-    let started = Instant::now();
-    let mut sent = 0;
-    while sent < 200 {
-        sent += 1;
-        let (status, body) = get_as(&c, &proxy, "acme", "/slow/40").await;
-        assert_eq!(status, 200, "slowness alone never fails a client request");
-        if body["backend"] == "legacy" {
-            break;
+    // New answers acme in 40 ms or more: beyond 3× its 2 ms legacy p99, on any
+    // machine. Acme's requests go on until the rollback reaches the proxy.
+    let sent = AtomicUsize::new(0);
+    let took = eventually(PATIENCE, || {
+        let (c, proxy, sent) = (c.clone(), &proxy, &sent);
+        async move {
+            sent.fetch_add(1, Ordering::Relaxed);
+            let (status, body) = get_as(&c, proxy, "acme", "/slow/40").await;
+            assert_eq!(status, 200, "slowness alone never fails a client request");
+            body["backend"] == "legacy"
         }
-    }
+    })
+    .await;
     eprintln!(
-        "guard (latency): acme back on legacy after {sent} requests, {:?}",
-        started.elapsed()
+        "guard (latency): acme back on legacy after {} requests, {took:?}",
+        sent.load(Ordering::Relaxed)
     );
-    assert!(sent < 200, "slow answers never tripped the guard");
     // New disagrees with legacy on globex's prices, found by reverse shadow.
-    let mut sent = 0;
-    while sent < 300 {
-        sent += 1;
-        get_as(&c, &proxy, "globex", &format!("/priced/{sent}")).await;
-        if get_as(&c, &proxy, "globex", "/ok").await.1["backend"] == "legacy" {
-            break;
+    let sent = AtomicUsize::new(0);
+    eventually(PATIENCE, || {
+        let (c, proxy, sent) = (c.clone(), &proxy, &sent);
+        async move {
+            let n = sent.fetch_add(1, Ordering::Relaxed);
+            get_as(&c, proxy, "globex", &format!("/priced/{n}")).await;
+            get_as(&c, proxy, "globex", "/ok").await.1["backend"] == "legacy"
         }
-    }
-    assert!(
-        sent < 300,
-        "mismatches never tripped the guard: {}\n{}",
-        ficus(&store, &["tenant", "show", "globex"]),
-        ficus(&store, &["audit"])
-    );
+    })
+    .await;
     let reasons: Vec<String> = ["acme", "globex"]
         .iter()
         .map(|t| {
@@ -1175,8 +1262,9 @@ async fn the_guard_rolls_back_on_slow_answers_and_on_reverse_shadow_mismatches()
         "{}",
         reasons[1]
     );
-    // The compared reads' latencies reached the store, for both backends.
-    eventually(Duration::from_secs(5), || {
+    // The compared reads' latencies reached the store, for both backends (legacy's
+    // on top of the planted baseline).
+    eventually(PATIENCE, || {
         let s = std::sync::Arc::clone(&s);
         async move {
             let l = s
@@ -1186,7 +1274,7 @@ async fn the_guard_rolls_back_on_slow_answers_and_on_reverse_shadow_mismatches()
                 )
                 .await
                 .unwrap();
-            !l.new.is_empty() && l.legacy.total() > 100
+            !l.new.is_empty() && l.legacy.total() > 100_000
         }
     })
     .await;
@@ -1315,8 +1403,9 @@ async fn guard_reaction_time() {
 
 /// The proxy answers the tenant-config path itself, resolving the tenant as it
 /// routes: by custom domain, with ETag/304, per platform; a written change is
-/// served, and its new domain routed, within a second; an unknown host learns
-/// nothing.
+/// served, and its new domain routed, as soon as the change feed brings it (the
+/// time is printed, not asserted: BENCHMARKS.md quotes it); an unknown host
+/// learns nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
@@ -1395,7 +1484,8 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
         (200, serde_json::json!("globex"))
     );
 
-    // A written configuration with a new domain: served and routed within a second.
+    // A written configuration with a new domain: served and routed once the
+    // change feed brings it.
     let written = std::time::Instant::now();
     ficus(
         &store,
@@ -1416,7 +1506,7 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
             "rebrand",
         ],
     );
-    let waited = eventually(Duration::from_secs(5), || async {
+    let waited = eventually(PATIENCE, || async {
         get("homes.acme.test", "", None).await.0 == 200
     })
     .await;
@@ -1499,7 +1589,7 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
             (status, r.json::<serde_json::Value>().await.unwrap())
         }
     };
-    eventually(Duration::from_secs(5), || async { homes().await.0 == 403 }).await;
+    eventually(PATIENCE, || async { homes().await.0 == 403 }).await;
     let served_before = new.served_total();
     let (_, body) = homes().await;
     assert_eq!(body["error"], "this account is suspended");
@@ -1509,5 +1599,5 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
         "a suspended tenant's request reached a backend"
     );
     control.set_suspended(suspend(false)).await.unwrap();
-    eventually(Duration::from_secs(5), || async { homes().await.0 == 200 }).await;
+    eventually(PATIENCE, || async { homes().await.0 == 200 }).await;
 }

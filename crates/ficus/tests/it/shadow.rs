@@ -2,21 +2,43 @@
 //! store, writes that reach exactly one backend, and a misbehaving new backend that
 //! never changes what the client gets.
 
-use std::time::{Duration, Instant};
+use crate::support::{Backend, PATIENCE, Proxy, Rig, dead_address, eventually, ficus, get_as};
 
-use crate::support::{Backend, Rig, dead_address, eventually, ficus, get_as};
-
+/// A client whose timeout only ends a stuck request, never a slow one.
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
+        .timeout(PATIENCE)
         .build()
         .unwrap()
+}
+
+/// GETs `path` through the proxy as acme with the request id `id`, which the
+/// proxy keeps and passes on to both legs; returns the status.
+async fn get_with_id(c: &reqwest::Client, proxy: &Proxy, path: &str, id: &str) -> u16 {
+    c.get(proxy.url(path))
+        .header("x-tenant-id", "acme")
+        .header("x-request-id", id)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Whether `backend` has received a shadow leg of the request with the id `id`.
+fn shadowed_id(backend: &Backend, id: &str) -> bool {
+    backend
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| s.is_shadow() && s.headers.get("x-request-id").is_some_and(|v| v == id))
 }
 
 /// Waits until `ficus mismatches TENANT --json` lists at least `n` samples.
 async fn mismatches(store: &str, tenant: &str, n: usize) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
-    eventually(Duration::from_secs(10), || {
+    eventually(PATIENCE, || {
         let out = ficus(store, &["mismatches", tenant, "--json", "--limit", "50"]);
         last = serde_json::from_str(&out).unwrap();
         let ok = last["mismatches"].as_array().is_some_and(|m| m.len() >= n);
@@ -35,8 +57,9 @@ fn shown(store: &str, tenant: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deliberate_difference_is_caught_with_its_path_and_a_timestamp_is_noise() {
     // The echo endpoint names the backend in its body; a compare rule says that
-    // field is expected to differ.
-    let shadow = "[shadow]\nflush_ms = 100\nnoise_rate = 0.0\n\
+    // field is expected to differ. The shadow timeout is generous, so that every
+    // comparison completes on a busy machine and can be counted.
+    let shadow = "[shadow]\nflush_ms = 100\ntimeout_ms = 60000\nnoise_rate = 0.0\n\
                   [[compare]]\nendpoint = \"GET /echo/{id}\"\nignore = [\"$.backend\"]\n";
     let Rig {
         store,
@@ -101,7 +124,7 @@ async fn a_deliberate_difference_is_caught_with_its_path_and_a_timestamp_is_nois
         learned.contains(&("GET /priced/{id}".to_string(), "$.at".to_string())),
         "{learned:?}"
     );
-    eventually(Duration::from_secs(10), || {
+    eventually(PATIENCE, || {
         let s = shown(&store, "acme");
         async move { s["compared"].as_u64() == Some(40) }
     })
@@ -128,7 +151,7 @@ async fn a_deliberate_difference_is_caught_with_its_path_and_a_timestamp_is_nois
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reach_exactly_one_backend_in_every_stage() {
-    let shadow = "[shadow]\nreverse = true\nflush_ms = 100\n";
+    let shadow = "[shadow]\nreverse = true\nflush_ms = 100\ntimeout_ms = 60000\n";
     let Rig {
         legacy,
         new,
@@ -153,6 +176,7 @@ async fn writes_reach_exactly_one_backend_in_every_stage() {
             let r = c
                 .request(m, proxy.url("/homes/1"))
                 .header("x-tenant-id", tenant)
+                .header("x-request-id", format!("write-{method}-{tenant}"))
                 .body("{\"x\":1}")
                 .send()
                 .await
@@ -174,39 +198,53 @@ async fn writes_reach_exactly_one_backend_in_every_stage() {
     let r = c
         .get(proxy.url("/search"))
         .header("x-tenant-id", "acme")
+        .header("x-request-id", "read-with-body")
         .body("{\"q\":1}")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let shadow_methods: Vec<String> = legacy
+    // Plain reads are shadowed: forward for the shadow tenant, in reverse for the
+    // migrated one. Their shadow legs arriving is also the sign that any leg the
+    // requests above had wrongly started would have arrived by now.
+    let marker = |tenant: &'static str, path: &'static str| {
+        c.get(proxy.url(path))
+            .header("x-tenant-id", tenant)
+            .header("x-request-id", format!("marker-{tenant}"))
+            .send()
+    };
+    assert_eq!(marker("acme", "/a").await.unwrap().status(), 200);
+    assert_eq!(marker("globex", "/b").await.unwrap().status(), 200);
+    eventually(PATIENCE, || {
+        let done = shadowed_id(&new, "marker-acme") && shadowed_id(&legacy, "marker-globex");
+        async move { done }
+    })
+    .await;
+    let shadowed: Vec<(String, String)> = legacy
         .seen
         .lock()
         .unwrap()
         .iter()
         .chain(new.seen.lock().unwrap().iter())
         .filter(|s| s.is_shadow())
-        .map(|s| s.method.clone())
+        .map(|s| {
+            let id = s.headers.get("x-request-id").cloned().unwrap_or_default();
+            (s.method.clone(), id)
+        })
+        .filter(|(_, id)| !id.starts_with("marker-"))
         .collect();
     assert!(
-        shadow_methods.is_empty(),
-        "no write and no read with a body was shadowed: {shadow_methods:?}"
+        shadowed.is_empty(),
+        "no write and no read with a body was shadowed: {shadowed:?}"
     );
-    // Plain reads are shadowed: forward for the shadow tenant, in reverse for the migrated one.
-    get_as(&c, &proxy, "acme", "/a").await;
-    get_as(&c, &proxy, "globex", "/b").await;
-    eventually(Duration::from_secs(5), || {
-        let done = new.shadowed() >= 1 && legacy.shadowed() >= 1;
-        async move { done }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_or_dead_new_backend_never_changes_the_clients_answer() {
-    // New takes 3 s to answer; the shadow leg gives up after 300 ms.
-    let shadow = "[shadow]\ntimeout_ms = 300\nflush_ms = 100\nmax_in_flight = 4\nunsafe_routes = [\"GET /export\"]\n";
+    // New holds every request it gets for as long as the test runs: slower than
+    // any timeout, on any machine. A shadow leg gives up after 10 s, and at most
+    // 4 run at once.
+    let shadow = "[shadow]\ntimeout_ms = 10000\nflush_ms = 100\nmax_in_flight = 4\nunsafe_routes = [\"GET /export\"]\n";
     let Rig {
         store,
         legacy,
@@ -217,40 +255,43 @@ async fn a_slow_or_dead_new_backend_never_changes_the_clients_answer() {
         &[("acme", "shadow")],
         "",
         shadow,
-        Backend::start_with_delay("new", Duration::from_secs(3)).await,
+        Backend::start_held("new").await,
     )
     .await;
     let c = client();
-    let mut slowest = Duration::ZERO;
+    // An unsafe route is never shadowed: once the shadow leg of a read sent after
+    // it has reached new, new has still seen nothing of the export.
+    assert_eq!(get_with_id(&c, &proxy, "/export/all", "export").await, 200);
+    assert_eq!(get_with_id(&c, &proxy, "/echo/marker", "marker").await, 200);
+    eventually(PATIENCE, || {
+        let arrived = shadowed_id(&new, "marker");
+        async move { arrived }
+    })
+    .await;
+    assert!(!shadowed_id(&new, "export"), "an unsafe route was shadowed");
+    // New answers none of the shadow legs it holds, yet every client gets
+    // legacy's answer: no client waits for the shadow leg.
     for i in 0..40 {
-        let started = Instant::now();
         let (status, body) = get_as(&c, &proxy, "acme", &format!("/echo/{i}")).await;
-        slowest = slowest.max(started.elapsed());
         assert_eq!((status, body["backend"].as_str()), (200, Some("legacy")));
     }
-    // Far below the new backend's 3 s: the client never waited for the shadow leg.
-    assert!(
-        slowest < Duration::from_millis(1500),
-        "a client request took {slowest:?}"
-    );
-    eventually(Duration::from_secs(10), || {
+    // The legs held by new fill the 4 slots, so later reads are shed; each held
+    // leg then times out, an error.
+    eventually(PATIENCE, || {
         let s = shown(&store, "acme");
         async move { s["errors"].as_u64().unwrap_or(0) >= 1 && s["shed"].as_u64().unwrap_or(0) >= 1 }
     })
     .await;
     let s = shown(&store, "acme");
-    eprintln!("slow new backend: {s}");
+    eprintln!("held new backend: {s}");
     assert_eq!(s["compared"].as_u64(), Some(0));
-    // An unsafe route is never shadowed.
-    let before = new.count();
-    get_as(&c, &proxy, "acme", "/export/all").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(new.count(), before);
-    assert!(legacy.served("GET") >= 41);
+    assert!(legacy.served("GET") >= 42);
     drop(proxy);
 
-    // A dead new backend: shadow errors, clients unaffected.
-    let shadow = "[shadow]\nflush_ms = 100\n";
+    // A dead new backend: shadow errors, clients unaffected. The shadow timeout
+    // is generous, so that every comparison ends as an error to count, however
+    // long a busy machine takes to answer the client.
+    let shadow = "[shadow]\nflush_ms = 100\ntimeout_ms = 60000\n";
     let mut dead = Backend::start("new").await;
     dead.addr = dead_address();
     let Rig {
@@ -263,7 +304,7 @@ async fn a_slow_or_dead_new_backend_never_changes_the_clients_answer() {
     for _ in 0..10 {
         assert_eq!(get_as(&c, &proxy, "acme", "/x").await.0, 200);
     }
-    eventually(Duration::from_secs(10), || {
+    eventually(PATIENCE, || {
         let s = shown(&store, "acme");
         async move { s["errors"].as_u64() == Some(10) }
     })
@@ -272,7 +313,9 @@ async fn a_slow_or_dead_new_backend_never_changes_the_clients_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_huge_answers_from_new_are_evidence_not_failures() {
-    let shadow = "[shadow]\nflush_ms = 100\nbody_cap_bytes = 1048576\n";
+    // A generous shadow timeout: 10 MB from new must be read to the cap and
+    // shed, not cut short by a busy machine and counted as an error.
+    let shadow = "[shadow]\nflush_ms = 100\ntimeout_ms = 60000\nbody_cap_bytes = 1048576\n";
     let Rig {
         store,
         proxy,
@@ -298,7 +341,7 @@ async fn garbage_and_huge_answers_from_new_are_evidence_not_failures() {
         "invalid JSON from new is a mismatch on the whole body: {m}"
     );
     assert_eq!(m["differences"][0]["path"], "$");
-    eventually(Duration::from_secs(10), || {
+    eventually(PATIENCE, || {
         let s = shown(&store, "acme");
         async move { s["shed"].as_u64() == Some(1) && s["mismatched"].as_u64() == Some(1) }
     })

@@ -15,6 +15,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use tokio::sync::watch;
 
 pub const FICUS: &str = env!("CARGO_BIN_EXE_ficus");
 
@@ -36,6 +37,9 @@ impl Seen {
 pub struct Backend {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Turned true by [`Backend::release`]; dropping it (with the backend) also
+    /// lets every held request go.
+    gate: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -49,32 +53,47 @@ impl Drop for Backend {
 struct BackendState {
     name: &'static str,
     seen: Arc<Mutex<Vec<Seen>>>,
-    delay: Duration,
+    /// Whether every answer waits for the gate, not only those of `/held`.
+    hold_all: bool,
+    gate: watch::Receiver<bool>,
 }
 
 impl Backend {
     /// Starts a backend named `name` (the `backend` field of every answer).
     /// Routes: `/slow/{ms}` answers after a delay, `/status/{code}` with that
-    /// status, `/ws` is a WebSocket echo, anything else echoes the request.
+    /// status, `/ws` is a WebSocket echo, `/held` echoes once the test calls
+    /// [`Backend::release`], `/priced/{id}` answers a price that differs between
+    /// "legacy" and "new" and a timestamp that differs on every call, `/garbage`
+    /// and `/big` answer invalid JSON and 10 MB from "new" (a small valid answer
+    /// from "legacy"), and anything else echoes the request.
+    ///
+    /// Every request is recorded when it arrives, so a held one is counted while
+    /// it is still in flight.
     pub async fn start(name: &'static str) -> Backend {
-        Backend::start_with_delay(name, Duration::ZERO).await
+        Backend::start_with(name, false).await
     }
 
-    /// Like [`Backend::start`], but every answer waits `delay` first. Also serves
-    /// `/priced/{id}` (a price that differs between "legacy" and "new", and a
-    /// timestamp that differs on every call), `/garbage` and `/big` (invalid JSON
-    /// and 10 MB from "new", a small valid answer from "legacy").
-    pub async fn start_with_delay(name: &'static str, delay: Duration) -> Backend {
+    /// Like [`Backend::start`], but every request, on any route but `/slow`,
+    /// `/status` and `/ws`, is held until [`Backend::release`]: a backend as slow
+    /// as a test needs, for as long as it needs, without a clock.
+    pub async fn start_held(name: &'static str) -> Backend {
+        Backend::start_with(name, true).await
+    }
+
+    async fn start_with(name: &'static str, hold_all: bool) -> Backend {
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let (gate, opened) = watch::channel(false);
         let state = BackendState {
             name,
             seen: Arc::clone(&seen),
-            delay,
+            hold_all,
+            gate: opened,
         };
         let app = Router::new()
             .route("/slow/{ms}", any(slow))
             .route("/status/{code}", any(status))
             .route("/ws", get(ws))
+            .route("/held", any(held))
             .route("/priced/{id}", get(priced))
             .route("/garbage", get(garbage))
             .route("/big", get(big))
@@ -85,7 +104,17 @@ impl Backend {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Backend { addr, seen, task }
+        Backend {
+            addr,
+            seen,
+            gate,
+            task,
+        }
+    }
+
+    /// Lets every held request, and every later one, be answered.
+    pub fn release(&self) {
+        self.gate.send_replace(true);
     }
 
     pub fn count(&self) -> usize {
@@ -127,6 +156,19 @@ impl Backend {
     }
 }
 
+/// Waits until the test releases held requests (or drops the backend).
+async fn released(state: &BackendState) {
+    let mut gate = state.gate.clone();
+    let _ = gate.wait_for(|open| *open).await;
+}
+
+/// Holds the answer of a backend started with [`Backend::start_held`].
+async fn hold(state: &BackendState) {
+    if state.hold_all {
+        released(state).await;
+    }
+}
+
 fn record(state: &BackendState, method: &str, headers: &HeaderMap) {
     let headers = headers
         .iter()
@@ -143,8 +185,8 @@ async fn priced(
     Path(id): Path<u64>,
     headers: HeaderMap,
 ) -> Response {
-    tokio::time::sleep(state.delay).await;
     record(&state, "GET", &headers);
+    hold(&state).await;
     let price = if state.name == "new" { 101 } else { 100 };
     let at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -156,8 +198,8 @@ async fn priced(
 }
 
 async fn garbage(State(state): State<BackendState>, headers: HeaderMap) -> Response {
-    tokio::time::sleep(state.delay).await;
     record(&state, "GET", &headers);
+    hold(&state).await;
     let body = if state.name == "new" {
         "{\"id\": 1, oops"
     } else {
@@ -171,8 +213,8 @@ async fn garbage(State(state): State<BackendState>, headers: HeaderMap) -> Respo
 }
 
 async fn big(State(state): State<BackendState>, headers: HeaderMap) -> Response {
-    tokio::time::sleep(state.delay).await;
     record(&state, "GET", &headers);
+    hold(&state).await;
     let body = if state.name == "new" {
         format!("{{\"blob\":\"{}\"}}", "x".repeat(10 * 1024 * 1024))
     } else {
@@ -185,14 +227,14 @@ async fn big(State(state): State<BackendState>, headers: HeaderMap) -> Response 
         .into_response()
 }
 
-fn answer(
+/// The JSON every echoing route answers with.
+fn reply(
     state: &BackendState,
     req_method: &str,
     path: &str,
     headers: &HeaderMap,
     body_len: usize,
 ) -> Response {
-    record(state, req_method, headers);
     let body = serde_json::json!({
         "backend": state.name,
         "method": req_method,
@@ -205,7 +247,16 @@ fn answer(
 }
 
 async fn echo(State(state): State<BackendState>, req: Request) -> Response {
-    tokio::time::sleep(state.delay).await;
+    let hold_all = state.hold_all;
+    echo_held(state, req, hold_all).await
+}
+
+async fn held(State(state): State<BackendState>, req: Request) -> Response {
+    echo_held(state, req, true).await
+}
+
+/// Echoes the request; with `wait`, only once the test releases it.
+async fn echo_held(state: BackendState, req: Request, wait: bool) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
         .await
@@ -215,7 +266,11 @@ async fn echo(State(state): State<BackendState>, req: Request) -> Response {
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    answer(
+    record(&state, parts.method.as_str(), &parts.headers);
+    if wait {
+        released(&state).await;
+    }
+    reply(
         &state,
         parts.method.as_str(),
         &path,
@@ -230,8 +285,9 @@ async fn slow(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    record(&state, "ANY", &headers);
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    answer(&state, "ANY", &format!("/slow/{ms}"), &headers, body.len())
+    reply(&state, "ANY", &format!("/slow/{ms}"), &headers, body.len())
 }
 
 async fn status(
@@ -286,38 +342,62 @@ pub async fn resetting_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// What a [`recording_backend`] received: the raw bytes of every connection, and
+/// whether the proxy has closed it.
+#[derive(Default)]
+pub struct Wire {
+    conns: Mutex<Vec<(Vec<u8>, bool)>>,
+}
+
+impl Wire {
+    /// The bytes received on each connection so far.
+    pub fn connections(&self) -> Vec<Vec<u8>> {
+        self.conns
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(bytes, _)| bytes.clone())
+            .collect()
+    }
+
+    /// Whether the proxy has closed every connection it opened, so nothing more
+    /// can arrive on them.
+    pub fn all_closed(&self) -> bool {
+        self.conns.lock().unwrap().iter().all(|(_, closed)| *closed)
+    }
+}
+
 /// A backend that never answers and keeps the raw bytes of every connection, to
 /// prove exactly what the proxy sent.
-pub async fn recording_backend() -> (
-    SocketAddr,
-    Arc<Mutex<Vec<Vec<u8>>>>,
-    tokio::task::JoinHandle<()>,
-) {
+pub async fn recording_backend() -> (SocketAddr, Arc<Wire>, tokio::task::JoinHandle<()>) {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let conns: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let record = Arc::clone(&conns);
+    let wire: Arc<Wire> = Arc::default();
+    let record = Arc::clone(&wire);
     let task = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let record = Arc::clone(&record);
+            let slot = {
+                let mut all = record.conns.lock().unwrap();
+                all.push((Vec::new(), false));
+                all.len() - 1
+            };
             tokio::spawn(async move {
-                let slot = {
-                    let mut all = record.lock().unwrap();
-                    all.push(Vec::new());
-                    all.len() - 1
-                };
                 let mut buf = [0u8; 8192];
                 while let Ok(n) = stream.read(&mut buf).await {
                     if n == 0 {
                         break;
                     }
-                    record.lock().unwrap()[slot].extend_from_slice(&buf[..n]);
+                    record.conns.lock().unwrap()[slot]
+                        .0
+                        .extend_from_slice(&buf[..n]);
                 }
+                record.conns.lock().unwrap()[slot].1 = true;
             });
         }
     });
-    (addr, conns, task)
+    (addr, wire, task)
 }
 
 /// A loopback address where nothing listens.
@@ -366,6 +446,12 @@ pub struct ProxySetup<'a> {
     /// Lines added to the `[proxy]` table.
     pub proxy_extra: &'a str,
     pub env: Vec<(&'a str, &'a str)>,
+    /// Both backends' read timeout; `None` is 60 s. Every timeout of a test proxy
+    /// is generous unless a test sets it, because a test proves what the proxy
+    /// does, not how fast a loaded machine answers (regression: with a 2 s read
+    /// timeout the proxy cut a WebSocket whose first echo took longer than that
+    /// to come back on a busy machine).
+    pub read_timeout_ms: Option<u64>,
 }
 
 pub const HEADER_RULE: &str = "[[tenant_from]]\nheader = \"X-Tenant-Id\"\n";
@@ -379,10 +465,11 @@ impl Proxy {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let read = setup.read_timeout_ms.unwrap_or(60_000);
         format!(
-            "[proxy]\nlisten = [\"{listen}\"]\nadmin_listen = \"{admin}\"\nstore = \"{}\"\ntraffic_flush_ms = 200\ndrain_timeout_ms = 10000\n{}\n\n\
-             [backends.legacy]\nupstreams = [{}]\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n\n\
-             [backends.new]\nupstreams = [{}]\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n\n{}",
+            "[proxy]\nlisten = [\"{listen}\"]\nadmin_listen = \"{admin}\"\nstore = \"{}\"\ntraffic_flush_ms = 200\ndrain_timeout_ms = 60000\n{}\n\n\
+             [backends.legacy]\nupstreams = [{}]\nconnect_timeout_ms = 10000\nread_timeout_ms = {read}\n\n\
+             [backends.new]\nupstreams = [{}]\nconnect_timeout_ms = 10000\nread_timeout_ms = {read}\n\n{}",
             setup.store,
             setup.proxy_extra,
             list(&setup.legacy),
@@ -391,7 +478,8 @@ impl Proxy {
         )
     }
 
-    /// Starts a proxy and waits until `/readyz` says it has a routing table.
+    /// Starts a proxy and waits until `/readyz` says it has a routing table and
+    /// its listener accepts connections.
     pub async fn start(setup: ProxySetup<'_>) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -423,10 +511,14 @@ impl Proxy {
 
     async fn wait_ready(&mut self) {
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
+            // `/readyz` is served by the admin listener, which is bound before the
+            // proxy's own; on a busy machine the routing table can be loaded before
+            // the proxy's listener is bound, so the test also waits for that.
             if let Ok(r) = client.get(self.admin_url("/readyz")).send().await
                 && r.status() == 200
+                && tokio::net::TcpStream::connect(self.addr).await.is_ok()
             {
                 return;
             }
@@ -439,7 +531,10 @@ impl Proxy {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("ficus proxy not ready within 30 s: {}", self.log_text());
+        panic!(
+            "ficus proxy not ready within {PATIENCE:?}: {}",
+            self.log_text()
+        );
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -496,6 +591,16 @@ impl Proxy {
             .await
             .unwrap()
     }
+
+    /// The change-log position of the routing table the proxy routes by now.
+    pub async fn routing_seq(&self) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("ficus_routing_snapshot_seq "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 /// A fresh SQLite store with these tenants, as `(id, stage)`.
@@ -530,19 +635,29 @@ pub async fn get_as(
     tenant: &str,
     path: &str,
 ) -> (u16, serde_json::Value) {
+    let failed = |e: reqwest::Error| -> ! {
+        panic!(
+            "GET {path} as {tenant}: {e:?}\n--- proxy log\n{}",
+            proxy.log_text()
+        )
+    };
     let r = client
         .get(proxy.url(path))
         .header("x-tenant-id", tenant)
         .send()
         .await
-        .unwrap();
+        .unwrap_or_else(|e| failed(e));
     let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
+    let text = r.text().await.unwrap_or_else(|e| failed(e));
     (
         status,
         serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
     )
 }
+
+/// How long a test waits for something that happens at once on an idle machine:
+/// long enough that only a stuck run fails, however busy the machine is.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Polls until `f` is true or the timeout passes; returns how long it took.
 pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> Duration
