@@ -168,17 +168,58 @@ async fn pre_checks(
     } else {
         problems.push("no valid index on tenant_id; run ficus db apply".to_string());
     }
-    let definer_views: Vec<String> = info
-        .views
-        .iter()
-        .filter(|v| !v.security_invoker)
-        .map(|v| v.view.to_string())
-        .collect();
-    if !definer_views.is_empty() {
-        problems.push(format!(
-            "views over {t} run as their owner and would bypass row level security: {}; ALTER VIEW … SET (security_invoker = true) first",
-            definer_views.join(", ")
-        ));
+    // Views over the table run as their owner unless they are security_invoker:
+    // the apply step the plan holds for each makes them so. A materialized view
+    // holds every tenant's rows and no policy applies to it: a tenant role must
+    // not read it. Views that read the table through other views count too.
+    for v in crate::plan::tenant_views(inv, |x| x == t) {
+        let planned = plan
+            .views
+            .iter()
+            .find(|p| p.schema == v.view.schema && p.name == v.view.name)
+            .map(|p| p.action.as_str());
+        if v.materialized {
+            for role in &plan.tenant_roles {
+                let reads: bool = client
+                    .query_one(
+                        "SELECT has_table_privilege($1, to_regclass($2), 'SELECT')",
+                        &[role, &v.view.sql()],
+                    )
+                    .await
+                    .map_err(sql(format!("reading {role}'s privileges")))?
+                    .get(0);
+                if reads {
+                    problems.push(format!(
+                        "tenant role {role} may read materialized view {}, which holds every tenant's rows of {t} and no row level security applies to: {}",
+                        v.view,
+                        match planned {
+                            Some("revoke") => "run ficus db apply (its view step revokes it)".to_string(),
+                            _ => format!("REVOKE SELECT ON {} FROM {}, or give it action = \"revoke\" in the plan and run ficus db apply", v.view.sql(), quote(role)),
+                        }
+                    ));
+                }
+            }
+        } else {
+            let invoker: bool = client
+                .query_one(
+                    "SELECT coalesce(reloptions::text[] && ARRAY['security_invoker=true', 'security_invoker=on', 'security_invoker=1'], false)
+                     FROM pg_class WHERE oid = to_regclass($1)",
+                    &[&v.view.sql()],
+                )
+                .await
+                .map_err(sql(format!("reading view {}", v.view)))?
+                .get(0);
+            if !invoker {
+                problems.push(format!(
+                    "view {} runs as its owner over {t} and would show whoever reads it every tenant's rows: {}",
+                    v.view,
+                    match planned {
+                        Some("invoker") => "run ficus db apply (its view step makes it security_invoker)".to_string(),
+                        _ => format!("give it action = \"invoker\" in the plan and run ficus db apply, or ALTER VIEW {} SET (security_invoker = true) once its readers may read its tables", v.view.sql()),
+                    }
+                ));
+            }
+        }
     }
     for role in &plan.tenant_roles {
         let can: bool = client

@@ -100,6 +100,22 @@ pub struct TableInfo {
 pub struct View {
     pub view: Table,
     pub security_invoker: bool,
+    pub materialized: bool,
+}
+
+/// A view or materialized view of the application's, with what it reads and
+/// who reads it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ViewInfo {
+    pub view: Table,
+    pub materialized: bool,
+    pub security_invoker: bool,
+    pub owner: String,
+    /// The tables and views its query reads.
+    pub bases: Vec<Table>,
+    /// The roles that may read it today: login roles other than superusers,
+    /// and `PUBLIC` when it is granted to everyone.
+    pub readers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -159,6 +175,7 @@ pub struct Inventory {
     pub system_identifier: String,
     pub server_version: String,
     pub tables: Vec<TableInfo>,
+    pub views: Vec<ViewInfo>,
     pub roles: Vec<Role>,
     pub long_transactions: Vec<LongTransaction>,
 }
@@ -320,7 +337,8 @@ pub async fn inspect(client: &Client) -> Result<Inventory> {
     for r in client
         .query(
             "SELECT DISTINCT d.refobjid::bigint, vn.nspname::text, v.relname::text,
-                    coalesce(v.reloptions::text[] && ARRAY['security_invoker=true', 'security_invoker=on', 'security_invoker=1'], false)
+                    coalesce(v.reloptions::text[] && ARRAY['security_invoker=true', 'security_invoker=on', 'security_invoker=1'], false),
+                    v.relkind = 'm'
              FROM pg_depend d
              JOIN pg_rewrite r ON r.oid = d.objid
              JOIN pg_class v ON v.oid = r.ev_class
@@ -337,9 +355,11 @@ pub async fn inspect(client: &Client) -> Result<Inventory> {
             t.views.push(View {
                 view: Table::new(r.get(1), r.get(2)),
                 security_invoker: r.get(3),
+                materialized: r.get(4),
             });
         }
     }
+    let views = views(client).await?;
     for r in client
         .query(
             "SELECT attrelid::bigint, format_type(atttypid, atttypmod) FROM pg_attribute
@@ -468,9 +488,67 @@ pub async fn inspect(client: &Client) -> Result<Inventory> {
         system_identifier: head.get::<_, Option<String>>(1).unwrap_or_default(),
         server_version: head.get(2),
         tables,
+        views,
         roles,
         long_transactions,
     })
+}
+
+/// Every view and materialized view outside the system and tenancy schemas,
+/// with the relations it reads and the roles that may read it.
+async fn views(client: &Client) -> Result<Vec<ViewInfo>> {
+    let rows = client
+        .query(
+            "SELECT vn.nspname::text, v.relname::text, v.relkind = 'm',
+                    coalesce(v.reloptions::text[] && ARRAY['security_invoker=true', 'security_invoker=on', 'security_invoker=1'], false),
+                    pg_get_userbyid(v.relowner)::text,
+                    coalesce(bases.nsps, '{}'), coalesce(bases.rels, '{}'),
+                    coalesce((SELECT array_agg(ro.rolname::text ORDER BY ro.rolname) FROM pg_roles ro
+                              WHERE ro.rolcanlogin AND NOT ro.rolsuper AND ro.rolname !~ '^pg_'
+                                AND has_table_privilege(ro.oid, v.oid, 'SELECT')), '{}'),
+                    EXISTS (SELECT 1 FROM aclexplode(v.relacl) a WHERE a.grantee = 0 AND a.privilege_type = 'SELECT')
+             FROM pg_class v JOIN pg_namespace vn ON vn.oid = v.relnamespace
+             LEFT JOIN LATERAL (
+                 SELECT array_agg(x.nsp ORDER BY x.nsp, x.rel) AS nsps, array_agg(x.rel ORDER BY x.nsp, x.rel) AS rels
+                 FROM (SELECT DISTINCT bn.nspname::text AS nsp, b.relname::text AS rel
+                       FROM pg_rewrite rw
+                       JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid
+                                       AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> v.oid
+                       JOIN pg_class b ON b.oid = d.refobjid
+                       JOIN pg_namespace bn ON bn.oid = b.relnamespace
+                       WHERE rw.ev_class = v.oid AND b.relkind IN ('r', 'p', 'v', 'm', 'f')) x
+             ) bases ON true
+             WHERE v.relkind IN ('v', 'm')
+               AND vn.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy', 'tenancy_private')
+               AND vn.nspname NOT LIKE 'pg\\_%'
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(sql("reading views"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (nsps, rels): (Vec<String>, Vec<String>) = (r.get(5), r.get(6));
+            let bases: Vec<Table> = nsps
+                .iter()
+                .zip(&rels)
+                .map(|(n, t)| Table::new(n, t))
+                .collect();
+            let mut readers: Vec<String> = r.get(7);
+            if r.get::<_, bool>(8) {
+                readers.insert(0, "PUBLIC".to_string());
+            }
+            ViewInfo {
+                view: Table::new(r.get(0), r.get(1)),
+                materialized: r.get(2),
+                security_invoker: r.get(3),
+                owner: r.get(4),
+                bases,
+                readers,
+            }
+        })
+        .collect())
 }
 
 /// Decides what a table is to tenancy, with the reason, and lists its hazards.

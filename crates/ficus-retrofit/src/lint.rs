@@ -70,6 +70,7 @@ pub async fn lint(client: &Client) -> Result<Report> {
     let mut findings = Vec::new();
     definer_functions(client, &mut findings).await?;
     definer_views(client, &mut findings).await?;
+    tenant_data_bypasses(client, &mut findings).await?;
     tables(client, &mut findings).await?;
     policies(client, &mut findings).await?;
     bypass_roles(client, &mut findings).await?;
@@ -132,6 +133,93 @@ async fn definer_functions(client: &Client, findings: &mut Vec<Finding>) -> Resu
     Ok(())
 }
 
+/// Ways a tenant role reaches every tenant's rows past row level security: a
+/// materialized view over tenant-owned tables it may read (no policy applies to
+/// a materialized view), and a `SECURITY DEFINER` function it may execute that
+/// reads a tenant-owned table while its owner bypasses that table's row level
+/// security (superuser, `BYPASSRLS`, or the table's owner without `FORCE`). The
+/// tenant roles are those Ficus's isolation policies name; a function is taken
+/// to read a table when its body names it.
+async fn tenant_data_bypasses(client: &Client, findings: &mut Vec<Finding>) -> Result<()> {
+    let tenant_tables = format!(
+        "SELECT t.oid, t.relname, t.relowner, t.relforcerowsecurity FROM pg_class t
+         JOIN pg_namespace n ON n.oid = t.relnamespace
+         JOIN pg_attribute a ON a.attrelid = t.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
+         WHERE t.relkind IN ('r', 'p') AND {SYSTEM_SCHEMAS} AND n.nspname NOT IN ('tenancy', 'tenancy_private')"
+    );
+    let tenant_roles = format!(
+        "SELECT DISTINCT unnest(polroles) AS oid FROM pg_policy WHERE polname = '{POLICY}'"
+    );
+    let rows = client
+        .query(
+            &format!(
+                "WITH tt AS ({tenant_tables}), tr AS ({tenant_roles})
+                 SELECT v.oid::regclass::text,
+                        string_agg(DISTINCT tt.relname::text, ', ' ORDER BY tt.relname::text),
+                        string_agg(DISTINCT r.rolname::text, ', ' ORDER BY r.rolname::text)
+                 FROM pg_class v JOIN pg_namespace n ON n.oid = v.relnamespace
+                 JOIN pg_rewrite w ON w.ev_class = v.oid
+                 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
+                 JOIN tt ON tt.oid = d.refobjid
+                 CROSS JOIN tr JOIN pg_roles r ON r.oid = tr.oid
+                 WHERE v.relkind = 'm' AND {SYSTEM_SCHEMAS} AND has_table_privilege(r.oid, v.oid, 'SELECT')
+                 GROUP BY 1 ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .map_err(sql("reading materialized views"))?;
+    for r in rows {
+        let (view, tables, roles): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        findings.push(Finding {
+            severity: Severity::Error,
+            check: "materialized-view-readable-by-tenant-role",
+            object: view.clone(),
+            message: format!(
+                "materialized view over tenant-owned tables ({tables}) holds every tenant's rows, and tenant roles may read it ({roles}); no row level security applies to it"
+            ),
+            fix: format!(
+                "REVOKE SELECT ON {view} FROM {roles} (ficus db apply's view step does this when the plan says action = \"revoke\")"
+            ),
+        });
+    }
+    let rows = client
+        .query(
+            &format!(
+                "WITH tt AS ({tenant_tables}), tr AS ({tenant_roles})
+                 SELECT p.oid::regprocedure::text,
+                        string_agg(DISTINCT tt.relname::text, ', ' ORDER BY tt.relname::text),
+                        string_agg(DISTINCT r.rolname::text, ', ' ORDER BY r.rolname::text)
+                 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                 JOIN pg_roles o ON o.oid = p.proowner
+                 CROSS JOIN tt CROSS JOIN tr JOIN pg_roles r ON r.oid = tr.oid
+                 WHERE p.prosecdef AND {SYSTEM_SCHEMAS} AND n.nspname NOT IN ('tenancy', 'tenancy_private')
+                   AND regexp_split_to_array(lower(p.prosrc), '[^a-z0-9_$]+') @> ARRAY[lower(tt.relname::text)]
+                   AND (o.rolsuper OR o.rolbypassrls OR (o.oid = tt.relowner AND NOT tt.relforcerowsecurity))
+                   AND has_function_privilege(r.oid, p.oid, 'EXECUTE')
+                 GROUP BY 1 ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .map_err(sql("reading definer functions"))?;
+    for r in rows {
+        let (function, tables, roles): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        findings.push(Finding {
+            severity: Severity::Error,
+            check: "definer-function-reads-tenant-data",
+            object: function.clone(),
+            message: format!(
+                "SECURITY DEFINER function reads tenant-owned tables ({tables}) as an owner that bypasses their row level security, and tenant roles may execute it ({roles}): it hands them every tenant's rows"
+            ),
+            fix: format!(
+                "REVOKE EXECUTE ON FUNCTION {function} FROM {roles}, PUBLIC (and grant it to the roles that need it), or make it SECURITY INVOKER"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A view runs as its owner unless `security_invoker` is set, and owners
 /// usually bypass row level security: the view hands every tenant's rows out.
 async fn definer_views(client: &Client, findings: &mut Vec<Finding>) -> Result<()> {
@@ -143,7 +231,7 @@ async fn definer_views(client: &Client, findings: &mut Vec<Finding>) -> Result<(
                  JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass
                  JOIN pg_rewrite w ON w.oid = d.objid AND w.ev_class = v.oid
                  JOIN pg_class t ON t.oid = d.refobjid
-                 WHERE v.relkind IN ('v', 'm') AND t.oid <> v.oid AND t.relrowsecurity
+                 WHERE v.relkind = 'v' AND t.oid <> v.oid AND t.relrowsecurity
                    AND {SYSTEM_SCHEMAS}
                    AND NOT coalesce(v.reloptions, '{{}}') && ARRAY['security_invoker=true', 'security_invoker=on', 'security_invoker=1']
                  ORDER BY 1, 2"

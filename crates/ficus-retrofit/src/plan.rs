@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::ident::{Table, literal, quote};
-use crate::inspect::{Class, Inventory, TableInfo};
+use crate::inspect::{Class, Inventory, TableInfo, ViewInfo};
 use crate::{Error, Result};
 
 /// The name of the tenant isolation policy on every tenant-owned table.
@@ -108,6 +108,44 @@ fn batched() -> Backfill {
     Backfill::Batched
 }
 
+/// What happens to a view over tenant-owned tables before its tables are
+/// enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ViewAction {
+    /// A view: it runs as whoever reads it (`security_invoker = true`), so row
+    /// level security applies to them; every role that reads it today is first
+    /// granted the columns it reads, so none gets an error.
+    Invoker,
+    /// A materialized view (it holds every tenant's rows, and row level
+    /// security cannot apply to it): the tenant roles lose SELECT on it, while
+    /// every other role that reads it keeps doing so.
+    Revoke,
+    /// Left as it is, by the operator's choice; enforcing its tables is refused
+    /// while it would let a tenant role read every tenant's rows.
+    Keep,
+}
+
+impl ViewAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViewAction::Invoker => "invoker",
+            ViewAction::Revoke => "revoke",
+            ViewAction::Keep => "keep",
+        }
+    }
+}
+
+/// A view or materialized view over tenant-owned tables, and its decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedView {
+    pub schema: String,
+    pub name: String,
+    pub materialized: bool,
+    pub action: ViewAction,
+}
+
 /// The plan file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +166,10 @@ pub struct Plan {
     #[serde(default)]
     pub tenant_roles: Vec<String>,
     pub tables: Vec<PlannedTable>,
+    /// The views and materialized views that read tenant-owned tables,
+    /// directly or through other views.
+    #[serde(default)]
+    pub views: Vec<PlannedView>,
 }
 
 /// What a step risks, in the words of the issue.
@@ -200,6 +242,7 @@ pub enum StepKind {
     Backfill,
     Index,
     Tighten,
+    View,
 }
 
 impl StepKind {
@@ -211,6 +254,7 @@ impl StepKind {
             StepKind::Backfill => "backfill",
             StepKind::Index => "index",
             StepKind::Tighten => "tighten",
+            StepKind::View => "view",
         }
     }
 }
@@ -270,6 +314,22 @@ impl Plan {
                     backfill: Backfill::Batched,
                 })
                 .collect(),
+            views: tenant_views(inv, |t| {
+                inv.table(t).is_some_and(|i| i.class == Class::TenantOwned)
+            })
+            .into_iter()
+            .filter(|v| v.materialized || !v.security_invoker)
+            .map(|v| PlannedView {
+                schema: v.view.schema.clone(),
+                name: v.view.name.clone(),
+                materialized: v.materialized,
+                action: if v.materialized {
+                    ViewAction::Revoke
+                } else {
+                    ViewAction::Invoker
+                },
+            })
+            .collect(),
         })
     }
 
@@ -288,7 +348,37 @@ impl Plan {
             let why = reasons.get(role).map_or("named by hand", String::as_str);
             note.push_str(&format!("#   {role}: {why}\n"));
         }
-        Ok(text.replacen("\napp_roles = ", &format!("\n{note}app_roles = "), 1))
+        let text = text.replacen("\napp_roles = ", &format!("\n{note}app_roles = "), 1);
+        if self.views.is_empty() {
+            return Ok(text);
+        }
+        let mut note = String::from(
+            "# views: every view and materialized view that reads tenant-owned tables,\n\
+             # and who reads it today. action: invoker (a view runs as its reader, whose\n\
+             # row level security then applies; its readers are granted the columns it\n\
+             # reads), revoke (a materialized view holds every tenant's rows: the tenant\n\
+             # roles lose SELECT on it, every other reader keeps it), keep (left as it\n\
+             # is; enforcing its tables is then refused).\n",
+        );
+        for v in &self.views {
+            let t = Table::new(&v.schema, &v.name);
+            let readers = inv
+                .views
+                .iter()
+                .find(|i| i.view == t)
+                .map(|i| i.readers.join(", "))
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "no role but superusers".into());
+            note.push_str(&format!(
+                "#   {t}{}: read by {readers}\n",
+                if v.materialized {
+                    " (materialized)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        Ok(text.replacen("\n[[views]]", &format!("\n{note}[[views]]"), 1))
     }
 
     /// The plan as the file the operator edits, with a header that explains it.
@@ -309,7 +399,7 @@ impl Plan {
              #        or member (ficus.member, an identity looked up in tenancy.members).\n\
              # app_roles: the roles the live app connects as (they may call the helpers).\n\
              # tenant_roles: the roles the tenant-aware backend connects as; the\n\
-             #        isolation policies are made for them, inert until enforced.\n\
+             #        isolation policies, made when a table is enforced, are for them.\n\
              # The file holds decisions only; every statement is generated from it.\n\n{body}",
             self.database
         ))
@@ -382,10 +472,52 @@ impl Plan {
                 )));
             }
         }
-        for r in self.app_roles.iter().chain(&self.tenant_roles) {
+        for r in &self.app_roles {
             if !inv.roles.iter().any(|x| &x.name == r) {
                 return Err(bad(format!(
                     "app role {r:?} does not exist; nothing was changed"
+                )));
+            }
+        }
+        for r in &self.tenant_roles {
+            if !inv.roles.iter().any(|x| &x.name == r) {
+                return Err(bad(format!(
+                    "tenant role {r:?} does not exist; nothing was changed"
+                )));
+            }
+        }
+        for v in &self.views {
+            let t = Table::new(&v.schema, &v.name);
+            let Some(info) = inv.views.iter().find(|i| i.view == t) else {
+                return Err(bad(format!(
+                    "view {:?}.{:?} is not in the database; nothing was changed",
+                    v.schema, v.name
+                )));
+            };
+            let fits = match v.action {
+                ViewAction::Invoker => !info.materialized,
+                ViewAction::Revoke => info.materialized,
+                ViewAction::Keep => true,
+            };
+            if !fits {
+                return Err(bad(format!(
+                    "view {t}: action {:?} is for {}; a {} takes {}",
+                    v.action.as_str(),
+                    if info.materialized {
+                        "views"
+                    } else {
+                        "materialized views"
+                    },
+                    if info.materialized {
+                        "materialized view"
+                    } else {
+                        "view"
+                    },
+                    if info.materialized {
+                        "\"revoke\" or \"keep\""
+                    } else {
+                        "\"invoker\" or \"keep\""
+                    },
                 )));
             }
         }
@@ -423,7 +555,180 @@ impl Plan {
         for (p, info) in &owned {
             steps.push(self.tighten(p, info));
         }
+        // Views that read other planned views first, so that the readers a view
+        // step grants are readers of the inner view when its own step runs.
+        let mut views: Vec<(usize, &PlannedView)> = self
+            .views
+            .iter()
+            .filter(|v| v.action != ViewAction::Keep)
+            .map(|v| (view_depth(inv, &Table::new(&v.schema, &v.name), 0), v))
+            .collect();
+        views.sort_by_key(|v| std::cmp::Reverse(v.0));
+        for (_, v) in views {
+            steps.push(match v.action {
+                ViewAction::Revoke => self.revoke_view(v),
+                _ => self.invoker_view(v),
+            });
+        }
         steps
+    }
+
+    /// `CREATE TABLE` for the record of grants made by view steps, which their
+    /// undo reverses.
+    fn grants_table() -> Statement {
+        stmt(
+            "CREATE TABLE IF NOT EXISTS tenancy_private.grants (id bigserial PRIMARY KEY, step text NOT NULL, undo text NOT NULL)",
+        )
+    }
+
+    /// Undoes what a view step granted or revoked, newest first.
+    fn undo_grants(step: &str) -> Statement {
+        let step = literal(step);
+        stmt(format!(
+            "DO $undo$
+DECLARE
+    r record;
+BEGIN
+    IF pg_catalog.to_regclass('tenancy_private.grants') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT g.undo FROM tenancy_private.grants g WHERE g.step = {step} ORDER BY g.id DESC LOOP
+        EXECUTE r.undo;
+    END LOOP;
+    DELETE FROM tenancy_private.grants WHERE step = {step};
+END $undo$"
+        ))
+    }
+
+    /// A view made `security_invoker`, after every role that reads it today was
+    /// granted each column it reads (recorded, so revert takes them back), and
+    /// checked, in the same statement.
+    fn invoker_view(&self, v: &PlannedView) -> Step {
+        let t = Table::new(&v.schema, &v.name);
+        let id = format!("view:{}", key(&t));
+        let view = format!("{}::pg_catalog.regclass", literal(&t.sql()));
+        let step = literal(&id);
+        // What each reader would lack: a column the view reads, or, for a
+        // relation it reads no column of (count(*)), any column at all.
+        let lacking = format!(
+            "SELECT ro.rolname, b.oid::pg_catalog.regclass::text AS base, a.attname
+        FROM pg_catalog.pg_rewrite rw
+        JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = rw.oid
+             AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> rw.ev_class
+        JOIN pg_catalog.pg_class b ON b.oid = d.refobjid AND b.relkind IN ('r', 'p', 'v', 'm', 'f')
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = b.oid AND NOT a.attisdropped AND a.attnum > 0
+             AND (a.attnum = d.refobjsubid
+                  OR (d.refobjsubid = 0 AND a.attnum = (SELECT pg_catalog.min(x.attnum) FROM pg_catalog.pg_attribute x
+                                                        WHERE x.attrelid = b.oid AND x.attnum > 0 AND NOT x.attisdropped)
+                      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d2 WHERE d2.objid = rw.oid AND d2.refobjid = b.oid AND d2.refobjsubid > 0)))
+        CROSS JOIN pg_catalog.pg_roles ro
+        WHERE rw.ev_class = {view}
+          AND ro.rolcanlogin AND NOT ro.rolsuper AND ro.rolname OPERATOR(pg_catalog.!~) '^pg_'
+          AND pg_catalog.has_table_privilege(ro.oid, {view}, 'SELECT')
+          AND NOT pg_catalog.has_column_privilege(ro.oid, b.oid, a.attnum, 'SELECT')"
+        );
+        let forward = format!(
+            "DO $view$
+DECLARE
+    r record;
+BEGIN
+    IF pg_catalog.current_setting('server_version_num')::int < 150000 THEN
+        RAISE EXCEPTION 'view % runs as its owner and security_invoker views need PostgreSQL 15 or later; nothing was changed. Fix: set action = \"keep\" for it in the plan and revoke the tenant roles'' access to it', {name};
+    END IF;
+    FOR r IN {lacking} LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT (%I) ON %s TO %I', r.attname, r.base, r.rolname);
+        INSERT INTO tenancy_private.grants (step, undo)
+        VALUES ({step}, pg_catalog.format('REVOKE SELECT (%I) ON %s FROM %I', r.attname, r.base, r.rolname));
+    END LOOP;
+    FOR r IN {lacking} LOOP
+        RAISE EXCEPTION 'role % may read view % but not column % of %, so it would get an error once the view runs as its reader; nothing was changed. Fix: GRANT SELECT (%) ON % TO %',
+            r.rolname, {name}, r.attname, r.base, pg_catalog.quote_ident(r.attname), r.base, pg_catalog.quote_ident(r.rolname);
+    END LOOP;
+    ALTER VIEW {sql} SET (security_invoker = true);
+END $view$",
+            name = literal(&t.to_string()),
+            sql = t.sql(),
+        );
+        Step {
+            id: id.clone(),
+            kind: StepKind::View,
+            table: Some(t.clone()),
+            forward: vec![Plan::grants_table(), stmt(forward)],
+            undo: vec![
+                stmt(format!("ALTER VIEW {} RESET (security_invoker)", t.sql())),
+                Plan::undo_grants(&id),
+            ],
+            lock: "ACCESS EXCLUSIVE on the view, for a moment".into(),
+            hazard: Hazard::VisibilityChange,
+            undo_hazard: Hazard::VisibilityChange,
+            note: format!(
+                "runs as its reader (security_invoker), so row level security applies to whoever reads {t}; its readers are granted the columns it reads first"
+            ),
+        }
+    }
+
+    /// The tenant roles lose SELECT on a materialized view, which holds every
+    /// tenant's rows; a role that reads it through PUBLIC and is no tenant role
+    /// is granted SELECT by name first, so it keeps reading it. Recorded for
+    /// revert; checked in the same statement.
+    fn revoke_view(&self, v: &PlannedView) -> Step {
+        let t = Table::new(&v.schema, &v.name);
+        let id = format!("view:{}", key(&t));
+        let mv = format!("{}::pg_catalog.regclass", literal(&t.sql()));
+        let step = literal(&id);
+        let tenants: Vec<String> = self.tenant_roles.iter().map(|r| literal(r)).collect();
+        let tenants = format!("ARRAY[{}]::text[]", tenants.join(", "));
+        let forward = format!(
+            "DO $revoke$
+DECLARE
+    r record;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+               WHERE c.oid = {mv} AND a.grantee = 0 AND a.privilege_type = 'SELECT') THEN
+        FOR r IN SELECT ro.rolname FROM pg_catalog.pg_roles ro
+                 WHERE ro.rolcanlogin AND NOT ro.rolsuper AND ro.rolname OPERATOR(pg_catalog.!~) '^pg_'
+                   AND ro.rolname::text <> ALL ({tenants})
+                   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+                                   WHERE c.oid = {mv} AND a.grantee = ro.oid AND a.privilege_type = 'SELECT')
+                   AND ro.oid <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = {mv}) LOOP
+            EXECUTE pg_catalog.format('GRANT SELECT ON %s TO %I', {mv}, r.rolname);
+            INSERT INTO tenancy_private.grants (step, undo)
+            VALUES ({step}, pg_catalog.format('REVOKE SELECT ON %s FROM %I', {mv}, r.rolname));
+        END LOOP;
+        EXECUTE pg_catalog.format('REVOKE SELECT ON %s FROM PUBLIC', {mv});
+        INSERT INTO tenancy_private.grants (step, undo)
+        VALUES ({step}, pg_catalog.format('GRANT SELECT ON %s TO PUBLIC', {mv}));
+    END IF;
+    FOR r IN SELECT ro.rolname FROM pg_catalog.pg_roles ro
+             WHERE ro.rolname::text = ANY ({tenants})
+               AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+                           WHERE c.oid = {mv} AND a.grantee = ro.oid AND a.privilege_type = 'SELECT') LOOP
+        EXECUTE pg_catalog.format('REVOKE SELECT ON %s FROM %I', {mv}, r.rolname);
+        INSERT INTO tenancy_private.grants (step, undo)
+        VALUES ({step}, pg_catalog.format('GRANT SELECT ON %s TO %I', {mv}, r.rolname));
+    END LOOP;
+    FOR r IN SELECT ro.rolname FROM pg_catalog.pg_roles ro
+             WHERE ro.rolname::text = ANY ({tenants}) AND pg_catalog.has_table_privilege(ro.oid, {mv}, 'SELECT') LOOP
+        RAISE EXCEPTION 'tenant role % may still read materialized view %, which holds every tenant''s rows, through a role it belongs to; nothing was changed. Fix: revoke SELECT on it from that role, or set action = \"keep\" for it in the plan',
+            r.rolname, {name};
+    END LOOP;
+END $revoke$",
+            name = literal(&t.to_string()),
+        );
+        Step {
+            id: id.clone(),
+            kind: StepKind::View,
+            table: Some(t.clone()),
+            forward: vec![Plan::grants_table(), stmt(forward)],
+            undo: vec![Plan::undo_grants(&id)],
+            lock: "none that blocks readers".into(),
+            hazard: Hazard::VisibilityChange,
+            undo_hazard: Hazard::VisibilityChange,
+            note: format!(
+                "materialized, so it holds every tenant's rows: the tenant roles ({}) lose SELECT on {t}; every other reader keeps it",
+                self.tenant_roles.join(", ")
+            ),
+        }
     }
 
     fn spine(&self) -> Step {
@@ -980,6 +1285,47 @@ END $check$",
 /// A table's key in the journal: `schema.name` with the raw names.
 pub fn key(t: &Table) -> String {
     format!("{}.{}", t.schema, t.name)
+}
+
+/// The views and materialized views that read a table `owned` says yes to,
+/// directly or through other views (and partitions of such tables).
+pub fn tenant_views(inv: &Inventory, owned: impl Fn(&Table) -> bool) -> Vec<&ViewInfo> {
+    let mut tenant: BTreeSet<Table> = inv
+        .tables
+        .iter()
+        .filter(|t| owned(&t.table))
+        .flat_map(|t| std::iter::once(t.table.clone()).chain(t.partitions.iter().cloned()))
+        .collect();
+    loop {
+        let before = tenant.len();
+        for v in &inv.views {
+            if v.bases.iter().any(|b| tenant.contains(b)) {
+                tenant.insert(v.view.clone());
+            }
+        }
+        if tenant.len() == before {
+            break;
+        }
+    }
+    inv.views
+        .iter()
+        .filter(|v| tenant.contains(&v.view))
+        .collect()
+}
+
+/// How many views deep `t` is (0 for a table), bounded against cycles.
+fn view_depth(inv: &Inventory, t: &Table, seen: usize) -> usize {
+    match inv.views.iter().find(|v| &v.view == t) {
+        Some(v) if seen < 64 => {
+            1 + v
+                .bases
+                .iter()
+                .map(|b| view_depth(inv, b, seen + 1))
+                .max()
+                .unwrap_or(0)
+        }
+        _ => 0,
+    }
 }
 
 /// The roles the live app may connect as, each with why: every login role

@@ -256,6 +256,26 @@ impl PgCluster {
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     }
 
+    /// The schema of `database` as `pg_dump --schema-only` prints it, for
+    /// comparing a schema before and after a change.
+    pub fn dump_schema(&self, database: &str) -> Result<String, Error> {
+        let out = run(
+            Command::new(self.bin.join("pg_dump"))
+                .args(["--schema-only", "-h", "127.0.0.1", "-U", "postgres"])
+                .arg("-p")
+                .arg(self.port.to_string())
+                .arg(database),
+            "pg_dump",
+        )?;
+        // pg_dump brackets its output with `\restrict KEY` lines whose key is new
+        // on every run; they say nothing about the schema.
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict "))
+            .map(|l| format!("{l}\n"))
+            .collect())
+    }
+
     /// Stops the server (fast shutdown), keeping its data, so a test can observe what
     /// clients do while the database is away.
     pub fn stop(&self) -> Result<(), Error> {

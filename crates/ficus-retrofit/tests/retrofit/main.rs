@@ -3,6 +3,8 @@
 //! self-referencing and multi-column foreign keys, reserved-word and mixed-case
 //! names), while a live workload runs as the application's role.
 
+mod corpus;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

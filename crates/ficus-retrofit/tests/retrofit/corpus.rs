@@ -1,0 +1,361 @@
+//! The whole `ficus db` flow on schemas nobody here wrote, under a workload
+//! derived from the catalogs that runs as the role owning the tables (and as a
+//! role that only reads views) the whole time: plan with nobody connected,
+//! apply, enforce every table, probe, lint, unenforce, revert. Each must give
+//! zero workload errors, zero leaks, no lint error caused by Ficus, and a schema
+//! `pg_dump --schema-only` cannot tell from the one before.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ficus_retrofit::apply::{self, Options};
+use ficus_retrofit::enforce;
+use ficus_retrofit::ident::Table;
+use ficus_retrofit::lint::{Severity, lint};
+use ficus_retrofit::plan::{IdType, Plan, ViewAction};
+use ficus_retrofit::workload::{Failure, Workload};
+use ficus_retrofit::{connect, inspect};
+
+/// One schema of the corpus.
+struct Case {
+    name: &'static str,
+    /// Creates the roles and the schema, as the superuser.
+    load: String,
+    owner: &'static str,
+    tenant: &'static str,
+    /// Roles besides the owner that the workload runs as.
+    readers: &'static [&'static str],
+    /// Lint errors the sample brings with it (check names), not Ficus's.
+    own_lint_errors: &'static [&'static str],
+}
+
+/// A public sample database from `shared/schemas`, loaded as `corpus_owner`;
+/// the tenant-aware backend's role may use every table.
+fn public_sample(file: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/schemas")
+        .join(file);
+    let sql = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "the corpus schema {} is missing ({e}); it comes with the workplace's shared/ folder beside the repository",
+            path.display()
+        )
+    });
+    format!(
+        "CREATE ROLE corpus_owner LOGIN;
+         CREATE ROLE corpus_tenant LOGIN;
+         GRANT CREATE ON SCHEMA public TO corpus_owner;
+         SET ROLE corpus_owner;
+         {sql};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO corpus_tenant;
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO corpus_tenant;
+         RESET ROLE;
+         RESET ALL;"
+    )
+}
+
+/// Stops the workload when the flow ends, however it ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What one run of the flow found.
+#[derive(Debug, Default)]
+struct Outcome {
+    failures: Vec<String>,
+    rounds: u64,
+    steps: Vec<(String, Duration)>,
+}
+
+async fn whole_flow(case: &Case) -> Outcome {
+    let (cluster, url) = tokio::task::spawn_blocking(|| {
+        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
+        let url = cluster.fresh_database("corpus").unwrap();
+        (cluster, url)
+    })
+    .await
+    .unwrap();
+    let database = url.rsplit('/').next().unwrap().to_string();
+    let mut client = connect(&url).await.unwrap();
+    client.batch_execute(&case.load).await.unwrap();
+    let before = cluster.dump_schema(&database).unwrap();
+
+    // Nobody is connected: the plan finds the owner in the catalogs.
+    let inv = inspect(&client).await.unwrap();
+    let mut plan = Plan::draft(&inv, "Acme", IdType::Uuid).unwrap();
+    assert!(
+        plan.app_roles.iter().any(|r| r == case.owner),
+        "{}: the owner is not among the drafted app roles {:?}",
+        case.name,
+        plan.app_roles
+    );
+    plan.app_roles.retain(|r| r != case.tenant);
+    plan.tenant_roles = vec![case.tenant.to_string()];
+    let text = plan.to_toml_explained(&inv).unwrap();
+    let plan = Plan::from_toml(&text, "plan.toml").unwrap();
+    plan.check_against(&inv, "plan.toml").unwrap();
+
+    // The workload, as the owner and each reader, round after round.
+    let tables: Vec<Table> = inv.tables.iter().map(|t| t.table.clone()).collect();
+    let views: Vec<Table> = inv.views.iter().map(|v| v.view.clone()).collect();
+    let workload = Workload::derive(&client, &tables, &views).await.unwrap();
+    eprintln!("{}: workload skips {:?}", case.name, workload.skipped());
+    let stop = Arc::new(AtomicBool::new(false));
+    // A failing assertion below must not leave the workload running forever.
+    let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let step = Arc::new(Mutex::new("before apply".to_string()));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let worker = {
+        let (stop, rounds, step, failures) = (
+            Arc::clone(&stop),
+            Arc::clone(&rounds),
+            Arc::clone(&step),
+            Arc::clone(&failures),
+        );
+        let roles: Vec<String> = std::iter::once(case.owner)
+            .chain(case.readers.iter().copied())
+            .map(String::from)
+            .collect();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut sessions = Vec::new();
+            for role in &roles {
+                let c =
+                    connect(&url.replace("postgres://postgres@", &format!("postgres://{role}@")))
+                        .await
+                        .unwrap();
+                sessions.push((role.clone(), c));
+            }
+            while !stop.load(Ordering::Relaxed) {
+                for (role, c) in &sessions {
+                    let when = step.lock().unwrap().clone();
+                    // The owner runs everything; a reader only reads the views.
+                    let found: Vec<Failure> = if role.as_str() == roles[0] {
+                        workload.round(c, role).await
+                    } else {
+                        workload.read_views(c, role).await
+                    };
+                    let mut all = failures.lock().unwrap();
+                    // The first hundred say what broke; the rest would only grow.
+                    let room = 100usize.saturating_sub(all.len());
+                    all.extend(found.iter().take(room).map(|f| format!("{when}: {f}")));
+                }
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let until_rounds = |at_least: u64| {
+        let rounds = Arc::clone(&rounds);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while rounds.load(Ordering::Relaxed) < at_least {
+                assert!(Instant::now() < deadline, "the workload is stuck");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            rounds.load(Ordering::Relaxed)
+        }
+    };
+    let mut outcome = Outcome::default();
+    let mut timed = |name: &str, started: Instant| {
+        outcome.steps.push((name.to_string(), started.elapsed()));
+    };
+    let set_step = |s: String| *step.lock().unwrap() = s;
+
+    let at = until_rounds(1).await;
+    set_step("apply".into());
+    let started = Instant::now();
+    apply::apply(&mut client, &plan, &inv, &Options::default(), &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("{}: apply: {e}", case.name));
+    timed("apply", started);
+    let started = Instant::now();
+    while let Some(t) = enforce::next_table(&client, &plan).await.unwrap() {
+        for _ in 0..2 {
+            let r = enforce::step(
+                &mut client,
+                &plan,
+                &inv,
+                &t,
+                true,
+                true,
+                &Options::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}: enforcing {t}: {e}", case.name));
+            set_step(format!("{t} {}", r.to.as_str()));
+        }
+    }
+    timed("enforce every table", started);
+    // The workload runs whole rounds against the enforced schema.
+    let at = until_rounds(at + 2).await;
+    let started = Instant::now();
+    let probe = ficus_retrofit::probe::probe(&mut client, &plan)
+        .await
+        .unwrap();
+    timed("probe", started);
+    assert_eq!(probe.leaks(), 0, "{}: {:#?}", case.name, probe.findings);
+    let started = Instant::now();
+    let report = lint(&client).await.unwrap();
+    timed("lint", started);
+    let errors: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error && !case.own_lint_errors.contains(&f.check))
+        .collect();
+    assert!(errors.is_empty(), "{}: lint errors {errors:#?}", case.name);
+    set_step("unenforce".into());
+    let started = Instant::now();
+    for p in plan.owned().collect::<Vec<_>>().into_iter().rev() {
+        let t = Table::new(&p.schema, &p.name);
+        for _ in 0..2 {
+            enforce::step(
+                &mut client,
+                &plan,
+                &inv,
+                &t,
+                false,
+                true,
+                &Options::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}: unenforcing {t}: {e}", case.name));
+        }
+    }
+    timed("unenforce every table", started);
+    set_step("revert".into());
+    let started = Instant::now();
+    let all = Options {
+        allow_destructive: true,
+        ..Options::default()
+    };
+    apply::revert(&mut client, &plan, &inv, None, &all, &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("{}: revert: {e}", case.name));
+    timed("revert", started);
+    set_step("after revert".into());
+    until_rounds(at + 1).await;
+    stop.store(true, Ordering::Relaxed);
+    worker.await.unwrap();
+    outcome.rounds = rounds.load(Ordering::Relaxed);
+    outcome.failures = failures.lock().unwrap().clone();
+    let after = cluster.dump_schema(&database).unwrap();
+    assert!(
+        before == after,
+        "{}: revert did not restore the schema:\n{}",
+        case.name,
+        diff_lines(&before, &after)
+    );
+    drop(cluster);
+    eprintln!(
+        "{}: {} workload rounds, steps {:?}",
+        case.name, outcome.rounds, outcome.steps
+    );
+    outcome
+}
+
+/// The lines only one of two texts has.
+fn diff_lines(a: &str, b: &str) -> String {
+    let only = |x: &str, y: &str, sign: char| {
+        x.lines()
+            .filter(|l| !y.lines().any(|m| m == *l))
+            .map(|l| format!("{sign} {l}"))
+            .collect::<Vec<_>>()
+    };
+    let mut out = only(a, b, '-');
+    out.extend(only(b, a, '+'));
+    out.join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_and_partitions() {
+    let case = Case {
+        name: "rentals",
+        load: include_str!("schemas/rentals.sql").to_string(),
+        owner: "rent_owner",
+        tenant: "rent_tenant",
+        readers: &["rent_report"],
+        own_lint_errors: &[
+            "definer-mutable-search-path",
+            "definer-executable-by-public",
+        ],
+    };
+    let outcome = whole_flow(&case).await;
+    assert!(outcome.failures.is_empty(), "{:#?}", outcome.failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chinook_goes_through_the_whole_flow_without_a_workload_error() {
+    let case = Case {
+        name: "chinook",
+        load: public_sample("chinook.sql"),
+        owner: "corpus_owner",
+        tenant: "corpus_tenant",
+        readers: &[],
+        own_lint_errors: &[],
+    };
+    let outcome = whole_flow(&case).await;
+    assert!(outcome.failures.is_empty(), "{:#?}", outcome.failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn northwind_goes_through_the_whole_flow_without_a_workload_error() {
+    let case = Case {
+        name: "northwind",
+        load: public_sample("northwind.sql"),
+        owner: "corpus_owner",
+        tenant: "corpus_tenant",
+        readers: &[],
+        own_lint_errors: &[],
+    };
+    let outcome = whole_flow(&case).await;
+    assert!(outcome.failures.is_empty(), "{:#?}", outcome.failures);
+}
+
+/// The plan of the rental shop lists each view with its decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_lists_every_view_over_tenant_data_with_its_readers_and_decision() {
+    let (cluster, url) = tokio::task::spawn_blocking(|| {
+        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
+        let url = cluster.fresh_database("views").unwrap();
+        (cluster, url)
+    })
+    .await
+    .unwrap();
+    let client = connect(&url).await.unwrap();
+    client
+        .batch_execute(include_str!("schemas/rentals.sql"))
+        .await
+        .unwrap();
+    let inv = inspect(&client).await.unwrap();
+    let plan = Plan::draft(&inv, "Acme", IdType::Uuid).unwrap();
+    let views: Vec<(String, ViewAction)> = plan
+        .views
+        .iter()
+        .map(|v| (v.name.clone(), v.action))
+        .collect();
+    assert_eq!(
+        views,
+        [
+            ("customer_count".to_string(), ViewAction::Invoker),
+            ("customer_list".to_string(), ViewAction::Invoker),
+            ("film_list".to_string(), ViewAction::Invoker),
+            ("rentals_by_rating".to_string(), ViewAction::Revoke),
+            ("sales_by_film".to_string(), ViewAction::Invoker),
+            ("top_customers".to_string(), ViewAction::Invoker),
+        ]
+    );
+    let text = plan.to_toml_explained(&inv).unwrap();
+    assert!(
+        text.contains(
+            "#   rentals_by_rating (materialized): read by rent_owner, rent_report, rent_tenant\n"
+        ),
+        "{text}"
+    );
+    drop(cluster);
+}
