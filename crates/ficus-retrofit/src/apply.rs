@@ -532,6 +532,22 @@ async fn revert_locked(
             "--to {to:?} is not a step of this plan; the steps are named like spine, column:public.orders"
         )));
     }
+    // Row level security is stepped back first, every table through its phases
+    // and proved as `unenforce` proves them: an enforced table's policies
+    // depend on its tenant_id, and a view made to run as its owner again over an
+    // enforced table would hand its readers every tenant's rows.
+    for p in plan.owned().collect::<Vec<_>>().into_iter().rev() {
+        let t = Table::new(&p.schema, &p.name);
+        while crate::enforce::phase(client, &t).await? != crate::enforce::Phase::Off {
+            let started = Instant::now();
+            let r = crate::enforce::step(client, plan, inv, &t, false, true, opts).await?;
+            on_event(&Event::Step {
+                step: format!("rls:{}", crate::plan::key(&t)),
+                status: r.to.as_str(),
+                ms: started.elapsed().as_millis() as u64,
+            });
+        }
+    }
     let done = journal(client).await?;
     for step in steps.iter().rev() {
         if Some(step.id.as_str()) == to {

@@ -724,10 +724,16 @@ END $revoke$",
             lock: "none that blocks readers".into(),
             hazard: Hazard::VisibilityChange,
             undo_hazard: Hazard::VisibilityChange,
-            note: format!(
-                "materialized, so it holds every tenant's rows: the tenant roles ({}) lose SELECT on {t}; every other reader keeps it",
-                self.tenant_roles.join(", ")
-            ),
+            note: if self.tenant_roles.is_empty() {
+                format!(
+                    "materialized, so it holds every tenant's rows: the tenant roles lose SELECT on {t} (the plan names none yet); every other reader keeps it"
+                )
+            } else {
+                format!(
+                    "materialized, so it holds every tenant's rows: the tenant roles ({}) lose SELECT on {t}; every other reader keeps it",
+                    self.tenant_roles.join(", ")
+                )
+            },
         }
     }
 
@@ -777,6 +783,8 @@ END $revoke$",
     PRIMARY KEY (organization_id, identity)
 )"
             )),
+            // Every foreign key of the spine has an index, as linters expect.
+            stmt("CREATE INDEX IF NOT EXISTS members_unit_id_idx ON tenancy.members (unit_id)"),
             stmt(
                 "CREATE TABLE IF NOT EXISTS tenancy_private.settings (key text PRIMARY KEY, value text NOT NULL)",
             ),
@@ -1340,6 +1348,7 @@ pub fn app_role_reasons(inv: &Inventory) -> BTreeMap<String, String> {
         .filter(|t| t.class == Class::TenantOwned)
         .map(|t| &t.table)
         .collect();
+    let views = tenant_views(inv, |t| owned.contains(t));
     let mut out = BTreeMap::new();
     for r in inv.roles.iter().filter(|r| r.can_login && !r.superuser) {
         let uses: Vec<&crate::inspect::Access> = r
@@ -1347,7 +1356,21 @@ pub fn app_role_reasons(inv: &Inventory) -> BTreeMap<String, String> {
             .iter()
             .filter(|a| owned.contains(&a.table))
             .collect();
+        // A role that reads a view over tenant-owned tables reads those tables
+        // once the view runs as its reader: it is the live app too.
+        let reads_view = views
+            .iter()
+            .find(|v| v.readers.iter().any(|x| x == &r.name));
         let why = match uses.as_slice() {
+            [] if reads_view.is_some() => format!(
+                "reads {} {} (over tenant-owned tables)",
+                if reads_view.is_some_and(|v| v.materialized) {
+                    "materialized view"
+                } else {
+                    "view"
+                },
+                reads_view.map(|v| v.view.to_string()).unwrap_or_default()
+            ),
             [] if r.connected => "connected now".to_string(),
             [] => continue,
             [one] => one.describe(),
