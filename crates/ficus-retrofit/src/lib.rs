@@ -18,6 +18,7 @@ pub mod inspect;
 pub mod lint;
 pub mod plan;
 pub mod probe;
+pub mod rehearse;
 pub mod workload;
 
 use std::str::FromStr;

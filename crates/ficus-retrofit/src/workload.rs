@@ -50,6 +50,9 @@ struct TableWork {
     insert: Insert,
     /// A column to `SET c = c`: not part of a key, not generated.
     update: Option<String>,
+    /// What the role running it may do (all, until [`Workload::as_allowed`]).
+    may_insert: bool,
+    may_update: bool,
 }
 
 /// The workload of one database.
@@ -99,6 +102,18 @@ fn fresh_value(table: &Table, c: &Column) -> Option<String> {
     if ty == "uuid" {
         return Some("gen_random_uuid()".into());
     }
+    if ty == "date" {
+        return Some(format!(
+            "(SELECT coalesce(max({col}), current_date) + 1 FROM {})",
+            table.sql()
+        ));
+    }
+    if ty.starts_with("timestamp") {
+        return Some(format!(
+            "(SELECT coalesce(max({col}), now()) + interval '1 second' FROM {})::{ty}",
+            table.sql()
+        ));
+    }
     if ty == "text" || ty.starts_with("character") {
         // A varchar(n) or char(n) takes at most n characters.
         let limit = ty
@@ -122,6 +137,52 @@ impl Workload {
             tables: out,
             views: views.to_vec(),
         })
+    }
+
+    /// The part of the workload `role` may run today: the tables it may insert
+    /// into or update (and read), the views it may read, less `except`. Taken
+    /// before a change, it is what the role must still be able to do after it.
+    pub async fn as_allowed(
+        &self,
+        client: &Client,
+        role: &str,
+        except: &[Table],
+    ) -> Result<Workload> {
+        let may = |object: String, privilege: &'static str| async move {
+            client
+                .query_one(
+                    "SELECT has_table_privilege($1, to_regclass($2), $3)",
+                    &[&role, &object, &privilege],
+                )
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .map_err(sql(format!("reading {role}'s privileges on {object}")))
+        };
+        let mut tables = Vec::new();
+        for t in &self.tables {
+            let name = t.table.sql();
+            if except.contains(&t.table) || !may(name.clone(), "SELECT").await? {
+                continue;
+            }
+            let (insert, update) = (
+                may(name.clone(), "INSERT").await?,
+                may(name, "UPDATE").await?,
+            );
+            if insert || update {
+                tables.push(TableWork {
+                    may_insert: insert,
+                    may_update: update,
+                    ..t.clone()
+                });
+            }
+        }
+        let mut views = Vec::new();
+        for v in &self.views {
+            if !except.contains(v) && may(v.sql(), "SELECT").await? {
+                views.push(v.clone());
+            }
+        }
+        Ok(Workload { tables, views })
     }
 
     /// The tables the workload cannot insert into, each with why.
@@ -185,7 +246,7 @@ async fn table_round(
     client.batch_execute("BEGIN").await.map_err(err("BEGIN"))?;
     let table = t.table.sql();
     // An existing row, updated in place.
-    if let Some(c) = &t.update {
+    if let Some(c) = t.update.as_ref().filter(|_| t.may_update) {
         let c = quote(c);
         client
             .execute(
@@ -198,6 +259,7 @@ async fn table_round(
             .map_err(err("UPDATE"))?;
     }
     let insert = match &t.insert {
+        _ if !t.may_insert => return Ok(()),
         Insert::Skip(_) => return Ok(()),
         Insert::Copy(sql) => sql,
         Insert::Reinsert(sql) => sql,
@@ -226,7 +288,7 @@ async fn table_round(
             format!("saw its new row {seen} times instead of once"),
         ));
     }
-    if let Some(c) = &t.update {
+    if let Some(c) = t.update.as_ref().filter(|_| t.may_update) {
         let c = quote(c);
         let n = client
             .execute(
@@ -282,16 +344,53 @@ async fn derive_table(client: &Client, t: &Table) -> Result<TableWork> {
             name,
         });
     }
-    // Unique keys of several columns: a copy would collide with its original.
-    let multi_keys: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_constraint WHERE conrelid = to_regclass($1) AND contype IN ('p', 'u')
-               AND cardinality(conkey) > 1",
+    // Unique keys of several columns: a copy would collide with its original
+    // unless one of its columns is fresh. A column with a default (a serial
+    // beside a date, as in a partitioned table's key) already is; otherwise the
+    // first column outside every foreign key that can take a fresh value.
+    let keys: Vec<Vec<String>> = client
+        .query(
+            "SELECT ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
+                          JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o)
+             FROM pg_constraint c WHERE c.conrelid = to_regclass($1) AND c.contype IN ('p', 'u')
+               AND cardinality(c.conkey) > 1",
             &[&t.sql()],
         )
         .await
         .map_err(sql(format!("reading the keys of {t}")))?
-        .get(0);
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let in_fk: Vec<String> = client
+        .query(
+            "SELECT DISTINCT a.attname::text FROM pg_constraint c
+             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+             WHERE c.conrelid = to_regclass($1) AND c.contype = 'f'",
+            &[&t.sql()],
+        )
+        .await
+        .map_err(sql(format!("reading the foreign keys of {t}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut multi_keys = 0;
+    for key in &keys {
+        let covered = key.iter().any(|k| {
+            columns
+                .iter()
+                .any(|c| &c.name == k && (c.omitted || c.fresh))
+        });
+        if covered {
+            continue;
+        }
+        let pick = columns.iter().position(|c| {
+            key.contains(&c.name) && !in_fk.contains(&c.name) && fresh_value(t, c).is_some()
+        });
+        match pick {
+            Some(i) => columns[i].fresh = true,
+            None => multi_keys += 1,
+        }
+    }
     let referenced: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE confrelid = to_regclass($1) AND contype = 'f')",
@@ -343,6 +442,8 @@ async fn derive_table(client: &Client, t: &Table) -> Result<TableWork> {
         table: t.clone(),
         insert,
         update,
+        may_insert: true,
+        may_update: true,
     })
 }
 

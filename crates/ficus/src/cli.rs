@@ -451,9 +451,33 @@ pub enum DbCommand {
     /// Security and performance checks on tenancy, from the catalogs, each with a
     /// severity and a fix; exit 1 on any error.
     Lint(DbUrl),
+    /// A dress rehearsal: copy the schema and a sample of rows into a scratch
+    /// database, run plan → apply → enforce every table → probe → lint → revert
+    /// there under a workload as the app's roles and the tenant roles, and report
+    /// every error the app would have seen; exit 1 if it would have seen one.
+    Rehearse(DbRehearseArgs),
     /// Tenants in the database's spine.
     #[command(subcommand)]
     Tenant(DbTenantCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DbRehearseArgs {
+    #[command(flatten)]
+    pub db: DbUrl,
+    /// The plan to rehearse (made for this database); without it, a draft.
+    #[arg(long)]
+    pub plan: Option<std::path::PathBuf>,
+    /// An empty database to rehearse in; without it, a new one on the same
+    /// server (the role needs CREATEDB), dropped at the end.
+    #[arg(long, env = "FICUS_SCRATCH_URL", hide_env_values = true)]
+    pub scratch_url: Option<String>,
+    /// Rows copied per table, at most.
+    #[arg(long, default_value_t = 10_000)]
+    pub rows: i64,
+    /// Keep the scratch database to look at afterwards.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Args)]

@@ -12,7 +12,8 @@ use ficus_retrofit::{Inventory, backfill, connect, enforce, inspect};
 use serde_json::json;
 
 use crate::cli::{
-    DbApplyArgs, DbCommand, DbEnforceArgs, DbPlanFile, DbRevertArgs, DbTenantCommand,
+    DbApplyArgs, DbCommand, DbEnforceArgs, DbPlanFile, DbRehearseArgs, DbRevertArgs,
+    DbTenantCommand,
 };
 use crate::output;
 
@@ -134,6 +135,7 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             }
             Ok(())
         }
+        DbCommand::Rehearse(args) => rehearse_cmd(args, json, out).await,
         DbCommand::Lint(db) => {
             let client = connect(&db.url).await?;
             let report = ficus_retrofit::lint::lint(&client).await?;
@@ -188,6 +190,129 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
 }
 
 /// Reads the plan file and checks it against the live database.
+async fn rehearse_cmd(args: DbRehearseArgs, json: bool, out: &mut impl Write) -> Result<()> {
+    use ficus_retrofit::rehearse::{self, Event};
+    if args.rows < 1 {
+        bail!("--rows {} must be at least 1", args.rows);
+    }
+    let plan = match &args.plan {
+        Some(path) => {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the plan {shown}"))?;
+            Some(Plan::from_toml(&text, &shown)?)
+        }
+        None => None,
+    };
+    let opts = rehearse::Options {
+        rows: args.rows,
+        scratch_url: args.scratch_url.clone(),
+        keep: args.keep,
+        bin_dir: None,
+    };
+    let terminal = std::io::stdout().is_terminal() && !json;
+    let mut on = move |e: &Event| {
+        let mut o = std::io::stdout().lock();
+        if !terminal {
+            let _ = writeln!(o, "{}", serde_json::to_string(e).unwrap_or_default());
+            return;
+        }
+        let _ = match e {
+            Event::Scratch { database, created } => writeln!(
+                o,
+                "rehearsing in {database}{}",
+                if *created { " (made for this run)" } else { "" }
+            ),
+            Event::Copied {
+                table,
+                rows,
+                source_rows,
+            } => {
+                writeln!(o, "  copied {table}: {rows} rows (source ~{source_rows})")
+            }
+            Event::Step {
+                step, ok: true, ms, ..
+            } => writeln!(o, "  {step}: done ({ms} ms)"),
+            Event::Step {
+                step, detail, ms, ..
+            } => writeln!(
+                o,
+                "  {step}: BLOCKED after {ms} ms: {}",
+                detail.as_deref().unwrap_or("")
+            ),
+            Event::WorkloadFailure { step, failure } => {
+                writeln!(o, "  workload error during {step}: {failure}")
+            }
+        };
+    };
+    let report = rehearse::rehearse(&args.db.url, plan, &opts, &mut on).await?;
+    if json {
+        output::json(out, &json!({ "report": report, "passed": report.passed() }))?;
+    } else {
+        writeln!(
+            out,
+            "\nrehearsal in {}{}",
+            report.scratch,
+            if report.kept { " (kept)" } else { " (dropped)" }
+        )?;
+        writeln!(
+            out,
+            "  workload: {} rounds, {} app errors, {} tenant-role errors{}",
+            report.workload_rounds,
+            report.app_failures.len(),
+            report.tenant_failures.len(),
+            if report.workload_skipped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; no insert derived for {}",
+                    report.workload_skipped.join("; ")
+                )
+            }
+        )?;
+        for r in &report.roles_not_rehearsed {
+            writeln!(out, "  not rehearsed: {r}")?;
+        }
+        for s in &report.steps {
+            match &s.blocker {
+                None => writeln!(out, "  {}: {} ms", s.step, s.ms)?,
+                Some(b) => writeln!(out, "  {}: BLOCKED: {b}", s.step)?,
+            }
+        }
+        writeln!(out, "  leaks: {}", report.leaks)?;
+        for l in &report.lint_errors {
+            writeln!(out, "  lint error: {l}")?;
+        }
+        writeln!(
+            out,
+            "  revert restored the schema exactly: {}",
+            match report.revert_exact {
+                Some(true) => "yes".to_string(),
+                Some(false) => format!("NO\n    {}", report.revert_difference.join("\n    ")),
+                None => "not checked".to_string(),
+            }
+        )?;
+    }
+    if report.app_saw_errors() {
+        bail!(
+            "the application would have seen {} error{} (first: {})",
+            report.app_failures.len(),
+            if report.app_failures.len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+            report.app_failures[0]
+        );
+    }
+    if !report.passed() {
+        bail!(
+            "the rehearsal did not pass: see the blocked steps, leaks, tenant-role errors or revert above"
+        );
+    }
+    Ok(())
+}
+
 async fn load(target: &DbPlanFile) -> Result<(Plan, Inventory, tokio_postgres::Client)> {
     let path = target.plan.display().to_string();
     let text = std::fs::read_to_string(&target.plan)

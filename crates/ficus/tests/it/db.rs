@@ -239,3 +239,254 @@ fn plan_apply_survive_kill_9_during_the_backfill_then_status_and_revert() {
         "{bad}"
     );
 }
+
+/// The rental shop of the real-schema report: an owner-run app, views run as
+/// their owner, a materialized view, a partitioned table, triggers.
+const RENTALS: &str = include_str!("../../../ficus-retrofit/tests/retrofit/schemas/rentals.sql");
+
+/// A cluster of its own (the schema creates cluster-wide roles) holding the
+/// rental shop, and a plan for it written by `ficus db plan` with nobody
+/// connected, its tenant role moved to `tenant_roles`.
+fn rental_shop(dir: &std::path::Path) -> (ficus_testkit::PgCluster, String) {
+    let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
+    let url = cluster.fresh_database("shop").unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    cluster.psql(&db, RENTALS).unwrap();
+    let out = ficus(
+        &url,
+        dir,
+        &["db", "plan", "--tenant-zero", "Acme", "--out", "plan.toml"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = std::fs::read_to_string(dir.join("plan.toml")).unwrap();
+    let plan = plan
+        .replace("    \"rent_tenant\",\n", "")
+        .replace("tenant_roles = []", "tenant_roles = [\"rent_tenant\"]");
+    std::fs::write(dir.join("plan.toml"), plan).unwrap();
+    (cluster, url)
+}
+
+fn scratch_databases(cluster: &ficus_testkit::PgCluster) -> String {
+    cluster
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'ficus_rehearsal_%'",
+        )
+        .unwrap()
+}
+
+#[test]
+fn rehearse_runs_the_whole_flow_on_a_copy_and_reports_a_clean_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, url) = rental_shop(dir.path());
+    let before = cluster
+        .dump_schema(url.rsplit('/').next().unwrap())
+        .unwrap();
+    let out = ficus(
+        &url,
+        dir.path(),
+        &["db", "rehearse", "--plan", "plan.toml", "--json"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Progress events are one line each; the report, last, is one document.
+    let start = stdout.rfind("\n{\n").map_or(0, |i| i + 1);
+    let report: serde_json::Value = serde_json::from_str(&stdout[start..]).unwrap();
+    assert_eq!(report["passed"], true, "{report:#}");
+    let report = &report["report"];
+    assert_eq!(report["app_failures"], serde_json::json!([]));
+    assert_eq!(report["tenant_failures"], serde_json::json!([]));
+    assert_eq!(report["leaks"], 0);
+    assert_eq!(report["revert_exact"], true);
+    assert!(
+        report["workload_rounds"].as_u64().unwrap() >= 2,
+        "{report:#}"
+    );
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps.first(), Some(&"copy"));
+    assert!(
+        steps.contains(&"enforce public.payment → enforced"),
+        "{steps:?}"
+    );
+    assert_eq!(&steps[steps.len() - 3..], ["probe", "lint", "revert"]);
+    // Every table's rows were copied (the shop is smaller than the bound).
+    let copied: u64 = report["copied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[1].as_u64().unwrap())
+        .sum();
+    let rows: u64 = cluster
+        .psql(
+            url.rsplit('/').next().unwrap(),
+            "SELECT (SELECT count(*) FROM language) + (SELECT count(*) FROM country) + (SELECT count(*) FROM city)
+                  + (SELECT count(*) FROM address) + (SELECT count(*) FROM customer) + (SELECT count(*) FROM film)
+                  + (SELECT count(*) FROM actor) + (SELECT count(*) FROM film_actor) + (SELECT count(*) FROM inventory)
+                  + (SELECT count(*) FROM rental) + (SELECT count(*) FROM payment)",
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(copied, rows);
+    // The source is untouched and the scratch database is gone.
+    assert_eq!(
+        cluster
+            .dump_schema(url.rsplit('/').next().unwrap())
+            .unwrap(),
+        before
+    );
+    assert_eq!(scratch_databases(&cluster), "0");
+}
+
+/// An older plan that leaves out the role reading only views: the rehearsal
+/// stops where enforcement would, names the role and the fix, and exits 1.
+#[test]
+fn rehearse_names_what_would_block_enforcement_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, url) = rental_shop(dir.path());
+    let plan = std::fs::read_to_string(dir.path().join("plan.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("plan.toml"),
+        plan.replace("    \"rent_report\",\n", ""),
+    )
+    .unwrap();
+    let out = ficus(&url, dir.path(), &["db", "rehearse", "--plan", "plan.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("BLOCKED: city cannot change phase, nothing was changed: role rent_report may SELECT city (granted) but is in neither app_roles nor tenant_roles"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("revert restored the schema exactly: yes"),
+        "{stdout}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: the rehearsal did not pass: see the blocked steps, leaks, tenant-role errors or revert above\n"
+    );
+    assert_eq!(scratch_databases(&cluster), "0");
+}
+
+#[test]
+fn rehearse_refuses_bad_input_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, url) = rental_shop(dir.path());
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let before = cluster.dump_schema(&db).unwrap();
+    let err = |args: &[&str], user_url: &str| {
+        let out = ficus(user_url, dir.path(), args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    // The scratch database is the source.
+    let e = err(
+        &[
+            "db",
+            "rehearse",
+            "--plan",
+            "plan.toml",
+            "--scratch-url",
+            &url,
+        ],
+        &url,
+    );
+    assert_eq!(
+        e,
+        format!(
+            "error: the scratch database is the source database {db:?}; the rehearsal writes to it, so nothing was written\n"
+        )
+    );
+    // A role that may not create databases, and no scratch database given.
+    let owner_url = url.replace("postgres://postgres@", "postgres://rent_owner@");
+    let e = err(&["db", "rehearse"], &owner_url);
+    assert_eq!(
+        e,
+        "error: role rent_owner may not create databases (CREATEDB), so it cannot make a scratch database: give --scratch-url with an empty database to rehearse in\n"
+    );
+    // A scratch database that is not empty.
+    let busy = cluster.fresh_database("busy").unwrap();
+    cluster
+        .psql(busy.rsplit('/').next().unwrap(), "CREATE TABLE t (id int)")
+        .unwrap();
+    let e = err(&["db", "rehearse", "--scratch-url", &busy], &url);
+    assert!(
+        e.contains("the scratch database is not empty (1 tables and views)"),
+        "{e}"
+    );
+    // A plan naming a role that does not exist.
+    let plan = std::fs::read_to_string(dir.path().join("plan.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("ghost.toml"),
+        plan.replace(
+            "tenant_roles = [\"rent_tenant\"]",
+            "tenant_roles = [\"ghost\"]",
+        ),
+    )
+    .unwrap();
+    let e = err(&["db", "rehearse", "--plan", "ghost.toml"], &url);
+    assert_eq!(
+        e,
+        "error: the plan (the plan): tenant role \"ghost\" does not exist; nothing was changed\n"
+    );
+    // Nothing was written anywhere.
+    assert_eq!(cluster.dump_schema(&db).unwrap(), before);
+    assert_eq!(scratch_databases(&cluster), "0");
+}
+
+/// A sample smaller than the tables: each table keeps at most 50 rows, only
+/// those whose foreign keys still hold in the copy, and the flow still passes.
+#[test]
+fn rehearse_with_a_small_sample_keeps_only_rows_whose_parents_came_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, url) = rental_shop(dir.path());
+    let out = ficus(
+        &url,
+        dir.path(),
+        &[
+            "db",
+            "rehearse",
+            "--plan",
+            "plan.toml",
+            "--rows",
+            "50",
+            "--json",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let start = stdout.rfind("\n{\n").map_or(0, |i| i + 1);
+    let report: serde_json::Value = serde_json::from_str(&stdout[start..]).unwrap();
+    let copied: std::collections::BTreeMap<String, u64> = report["report"]["copied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_u64().unwrap()))
+        .collect();
+    assert!(copied.values().all(|n| *n <= 50), "{copied:?}");
+    // Parents first: every language, country and city the sample needs.
+    assert_eq!(copied["language"], 3);
+    assert!(
+        copied["payment"] < 50,
+        "payments of rentals not copied stayed: {copied:?}"
+    );
+    assert_eq!(scratch_databases(&cluster), "0");
+    let bad = ficus(&url, dir.path(), &["db", "rehearse", "--rows", "0"]);
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr),
+        "error: --rows 0 must be at least 1\n"
+    );
+}
