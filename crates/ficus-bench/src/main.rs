@@ -38,6 +38,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backfill;
+mod corpus;
 mod provision;
 mod rls;
 
@@ -97,6 +98,7 @@ fn main() -> Result<(), Error> {
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
         Some("rls") => return rls::run(&argv[1..]),
+        Some("corpus") => return corpus::run(&argv[1..]),
         Some("provision") => return provision::run(&argv[1..]),
         Some("seed-configs") => return provision::seed_configs(&argv[1..]),
         _ => {}

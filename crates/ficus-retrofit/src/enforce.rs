@@ -237,9 +237,10 @@ async fn pre_checks(
         }
     }
     // A role that may use the table today but is in neither list would see no
-    // row at all once row level security is on: the operator decides where it
-    // goes, Ficus never moves it quietly. Owners keep bypassing row level
-    // security unless an app role owns the table (then it is FORCEd).
+    // row at all once row level security is on, or, if it owns the table, every
+    // tenant's rows (an owner bypasses row level security unless the table is
+    // FORCEd, which happens when an app role owns it): the operator decides
+    // where it goes, Ficus never moves it quietly.
     for r in inv.roles.iter().filter(|r| {
         r.can_login
             && !r.superuser
@@ -247,12 +248,17 @@ async fn pre_checks(
             && !plan.app_roles.contains(&r.name)
             && !plan.tenant_roles.contains(&r.name)
     }) {
-        if let Some(a) = r.access.iter().find(|a| &a.table == t && a.via != "owner") {
-            problems.push(format!(
+        match r.access.iter().find(|a| &a.table == t) {
+            Some(a) if a.via == "owner" => problems.push(format!(
+                "role {} owns {t} but is in neither app_roles nor tenant_roles: an owner bypasses row level security, so once other tenants have rows it would read and change them all; add it to app_roles (it is then confined to tenant zero, as the live app) or to tenant_roles (it is isolated)",
+                r.name
+            )),
+            Some(a) => problems.push(format!(
                 "role {} {} but is in neither app_roles nor tenant_roles, so row level security would hide every row from it; add it to app_roles (it keeps working as today) or to tenant_roles (it is isolated)",
                 r.name,
                 a.describe()
-            ));
+            )),
+            None => {}
         }
     }
     let mut owners = Vec::new();

@@ -435,16 +435,27 @@ async fn copy_rows(
         } else {
             format!("WHERE {}", keep.join(" AND "))
         };
-        let n = target
-            .execute(
-                &format!(
-                    "INSERT INTO {} ({list}) OVERRIDING SYSTEM VALUE SELECT {list} FROM pg_temp.ficus_stage s {filter}",
-                    t.sql()
-                ),
-                &[],
-            )
-            .await
-            .map_err(sql(format!("copying the rows of {t}")))?;
+        // Rows that reference rows of their own table (an employee's manager)
+        // find them only once those are in: the staged rows move over in rounds
+        // until a round moves none.
+        let mut n = 0;
+        loop {
+            let moved = target
+                .execute(
+                    &format!(
+                        "WITH moved AS (DELETE FROM pg_temp.ficus_stage s {filter} RETURNING {list})
+                         INSERT INTO {} ({list}) OVERRIDING SYSTEM VALUE SELECT {list} FROM moved",
+                        t.sql()
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(sql(format!("copying the rows of {t}")))?;
+            n += moved;
+            if moved == 0 || keep.is_empty() {
+                break;
+            }
+        }
         on_event(&Event::Copied {
             table: t.to_string(),
             rows: n,

@@ -2092,6 +2092,12 @@ async fn a_plan_without_the_owner_breaks_no_insert_and_enforcement_names_the_rol
         ),
         "{err}"
     );
+    assert!(
+        err.to_string().contains(
+            "role m_owner owns group_t but is in neither app_roles nor tenant_roles: an owner bypasses row level security"
+        ),
+        "{err}"
+    );
     assert!(role_matrix(&url, "refused").await.is_empty());
     drop(cluster);
 }

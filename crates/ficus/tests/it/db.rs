@@ -351,13 +351,36 @@ fn rehearse_runs_the_whole_flow_on_a_copy_and_reports_a_clean_run() {
     assert_eq!(scratch_databases(&cluster), "0");
 }
 
-/// An older plan that leaves out the role reading only views: the rehearsal
-/// stops where enforcement would, names the role and the fix, and exits 1.
+/// Plans that leave a role of the live app out — the owner, as in the first
+/// real-schema report, or the role reading only views — are stopped where
+/// enforcement would stop them, the role and the fix named, exit 1.
 #[test]
 fn rehearse_names_what_would_block_enforcement_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, url) = rental_shop(dir.path());
     let plan = std::fs::read_to_string(dir.path().join("plan.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("no-owner.toml"),
+        plan.replace("    \"rent_owner\",\n", ""),
+    )
+    .unwrap();
+    let out = ficus(
+        &url,
+        dir.path(),
+        &["db", "rehearse", "--plan", "no-owner.toml"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("BLOCKED: city cannot change phase, nothing was changed: role rent_owner owns city but is in neither app_roles nor tenant_roles: an owner bypasses row level security"),
+        "{stdout}"
+    );
+    // Nothing the live app did failed on the way: the default step gave the
+    // owner what its inserts need although the plan leaves it out.
+    assert!(
+        stdout.contains("workload: ") && stdout.contains(" 0 app errors, 0 tenant-role errors"),
+        "{stdout}"
+    );
     std::fs::write(
         dir.path().join("plan.toml"),
         plan.replace("    \"rent_report\",\n", ""),
