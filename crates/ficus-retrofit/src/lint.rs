@@ -187,7 +187,7 @@ async fn tenant_data_bypasses(client: &Client, findings: &mut Vec<Finding>) -> R
         .query(
             &format!(
                 "WITH tt AS ({tenant_tables}), tr AS ({tenant_roles})
-                 SELECT p.oid::regprocedure::text,
+                 SELECT n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
                         string_agg(DISTINCT tt.relname::text, ', ' ORDER BY tt.relname::text),
                         string_agg(DISTINCT r.rolname::text, ', ' ORDER BY r.rolname::text)
                  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace

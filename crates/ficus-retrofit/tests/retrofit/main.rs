@@ -1322,6 +1322,10 @@ CREATE TABLE notes (id int PRIMARY KEY, tenant_id uuid);
 ALTER TABLE countries ENABLE ROW LEVEL SECURITY;
 DO $$ BEGIN CREATE ROLE ficus_lint_bypass NOLOGIN BYPASSRLS; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
 GRANT SELECT ON customers TO ficus_lint_bypass;
+CREATE MATERIALIZED VIEW order_totals AS SELECT customer_id, sum(total) AS total FROM "order" GROUP BY 1;
+GRANT SELECT ON order_totals TO ficus_tenant;
+CREATE FUNCTION public.customer_count() RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+    AS 'SELECT count(*) FROM public.customers';
 "#,
     )
     .await
@@ -1333,10 +1337,14 @@ GRANT SELECT ON customers TO ficus_lint_bypass;
         .map(|f| format!("{} {} {}\n", f.severity.as_str(), f.check, f.object))
         .collect();
     expect_test::expect![[r#"
+        error definer-executable-by-public public.customer_count()
         error definer-executable-by-public public.leaky()
+        error definer-function-reads-tenant-data public.customer_count()
         error definer-mutable-search-path public.leaky()
+        error materialized-view-readable-by-tenant-role order_totals
         error tenant-table-without-policy notes
         error view-bypasses-rls customer_orders
+        warning definer-in-exposed-schema public.customer_count()
         warning definer-in-exposed-schema public.leaky()
         warning nullable-tenant-id notes
         warning policy-calls-per-row per_row on products
