@@ -73,13 +73,7 @@ struct Outcome {
 }
 
 async fn whole_flow(case: &Case) -> Outcome {
-    let (cluster, url) = tokio::task::spawn_blocking(|| {
-        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
-        let url = cluster.fresh_database("corpus").unwrap();
-        (cluster, url)
-    })
-    .await
-    .unwrap();
+    let (cluster, url) = crate::own_cluster("corpus").await;
     let database = url.rsplit('/').next().unwrap().to_string();
     let mut client = connect(&url).await.unwrap();
     client.batch_execute(&case.load).await.unwrap();
@@ -273,11 +267,11 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
     assert!(outcome.failures.is_empty(), "{:#?}", outcome.failures);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chinook_goes_through_the_whole_flow_without_a_workload_error() {
+/// A public sample loaded as `corpus_owner`, through the whole flow.
+async fn public_sample_flow(name: &'static str, file: &str) {
     let case = Case {
-        name: "chinook",
-        load: public_sample("chinook.sql"),
+        name,
+        load: public_sample(file),
         owner: "corpus_owner",
         tenant: "corpus_tenant",
         readers: &[],
@@ -288,29 +282,19 @@ async fn chinook_goes_through_the_whole_flow_without_a_workload_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chinook_goes_through_the_whole_flow_without_a_workload_error() {
+    public_sample_flow("chinook", "chinook.sql").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn northwind_goes_through_the_whole_flow_without_a_workload_error() {
-    let case = Case {
-        name: "northwind",
-        load: public_sample("northwind.sql"),
-        owner: "corpus_owner",
-        tenant: "corpus_tenant",
-        readers: &[],
-        own_lint_errors: &[],
-    };
-    let outcome = whole_flow(&case).await;
-    assert!(outcome.failures.is_empty(), "{:#?}", outcome.failures);
+    public_sample_flow("northwind", "northwind.sql").await;
 }
 
 /// The plan of the rental shop lists each view with its decision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_plan_lists_every_view_over_tenant_data_with_its_readers_and_decision() {
-    let (cluster, url) = tokio::task::spawn_blocking(|| {
-        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
-        let url = cluster.fresh_database("views").unwrap();
-        (cluster, url)
-    })
-    .await
-    .unwrap();
+    let (cluster, url) = crate::own_cluster("views").await;
     let client = connect(&url).await.unwrap();
     client
         .batch_execute(include_str!("schemas/rentals.sql"))

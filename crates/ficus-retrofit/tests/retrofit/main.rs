@@ -1958,17 +1958,52 @@ async fn role_matrix(url: &str, when: &str) -> Vec<String> {
     failures
 }
 
+/// A cluster of this test's own, with one fresh database: for schemas that
+/// make cluster-wide roles of their own.
+pub(crate) async fn own_cluster(prefix: &'static str) -> (ficus_testkit::PgCluster, String) {
+    tokio::task::spawn_blocking(move || {
+        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
+        let url = cluster.fresh_database(prefix).unwrap();
+        (cluster, url)
+    })
+    .await
+    .unwrap()
+}
+
+/// Every kind of apply step in turn, the role matrix run after each.
+async fn apply_step_by_step(
+    client: &mut tokio_postgres::Client,
+    plan: &Plan,
+    inv: &ficus_retrofit::Inventory,
+    url: &str,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for kind in [
+        StepKind::Spine,
+        StepKind::Column,
+        StepKind::Default,
+        StepKind::Backfill,
+        StepKind::Index,
+        StepKind::Tighten,
+        StepKind::View,
+    ] {
+        let only = Options {
+            only: Some(kind),
+            ..Options::default()
+        };
+        apply::apply(client, plan, inv, &only, &mut quiet())
+            .await
+            .unwrap();
+        failures.extend(role_matrix(url, &format!("after {}", kind.as_str())).await);
+    }
+    failures
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_that_may_use_a_table_keeps_working_through_every_step_of_apply_and_enforce() {
     use ficus_retrofit::enforce;
     // A cluster of its own, so that its roles are exactly the matrix's.
-    let (cluster, url) = tokio::task::spawn_blocking(|| {
-        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
-        let url = cluster.fresh_database("roles").unwrap();
-        (cluster, url)
-    })
-    .await
-    .unwrap();
+    let (cluster, url) = own_cluster("roles").await;
     let mut client = connect(&url).await.unwrap();
     client.batch_execute(ROLE_MATRIX_SCHEMA).await.unwrap();
     let inv = inspect(&client).await.unwrap();
@@ -1993,23 +2028,7 @@ async fn every_role_that_may_use_a_table_keeps_working_through_every_step_of_app
     let plan = Plan::from_toml(&plan.to_toml().unwrap(), "plan.toml").unwrap();
 
     let mut failures = role_matrix(&url, "before").await;
-    for kind in [
-        StepKind::Spine,
-        StepKind::Column,
-        StepKind::Default,
-        StepKind::Backfill,
-        StepKind::Index,
-        StepKind::Tighten,
-    ] {
-        let only = Options {
-            only: Some(kind),
-            ..Options::default()
-        };
-        apply::apply(&mut client, &plan, &inv, &only, &mut quiet())
-            .await
-            .unwrap();
-        failures.extend(role_matrix(&url, &format!("after {}", kind.as_str())).await);
-    }
+    failures.extend(apply_step_by_step(&mut client, &plan, &inv, &url).await);
     for table in ["owned_t", "granted_t", "group_t", "public_t"] {
         let t = Table::new("public", table);
         for _ in 0..2 {
@@ -2050,37 +2069,14 @@ async fn every_role_that_may_use_a_table_keeps_working_through_every_step_of_app
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_without_the_owner_breaks_no_insert_and_enforcement_names_the_roles_left_out() {
     use ficus_retrofit::enforce;
-    let (cluster, url) = tokio::task::spawn_blocking(|| {
-        let cluster = ficus_testkit::PgCluster::start_with(&[("fsync", "off")]).unwrap();
-        let url = cluster.fresh_database("roles").unwrap();
-        (cluster, url)
-    })
-    .await
-    .unwrap();
+    let (cluster, url) = own_cluster("roles").await;
     let mut client = connect(&url).await.unwrap();
     client.batch_execute(ROLE_MATRIX_SCHEMA).await.unwrap();
     let inv = inspect(&client).await.unwrap();
     let mut plan = Plan::draft(&inv, "Acme Homes", IdType::Uuid).unwrap();
     plan.app_roles = Vec::new();
     plan.tenant_roles = vec!["m_tenant".into()];
-    let mut failures = Vec::new();
-    for kind in [
-        StepKind::Spine,
-        StepKind::Column,
-        StepKind::Default,
-        StepKind::Backfill,
-        StepKind::Index,
-        StepKind::Tighten,
-    ] {
-        let only = Options {
-            only: Some(kind),
-            ..Options::default()
-        };
-        apply::apply(&mut client, &plan, &inv, &only, &mut quiet())
-            .await
-            .unwrap();
-        failures.extend(role_matrix(&url, &format!("after {}", kind.as_str())).await);
-    }
+    let failures = apply_step_by_step(&mut client, &plan, &inv, &url).await;
     assert!(failures.is_empty(), "{failures:#?}");
     let t = Table::new("public", "group_t");
     let err = enforce::step(
