@@ -535,8 +535,20 @@ async fn revert_locked(
     // Row level security is stepped back first, every table through its phases
     // and proved as `unenforce` proves them: an enforced table's policies
     // depend on its tenant_id, and a view made to run as its owner again over an
-    // enforced table would hand its readers every tenant's rows.
+    // enforced table would hand its readers every tenant's rows. Only when the
+    // revert will undo a step: a `--to` with nothing after it, or a first step
+    // refused as destructive, leaves row level security as it is.
+    let done = journal(client).await?;
+    let will_undo = steps
+        .iter()
+        .rev()
+        .take_while(|s| Some(s.id.as_str()) != to)
+        .find(|s| done.contains(&s.id))
+        .is_some_and(|s| s.undo_hazard != Hazard::Destructive || opts.allow_destructive);
     for p in plan.owned().collect::<Vec<_>>().into_iter().rev() {
+        if !will_undo {
+            break;
+        }
         let t = Table::new(&p.schema, &p.name);
         while crate::enforce::phase(client, &t).await? != crate::enforce::Phase::Off {
             let started = Instant::now();
@@ -548,7 +560,6 @@ async fn revert_locked(
             });
         }
     }
-    let done = journal(client).await?;
     for step in steps.iter().rev() {
         if Some(step.id.as_str()) == to {
             break;

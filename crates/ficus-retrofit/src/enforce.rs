@@ -409,6 +409,14 @@ fn phase_statements(plan: &Plan, rel: &Table, from: Phase, to: Phase, force: boo
             // nothing anyway.
             out.push(drop(POLICY));
             out.extend(isolation);
+            // A role added to the plan after the spine was made calls the
+            // helpers from the policies too; the grants are idempotent.
+            for role in app.iter().chain(&tenants) {
+                out.push(format!("GRANT USAGE ON SCHEMA tenancy_private TO {role}"));
+                out.push(format!(
+                    "GRANT EXECUTE ON FUNCTION tenancy_private.default_tenant_id(), tenancy_private.current_tenant_id() TO {role}"
+                ));
+            }
             out.push(drop(PASSTHROUGH));
             out.extend(passthrough);
             out.push(format!("ALTER TABLE {t} ENABLE ROW LEVEL SECURITY"));

@@ -69,9 +69,41 @@ fn fnv(s: &str) -> u32 {
     })
 }
 
+/// A `DO $tag$ … $tag$` block whose dollar-quote tag appears nowhere in its
+/// body. `sql` is written with `tag` as its delimiters; a catalog name inside
+/// the body that contains the same tag (names may hold `$`) would otherwise end
+/// the quoted body early and let the rest run as SQL of its own.
+pub fn safe_do(sql: &str, tag: &str) -> String {
+    let open = format!("DO ${tag}$");
+    let close = format!("${tag}$");
+    let Some(body) = sql
+        .strip_prefix(&open)
+        .and_then(|rest| rest.strip_suffix(&close))
+    else {
+        return sql.to_string();
+    };
+    let mut n = 0u32;
+    let mut fresh = format!("${tag}$");
+    while body.contains(&fresh) {
+        n += 1;
+        fresh = format!("${tag}{n}$");
+    }
+    format!("DO {fresh}{body}{fresh}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_holding_the_dollar_tag_cannot_end_a_do_block() {
+        let sql = "DO $grant$ BEGIN PERFORM 'x$grant$; DROP TABLE t; --'; END $grant$";
+        assert_eq!(
+            safe_do(sql, "grant"),
+            "DO $grant1$ BEGIN PERFORM 'x$grant$; DROP TABLE t; --'; END $grant1$"
+        );
+        assert_eq!(safe_do("DO $v$ BEGIN END $v$", "v"), "DO $v$ BEGIN END $v$");
+    }
 
     #[test]
     fn quoting_survives_reserved_words_quotes_and_case() {

@@ -505,7 +505,7 @@ async fn views(client: &Client) -> Result<Vec<ViewInfo>> {
                     coalesce(bases.nsps, '{}'), coalesce(bases.rels, '{}'),
                     coalesce((SELECT array_agg(ro.rolname::text ORDER BY ro.rolname) FROM pg_roles ro
                               WHERE ro.rolcanlogin AND NOT ro.rolsuper AND ro.rolname !~ '^pg_'
-                                AND has_table_privilege(ro.oid, v.oid, 'SELECT')), '{}'),
+                                AND has_any_column_privilege(ro.oid, v.oid, 'SELECT')), '{}'),
                     EXISTS (SELECT 1 FROM aclexplode(v.relacl) a WHERE a.grantee = 0 AND a.privilege_type = 'SELECT')
              FROM pg_class v JOIN pg_namespace vn ON vn.oid = v.relnamespace
              LEFT JOIN LATERAL (

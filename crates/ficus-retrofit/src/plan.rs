@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ident::{Table, literal, quote};
+use crate::ident::{Table, literal, quote, safe_do};
 use crate::inspect::{Class, Inventory, TableInfo, ViewInfo};
 use crate::{Error, Result};
 
@@ -346,7 +346,7 @@ impl Plan {
         );
         for role in &self.app_roles {
             let why = reasons.get(role).map_or("named by hand", String::as_str);
-            note.push_str(&format!("#   {role}: {why}\n"));
+            note.push_str(&comment(&format!("#   {role}: {why}")));
         }
         let text = text.replacen("\napp_roles = ", &format!("\n{note}app_roles = "), 1);
         if self.views.is_empty() {
@@ -369,14 +369,12 @@ impl Plan {
                 .map(|i| i.readers.join(", "))
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "no role but superusers".into());
-            note.push_str(&format!(
-                "#   {t}{}: read by {readers}\n",
-                if v.materialized {
-                    " (materialized)"
-                } else {
-                    ""
-                }
-            ));
+            let kind = if v.materialized {
+                " (materialized)"
+            } else {
+                ""
+            };
+            note.push_str(&comment(&format!("#   {t}{kind}: read by {readers}")));
         }
         Ok(text.replacen("\n[[views]]", &format!("\n{note}[[views]]"), 1))
     }
@@ -438,6 +436,12 @@ impl Plan {
                 "tenant_zero.slug {:?} must be lowercase letters, digits and '-'",
                 plan.tenant_zero.slug
             )));
+        }
+        let mut seen_views = BTreeSet::new();
+        for v in &plan.views {
+            if !seen_views.insert((v.schema.clone(), v.name.clone())) {
+                return Err(bad(format!("view {}.{} is listed twice", v.schema, v.name)));
+            }
         }
         let mut seen = BTreeSet::new();
         for t in &plan.tables {
@@ -560,7 +564,12 @@ impl Plan {
         let mut views: Vec<(usize, &PlannedView)> = self
             .views
             .iter()
-            .filter(|v| v.action != ViewAction::Keep)
+            // Without tenant roles there is nobody to take a materialized view
+            // from; the step comes once the plan names them.
+            .filter(|v| {
+                v.action == ViewAction::Invoker
+                    || (v.action == ViewAction::Revoke && !self.tenant_roles.is_empty())
+            })
             .map(|v| (view_depth(inv, &Table::new(&v.schema, &v.name), 0), v))
             .collect();
         views.sort_by_key(|v| std::cmp::Reverse(v.0));
@@ -584,7 +593,8 @@ impl Plan {
     /// Undoes what a view step granted or revoked, newest first.
     fn undo_grants(step: &str) -> Statement {
         let step = literal(step);
-        stmt(format!(
+        stmt(safe_do(
+            &format!(
             "DO $undo$
 DECLARE
     r record;
@@ -597,6 +607,8 @@ BEGIN
     END LOOP;
     DELETE FROM tenancy_private.grants WHERE step = {step};
 END $undo$"
+            ),
+            "undo",
         ))
     }
 
@@ -611,11 +623,12 @@ END $undo$"
         // What each reader would lack: a column the view reads, or, for a
         // relation it reads no column of (count(*)), any column at all.
         let lacking = format!(
-            "SELECT ro.rolname, b.oid::pg_catalog.regclass::text AS base, a.attname
+            "SELECT ro.rolname, pg_catalog.quote_ident(bn.nspname) || '.' || pg_catalog.quote_ident(b.relname) AS base, a.attname
         FROM pg_catalog.pg_rewrite rw
         JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = rw.oid
              AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> rw.ev_class
         JOIN pg_catalog.pg_class b ON b.oid = d.refobjid AND b.relkind IN ('r', 'p', 'v', 'm', 'f')
+        JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace
         JOIN pg_catalog.pg_attribute a ON a.attrelid = b.oid AND NOT a.attisdropped AND a.attnum > 0
              AND (a.attnum = d.refobjsubid
                   OR (d.refobjsubid = 0 AND a.attnum = (SELECT pg_catalog.min(x.attnum) FROM pg_catalog.pg_attribute x
@@ -623,8 +636,8 @@ END $undo$"
                       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d2 WHERE d2.objid = rw.oid AND d2.refobjid = b.oid AND d2.refobjsubid > 0)))
         CROSS JOIN pg_catalog.pg_roles ro
         WHERE rw.ev_class = {view}
-          AND ro.rolcanlogin AND NOT ro.rolsuper AND ro.rolname OPERATOR(pg_catalog.!~) '^pg_'
-          AND pg_catalog.has_table_privilege(ro.oid, {view}, 'SELECT')
+          AND NOT ro.rolsuper AND ro.rolname OPERATOR(pg_catalog.!~) '^pg_'
+          AND pg_catalog.has_any_column_privilege(ro.oid, {view}, 'SELECT')
           AND NOT pg_catalog.has_column_privilege(ro.oid, b.oid, a.attnum, 'SELECT')"
         );
         let forward = format!(
@@ -649,6 +662,7 @@ END $view$",
             name = literal(&t.to_string()),
             sql = t.sql(),
         );
+        let forward = safe_do(&forward, "view");
         Step {
             id: id.clone(),
             kind: StepKind::View,
@@ -678,6 +692,9 @@ END $view$",
         let step = literal(&id);
         let tenants: Vec<String> = self.tenant_roles.iter().map(|r| literal(r)).collect();
         let tenants = format!("ARRAY[{}]::text[]", tenants.join(", "));
+        // The name as written in the grants and their undo: qualified and
+        // quoted, whatever the search_path of the session that reverts.
+        let qual = literal(&t.sql());
         let forward = format!(
             "DO $revoke$
 DECLARE
@@ -686,26 +703,26 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
                WHERE c.oid = {mv} AND a.grantee = 0 AND a.privilege_type = 'SELECT') THEN
         FOR r IN SELECT ro.rolname FROM pg_catalog.pg_roles ro
-                 WHERE ro.rolcanlogin AND NOT ro.rolsuper AND ro.rolname OPERATOR(pg_catalog.!~) '^pg_'
+                 WHERE NOT ro.rolsuper AND ro.rolname OPERATOR(pg_catalog.!~) '^pg_'
                    AND ro.rolname::text <> ALL ({tenants})
                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
                                    WHERE c.oid = {mv} AND a.grantee = ro.oid AND a.privilege_type = 'SELECT')
                    AND ro.oid <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = {mv}) LOOP
-            EXECUTE pg_catalog.format('GRANT SELECT ON %s TO %I', {mv}, r.rolname);
+            EXECUTE pg_catalog.format('GRANT SELECT ON %s TO %I', {qual}, r.rolname);
             INSERT INTO tenancy_private.grants (step, undo)
-            VALUES ({step}, pg_catalog.format('REVOKE SELECT ON %s FROM %I', {mv}, r.rolname));
+            VALUES ({step}, pg_catalog.format('REVOKE SELECT ON %s FROM %I', {qual}, r.rolname));
         END LOOP;
-        EXECUTE pg_catalog.format('REVOKE SELECT ON %s FROM PUBLIC', {mv});
+        EXECUTE pg_catalog.format('REVOKE SELECT ON %s FROM PUBLIC', {qual});
         INSERT INTO tenancy_private.grants (step, undo)
-        VALUES ({step}, pg_catalog.format('GRANT SELECT ON %s TO PUBLIC', {mv}));
+        VALUES ({step}, pg_catalog.format('GRANT SELECT ON %s TO PUBLIC', {qual}));
     END IF;
     FOR r IN SELECT ro.rolname FROM pg_catalog.pg_roles ro
              WHERE ro.rolname::text = ANY ({tenants})
                AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
                            WHERE c.oid = {mv} AND a.grantee = ro.oid AND a.privilege_type = 'SELECT') LOOP
-        EXECUTE pg_catalog.format('REVOKE SELECT ON %s FROM %I', {mv}, r.rolname);
+        EXECUTE pg_catalog.format('REVOKE SELECT ON %s FROM %I', {qual}, r.rolname);
         INSERT INTO tenancy_private.grants (step, undo)
-        VALUES ({step}, pg_catalog.format('GRANT SELECT ON %s TO %I', {mv}, r.rolname));
+        VALUES ({step}, pg_catalog.format('GRANT SELECT ON %s TO %I', {qual}, r.rolname));
     END LOOP;
     FOR r IN SELECT ro.rolname FROM pg_catalog.pg_roles ro
              WHERE ro.rolname::text = ANY ({tenants}) AND pg_catalog.has_table_privilege(ro.oid, {mv}, 'SELECT') LOOP
@@ -715,6 +732,7 @@ BEGIN
 END $revoke$",
             name = literal(&t.to_string()),
         );
+        let forward = safe_do(&forward, "revoke");
         Step {
             id: id.clone(),
             kind: StepKind::View,
@@ -960,10 +978,15 @@ $fn$"
             kind: StepKind::Column,
             table: Some(t.clone()),
             forward: vec![stmt(sql)],
-            undo: vec![stmt(format!(
-                "ALTER TABLE {} DROP COLUMN IF EXISTS tenant_id",
-                t.sql()
-            ))],
+            // An isolation policy made by an earlier build's apply step, on a
+            // table never enforced, would hold the column.
+            undo: vec![
+                stmt(format!("DROP POLICY IF EXISTS {POLICY} ON {}", t.sql())),
+                stmt(format!(
+                    "ALTER TABLE {} DROP COLUMN IF EXISTS tenant_id",
+                    t.sql()
+                )),
+            ],
             lock: "ACCESS EXCLUSIVE, for a moment".into(),
             hazard: Hazard::BriefExclusiveLock,
             undo_hazard: Hazard::Destructive,
@@ -988,8 +1011,11 @@ $fn$"
           AND NOT (pg_catalog.has_schema_privilege(ro.oid, 'tenancy_private', 'USAGE')
                    AND pg_catalog.has_function_privilege(ro.oid, 'tenancy_private.default_tenant_id()', 'EXECUTE'))"
         );
-        let grants = format!(
-            "DO $grant$
+        // One statement, so that a refusal leaves nothing behind: the grants,
+        // then the invariant checked (no role that may insert today would get
+        // an error from the default), then the default.
+        let forward = format!(
+            "DO $default$
 DECLARE
     r record;
 BEGIN
@@ -1004,34 +1030,20 @@ BEGIN
         EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA tenancy_private TO %I', r.rolname);
         EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION tenancy_private.default_tenant_id() TO %I', r.rolname);
     END LOOP;
-END $grant$"
-        );
-        // The invariant, checked in the step itself: no role that may insert
-        // today would get an error from the default.
-        let check = format!(
-            "DO $check$
-DECLARE
-    r record;
-BEGIN
     FOR r IN {may_insert} LOOP
         RAISE EXCEPTION 'role % may INSERT into % today but could not evaluate tenancy_private.default_tenant_id(), so the default would break its inserts; nothing was changed. Fix: GRANT USAGE ON SCHEMA tenancy_private TO %; GRANT EXECUTE ON FUNCTION tenancy_private.default_tenant_id() TO %',
-            pg_catalog.quote_ident(r.rolname), {}, pg_catalog.quote_ident(r.rolname), pg_catalog.quote_ident(r.rolname);
+            pg_catalog.quote_ident(r.rolname), {name}, pg_catalog.quote_ident(r.rolname), pg_catalog.quote_ident(r.rolname);
     END LOOP;
-END $check$",
-            literal(&t.to_string())
+    ALTER TABLE {table} ALTER COLUMN tenant_id SET DEFAULT tenancy_private.default_tenant_id();
+END $default$",
+            name = literal(&t.to_string()),
+            table = t.sql(),
         );
         Step {
             id: format!("default:{}", key(t)),
             kind: StepKind::Default,
             table: Some(t.clone()),
-            forward: vec![
-                stmt(grants),
-                stmt(check),
-                stmt(format!(
-                    "ALTER TABLE {} ALTER COLUMN tenant_id SET DEFAULT tenancy_private.default_tenant_id()",
-                    t.sql()
-                )),
-            ],
+            forward: vec![stmt(safe_do(&forward, "default"))],
             undo: vec![stmt(format!(
                 "ALTER TABLE {} ALTER COLUMN tenant_id DROP DEFAULT",
                 t.sql()
@@ -1293,6 +1305,17 @@ END $check$",
 /// A table's key in the journal: `schema.name` with the raw names.
 pub fn key(t: &Table) -> String {
     format!("{}.{}", t.schema, t.name)
+}
+
+/// One comment line of the plan file: a name holding a line break (names may)
+/// must not write TOML of its own into the file.
+fn comment(line: &str) -> String {
+    let mut out: String = line
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    out.push('\n');
+    out
 }
 
 /// The views and materialized views that read a table `owned` says yes to,

@@ -119,6 +119,7 @@ impl Report {
     /// Everything went as it must in production.
     pub fn passed(&self) -> bool {
         !self.app_saw_errors()
+            && self.roles_not_rehearsed.is_empty()
             && self.tenant_failures.is_empty()
             && self.steps.iter().all(|s| s.blocker.is_none())
             && self.leaks == 0
@@ -149,6 +150,18 @@ pub fn with_database(url: &str, database: &str) -> Result<String> {
         Some((b, q)) => (b, Some(q)),
         None => (rest, None),
     };
+    // A parameter that names the database would win over the path, and the
+    // rehearsal would run on the source.
+    if let Some(q) = query
+        && q.split('&').any(|kv| {
+            let k = kv.split('=').next().unwrap_or("");
+            k == "dbname" || k == "service"
+        })
+    {
+        return Err(Error::BadUrl(
+            "the URL names its database in a dbname or service parameter; put it in the path so that the scratch database can take its place".into(),
+        ));
+    }
     let authority = before_query
         .split_once('/')
         .map_or(before_query, |(a, _)| a);
@@ -189,30 +202,73 @@ fn bin_dir(given: Option<&std::path::Path>) -> Result<std::path::PathBuf> {
     })
 }
 
-/// Runs a PostgreSQL client program against `url`, the password passed in
-/// the environment so that it never appears in a process listing.
+/// Runs a PostgreSQL client program against `url`, feeding it `input`. The
+/// connection goes in libpq's environment variables, taken from the parsed URL,
+/// so that neither the password nor the URL ever appears in a process listing.
 async fn client_program(
     bin: &std::path::Path,
     program: &str,
     url: &str,
     args: &[&str],
+    input: Option<String>,
 ) -> Result<String> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| Error::BadUrl(e.to_string()))?;
+    use tokio::io::AsyncWriteExt;
+    use tokio_postgres::config::{Host, SslMode};
+    let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        Error::BadUrl(crate::location(url) + ": " + &e.to_string())
+    })?;
     let mut cmd = tokio::process::Command::new(bin.join(program));
+    cmd.env_remove("PGSERVICE").env_remove("PGSERVICEFILE");
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.to_string_lossy().into_owned(),
+        })
+        .collect();
+    if !hosts.is_empty() {
+        cmd.env("PGHOST", hosts.join(","));
+    }
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    if !ports.is_empty() {
+        cmd.env("PGPORT", ports.join(","));
+    }
+    if let Some(u) = config.get_user() {
+        cmd.env("PGUSER", u);
+    }
+    if let Some(d) = config.get_dbname() {
+        cmd.env("PGDATABASE", d);
+    }
     if let Some(p) = config.get_password() {
         cmd.env("PGPASSWORD", String::from_utf8_lossy(p).into_owned());
     }
-    let public_url = match config.get_password() {
-        Some(p) => url.replacen(&format!(":{}@", String::from_utf8_lossy(p)), "@", 1),
-        None => url.to_string(),
-    };
-    let out = cmd
+    cmd.env(
+        "PGSSLMODE",
+        match config.get_ssl_mode() {
+            SslMode::Disable => "disable",
+            SslMode::Require => "require",
+            _ => "prefer",
+        },
+    );
+    let mut child = cmd
         .args(args)
-        .arg(&public_url)
-        .stdin(std::process::Stdio::null())
-        .output()
+        .stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Refused(format!("cannot run {program}: {e}")))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A write that fails means the program stopped reading: its own error
+        // says why, below.
+        let _ = stdin.write_all(text.as_bytes()).await;
+    }
+    let out = child
+        .wait_with_output()
         .await
         .map_err(|e| Error::Refused(format!("cannot run {program}: {e}")))?;
     if !out.status.success() {
@@ -234,7 +290,7 @@ async fn client_program(
 /// `\restrict` keys.
 async fn dump_schema(bin: &std::path::Path, url: &str) -> Result<String> {
     Ok(
-        client_program(bin, "pg_dump", url, &["--schema-only", "--dbname"])
+        client_program(bin, "pg_dump", url, &["--schema-only"], None)
             .await?
             .lines()
             .filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict "))
@@ -550,17 +606,19 @@ pub async fn rehearse(
         on_event,
     )
     .await;
+    let mut dropped = false;
     if scratch.created && !opts.keep {
-        let _ = source
+        dropped = source
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 quote(&scratch.database)
             ))
-            .await;
+            .await
+            .is_ok();
     }
     let mut report = result?;
     report.scratch = scratch.database;
-    report.kept = !scratch.created || opts.keep;
+    report.kept = !dropped;
     Ok(report)
 }
 
@@ -581,6 +639,13 @@ async fn rehearse_in(
     let mut report = Report::default();
     // The schema: extensions first, named when the scratch server lacks one.
     let target = connect(&scratch.url).await?;
+    let (connected, _) = identity(&target).await?;
+    if connected != scratch.database {
+        return Err(Error::Refused(format!(
+            "the scratch URL reached database {connected:?}, not {:?}; nothing was written",
+            scratch.database
+        )));
+    }
     let used: Vec<String> = source
         .query(
             "SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql'",
@@ -608,6 +673,7 @@ async fn rehearse_in(
         )));
     }
     let started = Instant::now();
+    // The dump goes from pg_dump to psql through this process, never a file.
     let dump = client_program(
         bin,
         "pg_dump",
@@ -616,29 +682,19 @@ async fn rehearse_in(
             "--schema-only",
             "--no-publications",
             "--no-subscriptions",
-            "--dbname",
+            "--lock-wait-timeout=10s",
         ],
+        None,
     )
     .await?;
-    let file = std::env::temp_dir().join(format!("{}.sql", scratch.database));
-    std::fs::write(&file, dump)
-        .map_err(|e| Error::Refused(format!("cannot write {}: {e}", file.display())))?;
     let restored = client_program(
         bin,
         "psql",
         &scratch.url,
-        &[
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-f",
-            &file.to_string_lossy(),
-            "--dbname",
-        ],
+        &["-X", "-q", "-v", "ON_ERROR_STOP=1"],
+        Some(dump),
     )
     .await;
-    let _ = std::fs::remove_file(&file);
     restored.map_err(|e| {
         Error::Refused(format!("copying the schema into the scratch database: {e}"))
     })?;
@@ -744,7 +800,14 @@ async fn rehearse_in(
             )),
         }
     }
+    if sessions.is_empty() {
+        report.roles_not_rehearsed.push(
+            "no role of the live app or tenant role could be rehearsed, so no workload ran".into(),
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
+    // However the rehearsal ends, early errors included, the workload stops.
+    let _stop = StopOnDrop(Arc::clone(&stop));
     let rounds = Arc::new(AtomicU64::new(0));
     let step = Arc::new(Mutex::new("before apply".to_string()));
     type Found = Arc<Mutex<Vec<(bool, String, String)>>>;
@@ -771,6 +834,9 @@ async fn rehearse_in(
                     }
                 }
                 rounds.fetch_add(1, Ordering::Relaxed);
+                // With no session the loop has nothing to wait on: it yields, so
+                // the steps go on.
+                tokio::task::yield_now().await;
             }
         })
     };
@@ -928,6 +994,15 @@ async fn rehearse_in(
     Ok(report)
 }
 
+/// Stops the workload when the rehearsal ends, however it ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn step_done(
     report: &mut Report,
     on_event: &mut (dyn FnMut(&Event) + Send),
@@ -964,6 +1039,7 @@ mod tests {
         );
         check("postgres://h:1", "postgres://h:1/scratch");
         assert!(with_database("host=h dbname=app", "scratch").is_err());
+        assert!(with_database("postgres://h/x?dbname=app", "scratch").is_err());
     }
 
     #[test]
