@@ -981,17 +981,21 @@ async fn rehearse_in(
     }
     let after = dump_schema(bin, &scratch.url).await?;
     report.revert_exact = Some(before == after);
-    if before != after {
-        let only = |x: &str, y: &str, sign: char| {
-            x.lines()
-                .filter(|l| !y.lines().any(|m| m == *l))
-                .map(|l| format!("{sign} {l}"))
-                .collect::<Vec<_>>()
-        };
-        report.revert_difference = only(&before, &after, '-');
-        report.revert_difference.extend(only(&after, &before, '+'));
-    }
+    report.revert_difference = schema_difference(&before, &after);
     Ok(report)
+}
+
+/// The lines only one of two schema dumps has: `- ` before's, `+ ` after's.
+pub fn schema_difference(before: &str, after: &str) -> Vec<String> {
+    let only = |x: &str, y: &str, sign: char| {
+        x.lines()
+            .filter(|l| !y.lines().any(|m| m == *l))
+            .map(|l| format!("{sign} {l}"))
+            .collect::<Vec<_>>()
+    };
+    let mut out = only(before, after, '-');
+    out.extend(only(after, before, '+'));
+    out
 }
 
 /// Stops the workload when the rehearsal ends, however it ends.

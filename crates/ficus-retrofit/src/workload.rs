@@ -36,10 +36,10 @@ struct Column {
 /// How a table gets its new row.
 #[derive(Debug, Clone)]
 enum Insert {
-    /// `INSERT … SELECT` a copy of one row, with fresh unique values.
-    Copy(String),
-    /// Delete one row and insert it again (nothing references the table).
-    Reinsert(String),
+    /// The statement: `INSERT … SELECT` a copy of one row with fresh unique
+    /// values, or, where nothing references the table, one that deletes a row
+    /// and inserts it again. Either returns the new row's position.
+    Statement(String),
     /// No way found; the reason.
     Skip(String),
 }
@@ -261,8 +261,7 @@ async fn table_round(
     let insert = match &t.insert {
         _ if !t.may_insert => return Ok(()),
         Insert::Skip(_) => return Ok(()),
-        Insert::Copy(sql) => sql,
-        Insert::Reinsert(sql) => sql,
+        Insert::Statement(sql) => sql,
     };
     let rows = client
         .query(insert.as_str(), &[])
@@ -404,7 +403,7 @@ async fn derive_table(client: &Client, t: &Table) -> Result<TableWork> {
     let returning = "RETURNING tableoid::regclass::text, ctid::text";
     let table = t.sql();
     let insert = if written.is_empty() {
-        Insert::Copy(format!("INSERT INTO {table} DEFAULT VALUES {returning}"))
+        Insert::Statement(format!("INSERT INTO {table} DEFAULT VALUES {returning}"))
     } else if multi_keys == 0 {
         let mut values = Vec::new();
         let mut missing = None;
@@ -427,7 +426,7 @@ async fn derive_table(client: &Client, t: &Table) -> Result<TableWork> {
         match missing {
             Some(why) if referenced => Insert::Skip(why),
             Some(_) => reinsert(&table, &names, returning),
-            None => Insert::Copy(format!(
+            None => Insert::Statement(format!(
                 "INSERT INTO {table} ({}) SELECT {} FROM (SELECT * FROM {table} LIMIT 1) AS s {returning}",
                 names.join(", "),
                 values.join(", ")
@@ -450,7 +449,7 @@ async fn derive_table(client: &Client, t: &Table) -> Result<TableWork> {
 /// Deletes one row and inserts it again, in one statement.
 fn reinsert(table: &str, names: &[String], returning: &str) -> Insert {
     let cols = names.join(", ");
-    Insert::Reinsert(format!(
+    Insert::Statement(format!(
         "WITH gone AS (DELETE FROM {table} WHERE ctid = (SELECT ctid FROM {table} LIMIT 1) RETURNING {cols})
          INSERT INTO {table} ({cols}) SELECT {cols} FROM gone {returning}"
     ))

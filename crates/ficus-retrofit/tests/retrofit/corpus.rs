@@ -227,7 +227,7 @@ async fn whole_flow(case: &Case) -> Outcome {
         before == after,
         "{}: revert did not restore the schema:\n{}",
         case.name,
-        diff_lines(&before, &after)
+        ficus_retrofit::rehearse::schema_difference(&before, &after).join("\n")
     );
     drop(cluster);
     eprintln!(
@@ -235,19 +235,6 @@ async fn whole_flow(case: &Case) -> Outcome {
         case.name, outcome.rounds, outcome.steps
     );
     outcome
-}
-
-/// The lines only one of two texts has.
-fn diff_lines(a: &str, b: &str) -> String {
-    let only = |x: &str, y: &str, sign: char| {
-        x.lines()
-            .filter(|l| !y.lines().any(|m| m == *l))
-            .map(|l| format!("{sign} {l}"))
-            .collect::<Vec<_>>()
-    };
-    let mut out = only(a, b, '-');
-    out.extend(only(b, a, '+'));
-    out.join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
