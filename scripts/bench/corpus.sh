@@ -5,8 +5,8 @@
 # Prints each step's time per schema against the copy step, the workload's
 # rounds and errors, leaks, and whether revert restored the schema exactly;
 # exits 1 if any rehearsal did not pass.
-#   scripts/bench/corpus.sh [rows per table, default 10000] [schemas dir, default ../shared/schemas]
+#   scripts/bench/corpus.sh [rows per table, default 10000] [schemas dir, default the copies in crates/ficus-retrofit/tests/retrofit/schemas]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 cargo build --release --locked -p ficus-bench >/dev/null 2>&1 || cargo build --release --locked -p ficus-bench
-./target/release/ficus-bench corpus --rows "${1:-10000}" --schemas "${2:-../shared/schemas}"
+./target/release/ficus-bench corpus --rows "${1:-10000}" --schemas "${2:-crates/ficus-retrofit/tests/retrofit/schemas}"

@@ -44,7 +44,8 @@ fn sample(dir: &std::path::Path, file: &str) -> Result<String, Error> {
 
 pub fn run(argv: &[String]) -> Result<(), Error> {
     let mut rows = 10_000i64;
-    let mut dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/schemas");
+    let mut dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ficus-retrofit/tests/retrofit/schemas");
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
