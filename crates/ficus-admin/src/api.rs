@@ -114,6 +114,103 @@ pub struct ReadinessJson {
     pub score: f64,
     pub criteria: Vec<CriterionJson>,
     pub uncovered: Vec<String>,
+    /// The version of new whose evidence alone was judged; `null`: every version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Evidence per version of new (`""`: not known), newest first.
+    #[serde(default)]
+    pub versions: Vec<VersionJson>,
+    /// The classes whose mismatches counted, most first.
+    #[serde(default)]
+    pub open_classes: Vec<ClassJson>,
+    /// Additive differences seen: shown, not counted.
+    #[serde(default)]
+    pub additive: Vec<ClassJson>,
+}
+
+/// Evidence recorded on one version of new.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionJson {
+    pub version: String,
+    pub compared: u64,
+    pub mismatched: u64,
+    pub last_at: String,
+}
+
+/// A mismatch class: what differs, where it stands, and how much of it counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassJson {
+    pub id: String,
+    pub endpoint: String,
+    pub path: String,
+    pub kind: String,
+    /// `breaking` or `additive`.
+    pub compat: String,
+    /// `open`, `resolved` or `accepted`.
+    pub state: String,
+    /// Reopened by a mismatch recorded after it was resolved.
+    pub regression: bool,
+    /// Mismatches that count (for the tenant asked about, or every tenant).
+    pub counted: u64,
+    /// Mismatches set aside by a resolution, or of an accepted class.
+    pub discounted: u64,
+    /// First and last counted mismatch.
+    pub first_at: Option<String>,
+    pub last_at: Option<String>,
+    /// Counted mismatches per version of new.
+    pub versions: std::collections::BTreeMap<String, u64>,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub fixed_in: Option<String>,
+    pub last_change: Option<ClassEventJson>,
+    pub example: Option<ClassExampleJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassEventJson {
+    pub at: String,
+    pub action: String,
+    pub actor: String,
+    pub reason: String,
+    pub version: Option<String>,
+}
+
+/// The latest mismatch of a class, redacted as the diff engine wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassExampleJson {
+    pub at: String,
+    pub request: String,
+    pub version: Option<String>,
+    pub difference: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassesJson {
+    /// The tenant whose evidence is counted; `null`: every tenant.
+    pub tenant: Option<String>,
+    pub window: String,
+    pub classes: Vec<ClassJson>,
+}
+
+/// One class with its lifecycle history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassEnvelope {
+    pub class: ClassJson,
+    pub history: Vec<ClassEventJson>,
+}
+
+/// Resolving, accepting or reopening a class.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassChangeRequest {
+    pub reason: String,
+    /// For a resolution: the version of new that fixed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_in: Option<String>,
+    /// For an acceptance of a whole-body class (`$`): yes, hide every body
+    /// difference of the endpoint.
+    #[serde(default)]
+    pub whole_endpoint: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,8 +229,12 @@ pub struct MismatchJson {
     pub compared_with: String,
     /// The served and the compared status.
     pub status: [u16; 2],
-    /// The diff engine's differences, as it writes them.
+    /// The diff engine's differences, as it writes them: `left` is legacy's
+    /// answer and `right` new's, whichever served.
     pub differences: serde_json::Value,
+    /// The version of new that answered, when known.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -430,4 +531,62 @@ pub struct RestoreRequest {
     /// The version whose document becomes the next version.
     pub version: u64,
     pub reason: String,
+}
+
+impl From<&ficus_core::reconcile::ClassEvent> for ClassEventJson {
+    fn from(e: &ficus_core::reconcile::ClassEvent) -> ClassEventJson {
+        ClassEventJson {
+            at: format_time(e.at),
+            action: e.action.clone(),
+            actor: e.actor.to_string(),
+            reason: e.reason.clone(),
+            version: e.version.clone(),
+        }
+    }
+}
+
+impl ClassJson {
+    /// A class with how much of it counts.
+    pub fn from_tally(t: &ficus_core::reconcile::ClassTally) -> ClassJson {
+        let c = &t.class;
+        ClassJson {
+            id: c.id.clone(),
+            endpoint: c.endpoint.clone(),
+            path: c.path.clone(),
+            kind: c.kind.clone(),
+            compat: if c.additive { "additive" } else { "breaking" }.to_string(),
+            state: c.state.to_string(),
+            regression: c.regression,
+            counted: t.counted,
+            discounted: t.discounted,
+            first_at: t.first_at.map(format_time),
+            last_at: t.last_at.map(format_time),
+            versions: t.by_version.clone(),
+            first_seen: format_time(c.first_seen),
+            last_seen: format_time(c.last_seen),
+            fixed_in: c.fixed_in.clone(),
+            last_change: c.last_change.as_ref().map(ClassEventJson::from),
+            example: c.example.as_ref().map(|e| ClassExampleJson {
+                at: format_time(e.at),
+                request: e.request.clone(),
+                version: e.version.clone(),
+                // Written by this build from a serialized difference; if it was
+                // edited into something else, it is shown as the text it is.
+                difference: serde_json::from_str(&e.difference)
+                    .unwrap_or_else(|_| serde_json::Value::String(e.difference.clone())),
+            }),
+        }
+    }
+
+    /// A class without evidence in the window.
+    pub fn from_class(c: &ficus_core::reconcile::MismatchClass) -> ClassJson {
+        ClassJson::from_tally(&ficus_core::reconcile::ClassTally {
+            class: c.clone(),
+            counted: 0,
+            discounted: 0,
+            first_at: None,
+            last_at: None,
+            by_version: Default::default(),
+        })
+    }
 }

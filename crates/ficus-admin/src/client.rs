@@ -244,6 +244,36 @@ impl Control for Remote {
         self.get(&with_query(&path, &params)).await
     }
 
+    async fn mismatch_classes(
+        &self,
+        tenant: Option<&TenantId>,
+        state: Option<&str>,
+    ) -> Result<crate::api::ClassesJson> {
+        let params = serde_json::json!({
+            "tenant": tenant.map(TenantId::as_str),
+            "state": state,
+        });
+        self.get(&with_query("/v1/mismatch-classes", &params)).await
+    }
+
+    async fn change_class(
+        &self,
+        id: &str,
+        action: &str,
+        request: crate::api::ClassChangeRequest,
+    ) -> Result<crate::api::ClassEnvelope> {
+        // Checked here too, so that no caller's text becomes part of a path.
+        let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !plain(id) || !plain(action) {
+            return Err(Error::Invalid(format!(
+                "{id:?} is not a class id: give its 16 hex digits, or at least the first 4"
+            )));
+        }
+        let path = format!("/v1/mismatch-classes/{id}/{action}");
+        self.send(self.request(Method::POST, &path).json(&request))
+            .await
+    }
+
     async fn audit(&self, filter: AuditFilter) -> Result<EventsJson> {
         let params = serde_json::json!({
             "tenant": filter.tenant.as_ref().map(TenantId::as_str),

@@ -9,18 +9,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use ficus_core::config::TenantConfig;
 use ficus_core::readiness::{EndpointEvidence, Readiness, judge};
+use ficus_core::reconcile::{ClassState, MismatchClass, tally, version_label};
 use ficus_core::{Actor, Domain, Stage, TenantId, Timestamp, Transition, tenant::parse_name};
 use ficus_store::{
-    AuditQuery, ConfigChange, ControlStore, JobState, NewTenant, StageChange, StoreError,
+    AuditQuery, ClassChange, ConfigChange, ControlStore, JobState, NewTenant, StageChange,
+    StoreError,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    AddRequest, ComparisonsJson, ConfigHistoryJson, ConfigJson, ConfigRequest, CriterionJson,
-    EventJson, EventsJson, GateJson, GateRequest, JobJson, JobsJson, LegacyTrafficJson,
-    MismatchJson, MismatchesJson, PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest,
-    RetireJson, RetireRequest, RollbackRequest, ShowJson, StageRequest, StatusJson, TenantEnvelope,
-    TenantJson, TenantsJson, retire_version,
+    AddRequest, ClassChangeRequest, ClassEnvelope, ClassEventJson, ClassJson, ClassesJson,
+    ComparisonsJson, ConfigHistoryJson, ConfigJson, ConfigRequest, CriterionJson, EventJson,
+    EventsJson, GateJson, GateRequest, JobJson, JobsJson, LegacyTrafficJson, MismatchJson,
+    MismatchesJson, PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest, RetireJson,
+    RetireRequest, RollbackRequest, ShowJson, StageRequest, StatusJson, TenantEnvelope, TenantJson,
+    TenantsJson, VersionJson, retire_version,
 };
 use crate::config;
 use crate::gate::{self, Gate};
@@ -42,6 +45,10 @@ pub struct GateOverrides {
     pub min_per_endpoint: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_error_rate: Option<f64>,
+    /// Judge only the evidence recorded on this version of new; `current` is the
+    /// version of the newest evidence. Promotion judges every version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// Which audit events to read.
@@ -91,6 +98,21 @@ pub trait Control: Send + Sync {
         endpoint: Option<&str>,
         limit: u64,
     ) -> Result<MismatchesJson>;
+    /// Mismatch classes with their counts over the gate's window: one tenant's
+    /// evidence, or every tenant's; `state` keeps open, resolved or accepted ones.
+    async fn mismatch_classes(
+        &self,
+        tenant: Option<&TenantId>,
+        state: Option<&str>,
+    ) -> Result<ClassesJson>;
+    /// Resolves, accepts or reopens the class `id` (or a unique prefix of it):
+    /// `action` is `resolve`, `accept` or `reopen`.
+    async fn change_class(
+        &self,
+        id: &str,
+        action: &str,
+        request: ClassChangeRequest,
+    ) -> Result<ClassEnvelope>;
     async fn audit(&self, filter: AuditFilter) -> Result<EventsJson>;
     async fn status(&self) -> Result<StatusJson>;
     /// Retires legacy (or undoes it). `if_version` is the status `version` the
@@ -167,24 +189,114 @@ impl Direct {
         })
     }
 
-    /// Judges one tenant's evidence with `gate`.
-    async fn judge(&self, id: &TenantId, gate: &Gate) -> Result<Readiness> {
+    /// Judges one tenant's evidence with `gate`: all of it, or with `version`
+    /// (`current` or a version) only what one version of new answered.
+    async fn judge(&self, id: &TenantId, gate: &Gate, version: Option<&str>) -> Result<Judged> {
         let since = ago(gate.window);
-        let evidence: Vec<EndpointEvidence> = self
-            .store
-            .comparison_stats(id, since)
-            .await?
-            .into_iter()
-            .map(|c| EndpointEvidence {
-                endpoint: c.endpoint,
-                requests: c.requests,
-                compared: c.compared,
-                mismatched: c.mismatched,
-                errors: c.errors,
-            })
-            .collect();
+        let stats = self.store.comparison_stats(id, since).await?;
+        let mut versions: Vec<VersionJson> = Vec::new();
+        let mut latest: Vec<(ficus_core::Timestamp, String)> = Vec::new();
+        for c in &stats {
+            if c.compared == 0 && c.errors == 0 {
+                continue;
+            }
+            match versions.iter_mut().find(|v| v.version == c.version) {
+                Some(v) => {
+                    v.compared += c.compared;
+                    v.mismatched += c.mismatched;
+                }
+                None => versions.push(VersionJson {
+                    version: c.version.clone(),
+                    compared: c.compared,
+                    mismatched: c.mismatched,
+                    last_at: String::new(),
+                }),
+            }
+            latest.push((c.last_at, c.version.clone()));
+        }
+        latest.sort();
+        for v in &mut versions {
+            if let Some((at, _)) = latest.iter().rev().find(|(_, name)| *name == v.version) {
+                v.last_at = ficus_store::format_time(*at);
+            }
+        }
+        versions.sort_by(|a, b| b.last_at.cmp(&a.last_at));
+        let version = match version {
+            None => None,
+            Some("current") => Some(
+                latest
+                    .iter()
+                    .rev()
+                    .map(|(_, v)| v)
+                    .find(|v| !v.is_empty())
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "no version of new is recorded for tenant {id} in the last {}; set [shadow] version_header or backends.new.version in the proxy's configuration",
+                            humantime::format_duration(gate.window)
+                        ))
+                    })?,
+            ),
+            Some(v) => Some(v.to_string()),
+        };
+        // Requests are counted before any answer, without a version: an
+        // endpoint's use is every version's, its comparisons only the judged one's.
+        let mut evidence: Vec<EndpointEvidence> = Vec::new();
+        for c in &stats {
+            let counted = version.as_deref().is_none_or(|v| v == c.version);
+            let e = match evidence.iter_mut().find(|e| e.endpoint == c.endpoint) {
+                Some(e) => e,
+                None => {
+                    evidence.push(EndpointEvidence {
+                        endpoint: c.endpoint.clone(),
+                        requests: 0,
+                        compared: 0,
+                        errors: 0,
+                    });
+                    evidence.last_mut().expect("just pushed")
+                }
+            };
+            e.requests += c.requests;
+            if counted {
+                e.compared += c.compared;
+                e.errors += c.errors;
+            }
+        }
+        let classes = self.store.mismatch_classes(None).await?;
+        let class_evidence = self.store.class_evidence(Some(id), since).await?;
+        let tallies = tally(&classes, &class_evidence, version.as_deref());
         let latency = self.store.latencies(id, since).await?;
-        Ok(judge(&evidence, &latency, &gate.thresholds))
+        Ok(Judged {
+            readiness: judge(&evidence, &tallies, &latency, &gate.thresholds),
+            version,
+            versions,
+        })
+    }
+
+    /// The class `raw` names: its full id or a unique prefix of four or more
+    /// hex digits.
+    async fn find_class(&self, raw: &str) -> Result<MismatchClass> {
+        let raw = raw.trim().to_ascii_lowercase();
+        if raw.len() < 4 || !raw.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Invalid(format!(
+                "{raw:?} is not a class id: give its 16 hex digits, or at least the first 4"
+            )));
+        }
+        let classes = self.store.mismatch_classes(None).await?;
+        let found: Vec<&MismatchClass> =
+            classes.iter().filter(|c| c.id.starts_with(&raw)).collect();
+        match found.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(StoreError::UnknownClass(raw).into()),
+            many => Err(Error::Invalid(format!(
+                "{raw} is the start of {} classes ({}); give more digits",
+                many.len(),
+                many.iter()
+                    .map(|c| c.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     async fn gate_with(&self, overrides: &GateOverrides) -> Result<Gate> {
@@ -192,8 +304,20 @@ impl Direct {
     }
 }
 
-fn readiness_json(id: &TenantId, r: &Readiness) -> ReadinessJson {
+/// A verdict with what it was judged on.
+struct Judged {
+    readiness: Readiness,
+    version: Option<String>,
+    versions: Vec<VersionJson>,
+}
+
+fn readiness_json(id: &TenantId, j: &Judged) -> ReadinessJson {
+    let r = &j.readiness;
     ReadinessJson {
+        version: j.version.clone(),
+        versions: j.versions.clone(),
+        open_classes: r.blocking.iter().map(ClassJson::from_tally).collect(),
+        additive: r.additive.iter().map(ClassJson::from_tally).collect(),
         tenant: id.to_string(),
         ready: r.is_ready(),
         score: (r.score * 100.0).round() / 100.0,
@@ -353,7 +477,7 @@ impl Control for Direct {
             ),
             Stage::Shadow => {
                 let gate = gate::load(&*self.store).await?;
-                let r = self.judge(id, &gate).await?;
+                let r = self.judge(id, &gate, None).await?.readiness;
                 if r.is_ready() {
                     (
                         Stage::Migrated,
@@ -449,18 +573,25 @@ impl Control for Direct {
     async fn readiness(&self, id: &TenantId, overrides: &GateOverrides) -> Result<ReadinessJson> {
         self.existing(id).await?;
         let gate = self.gate_with(overrides).await?;
-        let r = self.judge(id, &gate).await?;
-        Ok(readiness_json(id, &r))
+        let j = self.judge(id, &gate, overrides.version.as_deref()).await?;
+        Ok(readiness_json(id, &j))
     }
 
     async fn readiness_all(&self, overrides: &GateOverrides) -> Result<ReadinessAllJson> {
         let gate = self.gate_with(overrides).await?;
         let mut judged = Vec::new();
         for t in self.store.tenants(Some(Stage::Shadow)).await? {
-            let r = self.judge(&t.id, &gate).await?;
-            judged.push((t.id, r));
+            let j = self
+                .judge(&t.id, &gate, overrides.version.as_deref())
+                .await?;
+            judged.push((t.id, j));
         }
-        judged.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
+        judged.sort_by(|a, b| {
+            b.1.readiness
+                .score
+                .total_cmp(&a.1.readiness.score)
+                .then_with(|| a.0.cmp(&b.0))
+        });
         Ok(ReadinessAllJson {
             window: humantime::format_duration(gate.window).to_string(),
             tenants: judged.iter().map(|(id, r)| readiness_json(id, r)).collect(),
@@ -492,11 +623,114 @@ impl Control for Direct {
                 compared_with: s.compared_with,
                 status: [s.served_status, s.compared_status],
                 differences,
+                version: s.version,
             });
         }
         Ok(MismatchesJson {
             tenant: id.to_string(),
             mismatches: items,
+        })
+    }
+
+    async fn mismatch_classes(
+        &self,
+        tenant: Option<&TenantId>,
+        state: Option<&str>,
+    ) -> Result<ClassesJson> {
+        if let Some(id) = tenant {
+            self.existing(id).await?;
+        }
+        let state = state
+            .map(|s| {
+                ClassState::parse(s).ok_or_else(|| {
+                    Error::Invalid(format!("state {s:?} is not open, resolved or accepted"))
+                })
+            })
+            .transpose()?;
+        let gate = gate::load(&*self.store).await?;
+        let classes = self.store.mismatch_classes(None).await?;
+        let evidence = self.store.class_evidence(tenant, ago(gate.window)).await?;
+        let tallies = tally(&classes, &evidence, None);
+        let mut out: Vec<ClassJson> = tallies
+            .iter()
+            .filter(|t| state.is_none_or(|s| t.class.state == s))
+            .map(ClassJson::from_tally)
+            .collect();
+        if tenant.is_none() {
+            // Every class, also those without evidence in the window.
+            out.extend(
+                classes
+                    .iter()
+                    .filter(|c| state.is_none_or(|s| c.state == s))
+                    .filter(|c| !tallies.iter().any(|t| t.class.id == c.id))
+                    .map(ClassJson::from_class),
+            );
+        }
+        Ok(ClassesJson {
+            tenant: tenant.map(ToString::to_string),
+            window: humantime::format_duration(gate.window).to_string(),
+            classes: out,
+        })
+    }
+
+    async fn change_class(
+        &self,
+        id: &str,
+        action: &str,
+        request: ClassChangeRequest,
+    ) -> Result<ClassEnvelope> {
+        let to = match action {
+            "resolve" => ClassState::Resolved,
+            "accept" => ClassState::Accepted,
+            "reopen" => ClassState::Open,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "{other:?} is not resolve, accept or reopen"
+                )));
+            }
+        };
+        let class = self.find_class(id).await?;
+        if request.reason.trim().is_empty() {
+            return Err(StoreError::MissingReason.into());
+        }
+        if to == ClassState::Accepted && class.path == "$" && !request.whole_endpoint {
+            return Err(Error::Refused(format!(
+                "accepting class {} ({} {} {}) would hide every body difference of {}; nothing was changed; pass --whole-endpoint (API: whole_endpoint) if that is what you mean",
+                class.id, class.endpoint, class.path, class.kind, class.endpoint
+            )));
+        }
+        let fixed_in = match &request.fixed_in {
+            Some(_) if to != ClassState::Resolved => {
+                return Err(Error::Invalid(
+                    "fixed_in names the version that fixed a class; it goes with resolve only"
+                        .to_string(),
+                ));
+            }
+            Some(v) => match version_label(Some(v.as_bytes())) {
+                Some(label) if label != "invalid" => Some(label),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "fixed_in must be at most {} printable characters",
+                        ficus_core::reconcile::VERSION_MAX
+                    )));
+                }
+            },
+            None => None,
+        };
+        let changed = self
+            .store
+            .change_class(ClassChange {
+                id: class.id.clone(),
+                to,
+                actor: self.actor,
+                reason: request.reason,
+                fixed_in,
+            })
+            .await?;
+        let history = self.store.class_history(&changed.id).await?;
+        Ok(ClassEnvelope {
+            class: ClassJson::from_class(&changed),
+            history: history.iter().map(ClassEventJson::from).collect(),
         })
     }
 

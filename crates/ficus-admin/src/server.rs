@@ -62,6 +62,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/provisioning/jobs"),
     ("get", "/v1/provisioning/jobs/{event}"),
     ("post", "/v1/provisioning/jobs/{event}/retry"),
+    ("get", "/v1/mismatch-classes"),
+    ("post", "/v1/mismatch-classes/{class}/{action}"),
 ];
 
 /// The billing webhook: outside the bearer token, authenticated by its
@@ -104,6 +106,8 @@ pub fn router_with(store: StoreSlot, hooks: Hooks) -> Router {
         .route("/v1/provisioning/jobs", get(jobs))
         .route("/v1/provisioning/jobs/{event}", get(job))
         .route("/v1/provisioning/jobs/{event}/retry", post(retry_job))
+        .route("/v1/mismatch-classes", get(mismatch_classes))
+        .route("/v1/mismatch-classes/{class}/{action}", post(change_class))
         .fallback(|| async {
             ApiError::Status(StatusCode::NOT_FOUND, "no such API route".to_string())
         });
@@ -128,7 +132,8 @@ impl From<Error> for ApiError {
 
 fn store_status(e: &StoreError) -> StatusCode {
     match e {
-        StoreError::UnknownTenant(_) => StatusCode::NOT_FOUND,
+        StoreError::UnknownTenant(_) | StoreError::UnknownClass(_) => StatusCode::NOT_FOUND,
+        StoreError::Class(_) => StatusCode::CONFLICT,
         StoreError::TenantExists(_)
         | StoreError::DomainTaken { .. }
         | StoreError::Transition { .. }
@@ -609,6 +614,39 @@ async fn retry_job(
     Path(event): Path<String>,
 ) -> ApiResult<crate::api::JobJson> {
     Ok(axum::Json(control(&slot)?.retry_job(&event).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassQuery {
+    tenant: Option<String>,
+    state: Option<String>,
+}
+
+async fn mismatch_classes(
+    State(slot): State<StoreSlot>,
+    q: Result<Query<ClassQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::ClassesJson> {
+    let q = query(q)?;
+    let tenant = q.tenant.as_deref().map(id).transpose()?;
+    Ok(axum::Json(
+        control(&slot)?
+            .mismatch_classes(tenant.as_ref(), q.state.as_deref())
+            .await?,
+    ))
+}
+
+/// Resolves, accepts or reopens a class. Not versioned: each is refused when
+/// the class already stands where it would put it.
+async fn change_class(
+    State(slot): State<StoreSlot>,
+    Path((class, action)): Path<(String, String)>,
+    JsonBody(body): JsonBody<crate::api::ClassChangeRequest>,
+) -> ApiResult<crate::api::ClassEnvelope> {
+    reason(&body.reason)?;
+    Ok(axum::Json(
+        control(&slot)?.change_class(&class, &action, body).await?,
+    ))
 }
 
 /// `POST /v1/hooks/billing`: a signed billing event. 401 for a missing, bad or

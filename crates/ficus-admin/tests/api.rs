@@ -60,6 +60,7 @@ async fn ready_evidence(store: &dyn ControlStore, tenant: &str) {
     let count = ComparisonCount {
         tenant: id(tenant),
         endpoint: "GET /homes/{id}".into(),
+        version: String::new(),
         last_at: at,
         requests: 600,
         compared: 600,
@@ -69,7 +70,13 @@ async fn ready_evidence(store: &dyn ControlStore, tenant: &str) {
         errors: 0,
         shed: 0,
     };
-    store.record_comparisons(&[count], &[], &[]).await.unwrap();
+    store
+        .record_comparisons(&ficus_store::Evidence {
+            counts: vec![count],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let mut h = Histogram::default();
     for _ in 0..600 {
         h.record(4_000);

@@ -15,6 +15,9 @@ pub enum Actor {
     Guard,
     /// The billing-driven provisioning pipeline.
     Provisioning,
+    /// Evidence a proxy recorded, such as a mismatch that reopens a resolved
+    /// class.
+    Proxy,
 }
 
 impl Actor {
@@ -24,6 +27,7 @@ impl Actor {
             "api" => Ok(Actor::Api),
             "guard" => Ok(Actor::Guard),
             "provisioning" => Ok(Actor::Provisioning),
+            "proxy" => Ok(Actor::Proxy),
             _ => Err(ValidationError::Actor {
                 value: raw.to_string(),
             }),
@@ -36,6 +40,7 @@ impl Actor {
             Actor::Api => "api",
             Actor::Guard => "guard",
             Actor::Provisioning => "provisioning",
+            Actor::Proxy => "proxy",
         }
     }
 }

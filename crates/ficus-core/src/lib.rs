@@ -10,6 +10,7 @@ pub mod config;
 pub mod latency;
 pub mod progress;
 pub mod readiness;
+pub mod reconcile;
 pub mod routing;
 pub mod stage;
 pub mod tenant;

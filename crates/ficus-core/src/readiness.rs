@@ -1,8 +1,12 @@
 //! Readiness: whether the evidence from a tenant's parallel run allows moving it to
 //! `migrated`. Each criterion is judged separately and says why it passes or fails,
 //! so an operator sees exactly what is missing.
+//!
+//! Mismatches are judged by class ([`crate::reconcile`]): only breaking classes'
+//! counted evidence blocks; additive classes are listed, never counted.
 
 use crate::latency::{Histogram, format_micros};
+use crate::reconcile::ClassTally;
 
 /// One endpoint's evidence over the readiness window.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,7 +15,6 @@ pub struct EndpointEvidence {
     /// Eligible reads the tenant made on this endpoint.
     pub requests: u64,
     pub compared: u64,
-    pub mismatched: u64,
     pub errors: u64,
 }
 
@@ -20,7 +23,9 @@ pub struct EndpointEvidence {
 pub struct Thresholds {
     /// Comparisons needed over the window, all endpoints together.
     pub min_comparisons: u64,
-    /// Mismatches allowed over the window (noise never counts).
+    /// Mismatches allowed over the window, counted per class (noise, additive
+    /// differences, accepted classes and evidence from before a class was
+    /// resolved never count).
     pub max_mismatches: u64,
     /// Every endpoint the tenant used must have been compared this many times.
     pub min_per_endpoint: u64,
@@ -69,6 +74,10 @@ pub struct Readiness {
     pub criteria: Vec<Criterion>,
     /// Endpoints used but not compared often enough.
     pub uncovered: Vec<String>,
+    /// The classes whose mismatches counted, most first.
+    pub blocking: Vec<ClassTally>,
+    /// Additive classes seen: shown, not counted.
+    pub additive: Vec<ClassTally>,
     /// 0.0 to 1.0: how close the tenant is, for ranking.
     pub score: f64,
 }
@@ -86,11 +95,19 @@ impl Readiness {
 /// Judges a tenant's evidence against the thresholds.
 pub fn judge(
     evidence: &[EndpointEvidence],
+    classes: &[ClassTally],
     latency: &LatencyEvidence,
     t: &Thresholds,
 ) -> Readiness {
     let compared: u64 = evidence.iter().map(|e| e.compared).sum();
-    let mismatched: u64 = evidence.iter().map(|e| e.mismatched).sum();
+    let blocking: Vec<ClassTally> = classes.iter().filter(|c| c.blocks()).cloned().collect();
+    let additive: Vec<ClassTally> = classes
+        .iter()
+        .filter(|c| c.class.additive && c.counted > 0)
+        .cloned()
+        .collect();
+    let mismatched: u64 = blocking.iter().map(|c| c.counted).sum();
+    let regressions = blocking.iter().filter(|c| c.class.regression).count();
     let errors: u64 = evidence.iter().map(|e| e.errors).sum();
     let attempted = compared + errors;
     let used: Vec<&EndpointEvidence> = evidence.iter().filter(|e| e.requests > 0).collect();
@@ -114,10 +131,20 @@ pub fn judge(
         Criterion {
             name: "mismatches",
             passed: mismatched <= t.max_mismatches,
-            detail: format!(
-                "{mismatched} mismatched; at most {} allowed",
-                t.max_mismatches
-            ),
+            detail: match (blocking.len(), regressions) {
+                (0, _) => format!("0 mismatched; at most {} allowed", t.max_mismatches),
+                (n, 0) => format!(
+                    "{mismatched} mismatched in {n} open class{}; at most {} allowed",
+                    if n == 1 { "" } else { "es" },
+                    t.max_mismatches
+                ),
+                (n, r) => format!(
+                    "{mismatched} mismatched in {n} open class{} ({r} REGRESSION{}: resolved, then seen again); at most {} allowed",
+                    if n == 1 { "" } else { "es" },
+                    if r == 1 { "" } else { "S" },
+                    t.max_mismatches
+                ),
+            },
         },
         Criterion {
             name: "coverage",
@@ -178,6 +205,8 @@ pub fn judge(
     Readiness {
         criteria,
         uncovered,
+        blocking,
+        additive,
         score,
     }
 }
@@ -211,21 +240,59 @@ mod tests {
     use expect_test::{Expect, expect};
 
     use super::*;
+    use crate::Timestamp;
+    use crate::reconcile::{ClassEvidence, ClassState, MismatchClass, tally};
 
+    /// The evidence of one endpoint; `mismatched` of them in one open class of
+    /// their own.
     fn ev(
         endpoint: &str,
         requests: u64,
         compared: u64,
         mismatched: u64,
         errors: u64,
-    ) -> EndpointEvidence {
-        EndpointEvidence {
-            endpoint: endpoint.into(),
-            requests,
-            compared,
+    ) -> (EndpointEvidence, u64) {
+        (
+            EndpointEvidence {
+                endpoint: endpoint.into(),
+                requests,
+                compared,
+                errors,
+            },
             mismatched,
-            errors,
+        )
+    }
+
+    fn classes_of(evidence: &[(EndpointEvidence, u64)]) -> Vec<ClassTally> {
+        let mut classes = Vec::new();
+        let mut rows = Vec::new();
+        for (e, n) in evidence.iter().filter(|(_, n)| *n > 0) {
+            classes.push(MismatchClass {
+                id: e.endpoint.clone(),
+                endpoint: e.endpoint.clone(),
+                path: "$.price".into(),
+                kind: "value".into(),
+                additive: false,
+                state: ClassState::Open,
+                epoch: 0,
+                first_seen: Timestamp::from_unix_millis(0),
+                last_seen: Timestamp::from_unix_millis(0),
+                resolved_at: None,
+                fixed_in: None,
+                regression: false,
+                last_change: None,
+                example: None,
+            });
+            rows.push(ClassEvidence {
+                class: e.endpoint.clone(),
+                epoch: 0,
+                version: String::new(),
+                count: *n,
+                first_at: Timestamp::from_unix_millis(0),
+                last_at: Timestamp::from_unix_millis(0),
+            });
         }
+        tally(&classes, &rows, None)
     }
 
     fn latencies(legacy_ms: u64, new_ms: u64) -> LatencyEvidence {
@@ -237,9 +304,12 @@ mod tests {
         l
     }
 
-    fn check(evidence: &[EndpointEvidence], latency: &LatencyEvidence, expect: Expect) {
+    fn check(evidence: &[(EndpointEvidence, u64)], latency: &LatencyEvidence, expect: Expect) {
+        let classes = classes_of(evidence);
+        let endpoints: Vec<EndpointEvidence> = evidence.iter().map(|(e, _)| e.clone()).collect();
         let r = judge(
-            evidence,
+            &endpoints,
+            &classes,
             latency,
             &Thresholds {
                 min_comparisons: 100,
@@ -300,7 +370,7 @@ mod tests {
             expect![[r#"
                 ready=false score=0.27
                 pass comparisons: 202 compared; at least 100 needed
-                FAIL mismatches: 1 mismatched; at most 0 allowed
+                FAIL mismatches: 1 mismatched in 1 open class; at most 0 allowed
                 FAIL coverage: 1 of 3 endpoints compared at least 5 times
                 FAIL shadow errors: 1.46% of shadow requests failed; at most 1.00% allowed
                 FAIL latency: new p50 218.6 ms p99 218.6 ms vs legacy p50 43.2 ms p99 43.2 ms; new p99 at most 64.9 ms allowed

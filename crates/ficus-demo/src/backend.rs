@@ -106,8 +106,22 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The header in which the rebuilt backend states its version.
+pub const VERSION_HEADER: &str = "x-app-version";
+
+/// The rebuilt backend's version: the release with the bug, or the one that
+/// fixed it.
+pub fn new_version(faults: &Faults) -> &'static str {
+    if faults.bug.load(Ordering::Relaxed) {
+        "2.0.0"
+    } else {
+        "2.0.1"
+    }
+}
+
 /// The API's routes.
 pub fn router(pool: Pool, flavor: Flavor) -> Router {
+    let stamped = flavor.clone();
     Router::new()
         .route("/homes", get(homes).post(add_home))
         .route("/homes/{id}", get(home))
@@ -123,6 +137,20 @@ pub fn router(pool: Pool, flavor: Flavor) -> Router {
             get(|| async { axum::Json(json!({ "ok": true })) }),
         )
         .with_state(App { pool, flavor })
+        .layer(axum::middleware::map_response(
+            move |mut response: axum::response::Response| {
+                let flavor = stamped.clone();
+                async move {
+                    if let Flavor::New { faults } = &flavor {
+                        response.headers_mut().insert(
+                            VERSION_HEADER,
+                            axum::http::HeaderValue::from_static(new_version(faults)),
+                        );
+                    }
+                    response
+                }
+            },
+        ))
 }
 
 /// Runs `work` in one transaction, as the request's tenant on the new backend.
@@ -180,14 +208,23 @@ fn home_json(app: &App, r: &tokio_postgres::Row, detail: bool) -> Value {
         _ => bedrooms,
     };
     let per_bedroom = (price as f64 / f64::from(divisor) * 100.0).round() / 100.0;
-    json!({
+    let mut home = json!({
         "id": r.get::<_, i64>("id"),
         "address": r.get::<_, String>("address"),
         "city": r.get::<_, String>("city"),
         "price": price,
         "bedrooms": bedrooms,
         "price_per_bedroom": per_bedroom,
-    })
+    });
+    // The rebuilt backend grows: a member legacy never had, which no client of
+    // the legacy contract reads. The parallel run shows it and never counts it.
+    if let (Flavor::New { .. }, Some(map)) = (&app.flavor, home.as_object_mut()) {
+        map.insert(
+            "energy_rating".into(),
+            json!(["A", "B", "C", "D"][(bedrooms.unsigned_abs() % 4) as usize]),
+        );
+    }
+    home
 }
 
 #[derive(Deserialize)]

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::path::{Seg, render};
-use crate::{Collector, Difference, Kind, Rules, Sample, fingerprint};
+use crate::{Collector, Compat, Difference, Kind, Rules, Sample, fingerprint};
 
 pub(crate) fn parse(body: &[u8]) -> Result<Value, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
@@ -88,11 +88,29 @@ fn ignored(path: &[Seg], rules: &Rules) -> bool {
     rules.ignore.iter().any(|p| p.matches(path))
 }
 
+/// How a client of the legacy contract sees a difference. Only something new's
+/// answer has and legacy's lacks can be additive: an object member always is, an
+/// array element only when the rules say the array is open (a client may count the
+/// elements or show them all), and nothing is under `additive = "mismatch"`.
+fn compat(path: &[Seg], kind: Kind, rules: &Rules) -> Compat {
+    if kind != Kind::Extra || rules.additive_is_mismatch {
+        return Compat::Breaking;
+    }
+    match path.split_last() {
+        Some((Seg::Key(_), _)) => Compat::Additive,
+        Some((Seg::Index(_), array)) if rules.open_arrays.iter().any(|p| p.matches(array)) => {
+            Compat::Additive
+        }
+        _ => Compat::Breaking,
+    }
+}
+
 fn push(out: &mut Collector<'_>, path: &[Seg], kind: Kind, a: Option<&Value>, b: Option<&Value>) {
     let rules = out.rules;
     out.push(Difference {
         path: render(path),
         kind,
+        compat: compat(path, kind, rules),
         left: a.map(|v| sample(v, rules)),
         right: b.map(|v| sample(v, rules)),
     });

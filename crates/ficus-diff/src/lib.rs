@@ -6,11 +6,18 @@
 //! Every difference carries a redacted [`Sample`] of each side (a type and a short
 //! hash), never the value itself unless the caller asks for it.
 //!
+//! The first response is always legacy's and the second new's, whichever served
+//! the client: a difference is then judged from the point of view of a client of
+//! the legacy contract ([`Compat`]), and something only new's answer has is
+//! *additive*, not a break. [`class`] groups differences into classes that
+//! operators resolve or accept.
+//!
 //! [`noise`] learns which paths differ between two answers of the *same* backend,
 //! so that a timestamp that changes on every call is not reported as a mismatch;
 //! [`endpoint`] groups concrete paths into route templates. Nothing here does IO or
 //! reads a clock.
 
+pub mod class;
 pub mod endpoint;
 mod json;
 pub mod noise;
@@ -61,6 +68,12 @@ pub struct Rules {
     /// a type and a hash.
     pub reveal: bool,
     pub reveal_bytes: usize,
+    /// JSON arrays to which new may append elements without breaking a client
+    /// (a feed, a list of links); elsewhere an extra element is breaking.
+    pub open_arrays: Vec<PathPattern>,
+    /// Every difference is breaking, additive ones too (`additive = "mismatch"`):
+    /// for a route whose clients cannot take a member they do not know.
+    pub additive_is_mismatch: bool,
 }
 
 impl Default for Rules {
@@ -75,12 +88,16 @@ impl Default for Rules {
             max_differences: 50,
             reveal: false,
             reveal_bytes: 256,
+            open_arrays: Vec::new(),
+            additive_is_mismatch: false,
         }
     }
 }
 
 /// What differs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// The status codes differ.
@@ -108,6 +125,59 @@ impl fmt::Display for Kind {
             Kind::Value => "value",
         };
         f.pad(s)
+    }
+}
+
+impl Kind {
+    pub fn parse(raw: &str) -> Option<Kind> {
+        Some(match raw {
+            "status" => Kind::Status,
+            "header" => Kind::Header,
+            "missing" => Kind::Missing,
+            "extra" => Kind::Extra,
+            "type" => Kind::Type,
+            "value" => Kind::Value,
+            _ => return None,
+        })
+    }
+}
+
+/// How a difference looks to a client written against the legacy contract.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Compat {
+    /// The client may read something else than before: a member or element gone, a
+    /// value, type, status or compared header changed, an element added to a
+    /// closed array. It counts against readiness.
+    #[default]
+    Breaking,
+    /// New's answer has something legacy's never had, where a client that does not
+    /// know it is unaffected. It is shown, never counted.
+    Additive,
+}
+
+impl Compat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compat::Breaking => "breaking",
+            Compat::Additive => "additive",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Compat> {
+        match raw {
+            "breaking" => Some(Compat::Breaking),
+            "additive" => Some(Compat::Additive),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Compat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -139,6 +209,10 @@ pub struct Difference {
     /// as `$.items[3].price`.
     pub path: String,
     pub kind: Kind,
+    /// Samples written before compatibility classes read as breaking, which is
+    /// what every difference counted as then.
+    #[serde(default)]
+    pub compat: Compat,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub left: Option<Sample>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -153,11 +227,16 @@ impl fmt::Display for Difference {
         };
         write!(
             f,
-            "{:<7} {}: {} → {}",
+            "{:<7} {}: {} → {}{}",
             self.kind,
             self.path,
             side(&self.left),
-            side(&self.right)
+            side(&self.right),
+            if self.compat == Compat::Additive {
+                " (additive)"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -195,13 +274,15 @@ const NEVER_COMPARED: &[&str] = &[
     "content-length",
 ];
 
-/// Compares `left` (the answer the client got) with `right` (the other backend's).
+/// Compares `left`, legacy's answer, with `right`, new's (whichever of them the
+/// client got): [`Kind::Extra`] is then always something only new has.
 pub fn compare(left: &Response<'_>, right: &Response<'_>, rules: &Rules) -> Outcome {
     let mut out = Collector::new(rules);
     if left.status != right.status {
         out.push(Difference {
             path: "status".into(),
             kind: Kind::Status,
+            compat: Compat::Breaking,
             left: Some(sample_text("status", &left.status.to_string(), true, rules)),
             right: Some(sample_text(
                 "status",
@@ -220,6 +301,7 @@ pub fn compare(left: &Response<'_>, right: &Response<'_>, rules: &Rules) -> Outc
             out.push(Difference {
                 path: format!("header:{name}"),
                 kind: Kind::Header,
+                compat: Compat::Breaking,
                 left: a.map(|v| sample_text("header", v, false, rules)),
                 right: b.map(|v| sample_text("header", v, false, rules)),
             });
@@ -277,6 +359,7 @@ fn compare_bodies(
     out.push(Difference {
         path: "$".into(),
         kind: Kind::Value,
+        compat: Compat::Breaking,
         left: Some(sample_bytes(kind_l, left.body, rules)),
         right: Some(sample_bytes(kind_r, right.body, rules)),
     });
@@ -326,14 +409,20 @@ impl<'r> Collector<'r> {
     }
 }
 
-/// FNV-1a, 64 bits: a short, stable fingerprint for samples. Not cryptographic;
-/// it only lets an operator see that two samples are the same value.
-pub fn fingerprint(bytes: &[u8]) -> String {
+/// FNV-1a, 64 bits: stable across builds and machines, unlike std's hasher.
+pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
+    h
+}
+
+/// A short, stable fingerprint for samples. Not cryptographic; it only lets an
+/// operator see that two samples are the same value.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let h = fnv64(bytes);
     format!("{:08x}", (h >> 32) as u32 ^ h as u32)
 }
 

@@ -66,9 +66,9 @@ fn json_bodies_are_compared_structurally() {
         r#"{"a":1,"c":3}"#,
         &r,
         expect![[r#"
-        missing $.b: 2 → (absent)
-        extra   $.c: (absent) → 3
-    "#]],
+            missing $.b: 2 → (absent)
+            extra   $.c: (absent) → 3 (additive)
+        "#]],
     );
     check(
         r#"{"a":"1"}"#,
@@ -201,8 +201,8 @@ fn path_rules_ignore_reorder_match_by_key_and_tolerate() {
         r#"{"a":1,"b":null}"#,
         &reveal(),
         expect![[r#"
-        extra   $.b: (absent) → null
-    "#]],
+            extra   $.b: (absent) → null (additive)
+        "#]],
     );
 }
 
@@ -395,4 +395,63 @@ fn endpoints_group_identifiers() {
     for (method, path, want) in cases {
         assert_eq!(endpoint(method, path, &templates), want, "{path}");
     }
+}
+
+/// What a client of the legacy contract sees: a member only new has is additive;
+/// an element appended to an array is breaking unless the array is open; under
+/// `additive = "mismatch"` nothing is additive; everything else is breaking.
+#[test]
+fn differences_are_classified_for_a_client_of_the_legacy_contract() {
+    let r = reveal();
+    check(
+        r#"{"id":1,"tags":["a"],"price":10}"#,
+        r#"{"id":1,"tags":["a","b"],"price":10,"energy":"A","links":{"self":"/h/1"}}"#,
+        &r,
+        expect![[r#"
+            extra   $.tags[1]: (absent) → "b"
+            extra   $.energy: (absent) → "A" (additive)
+            extra   $.links: (absent) → {"self":"/h/1"} (additive)
+        "#]],
+    );
+    let open = Rules {
+        open_arrays: vec![pat("$.tags")],
+        ..reveal()
+    };
+    check(
+        r#"{"tags":["a"],"items":[{"id":1}]}"#,
+        r#"{"tags":["a","b"],"items":[{"id":1,"new":true},{"id":2}]}"#,
+        &open,
+        expect![[r#"
+            extra   $.tags[1]: (absent) → "b" (additive)
+            extra   $.items[0].new: (absent) → true (additive)
+            extra   $.items[1]: (absent) → {"id":2}
+        "#]],
+    );
+    // Removing, renaming and retyping always break, in either direction of
+    // serving: the proxy passes legacy's answer first whichever backend served.
+    check(
+        r#"{"price":10,"name":"x","n":1}"#,
+        r#"{"cost":10,"name":null,"n":"1"}"#,
+        &r,
+        expect![[r#"
+            missing $.price: 10 → (absent)
+            type    $.name: "x" → null
+            type    $.n: 1 → "1"
+            extra   $.cost: (absent) → 10 (additive)
+        "#]],
+    );
+    let strict = Rules {
+        additive_is_mismatch: true,
+        open_arrays: vec![pat("$.tags")],
+        ..reveal()
+    };
+    check(
+        r#"{"tags":[]}"#,
+        r#"{"tags":["a"],"energy":"A"}"#,
+        &strict,
+        expect![[r#"
+            extra   $.tags[0]: (absent) → "a"
+            extra   $.energy: (absent) → "A"
+        "#]],
+    );
 }

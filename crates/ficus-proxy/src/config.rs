@@ -123,6 +123,9 @@ pub struct ShadowConfig {
     /// How often comparison counts and samples are written to the store.
     pub flush: Duration,
     pub templates: Vec<ficus_diff::endpoint::Template>,
+    /// The response header in which new states its version; recorded with every
+    /// comparison (a backend's configured `version` is used when it is absent).
+    pub version_header: Option<HeaderName>,
     /// Per-endpoint comparison rules, first match wins; `default_rules` otherwise.
     pub rules: Vec<(String, ficus_diff::Rules)>,
     pub default_rules: ficus_diff::Rules,
@@ -147,6 +150,9 @@ impl ShadowConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     pub upstreams: Vec<SocketAddr>,
+    /// The version deployed, as the operator states it (reloadable); the
+    /// shadow's `version_header` takes precedence when the answer carries it.
+    pub version: Option<String>,
     pub h2c: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
@@ -215,6 +221,7 @@ struct RawShadow {
     flush_ms: Option<u64>,
     #[serde(default)]
     route_templates: Vec<Spanned<String>>,
+    version_header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +237,9 @@ struct RawCompare {
     numeric_tolerance: Option<f64>,
     null_equals_missing: Option<bool>,
     headers: Option<Vec<String>>,
+    #[serde(default)]
+    open_arrays: Vec<Spanned<String>>,
+    additive: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -272,6 +282,7 @@ struct RawBackend {
     read_timeout_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+    version: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -558,8 +569,24 @@ impl Cx<'_> {
             }
         };
         let ms = |v: Option<u64>, default: u64| Duration::from_millis(v.unwrap_or(default).max(1));
+        let version = match &b.version {
+            None => None,
+            Some(v) => match ficus_core::reconcile::version_label(Some(v.get_ref().as_bytes())) {
+                Some(label) if label != "invalid" => Some(label),
+                _ => {
+                    return Err(self.at(
+                        v,
+                        &format!(
+                            "{key}.version: give at most {} printable characters",
+                            ficus_core::reconcile::VERSION_MAX
+                        ),
+                    ));
+                }
+            },
+        };
         Ok(BackendConfig {
             upstreams,
+            version,
             h2c,
             connect_timeout: ms(b.connect_timeout_ms, 2_000),
             read_timeout: ms(b.read_timeout_ms, 30_000),
@@ -595,6 +622,7 @@ impl Cx<'_> {
             reveal: None,
             flush_ms: None,
             route_templates: Vec::new(),
+            version_header: None,
         };
         let r = raw.unwrap_or(&empty);
         let mut unsafe_routes = Vec::new();
@@ -622,6 +650,22 @@ impl Cx<'_> {
                     .map_err(|why| self.at(t, &format!("shadow.route_templates: {why}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let version_header =
+            r.version_header
+                .as_ref()
+                .map(|h| {
+                    HeaderName::from_bytes(h.get_ref().trim().to_ascii_lowercase().as_bytes())
+                        .map_err(|_| {
+                            self.at(
+                                h,
+                                &format!(
+                                    "shadow.version_header: {:?} is not a header name",
+                                    h.get_ref()
+                                ),
+                            )
+                        })
+                })
+                .transpose()?;
         let reveal = r.reveal.unwrap_or(false);
         let default_rules = ficus_diff::Rules {
             reveal,
@@ -655,9 +699,24 @@ impl Cx<'_> {
                     &format!("compare.endpoint: {endpoint:?} is not \"METHOD /route/{{id}}\""),
                 ));
             }
+            let additive_is_mismatch = match c.additive.as_ref().map(|a| (a.get_ref().as_str(), a))
+            {
+                None | Some(("compatible", _)) => false,
+                Some(("mismatch", _)) => true,
+                Some((other, a)) => {
+                    return Err(self.at(
+                        a,
+                        &format!(
+                            "compare.additive: {other:?} is not \"compatible\" or \"mismatch\""
+                        ),
+                    ));
+                }
+            };
             rules.push((
                 endpoint.clone(),
                 ficus_diff::Rules {
+                    open_arrays: patterns(&c.open_arrays, "open_arrays")?,
+                    additive_is_mismatch,
                     ignore: patterns(&c.ignore, "ignore")?,
                     unordered: patterns(&c.unordered, "unordered")?,
                     match_by_key: by_key,
@@ -685,6 +744,7 @@ impl Cx<'_> {
             reveal,
             flush: Duration::from_millis(r.flush_ms.unwrap_or(2_000).max(100)),
             templates,
+            version_header,
             rules,
             default_rules,
         })

@@ -124,21 +124,22 @@ async fn flush_traffic(shared: &Shared, store: &dyn ControlStore) {
     }
 }
 
-/// Writes comparison evidence (counts, mismatch samples, noise) to the store; on
-/// failure counts and samples are kept for the next attempt.
+/// Writes comparison evidence (counts, mismatch samples, noise, mismatch
+/// classes) to the store; on failure all but the noise (which is sent whole
+/// every time) is kept for the next attempt.
 async fn flush_comparisons(shared: &Shared, store: &dyn ControlStore) {
     let latencies = shared.shadow.take_latencies();
     if let Err(e) = store.record_latencies(&latencies).await {
         tracing::warn!(error = %e, "could not record latencies; will retry");
         shared.shadow.restore_latencies(latencies);
     }
-    let (counts, samples, noise) = shared.shadow.take();
-    if counts.is_empty() && samples.is_empty() && noise.is_empty() {
+    let evidence = shared.shadow.take();
+    if evidence == ficus_store::Evidence::default() {
         return;
     }
-    if let Err(e) = store.record_comparisons(&counts, &samples, &noise).await {
+    if let Err(e) = store.record_comparisons(&evidence).await {
         tracing::warn!(error = %e, "could not record comparisons; will retry");
-        shared.shadow.restore(counts, samples);
+        shared.shadow.restore(evidence);
     }
 }
 

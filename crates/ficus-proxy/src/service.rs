@@ -117,6 +117,8 @@ struct Admitted {
     served_by: Backend,
     compare_with: Backend,
     endpoint: String,
+    /// The accepted mismatch classes of the table this request was routed by.
+    accepted: Arc<ficus_diff::class::Accepted>,
 }
 
 /// The largest request id accepted from a client; longer ones are replaced.
@@ -493,6 +495,7 @@ impl ProxyHttp for Ficus {
                         served_by,
                         compare_with,
                         endpoint,
+                        accepted: Arc::clone(&table.accepted),
                     });
                 }
             }
@@ -636,6 +639,9 @@ impl ProxyHttp for Ficus {
                     guard: (ctx.stage == Some(Stage::Migrated)
                         && admitted.served_by == Backend::New)
                         .then_some(s.guard),
+                    accepted: admitted.accepted,
+                    new_version: s.new.version.clone(),
+                    version_header: sh.version_header.clone(),
                 };
                 let done = self.shared.shadow.spawn(admitted.permit, request, plan);
                 ctx.pending = Some(Pending {

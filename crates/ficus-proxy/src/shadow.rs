@@ -18,10 +18,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ficus_core::latency::Histogram;
+use ficus_core::reconcile::{ClassExample, version_label};
 use ficus_core::{Backend, TenantId, Timestamp};
+use ficus_diff::class::{Accepted, ClassKey, classify};
 use ficus_diff::noise::NoiseModel;
-use ficus_diff::{Response, Rules};
-use ficus_store::{ComparisonCount, LatencyReport, MismatchSample, NoiseEntry};
+use ficus_diff::{Compat, Difference, Response, Rules};
+use ficus_store::{
+    ClassCount, ComparisonCount, Evidence, LatencyReport, MismatchSample, NoiseEntry,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use tokio::sync::{Semaphore, oneshot};
 
@@ -132,6 +136,22 @@ struct Counts {
     shed: u64,
 }
 
+/// One class's mismatches in one tenant's evidence on one version, since the
+/// last report.
+#[derive(Debug, Clone)]
+struct ClassAgg {
+    key: ClassKey,
+    additive: bool,
+    count: u64,
+    first_at: i64,
+    last_at: i64,
+    example: Option<ClassExample>,
+}
+
+/// Keys of the comparison counts: tenant, endpoint, version of new (`""` when
+/// not known, as for requests counted before any answer).
+type CountKey = (TenantId, String, String);
+
 /// Everything the shadow leg shares across requests.
 pub struct Shadow {
     /// Shadow requests and comparisons run here, on their own thread, so that
@@ -140,7 +160,9 @@ pub struct Shadow {
     slots: Arc<Semaphore>,
     http1: reqwest::Client,
     h2c: reqwest::Client,
-    counts: Mutex<HashMap<(TenantId, String), Counts>>,
+    counts: Mutex<HashMap<CountKey, Counts>>,
+    /// Per tenant, class id and version.
+    classes: Mutex<HashMap<(TenantId, String, String), ClassAgg>>,
     /// Latencies of both sides of compared reads, per tenant and backend.
     latencies: Mutex<HashMap<(TenantId, Backend), Histogram>>,
     guard: Arc<Guard>,
@@ -203,6 +225,11 @@ pub struct Plan {
     pub cap: usize,
     /// Set for reverse shadow of a migrated tenant: the guard counts mismatches.
     pub guard: Option<GuardConfig>,
+    /// Classes accepted as intended, from the routing table of this request.
+    pub accepted: Arc<Accepted>,
+    /// New's version as configured, and the header that may state it instead.
+    pub new_version: Option<String>,
+    pub version_header: Option<HeaderName>,
 }
 
 impl Shadow {
@@ -225,6 +252,7 @@ impl Shadow {
             http1: build(false),
             h2c: build(true),
             counts: Mutex::new(HashMap::new()),
+            classes: Mutex::new(HashMap::new()),
             latencies: Mutex::new(HashMap::new()),
             guard,
             samples: Mutex::new(Vec::new()),
@@ -234,9 +262,9 @@ impl Shadow {
         }
     }
 
-    fn count(&self, tenant: &TenantId, endpoint: &str, f: impl FnOnce(&mut Counts)) {
+    fn count(&self, tenant: &TenantId, endpoint: &str, version: &str, f: impl FnOnce(&mut Counts)) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (tenant.clone(), endpoint.to_string());
+        let key = (tenant.clone(), endpoint.to_string(), version.to_string());
         let c = counts.entry(key).or_default();
         c.last_at = now_ms();
         f(c);
@@ -277,13 +305,13 @@ impl Shadow {
         endpoint: &str,
         config: &ShadowConfig,
     ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.count(tenant, endpoint, |c| c.requests += 1);
+        self.count(tenant, endpoint, "", |c| c.requests += 1);
         let permit = (self.fraction() < config.sample_rate
             && self.within_rate(tenant, config.max_per_second))
         .then(|| Arc::clone(&self.slots).try_acquire_owned().ok())
         .flatten();
         if permit.is_none() {
-            self.count(tenant, endpoint, |c| c.shed += 1);
+            self.count(tenant, endpoint, "", |c| c.shed += 1);
         }
         permit
     }
@@ -412,12 +440,12 @@ impl Shadow {
             Ok(s) => s,
             Err(error) => {
                 tracing::debug!(%tenant, endpoint, error, "shadow request failed");
-                self.count(tenant, endpoint, |c| c.errors += 1);
+                self.count(tenant, endpoint, "", |c| c.errors += 1);
                 return;
             }
         };
         if primary.overflow || shadow.overflow || primary.encoded || shadow.encoded {
-            self.count(tenant, endpoint, |c| c.shed += 1);
+            self.count(tenant, endpoint, "", |c| c.shed += 1);
             return;
         }
         if let Some(Ok(again)) = again
@@ -431,13 +459,31 @@ impl Shadow {
                 .unwrap_or_else(|p| p.into_inner())
                 .learn(endpoint, &same);
         }
-        let outcome =
-            ficus_diff::compare(&primary.as_response(), &shadow.as_response(), &plan.rules);
+        // Legacy's answer first, whichever served: something only new has is then
+        // `extra`, and additive, in forward and reverse shadow alike.
+        let (legacy, new) = match plan.served_by {
+            Backend::Legacy => (&primary, &shadow),
+            Backend::New => (&shadow, &primary),
+        };
+        let version = plan
+            .version_header
+            .as_ref()
+            .and_then(|h| {
+                new.headers
+                    .iter()
+                    .find(|(k, _)| k == h.as_str())
+                    .map(|(_, v)| version_label(Some(v.as_bytes())))
+            })
+            .flatten()
+            .or_else(|| plan.new_version.clone())
+            .unwrap_or_default();
+        let outcome = ficus_diff::compare(&legacy.as_response(), &new.as_response(), &plan.rules);
         let split = self
             .noise
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .split(endpoint, &outcome);
+        let classified = classify(endpoint, split.mismatches, &plan.accepted);
         {
             let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
             for (backend, micros) in [
@@ -453,32 +499,45 @@ impl Shadow {
                 }
             }
         }
+        let breaking = !classified.breaking.is_empty();
         if let Some(config) = &plan.guard {
-            let mismatched = !split.mismatches.is_empty();
-            self.guard
-                .observe(tenant, Signal::Compared { mismatched }, config);
+            self.guard.observe(
+                tenant,
+                Signal::Compared {
+                    mismatched: breaking,
+                },
+                config,
+            );
         }
-        self.count(tenant, endpoint, |c| {
+        self.count(tenant, endpoint, &version, |c| {
             c.compared += 1;
-            match (split.mismatches.is_empty(), split.noise.is_empty()) {
-                (true, true) => c.matched += 1,
-                (true, false) => c.noise_only += 1,
-                (false, _) => c.mismatched += 1,
+            match (breaking, split.noise.is_empty()) {
+                (false, true) => c.matched += 1,
+                (false, false) => c.noise_only += 1,
+                (true, _) => c.mismatched += 1,
             }
         });
-        if !split.mismatches.is_empty() {
+        let at = now_ms();
+        let request_line = format!("{} {}", request.method, request.path_and_query);
+        let differences: Vec<Difference> = classified
+            .breaking
+            .into_iter()
+            .chain(classified.additive)
+            .collect();
+        self.count_classes(tenant, endpoint, &version, &differences, at, &request_line);
+        if breaking {
             let sample = MismatchSample {
                 tenant: tenant.clone(),
                 endpoint: endpoint.to_string(),
-                at: Timestamp::from_unix_millis(now_ms()),
+                at: Timestamp::from_unix_millis(at),
                 method: request.method.to_string(),
                 path: request.path_and_query.clone(),
                 served_by: plan.served_by.as_str().to_string(),
                 compared_with: plan.compare_with.as_str().to_string(),
                 served_status: primary.status,
                 compared_status: shadow.status,
-                differences: serde_json::to_string(&split.mismatches)
-                    .unwrap_or_else(|_| "[]".into()),
+                differences: serde_json::to_string(&differences).unwrap_or_else(|_| "[]".into()),
+                version: (!version.is_empty()).then(|| version.clone()),
             };
             let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
             if samples.len() >= SAMPLE_QUEUE {
@@ -488,14 +547,59 @@ impl Shadow {
         }
     }
 
+    /// Counts each class once per comparison, keeping its latest difference as
+    /// the class's (redacted) example.
+    fn count_classes(
+        &self,
+        tenant: &TenantId,
+        endpoint: &str,
+        version: &str,
+        differences: &[Difference],
+        at: i64,
+        request_line: &str,
+    ) {
+        if differences.is_empty() {
+            return;
+        }
+        let mut classes = self.classes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = std::collections::HashSet::new();
+        for d in differences {
+            let key = ClassKey::of(endpoint, d);
+            let id = key.id();
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let agg = classes
+                .entry((tenant.clone(), id, version.to_string()))
+                .or_insert_with(|| ClassAgg {
+                    key,
+                    additive: d.compat == Compat::Additive,
+                    count: 0,
+                    first_at: at,
+                    last_at: at,
+                    example: None,
+                });
+            agg.count += 1;
+            agg.first_at = agg.first_at.min(at);
+            agg.last_at = agg.last_at.max(at);
+            agg.example = Some(ClassExample {
+                at: Timestamp::from_unix_millis(at),
+                request: request_line.to_string(),
+                version: (!version.is_empty()).then(|| version.to_string()),
+                difference: serde_json::to_string(d).unwrap_or_else(|_| "{}".into()),
+            });
+        }
+    }
+
     /// Takes the evidence gathered since the last call, for the store.
-    pub fn take(&self) -> (Vec<ComparisonCount>, Vec<MismatchSample>, Vec<NoiseEntry>) {
+    pub fn take(&self) -> Evidence {
         let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()));
         let counts = counts
             .into_iter()
-            .map(|((tenant, endpoint), c)| ComparisonCount {
+            .map(|((tenant, endpoint, version), c)| ComparisonCount {
                 tenant,
                 endpoint,
+                version,
                 last_at: Timestamp::from_unix_millis(c.last_at),
                 requests: c.requests,
                 compared: c.compared,
@@ -504,6 +608,22 @@ impl Shadow {
                 noise_only: c.noise_only,
                 errors: c.errors,
                 shed: c.shed,
+            })
+            .collect();
+        let classes = std::mem::take(&mut *self.classes.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .map(|((tenant, id, version), a)| ClassCount {
+                tenant,
+                id,
+                endpoint: a.key.endpoint,
+                path: a.key.path,
+                kind: a.key.kind.to_string(),
+                additive: a.additive,
+                version,
+                count: a.count,
+                first_at: Timestamp::from_unix_millis(a.first_at),
+                last_at: Timestamp::from_unix_millis(a.last_at),
+                example: a.example,
             })
             .collect();
         let samples = std::mem::take(&mut *self.samples.lock().unwrap_or_else(|p| p.into_inner()));
@@ -522,7 +642,12 @@ impl Shadow {
                 updated_at: at,
             })
             .collect();
-        (counts, samples, noise)
+        Evidence {
+            counts,
+            samples,
+            noise,
+            classes,
+        }
     }
 
     /// Takes the latencies measured since the last call, for the store.
@@ -551,9 +676,9 @@ impl Shadow {
     }
 
     /// Puts back evidence whose write failed.
-    pub fn restore(&self, counts: Vec<ComparisonCount>, samples: Vec<MismatchSample>) {
-        for c in counts {
-            self.count(&c.tenant, &c.endpoint, |k| {
+    pub fn restore(&self, evidence: Evidence) {
+        for c in evidence.counts {
+            self.count(&c.tenant, &c.endpoint, &c.version, |k| {
                 k.requests += c.requests;
                 k.compared += c.compared;
                 k.matched += c.matched;
@@ -563,8 +688,36 @@ impl Shadow {
                 k.shed += c.shed;
             });
         }
+        {
+            let mut classes = self.classes.lock().unwrap_or_else(|p| p.into_inner());
+            for c in evidence.classes {
+                let Some(kind) = ficus_diff::Kind::parse(&c.kind) else {
+                    continue;
+                };
+                let agg = classes
+                    .entry((c.tenant, c.id, c.version))
+                    .or_insert_with(|| ClassAgg {
+                        key: ClassKey {
+                            endpoint: c.endpoint,
+                            path: c.path,
+                            kind,
+                        },
+                        additive: c.additive,
+                        count: 0,
+                        first_at: c.first_at.unix_millis(),
+                        last_at: c.last_at.unix_millis(),
+                        example: None,
+                    });
+                agg.count += c.count;
+                agg.first_at = agg.first_at.min(c.first_at.unix_millis());
+                agg.last_at = agg.last_at.max(c.last_at.unix_millis());
+                if agg.example.is_none() {
+                    agg.example = c.example;
+                }
+            }
+        }
         let mut queue = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        for s in samples {
+        for s in evidence.samples {
             if queue.len() < SAMPLE_QUEUE {
                 queue.push(s);
             }

@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
+use ficus_core::reconcile::ClassState;
 use ficus_core::{Domain, Stage, Tenant, TenantId};
+use ficus_diff::Kind;
+use ficus_diff::class::{Accepted, ClassKey};
 use ficus_store::{ConfigVersion, ControlStore, FeedEvent, OpenMode, StoreUrl};
 use tokio::sync::watch;
 
@@ -40,6 +43,9 @@ pub struct RoutingTable {
     configs: HashMap<TenantId, Arc<ServedConfig>>,
     /// When this table was built; for the snapshot-age metric.
     pub built_at: SystemTime,
+    /// Mismatch classes accepted as intended: comparison rules every replica
+    /// applies from the change that accepted them.
+    pub accepted: Arc<Accepted>,
 }
 
 impl RoutingTable {
@@ -51,6 +57,7 @@ impl RoutingTable {
             domains: HashMap::new(),
             configs: HashMap::new(),
             built_at: SystemTime::now(),
+            accepted: Arc::new(Accepted::default()),
         };
         for t in tenants {
             table.upsert(t);
@@ -213,6 +220,21 @@ pub async fn follow(
                 for c in &configs {
                     loaded.set_config(&c.tenant, Some(c));
                 }
+            }
+            Err(e) => {
+                note_failure(&e.to_string(), &health);
+                continue 'reload;
+            }
+        }
+        match store.mismatch_classes(Some(ClassState::Accepted)).await {
+            Ok(classes) => {
+                loaded.accepted = Arc::new(Accepted::new(classes.into_iter().filter_map(|c| {
+                    Some(ClassKey {
+                        kind: Kind::parse(&c.kind)?,
+                        endpoint: c.endpoint,
+                        path: c.path,
+                    })
+                })));
             }
             Err(e) => {
                 note_failure(&e.to_string(), &health);

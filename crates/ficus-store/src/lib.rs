@@ -23,6 +23,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ficus_core::latency::Histogram;
 use ficus_core::readiness::LatencyEvidence;
+use ficus_core::reconcile::{
+    ClassError, ClassEvent, ClassEvidence, ClassExample, ClassState, MismatchClass,
+};
 use ficus_core::{
     Actor, AuditEvent, Backend, Domain, Progress, Stage, Tenant, TenantId, Timestamp,
     TransitionError,
@@ -35,7 +38,7 @@ pub use crate::url::StoreUrl;
 
 /// The schema version this build writes. A store with a higher version was written by
 /// a newer Ficus and is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// A tenant to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +97,9 @@ pub struct ComparisonCount {
     pub tenant: TenantId,
     /// `GET /homes/{id}`.
     pub endpoint: String,
+    /// The version of new that answered (`""`: not known). Readiness can count
+    /// one version's evidence only.
+    pub version: String,
     /// When the last of these was counted.
     pub last_at: Timestamp,
     /// Requests of this endpoint answered for the tenant (compared or not).
@@ -123,7 +129,52 @@ pub struct MismatchSample {
     pub compared_with: String,
     pub served_status: u16,
     pub compared_status: u16,
+    /// The diff engine's differences, legacy's answer first whichever served.
     pub differences: String,
+    /// The version of new that answered, when known.
+    pub version: Option<String>,
+}
+
+/// How often one mismatch class showed up for one tenant in one proxy's report:
+/// the number of comparisons that had at least one difference of the class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassCount {
+    pub tenant: TenantId,
+    /// The class's id, as the diff engine computes it from the next three.
+    pub id: String,
+    pub endpoint: String,
+    pub path: String,
+    pub kind: String,
+    pub additive: bool,
+    /// The version of new that answered (`""`: not known).
+    pub version: String,
+    pub count: u64,
+    pub first_at: Timestamp,
+    /// The latest observation; it decides whether the evidence came before or
+    /// after the class was resolved.
+    pub last_at: Timestamp,
+    pub example: Option<ClassExample>,
+}
+
+/// Everything one proxy report carries about comparisons.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Evidence {
+    pub counts: Vec<ComparisonCount>,
+    pub samples: Vec<MismatchSample>,
+    pub noise: Vec<NoiseEntry>,
+    pub classes: Vec<ClassCount>,
+}
+
+/// A lifecycle change of a mismatch class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassChange {
+    /// The class's full id.
+    pub id: String,
+    pub to: ClassState,
+    pub actor: Actor,
+    pub reason: String,
+    /// For a resolution: the version of new that fixed it.
+    pub fixed_in: Option<String>,
 }
 
 /// A response path learned as noise on an endpoint.
@@ -305,17 +356,33 @@ pub trait ControlStore: Send + Sync + 'static {
     /// Legacy traffic per tenant since `since`, summed over proxies.
     async fn legacy_traffic(&self, since: Timestamp) -> Result<Vec<TrafficCount>>;
 
-    /// Adds a proxy's comparison evidence: counts (summed per tenant, endpoint and
-    /// hour), mismatch samples (the newest `SAMPLES_KEPT` per tenant and endpoint are
-    /// kept) and its current noise paths (replacing what was known of them).
-    async fn record_comparisons(
-        &self,
-        counts: &[ComparisonCount],
-        samples: &[MismatchSample],
-        noise: &[NoiseEntry],
-    ) -> Result<()>;
+    /// Adds a proxy's comparison evidence: counts (summed per tenant, endpoint,
+    /// version and hour), mismatch samples (the newest `SAMPLES_KEPT` per tenant
+    /// and endpoint are kept), its current noise paths (replacing what was known of
+    /// them) and its mismatch classes. A class seen for the first time is created
+    /// open; evidence observed after a class was resolved reopens it as a
+    /// regression, in the same transaction.
+    async fn record_comparisons(&self, evidence: &Evidence) -> Result<()>;
 
-    /// A tenant's comparison counts per endpoint since `since`.
+    /// Every mismatch class, or those in `state`, by endpoint and path.
+    async fn mismatch_classes(&self, state: Option<ClassState>) -> Result<Vec<MismatchClass>>;
+
+    /// Mismatch evidence since `since` per class, epoch and version: one
+    /// tenant's, or every tenant's summed.
+    async fn class_evidence(
+        &self,
+        tenant: Option<&TenantId>,
+        since: Timestamp,
+    ) -> Result<Vec<ClassEvidence>>;
+
+    /// Resolves, accepts or reopens a class, with its audit entry; the change
+    /// feed tells every proxy (an accepted class is a comparison rule).
+    async fn change_class(&self, change: ClassChange) -> Result<MismatchClass>;
+
+    /// A class's lifecycle changes, oldest first.
+    async fn class_history(&self, id: &str) -> Result<Vec<ClassEvent>>;
+
+    /// A tenant's comparison counts per endpoint and version since `since`.
     async fn comparison_stats(
         &self,
         tenant: &TenantId,
@@ -488,6 +555,10 @@ pub enum StoreError {
     },
     #[error("a reason is required and must not be empty")]
     MissingReason,
+    #[error("no mismatch class {0}; `ficus mismatches --classes` lists them")]
+    UnknownClass(String),
+    #[error(transparent)]
+    Class(#[from] ClassError),
     #[error("import refused, nothing was added: {}", .0.iter().map(|c| format!("entry {}: {}", c.index + 1, c.describe(|i| format!("entry {}", i + 1)))).collect::<Vec<_>>().join("; "))]
     ImportConflicts(Vec<ImportConflict>),
     #[error("the store holds a value ficus cannot read ({0}); was it edited by hand?")]

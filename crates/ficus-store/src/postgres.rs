@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use ficus_core::readiness::LatencyEvidence;
+use ficus_core::reconcile::{ClassEvent, ClassEvidence, ClassState, MismatchClass};
 use ficus_core::{Actor, AuditEvent, Domain, Progress, Stage, Tenant, TenantId, Timestamp};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -25,10 +26,10 @@ use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ComparisonCount, ConfigChange, ConfigVersion, ControlStore, InitOutcome, JobState,
-    LatencyReport, MismatchSample, NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result,
-    SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl, SuspendChange,
-    TrafficCount, now,
+    AuditQuery, ClassChange, ClassCount, ComparisonCount, ConfigChange, ConfigVersion,
+    ControlStore, Evidence, InitOutcome, JobState, LatencyReport, MismatchSample, NewTenant,
+    NoiseEntry, OpenMode, ProvisionJob, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot,
+    StageChange, StoreError, StoreUrl, SuspendChange, TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -194,6 +195,59 @@ CREATE TABLE {s}.provision_jobs (
 );
 CREATE INDEX provision_jobs_state ON {s}.provision_jobs (state, created_at);
 "#,
+    r#"
+ALTER TABLE {s}.comparisons ADD COLUMN version text NOT NULL DEFAULT '';
+ALTER TABLE {s}.comparisons DROP CONSTRAINT comparisons_pkey;
+ALTER TABLE {s}.comparisons ADD PRIMARY KEY (tenant_id, endpoint, version, hour);
+ALTER TABLE {s}.mismatch_samples ADD COLUMN version text;
+CREATE TABLE {s}.mismatch_classes (
+    id                 text PRIMARY KEY,
+    endpoint           text NOT NULL,
+    path               text NOT NULL,
+    kind               text NOT NULL,
+    additive           boolean NOT NULL,
+    state              text NOT NULL CHECK (state IN ('open', 'resolved', 'accepted')),
+    epoch              bigint NOT NULL CHECK (epoch >= 0),
+    first_seen         bigint NOT NULL,
+    last_seen          bigint NOT NULL,
+    resolved_at        bigint,
+    fixed_in           text,
+    regression         boolean NOT NULL DEFAULT false,
+    example_at         bigint,
+    example_request    text,
+    example_version    text,
+    example_difference text,
+    change_at          bigint,
+    change_action      text,
+    change_actor       text,
+    change_reason      text,
+    change_version     text
+);
+CREATE TABLE {s}.mismatch_class_counts (
+    tenant_id text NOT NULL,
+    class_id  text NOT NULL,
+    epoch     bigint NOT NULL,
+    version   text NOT NULL,
+    hour      bigint NOT NULL,
+    count     bigint NOT NULL,
+    first_at  bigint NOT NULL,
+    last_at   bigint NOT NULL,
+    PRIMARY KEY (tenant_id, hour, class_id, epoch, version)
+);
+CREATE INDEX mismatch_class_counts_hour ON {s}.mismatch_class_counts (hour);
+CREATE TABLE {s}.mismatch_class_events (
+    seq      bigserial PRIMARY KEY,
+    at       bigint NOT NULL,
+    class_id text NOT NULL,
+    action   text NOT NULL,
+    actor    text NOT NULL,
+    reason   text NOT NULL,
+    version  text
+);
+CREATE INDEX mismatch_class_events_class ON {s}.mismatch_class_events (class_id, seq);
+CREATE TRIGGER mismatch_class_events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {s}.mismatch_class_events
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_log_append_only();
+"#,
 ];
 
 /// The PostgreSQL control store.
@@ -283,6 +337,133 @@ fn pg_detail(e: &tokio_postgres::Error) -> String {
 impl Inner {
     fn q(&self, sql: &str) -> String {
         sql.replace("{s}", &self.schema)
+    }
+
+    /// A class, locked for the rest of the transaction when `lock` is set.
+    async fn load_class(
+        &self,
+        tx: &impl GenericClient,
+        id: &str,
+        lock: bool,
+    ) -> Result<Option<MismatchClass>> {
+        let sql = format!(
+            "SELECT {} FROM {{s}}.mismatch_classes WHERE id = $1{}",
+            rules::CLASS_COLUMNS,
+            if lock { " FOR UPDATE" } else { "" }
+        );
+        tx.query_opt(&self.q(&sql), &[&id])
+            .await
+            .map_err(self.err("reading a mismatch class"))?
+            .map(|r| rules::class_from_row(class_row(&r)))
+            .transpose()
+    }
+
+    /// Writes a class's lifecycle columns and appends the change to its history.
+    async fn write_class(
+        &self,
+        tx: &impl GenericClient,
+        c: &MismatchClass,
+        event: &ClassEvent,
+    ) -> Result<()> {
+        tx.execute(
+            &self.q(
+                "UPDATE {s}.mismatch_classes SET state = $2, epoch = $3, resolved_at = $4, fixed_in = $5, regression = $6,
+                     change_at = $7, change_action = $8, change_actor = $9, change_reason = $10, change_version = $11
+                 WHERE id = $1",
+            ),
+            &[
+                &c.id,
+                &c.state.as_str(),
+                &(c.epoch as i64),
+                &c.resolved_at.map(Timestamp::unix_millis),
+                &c.fixed_in,
+                &c.regression,
+                &event.at.unix_millis(),
+                &event.action,
+                &event.actor.as_str(),
+                &event.reason,
+                &event.version,
+            ],
+        )
+        .await
+        .map_err(self.err("changing a mismatch class"))?;
+        tx.execute(
+            &self.q("INSERT INTO {s}.mismatch_class_events (at, class_id, action, actor, reason, version) VALUES ($1, $2, $3, $4, $5, $6)"),
+            &[&event.at.unix_millis(), &c.id, &event.action, &event.actor.as_str(), &event.reason, &event.version],
+        )
+        .await
+        .map_err(self.err("changing a mismatch class"))?;
+        Ok(())
+    }
+
+    /// Creates or updates a reported class (which locks it until commit, so a
+    /// concurrent resolution waits or is waited for), reopens it if the evidence
+    /// came after its resolution, and adds the count under its epoch.
+    async fn record_class(
+        &self,
+        tx: &impl GenericClient,
+        c: &ClassCount,
+        at: Timestamp,
+    ) -> Result<()> {
+        let example = c.example.as_ref();
+        tx.execute(
+            &self.q(
+                "INSERT INTO {s}.mismatch_classes AS m (id, endpoint, path, kind, additive, state, epoch, first_seen, last_seen,
+                     example_at, example_request, example_version, example_difference)
+                 VALUES ($1, $2, $3, $4, $5, 'open', 0, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (id) DO UPDATE SET
+                     first_seen = least(m.first_seen, excluded.first_seen), last_seen = greatest(m.last_seen, excluded.last_seen),
+                     example_at = coalesce(excluded.example_at, m.example_at),
+                     example_request = coalesce(excluded.example_request, m.example_request),
+                     example_version = CASE WHEN excluded.example_at IS NULL THEN m.example_version ELSE excluded.example_version END,
+                     example_difference = coalesce(excluded.example_difference, m.example_difference)",
+            ),
+            &[
+                &c.id,
+                &c.endpoint,
+                &c.path,
+                &c.kind,
+                &c.additive,
+                &c.first_at.unix_millis(),
+                &c.last_at.unix_millis(),
+                &example.map(|e| e.at.unix_millis()),
+                &example.map(|e| e.request.as_str()),
+                &example.and_then(|e| e.version.as_deref()),
+                &example.map(|e| e.difference.as_str()),
+            ],
+        )
+        .await
+        .map_err(self.err("recording a mismatch class"))?;
+        let class = self
+            .load_class(tx, &c.id, false)
+            .await?
+            .ok_or_else(|| StoreError::UnknownClass(c.id.clone()))?;
+        let (epoch, reopened) = rules::place_evidence(&class, c, at);
+        if let Some((reopened, event)) = reopened {
+            self.write_class(tx, &reopened, &event).await?;
+        }
+        tx.execute(
+            &self.q(
+                "INSERT INTO {s}.mismatch_class_counts AS n (tenant_id, class_id, epoch, version, hour, count, first_at, last_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (tenant_id, hour, class_id, epoch, version) DO UPDATE SET
+                     count = n.count + excluded.count, first_at = least(n.first_at, excluded.first_at),
+                     last_at = greatest(n.last_at, excluded.last_at)",
+            ),
+            &[
+                &c.tenant.as_str(),
+                &c.id,
+                &epoch,
+                &c.version,
+                &rules::hour_of(c.last_at),
+                &(c.count as i64),
+                &c.first_at.unix_millis(),
+                &c.last_at.unix_millis(),
+            ],
+        )
+        .await
+        .map_err(self.err("recording mismatch evidence"))?;
+        Ok(())
     }
 
     fn err(&self, context: &str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
@@ -1075,12 +1256,13 @@ impl ControlStore for PgStore {
             .collect()
     }
 
-    async fn record_comparisons(
-        &self,
-        counts: &[ComparisonCount],
-        samples: &[MismatchSample],
-        noise: &[NoiseEntry],
-    ) -> Result<()> {
+    async fn record_comparisons(&self, evidence: &Evidence) -> Result<()> {
+        let Evidence {
+            counts,
+            samples,
+            noise,
+            classes,
+        } = evidence;
         let s = &*self.inner;
         let mut client = s.client().await?;
         let tx = client
@@ -1090,9 +1272,9 @@ impl ControlStore for PgStore {
         for c in counts {
             tx.execute(
                 &s.q(
-                    "INSERT INTO {s}.comparisons AS c (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                     ON CONFLICT (tenant_id, endpoint, hour) DO UPDATE SET
+                    "INSERT INTO {s}.comparisons AS c (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed, version)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     ON CONFLICT (tenant_id, endpoint, version, hour) DO UPDATE SET
                          last_at = greatest(c.last_at, excluded.last_at), requests = c.requests + excluded.requests,
                          compared = c.compared + excluded.compared, matched = c.matched + excluded.matched,
                          mismatched = c.mismatched + excluded.mismatched, noise_only = c.noise_only + excluded.noise_only,
@@ -1110,6 +1292,7 @@ impl ControlStore for PgStore {
                     &(c.noise_only as i64),
                     &(c.errors as i64),
                     &(c.shed as i64),
+                    &c.version,
                 ],
             )
             .await
@@ -1118,8 +1301,8 @@ impl ControlStore for PgStore {
         for m in samples {
             tx.execute(
                 &s.q(
-                    "INSERT INTO {s}.mismatch_samples (tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO {s}.mismatch_samples (tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences, version)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 ),
                 &[
                     &m.tenant.as_str(),
@@ -1132,6 +1315,7 @@ impl ControlStore for PgStore {
                     &i32::from(m.served_status),
                     &i32::from(m.compared_status),
                     &m.differences,
+                    &m.version,
                 ],
             )
             .await
@@ -1158,7 +1342,101 @@ impl ControlStore for PgStore {
             .await
             .map_err(s.err("recording noise"))?;
         }
+        let at = now();
+        for c in classes {
+            s.record_class(&*tx, c, at).await?;
+        }
         tx.commit().await.map_err(s.err("committing"))
+    }
+
+    async fn mismatch_classes(&self, state: Option<ClassState>) -> Result<Vec<MismatchClass>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let sql = format!(
+            "SELECT {} FROM {{s}}.mismatch_classes WHERE ($1::text IS NULL OR state = $1) ORDER BY endpoint, path, kind",
+            rules::CLASS_COLUMNS
+        );
+        let rows = client
+            .query(&s.q(&sql), &[&state.map(ClassState::as_str)])
+            .await
+            .map_err(s.err("reading mismatch classes"))?;
+        rows.iter()
+            .map(|r| rules::class_from_row(class_row(r)))
+            .collect()
+    }
+
+    async fn class_evidence(
+        &self,
+        tenant: Option<&TenantId>,
+        since: Timestamp,
+    ) -> Result<Vec<ClassEvidence>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT class_id, epoch, version, sum(count)::bigint, min(first_at), max(last_at) FROM {s}.mismatch_class_counts
+                     WHERE ($1::text IS NULL OR tenant_id = $1) AND hour >= $2 GROUP BY class_id, epoch, version",
+                ),
+                &[&tenant.map(TenantId::as_str), &rules::hour_of(since)],
+            )
+            .await
+            .map_err(s.err("reading mismatch evidence"))?;
+        Ok(rows
+            .iter()
+            .map(|r| ClassEvidence {
+                class: r.get(0),
+                epoch: r.get::<_, i64>(1).max(0) as u64,
+                version: r.get(2),
+                count: r.get::<_, i64>(3).max(0) as u64,
+                first_at: Timestamp::from_unix_millis(r.get(4)),
+                last_at: Timestamp::from_unix_millis(r.get(5)),
+            })
+            .collect())
+    }
+
+    async fn change_class(&self, change: ClassChange) -> Result<MismatchClass> {
+        let s = &*self.inner;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        let seq = s.next_seq(&*tx).await?;
+        let class = s
+            .load_class(&*tx, &change.id, true)
+            .await?
+            .ok_or_else(|| StoreError::UnknownClass(change.id.clone()))?;
+        let (class, event) = rules::changed_class(class, &change, now())?;
+        s.write_class(&*tx, &class, &event).await?;
+        // Every proxy reloads: an accepted class is a comparison rule.
+        s.record_change(&*tx, seq, None).await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        Ok(class)
+    }
+
+    async fn class_history(&self, id: &str) -> Result<Vec<ClassEvent>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q("SELECT at, action, actor, reason, version FROM {s}.mismatch_class_events WHERE class_id = $1 ORDER BY seq"),
+                &[&id],
+            )
+            .await
+            .map_err(s.err("reading a class's history"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(ClassEvent {
+                    at: Timestamp::from_unix_millis(r.get(0)),
+                    action: r.get(1),
+                    actor: Actor::parse(r.get(2))
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    reason: r.get(3),
+                    version: r.get(4),
+                })
+            })
+            .collect()
     }
 
     async fn record_latencies(&self, reports: &[LatencyReport]) -> Result<()> {
@@ -1275,7 +1553,8 @@ impl ControlStore for PgStore {
                 &s.q(
                     "SELECT endpoint, max(last_at), sum(requests)::bigint, sum(compared)::bigint, sum(matched)::bigint,
                             sum(mismatched)::bigint, sum(noise_only)::bigint, sum(errors)::bigint, sum(shed)::bigint
-                     FROM {s}.comparisons WHERE tenant_id = $1 AND hour >= $2 GROUP BY endpoint ORDER BY endpoint",
+                            , version
+                     FROM {s}.comparisons WHERE tenant_id = $1 AND hour >= $2 GROUP BY endpoint, version ORDER BY endpoint, version",
                 ),
                 &[&tenant.as_str(), &rules::hour_of(since)],
             )
@@ -1288,6 +1567,7 @@ impl ControlStore for PgStore {
                 ComparisonCount {
                     tenant: tenant.clone(),
                     endpoint: r.get(0),
+                    version: r.get(9),
                     last_at: Timestamp::from_unix_millis(r.get(1)),
                     requests: n(2),
                     compared: n(3),
@@ -1312,7 +1592,7 @@ impl ControlStore for PgStore {
         let rows = client
             .query(
                 &s.q(
-                    "SELECT tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences
+                    "SELECT tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences, version
                      FROM {s}.mismatch_samples WHERE tenant_id = $1 AND ($2::text IS NULL OR endpoint = $2) ORDER BY seq DESC LIMIT $3",
                 ),
                 &[&tenant.as_str(), &endpoint, &(limit.min(i64::MAX as u64) as i64)],
@@ -1332,6 +1612,7 @@ impl ControlStore for PgStore {
                     served_status: u16::try_from(r.get::<_, i32>(7)).unwrap_or(0),
                     compared_status: u16::try_from(r.get::<_, i32>(8)).unwrap_or(0),
                     differences: r.get(9),
+                    version: r.get(10),
                 })
             })
             .collect()
@@ -1832,5 +2113,31 @@ fn job_row(r: &Row) -> JobRow {
         last_error: r.get(7),
         created_at: r.get(8),
         updated_at: r.get(9),
+    }
+}
+
+fn class_row(r: &Row) -> rules::ClassRow {
+    rules::ClassRow {
+        id: r.get(0),
+        endpoint: r.get(1),
+        path: r.get(2),
+        kind: r.get(3),
+        additive: r.get(4),
+        state: r.get(5),
+        epoch: r.get(6),
+        first_seen: r.get(7),
+        last_seen: r.get(8),
+        resolved_at: r.get(9),
+        fixed_in: r.get(10),
+        regression: r.get(11),
+        example_at: r.get(12),
+        example_request: r.get(13),
+        example_version: r.get(14),
+        example_difference: r.get(15),
+        change_at: r.get(16),
+        change_action: r.get(17),
+        change_actor: r.get(18),
+        change_reason: r.get(19),
+        change_version: r.get(20),
     }
 }

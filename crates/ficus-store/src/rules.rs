@@ -9,9 +9,13 @@ use ficus_core::{
     Actor, AuditEvent, Backend, Domain, Stage, Tenant, TenantId, Timestamp, Transition,
 };
 
+use ficus_core::reconcile::{
+    ClassEvent, ClassExample, ClassState, MismatchClass, check_change, place,
+};
+
 use crate::{
-    ConfigChange, ConfigVersion, ConflictKind, ImportConflict, JobState, NewTenant, ProvisionJob,
-    StageChange, StoreError, SuspendChange, format_time,
+    ClassChange, ClassCount, ConfigChange, ConfigVersion, ConflictKind, ImportConflict, JobState,
+    NewTenant, ProvisionJob, StageChange, StoreError, SuspendChange, format_time,
 };
 
 /// One audit event about to be appended, as both stores write it.
@@ -369,4 +373,160 @@ pub(crate) fn legacy_last_request(
 
 pub(crate) fn tenant(key: &str) -> Result<TenantId, StoreError> {
     TenantId::parse(key).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The columns a class is read from, in [`ClassRow`]'s order.
+pub(crate) const CLASS_COLUMNS: &str = "id, endpoint, path, kind, additive, state, epoch, first_seen, last_seen, \
+     resolved_at, fixed_in, regression, example_at, example_request, example_version, example_difference, \
+     change_at, change_action, change_actor, change_reason, change_version";
+
+/// A mismatch class as a backend reads it.
+pub(crate) struct ClassRow {
+    pub id: String,
+    pub endpoint: String,
+    pub path: String,
+    pub kind: String,
+    pub additive: bool,
+    pub state: String,
+    pub epoch: i64,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub resolved_at: Option<i64>,
+    pub fixed_in: Option<String>,
+    pub regression: bool,
+    pub example_at: Option<i64>,
+    pub example_request: Option<String>,
+    pub example_version: Option<String>,
+    pub example_difference: Option<String>,
+    pub change_at: Option<i64>,
+    pub change_action: Option<String>,
+    pub change_actor: Option<String>,
+    pub change_reason: Option<String>,
+    pub change_version: Option<String>,
+}
+
+pub(crate) fn class_from_row(row: ClassRow) -> Result<MismatchClass, StoreError> {
+    let id = row.id.clone();
+    let corrupt =
+        |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("mismatch class {id}: {e}"));
+    let state = ClassState::parse(&row.state)
+        .ok_or_else(|| corrupt(&format!("unknown state {:?}", row.state)))?;
+    let last_change = match (row.change_at, row.change_action, row.change_actor) {
+        (Some(at), Some(action), Some(actor)) => Some(ClassEvent {
+            at: Timestamp::from_unix_millis(at),
+            action,
+            actor: Actor::parse(&actor).map_err(|e| corrupt(&e))?,
+            reason: row.change_reason.unwrap_or_default(),
+            version: row.change_version,
+        }),
+        _ => None,
+    };
+    let example = match (row.example_at, row.example_request, row.example_difference) {
+        (Some(at), Some(request), Some(difference)) => Some(ClassExample {
+            at: Timestamp::from_unix_millis(at),
+            request,
+            version: row.example_version,
+            difference,
+        }),
+        _ => None,
+    };
+    Ok(MismatchClass {
+        id: row.id,
+        endpoint: row.endpoint,
+        path: row.path,
+        kind: row.kind,
+        additive: row.additive,
+        state,
+        epoch: u64::try_from(row.epoch).map_err(|e| corrupt(&e))?,
+        first_seen: Timestamp::from_unix_millis(row.first_seen),
+        last_seen: Timestamp::from_unix_millis(row.last_seen),
+        resolved_at: row.resolved_at.map(Timestamp::from_unix_millis),
+        fixed_in: row.fixed_in,
+        regression: row.regression,
+        last_change: last_change.clone(),
+        example,
+    })
+}
+
+/// A class after an operator's change, checked against where it stands.
+pub(crate) fn changed_class(
+    mut class: MismatchClass,
+    change: &ClassChange,
+    at: Timestamp,
+) -> Result<(MismatchClass, ClassEvent), StoreError> {
+    let reason = reason(&change.reason)?.to_string();
+    check_change(&class.id, class.state, change.to)?;
+    let action = match change.to {
+        ClassState::Resolved => {
+            class.epoch += 1;
+            class.resolved_at = Some(at);
+            class.fixed_in = change.fixed_in.clone();
+            "resolved"
+        }
+        ClassState::Accepted => "accepted",
+        ClassState::Open => {
+            // Reopening withdraws the resolution: the evidence it set aside
+            // counts again.
+            if class.state == ClassState::Resolved {
+                class.epoch = class.epoch.saturating_sub(1);
+                class.resolved_at = None;
+                class.fixed_in = None;
+            }
+            "reopened"
+        }
+    };
+    class.state = change.to;
+    class.regression = false;
+    let event = ClassEvent {
+        at,
+        action: action.to_string(),
+        actor: change.actor,
+        reason,
+        version: change
+            .fixed_in
+            .clone()
+            .filter(|_| change.to == ClassState::Resolved),
+    };
+    class.last_change = Some(event.clone());
+    Ok((class, event))
+}
+
+/// Where a reported count of a class belongs; for evidence that arrives after the
+/// class was resolved, the class reopened as a regression and why.
+pub(crate) fn place_evidence(
+    class: &MismatchClass,
+    c: &ClassCount,
+    at: Timestamp,
+) -> (i64, Option<(MismatchClass, ClassEvent)>) {
+    let (epoch, reopens) = place(class, c.last_at);
+    let epoch = i64::try_from(epoch).unwrap_or(i64::MAX);
+    if !reopens {
+        return (epoch, None);
+    }
+    let seen_on = if c.version.is_empty() {
+        String::new()
+    } else {
+        format!(" on version {}", c.version)
+    };
+    let fixed = match &class.fixed_in {
+        Some(v) if *v == c.version => format!(", the very version it was resolved as fixed in"),
+        Some(v) => format!(" (it was resolved as fixed in {v})"),
+        None => String::new(),
+    };
+    let reason = format!(
+        "regression: tenant {} saw this class again{seen_on}{fixed} after it was resolved",
+        c.tenant
+    );
+    let mut reopened = class.clone();
+    reopened.state = ClassState::Open;
+    reopened.regression = true;
+    let event = ClassEvent {
+        at,
+        action: "regression".to_string(),
+        actor: Actor::Proxy,
+        reason,
+        version: (!c.version.is_empty()).then(|| c.version.clone()),
+    };
+    reopened.last_change = Some(event.clone());
+    (epoch, Some((reopened, event)))
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ficus_core::readiness::LatencyEvidence;
+use ficus_core::reconcile::{ClassEvent, ClassEvidence, ClassState, MismatchClass};
 use ficus_core::{Actor, AuditEvent, Progress, Stage, Tenant, TenantId, Timestamp};
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
@@ -21,10 +22,10 @@ use rusqlite::{
 use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, TenantRow};
 use crate::{
-    AuditQuery, ComparisonCount, ConfigChange, ConfigVersion, ControlStore, InitOutcome, JobState,
-    LatencyReport, MismatchSample, NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result,
-    SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, SuspendChange, TrafficCount,
-    now,
+    AuditQuery, ClassChange, ClassCount, ComparisonCount, ConfigChange, ConfigVersion,
+    ControlStore, Evidence, InitOutcome, JobState, LatencyReport, MismatchSample, NewTenant,
+    NoiseEntry, OpenMode, ProvisionJob, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot,
+    StageChange, StoreError, SuspendChange, TrafficCount, now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -194,6 +195,78 @@ CREATE TABLE provision_jobs (
     updated_at INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX provision_jobs_state ON provision_jobs (state, created_at);
+"#,
+    r#"
+CREATE TABLE comparisons_v7 (
+    tenant_id  TEXT NOT NULL,
+    endpoint   TEXT NOT NULL,
+    version    TEXT NOT NULL,
+    hour       INTEGER NOT NULL,
+    last_at    INTEGER NOT NULL,
+    requests   INTEGER NOT NULL,
+    compared   INTEGER NOT NULL,
+    matched    INTEGER NOT NULL,
+    mismatched INTEGER NOT NULL,
+    noise_only INTEGER NOT NULL,
+    errors     INTEGER NOT NULL,
+    shed       INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, endpoint, version, hour)
+) STRICT;
+INSERT INTO comparisons_v7
+    SELECT tenant_id, endpoint, '', hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed
+    FROM comparisons;
+DROP TABLE comparisons;
+ALTER TABLE comparisons_v7 RENAME TO comparisons;
+ALTER TABLE mismatch_samples ADD COLUMN version TEXT;
+CREATE TABLE mismatch_classes (
+    id                 TEXT PRIMARY KEY,
+    endpoint           TEXT NOT NULL,
+    path               TEXT NOT NULL,
+    kind               TEXT NOT NULL,
+    additive           INTEGER NOT NULL,
+    state              TEXT NOT NULL CHECK (state IN ('open', 'resolved', 'accepted')),
+    epoch              INTEGER NOT NULL CHECK (epoch >= 0),
+    first_seen         INTEGER NOT NULL,
+    last_seen          INTEGER NOT NULL,
+    resolved_at        INTEGER,
+    fixed_in           TEXT,
+    regression         INTEGER NOT NULL DEFAULT 0,
+    example_at         INTEGER,
+    example_request    TEXT,
+    example_version    TEXT,
+    example_difference TEXT,
+    change_at          INTEGER,
+    change_action      TEXT,
+    change_actor       TEXT,
+    change_reason      TEXT,
+    change_version     TEXT
+) STRICT;
+CREATE TABLE mismatch_class_counts (
+    tenant_id TEXT NOT NULL,
+    class_id  TEXT NOT NULL,
+    epoch     INTEGER NOT NULL,
+    version   TEXT NOT NULL,
+    hour      INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    first_at  INTEGER NOT NULL,
+    last_at   INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, hour, class_id, epoch, version)
+) STRICT;
+CREATE INDEX mismatch_class_counts_hour ON mismatch_class_counts (hour);
+CREATE TABLE mismatch_class_events (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       INTEGER NOT NULL,
+    class_id TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    actor    TEXT NOT NULL,
+    reason   TEXT NOT NULL,
+    version  TEXT
+);
+CREATE INDEX mismatch_class_events_class ON mismatch_class_events (class_id, seq);
+CREATE TRIGGER mismatch_class_events_no_update BEFORE UPDATE ON mismatch_class_events
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER mismatch_class_events_no_delete BEFORE DELETE ON mismatch_class_events
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 "#,
 ];
 
@@ -942,22 +1015,22 @@ impl ControlStore for SqliteStore {
         .await
     }
 
-    async fn record_comparisons(
-        &self,
-        counts: &[ComparisonCount],
-        samples: &[MismatchSample],
-        noise: &[NoiseEntry],
-    ) -> Result<()> {
-        let (counts, samples, noise) = (counts.to_vec(), samples.to_vec(), noise.to_vec());
+    async fn record_comparisons(&self, evidence: &Evidence) -> Result<()> {
+        let Evidence {
+            counts,
+            samples,
+            noise,
+            classes,
+        } = evidence.clone();
         self.with(move |conn, location| {
             let err = |what: &'static str| sql_err(location, what);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err("starting a write"))?;
             {
                 let mut upsert = tx
                     .prepare_cached(
-                        "INSERT INTO comparisons (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                         ON CONFLICT (tenant_id, endpoint, hour) DO UPDATE SET
+                        "INSERT INTO comparisons (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed, version)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                         ON CONFLICT (tenant_id, endpoint, version, hour) DO UPDATE SET
                              last_at = max(last_at, excluded.last_at), requests = requests + excluded.requests,
                              compared = compared + excluded.compared, matched = matched + excluded.matched,
                              mismatched = mismatched + excluded.mismatched, noise_only = noise_only + excluded.noise_only,
@@ -977,14 +1050,15 @@ impl ControlStore for SqliteStore {
                             c.mismatched as i64,
                             c.noise_only as i64,
                             c.errors as i64,
-                            c.shed as i64
+                            c.shed as i64,
+                            c.version
                         ])
                         .map_err(err("recording comparisons"))?;
                 }
                 let mut insert = tx
                     .prepare_cached(
-                        "INSERT INTO mismatch_samples (tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                        "INSERT INTO mismatch_samples (tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences, version)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                     )
                     .map_err(err("recording mismatch samples"))?;
                 let mut prune = tx
@@ -1005,7 +1079,8 @@ impl ControlStore for SqliteStore {
                             m.compared_with,
                             m.served_status,
                             m.compared_status,
-                            m.differences
+                            m.differences,
+                            m.version
                         ])
                         .map_err(err("recording mismatch samples"))?;
                     prune.execute(params![m.tenant.as_str(), m.endpoint, SAMPLES_KEPT]).map_err(err("pruning mismatch samples"))?;
@@ -1021,8 +1096,96 @@ impl ControlStore for SqliteStore {
                     put.execute(params![n.endpoint, n.path, n.score, n.observations as i64, n.updated_at.unix_millis()])
                         .map_err(err("recording noise"))?;
                 }
+                let at = now();
+                for c in &classes {
+                    record_class(&tx, location, c, at)?;
+                }
             }
             tx.commit().map_err(err("committing"))
+        })
+        .await
+    }
+
+    async fn mismatch_classes(&self, state: Option<ClassState>) -> Result<Vec<MismatchClass>> {
+        self.with(move |conn, location| {
+            let sql = format!(
+                "SELECT {} FROM mismatch_classes WHERE (?1 IS NULL OR state = ?1) ORDER BY endpoint, path, kind",
+                rules::CLASS_COLUMNS
+            );
+            let rows: Vec<rules::ClassRow> = conn
+                .prepare_cached(&sql)
+                .and_then(|mut s| s.query_map([state.map(ClassState::as_str)], class_row)?.collect())
+                .map_err(sql_err(location, "reading mismatch classes"))?;
+            rows.into_iter().map(rules::class_from_row).collect()
+        })
+        .await
+    }
+
+    async fn class_evidence(
+        &self,
+        tenant: Option<&TenantId>,
+        since: Timestamp,
+    ) -> Result<Vec<ClassEvidence>> {
+        let tenant = tenant.map(|t| t.as_str().to_string());
+        self.with(move |conn, location| {
+            conn.prepare_cached(
+                "SELECT class_id, epoch, version, sum(count), min(first_at), max(last_at) FROM mismatch_class_counts
+                 WHERE (?1 IS NULL OR tenant_id = ?1) AND hour >= ?2 GROUP BY class_id, epoch, version",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![tenant, rules::hour_of(since)], |r| {
+                    Ok(ClassEvidence {
+                        class: r.get(0)?,
+                        epoch: r.get::<_, i64>(1)?.max(0) as u64,
+                        version: r.get(2)?,
+                        count: r.get::<_, i64>(3)?.max(0) as u64,
+                        first_at: Timestamp::from_unix_millis(r.get(4)?),
+                        last_at: Timestamp::from_unix_millis(r.get(5)?),
+                    })
+                })?
+                .collect()
+            })
+            .map_err(sql_err(location, "reading mismatch evidence"))
+        })
+        .await
+    }
+
+    async fn change_class(&self, change: ClassChange) -> Result<MismatchClass> {
+        self.write(move |tx, location, seq| {
+            let class = load_class(tx, location, &change.id)?
+                .ok_or_else(|| StoreError::UnknownClass(change.id.clone()))?;
+            let (class, event) = rules::changed_class(class, &change, now())?;
+            write_class(tx, location, &class, &event)?;
+            // Every proxy reloads: an accepted class is a comparison rule.
+            record_change(tx, location, seq, None)?;
+            Ok(class)
+        })
+        .await
+    }
+
+    async fn class_history(&self, id: &str) -> Result<Vec<ClassEvent>> {
+        let id = id.to_string();
+        self.with(move |conn, location| {
+            let rows: Vec<(i64, String, String, String, Option<String>)> = conn
+                .prepare_cached(
+                    "SELECT at, action, actor, reason, version FROM mismatch_class_events WHERE class_id = ?1 ORDER BY seq",
+                )
+                .and_then(|mut s| {
+                    s.query_map([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                        .collect()
+                })
+                .map_err(sql_err(location, "reading a class's history"))?;
+            rows.into_iter()
+                .map(|(at, action, actor, reason, version)| {
+                    Ok(ClassEvent {
+                        at: Timestamp::from_unix_millis(at),
+                        action,
+                        actor: Actor::parse(&actor).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        reason,
+                        version,
+                    })
+                })
+                .collect()
         })
         .await
     }
@@ -1136,8 +1299,8 @@ impl ControlStore for SqliteStore {
         self.with(move |conn, location| {
             let rows: Vec<ComparisonCount> = conn
                 .prepare_cached(
-                    "SELECT endpoint, max(last_at), sum(requests), sum(compared), sum(matched), sum(mismatched), sum(noise_only), sum(errors), sum(shed)
-                     FROM comparisons WHERE tenant_id = ?1 AND hour >= ?2 GROUP BY endpoint ORDER BY endpoint",
+                    "SELECT endpoint, max(last_at), sum(requests), sum(compared), sum(matched), sum(mismatched), sum(noise_only), sum(errors), sum(shed), version
+                     FROM comparisons WHERE tenant_id = ?1 AND hour >= ?2 GROUP BY endpoint, version ORDER BY endpoint, version",
                 )
                 .and_then(|mut s| {
                     s.query_map(params![tenant.as_str(), rules::hour_of(since)], |r| {
@@ -1145,6 +1308,7 @@ impl ControlStore for SqliteStore {
                         Ok(ComparisonCount {
                             tenant: tenant.clone(),
                             endpoint: r.get(0)?,
+                            version: r.get(9)?,
                             last_at: Timestamp::from_unix_millis(r.get(1)?),
                             requests: n(2)?,
                             compared: n(3)?,
@@ -1171,20 +1335,20 @@ impl ControlStore for SqliteStore {
     ) -> Result<Vec<MismatchSample>> {
         let (tenant, endpoint) = (tenant.clone(), endpoint.map(str::to_string));
         self.with(move |conn, location| {
-            let rows: Vec<(String, String, i64, String, String, String, String, u16, u16, String)> = conn
+            let rows: Vec<(String, String, i64, String, String, String, String, u16, u16, String, Option<String>)> = conn
                 .prepare_cached(
-                    "SELECT tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences
+                    "SELECT tenant_id, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences, version
                      FROM mismatch_samples WHERE tenant_id = ?1 AND (?2 IS NULL OR endpoint = ?2) ORDER BY seq DESC LIMIT ?3",
                 )
                 .and_then(|mut s| {
                     s.query_map(params![tenant.as_str(), endpoint, limit.min(i64::MAX as u64) as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?))
                     })?
                     .collect()
                 })
                 .map_err(sql_err(location, "reading mismatch samples"))?;
             rows.into_iter()
-                .map(|(t, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences)| {
+                .map(|(t, endpoint, at, method, path, served_by, compared_with, served_status, compared_status, differences, version)| {
                     Ok(MismatchSample {
                         tenant: rules::tenant(&t)?,
                         endpoint,
@@ -1196,6 +1360,7 @@ impl ControlStore for SqliteStore {
                         served_status,
                         compared_status,
                         differences,
+                        version,
                     })
                 })
                 .collect()
@@ -1633,4 +1798,147 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         created_at: r.get(8)?,
         updated_at: r.get(9)?,
     })
+}
+
+fn class_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rules::ClassRow> {
+    Ok(rules::ClassRow {
+        id: r.get(0)?,
+        endpoint: r.get(1)?,
+        path: r.get(2)?,
+        kind: r.get(3)?,
+        additive: r.get::<_, i64>(4)? != 0,
+        state: r.get(5)?,
+        epoch: r.get(6)?,
+        first_seen: r.get(7)?,
+        last_seen: r.get(8)?,
+        resolved_at: r.get(9)?,
+        fixed_in: r.get(10)?,
+        regression: r.get::<_, i64>(11)? != 0,
+        example_at: r.get(12)?,
+        example_request: r.get(13)?,
+        example_version: r.get(14)?,
+        example_difference: r.get(15)?,
+        change_at: r.get(16)?,
+        change_action: r.get(17)?,
+        change_actor: r.get(18)?,
+        change_reason: r.get(19)?,
+        change_version: r.get(20)?,
+    })
+}
+
+fn load_class(conn: &Connection, location: &str, id: &str) -> Result<Option<MismatchClass>> {
+    let sql = format!(
+        "SELECT {} FROM mismatch_classes WHERE id = ?1",
+        rules::CLASS_COLUMNS
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| s.query_row([id], class_row).optional())
+        .map_err(sql_err(location, "reading a mismatch class"))?
+        .map(rules::class_from_row)
+        .transpose()
+}
+
+/// Writes a class's lifecycle columns and appends the change to its history.
+fn write_class(
+    tx: &Transaction<'_>,
+    location: &str,
+    c: &MismatchClass,
+    event: &ClassEvent,
+) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE mismatch_classes SET state = ?2, epoch = ?3, resolved_at = ?4, fixed_in = ?5, regression = ?6,
+             change_at = ?7, change_action = ?8, change_actor = ?9, change_reason = ?10, change_version = ?11
+         WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            c.id,
+            c.state.as_str(),
+            c.epoch as i64,
+            c.resolved_at.map(Timestamp::unix_millis),
+            c.fixed_in,
+            i64::from(c.regression),
+            event.at.unix_millis(),
+            event.action,
+            event.actor.as_str(),
+            event.reason,
+            event.version
+        ])
+    })
+    .and_then(|_| {
+        tx.prepare_cached(
+            "INSERT INTO mismatch_class_events (at, class_id, action, actor, reason, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            event.at.unix_millis(),
+            c.id,
+            event.action,
+            event.actor.as_str(),
+            event.reason,
+            event.version
+        ])
+    })
+    .map_err(sql_err(location, "changing a mismatch class"))?;
+    Ok(())
+}
+
+/// Creates or updates a reported class, reopens it if the evidence came after
+/// its resolution, and adds the count under the epoch it belongs to.
+fn record_class(tx: &Transaction<'_>, location: &str, c: &ClassCount, at: Timestamp) -> Result<()> {
+    let err = |what: &'static str| sql_err(location, what);
+    let example = c.example.as_ref();
+    tx.prepare_cached(
+        "INSERT INTO mismatch_classes (id, endpoint, path, kind, additive, state, epoch, first_seen, last_seen,
+             example_at, example_request, example_version, example_difference)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'open', 0, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT (id) DO UPDATE SET
+             first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen),
+             example_at = coalesce(excluded.example_at, example_at),
+             example_request = coalesce(excluded.example_request, example_request),
+             example_version = CASE WHEN excluded.example_at IS NULL THEN example_version ELSE excluded.example_version END,
+             example_difference = coalesce(excluded.example_difference, example_difference)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            c.id,
+            c.endpoint,
+            c.path,
+            c.kind,
+            i64::from(c.additive),
+            c.first_at.unix_millis(),
+            c.last_at.unix_millis(),
+            example.map(|e| e.at.unix_millis()),
+            example.map(|e| e.request.as_str()),
+            example.and_then(|e| e.version.as_deref()),
+            example.map(|e| e.difference.as_str()),
+        ])
+    })
+    .map_err(err("recording a mismatch class"))?;
+    let class =
+        load_class(tx, location, &c.id)?.ok_or_else(|| StoreError::UnknownClass(c.id.clone()))?;
+    let (epoch, reopened) = rules::place_evidence(&class, c, at);
+    if let Some((reopened, event)) = reopened {
+        write_class(tx, location, &reopened, &event)?;
+    }
+    tx.prepare_cached(
+        "INSERT INTO mismatch_class_counts (tenant_id, class_id, epoch, version, hour, count, first_at, last_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (tenant_id, hour, class_id, epoch, version) DO UPDATE SET
+             count = count + excluded.count, first_at = min(first_at, excluded.first_at),
+             last_at = max(last_at, excluded.last_at)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            c.tenant.as_str(),
+            c.id,
+            epoch,
+            c.version,
+            rules::hour_of(c.last_at),
+            c.count as i64,
+            c.first_at.unix_millis(),
+            c.last_at.unix_millis()
+        ])
+    })
+    .map_err(err("recording mismatch evidence"))?;
+    Ok(())
 }

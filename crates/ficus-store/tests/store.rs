@@ -549,12 +549,13 @@ async fn sums_legacy_traffic_reported_by_proxies(store: Arc<dyn ControlStore>) {
 
 async fn keeps_comparison_evidence_bounded(store: Arc<dyn ControlStore>) {
     use ficus_core::Timestamp;
-    use ficus_store::{ComparisonCount, MismatchSample, NoiseEntry, SAMPLES_KEPT};
+    use ficus_store::{ComparisonCount, Evidence, MismatchSample, NoiseEntry, SAMPLES_KEPT};
     let store = &*store;
     let at = |ms: i64| Timestamp::from_unix_millis(1_800_000_000_000 + ms);
     let count = |endpoint: &str, compared, mismatched| ComparisonCount {
         tenant: id("acme"),
         endpoint: endpoint.into(),
+        version: String::new(),
         last_at: at(1_000),
         requests: compared + 1,
         compared,
@@ -575,6 +576,7 @@ async fn keeps_comparison_evidence_bounded(store: Arc<dyn ControlStore>) {
         served_status: 200,
         compared_status: 200,
         differences: format!("[{{\"path\":\"$.n\",\"kind\":\"value\",\"n\":{n}}}]"),
+        version: Some("1.0".into()),
     };
     let samples: Vec<MismatchSample> = (0..30).map(sample).collect();
     let noise = [NoiseEntry {
@@ -585,15 +587,19 @@ async fn keeps_comparison_evidence_bounded(store: Arc<dyn ControlStore>) {
         updated_at: at(5),
     }];
     store
-        .record_comparisons(
-            &[count("GET /homes/{id}", 10, 2), count("GET /", 5, 0)],
-            &samples,
-            &noise,
-        )
+        .record_comparisons(&Evidence {
+            counts: vec![count("GET /homes/{id}", 10, 2), count("GET /", 5, 0)],
+            samples: samples.clone(),
+            noise: noise.to_vec(),
+            classes: vec![],
+        })
         .await
         .unwrap();
     store
-        .record_comparisons(&[count("GET /homes/{id}", 4, 1)], &[], &[])
+        .record_comparisons(&Evidence {
+            counts: vec![count("GET /homes/{id}", 4, 1)],
+            ..Evidence::default()
+        })
         .await
         .unwrap();
     let stats = store.comparison_stats(&id("acme"), at(0)).await.unwrap();
@@ -971,6 +977,202 @@ async fn pg_store() -> Arc<dyn ControlStore> {
         .unwrap()
 }
 
+/// A class's lifecycle: created open by evidence; resolving it sets its evidence
+/// aside (late reports of mismatches observed before the resolution too); a
+/// mismatch after the resolution reopens it as a regression; accepting and
+/// reopening are audited and reach the change feed.
+async fn mismatch_classes_have_a_lifecycle(store: Arc<dyn ControlStore>) {
+    use ficus_core::Timestamp;
+    use ficus_core::reconcile::{ClassState, tally};
+    use ficus_store::{ClassChange, ClassCount, Evidence, StoreError};
+    let store = &*store;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let at = |ms: i64| Timestamp::from_unix_millis(ms);
+    let class = |id: &str, path: &str, n: u64, last_at: i64, version: &str| ClassCount {
+        tenant: ficus_core::TenantId::parse("acme").unwrap(),
+        id: id.into(),
+        endpoint: "GET /homes/{id}".into(),
+        path: path.into(),
+        kind: "value".into(),
+        additive: false,
+        version: version.into(),
+        count: n,
+        first_at: at(last_at - 10),
+        last_at: at(last_at),
+        example: None,
+    };
+    let record = |classes: Vec<ClassCount>| async move {
+        store
+            .record_comparisons(&Evidence {
+                classes,
+                ..Evidence::default()
+            })
+            .await
+            .unwrap()
+    };
+    let counted = || async {
+        let classes = store.mismatch_classes(None).await.unwrap();
+        let evidence = store
+            .class_evidence(Some(&id("acme")), at(now - 3_600_000))
+            .await
+            .unwrap();
+        tally(&classes, &evidence, None)
+            .into_iter()
+            .map(|t| (t.class.id.clone(), t.class.state, t.counted, t.discounted))
+            .collect::<Vec<_>>()
+    };
+    record(vec![
+        class("c0ffee0000000001", "$.price", 46, now - 5_000, "1.0"),
+        class("c0ffee0000000002", "$.name", 2, now - 5_000, "1.0"),
+    ])
+    .await;
+    assert_eq!(
+        counted().await,
+        [
+            ("c0ffee0000000001".to_string(), ClassState::Open, 46, 0),
+            ("c0ffee0000000002".to_string(), ClassState::Open, 2, 0),
+        ]
+    );
+    let seq = store.snapshot().await.unwrap().seq;
+    let resolved = store
+        .change_class(ClassChange {
+            id: "c0ffee0000000001".into(),
+            to: ClassState::Resolved,
+            actor: Actor::Cli,
+            reason: "price_per_bedroom fixed".into(),
+            fixed_in: Some("1.1".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!((resolved.state, resolved.epoch), (ClassState::Resolved, 1));
+    assert!(
+        store.changes_since(seq).await.unwrap().resync,
+        "a class change reaches every proxy"
+    );
+    // A proxy's late report of mismatches it saw before the resolution.
+    record(vec![class(
+        "c0ffee0000000001",
+        "$.price",
+        3,
+        now - 4_000,
+        "1.0",
+    )])
+    .await;
+    assert_eq!(
+        counted().await,
+        [
+            ("c0ffee0000000002".to_string(), ClassState::Open, 2, 0),
+            ("c0ffee0000000001".to_string(), ClassState::Resolved, 0, 49),
+        ]
+    );
+    // Refusals: unknown class, empty reason, resolving twice.
+    let change = |id: &str, to, reason: &str| ClassChange {
+        id: id.into(),
+        to,
+        actor: Actor::Cli,
+        reason: reason.into(),
+        fixed_in: None,
+    };
+    assert!(matches!(
+        store
+            .change_class(change("0000000000000000", ClassState::Resolved, "x"))
+            .await,
+        Err(StoreError::UnknownClass(_))
+    ));
+    assert!(matches!(
+        store
+            .change_class(change("c0ffee0000000002", ClassState::Resolved, "  "))
+            .await,
+        Err(StoreError::MissingReason)
+    ));
+    assert_eq!(
+        store
+            .change_class(change("c0ffee0000000001", ClassState::Resolved, "again"))
+            .await
+            .unwrap_err()
+            .to_string(),
+        "class c0ffee0000000001 is resolved already; nothing was changed"
+    );
+    // The bug comes back on the version that was to fix it.
+    record(vec![class(
+        "c0ffee0000000001",
+        "$.price",
+        1,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            + 1_000,
+        "1.1",
+    )])
+    .await;
+    let classes = store.mismatch_classes(None).await.unwrap();
+    let price = classes.iter().find(|c| c.path == "$.price").unwrap();
+    assert_eq!(price.state, ClassState::Open);
+    assert!(price.regression);
+    let why = &price.last_change.as_ref().unwrap().reason;
+    assert!(
+        why.contains("the very version it was resolved as fixed in"),
+        "{why}"
+    );
+    assert_eq!(
+        counted().await[..1],
+        [("c0ffee0000000002".to_string(), ClassState::Open, 2, 0)]
+    );
+    assert!(
+        counted()
+            .await
+            .contains(&("c0ffee0000000001".to_string(), ClassState::Open, 1, 49))
+    );
+    // Accepted: never counts; reopened by hand: counts again.
+    store
+        .change_class(change(
+            "c0ffee0000000002",
+            ClassState::Accepted,
+            "name is localized now",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .mismatch_classes(Some(ClassState::Accepted))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(counted().await.contains(&(
+        "c0ffee0000000002".to_string(),
+        ClassState::Accepted,
+        0,
+        2
+    )));
+    store
+        .change_class(change(
+            "c0ffee0000000002",
+            ClassState::Open,
+            "localization reverted",
+        ))
+        .await
+        .unwrap();
+    assert!(
+        counted()
+            .await
+            .contains(&("c0ffee0000000002".to_string(), ClassState::Open, 2, 0))
+    );
+    let history: Vec<String> = store
+        .class_history("c0ffee0000000001")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} by {}", e.action, e.actor))
+        .collect();
+    assert_eq!(history, ["resolved by cli", "regression by proxy"]);
+}
+
 macro_rules! both {
     ($($name:ident),* $(,)?) => { $(
         mod $name {
@@ -1001,6 +1203,7 @@ both!(
     retires_legacy_once_with_an_audit_entry,
     sums_legacy_traffic_reported_by_proxies,
     keeps_comparison_evidence_bounded,
+    mismatch_classes_have_a_lifecycle,
     sums_latency_histograms_per_backend,
     keeps_settings_with_audited_changes,
     versions_tenant_configuration_and_moves_its_domains,
@@ -1079,6 +1282,7 @@ mod sqlite_faults {
                 "DROP TABLE settings; DROP TABLE global_audit; DROP TABLE legacy_traffic; DROP TABLE traffic_reports;
                  DROP TABLE comparisons; DROP TABLE mismatch_samples; DROP TABLE noise_paths; DROP TABLE latencies;
                  DROP TABLE tenant_configs; DROP TABLE provision_jobs;
+                 DROP TABLE mismatch_classes; DROP TABLE mismatch_class_counts; DROP TABLE mismatch_class_events;
                  ALTER TABLE tenants DROP COLUMN suspended;
                  UPDATE ficus_meta SET value = '1' WHERE key = 'schema_version';",
             )
@@ -1160,7 +1364,7 @@ mod sqlite_faults {
             let err = open(&path, mode).await.err().unwrap();
             assert_eq!(
                 location(&err, &path),
-                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 6); upgrade ficus, the store was not modified"
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 7); upgrade ficus, the store was not modified"
             );
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }

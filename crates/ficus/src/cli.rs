@@ -53,7 +53,8 @@ pub enum Command {
     Watch(WatchArgs),
     /// Run the tenant-aware proxy (the data plane).
     Proxy(ProxyArgs),
-    /// Show a tenant's recorded mismatches between the two backends, newest first.
+    /// Show a tenant's recorded mismatches between the two backends, newest first;
+    /// with --classes, the mismatch classes; resolve, accept or reopen a class.
     Mismatches(MismatchesArgs),
     /// Judge whether a tenant's parallel-run evidence allows moving it to migrated.
     Readiness(ReadinessArgs),
@@ -127,14 +128,58 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct MismatchesArgs {
-    pub id: String,
-    /// Only this endpoint, such as "GET /homes/{id}".
+    #[command(subcommand)]
+    pub command: Option<ClassCommand>,
+    /// The tenant; with --classes it may be omitted to count every tenant.
+    #[arg(required_unless_present = "classes")]
+    pub id: Option<String>,
+    /// Mismatch classes (endpoint, path, kind) with their state and counts over
+    /// the gate's window, instead of samples.
     #[arg(long)]
+    pub classes: bool,
+    /// With --classes: only open, resolved or accepted classes.
+    #[arg(long, requires = "classes")]
+    pub state: Option<String>,
+    /// Only this endpoint, such as "GET /homes/{id}".
+    #[arg(long, conflicts_with = "classes")]
     pub endpoint: Option<String>,
     /// At most this many samples.
     #[arg(long, default_value_t = 10)]
     pub limit: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClassCommand {
+    /// The class is fixed as of now: its evidence so far stops counting, and a
+    /// mismatch of it from now on reopens it as a regression.
+    Resolve {
+        /// The class id (`ficus mismatches --classes`), or a unique prefix of it.
+        class: String,
+        #[arg(long)]
+        reason: String,
+        /// The version of new that fixed it.
+        #[arg(long)]
+        fixed_in: Option<String>,
+    },
+    /// The difference is intended: it becomes a comparison rule on every proxy and
+    /// never counts again.
+    Accept {
+        class: String,
+        #[arg(long)]
+        reason: String,
+        /// Allow accepting a whole-body class (`$`), which hides every body
+        /// difference of its endpoint.
+        #[arg(long)]
+        whole_endpoint: bool,
+    },
+    /// Undo a resolution (its evidence counts again) or an acceptance.
+    Reopen {
+        class: String,
+        #[arg(long, default_value = "reopened by hand")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -308,6 +353,10 @@ pub struct ReadinessArgs {
     /// Rank every tenant in shadow by how close it is to ready.
     #[arg(long, conflicts_with = "id")]
     pub all: bool,
+    /// Judge only the evidence recorded on this version of new; `current` is the
+    /// version of the newest evidence.
+    #[arg(long)]
+    pub version: Option<String>,
     #[command(flatten)]
     pub gate: GateArgs,
 }

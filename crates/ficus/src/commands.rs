@@ -10,9 +10,9 @@ use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
 use ficus_admin::api::{
-    AddRequest, ConfigJson, ConfigRequest, GateJson, GateRequest, JobJson, PromoteRequest,
-    ReadinessJson, RestoreRequest, RetireRequest, RollbackRequest, StageRequest, StatusJson,
-    TenantEnvelope,
+    AddRequest, ClassChangeRequest, ConfigJson, ConfigRequest, GateJson, GateRequest, JobJson,
+    PromoteRequest, ReadinessJson, RestoreRequest, RetireRequest, RollbackRequest, StageRequest,
+    StatusJson, TenantEnvelope,
 };
 use ficus_admin::client::Remote;
 use ficus_admin::ops::{self, AuditFilter, GateOverrides};
@@ -22,10 +22,10 @@ use ficus_store::{ControlStore, FeedEvent, InitOutcome, OpenMode, StoreError, St
 use serde_json::json;
 
 use crate::cli::{
-    AddArgs, AuditArgs, Cli, Command, ConfigCommand, GateArgs, GateCommand, GateSetArgs,
-    ImportArgs, ListArgs, MismatchesArgs, PromoteArgs, ProvisionCommand, ProxyArgs, ReadinessArgs,
-    RetireArgs, RollbackArgs, ServeArgs, ShowArgs, StageArgs, TenantCommand, TokenCommand,
-    WatchArgs,
+    AddArgs, AuditArgs, ClassCommand, Cli, Command, ConfigCommand, GateArgs, GateCommand,
+    GateSetArgs, ImportArgs, ListArgs, MismatchesArgs, PromoteArgs, ProvisionCommand, ProxyArgs,
+    ReadinessArgs, RetireArgs, RollbackArgs, ServeArgs, ShowArgs, StageArgs, TenantCommand,
+    TokenCommand, WatchArgs,
 };
 use crate::import;
 use crate::output::{self, EVENT_HEADER, TENANT_HEADER};
@@ -767,6 +767,7 @@ fn overrides(g: &GateArgs) -> GateOverrides {
         max_mismatches: g.max_mismatches,
         min_per_endpoint: g.min_per_endpoint,
         max_error_rate: g.max_error_rate,
+        version: None,
     }
 }
 
@@ -776,7 +777,10 @@ async fn readiness(
     json: bool,
     out: &mut impl Write,
 ) -> Result<()> {
-    let o = overrides(&args.gate);
+    let o = GateOverrides {
+        version: args.version.clone(),
+        ..overrides(&args.gate)
+    };
     match (&args.id, args.all) {
         (Some(raw), false) => {
             let id = tenant_id(raw)?;
@@ -844,6 +848,82 @@ fn print_readiness(r: &ReadinessJson, window: &str, out: &mut impl Write) -> Res
     }
     if !r.uncovered.is_empty() {
         writeln!(out, "  uncovered endpoints: {}", r.uncovered.join(", "))?;
+    }
+    if let Some(v) = &r.version {
+        writeln!(out, "  judged on version {v} of new only")?;
+    }
+    let known: Vec<String> = r
+        .versions
+        .iter()
+        .map(|v| {
+            format!(
+                "{} ({} compared, {} mismatched)",
+                if v.version.is_empty() {
+                    "unknown"
+                } else {
+                    &v.version
+                },
+                v.compared,
+                v.mismatched
+            )
+        })
+        .collect();
+    if r.versions.iter().any(|v| !v.version.is_empty()) {
+        writeln!(
+            out,
+            "  evidence per version of new, newest first: {}",
+            known.join(", ")
+        )?;
+    }
+    if !r.open_classes.is_empty() {
+        writeln!(out, "  open mismatch classes (these count):")?;
+        for k in &r.open_classes {
+            print_class(k, out)?;
+        }
+    }
+    if !r.additive.is_empty() {
+        writeln!(out, "  additive differences (new has more; not counted):")?;
+        for k in &r.additive {
+            writeln!(
+                out,
+                "    {}  {} {}  {} seen",
+                k.id, k.endpoint, k.path, k.counted
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// One counted class: what, how many, since when, and one redacted example.
+fn print_class(k: &ficus_admin::api::ClassJson, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "    {}{}  {} {} {}  {} mismatched, first {} last {}",
+        k.id,
+        if k.regression { " REGRESSION" } else { "" },
+        k.endpoint,
+        k.path,
+        k.kind,
+        k.counted,
+        k.first_at.as_deref().unwrap_or("-"),
+        k.last_at.as_deref().unwrap_or("-"),
+    )?;
+    if let Some(c) = k.last_change.as_ref().filter(|_| k.regression) {
+        writeln!(out, "      {}", c.reason)?;
+    }
+    if let Some(e) = &k.example {
+        let shown = serde_json::from_value::<ficus_diff::Difference>(e.difference.clone())
+            .map(|d| d.to_string())
+            .unwrap_or_else(|_| e.difference.to_string());
+        writeln!(
+            out,
+            "      e.g. {}{}: {shown}",
+            e.request,
+            e.version
+                .as_ref()
+                .map(|v| format!(" (new {v})"))
+                .unwrap_or_default()
+        )?;
     }
     Ok(())
 }
@@ -941,7 +1021,125 @@ async fn mismatches(
     json: bool,
     out: &mut impl Write,
 ) -> Result<()> {
-    let id = tenant_id(&args.id)?;
+    if let Some(command) = args.command {
+        let (class, action, request) = match command {
+            ClassCommand::Resolve {
+                class,
+                reason,
+                fixed_in,
+            } => (
+                class,
+                "resolve",
+                ClassChangeRequest {
+                    reason,
+                    fixed_in,
+                    whole_endpoint: false,
+                },
+            ),
+            ClassCommand::Accept {
+                class,
+                reason,
+                whole_endpoint,
+            } => (
+                class,
+                "accept",
+                ClassChangeRequest {
+                    reason,
+                    fixed_in: None,
+                    whole_endpoint,
+                },
+            ),
+            ClassCommand::Reopen { class, reason } => (
+                class,
+                "reopen",
+                ClassChangeRequest {
+                    reason,
+                    ..ClassChangeRequest::default()
+                },
+            ),
+        };
+        let done = c.change_class(&class, action, request).await?;
+        if json {
+            output::json(out, &done)?;
+            return Ok(());
+        }
+        let k = &done.class;
+        writeln!(
+            out,
+            "class {} ({} {} {}) is {} now",
+            k.id, k.endpoint, k.path, k.kind, k.state
+        )?;
+        let effect = match action {
+            "resolve" => {
+                "its evidence so far no longer counts; a mismatch of it from now on reopens it as a regression"
+            }
+            "accept" => "every proxy now treats it as intended; it never counts",
+            _ => "its evidence counts again",
+        };
+        writeln!(out, "  {effect}")?;
+        return Ok(());
+    }
+    let tenant = args.id.as_deref().map(tenant_id).transpose()?;
+    if args.classes {
+        let found = c
+            .mismatch_classes(tenant.as_ref(), args.state.as_deref())
+            .await?;
+        if json {
+            output::json(out, &found)?;
+            return Ok(());
+        }
+        let whose = match &found.tenant {
+            Some(t) => format!("tenant {t}"),
+            None => "every tenant".to_string(),
+        };
+        if found.classes.is_empty() {
+            writeln!(
+                out,
+                "no mismatch classes for {whose} in the last {}",
+                found.window
+            )?;
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = found
+            .classes
+            .iter()
+            .map(|k| {
+                vec![
+                    k.id.clone(),
+                    if k.regression {
+                        format!("{} (REGRESSION)", k.state)
+                    } else {
+                        k.state.clone()
+                    },
+                    k.compat.clone(),
+                    k.counted.to_string(),
+                    k.discounted.to_string(),
+                    format!("{} {} {}", k.endpoint, k.path, k.kind),
+                    k.last_at.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        writeln!(
+            out,
+            "mismatch classes, counting {whose} over the last {}:",
+            found.window
+        )?;
+        output::table(
+            out,
+            &[
+                "CLASS",
+                "STATE",
+                "COMPAT",
+                "COUNTED",
+                "SET ASIDE",
+                "WHAT",
+                "LAST COUNTED",
+            ],
+            &rows,
+        )?;
+        return Ok(());
+    }
+    let id = tenant.context("give a tenant, or --classes")?;
     let found = c
         .mismatches(&id, args.endpoint.as_deref(), args.limit)
         .await?;
@@ -956,7 +1154,7 @@ async fn mismatches(
     for m in &found.mismatches {
         writeln!(
             out,
-            "{}  {}  ({} {})  {} {} vs {} {}",
+            "{}  {}  ({} {})  {} {} vs {} {}{}",
             m.at,
             m.endpoint,
             m.method,
@@ -964,7 +1162,11 @@ async fn mismatches(
             m.served_by,
             m.status[0],
             m.compared_with,
-            m.status[1]
+            m.status[1],
+            m.version
+                .as_ref()
+                .map(|v| format!("  (new {v})"))
+                .unwrap_or_default()
         )?;
         let diffs: Vec<ficus_diff::Difference> = serde_json::from_value(m.differences.clone())
             .context("a mismatch sample is not readable")?;

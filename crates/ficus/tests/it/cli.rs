@@ -799,7 +799,7 @@ fn record_evidence(
     traffic_age_ms: Option<i64>,
 ) {
     use ficus_core::{TenantId, Timestamp};
-    use ficus_store::{ComparisonCount, OpenMode, StoreUrl, TrafficCount};
+    use ficus_store::{ClassCount, ComparisonCount, Evidence, OpenMode, StoreUrl, TrafficCount};
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -809,6 +809,7 @@ fn record_evidence(
         .map(|(endpoint, compared, mismatched)| ComparisonCount {
             tenant: TenantId::parse(tenant).unwrap(),
             endpoint: endpoint.to_string(),
+            version: String::new(),
             last_at: Timestamp::from_unix_millis(now),
             requests: *compared,
             compared: *compared,
@@ -823,7 +824,39 @@ fn record_evidence(
         let s = ficus_store::open(&StoreUrl::parse(store).unwrap(), OpenMode::Existing)
             .await
             .unwrap();
-        s.record_comparisons(&counts, &[], &[]).await.unwrap();
+        // Each endpoint's mismatches are one class of their own, as a proxy
+        // reports them.
+        let classes: Vec<ClassCount> = per_endpoint
+            .iter()
+            .filter(|(_, _, mismatched)| *mismatched > 0)
+            .map(|(endpoint, _, mismatched)| {
+                let key = ficus_diff::class::ClassKey {
+                    endpoint: endpoint.to_string(),
+                    path: "$.price".into(),
+                    kind: ficus_diff::Kind::Value,
+                };
+                ClassCount {
+                    tenant: TenantId::parse(tenant).unwrap(),
+                    id: key.id(),
+                    endpoint: key.endpoint.clone(),
+                    path: key.path.clone(),
+                    kind: "value".into(),
+                    additive: false,
+                    version: String::new(),
+                    count: *mismatched,
+                    first_at: Timestamp::from_unix_millis(now),
+                    last_at: Timestamp::from_unix_millis(now),
+                    example: None,
+                }
+            })
+            .collect();
+        s.record_comparisons(&Evidence {
+            counts: counts.clone(),
+            classes,
+            ..Evidence::default()
+        })
+        .await
+        .unwrap();
         // Both backends answered the compared reads in about 4 ms.
         let mut latency = ficus_core::latency::Histogram::default();
         for _ in 0..counts.len() * 50 {
