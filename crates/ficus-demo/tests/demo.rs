@@ -125,6 +125,12 @@ async fn legacy_and_new_serve_one_api_and_the_new_one_is_isolated_by_the_databas
         None,
     )
     .await;
+    // The rebuilt backend adds a member legacy never had; the rest is the same.
+    let mut from_new = from_new;
+    for home in from_new["homes"].as_array_mut().unwrap() {
+        let rating = home.as_object_mut().unwrap().remove("energy_rating");
+        assert!(rating.is_some_and(|r| r.is_string()), "{home}");
+    }
     assert_eq!((status, &from_new), (200, &before));
     let (status, _) = call(&http, Method::GET, format!("{new}/homes"), None, None).await;
     assert_eq!(status, 400, "no tenant, no answer");
@@ -215,6 +221,7 @@ async fn legacy_and_new_serve_one_api_and_the_new_one_is_isolated_by_the_databas
     assert_ne!(buggy["price_per_bedroom"], right["price_per_bedroom"]);
     let mut same = buggy.clone();
     same["price_per_bedroom"] = right["price_per_bedroom"].clone();
+    same.as_object_mut().unwrap().remove("energy_rating");
     assert_eq!(same, right);
     let (_, list) = call(
         &http,
@@ -224,6 +231,10 @@ async fn legacy_and_new_serve_one_api_and_the_new_one_is_isolated_by_the_databas
         None,
     )
     .await;
+    let mut list = list;
+    for home in list["homes"].as_array_mut().unwrap() {
+        home.as_object_mut().unwrap().remove("energy_rating");
+    }
     assert_eq!(list, before, "the bug lives on one endpoint only");
     // A slow tenant: held back, still answered.
     *faults.slow.lock().unwrap() = Some((zero.clone(), 200));
