@@ -924,3 +924,182 @@ where
     }
     out
 }
+
+/// Mismatch classes through the API: listed with their counts, resolved,
+/// accepted and reopened with the same refusals as the CLI, each one a status
+/// of its own, and the change in the class's history.
+#[tokio::test]
+async fn mismatch_classes_are_listed_resolved_accepted_and_reopened_over_http() {
+    use ficus_admin::api::ClassChangeRequest;
+    use ficus_store::{ClassCount, Evidence};
+    let api = start().await;
+    let remote = Remote::new(&api.base, &api.token).unwrap();
+    remote
+        .add(AddRequest {
+            id: "acme".into(),
+            name: None,
+            domains: vec![],
+            stage: Some("shadow".into()),
+            reason: "onboarding".into(),
+        })
+        .await
+        .unwrap();
+    let at = Timestamp::from_unix_millis(now_ms() - 1_000);
+    let class = |path: &str, n: u64| {
+        let key = ficus_diff::class::ClassKey {
+            endpoint: "GET /homes/{id}".into(),
+            path: path.into(),
+            kind: ficus_diff::Kind::Value,
+        };
+        ClassCount {
+            tenant: id("acme"),
+            id: key.id(),
+            endpoint: key.endpoint,
+            path: key.path,
+            kind: "value".into(),
+            additive: false,
+            version: "3.1".into(),
+            count: n,
+            first_at: at,
+            last_at: at,
+            example: None,
+        }
+    };
+    let (price, body) = (class("$.price", 7), class("$", 2));
+    api.store
+        .record_comparisons(&Evidence {
+            classes: vec![price.clone(), body.clone()],
+            ..Evidence::default()
+        })
+        .await
+        .unwrap();
+    let listed = remote
+        .mismatch_classes(Some(&id("acme")), Some("open"))
+        .await
+        .unwrap();
+    let counted: Vec<(&str, u64)> = listed
+        .classes
+        .iter()
+        .map(|c| (c.path.as_str(), c.counted))
+        .collect();
+    assert_eq!(counted, [("$.price", 7), ("$", 2)]);
+    let post = |path: String, body: serde_json::Value| {
+        api.http
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&api.token)
+            .json(&body)
+            .send()
+    };
+    let cases = [
+        (
+            format!("/v1/mismatch-classes/{}/resolve", price.id),
+            serde_json::json!({"reason": ""}),
+            400,
+            "a reason is required",
+        ),
+        (
+            format!("/v1/mismatch-classes/{}/resolve", price.id),
+            serde_json::json!({"reason": "x", "fixed_in": "\u{7}"}),
+            400,
+            "fixed_in must be at most 128 printable characters",
+        ),
+        (
+            format!("/v1/mismatch-classes/{}/undo", price.id),
+            serde_json::json!({"reason": "x"}),
+            400,
+            "undo\\\" is not resolve, accept or reopen",
+        ),
+        (
+            "/v1/mismatch-classes/abcdef/resolve".to_string(),
+            serde_json::json!({"reason": "x"}),
+            404,
+            "no mismatch class abcdef",
+        ),
+        (
+            format!("/v1/mismatch-classes/{}/accept", body.id),
+            serde_json::json!({"reason": "x"}),
+            409,
+            "would hide every body difference",
+        ),
+        (
+            format!("/v1/mismatch-classes/{}/reopen", price.id),
+            serde_json::json!({"reason": "x"}),
+            409,
+            "is open; only a resolved or accepted class can be reopened",
+        ),
+    ];
+    for (path, body, status, expected) in cases {
+        let r = post(path.clone(), body).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{path}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(expected), "{path}: {text}");
+    }
+    let resolved = remote
+        .change_class(
+            &price.id,
+            "resolve",
+            ClassChangeRequest {
+                reason: "fixed".into(),
+                fixed_in: Some("3.2".into()),
+                whole_endpoint: false,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            resolved.class.state.as_str(),
+            resolved.class.fixed_in.as_deref()
+        ),
+        ("resolved", Some("3.2"))
+    );
+    assert_eq!(resolved.history[0].actor, "api");
+    let accepted = remote
+        .change_class(
+            &body.id[..8],
+            "accept",
+            ClassChangeRequest {
+                reason: "the export is binary now".into(),
+                fixed_in: None,
+                whole_endpoint: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(accepted.class.state, "accepted");
+    // Both set aside: nothing counts for acme any more.
+    let r = remote
+        .readiness(&id("acme"), &GateOverrides::default())
+        .await
+        .unwrap();
+    assert!(r.open_classes.is_empty(), "{r:?}");
+    assert_eq!(
+        r.criteria
+            .iter()
+            .find(|c| c.name == "mismatches")
+            .unwrap()
+            .detail,
+        "0 mismatched; at most 0 allowed"
+    );
+    let reopened = remote
+        .change_class(
+            &price.id,
+            "reopen",
+            ClassChangeRequest {
+                reason: "not fixed after all".into(),
+                ..ClassChangeRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    let actions: Vec<&str> = reopened.history.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["resolved", "reopened"]);
+    let r = remote
+        .readiness(&id("acme"), &GateOverrides::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        r.open_classes[0].counted, 7,
+        "the withdrawn resolution's evidence counts again"
+    );
+}

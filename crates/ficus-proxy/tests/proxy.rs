@@ -150,6 +150,36 @@ fn config_errors_name_the_line_and_the_key() {
         "[[routes]]\npath_prefix = \"export\"\n",
         expect!["ficus.toml:12: routes.path_prefix: must start with '/'"],
     );
+    check_config(
+        "[shadow]\nversion_header = \"x app version\"\n",
+        expect![[r#"ficus.toml:12: shadow.version_header: "x app version" is not a header name"#]],
+    );
+    check_config(
+        "[[compare]]\nendpoint = \"GET /homes/{id}\"\nadditive = \"ignore\"\n",
+        expect![[r#"ficus.toml:13: compare.additive: "ignore" is not "compatible" or "mismatch""#]],
+    );
+    check_config(
+        "[[compare]]\nendpoint = \"GET /homes\"\nadditive = \"mismatch\"\nopen_arrays = [\"$.homes\"]\n[shadow]\nversion_header = \"X-App-Version\"\n",
+        expect!["ok: 0 rules"],
+    );
+    let versioned = |v: &str| {
+        let text = BASE.replacen(
+            "[backends.new]\n",
+            &format!("[backends.new]\nversion = {v:?}\n"),
+            1,
+        );
+        match Config::parse(Path::new("ficus.toml"), &text, &env) {
+            Ok(c) => format!("ok: {:?}", c.settings.new.version),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(versioned("2.4.1"), "ok: Some(\"2.4.1\")");
+    assert!(
+        versioned(&"9".repeat(129))
+            .ends_with("backends.new.version: give at most 128 printable characters"),
+        "{}",
+        versioned(&"9".repeat(129))
+    );
 
     let bad = BASE.replace("\"127.0.0.1:3001\"", "\"localhost\"");
     let err = Config::parse(Path::new("ficus.toml"), &bad, &env)

@@ -508,15 +508,20 @@ pub(crate) fn place_evidence(
     } else {
         format!(" on version {}", c.version)
     };
-    let fixed = match &class.fixed_in {
-        Some(v) if *v == c.version => format!(", the very version it was resolved as fixed in"),
-        Some(v) => format!(" (it was resolved as fixed in {v})"),
-        None => String::new(),
+    let reason = match &class.fixed_in {
+        Some(v) if *v == c.version => format!(
+            "regression: tenant {} saw this class again on version {v}, the version it was resolved as fixed in",
+            c.tenant
+        ),
+        Some(v) => format!(
+            "regression: tenant {} saw this class again{seen_on} after it was resolved as fixed in {v}",
+            c.tenant
+        ),
+        None => format!(
+            "regression: tenant {} saw this class again{seen_on} after it was resolved",
+            c.tenant
+        ),
     };
-    let reason = format!(
-        "regression: tenant {} saw this class again{seen_on}{fixed} after it was resolved",
-        c.tenant
-    );
     let mut reopened = class.clone();
     reopened.state = ClassState::Open;
     reopened.regression = true;

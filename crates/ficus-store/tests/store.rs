@@ -1115,7 +1115,7 @@ async fn mismatch_classes_have_a_lifecycle(store: Arc<dyn ControlStore>) {
     assert!(price.regression);
     let why = &price.last_change.as_ref().unwrap().reason;
     assert!(
-        why.contains("the very version it was resolved as fixed in"),
+        why.contains("on version 1.1, the version it was resolved as fixed in"),
         "{why}"
     );
     assert_eq!(

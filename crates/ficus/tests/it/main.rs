@@ -1,10 +1,12 @@
 //! The `ficus` binary end to end, in one test binary: the control-plane commands
-//! (`cli`), the proxy (`proxy`) and the parallel run (`shadow`), with real processes, real sockets, real SQLite
+//! (`cli`), the proxy (`proxy`), the parallel run (`shadow`) and its reconciliation
+//! (`reconcile`), with real processes, real sockets, real SQLite
 //! files and a real PostgreSQL server. `support` holds the test backends and the
 //! proxy launcher.
 
 mod cli;
 mod db;
 mod proxy;
+mod reconcile;
 mod shadow;
 mod support;

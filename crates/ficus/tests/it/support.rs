@@ -37,6 +37,8 @@ impl Seen {
 pub struct Backend {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// What `/contract/{id}` answers; see [`Backend::set_contract`].
+    contract: Arc<Mutex<Contract>>,
     /// Turned true by [`Backend::release`]; dropping it (with the backend) also
     /// lets every held request go.
     gate: watch::Sender<bool>,
@@ -49,10 +51,19 @@ impl Drop for Backend {
     }
 }
 
+/// How a "new" backend's `/contract/{id}` answers: with the price bug or not,
+/// and the version it states in `x-app-version` (none when empty).
+#[derive(Debug, Default, Clone)]
+struct Contract {
+    bug: bool,
+    version: String,
+}
+
 #[derive(Clone)]
 struct BackendState {
     name: &'static str,
     seen: Arc<Mutex<Vec<Seen>>>,
+    contract: Arc<Mutex<Contract>>,
     /// Whether every answer waits for the gate, not only those of `/held`.
     hold_all: bool,
     gate: watch::Receiver<bool>,
@@ -65,7 +76,9 @@ impl Backend {
     /// [`Backend::release`], `/priced/{id}` answers a price that differs between
     /// "legacy" and "new" and a timestamp that differs on every call, `/garbage`
     /// and `/big` answer invalid JSON and 10 MB from "new" (a small valid answer
-    /// from "legacy"), and anything else echoes the request.
+    /// from "legacy"), `/contract/{id}` answers a home to which "new" adds
+    /// members (and, with [`Backend::set_contract`], a wrong price and a version
+    /// header), and anything else echoes the request.
     ///
     /// Every request is recorded when it arrives, so a held one is counted while
     /// it is still in flight.
@@ -82,10 +95,12 @@ impl Backend {
 
     async fn start_with(name: &'static str, hold_all: bool) -> Backend {
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let contract = Arc::new(Mutex::new(Contract::default()));
         let (gate, opened) = watch::channel(false);
         let state = BackendState {
             name,
             seen: Arc::clone(&seen),
+            contract: Arc::clone(&contract),
             hold_all,
             gate: opened,
         };
@@ -97,6 +112,7 @@ impl Backend {
             .route("/priced/{id}", get(priced))
             .route("/garbage", get(garbage))
             .route("/big", get(big))
+            .route("/contract/{id}", get(contract_home))
             .fallback(echo)
             .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -107,9 +123,19 @@ impl Backend {
         Backend {
             addr,
             seen,
+            contract,
             gate,
             task,
         }
+    }
+
+    /// From now on, `/contract/{id}` answers with the price bug or without, and
+    /// states `version` (a "new" backend only).
+    pub fn set_contract(&self, bug: bool, version: &str) {
+        *self.contract.lock().unwrap() = Contract {
+            bug,
+            version: version.to_string(),
+        };
     }
 
     /// Lets every held request, and every later one, be answered.
@@ -195,6 +221,37 @@ async fn priced(
         .to_string();
     axum::Json(serde_json::json!({"id": id, "price": price, "at": at, "tags": ["a", "b"]}))
         .into_response()
+}
+
+/// A home under a contract that the rebuilt backend grows: "new" adds members
+/// legacy never had, and may carry a price bug and state its version.
+async fn contract_home(
+    State(state): State<BackendState>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Response {
+    record(&state, "GET", &headers);
+    hold(&state).await;
+    if state.name != "new" {
+        return axum::Json(serde_json::json!({"id": id, "name": "home", "price": 100}))
+            .into_response();
+    }
+    let c = state.contract.lock().unwrap().clone();
+    let body = serde_json::json!({
+        "id": id,
+        "name": "home",
+        "price": if c.bug { 999 } else { 100 },
+        "energy": "A",
+        "links": {"self": format!("/contract/{id}")},
+    });
+    let mut response = axum::Json(body).into_response();
+    if !c.version.is_empty() {
+        response.headers_mut().insert(
+            "x-app-version",
+            axum::http::HeaderValue::from_str(&c.version).unwrap(),
+        );
+    }
+    response
 }
 
 async fn garbage(State(state): State<BackendState>, headers: HeaderMap) -> Response {
@@ -626,6 +683,23 @@ pub fn ficus(store: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a `ficus` command against `store` that must fail with status 1; returns
+/// its stderr.
+pub fn ficus_fails(store: &str, args: &[&str]) -> String {
+    let out = Command::new(FICUS)
+        .args(args)
+        .env("FICUS_STORE", store)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "ficus {args:?} should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
 }
 
 /// GETs `path` through the proxy as `tenant` and returns (status, JSON body).
