@@ -1,11 +1,14 @@
-//! `ficus-diff` throughput on JSON pairs of 1 KB, 100 KB and 5 MB, equal and
-//! differing in one field, next to serde_json parsing the same two documents (the
-//! floor any structural comparison pays). The "equal" pair differs only in
+//! `ficus-diff` throughput on JSON pairs of 1 KB, 100 KB and 5 MB, equal,
+//! differing in one field, and with a member only new has in every element, next
+//! to serde_json parsing the same two documents (the floor any structural
+//! comparison pays). Each comparison is classified the way the proxy does it
+//! (breaking, additive, accepted against a set of accepted classes). The "equal" pair differs only in
 //! whitespace: byte-identical bodies are answered by a memcmp and would say nothing. `scripts/bench/diff.sh` turns criterion's
 //! estimates into MB/s and ratios for BENCHMARKS.md.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ficus_diff::{Response, Rules, compare};
+use ficus_diff::class::{Accepted, ClassKey, classify};
+use ficus_diff::{Kind, Response, Rules, compare};
 
 /// A homes listing of roughly `bytes` bytes, like a real API answer.
 fn document(bytes: usize, price_of_last: u32) -> String {
@@ -43,8 +46,21 @@ fn json(body: &str) -> Response<'_> {
     }
 }
 
+/// Compares and classifies, as the proxy does for every shadowed read.
+fn judged(a: &str, b: &str, rules: &Rules, accepted: &Accepted) -> usize {
+    let outcome = compare(&json(a), &json(b), rules);
+    let c = classify("GET /homes", outcome.differences, accepted);
+    c.breaking.len() + c.additive.len()
+}
+
 fn bench(c: &mut Criterion) {
     let rules = Rules::default();
+    // A few accepted classes on the endpoint, none of which the pairs hit.
+    let accepted = Accepted::new((0..10).map(|i| ClassKey {
+        endpoint: "GET /homes".into(),
+        path: format!("$.items[*].legacy_field_{i}"),
+        kind: Kind::Value,
+    }));
     for (label, size) in [
         ("1KB", 1_024),
         ("100KB", 100 * 1024),
@@ -55,16 +71,22 @@ fn bench(c: &mut Criterion) {
         // walks both documents instead of taking the byte-equality shortcut.
         let same = a.replace(",\"", ", \"");
         let other = document(size, 2);
+        // New's answer grows a member in every element: additive differences,
+        // up to the cap.
+        let grown = a.replace("\"rooms\":", "\"energy\":\"A\",\"rooms\":");
         let mut group = c.benchmark_group(format!("diff/{label}"));
         group.throughput(Throughput::Bytes((a.len() * 2) as u64));
         if size > 1_000_000 {
             group.sample_size(10);
         }
         group.bench_function(BenchmarkId::new("compare", "equal"), |b| {
-            b.iter(|| compare(&json(&a), &json(&same), &rules))
+            b.iter(|| judged(&a, &same, &rules, &accepted))
         });
         group.bench_function(BenchmarkId::new("compare", "different"), |b| {
-            b.iter(|| compare(&json(&a), &json(&other), &rules))
+            b.iter(|| judged(&a, &other, &rules, &accepted))
+        });
+        group.bench_function(BenchmarkId::new("compare", "additive"), |b| {
+            b.iter(|| judged(&a, &grown, &rules, &accepted))
         });
         group.bench_function(BenchmarkId::new("serde_json_parse", "both"), |b| {
             b.iter(|| {
