@@ -19,6 +19,9 @@
 //!   security for a tenant role's queries (see `rls.rs`);
 //! - `ficus-bench provision [--events N] [--clients C]`: signed billing events
 //!   to ready tenants on PostgreSQL (see `provision.rs`);
+//! - `ficus-bench readiness [--comparisons N] [--mismatches M] [--classes K]`:
+//!   `ficus readiness` on a PostgreSQL store holding a busy parallel run (see
+//!   `readiness.rs`);
 //! - `ficus-bench seed-configs --store URL --tenants N`: tenants with written
 //!   configurations and custom domains, for `scripts/bench/tenant_config.sh`.
 //!
@@ -40,6 +43,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod backfill;
 mod corpus;
 mod provision;
+mod readiness;
 mod rls;
 
 use std::io::{BufRead, BufReader};
@@ -100,6 +104,7 @@ fn main() -> Result<(), Error> {
         Some("rls") => return rls::run(&argv[1..]),
         Some("corpus") => return corpus::run(&argv[1..]),
         Some("provision") => return provision::run(&argv[1..]),
+        Some("readiness") => return readiness::run(&argv[1..]),
         Some("seed-configs") => return provision::seed_configs(&argv[1..]),
         _ => {}
     }
