@@ -131,6 +131,18 @@ fn path_id(id: &TenantId) -> String {
     id.to_string()
 }
 
+/// Refuses a class id or action that is not plain letters and digits, so that
+/// no caller's text becomes part of a path.
+fn plain_segments(id: &str, action: &str) -> Result<()> {
+    let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !plain(id) || !plain(action) {
+        return Err(Error::Invalid(format!(
+            "{id:?} is not a class id: give its 16 hex digits, or at least the first 4"
+        )));
+    }
+    Ok(())
+}
+
 /// Appends a query string built from `params`.
 fn with_query(path: &str, params: &impl Serialize) -> String {
     let encoded = serde_json::to_value(params)
@@ -256,19 +268,18 @@ impl Control for Remote {
         self.get(&with_query("/v1/mismatch-classes", &params)).await
     }
 
+    async fn mismatch_class(&self, id: &str) -> Result<crate::api::ClassEnvelope> {
+        plain_segments(id, "get")?;
+        self.get(&format!("/v1/mismatch-classes/{id}")).await
+    }
+
     async fn change_class(
         &self,
         id: &str,
         action: &str,
         request: crate::api::ClassChangeRequest,
     ) -> Result<crate::api::ClassEnvelope> {
-        // Checked here too, so that no caller's text becomes part of a path.
-        let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
-        if !plain(id) || !plain(action) {
-            return Err(Error::Invalid(format!(
-                "{id:?} is not a class id: give its 16 hex digits, or at least the first 4"
-            )));
-        }
+        plain_segments(id, action)?;
         let path = format!("/v1/mismatch-classes/{id}/{action}");
         self.send(self.request(Method::POST, &path).json(&request))
             .await

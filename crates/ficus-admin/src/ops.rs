@@ -105,6 +105,9 @@ pub trait Control: Send + Sync {
         tenant: Option<&TenantId>,
         state: Option<&str>,
     ) -> Result<ClassesJson>;
+    /// One class (by id or a unique prefix) with its lifecycle history, its
+    /// counts over every tenant's evidence in the gate's window.
+    async fn mismatch_class(&self, id: &str) -> Result<ClassEnvelope>;
     /// Resolves, accepts or reopens the class `id` (or a unique prefix of it):
     /// `action` is `resolve`, `accept` or `reopen`.
     async fn change_class(
@@ -670,6 +673,20 @@ impl Control for Direct {
             tenant: tenant.map(ToString::to_string),
             window: humantime::format_duration(gate.window).to_string(),
             classes: out,
+        })
+    }
+
+    async fn mismatch_class(&self, id: &str) -> Result<ClassEnvelope> {
+        let class = self.find_class(id).await?;
+        let gate = gate::load(&*self.store).await?;
+        let evidence = self.store.class_evidence(None, ago(gate.window)).await?;
+        let json = tally(std::slice::from_ref(&class), &evidence, None)
+            .first()
+            .map_or_else(|| ClassJson::from_class(&class), ClassJson::from_tally);
+        let history = self.store.class_history(&class.id).await?;
+        Ok(ClassEnvelope {
+            class: json,
+            history: history.iter().map(ClassEventJson::from).collect(),
         })
     }
 

@@ -63,6 +63,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/provisioning/jobs/{event}"),
     ("post", "/v1/provisioning/jobs/{event}/retry"),
     ("get", "/v1/mismatch-classes"),
+    ("get", "/v1/mismatch-classes/{class}"),
     ("post", "/v1/mismatch-classes/{class}/{action}"),
 ];
 
@@ -107,6 +108,7 @@ pub fn router_with(store: StoreSlot, hooks: Hooks) -> Router {
         .route("/v1/provisioning/jobs/{event}", get(job))
         .route("/v1/provisioning/jobs/{event}/retry", post(retry_job))
         .route("/v1/mismatch-classes", get(mismatch_classes))
+        .route("/v1/mismatch-classes/{class}", get(mismatch_class))
         .route("/v1/mismatch-classes/{class}/{action}", post(change_class))
         .fallback(|| async {
             ApiError::Status(StatusCode::NOT_FOUND, "no such API route".to_string())
@@ -634,6 +636,13 @@ async fn mismatch_classes(
             .mismatch_classes(tenant.as_ref(), q.state.as_deref())
             .await?,
     ))
+}
+
+async fn mismatch_class(
+    State(slot): State<StoreSlot>,
+    Path(class): Path<String>,
+) -> ApiResult<crate::api::ClassEnvelope> {
+    Ok(axum::Json(control(&slot)?.mismatch_class(&class).await?))
 }
 
 /// Resolves, accepts or reopens a class. Not versioned: each is refused when

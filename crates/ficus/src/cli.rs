@@ -152,6 +152,11 @@ pub struct MismatchesArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ClassCommand {
+    /// One class: what it is, its counts over every tenant, and its history.
+    Show {
+        /// The class id (`ficus mismatches --classes`), or a unique prefix of it.
+        class: String,
+    },
     /// The class is fixed as of now: its evidence so far stops counting, and a
     /// mismatch of it from now on reopens it as a regression.
     Resolve {

@@ -1023,6 +1023,48 @@ async fn mismatches(
 ) -> Result<()> {
     if let Some(command) = args.command {
         let (class, action, request) = match command {
+            ClassCommand::Show { class } => {
+                let found = c.mismatch_class(&class).await?;
+                if json {
+                    output::json(out, &found)?;
+                    return Ok(());
+                }
+                let k = &found.class;
+                writeln!(
+                    out,
+                    "class {}: {} {} {} ({}), {}{}",
+                    k.id,
+                    k.endpoint,
+                    k.path,
+                    k.kind,
+                    k.compat,
+                    k.state,
+                    if k.regression { " (REGRESSION)" } else { "" }
+                )?;
+                writeln!(
+                    out,
+                    "  {} counted, {} set aside in the gate's window; first seen {}, last seen {}",
+                    k.counted, k.discounted, k.first_seen, k.last_seen
+                )?;
+                if let Some(v) = &k.fixed_in {
+                    writeln!(out, "  resolved as fixed in {v}")?;
+                }
+                for e in &found.history {
+                    writeln!(
+                        out,
+                        "  {}  {} by {}: {}{}",
+                        e.at,
+                        e.action,
+                        e.actor,
+                        e.reason,
+                        e.version
+                            .as_ref()
+                            .map(|v| format!(" (version {v})"))
+                            .unwrap_or_default()
+                    )?;
+                }
+                return Ok(());
+            }
             ClassCommand::Resolve {
                 class,
                 reason,

@@ -224,6 +224,65 @@ async fn additive_members_pass_a_resolved_bug_stops_counting_and_its_recurrence_
         "1 mismatched in 1 open class (1 REGRESSION: resolved, then seen again); at most 0 allowed"
     );
     assert!(ficus(&store, &["mismatches", "--classes"]).contains("open (REGRESSION)"));
+    // The class's history, for whoever reviews it next.
+    let shown = ficus(&store, &["mismatches", "show", &id]);
+    for expected in [
+        "GET /contract/{id} $.price value (breaking), open (REGRESSION)",
+        "resolved by cli: price computed from the right column (version 2.1)",
+        "regression by proxy: regression: tenant acme saw this class again on version 2.1",
+    ] {
+        assert!(shown.contains(expected), "{expected:?} in:\n{shown}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_reverse_shadow_what_only_new_has_is_additive_too_and_never_trips_the_guard() {
+    // New serves the migrated tenant; legacy is asked too and compared. The
+    // member only new has is still additive: classes follow which backend is
+    // new, not which one served.
+    let shadow = format!(
+        "{SHADOW}reverse = true\n[guard]\nenabled = true\nmin_compared = 5\nmax_mismatch_rate = 0.2\nwindow_ms = 600000\n"
+    );
+    let Rig {
+        store,
+        legacy: _legacy,
+        new: _new,
+        proxy,
+        dir: _dir,
+    } = Rig::start_with(
+        &[("acme", "migrated")],
+        "",
+        &shadow,
+        Backend::start("new").await,
+    )
+    .await;
+    get_all(&proxy, "/contract", 10).await;
+    compared(&store, 10).await;
+    let shown = json(&store, &["tenant", "show", "acme"]);
+    assert_eq!(shown["comparisons"]["mismatched"], 0, "{shown}");
+    assert_eq!(
+        shown["tenant"]["stage"], "migrated",
+        "the guard did not trip"
+    );
+    let classes = json(&store, &["mismatches", "acme", "--classes"]);
+    let found: Vec<(String, &str)> = classes["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap().to_string(),
+                c["compat"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("$.energy".to_string(), "additive"),
+            ("$.links".to_string(), "additive")
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
