@@ -18,7 +18,7 @@ pub mod time;
 
 pub use audit::{Actor, AuditEvent};
 pub use progress::{Blocker, LegacyTraffic, Progress};
-pub use routing::{Backend, Decision, UnknownTenant, decide};
+pub use routing::{Backend, Decision, Route, RouteStages, UnknownTenant, decide};
 pub use stage::{Stage, Transition, TransitionError};
 pub use tenant::{Domain, Tenant, TenantId, ValidationError};
 pub use time::Timestamp;

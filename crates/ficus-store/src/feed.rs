@@ -22,13 +22,20 @@ pub struct ChangeSet {
     pub tenants: BTreeSet<TenantId>,
     /// Reload everything: the changes cannot be listed tenant by tenant.
     pub resync: bool,
+    /// A route's stage changed: reload the route stages (they are few).
+    pub routes: bool,
 }
 
 impl ChangeSet {
     pub fn is_empty(&self) -> bool {
-        self.tenants.is_empty() && !self.resync
+        self.tenants.is_empty() && !self.resync && !self.routes
     }
 }
+
+/// What the change log records for a change to route stages: not a tenant id
+/// (`~` is never in one), so older readers of the log would refuse it rather
+/// than misread it.
+pub(crate) const ROUTES_MARK: &str = "~routes";
 
 /// One event of a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,8 +26,9 @@ use ficus_core::readiness::LatencyEvidence;
 use ficus_core::reconcile::{
     ClassError, ClassEvent, ClassEvidence, ClassExample, ClassState, MismatchClass,
 };
+use ficus_core::routing::RouteError;
 use ficus_core::{
-    Actor, AuditEvent, Backend, Domain, Progress, Stage, Tenant, TenantId, Timestamp,
+    Actor, AuditEvent, Backend, Domain, Progress, Route, Stage, Tenant, TenantId, Timestamp,
     TransitionError,
 };
 
@@ -38,7 +39,7 @@ pub use crate::url::StoreUrl;
 
 /// The schema version this build writes. A store with a higher version was written by
 /// a newer Ficus and is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// A tenant to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +155,62 @@ pub struct ClassCount {
     /// after the class was resolved.
     pub last_at: Timestamp,
     pub example: Option<ClassExample>,
+}
+
+/// A route's stage for all tenants (`tenant: None`) or one tenant's override.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStage {
+    /// `POST /homes/{id}`.
+    pub route: String,
+    pub tenant: Option<TenantId>,
+    pub stage: Stage,
+    /// Starts at 1 with the first change; 0 means "never set" to a
+    /// compare-and-set.
+    pub version: u64,
+    pub updated_at: Timestamp,
+}
+
+/// A change of a route's stage, for all tenants or one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteChange {
+    pub route: Route,
+    pub tenant: Option<TenantId>,
+    pub to: Stage,
+    /// The version the caller decided on (0: never set); `None` checks nothing.
+    pub expected_version: Option<u64>,
+    pub actor: Actor,
+    pub reason: String,
+}
+
+/// One entry of the routes' append-only audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEvent {
+    pub seq: u64,
+    pub at: Timestamp,
+    pub route: String,
+    pub tenant: Option<TenantId>,
+    /// `stage`, or `destructive` (marked) / `not destructive` (unmarked).
+    pub action: String,
+    pub from: Option<Stage>,
+    pub to: Option<Stage>,
+    pub version: u64,
+    pub actor: Actor,
+    pub reason: String,
+}
+
+/// Requests of one route a proxy served, per tenant, backend and client version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteCount {
+    /// `None` for requests whose tenant was not resolved or is unknown.
+    pub tenant: Option<TenantId>,
+    pub route: String,
+    /// `legacy`, or the name of the new side's service that served it.
+    pub backend: String,
+    /// The client's version (a configured header, else the User-Agent's first
+    /// product token), `""` when none, `other` beyond the proxy's cardinality cap.
+    pub client: String,
+    pub count: u64,
+    pub last_at: Timestamp,
 }
 
 /// Everything one proxy report carries about comparisons.
@@ -382,6 +439,42 @@ pub trait ControlStore: Send + Sync + 'static {
     /// A class's lifecycle changes, oldest first.
     async fn class_history(&self, id: &str) -> Result<Vec<ClassEvent>>;
 
+    /// Every route stage: the routes' own and the tenants' overrides.
+    async fn route_stages(&self) -> Result<Vec<RouteStage>>;
+
+    /// Sets a route's stage for all tenants or one (which must exist), checked
+    /// against `expected_version`, with its audit entry; the change feed tells
+    /// every proxy.
+    async fn change_route(&self, change: RouteChange) -> Result<RouteStage>;
+
+    /// Marks a route destructive (or not): releasing it then needs a second
+    /// confirmation. Returns whether anything changed.
+    async fn mark_route(
+        &self,
+        route: &Route,
+        destructive: bool,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<bool>;
+
+    /// The routes marked destructive.
+    async fn route_marks(&self) -> Result<Vec<String>>;
+
+    /// The routes' audit log (one route's, or all), the newest `limit`, oldest
+    /// first.
+    async fn route_events(&self, route: Option<&str>, limit: u64) -> Result<Vec<RouteEvent>>;
+
+    /// Adds a proxy's route census (summed per tenant, route, backend, client
+    /// and hour).
+    async fn record_route_census(&self, counts: &[RouteCount]) -> Result<()>;
+
+    /// The census since `since` (one tenant's, or everyone's), summed over hours.
+    async fn route_census(
+        &self,
+        tenant: Option<&TenantId>,
+        since: Timestamp,
+    ) -> Result<Vec<RouteCount>>;
+
     /// A tenant's comparison counts per endpoint and version since `since`.
     async fn comparison_stats(
         &self,
@@ -555,6 +648,27 @@ pub enum StoreError {
     },
     #[error("a reason is required and must not be empty")]
     MissingReason,
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(
+        "route {route}{} changed since version {expected}: it is at version {actual}; nothing was written",
+        .tenant.as_ref().map(|t| format!(" for tenant {t}")).unwrap_or_default()
+    )]
+    RouteStale {
+        route: String,
+        tenant: Option<TenantId>,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "route {route}{} is {stage} already; nothing was changed",
+        .tenant.as_ref().map(|t| format!(" for tenant {t}")).unwrap_or_default()
+    )]
+    RouteAlready {
+        route: String,
+        tenant: Option<TenantId>,
+        stage: Stage,
+    },
     #[error("no mismatch class {0}; `ficus mismatches --classes` lists them")]
     UnknownClass(String),
     #[error(transparent)]

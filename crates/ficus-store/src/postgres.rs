@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use ficus_core::readiness::LatencyEvidence;
 use ficus_core::reconcile::{ClassEvent, ClassEvidence, ClassState, MismatchClass};
-use ficus_core::{Actor, AuditEvent, Domain, Progress, Stage, Tenant, TenantId, Timestamp};
+use ficus_core::{Actor, AuditEvent, Domain, Progress, Route, Stage, Tenant, TenantId, Timestamp};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
@@ -28,8 +28,9 @@ use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, Ten
 use crate::{
     AuditQuery, ClassChange, ClassCount, ComparisonCount, ConfigChange, ConfigVersion,
     ControlStore, Evidence, InitOutcome, JobState, LatencyReport, MismatchSample, NewTenant,
-    NoiseEntry, OpenMode, ProvisionJob, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot,
-    StageChange, StoreError, StoreUrl, SuspendChange, TrafficCount, now,
+    NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount, RouteEvent, RouteStage,
+    SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl, SuspendChange,
+    TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -247,6 +248,45 @@ CREATE TABLE {s}.mismatch_class_events (
 CREATE INDEX mismatch_class_events_class ON {s}.mismatch_class_events (class_id, seq);
 CREATE TRIGGER mismatch_class_events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {s}.mismatch_class_events
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_log_append_only();
+"#,
+    r#"
+CREATE TABLE {s}.route_stages (
+    route      text NOT NULL,
+    tenant_id  text NOT NULL,
+    stage      text NOT NULL CHECK (stage IN ('legacy', 'shadow', 'migrated')),
+    version    bigint NOT NULL CHECK (version > 0),
+    updated_at bigint NOT NULL,
+    PRIMARY KEY (route, tenant_id)
+);
+CREATE TABLE {s}.route_marks (
+    route text PRIMARY KEY
+);
+CREATE TABLE {s}.route_events (
+    seq        bigserial PRIMARY KEY,
+    at         bigint NOT NULL,
+    route      text NOT NULL,
+    tenant_id  text NOT NULL,
+    action     text NOT NULL,
+    from_stage text,
+    to_stage   text,
+    version    bigint NOT NULL,
+    actor      text NOT NULL,
+    reason     text NOT NULL
+);
+CREATE INDEX route_events_route ON {s}.route_events (route, seq);
+CREATE TRIGGER route_events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {s}.route_events
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_log_append_only();
+CREATE TABLE {s}.route_census (
+    tenant_key text NOT NULL,
+    route      text NOT NULL,
+    backend    text NOT NULL,
+    client     text NOT NULL,
+    hour       bigint NOT NULL,
+    count      bigint NOT NULL,
+    last_at    bigint NOT NULL,
+    PRIMARY KEY (tenant_key, route, backend, client, hour)
+);
+CREATE INDEX route_census_hour ON {s}.route_census (hour);
 "#,
 ];
 
@@ -885,6 +925,7 @@ impl Inner {
                 seq,
                 tenants: BTreeSet::new(),
                 resync: true,
+                routes: true,
             });
         }
         let rows = client
@@ -898,10 +939,12 @@ impl Inner {
             seq,
             tenants: BTreeSet::new(),
             resync: false,
+            routes: false,
         };
         for r in rows {
             match r.get::<_, Option<String>>(0) {
                 None => set.resync = true,
+                Some(id) if id == crate::feed::ROUTES_MARK => set.routes = true,
                 Some(id) => {
                     set.tenants.insert(
                         TenantId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -1347,6 +1390,260 @@ impl ControlStore for PgStore {
             s.record_class(&*tx, c, at).await?;
         }
         tx.commit().await.map_err(s.err("committing"))
+    }
+
+    async fn route_stages(&self) -> Result<Vec<RouteStage>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q("SELECT route, tenant_id, stage, version, updated_at FROM {s}.route_stages ORDER BY route, tenant_id"),
+                &[],
+            )
+            .await
+            .map_err(s.err("reading route stages"))?;
+        rows.iter()
+            .map(|r| rules::route_stage_from_row(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect()
+    }
+
+    async fn change_route(&self, change: RouteChange) -> Result<RouteStage> {
+        let s = &*self.inner;
+        let reason = rules::reason(&change.reason)?;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        // The change counter's row lock orders this change with every other
+        // write, as for tenants.
+        let seq = s.next_seq(&*tx).await?;
+        let route = change.route.to_string();
+        let tenant = change.tenant.as_ref().map_or("", TenantId::as_str);
+        if let Some(t) = &change.tenant
+            && s.load_tenant(&*tx, t.as_str()).await?.is_none()
+        {
+            return Err(StoreError::UnknownTenant(t.clone()));
+        }
+        let row = |t: String| {
+            let tx = &tx;
+            let route = route.clone();
+            async move {
+                let found = tx
+                    .query_opt(
+                        &s.q("SELECT stage, version FROM {s}.route_stages WHERE route = $1 AND tenant_id = $2"),
+                        &[&route, &t],
+                    )
+                    .await
+                    .map_err(s.err("reading a route stage"))?;
+                found
+                    .map(|r| {
+                        Ok::<_, StoreError>((
+                            Stage::parse(r.get(0))
+                                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                            r.get::<_, i64>(1).max(0) as u64,
+                        ))
+                    })
+                    .transpose()
+            }
+        };
+        let own = row(tenant.to_string()).await?;
+        let inherited = if tenant.is_empty() {
+            None
+        } else {
+            row(String::new()).await?.map(|(st, _)| st)
+        };
+        let version = rules::check_route_change(&change, own, inherited)?;
+        let at = now().unix_millis();
+        tx.execute(
+            &s.q(
+                "INSERT INTO {s}.route_stages (route, tenant_id, stage, version, updated_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (route, tenant_id) DO UPDATE SET stage = excluded.stage, version = excluded.version,
+                     updated_at = excluded.updated_at",
+            ),
+            &[&route, &tenant, &change.to.as_str(), &(version as i64), &at],
+        )
+        .await
+        .map_err(s.err("changing a route stage"))?;
+        let from = own
+            .map(|(st, _)| st)
+            .or(inherited)
+            .unwrap_or_else(|| ficus_core::routing::default_route_stage(change.route.writes()));
+        tx.execute(
+            &s.q(
+                "INSERT INTO {s}.route_events (at, route, tenant_id, action, from_stage, to_stage, version, actor, reason)
+                 VALUES ($1, $2, $3, 'stage', $4, $5, $6, $7, $8)",
+            ),
+            &[&at, &route, &tenant, &from.as_str(), &change.to.as_str(), &(version as i64), &change.actor.as_str(), &reason],
+        )
+        .await
+        .map_err(s.err("appending to the audit log"))?;
+        s.record_change(&*tx, seq, Some(crate::feed::ROUTES_MARK))
+            .await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        Ok(RouteStage {
+            route,
+            tenant: change.tenant.clone(),
+            stage: change.to,
+            version,
+            updated_at: Timestamp::from_unix_millis(at),
+        })
+    }
+
+    async fn mark_route(
+        &self,
+        route: &Route,
+        destructive: bool,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<bool> {
+        let s = &*self.inner;
+        let reason = rules::reason(reason)?;
+        let route = route.to_string();
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        let changed = if destructive {
+            tx.execute(
+                &s.q("INSERT INTO {s}.route_marks (route) VALUES ($1) ON CONFLICT DO NOTHING"),
+                &[&route],
+            )
+            .await
+        } else {
+            tx.execute(
+                &s.q("DELETE FROM {s}.route_marks WHERE route = $1"),
+                &[&route],
+            )
+            .await
+        }
+        .map_err(s.err("marking a route"))?;
+        if changed > 0 {
+            tx.execute(
+                &s.q("INSERT INTO {s}.route_events (at, route, tenant_id, action, version, actor, reason) VALUES ($1, $2, '', $3, 0, $4, $5)"),
+                &[&now().unix_millis(), &route, &if destructive { "destructive" } else { "not destructive" }, &actor.as_str(), &reason],
+            )
+            .await
+            .map_err(s.err("appending to the audit log"))?;
+        }
+        tx.commit().await.map_err(s.err("committing"))?;
+        Ok(changed > 0)
+    }
+
+    async fn route_marks(&self) -> Result<Vec<String>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q("SELECT route FROM {s}.route_marks ORDER BY route"),
+                &[],
+            )
+            .await
+            .map_err(s.err("reading route marks"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn route_events(&self, route: Option<&str>, limit: u64) -> Result<Vec<RouteEvent>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT seq, at, route, tenant_id, action, from_stage, to_stage, version, actor, reason FROM
+                        (SELECT * FROM {s}.route_events WHERE ($1::text IS NULL OR route = $1) ORDER BY seq DESC LIMIT $2) e
+                     ORDER BY seq",
+                ),
+                &[&route, &(limit.min(i64::MAX as u64) as i64)],
+            )
+            .await
+            .map_err(s.err("reading the routes' audit log"))?;
+        rows.iter()
+            .map(|r| {
+                rules::route_event_from_row(rules::RouteEventRow {
+                    seq: r.get(0),
+                    at: r.get(1),
+                    route: r.get(2),
+                    tenant: r.get(3),
+                    action: r.get(4),
+                    from: r.get(5),
+                    to: r.get(6),
+                    version: r.get(7),
+                    actor: r.get(8),
+                    reason: r.get(9),
+                })
+            })
+            .collect()
+    }
+
+    async fn record_route_census(&self, counts: &[RouteCount]) -> Result<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let s = &*self.inner;
+        let (mut keys, mut routes, mut backends, mut clients, mut hours, mut ns, mut ats) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for c in counts {
+            keys.push(rules::traffic_key(c.tenant.as_ref()));
+            routes.push(c.route.as_str());
+            backends.push(c.backend.as_str());
+            clients.push(c.client.as_str());
+            hours.push(rules::hour_of(c.last_at));
+            ns.push(c.count as i64);
+            ats.push(c.last_at.unix_millis());
+        }
+        let client = s.client().await?;
+        // One statement for the whole report; rows of one key are summed
+        // first, since one INSERT may not touch a row twice.
+        client
+            .execute(
+                &s.q(
+                    "INSERT INTO {s}.route_census AS c (tenant_key, route, backend, client, hour, count, last_at)
+                     SELECT k, r, b, cl, h, sum(n), max(a)
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
+                         AS t(k, r, b, cl, h, n, a)
+                     GROUP BY k, r, b, cl, h
+                     ON CONFLICT (tenant_key, route, backend, client, hour) DO UPDATE SET
+                         count = c.count + excluded.count, last_at = greatest(c.last_at, excluded.last_at)",
+                ),
+                &[&keys, &routes, &backends, &clients, &hours, &ns, &ats],
+            )
+            .await
+            .map_err(s.err("recording the route census"))?;
+        Ok(())
+    }
+
+    async fn route_census(
+        &self,
+        tenant: Option<&TenantId>,
+        since: Timestamp,
+    ) -> Result<Vec<RouteCount>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let key = tenant.map(|t| rules::traffic_key(Some(t)));
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT tenant_key, route, backend, client, sum(count)::bigint, max(last_at) FROM {s}.route_census
+                     WHERE ($1::text IS NULL OR tenant_key = $1) AND hour >= $2
+                     GROUP BY tenant_key, route, backend, client ORDER BY route, tenant_key, backend, client",
+                ),
+                &[&key, &rules::hour_of(since)],
+            )
+            .await
+            .map_err(s.err("reading the route census"))?;
+        rows.iter()
+            .map(|r| {
+                rules::census_from_row(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))
+            })
+            .collect()
     }
 
     async fn mismatch_classes(&self, state: Option<ClassState>) -> Result<Vec<MismatchClass>> {

@@ -15,7 +15,8 @@ use ficus_core::reconcile::{
 
 use crate::{
     ClassChange, ClassCount, ConfigChange, ConfigVersion, ConflictKind, ImportConflict, JobState,
-    NewTenant, ProvisionJob, StageChange, StoreError, SuspendChange, format_time,
+    NewTenant, ProvisionJob, RouteChange, RouteEvent, RouteStage, StageChange, StoreError,
+    SuspendChange, format_time,
 };
 
 /// One audit event about to be appended, as both stores write it.
@@ -534,4 +535,117 @@ pub(crate) fn place_evidence(
     };
     reopened.last_change = Some(event.clone());
     (epoch, Some((reopened, event)))
+}
+
+/// Checks a route change against what is stored: `own` is the row the change
+/// writes (the route's, or the tenant's override), `inherited` the stage that
+/// applies without it (the route's row for an override, else the default).
+/// Returns the new version.
+pub(crate) fn check_route_change(
+    change: &RouteChange,
+    own: Option<(Stage, u64)>,
+    inherited: Option<Stage>,
+) -> Result<u64, StoreError> {
+    let version = own.map_or(0, |(_, v)| v);
+    if let Some(expected) = change.expected_version
+        && expected != version
+    {
+        return Err(StoreError::RouteStale {
+            route: change.route.to_string(),
+            tenant: change.tenant.clone(),
+            expected,
+            actual: version,
+        });
+    }
+    let now = own
+        .map(|(s, _)| s)
+        .or(inherited)
+        .unwrap_or_else(|| ficus_core::routing::default_route_stage(change.route.writes()));
+    if now == change.to {
+        return Err(StoreError::RouteAlready {
+            route: change.route.to_string(),
+            tenant: change.tenant.clone(),
+            stage: now,
+        });
+    }
+    Ok(version + 1)
+}
+
+/// A route stage row as a backend reads it: tenant `""` is the route's own.
+pub(crate) fn route_stage_from_row(
+    route: String,
+    tenant: String,
+    stage: String,
+    version: i64,
+    updated_at: i64,
+) -> Result<RouteStage, StoreError> {
+    let corrupt =
+        |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("route stage {route}: {e}"));
+    Ok(RouteStage {
+        tenant: (!tenant.is_empty())
+            .then(|| TenantId::parse(&tenant))
+            .transpose()
+            .map_err(|e| corrupt(&e))?,
+        stage: Stage::parse(&stage).map_err(|e| corrupt(&e))?,
+        version: u64::try_from(version).map_err(|e| corrupt(&e))?,
+        updated_at: Timestamp::from_unix_millis(updated_at),
+        route,
+    })
+}
+
+/// A route audit row as a backend reads it.
+pub(crate) struct RouteEventRow {
+    pub seq: i64,
+    pub at: i64,
+    pub route: String,
+    pub tenant: String,
+    pub action: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub version: i64,
+    pub actor: String,
+    pub reason: String,
+}
+
+pub(crate) fn route_event_from_row(r: RouteEventRow) -> Result<RouteEvent, StoreError> {
+    let corrupt =
+        |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("route event {}: {e}", r.seq));
+    let stage = |s: Option<String>| s.as_deref().map(Stage::parse).transpose();
+    Ok(RouteEvent {
+        seq: u64::try_from(r.seq).map_err(|e| corrupt(&e))?,
+        at: Timestamp::from_unix_millis(r.at),
+        tenant: (!r.tenant.is_empty())
+            .then(|| TenantId::parse(&r.tenant))
+            .transpose()
+            .map_err(|e| corrupt(&e))?,
+        from: stage(r.from).map_err(|e| corrupt(&e))?,
+        to: stage(r.to).map_err(|e| corrupt(&e))?,
+        version: u64::try_from(r.version).map_err(|e| corrupt(&e))?,
+        actor: Actor::parse(&r.actor).map_err(|e| corrupt(&e))?,
+        route: r.route,
+        action: r.action,
+        reason: r.reason,
+    })
+}
+
+/// A census row as a backend reads it: tenant key `""` is "not resolved".
+pub(crate) fn census_from_row(
+    key: String,
+    route: String,
+    backend: String,
+    client: String,
+    count: i64,
+    last_at: i64,
+) -> Result<crate::RouteCount, StoreError> {
+    Ok(crate::RouteCount {
+        tenant: (!key.is_empty())
+            .then(|| TenantId::parse(&key))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        route,
+        backend,
+        client,
+        count: count.max(0) as u64,
+        last_at: Timestamp::from_unix_millis(last_at),
+    })
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ficus_core::readiness::LatencyEvidence;
 use ficus_core::reconcile::{ClassEvent, ClassEvidence, ClassState, MismatchClass};
-use ficus_core::{Actor, AuditEvent, Progress, Stage, Tenant, TenantId, Timestamp};
+use ficus_core::{Actor, AuditEvent, Progress, Route, Stage, Tenant, TenantId, Timestamp};
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
 };
@@ -24,8 +24,9 @@ use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, Ten
 use crate::{
     AuditQuery, ClassChange, ClassCount, ComparisonCount, ConfigChange, ConfigVersion,
     ControlStore, Evidence, InitOutcome, JobState, LatencyReport, MismatchSample, NewTenant,
-    NoiseEntry, OpenMode, ProvisionJob, Result, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot,
-    StageChange, StoreError, SuspendChange, TrafficCount, now,
+    NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount, RouteEvent, RouteStage,
+    SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, SuspendChange, TrafficCount,
+    now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -267,6 +268,47 @@ CREATE TRIGGER mismatch_class_events_no_update BEFORE UPDATE ON mismatch_class_e
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER mismatch_class_events_no_delete BEFORE DELETE ON mismatch_class_events
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#,
+    r#"
+CREATE TABLE route_stages (
+    route      TEXT NOT NULL,
+    tenant_id  TEXT NOT NULL,
+    stage      TEXT NOT NULL CHECK (stage IN ('legacy', 'shadow', 'migrated')),
+    version    INTEGER NOT NULL CHECK (version > 0),
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (route, tenant_id)
+) STRICT;
+CREATE TABLE route_marks (
+    route TEXT PRIMARY KEY
+) STRICT;
+CREATE TABLE route_events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         INTEGER NOT NULL,
+    route      TEXT NOT NULL,
+    tenant_id  TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    from_stage TEXT,
+    to_stage   TEXT,
+    version    INTEGER NOT NULL,
+    actor      TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX route_events_route ON route_events (route, seq);
+CREATE TRIGGER route_events_no_update BEFORE UPDATE ON route_events
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER route_events_no_delete BEFORE DELETE ON route_events
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE route_census (
+    tenant_key TEXT NOT NULL,
+    route      TEXT NOT NULL,
+    backend    TEXT NOT NULL,
+    client     TEXT NOT NULL,
+    hour       INTEGER NOT NULL,
+    count      INTEGER NOT NULL,
+    last_at    INTEGER NOT NULL,
+    PRIMARY KEY (tenant_key, route, backend, client, hour)
+) STRICT;
+CREATE INDEX route_census_hour ON route_census (hour);
 "#,
 ];
 
@@ -705,6 +747,7 @@ fn load_changes(conn: &Connection, location: &str, since: u64) -> Result<ChangeS
             seq,
             tenants: BTreeSet::new(),
             resync: true,
+            routes: true,
         });
     }
     let touched: Vec<Option<String>> = conn
@@ -718,10 +761,12 @@ fn load_changes(conn: &Connection, location: &str, since: u64) -> Result<ChangeS
         seq,
         tenants: BTreeSet::new(),
         resync: false,
+        routes: false,
     };
     for t in touched {
         match t {
             None => set.resync = true,
+            Some(id) if id == crate::feed::ROUTES_MARK => set.routes = true,
             Some(id) => {
                 set.tenants
                     .insert(TenantId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
@@ -1102,6 +1147,195 @@ impl ControlStore for SqliteStore {
                 }
             }
             tx.commit().map_err(err("committing"))
+        })
+        .await
+    }
+
+    async fn route_stages(&self) -> Result<Vec<RouteStage>> {
+        self.with(|conn, location| load_route_stages(conn, location))
+            .await
+    }
+
+    async fn change_route(&self, change: RouteChange) -> Result<RouteStage> {
+        let reason = rules::reason(&change.reason)?.to_string();
+        self.write(move |tx, location, seq| {
+            let route = change.route.to_string();
+            let tenant = change.tenant.as_ref().map_or("", TenantId::as_str).to_string();
+            if let Some(t) = &change.tenant
+                && load_tenant(tx, location, t.as_str())?.is_none()
+            {
+                return Err(StoreError::UnknownTenant(t.clone()));
+            }
+            let row = |t: &str| -> Result<Option<(Stage, u64)>> {
+                let found: Option<(String, i64)> = tx
+                    .query_row(
+                        "SELECT stage, version FROM route_stages WHERE route = ?1 AND tenant_id = ?2",
+                        params![route, t],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(sql_err(location, "reading a route stage"))?;
+                found
+                    .map(|(s, v)| Ok((Stage::parse(&s).map_err(|e| StoreError::Corrupt(e.to_string()))?, v.max(0) as u64)))
+                    .transpose()
+            };
+            let own = row(&tenant)?;
+            let inherited = if tenant.is_empty() { None } else { row("")?.map(|(s, _)| s) };
+            let version = rules::check_route_change(&change, own, inherited)?;
+            let at = now().unix_millis();
+            tx.execute(
+                "INSERT INTO route_stages (route, tenant_id, stage, version, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (route, tenant_id) DO UPDATE SET stage = excluded.stage, version = excluded.version,
+                     updated_at = excluded.updated_at",
+                params![route, tenant, change.to.as_str(), version as i64, at],
+            )
+            .map_err(sql_err(location, "changing a route stage"))?;
+            let from = own.map(|(s, _)| s).or(inherited).unwrap_or_else(|| {
+                ficus_core::routing::default_route_stage(change.route.writes())
+            });
+            tx.execute(
+                "INSERT INTO route_events (at, route, tenant_id, action, from_stage, to_stage, version, actor, reason)
+                 VALUES (?1, ?2, ?3, 'stage', ?4, ?5, ?6, ?7, ?8)",
+                params![at, route, tenant, from.as_str(), change.to.as_str(), version as i64, change.actor.as_str(), reason],
+            )
+            .map_err(sql_err(location, "appending to the audit log"))?;
+            record_change(tx, location, seq, Some(crate::feed::ROUTES_MARK))?;
+            Ok(RouteStage {
+                route,
+                tenant: change.tenant.clone(),
+                stage: change.to,
+                version,
+                updated_at: Timestamp::from_unix_millis(at),
+            })
+        })
+        .await
+    }
+
+    async fn mark_route(
+        &self,
+        route: &Route,
+        destructive: bool,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<bool> {
+        let reason = rules::reason(reason)?.to_string();
+        let route = route.to_string();
+        self.write(move |tx, location, _seq| {
+            let changed = if destructive {
+                tx.execute("INSERT INTO route_marks (route) VALUES (?1) ON CONFLICT DO NOTHING", [&route])
+            } else {
+                tx.execute("DELETE FROM route_marks WHERE route = ?1", [&route])
+            }
+            .map_err(sql_err(location, "marking a route"))?;
+            if changed > 0 {
+                tx.execute(
+                    "INSERT INTO route_events (at, route, tenant_id, action, version, actor, reason) VALUES (?1, ?2, '', ?3, 0, ?4, ?5)",
+                    params![now().unix_millis(), route, if destructive { "destructive" } else { "not destructive" }, actor.as_str(), reason],
+                )
+                .map_err(sql_err(location, "appending to the audit log"))?;
+            }
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn route_marks(&self) -> Result<Vec<String>> {
+        self.with(|conn, location| {
+            conn.prepare_cached("SELECT route FROM route_marks ORDER BY route")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .map_err(sql_err(location, "reading route marks"))
+        })
+        .await
+    }
+
+    async fn route_events(&self, route: Option<&str>, limit: u64) -> Result<Vec<RouteEvent>> {
+        let route = route.map(str::to_string);
+        self.with(move |conn, location| {
+            let rows: Vec<rules::RouteEventRow> = conn
+                .prepare_cached(
+                    "SELECT seq, at, route, tenant_id, action, from_stage, to_stage, version, actor, reason FROM
+                        (SELECT * FROM route_events WHERE (?1 IS NULL OR route = ?1) ORDER BY seq DESC LIMIT ?2)
+                     ORDER BY seq",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![route, limit.min(i64::MAX as u64) as i64], |r| {
+                        Ok(rules::RouteEventRow {
+                            seq: r.get(0)?,
+                            at: r.get(1)?,
+                            route: r.get(2)?,
+                            tenant: r.get(3)?,
+                            action: r.get(4)?,
+                            from: r.get(5)?,
+                            to: r.get(6)?,
+                            version: r.get(7)?,
+                            actor: r.get(8)?,
+                            reason: r.get(9)?,
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading the routes' audit log"))?;
+            rows.into_iter().map(rules::route_event_from_row).collect()
+        })
+        .await
+    }
+
+    async fn record_route_census(&self, counts: &[RouteCount]) -> Result<()> {
+        let counts = counts.to_vec();
+        self.with(move |conn, location| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_err(location, "starting a write"))?;
+            {
+                let mut upsert = tx
+                    .prepare_cached(
+                        "INSERT INTO route_census (tenant_key, route, backend, client, hour, count, last_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT (tenant_key, route, backend, client, hour) DO UPDATE SET
+                             count = count + excluded.count, last_at = max(last_at, excluded.last_at)",
+                    )
+                    .map_err(sql_err(location, "recording the route census"))?;
+                for c in &counts {
+                    upsert
+                        .execute(params![
+                            rules::traffic_key(c.tenant.as_ref()),
+                            c.route,
+                            c.backend,
+                            c.client,
+                            rules::hour_of(c.last_at),
+                            c.count as i64,
+                            c.last_at.unix_millis()
+                        ])
+                        .map_err(sql_err(location, "recording the route census"))?;
+                }
+            }
+            tx.commit().map_err(sql_err(location, "committing"))
+        })
+        .await
+    }
+
+    async fn route_census(
+        &self,
+        tenant: Option<&TenantId>,
+        since: Timestamp,
+    ) -> Result<Vec<RouteCount>> {
+        let key = tenant.map(|t| rules::traffic_key(Some(t)).to_string());
+        self.with(move |conn, location| {
+            let rows: Vec<(String, String, String, String, i64, i64)> = conn
+                .prepare_cached(
+                    "SELECT tenant_key, route, backend, client, sum(count), max(last_at) FROM route_census
+                     WHERE (?1 IS NULL OR tenant_key = ?1) AND hour >= ?2
+                     GROUP BY tenant_key, route, backend, client ORDER BY route, tenant_key, backend, client",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![key, rules::hour_of(since)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading the route census"))?;
+            rows.into_iter()
+                .map(|(k, route, backend, client, n, at)| rules::census_from_row(k, route, backend, client, n, at))
+                .collect()
         })
         .await
     }
@@ -1941,4 +2175,21 @@ fn record_class(tx: &Transaction<'_>, location: &str, c: &ClassCount, at: Timest
     })
     .map_err(err("recording mismatch evidence"))?;
     Ok(())
+}
+
+fn load_route_stages(conn: &Connection, location: &str) -> Result<Vec<RouteStage>> {
+    let rows: Vec<(String, String, String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT route, tenant_id, stage, version, updated_at FROM route_stages ORDER BY route, tenant_id",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                .collect()
+        })
+        .map_err(sql_err(location, "reading route stages"))?;
+    rows.into_iter()
+        .map(|(route, tenant, stage, version, at)| {
+            rules::route_stage_from_row(route, tenant, stage, version, at)
+        })
+        .collect()
 }

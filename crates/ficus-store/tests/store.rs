@@ -1173,6 +1173,168 @@ async fn mismatch_classes_have_a_lifecycle(store: Arc<dyn ControlStore>) {
     assert_eq!(history, ["resolved by cli", "regression by proxy"]);
 }
 
+/// Route stages: compare-and-set versions, refusals, per-tenant overrides, the
+/// audit log, the change feed's route flag, destructive marks and the census.
+async fn route_stages_are_versioned_audited_and_followed(store: Arc<dyn ControlStore>) {
+    use ficus_core::{Route, Timestamp};
+    use ficus_store::{RouteChange, RouteCount, StoreError};
+    let store = &*store;
+    store
+        .add_tenant(new("acme", Stage::Migrated, &[]), Actor::Cli, "r")
+        .await
+        .unwrap();
+    let route = Route::parse("POST /homes").unwrap();
+    let change = |tenant: Option<&str>, to, expected| RouteChange {
+        route: route.clone(),
+        tenant: tenant.map(id),
+        to,
+        expected_version: expected,
+        actor: Actor::Cli,
+        reason: "canary".into(),
+    };
+    let seq = store.snapshot().await.unwrap().seq;
+    assert!(
+        matches!(
+            store.change_route(change(None, Stage::Legacy, None)).await,
+            Err(StoreError::RouteAlready { .. })
+        ),
+        "a write route starts held at legacy"
+    );
+    let canary = store
+        .change_route(change(Some("acme"), Stage::Migrated, Some(0)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (canary.version, canary.tenant.as_ref().map(TenantId::as_str)),
+        (1, Some("acme"))
+    );
+    let set = store.changes_since(seq).await.unwrap();
+    assert!(
+        set.routes && !set.resync && set.tenants.is_empty(),
+        "{set:?}"
+    );
+    assert_eq!(
+        store
+            .change_route(change(Some("acme"), Stage::Legacy, Some(0)))
+            .await
+            .unwrap_err()
+            .to_string(),
+        "route POST /homes for tenant acme changed since version 0: it is at version 1; nothing was written"
+    );
+    assert!(matches!(
+        store
+            .change_route(change(Some("nobody"), Stage::Migrated, None))
+            .await,
+        Err(StoreError::UnknownTenant(_))
+    ));
+    store
+        .change_route(change(None, Stage::Migrated, Some(0)))
+        .await
+        .unwrap();
+    let stages: Vec<(String, Option<String>, Stage, u64)> = store
+        .route_stages()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.route, r.tenant.map(|t| t.to_string()), r.stage, r.version))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            ("POST /homes".to_string(), None, Stage::Migrated, 1),
+            (
+                "POST /homes".to_string(),
+                Some("acme".to_string()),
+                Stage::Migrated,
+                1
+            ),
+        ]
+    );
+    assert!(
+        store
+            .mark_route(&route, true, Actor::Cli, "drops data")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .mark_route(&route, true, Actor::Cli, "again")
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.route_marks().await.unwrap(), ["POST /homes"]);
+    let log: Vec<String> = store
+        .route_events(Some("POST /homes"), 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {:?}→{:?} v{} {}",
+                e.action,
+                e.tenant.as_ref().map_or("*", TenantId::as_str),
+                e.from,
+                e.to,
+                e.version,
+                e.actor
+            )
+        })
+        .collect();
+    assert_eq!(
+        log,
+        [
+            "stage acme Some(Legacy)→Some(Migrated) v1 cli",
+            "stage * Some(Legacy)→Some(Migrated) v1 cli",
+            "destructive * None→None v0 cli",
+        ]
+    );
+    let now = Timestamp::from_unix_millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    let count = |tenant: Option<&str>, backend: &str, client: &str, n| RouteCount {
+        tenant: tenant.map(id),
+        route: "POST /homes".into(),
+        backend: backend.into(),
+        client: client.into(),
+        count: n,
+        last_at: now,
+    };
+    store
+        .record_route_census(&[
+            count(Some("acme"), "legacy", "ios/4.1", 3),
+            count(None, "legacy", "", 1),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_route_census(&[
+            count(Some("acme"), "legacy", "ios/4.1", 2),
+            count(Some("acme"), "new", "ios/4.2", 5),
+        ])
+        .await
+        .unwrap();
+    let census: Vec<(String, String, u64)> = store
+        .route_census(
+            Some(&id("acme")),
+            Timestamp::from_unix_millis(now.unix_millis() - 3_600_000),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.backend, c.client, c.count))
+        .collect();
+    assert_eq!(
+        census,
+        [
+            ("legacy".to_string(), "ios/4.1".to_string(), 5),
+            ("new".to_string(), "ios/4.2".to_string(), 5)
+        ]
+    );
+}
+
 macro_rules! both {
     ($($name:ident),* $(,)?) => { $(
         mod $name {
@@ -1204,6 +1366,7 @@ both!(
     sums_legacy_traffic_reported_by_proxies,
     keeps_comparison_evidence_bounded,
     mismatch_classes_have_a_lifecycle,
+    route_stages_are_versioned_audited_and_followed,
     sums_latency_histograms_per_backend,
     keeps_settings_with_audited_changes,
     versions_tenant_configuration_and_moves_its_domains,
@@ -1283,6 +1446,7 @@ mod sqlite_faults {
                  DROP TABLE comparisons; DROP TABLE mismatch_samples; DROP TABLE noise_paths; DROP TABLE latencies;
                  DROP TABLE tenant_configs; DROP TABLE provision_jobs;
                  DROP TABLE mismatch_classes; DROP TABLE mismatch_class_counts; DROP TABLE mismatch_class_events;
+                 DROP TABLE route_stages; DROP TABLE route_marks; DROP TABLE route_events; DROP TABLE route_census;
                  ALTER TABLE tenants DROP COLUMN suspended;
                  UPDATE ficus_meta SET value = '1' WHERE key = 'schema_version';",
             )
@@ -1364,7 +1528,7 @@ mod sqlite_faults {
             let err = open(&path, mode).await.err().unwrap();
             assert_eq!(
                 location(&err, &path),
-                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 7); upgrade ficus, the store was not modified"
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 8); upgrade ficus, the store was not modified"
             );
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }
