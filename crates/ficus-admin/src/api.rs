@@ -123,6 +123,9 @@ pub struct ReadinessJson {
     /// The classes whose mismatches counted, most first.
     #[serde(default)]
     pub open_classes: Vec<ClassJson>,
+    /// Write routes the tenant called in the window that still go to legacy.
+    #[serde(default)]
+    pub held_routes: Vec<String>,
     /// Additive differences seen: shown, not counted.
     #[serde(default)]
     pub additive: Vec<ClassJson>,
@@ -261,6 +264,17 @@ pub struct StatusJson {
     pub legacy_retired: bool,
     pub legacy_traffic: LegacyTrafficJson,
     pub finish_line: FinishLineJson,
+    /// Write routes still on legacy, for every tenant or some (tenant ids).
+    #[serde(default)]
+    pub held_routes: Vec<HeldRouteJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldRouteJson {
+    pub route: String,
+    /// `null`: held for every tenant without a release of its own; else the
+    /// tenants it is held for.
+    pub tenants: Option<Vec<String>>,
 }
 
 /// Requests routed to legacy, served or shadow, as proxies reported them.
@@ -330,6 +344,7 @@ impl StatusJson {
                 quiet_window,
                 blockers: blockers.iter().map(ToString::to_string).collect(),
             },
+            held_routes: Vec::new(),
         }
     }
 }
@@ -589,4 +604,89 @@ impl ClassJson {
             by_version: Default::default(),
         })
     }
+}
+
+/// A route as the control plane knows it: its stages, whether it writes and is
+/// destructive, and who called it lately.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteJson {
+    /// `POST /homes/{id}`.
+    pub route: String,
+    pub writes: bool,
+    pub destructive: bool,
+    /// The route's own stage (for every tenant without an override).
+    pub stage: String,
+    /// Its version for a compare-and-set (0: never set).
+    pub version: u64,
+    /// A write route whose stage keeps it on legacy.
+    pub held: bool,
+    pub overrides: Vec<RouteOverrideJson>,
+    /// Requests over the census window, per tenant, backend and client version.
+    pub census: Vec<RouteCountJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteOverrideJson {
+    pub tenant: String,
+    pub stage: String,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteCountJson {
+    /// `null` for requests whose tenant was not resolved.
+    pub tenant: Option<String>,
+    /// `legacy` or the new side's service that served them.
+    pub backend: String,
+    pub client: String,
+    pub requests: u64,
+    pub last_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesJson {
+    pub window: String,
+    pub routes: Vec<RouteJson>,
+}
+
+/// Sets a route's stage: for every tenant, or (`tenant`) one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteStageRequest {
+    pub route: String,
+    pub stage: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub reason: String,
+}
+
+/// Releases a held write route (or holds it again): for every tenant, or one
+/// canary tenant. A destructive route needs `destructive: true` to be released.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteReleaseRequest {
+    pub route: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub destructive: bool,
+    pub reason: String,
+}
+
+/// Marks a route destructive (or, with `destructive: false`, not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMarkRequest {
+    pub route: String,
+    pub destructive: bool,
+    pub reason: String,
+}
+
+/// A route stage as changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteStageJson {
+    pub route: String,
+    pub tenant: Option<String>,
+    pub stage: String,
+    pub version: u64,
 }

@@ -268,6 +268,75 @@ impl Control for Remote {
         self.get(&with_query("/v1/mismatch-classes", &params)).await
     }
 
+    async fn routes(&self, tenant: Option<&TenantId>) -> Result<crate::api::RoutesJson> {
+        let params = serde_json::json!({ "tenant": tenant.map(TenantId::as_str) });
+        self.get(&with_query("/v1/routes", &params)).await
+    }
+
+    async fn route_stage(
+        &self,
+        request: crate::api::RouteStageRequest,
+        if_version: Option<u64>,
+    ) -> Result<crate::api::RouteStageJson> {
+        // The API changes a stage only against the version it was decided on:
+        // without one given, the current one is read first.
+        let version = match if_version {
+            Some(v) => v,
+            None => {
+                let tenant = request
+                    .tenant
+                    .as_deref()
+                    .map(crate::ops::tenant_id)
+                    .transpose()?;
+                let routes = self.routes(None).await?;
+                let found = routes.routes.iter().find(|r| r.route == request.route);
+                match (&tenant, found) {
+                    (None, Some(r)) => r.version,
+                    (Some(t), Some(r)) => r
+                        .overrides
+                        .iter()
+                        .find(|o| o.tenant == t.as_str())
+                        .map_or(0, |o| o.version),
+                    (_, None) => 0,
+                }
+            }
+        };
+        self.write(
+            Method::PUT,
+            "/v1/routes/stage",
+            &version.to_string(),
+            &request,
+        )
+        .await
+    }
+
+    async fn release_route(
+        &self,
+        request: crate::api::RouteReleaseRequest,
+    ) -> Result<crate::api::RouteStageJson> {
+        self.send(
+            self.request(Method::POST, "/v1/routes/release")
+                .json(&request),
+        )
+        .await
+    }
+
+    async fn hold_route(
+        &self,
+        request: crate::api::RouteReleaseRequest,
+    ) -> Result<crate::api::RouteStageJson> {
+        self.send(self.request(Method::POST, "/v1/routes/hold").json(&request))
+            .await
+    }
+
+    async fn mark_route(
+        &self,
+        request: crate::api::RouteMarkRequest,
+    ) -> Result<crate::api::RouteJson> {
+        self.send(self.request(Method::POST, "/v1/routes/mark").json(&request))
+            .await
+    }
+
     async fn mismatch_class(&self, id: &str) -> Result<crate::api::ClassEnvelope> {
         plain_segments(id, "get")?;
         self.get(&format!("/v1/mismatch-classes/{id}")).await

@@ -10,20 +10,25 @@ use async_trait::async_trait;
 use ficus_core::config::TenantConfig;
 use ficus_core::readiness::{EndpointEvidence, Readiness, judge};
 use ficus_core::reconcile::{ClassState, MismatchClass, tally, version_label};
-use ficus_core::{Actor, Domain, Stage, TenantId, Timestamp, Transition, tenant::parse_name};
+use ficus_core::{
+    Actor, Blocker, Domain, Route, RouteStages, Stage, TenantId, Timestamp, Transition,
+    tenant::parse_name,
+};
 use ficus_store::{
-    AuditQuery, ClassChange, ConfigChange, ControlStore, JobState, NewTenant, StageChange,
-    StoreError,
+    AuditQuery, ClassChange, ConfigChange, ControlStore, JobState, NewTenant, RouteChange,
+    StageChange, StoreError,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
     AddRequest, ClassChangeRequest, ClassEnvelope, ClassEventJson, ClassJson, ClassesJson,
     ComparisonsJson, ConfigHistoryJson, ConfigJson, ConfigRequest, CriterionJson, EventJson,
-    EventsJson, GateJson, GateRequest, JobJson, JobsJson, LegacyTrafficJson, MismatchJson,
-    MismatchesJson, PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest, RetireJson,
-    RetireRequest, RollbackRequest, ShowJson, StageRequest, StatusJson, TenantEnvelope, TenantJson,
-    TenantsJson, VersionJson, retire_version,
+    EventsJson, GateJson, GateRequest, HeldRouteJson, JobJson, JobsJson, LegacyTrafficJson,
+    MismatchJson, MismatchesJson, PromoteRequest, ReadinessAllJson, ReadinessJson, RestoreRequest,
+    RetireJson, RetireRequest, RollbackRequest, RouteCountJson, RouteJson, RouteMarkRequest,
+    RouteOverrideJson, RouteReleaseRequest, RouteStageJson, RouteStageRequest, RoutesJson,
+    ShowJson, StageRequest, StatusJson, TenantEnvelope, TenantJson, TenantsJson, VersionJson,
+    retire_version,
 };
 use crate::config;
 use crate::gate::{self, Gate};
@@ -105,6 +110,22 @@ pub trait Control: Send + Sync {
         tenant: Option<&TenantId>,
         state: Option<&str>,
     ) -> Result<ClassesJson>;
+    /// Routes: their stages, overrides, destructive marks and census over the
+    /// gate's window (one tenant's, or everyone's).
+    async fn routes(&self, tenant: Option<&TenantId>) -> Result<RoutesJson>;
+    /// Sets a route's stage, low level; `if_version` makes it a compare-and-set.
+    async fn route_stage(
+        &self,
+        request: RouteStageRequest,
+        if_version: Option<u64>,
+    ) -> Result<RouteStageJson>;
+    /// Releases a held write route for every tenant or one; a destructive one
+    /// only with `destructive`.
+    async fn release_route(&self, request: RouteReleaseRequest) -> Result<RouteStageJson>;
+    /// Holds a write route on legacy again, for every tenant or one.
+    async fn hold_route(&self, request: RouteReleaseRequest) -> Result<RouteStageJson>;
+    /// Marks a route destructive, or not.
+    async fn mark_route(&self, request: RouteMarkRequest) -> Result<RouteJson>;
     /// One class (by id or a unique prefix) with its lifecycle history, its
     /// counts over every tenant's evidence in the gate's window.
     async fn mismatch_class(&self, id: &str) -> Result<ClassEnvelope>;
@@ -269,11 +290,84 @@ impl Direct {
         let class_evidence = self.store.class_evidence(Some(id), since).await?;
         let tallies = tally(&classes, &class_evidence, version.as_deref());
         let latency = self.store.latencies(id, since).await?;
+        let held_routes = self.held_for(id, gate.window).await?;
         Ok(Judged {
             readiness: judge(&evidence, &tallies, &latency, &gate.thresholds),
             version,
             versions,
+            held_routes,
         })
+    }
+
+    /// Every route stage as the proxies route by them.
+    async fn stages(&self) -> Result<RouteStages> {
+        let mut stages = RouteStages::default();
+        for r in self.store.route_stages().await? {
+            stages.set(&r.route, r.tenant.as_ref(), r.stage);
+        }
+        Ok(stages)
+    }
+
+    /// Write routes that still go to legacy: those seen in the census over
+    /// `window` or given a stage, held for every tenant (`None`) or for some.
+    async fn held_routes(&self, window: Duration) -> Result<Vec<(String, Option<Vec<String>>)>> {
+        let rows = self.store.route_stages().await?;
+        let census = self.store.route_census(None, ago(window)).await?;
+        let mut routes: Vec<String> = rows
+            .iter()
+            .map(|r| r.route.clone())
+            .chain(census.iter().map(|c| c.route.clone()))
+            .filter(|r| route_writes(r))
+            .collect();
+        routes.sort();
+        routes.dedup();
+        let mut held = Vec::new();
+        for route in routes {
+            let own = rows
+                .iter()
+                .find(|r| r.route == route && r.tenant.is_none())
+                .map_or(Stage::Legacy, |r| r.stage);
+            let released: Vec<&ficus_store::RouteStage> = rows
+                .iter()
+                .filter(|r| r.route == route && r.tenant.is_some())
+                .collect();
+            if own < Stage::Migrated {
+                held.push((route, None));
+            } else {
+                let mut tenants: Vec<String> = released
+                    .iter()
+                    .filter(|r| r.stage < Stage::Migrated)
+                    .filter_map(|r| r.tenant.as_ref().map(ToString::to_string))
+                    .collect();
+                if !tenants.is_empty() {
+                    tenants.sort();
+                    held.push((route, Some(tenants)));
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Write routes `id` called over `window` that still go to legacy for it.
+    async fn held_for(&self, id: &TenantId, window: Duration) -> Result<Vec<String>> {
+        let stages = self.stages().await?;
+        let mut held: Vec<String> = self
+            .store
+            .route_census(Some(id), ago(window))
+            .await?
+            .into_iter()
+            .map(|c| c.route)
+            .filter(|r| route_writes(r) && stages.stage(Some(id), r, true) < Stage::Migrated)
+            .collect();
+        held.sort();
+        held.dedup();
+        Ok(held)
+    }
+
+    /// A route as a caller names it, refused with the reason when it is not
+    /// `METHOD /template`.
+    fn parse_route(raw: &str) -> Result<Route> {
+        Route::parse(raw).map_err(|e| Error::Invalid(e.to_string()))
     }
 
     /// The class `raw` names: its full id or a unique prefix of four or more
@@ -312,6 +406,7 @@ struct Judged {
     readiness: Readiness,
     version: Option<String>,
     versions: Vec<VersionJson>,
+    held_routes: Vec<String>,
 }
 
 fn readiness_json(id: &TenantId, j: &Judged) -> ReadinessJson {
@@ -320,6 +415,7 @@ fn readiness_json(id: &TenantId, j: &Judged) -> ReadinessJson {
         version: j.version.clone(),
         versions: j.versions.clone(),
         open_classes: r.blocking.iter().map(ClassJson::from_tally).collect(),
+        held_routes: j.held_routes.clone(),
         additive: r.additive.iter().map(ClassJson::from_tally).collect(),
         tenant: id.to_string(),
         ready: r.is_ready(),
@@ -635,6 +731,165 @@ impl Control for Direct {
         })
     }
 
+    async fn routes(&self, tenant: Option<&TenantId>) -> Result<RoutesJson> {
+        if let Some(id) = tenant {
+            self.existing(id).await?;
+        }
+        let gate = gate::load(&*self.store).await?;
+        let rows = self.store.route_stages().await?;
+        let marks = self.store.route_marks().await?;
+        let census = self.store.route_census(tenant, ago(gate.window)).await?;
+        let mut names: Vec<String> = rows
+            .iter()
+            .map(|r| r.route.clone())
+            .chain(census.iter().map(|c| c.route.clone()))
+            .chain(marks.iter().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        let routes = names
+            .into_iter()
+            .map(|route| {
+                let writes = route_writes(&route);
+                let own = rows.iter().find(|r| r.route == route && r.tenant.is_none());
+                let stage = own.map_or(ficus_core::routing::default_route_stage(writes), |r| {
+                    r.stage
+                });
+                let overrides: Vec<RouteOverrideJson> = rows
+                    .iter()
+                    .filter(|r| r.route == route)
+                    .filter_map(|r| {
+                        Some(RouteOverrideJson {
+                            tenant: r.tenant.as_ref()?.to_string(),
+                            stage: r.stage.to_string(),
+                            version: r.version,
+                        })
+                    })
+                    .collect();
+                let marked = marks.contains(&route);
+                RouteJson {
+                    writes,
+                    destructive: marked || route.starts_with("DELETE "),
+                    stage: stage.to_string(),
+                    version: own.map_or(0, |r| r.version),
+                    held: writes && stage < Stage::Migrated,
+                    overrides,
+                    census: census
+                        .iter()
+                        .filter(|c| c.route == route)
+                        .map(|c| RouteCountJson {
+                            tenant: c.tenant.as_ref().map(ToString::to_string),
+                            backend: c.backend.clone(),
+                            client: c.client.clone(),
+                            requests: c.count,
+                            last_at: ficus_store::format_time(c.last_at),
+                        })
+                        .collect(),
+                    route,
+                }
+            })
+            .collect();
+        Ok(RoutesJson {
+            window: humantime::format_duration(gate.window).to_string(),
+            routes,
+        })
+    }
+
+    async fn route_stage(
+        &self,
+        request: RouteStageRequest,
+        if_version: Option<u64>,
+    ) -> Result<RouteStageJson> {
+        let route = Direct::parse_route(&request.route)?;
+        let to = stage(&request.stage)?;
+        let tenant = request.tenant.as_deref().map(tenant_id).transpose()?;
+        let done = self
+            .store
+            .change_route(RouteChange {
+                route,
+                tenant,
+                to,
+                expected_version: if_version,
+                actor: self.actor,
+                reason: request.reason,
+            })
+            .await?;
+        Ok(route_stage_json(&done))
+    }
+
+    async fn release_route(&self, request: RouteReleaseRequest) -> Result<RouteStageJson> {
+        let route = Direct::parse_route(&request.route)?;
+        let tenant = request.tenant.as_deref().map(tenant_id).transpose()?;
+        if let Some(t) = &tenant {
+            self.existing(t).await?;
+        }
+        let scope = tenant
+            .as_ref()
+            .map(|t| format!(" for tenant {t}"))
+            .unwrap_or_default();
+        let now_at =
+            self.stages()
+                .await?
+                .stage(tenant.as_ref(), &route.to_string(), route.writes());
+        if !route.writes() || now_at == Stage::Migrated {
+            return Err(Error::Refused(format!(
+                "route {route} is not held{scope} (it goes where the tenant's stage says); nothing was changed"
+            )));
+        }
+        let marked = self.store.route_marks().await?.contains(&route.to_string());
+        if route.destructive(marked) && !request.destructive {
+            return Err(Error::Refused(format!(
+                "route {route} is destructive: releasing it{scope} needs a second confirmation (--destructive); release it for one canary tenant first with --tenant; nothing was changed"
+            )));
+        }
+        let done = self
+            .store
+            .change_route(RouteChange {
+                route,
+                tenant,
+                to: Stage::Migrated,
+                expected_version: None,
+                actor: self.actor,
+                reason: request.reason,
+            })
+            .await?;
+        Ok(route_stage_json(&done))
+    }
+
+    async fn hold_route(&self, request: RouteReleaseRequest) -> Result<RouteStageJson> {
+        let route = Direct::parse_route(&request.route)?;
+        let tenant = request.tenant.as_deref().map(tenant_id).transpose()?;
+        let done = self
+            .store
+            .change_route(RouteChange {
+                route,
+                tenant,
+                to: Stage::Legacy,
+                expected_version: None,
+                actor: self.actor,
+                reason: request.reason,
+            })
+            .await?;
+        Ok(route_stage_json(&done))
+    }
+
+    async fn mark_route(&self, request: RouteMarkRequest) -> Result<RouteJson> {
+        let route = Direct::parse_route(&request.route)?;
+        if request.reason.trim().is_empty() {
+            return Err(StoreError::MissingReason.into());
+        }
+        self.store
+            .mark_route(&route, request.destructive, self.actor, &request.reason)
+            .await?;
+        let name = route.to_string();
+        self.routes(None)
+            .await?
+            .routes
+            .into_iter()
+            .find(|r| r.route == name)
+            .ok_or_else(|| Error::Invalid(format!("route {name} is not known")))
+    }
+
     async fn mismatch_classes(
         &self,
         tenant: Option<&TenantId>,
@@ -771,7 +1026,12 @@ impl Control for Direct {
     async fn status(&self) -> Result<StatusJson> {
         let gate = gate::load(&*self.store).await?;
         let progress = self.store.progress().await?;
-        let blockers = progress.blockers(now(), gate.quiet_window.as_millis() as i64);
+        let mut blockers = progress.blockers(now(), gate.quiet_window.as_millis() as i64);
+        let held = self.held_routes(gate.quiet_window.max(gate.window)).await?;
+        blockers.extend(held.iter().map(|(route, tenants)| Blocker::HeldRoute {
+            route: route.clone(),
+            tenants: tenants.as_ref().map(|t| t.len() as u64),
+        }));
         let retired = self.store.legacy_retired().await?;
         let day = self
             .store
@@ -781,14 +1041,19 @@ impl Control for Direct {
             .store
             .legacy_traffic(ago(Duration::from_secs(60 * 60)))
             .await?;
-        Ok(StatusJson::new(
+        let mut status = StatusJson::new(
             self.store.location(),
             &progress,
             &blockers,
             humantime::format_duration(gate.quiet_window).to_string(),
             retired,
             LegacyTrafficJson::new(&day, &hour),
-        ))
+        );
+        status.held_routes = held
+            .into_iter()
+            .map(|(route, tenants)| HeldRouteJson { route, tenants })
+            .collect();
+        Ok(status)
     }
 
     async fn retire(&self, request: RetireRequest, if_version: Option<&str>) -> Result<RetireJson> {
@@ -821,7 +1086,15 @@ impl Control for Direct {
             );
         }
         let progress = self.store.progress().await?;
-        let blockers = progress.blockers(now(), gate.quiet_window.as_millis() as i64);
+        let mut blockers = progress.blockers(now(), gate.quiet_window.as_millis() as i64);
+        // A held write route still sends writes to legacy: retiring it would
+        // send them to new without anyone releasing them.
+        for (route, tenants) in self.held_routes(gate.quiet_window.max(gate.window)).await? {
+            blockers.push(Blocker::HeldRoute {
+                route,
+                tenants: tenants.map(|t| t.len() as u64),
+            });
+        }
         if !blockers.is_empty() {
             let listed: Vec<String> = blockers.iter().map(ToString::to_string).collect();
             return Err(Error::Refused(format!(
@@ -975,6 +1248,22 @@ impl Control for Direct {
             .set_setting(gate::KEY, &text, &text, self.actor, &request.reason)
             .await?;
         Ok(json)
+    }
+}
+
+/// Whether a route name (`POST /homes`) is of a method that may write.
+fn route_writes(route: &str) -> bool {
+    route
+        .split_once(' ')
+        .is_some_and(|(m, _)| !ficus_core::routing::is_safe_method(m))
+}
+
+fn route_stage_json(r: &ficus_store::RouteStage) -> RouteStageJson {
+    RouteStageJson {
+        route: r.route.clone(),
+        tenant: r.tenant.as_ref().map(ToString::to_string),
+        stage: r.stage.to_string(),
+        version: r.version,
     }
 }
 

@@ -62,6 +62,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/provisioning/jobs"),
     ("get", "/v1/provisioning/jobs/{event}"),
     ("post", "/v1/provisioning/jobs/{event}/retry"),
+    ("get", "/v1/routes"),
+    ("put", "/v1/routes/stage"),
+    ("post", "/v1/routes/release"),
+    ("post", "/v1/routes/hold"),
+    ("post", "/v1/routes/mark"),
     ("get", "/v1/mismatch-classes"),
     ("get", "/v1/mismatch-classes/{class}"),
     ("post", "/v1/mismatch-classes/{class}/{action}"),
@@ -107,6 +112,11 @@ pub fn router_with(store: StoreSlot, hooks: Hooks) -> Router {
         .route("/v1/provisioning/jobs", get(jobs))
         .route("/v1/provisioning/jobs/{event}", get(job))
         .route("/v1/provisioning/jobs/{event}/retry", post(retry_job))
+        .route("/v1/routes", get(routes))
+        .route("/v1/routes/stage", put(route_stage))
+        .route("/v1/routes/release", post(release_route))
+        .route("/v1/routes/hold", post(hold_route))
+        .route("/v1/routes/mark", post(mark_route))
         .route("/v1/mismatch-classes", get(mismatch_classes))
         .route("/v1/mismatch-classes/{class}", get(mismatch_class))
         .route("/v1/mismatch-classes/{class}/{action}", post(change_class))
@@ -135,7 +145,9 @@ impl From<Error> for ApiError {
 fn store_status(e: &StoreError) -> StatusCode {
     match e {
         StoreError::UnknownTenant(_) | StoreError::UnknownClass(_) => StatusCode::NOT_FOUND,
-        StoreError::Class(_) => StatusCode::CONFLICT,
+        StoreError::Class(_) | StoreError::RouteAlready { .. } => StatusCode::CONFLICT,
+        StoreError::RouteStale { .. } => StatusCode::PRECONDITION_FAILED,
+        StoreError::Route(_) => StatusCode::BAD_REQUEST,
         StoreError::TenantExists(_)
         | StoreError::DomainTaken { .. }
         | StoreError::Transition { .. }
@@ -616,6 +628,58 @@ async fn retry_job(
     Path(event): Path<String>,
 ) -> ApiResult<crate::api::JobJson> {
     Ok(axum::Json(control(&slot)?.retry_job(&event).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesQuery {
+    tenant: Option<String>,
+}
+
+async fn routes(
+    State(slot): State<StoreSlot>,
+    q: Result<Query<RoutesQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<crate::api::RoutesJson> {
+    let q = query(q)?;
+    let tenant = q.tenant.as_deref().map(id).transpose()?;
+    Ok(axum::Json(control(&slot)?.routes(tenant.as_ref()).await?))
+}
+
+/// Sets a route's stage against the version in `If-Match` (0: never set).
+async fn route_stage(
+    State(slot): State<StoreSlot>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<crate::api::RouteStageRequest>,
+) -> ApiResult<crate::api::RouteStageJson> {
+    let version = if_match_version(&headers)?;
+    reason(&body.reason)?;
+    Ok(axum::Json(
+        control(&slot)?.route_stage(body, Some(version)).await?,
+    ))
+}
+
+async fn release_route(
+    State(slot): State<StoreSlot>,
+    JsonBody(body): JsonBody<crate::api::RouteReleaseRequest>,
+) -> ApiResult<crate::api::RouteStageJson> {
+    reason(&body.reason)?;
+    Ok(axum::Json(control(&slot)?.release_route(body).await?))
+}
+
+async fn hold_route(
+    State(slot): State<StoreSlot>,
+    JsonBody(body): JsonBody<crate::api::RouteReleaseRequest>,
+) -> ApiResult<crate::api::RouteStageJson> {
+    reason(&body.reason)?;
+    Ok(axum::Json(control(&slot)?.hold_route(body).await?))
+}
+
+async fn mark_route(
+    State(slot): State<StoreSlot>,
+    JsonBody(body): JsonBody<crate::api::RouteMarkRequest>,
+) -> ApiResult<crate::api::RouteJson> {
+    reason(&body.reason)?;
+    Ok(axum::Json(control(&slot)?.mark_route(body).await?))
 }
 
 #[derive(Deserialize)]

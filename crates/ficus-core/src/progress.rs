@@ -42,6 +42,12 @@ pub enum Blocker {
         last_at: Timestamp,
         quiet_until: Timestamp,
     },
+    /// A write route still goes to legacy, for every tenant or some.
+    HeldRoute {
+        route: String,
+        /// `None`: held for every tenant.
+        tenants: Option<u64>,
+    },
 }
 
 impl fmt::Display for Blocker {
@@ -59,6 +65,14 @@ impl fmt::Display for Blocker {
             Blocker::LegacyRecentlyUsed { .. } => {
                 f.write_str("legacy received traffic within the quiet window")
             }
+            Blocker::HeldRoute { route, tenants } => match tenants {
+                None => write!(f, "route {route} is held on legacy"),
+                Some(n) => write!(
+                    f,
+                    "route {route} is held on legacy for {}",
+                    plural(*n, "tenant", "tenants")
+                ),
+            },
         }
     }
 }

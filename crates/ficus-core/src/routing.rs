@@ -200,6 +200,14 @@ impl RouteStages {
         self.all.is_empty() && self.per_tenant.is_empty()
     }
 
+    /// Whether `tenant` has an override of its own for `route`: a canary.
+    pub fn overridden(&self, tenant: &TenantId, route: &str) -> bool {
+        !self.per_tenant.is_empty()
+            && self
+                .per_tenant
+                .contains_key(&(tenant.clone(), route.to_string()))
+    }
+
     /// The stage of `route` (`METHOD /template`) for `tenant`: its override, else
     /// the route's stage, else the default (held when it writes).
     pub fn stage(&self, tenant: Option<&TenantId>, route: &str, writes: bool) -> Stage {

@@ -5,9 +5,11 @@
 //! is checked here, so that a config that loads is a config that runs. Start-up and
 //! SIGHUP reload both go through [`Config::load`].
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ficus_core::UnknownTenant;
@@ -57,8 +59,17 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub legacy: BackendConfig,
     pub new: BackendConfig,
+    /// Every backend of the new side by name: `new` and any other service
+    /// (`search`, `valuations`).
+    pub services: BTreeMap<String, BackendConfig>,
+    /// Which service implements which routes on the new side (`[[routes]]` with
+    /// `match`); a route none names is `new`'s.
+    pub service_routes: ServiceRoutes,
     pub rules: Vec<Rule>,
     pub routes: Vec<RouteRule>,
+    /// The header that names the client's version in the route census (else the
+    /// User-Agent's first product token).
+    pub client_version_header: Option<HeaderName>,
     pub tenant_header: HeaderName,
     pub backend_header: HeaderName,
     pub request_id_header: HeaderName,
@@ -158,6 +169,30 @@ pub struct BackendConfig {
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
+}
+
+/// The routes `[[routes]] match = "METHOD /template"` gives a service, looked up
+/// by method and template (the route key a request's path resolves to).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceRoutes {
+    by_route: HashMap<(String, String), (Arc<str>, Option<Duration>)>,
+}
+
+impl ServiceRoutes {
+    pub fn is_empty(&self) -> bool {
+        self.by_route.is_empty()
+    }
+
+    /// The service (and read timeout) of `method template`: an entry for that
+    /// method, else one for every method (`*`).
+    pub fn get(&self, method: &str, template: &str) -> Option<&(Arc<str>, Option<Duration>)> {
+        if self.by_route.is_empty() {
+            return None;
+        }
+        self.by_route
+            .get(&(method.to_string(), template.to_string()))
+            .or_else(|| self.by_route.get(&("*".to_string(), template.to_string())))
+    }
 }
 
 /// Per-route overrides, first match wins.
@@ -264,14 +299,11 @@ struct RawProxy {
     tenant_header: Option<Spanned<String>>,
     backend_header: Option<Spanned<String>>,
     request_id_header: Option<Spanned<String>>,
+    client_version_header: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackends {
-    legacy: Spanned<RawBackend>,
-    new: Spanned<RawBackend>,
-}
+/// `[backends.NAME]`: `legacy`, `new`, and any other service of the new side.
+type RawBackends = BTreeMap<String, Spanned<RawBackend>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -304,7 +336,10 @@ struct RawRule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
-    path_prefix: Spanned<String>,
+    path_prefix: Option<Spanned<String>>,
+    #[serde(rename = "match")]
+    matches: Option<Spanned<String>>,
+    service: Option<Spanned<String>>,
     #[serde(default)]
     methods: Vec<String>,
     read_timeout_ms: Option<u64>,
@@ -431,24 +466,143 @@ impl Config {
             Some(s) => *s.get_ref(),
             None => 403,
         };
+        let mut services = BTreeMap::new();
+        for (name, b) in &raw.backends {
+            let plain = !name.is_empty()
+                && name.len() <= 32
+                && name.bytes().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_'
+                });
+            if !plain {
+                return Err(cx.at(
+                    b,
+                    &format!("backends.{name}: a backend's name is lowercase letters, digits, '-' and '_' (at most 32)"),
+                ));
+            }
+            if name != "legacy" {
+                services.insert(name.clone(), cx.backend(b, &format!("backends.{name}"))?);
+            }
+        }
+        let legacy = match raw.backends.get("legacy") {
+            Some(b) => cx.backend(b, "backends.legacy")?,
+            None => {
+                return Err(cx.err(
+                    None,
+                    "backends.legacy: missing; the backend that serves everyone today",
+                ));
+            }
+        };
+        let new = services.get("new").cloned().ok_or_else(|| {
+            cx.err(
+                None,
+                "backends.new: missing; the new side's default service",
+            )
+        })?;
+        let mut routes = Vec::new();
+        let mut service_routes = ServiceRoutes::default();
+        let mut templates: Vec<(ficus_core::Route, Range<usize>)> = Vec::new();
+        for r in &raw.routes {
+            match (&r.path_prefix, &r.matches) {
+                (Some(_), None) => {
+                    if let Some(s) = &r.service {
+                        return Err(cx.at(s, "routes.service: goes with match = \"METHOD /template\", not with path_prefix"));
+                    }
+                    routes.push(cx.route(r)?);
+                }
+                (None, Some(m)) => {
+                    let route = ficus_core::Route::parse(m.get_ref())
+                        .map_err(|e| cx.at(m, &format!("routes.match: {e}")))?;
+                    let service = match &r.service {
+                        Some(s) if !services.contains_key(s.get_ref()) => {
+                            return Err(cx.at(
+                                s,
+                                &format!(
+                                    "routes.service: no backend {:?}; define [backends.{}] (the new side has: {})",
+                                    s.get_ref(),
+                                    s.get_ref(),
+                                    services.keys().cloned().collect::<Vec<_>>().join(", ")
+                                ),
+                            ));
+                        }
+                        Some(s) => s.get_ref().clone(),
+                        None => "new".to_string(),
+                    };
+                    for (other, _) in &templates {
+                        let other_service = service_routes
+                            .get(other.method(), other.template())
+                            .map(|(s, _)| s.to_string())
+                            .unwrap_or_default();
+                        if other_service != service && routes_overlap(&route, other) {
+                            return Err(cx.at(
+                                m,
+                                &format!(
+                                    "routes.match: {route} overlaps {other}, which goes to {other_service}; a request must have one service"
+                                ),
+                            ));
+                        }
+                    }
+                    service_routes.by_route.insert(
+                        (route.method().to_string(), route.template().to_string()),
+                        (
+                            Arc::from(service.as_str()),
+                            r.read_timeout_ms.map(|ms| Duration::from_millis(ms.max(1))),
+                        ),
+                    );
+                    templates.push((route, m.span()));
+                }
+                (Some(p), Some(_)) => {
+                    return Err(cx.at(p, "routes: one of path_prefix or match, not both"));
+                }
+                (None, None) => {
+                    return Err(cx.err(
+                        None,
+                        "routes: each [[routes]] needs match = \"METHOD /template\" or path_prefix",
+                    ));
+                }
+            }
+        }
+        let client_version_header =
+            p.client_version_header
+                .as_ref()
+                .map(|h| {
+                    HeaderName::from_bytes(h.get_ref().trim().to_ascii_lowercase().as_bytes())
+                        .map_err(|_| {
+                            cx.at(
+                                h,
+                                &format!(
+                                    "proxy.client_version_header: {:?} is not a header name",
+                                    h.get_ref()
+                                ),
+                            )
+                        })
+                })
+                .transpose()?;
+        let mut shadow = cx.shadow(raw.shadow.as_ref(), &raw.compare)?;
+        // A request's route key is its endpoint: the route templates name it too.
+        for (route, _) in &templates {
+            if let Ok(t) = ficus_diff::endpoint::Template::parse(route.template())
+                && !shadow.templates.contains(&t)
+            {
+                shadow.templates.push(t);
+            }
+        }
         let settings = Settings {
             unknown_tenant,
             max_body_bytes: p.max_body_bytes.unwrap_or(10 * 1024 * 1024),
             max_header_bytes: p.max_header_bytes.unwrap_or(64 * 1024),
             drain_timeout: Duration::from_millis(p.drain_timeout_ms.unwrap_or(30_000)),
-            legacy: cx.backend(&raw.backends.legacy, "backends.legacy")?,
-            new: cx.backend(&raw.backends.new, "backends.new")?,
+            legacy,
+            new,
+            services,
+            service_routes,
+            client_version_header,
             rules: raw
                 .tenant_from
                 .iter()
                 .enumerate()
                 .map(|(i, r)| cx.rule(r, i, env))
                 .collect::<Result<Vec<_>, _>>()?,
-            routes: raw
-                .routes
-                .iter()
-                .map(|r| cx.route(r))
-                .collect::<Result<Vec<_>, _>>()?,
+            routes,
             tenant_header: header(&p.tenant_header, "proxy.tenant_header", "x-ficus-tenant")?,
             backend_header: header(&p.backend_header, "proxy.backend_header", "x-ficus-backend")?,
             request_id_header: header(
@@ -465,7 +619,7 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| "this account is suspended".to_string()),
             tenant_config_max_age: Duration::from_secs(p.tenant_config_max_age_s.unwrap_or(60)),
-            shadow: cx.shadow(raw.shadow.as_ref(), &raw.compare)?,
+            shadow,
             guard: cx.guard(raw.guard.as_ref())?,
         };
         Ok(Config {
@@ -504,6 +658,23 @@ impl Config {
         }
         (!changed.is_empty()).then(|| changed.join(", "))
     }
+}
+
+/// Whether some request could match both routes: their methods meet (equal, or
+/// either is `*`) and their templates have as many segments, each pair of which
+/// is equal or has a placeholder.
+fn routes_overlap(a: &ficus_core::Route, b: &ficus_core::Route) -> bool {
+    let methods = a.method() == b.method() || a.method() == "*" || b.method() == "*";
+    let (x, y): (Vec<&str>, Vec<&str>) = (
+        a.template().split('/').collect(),
+        b.template().split('/').collect(),
+    );
+    let placeholder = |s: &str| s.starts_with('{');
+    methods
+        && x.len() == y.len()
+        && x.iter()
+            .zip(&y)
+            .all(|(p, q)| p == q || placeholder(p) || placeholder(q))
 }
 
 /// Context for validation messages: the file and its text, to turn spans into lines.
@@ -795,12 +966,15 @@ impl Cx<'_> {
     }
 
     fn route(&self, raw: &RawRoute) -> Result<RouteRule, ConfigError> {
-        if !raw.path_prefix.get_ref().starts_with('/') {
-            return Err(self.at(&raw.path_prefix, "routes.path_prefix: must start with '/'"));
+        let Some(prefix) = &raw.path_prefix else {
+            return Err(self.err(None, "routes: path_prefix is missing"));
+        };
+        if !prefix.get_ref().starts_with('/') {
+            return Err(self.at(prefix, "routes.path_prefix: must start with '/'"));
         }
         let methods: Vec<String> = raw.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
         Ok(RouteRule {
-            path_prefix: raw.path_prefix.get_ref().clone(),
+            path_prefix: prefix.get_ref().clone(),
             methods,
             read_timeout: raw
                 .read_timeout_ms

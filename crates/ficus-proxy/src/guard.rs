@@ -8,6 +8,11 @@
 //!   tenant's legacy p99, the baseline measured during its parallel run);
 //! - every reverse-shadow comparison (new served, legacy asked too): mismatched or not.
 //!
+//! A write route released for one tenant (a canary) is watched on its own: its
+//! answers count for `(tenant, route)`, not for the tenant, and a trip holds the
+//! route again for that tenant alone (its override goes back to `legacy`),
+//! leaving the tenant and every other route where they are.
+//!
 //! When the window holds enough samples (`min_requests` answers, `min_compared`
 //! comparisons) and a share reaches its threshold, the guard trips: the tenant is
 //! rolled back to `shadow` through the store, so every replica follows, with
@@ -21,11 +26,28 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ficus_core::latency::format_micros;
-use ficus_core::{Actor, Stage, TenantId};
-use ficus_store::{ControlStore, StageChange};
+use ficus_core::{Actor, Route, Stage, TenantId};
+use ficus_store::{ControlStore, RouteChange, StageChange};
 use prometheus::IntCounter;
 
 use crate::config::GuardConfig;
+
+/// What the guard watches: a migrated tenant, or one write route released for
+/// one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Watch {
+    Tenant(TenantId),
+    /// `(tenant, "POST /homes")`.
+    Route(TenantId, String),
+}
+
+impl Watch {
+    fn tenant(&self) -> &TenantId {
+        match self {
+            Watch::Tenant(t) | Watch::Route(t, _) => t,
+        }
+    }
+}
 
 /// What the guard is told about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,9 +141,9 @@ struct Window {
 
 pub struct Guard {
     started: Instant,
-    windows: Mutex<HashMap<TenantId, Window>>,
-    /// When each tenant last tripped.
-    tripped: Mutex<HashMap<TenantId, Instant>>,
+    windows: Mutex<HashMap<Watch, Window>>,
+    /// When each watch last tripped.
+    tripped: Mutex<HashMap<Watch, Instant>>,
     /// Each active tenant's legacy p99 in microseconds, from its parallel run.
     baselines: Mutex<HashMap<TenantId, u64>>,
     store: Arc<OnceLock<Arc<dyn ControlStore>>>,
@@ -142,28 +164,56 @@ impl Guard {
         }
     }
 
-    /// Counts one signal for a migrated tenant and, when it crosses a threshold,
-    /// rolls the tenant back (on the current runtime) and returns the trip.
-    pub fn observe(&self, tenant: &TenantId, signal: Signal, config: &GuardConfig) -> Option<Trip> {
-        let trip = self.record(tenant, signal, config)?;
+    /// Counts one signal and, when it crosses a threshold, acts (on the current
+    /// runtime): rolls a tenant back to `shadow`, or holds a canary route again
+    /// for its tenant. Returns the trip.
+    pub fn observe(&self, watch: &Watch, signal: Signal, config: &GuardConfig) -> Option<Trip> {
+        let trip = self.record(watch, signal, config)?;
         let reason = trip.reason(config);
-        tracing::warn!(%tenant, reason, "guard: rolling the tenant back to shadow");
         self.rollbacks.inc();
-        let (store, tenant) = (self.store.get().cloned(), tenant.clone());
+        let store = self.store.get().cloned();
+        let watch = watch.clone();
+        match &watch {
+            Watch::Tenant(tenant) => {
+                tracing::warn!(%tenant, reason, "guard: rolling the tenant back to shadow")
+            }
+            Watch::Route(tenant, route) => {
+                tracing::warn!(%tenant, route, reason, "guard: holding the route again for the tenant")
+            }
+        }
         tokio::spawn(async move {
             let Some(store) = store else {
-                tracing::error!(%tenant, "guard: the store is not open, cannot roll back");
+                tracing::error!(tenant = %watch.tenant(), "guard: the store is not open, cannot act");
                 return;
             };
-            let change = StageChange {
-                tenant: tenant.clone(),
-                to: Stage::Shadow,
-                expected_version: None,
-                actor: Actor::Guard,
-                reason,
+            let done = match &watch {
+                Watch::Tenant(tenant) => store
+                    .change_stage(StageChange {
+                        tenant: tenant.clone(),
+                        to: Stage::Shadow,
+                        expected_version: None,
+                        actor: Actor::Guard,
+                        reason,
+                    })
+                    .await
+                    .map(drop),
+                Watch::Route(tenant, route) => match Route::parse(route) {
+                    Ok(route) => store
+                        .change_route(RouteChange {
+                            route,
+                            tenant: Some(tenant.clone()),
+                            to: Stage::Legacy,
+                            expected_version: None,
+                            actor: Actor::Guard,
+                            reason: format!("route held again for this tenant; {reason}"),
+                        })
+                        .await
+                        .map(drop),
+                    Err(e) => Err(e.into()),
+                },
             };
-            if let Err(e) = store.change_stage(change).await {
-                tracing::error!(%tenant, error = %e, "guard: rollback failed");
+            if let Err(e) = done {
+                tracing::error!(tenant = %watch.tenant(), error = %e, "guard: could not act");
             }
         });
         Some(trip)
@@ -173,13 +223,18 @@ impl Guard {
     /// with `missing_only`, just those without a baseline yet.
     pub fn active(&self, missing_only: bool) -> Vec<TenantId> {
         let known = self.baselines.lock().unwrap_or_else(|p| p.into_inner());
-        self.windows
+        let mut tenants: Vec<TenantId> = self
+            .windows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
+            .map(Watch::tenant)
             .filter(|t| !missing_only || !known.contains_key(*t))
             .cloned()
-            .collect()
+            .collect();
+        tenants.sort();
+        tenants.dedup();
+        tenants
     }
 
     /// Sets the legacy p99 baselines of tenants; a tenant without one is never
@@ -192,7 +247,8 @@ impl Guard {
     }
 
     /// Counts one signal; returns a trip when this one crosses a threshold.
-    pub fn record(&self, tenant: &TenantId, signal: Signal, config: &GuardConfig) -> Option<Trip> {
+    pub fn record(&self, watch: &Watch, signal: Signal, config: &GuardConfig) -> Option<Trip> {
+        let tenant = watch.tenant();
         if !config.enabled {
             return None;
         }
@@ -201,7 +257,7 @@ impl Guard {
             .tripped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(tenant)
+            .get(watch)
             && now.duration_since(*at) < config.cooldown
         {
             return None;
@@ -227,9 +283,9 @@ impl Guard {
         let second = now.duration_since(self.started).as_secs();
         let span = config.window.as_secs().max(1);
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let w = match windows.get_mut(tenant) {
+        let w = match windows.get_mut(watch) {
             Some(w) => w,
-            None => windows.entry(tenant.clone()).or_default(),
+            None => windows.entry(watch.clone()).or_default(),
         };
         while w.buckets.front().is_some_and(|(s, _)| s + span <= second) {
             w.buckets.pop_front();
@@ -281,11 +337,11 @@ impl Guard {
         } else {
             return None;
         };
-        windows.remove(tenant);
+        windows.remove(watch);
         self.tripped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.clone(), now);
+            .insert(watch.clone(), now);
         Some(found)
     }
 }
@@ -319,7 +375,7 @@ mod tests {
     #[test]
     fn trips_only_with_enough_samples_and_errors_and_then_holds_off() {
         let g = guard();
-        let acme = TenantId::parse("acme").unwrap();
+        let acme = Watch::Tenant(TenantId::parse("acme").unwrap());
         let c = config();
         // 3 errors among 10 answers: too few samples, whatever the rate.
         for i in 0..10 {
@@ -345,7 +401,7 @@ mod tests {
             assert_eq!(g.record(&acme, answer(true), &c), None);
         }
         // Other tenants are judged on their own.
-        let globex = TenantId::parse("globex").unwrap();
+        let globex = Watch::Tenant(TenantId::parse("globex").unwrap());
         for _ in 0..30 {
             assert_eq!(g.record(&globex, answer(false), &c), None);
         }
@@ -362,7 +418,7 @@ mod tests {
     fn trips_on_slow_answers_only_against_a_known_baseline() {
         let g = guard();
         let c = config();
-        let acme = TenantId::parse("acme").unwrap();
+        let acme = Watch::Tenant(TenantId::parse("acme").unwrap());
         let slow = Signal::Answer {
             bad: false,
             micros: 50_000,
@@ -372,8 +428,8 @@ mod tests {
             assert_eq!(g.record(&acme, slow, &c), None);
         }
         // A 10 ms legacy p99: 50 ms is beyond 3×, and every answer is slow.
-        let globex = TenantId::parse("globex").unwrap();
-        g.set_baselines([(globex.clone(), 10_000)]);
+        let globex = Watch::Tenant(TenantId::parse("globex").unwrap());
+        g.set_baselines([(globex.tenant().clone(), 10_000)]);
         for _ in 0..19 {
             assert_eq!(g.record(&globex, slow, &c), None);
         }
@@ -395,7 +451,7 @@ mod tests {
     fn trips_on_reverse_shadow_mismatches_with_enough_comparisons() {
         let g = guard();
         let c = config();
-        let acme = TenantId::parse("acme").unwrap();
+        let acme = Watch::Tenant(TenantId::parse("acme").unwrap());
         for i in 0..19 {
             assert_eq!(
                 g.record(
@@ -415,5 +471,26 @@ mod tests {
             (trip.kind, trip.total, trip.hits),
             (TripKind::Mismatches, 20, 10)
         );
+    }
+
+    #[test]
+    fn a_canary_route_is_watched_apart_from_its_tenant() {
+        let g = guard();
+        let c = config();
+        let acme = TenantId::parse("acme").unwrap();
+        let tenant = Watch::Tenant(acme.clone());
+        let canary = Watch::Route(acme, "POST /homes".into());
+        // The route's errors trip the route's watch, not the tenant's.
+        for i in 0..19 {
+            assert_eq!(g.record(&canary, answer(i % 2 == 0), &c), None);
+            assert_eq!(g.record(&tenant, answer(false), &c), None);
+        }
+        let trip = g.record(&canary, answer(true), &c).unwrap();
+        assert_eq!(
+            (trip.kind, trip.total, trip.hits),
+            (TripKind::Errors, 20, 11)
+        );
+        assert_eq!(g.record(&tenant, answer(false), &c), None);
+        assert_eq!(g.active(false), [TenantId::parse("acme").unwrap()]);
     }
 }

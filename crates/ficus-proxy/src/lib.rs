@@ -9,6 +9,7 @@
 //! signal.
 
 pub mod admin;
+pub mod census;
 pub mod config;
 pub mod guard;
 pub mod metrics;
@@ -114,13 +115,20 @@ pub fn init_logging(format: config::LogFormat) {
     };
 }
 
-/// Writes the legacy-traffic counts to the store; on failure they are kept for the
-/// next attempt.
+/// Writes the legacy-traffic counts and the route census to the store; on
+/// failure they are kept for the next attempt.
 async fn flush_traffic(shared: &Shared, store: &dyn ControlStore) {
     let counts = shared.traffic.take();
     if let Err(e) = store.record_legacy_traffic(&counts, now()).await {
         tracing::warn!(error = %e, "could not record legacy traffic; will retry");
         shared.traffic.restore(counts);
+    }
+    let routes = shared.census.take();
+    if !routes.is_empty()
+        && let Err(e) = store.record_route_census(&routes).await
+    {
+        tracing::warn!(error = %e, "could not record the route census; will retry");
+        shared.census.restore(routes);
     }
 }
 

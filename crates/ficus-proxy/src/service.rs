@@ -31,8 +31,9 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::census::{self, Census};
 use crate::config::{BackendConfig, Settings};
-use crate::guard::{Guard, Signal};
+use crate::guard::{Guard, Signal, Watch};
 use crate::metrics::{LegacyTraffic, Metrics};
 use crate::resolve::{RequestParts, resolve};
 use crate::shadow::{Pending, Plan, SafeRequest, Shadow};
@@ -45,6 +46,9 @@ pub struct Shared {
     pub health: Arc<StoreHealth>,
     pub metrics: Metrics,
     pub traffic: LegacyTraffic,
+    pub census: Census,
+    /// The backends' names as the census counts them, made once.
+    names: Names,
     pub shadow: Arc<Shadow>,
     pub guard: Arc<Guard>,
     /// The store, once the routing-table follower has opened it.
@@ -73,6 +77,11 @@ impl Shared {
             table: Arc::new(ArcSwapOption::empty()),
             health: Arc::new(StoreHealth::default()),
             traffic: LegacyTraffic::default(),
+            census: Census::default(),
+            names: Names {
+                legacy: Arc::from("legacy"),
+                new: Arc::from("new"),
+            },
             in_flight: AtomicUsize::new(0),
             next_legacy: AtomicUsize::new(0),
             next_new: AtomicUsize::new(0),
@@ -87,6 +96,11 @@ impl Shared {
     }
 }
 
+struct Names {
+    legacy: Arc<str>,
+    new: Arc<str>,
+}
+
 /// The proxy, as pingora sees it.
 pub struct Ficus {
     pub shared: Arc<Shared>,
@@ -99,7 +113,18 @@ pub struct Ctx {
     settings: Arc<Settings>,
     tenant: Option<TenantId>,
     stage: Option<Stage>,
+    /// The least advanced of the tenant's stage and its route's.
+    effective: Option<Stage>,
     backend: Option<Backend>,
+    /// The new side's service for this request's route (`None`: `new`).
+    service: Option<Arc<str>>,
+    /// `METHOD /template`, what route stages and the census name it by.
+    route: String,
+    /// The client's version, for the census.
+    client: String,
+    /// A write route released for this tenant alone: the guard watches the
+    /// route, not the tenant.
+    canary: bool,
     rewritten_path: Option<String>,
     read_timeout: Option<Duration>,
     body_bytes: u64,
@@ -157,10 +182,18 @@ fn valid_host(host: &[u8]) -> bool {
 }
 
 impl Ficus {
-    fn backend_config(settings: &Settings, backend: Backend) -> &BackendConfig {
+    /// The backend a side stands for: legacy, or the new side's `service`
+    /// (`new` when `None`, or when it is not configured any more after a reload).
+    fn backend_config<'s>(
+        settings: &'s Settings,
+        backend: Backend,
+        service: Option<&str>,
+    ) -> &'s BackendConfig {
         match backend {
             Backend::Legacy => &settings.legacy,
-            Backend::New => &settings.new,
+            Backend::New => service
+                .and_then(|s| settings.services.get(s))
+                .unwrap_or(&settings.new),
         }
     }
 
@@ -303,6 +336,11 @@ impl ProxyHttp for Ficus {
             settings: self.shared.settings.load_full(),
             tenant: None,
             stage: None,
+            effective: None,
+            service: None,
+            route: String::new(),
+            client: String::new(),
+            canary: false,
             backend: None,
             rewritten_path: None,
             read_timeout: None,
@@ -444,20 +482,44 @@ impl ProxyHttp for Ficus {
             self.respond(session, ctx, status, &message).await?;
             return Ok(true);
         }
-        match ficus_core::decide(stage, table.legacy_retired, settings.unknown_tenant) {
+        let method = req.method.as_str();
+        let path = req.uri.path();
+        let forwarded = ctx
+            .rewritten_path
+            .as_deref()
+            .map_or(path, |p| p.split('?').next().unwrap_or(p));
+        // The route: its stage (a write starts held at legacy), its service on
+        // the new side, and its name in the census.
+        let writes = !ficus_core::routing::is_safe_method(method)
+            || settings.shadow.is_unsafe(method, forwarded);
+        ctx.route = ficus_diff::endpoint::endpoint(method, forwarded, &settings.shadow.templates);
+        let route_stage = table.routes.stage(ctx.tenant.as_ref(), &ctx.route, writes);
+        let effective = ficus_core::routing::effective(stage, route_stage);
+        ctx.effective = effective;
+        match ficus_core::decide(effective, table.legacy_retired, settings.unknown_tenant) {
             Decision::Serve(b) => ctx.backend = Some(b),
             Decision::Reject => return Err(refuse(404, "unknown tenant")),
         }
-        let method = req.method.as_str();
-        let path = req.uri.path();
-        ctx.read_timeout = settings
-            .routes
-            .iter()
-            .find(|r| r.matches(method, path))
-            .and_then(|r| r.read_timeout);
+        let template = ctx.route.split_once(' ').map_or("", |(_, t)| t);
+        let service = settings.service_routes.get(method, template);
+        ctx.service = service.map(|(name, _)| Arc::clone(name));
+        ctx.canary = writes
+            && ctx.backend == Some(Backend::New)
+            && ctx
+                .tenant
+                .as_ref()
+                .is_some_and(|t| table.routes.overridden(t, &ctx.route));
+        ctx.client = census::client_version(&req.headers, settings.client_version_header.as_ref());
+        ctx.read_timeout = service.and_then(|(_, t)| *t).or_else(|| {
+            settings
+                .routes
+                .iter()
+                .find(|r| r.matches(method, path))
+                .and_then(|r| r.read_timeout)
+        });
 
         // The parallel run: which backend's answer, if any, this one is compared with.
-        let pair = match (stage, ctx.backend) {
+        let pair = match (effective, ctx.backend) {
             (Some(Stage::Shadow), Some(Backend::Legacy)) => Some((Backend::Legacy, Backend::New)),
             (Some(Stage::Migrated), Some(Backend::New))
                 if settings.shadow.reverse && !table.legacy_retired =>
@@ -478,13 +540,8 @@ impl ProxyHttp for Ficus {
         if let (Some((served_by, compare_with)), Some(tenant), true, false) =
             (pair, &ctx.tenant, safe_method, has_body)
         {
-            let forwarded = ctx
-                .rewritten_path
-                .as_deref()
-                .map_or(path, |p| p.split('?').next().unwrap_or(p));
-            if !settings.shadow.is_unsafe(method, forwarded) {
-                let endpoint =
-                    ficus_diff::endpoint::endpoint(method, forwarded, &settings.shadow.templates);
+            if !writes {
+                let endpoint = ctx.route.clone();
                 if let Some(permit) = self
                     .shared
                     .shadow
@@ -523,7 +580,7 @@ impl ProxyHttp for Ficus {
         let backend = ctx
             .backend
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no backend chosen"))?;
-        let conf = Ficus::backend_config(&ctx.settings, backend);
+        let conf = Ficus::backend_config(&ctx.settings, backend, ctx.service.as_deref());
         let next = match backend {
             Backend::Legacy => &self.shared.next_legacy,
             Backend::New => &self.shared.next_new,
@@ -550,7 +607,9 @@ impl ProxyHttp for Ficus {
         // Nothing was sent, so any request may go to the backend's next upstream.
         ctx.connect_failures += 1;
         let upstreams = ctx.backend.map_or(1, |b| {
-            Ficus::backend_config(&ctx.settings, b).upstreams.len()
+            Ficus::backend_config(&ctx.settings, b, ctx.service.as_deref())
+                .upstreams
+                .len()
         });
         if ctx.connect_failures < upstreams {
             e.set_retry(true);
@@ -623,14 +682,21 @@ impl ProxyHttp for Ficus {
                     .shared
                     .shadow
                     .sample_noise(&admitted.endpoint, sh)
-                    .then(|| Ficus::backend_config(s, admitted.served_by).clone());
+                    .then(|| {
+                        Ficus::backend_config(s, admitted.served_by, ctx.service.as_deref()).clone()
+                    });
                 let plan = Plan {
                     tenant: tenant.clone(),
                     rules: sh.rules_for(&admitted.endpoint).clone(),
                     endpoint: admitted.endpoint,
                     served_by: admitted.served_by,
                     compare_with: admitted.compare_with,
-                    compare_backend: Ficus::backend_config(s, admitted.compare_with).clone(),
+                    compare_backend: Ficus::backend_config(
+                        s,
+                        admitted.compare_with,
+                        ctx.service.as_deref(),
+                    )
+                    .clone(),
                     ask_again,
                     timeout: sh.timeout,
                     cap: sh.body_cap,
@@ -785,17 +851,39 @@ impl ProxyHttp for Ficus {
             ctx.started.elapsed(),
             ctx.tenant.as_ref(),
         );
-        // The guard watches what new answers migrated tenants.
+        // The guard watches what new answers migrated tenants: a write route
+        // released for one tenant (a canary) on its own, the rest by tenant.
         if let (Some(tenant), Some(Backend::New), Some(Stage::Migrated)) =
-            (&ctx.tenant, ctx.backend, ctx.stage)
+            (&ctx.tenant, ctx.backend, ctx.effective)
         {
             let signal = Signal::Answer {
                 bad: status >= 500,
                 micros: ctx.started.elapsed().as_micros() as u64,
             };
+            let watch = if ctx.canary {
+                Watch::Route(tenant.clone(), ctx.route.clone())
+            } else {
+                Watch::Tenant(tenant.clone())
+            };
             self.shared
                 .guard
-                .observe(tenant, signal, &ctx.settings.guard);
+                .observe(&watch, signal, &ctx.settings.guard);
+        }
+        if let Some(b) = ctx.backend
+            && !ctx.route.is_empty()
+        {
+            let name: &Arc<str> = match (b, &ctx.service) {
+                (Backend::New, Some(s)) => s,
+                (Backend::New, None) => &self.shared.names.new,
+                (Backend::Legacy, _) => &self.shared.names.legacy,
+            };
+            self.shared.census.record(
+                ctx.tenant.as_ref(),
+                &ctx.route,
+                name,
+                std::mem::take(&mut ctx.client),
+                now(),
+            );
         }
         if ctx.backend == Some(Backend::Legacy) {
             self.shared.traffic.record(ctx.tenant.as_ref(), now());

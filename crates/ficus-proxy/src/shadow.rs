@@ -30,7 +30,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::config::{BackendConfig, GuardConfig, ShadowConfig};
-use crate::guard::{Guard, Signal};
+use crate::guard::{Guard, Signal, Watch};
 
 /// A request that may be sent to a second backend because it cannot change state.
 #[derive(Debug, Clone)]
@@ -502,7 +502,7 @@ impl Shadow {
         let breaking = !classified.breaking.is_empty();
         if let Some(config) = &plan.guard {
             self.guard.observe(
-                tenant,
+                &Watch::Tenant(tenant.clone()),
                 Signal::Compared {
                     mismatched: breaking,
                 },

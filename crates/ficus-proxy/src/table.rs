@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use ficus_core::reconcile::ClassState;
-use ficus_core::{Domain, Stage, Tenant, TenantId};
+use ficus_core::{Domain, RouteStages, Stage, Tenant, TenantId};
 use ficus_diff::Kind;
 use ficus_diff::class::{Accepted, ClassKey};
 use ficus_store::{ConfigVersion, ControlStore, FeedEvent, OpenMode, StoreUrl};
@@ -46,6 +46,8 @@ pub struct RoutingTable {
     /// Mismatch classes accepted as intended: comparison rules every replica
     /// applies from the change that accepted them.
     pub accepted: Arc<Accepted>,
+    /// Every route stage and per-tenant override.
+    pub routes: Arc<RouteStages>,
 }
 
 impl RoutingTable {
@@ -58,6 +60,7 @@ impl RoutingTable {
             configs: HashMap::new(),
             built_at: SystemTime::now(),
             accepted: Arc::new(Accepted::default()),
+            routes: Arc::new(RouteStages::default()),
         };
         for t in tenants {
             table.upsert(t);
@@ -226,6 +229,13 @@ pub async fn follow(
                 continue 'reload;
             }
         }
+        match load_routes(&*store).await {
+            Ok(routes) => loaded.routes = Arc::new(routes),
+            Err(e) => {
+                note_failure(&e.to_string(), &health);
+                continue 'reload;
+            }
+        }
         match store.mismatch_classes(Some(ClassState::Accepted)).await {
             Ok(classes) => {
                 loaded.accepted = Arc::new(Accepted::new(classes.into_iter().filter_map(|c| {
@@ -256,6 +266,18 @@ pub async fn follow(
                 Some(FeedEvent::Restored) => continue 'reload,
                 Some(FeedEvent::Changed(set)) if set.resync => continue 'reload,
                 Some(FeedEvent::Changed(set)) => {
+                    // Route stages are few: a change to any reloads them all.
+                    let routes = if set.routes {
+                        match load_routes(&*store).await {
+                            Ok(r) => Some(Arc::new(r)),
+                            Err(e) => {
+                                note_failure(&e.to_string(), &health);
+                                continue 'reload;
+                            }
+                        }
+                    } else {
+                        None
+                    };
                     let ids: Vec<TenantId> = set.tenants.iter().cloned().collect();
                     match store.tenants_by_id(&ids).await {
                         Ok(changed) => {
@@ -281,6 +303,9 @@ pub async fn follow(
                                     }
                                 }
                             }
+                            if let Some(r) = routes {
+                                next.routes = r;
+                            }
                             next.seq = set.seq;
                             next.built_at = SystemTime::now();
                             table.store(Some(Arc::new(next)));
@@ -294,6 +319,15 @@ pub async fn follow(
             }
         }
     }
+}
+
+/// Every route stage from the store, as the request path reads them.
+async fn load_routes(store: &dyn ControlStore) -> Result<RouteStages, ficus_store::StoreError> {
+    let mut stages = RouteStages::default();
+    for r in store.route_stages().await? {
+        stages.set(&r.route, r.tenant.as_ref(), r.stage);
+    }
+    Ok(stages)
 }
 
 /// Sleeps, or returns `true` early when shutdown is signalled.

@@ -58,6 +58,13 @@ pub enum Command {
     Mismatches(MismatchesArgs),
     /// Judge whether a tenant's parallel-run evidence allows moving it to migrated.
     Readiness(ReadinessArgs),
+    /// List the routes seen (per tenant, backend and client version), their
+    /// stages and which write routes are held on legacy.
+    Routes(RoutesArgs),
+    /// Change one route's stage: release a held write route, hold it again,
+    /// mark it destructive.
+    #[command(subcommand)]
+    Route(RouteCommand),
     /// Retire legacy once every tenant is migrated and it has been idle for the
     /// quiet window; after this the proxy never contacts it.
     RetireLegacy(RetireArgs),
@@ -82,6 +89,60 @@ pub enum Command {
     /// Retrofit tenancy onto a live PostgreSQL: inspect, plan, apply, status, revert.
     #[command(subcommand)]
     Db(DbCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RoutesArgs {
+    /// Only this tenant's census.
+    #[arg(long)]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Set a route's stage (legacy, shadow, migrated), for every tenant or one;
+    /// a request goes to the least advanced of its tenant's and its route's stage.
+    Stage {
+        /// `METHOD /template`, such as "DELETE /homes/{id}".
+        route: String,
+        stage: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Change it only if it is still at this version (0: never set).
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Send a held write route to the new side: for one canary tenant
+    /// (--tenant), or every tenant.
+    Release {
+        route: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The second confirmation a destructive route (DELETE, or marked) needs.
+        #[arg(long)]
+        destructive: bool,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Hold a write route on legacy again, for every tenant or one.
+    Hold {
+        route: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Mark a route destructive: releasing it then needs --destructive.
+    Protect {
+        route: String,
+        /// Remove the mark instead.
+        #[arg(long)]
+        undo: bool,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

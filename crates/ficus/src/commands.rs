@@ -11,8 +11,9 @@ use std::time::UNIX_EPOCH;
 use anyhow::{Context, Result, bail};
 use ficus_admin::api::{
     AddRequest, ClassChangeRequest, ConfigJson, ConfigRequest, GateJson, GateRequest, JobJson,
-    PromoteRequest, ReadinessJson, RestoreRequest, RetireRequest, RollbackRequest, StageRequest,
-    StatusJson, TenantEnvelope,
+    PromoteRequest, ReadinessJson, RestoreRequest, RetireRequest, RollbackRequest,
+    RouteMarkRequest, RouteReleaseRequest, RouteStageRequest, StageRequest, StatusJson,
+    TenantEnvelope,
 };
 use ficus_admin::client::Remote;
 use ficus_admin::ops::{self, AuditFilter, GateOverrides};
@@ -24,8 +25,8 @@ use serde_json::json;
 use crate::cli::{
     AddArgs, AuditArgs, ClassCommand, Cli, Command, ConfigCommand, GateArgs, GateCommand,
     GateSetArgs, ImportArgs, ListArgs, MismatchesArgs, PromoteArgs, ProvisionCommand, ProxyArgs,
-    ReadinessArgs, RetireArgs, RollbackArgs, ServeArgs, ShowArgs, StageArgs, TenantCommand,
-    TokenCommand, WatchArgs,
+    ReadinessArgs, RetireArgs, RollbackArgs, RouteCommand, RoutesArgs, ServeArgs, ShowArgs,
+    StageArgs, TenantCommand, TokenCommand, WatchArgs,
 };
 use crate::import;
 use crate::output::{self, EVENT_HEADER, TENANT_HEADER};
@@ -47,6 +48,8 @@ fn remote_capable(command: &Command) -> bool {
         | Command::Audit(_)
         | Command::Status
         | Command::Mismatches(_)
+        | Command::Routes(_)
+        | Command::Route(_)
         | Command::Readiness(_)
         | Command::RetireLegacy(_)
         | Command::Gate(_)
@@ -159,6 +162,8 @@ async fn control_command(
         Command::Audit(args) => audit(c, args, json, out).await,
         Command::Status => status(c, json, out).await,
         Command::Mismatches(args) => mismatches(c, args, json, out).await,
+        Command::Routes(args) => routes(c, args, json, out).await,
+        Command::Route(command) => route(c, command, json, out).await,
         Command::Readiness(args) => readiness(c, args, json, out).await,
         Command::RetireLegacy(args) => retire_legacy(c, args, json, out).await,
         Command::Gate(GateCommand::Show) => {
@@ -757,6 +762,207 @@ fn print_status(s: &StatusJson, out: &mut impl Write) -> Result<()> {
             writeln!(out, "  - {b}")?;
         }
     }
+    for h in &s.held_routes {
+        match &h.tenants {
+            None => writeln!(out, "held      {} goes to legacy for every tenant", h.route)?,
+            Some(t) => writeln!(
+                out,
+                "held      {} goes to legacy for {}",
+                h.route,
+                t.join(", ")
+            )?,
+        }
+    }
+    Ok(())
+}
+
+async fn routes(c: &dyn Control, args: RoutesArgs, json: bool, out: &mut impl Write) -> Result<()> {
+    let tenant = args.tenant.as_deref().map(tenant_id).transpose()?;
+    let found = c.routes(tenant.as_ref()).await?;
+    if json {
+        output::json(out, &found)?;
+        return Ok(());
+    }
+    if found.routes.is_empty() {
+        writeln!(
+            out,
+            "no routes seen in the last {} and none given a stage",
+            found.window
+        )?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = found
+        .routes
+        .iter()
+        .map(|r| {
+            let requests: u64 = r.census.iter().map(|c| c.requests).sum();
+            let mut by: Vec<String> = r.census.iter().map(|c| c.backend.clone()).collect();
+            by.sort();
+            by.dedup();
+            let mut clients: Vec<String> = r
+                .census
+                .iter()
+                .map(|c| {
+                    if c.client.is_empty() {
+                        "-".to_string()
+                    } else {
+                        c.client.clone()
+                    }
+                })
+                .collect();
+            clients.sort();
+            clients.dedup();
+            let released: Vec<String> = r
+                .overrides
+                .iter()
+                .map(|o| format!("{}={}", o.tenant, o.stage))
+                .collect();
+            vec![
+                r.route.clone(),
+                if r.held {
+                    "HELD on legacy".to_string()
+                } else {
+                    r.stage.clone()
+                },
+                if r.destructive {
+                    "destructive"
+                } else if r.writes {
+                    "writes"
+                } else {
+                    "reads"
+                }
+                .to_string(),
+                if released.is_empty() {
+                    "-".to_string()
+                } else {
+                    released.join(" ")
+                },
+                requests.to_string(),
+                by.join(", "),
+                clients.join(", "),
+                r.census
+                    .iter()
+                    .map(|c| c.last_at.as_str())
+                    .max()
+                    .unwrap_or("-")
+                    .to_string(),
+            ]
+        })
+        .collect();
+    writeln!(out, "routes seen in the last {}:", found.window)?;
+    output::table(
+        out,
+        &[
+            "ROUTE",
+            "STAGE",
+            "KIND",
+            "PER TENANT",
+            "REQUESTS",
+            "SERVED BY",
+            "CLIENTS",
+            "LAST SEEN",
+        ],
+        &rows,
+    )?;
+    Ok(())
+}
+
+async fn route(
+    c: &dyn Control,
+    command: RouteCommand,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let done = match command {
+        RouteCommand::Stage {
+            route,
+            stage,
+            tenant,
+            if_version,
+            reason,
+        } => {
+            c.route_stage(
+                RouteStageRequest {
+                    route,
+                    stage,
+                    tenant,
+                    reason,
+                },
+                if_version,
+            )
+            .await?
+        }
+        RouteCommand::Release {
+            route,
+            tenant,
+            destructive,
+            reason,
+        } => {
+            c.release_route(RouteReleaseRequest {
+                route,
+                tenant,
+                destructive,
+                reason,
+            })
+            .await?
+        }
+        RouteCommand::Hold {
+            route,
+            tenant,
+            reason,
+        } => {
+            c.hold_route(RouteReleaseRequest {
+                route,
+                tenant,
+                destructive: false,
+                reason,
+            })
+            .await?
+        }
+        RouteCommand::Protect {
+            route,
+            undo,
+            reason,
+        } => {
+            let r = c
+                .mark_route(RouteMarkRequest {
+                    route,
+                    destructive: !undo,
+                    reason,
+                })
+                .await?;
+            if json {
+                output::json(out, &r)?;
+            } else if r.destructive {
+                writeln!(
+                    out,
+                    "route {} is destructive: releasing it needs --destructive",
+                    r.route
+                )?;
+            } else {
+                writeln!(out, "route {} is not marked destructive", r.route)?;
+            }
+            return Ok(());
+        }
+    };
+    if json {
+        output::json(out, &done)?;
+        return Ok(());
+    }
+    let whom = done.tenant.as_ref().map_or(
+        "every tenant without an override of its own".to_string(),
+        |t| format!("tenant {t}"),
+    );
+    let what = match done.stage.as_str() {
+        "migrated" => "goes where the tenant's stage says (the new side for migrated tenants)",
+        "shadow" => "goes to legacy; its reads are compared with the new side",
+        _ => "is held on legacy",
+    };
+    writeln!(
+        out,
+        "route {} {what} for {whom} (version {})",
+        done.route, done.version
+    )?;
     Ok(())
 }
 
@@ -873,6 +1079,13 @@ fn print_readiness(r: &ReadinessJson, window: &str, out: &mut impl Write) -> Res
             out,
             "  evidence per version of new, newest first: {}",
             known.join(", ")
+        )?;
+    }
+    if !r.held_routes.is_empty() {
+        writeln!(
+            out,
+            "  write routes still held on legacy for this tenant: {}",
+            r.held_routes.join(", ")
         )?;
     }
     if !r.open_classes.is_empty() {

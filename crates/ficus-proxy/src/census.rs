@@ -1,0 +1,154 @@
+//! The route census: how many requests of each route each tenant made, which
+//! backend served them, and from which client version, so that a team knows its
+//! write surface before releasing it and knows when the last old client stopped
+//! calling a route.
+//!
+//! Counted in memory per flush interval and written with the legacy-traffic
+//! counts. Client versions are bounded: at most [`CLIENTS_PER_FLUSH`] distinct
+//! ones per interval, the rest counted as `other`; a version that is long or not
+//! printable is counted as `invalid`, never stored raw.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use ficus_core::{TenantId, Timestamp};
+use ficus_store::RouteCount;
+use http::HeaderMap;
+
+/// Distinct client versions kept per flush interval.
+pub const CLIENTS_PER_FLUSH: usize = 50;
+
+/// The longest client version kept.
+const CLIENT_MAX: usize = 64;
+
+type Key = (Option<TenantId>, String, Arc<str>, String);
+
+#[derive(Default)]
+struct Counts {
+    by_key: HashMap<Key, (u64, i64)>,
+    clients: HashSet<String>,
+}
+
+/// Route counts since the last flush.
+#[derive(Default)]
+pub struct Census {
+    counts: Mutex<Counts>,
+}
+
+/// The client's version: the configured header, else the User-Agent's first
+/// product token (`MyApp/4.2` of `MyApp/4.2 (iPhone; iOS 17)`); `""` when there
+/// is none.
+pub fn client_version(headers: &HeaderMap, header: Option<&http::HeaderName>) -> String {
+    let raw = match header.and_then(|h| headers.get(h)) {
+        Some(v) => v.as_bytes(),
+        None => match headers.get(http::header::USER_AGENT) {
+            Some(v) => v
+                .as_bytes()
+                .split(|b| *b == b' ')
+                .next()
+                .unwrap_or_default(),
+            None => return String::new(),
+        },
+    };
+    if raw.is_empty() {
+        return String::new();
+    }
+    if raw.len() > CLIENT_MAX || !raw.iter().all(|b| (0x21..0x7f).contains(b)) {
+        return "invalid".to_string();
+    }
+    String::from_utf8_lossy(raw).into_owned()
+}
+
+impl Census {
+    /// Counts one request of `route` for `tenant`, served by `backend`.
+    pub fn record(
+        &self,
+        tenant: Option<&TenantId>,
+        route: &str,
+        backend: &Arc<str>,
+        client: String,
+        at: Timestamp,
+    ) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let client = if c.clients.contains(&client) {
+            client
+        } else if c.clients.len() < CLIENTS_PER_FLUSH {
+            c.clients.insert(client.clone());
+            client
+        } else {
+            "other".to_string()
+        };
+        let entry = c
+            .by_key
+            .entry((
+                tenant.cloned(),
+                route.to_string(),
+                Arc::clone(backend),
+                client,
+            ))
+            .or_insert((0, 0));
+        entry.0 += 1;
+        entry.1 = entry.1.max(at.unix_millis());
+    }
+
+    /// Takes the counts gathered since the last call.
+    pub fn take(&self) -> Vec<RouteCount> {
+        let taken = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()));
+        taken
+            .by_key
+            .into_iter()
+            .map(
+                |((tenant, route, backend, client), (count, at))| RouteCount {
+                    tenant,
+                    route,
+                    backend: backend.to_string(),
+                    client,
+                    count,
+                    last_at: Timestamp::from_unix_millis(at),
+                },
+            )
+            .collect()
+    }
+
+    /// Puts back counts whose write failed.
+    pub fn restore(&self, counts: Vec<RouteCount>) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        for r in counts {
+            let entry = c
+                .by_key
+                .entry((r.tenant, r.route, Arc::from(r.backend.as_str()), r.client))
+                .or_insert((0, 0));
+            entry.0 += r.count;
+            entry.1 = entry.1.max(r.last_at.unix_millis());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_named_by_its_header_or_its_product_token_and_bounded() {
+        let mut h = HeaderMap::new();
+        assert_eq!(client_version(&h, None), "");
+        h.insert("user-agent", "Homes/4.2 (iPhone; iOS 17)".parse().unwrap());
+        assert_eq!(client_version(&h, None), "Homes/4.2");
+        let name = http::HeaderName::from_static("x-app-version");
+        assert_eq!(client_version(&h, Some(&name)), "Homes/4.2");
+        h.insert("x-app-version", "android-7.1".parse().unwrap());
+        assert_eq!(client_version(&h, Some(&name)), "android-7.1");
+        h.insert("x-app-version", "9".repeat(65).parse().unwrap());
+        assert_eq!(client_version(&h, Some(&name)), "invalid");
+
+        let census = Census::default();
+        let new: Arc<str> = Arc::from("new");
+        let at = Timestamp::from_unix_millis(1);
+        for i in 0..CLIENTS_PER_FLUSH + 5 {
+            census.record(None, "GET /homes", &new, format!("c{i}"), at);
+        }
+        let counts = census.take();
+        let other = counts.iter().find(|c| c.client == "other").unwrap();
+        assert_eq!((counts.len(), other.count), (CLIENTS_PER_FLUSH + 1, 5));
+    }
+}
