@@ -130,6 +130,7 @@ pub fn router(pool: Pool, flavor: Flavor) -> Router {
             get(valuations).post(add_valuation),
         )
         .route("/searches", get(searches).post(add_search))
+        .route("/searches/{id}", axum::routing::delete(delete_search))
         .route("/notifications", get(notifications))
         .route("/notifications/{id}/read", post(read_notification))
         .route(
@@ -380,6 +381,25 @@ async fn searches(State(app): State<App>, headers: HeaderMap) -> ApiResult {
                 "id": r.get::<_, i64>(0), "owner": r.get::<_, String>(1),
                 "city": r.get::<_, String>(2), "max_price": r.get::<_, i64>(3),
             })).collect::<Vec<_>>() }))
+        })
+    })
+    .await
+}
+
+/// Deletes a saved search and its notifications: the demo's destructive route.
+async fn delete_search(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    in_tx(&app, &headers, move |tx| {
+        Box::pin(async move {
+            tx.execute("DELETE FROM notifications WHERE search_id = $1", &[&id])
+                .await?;
+            let n = tx
+                .execute("DELETE FROM saved_searches WHERE id = $1", &[&id])
+                .await?;
+            Ok(json!({ "id": id, "deleted": n }))
         })
     })
     .await

@@ -537,24 +537,23 @@ impl ProxyHttp for Ficus {
             req.method,
             http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
         );
-        if let (Some((served_by, compare_with)), Some(tenant), true, false) =
-            (pair, &ctx.tenant, safe_method, has_body)
+        // Only a safe read without a body, on a route with no side effects.
+        if let (Some((served_by, compare_with)), Some(tenant), true, false, false) =
+            (pair, &ctx.tenant, safe_method, has_body, writes)
         {
-            if !writes {
-                let endpoint = ctx.route.clone();
-                if let Some(permit) = self
-                    .shared
-                    .shadow
-                    .admit(tenant, &endpoint, &settings.shadow)
-                {
-                    ctx.admitted = Some(Admitted {
-                        permit,
-                        served_by,
-                        compare_with,
-                        endpoint,
-                        accepted: Arc::clone(&table.accepted),
-                    });
-                }
+            let endpoint = ctx.route.clone();
+            if let Some(permit) = self
+                .shared
+                .shadow
+                .admit(tenant, &endpoint, &settings.shadow)
+            {
+                ctx.admitted = Some(Admitted {
+                    permit,
+                    served_by,
+                    compare_with,
+                    endpoint,
+                    accepted: Arc::clone(&table.accepted),
+                });
             }
         }
         Ok(false)

@@ -151,6 +151,42 @@ fn config_errors_name_the_line_and_the_key() {
         expect!["ficus.toml:12: routes.path_prefix: must start with '/'"],
     );
     check_config(
+        "[[routes]]\nmatch = \"GET /homes/{id}/valuation\"\nservice = \"valuations\"\n",
+        expect![[
+            r#"ficus.toml:13: routes.service: no backend "valuations"; define [backends.valuations] (the new side has: new)"#
+        ]],
+    );
+    check_config(
+        "[[routes]]\nmatch = \"GET homes\"\n",
+        expect![[
+            r#"ficus.toml:12: routes.match: route "GET homes" is not "METHOD /template" (such as "DELETE /homes/{id}"): the template must start with '/' and be at most 512 bytes"#
+        ]],
+    );
+    check_config(
+        "[backends.search]\nupstreams = [\"127.0.0.1:3003\"]\n\
+         [[routes]]\nmatch = \"GET /homes/{id}\"\n\
+         [[routes]]\nmatch = \"* /homes/{slug}\"\nservice = \"search\"\n",
+        expect![[
+            r#"ficus.toml:16: routes.match: * /homes/{slug} overlaps GET /homes/{id}, which goes to new; a request must have one service"#
+        ]],
+    );
+    check_config(
+        "[backends.search]\nupstreams = [\"127.0.0.1:3003\"]\n\
+         [[routes]]\nmatch = \"GET /search\"\nservice = \"search\"\n\
+         [[routes]]\nmatch = \"POST /search\"\n",
+        expect!["ok: 0 rules"],
+    );
+    check_config(
+        "[[routes]]\nmatch = \"GET /a\"\npath_prefix = \"/a\"\n",
+        expect!["ficus.toml:13: routes: one of path_prefix or match, not both"],
+    );
+    check_config(
+        "[backends.Search]\nupstreams = [\"127.0.0.1:3003\"]\n",
+        expect![
+            "ficus.toml:11: backends.Search: a backend's name is lowercase letters, digits, '-' and '_' (at most 32)"
+        ],
+    );
+    check_config(
         "[shadow]\nversion_header = \"x app version\"\n",
         expect![[r#"ficus.toml:12: shadow.version_header: "x app version" is not a header name"#]],
     );

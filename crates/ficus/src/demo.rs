@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ficus_admin::api::{
     AddRequest, ClassChangeRequest, GateJson, GateRequest, PromoteRequest, RetireRequest,
-    StageRequest,
+    RouteReleaseRequest, StageRequest,
 };
 use ficus_admin::provision::{Mapping, SIGNATURE_HEADER, sign};
 use ficus_admin::{Control, Direct, token};
@@ -406,6 +406,80 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
     );
     clock.lap("3. shadow and promote");
 
+    // 3b. The write surface: writes stayed on legacy, held, until released.
+    say(
+        out,
+        "\n-- 3b. the write surface: every write route is held on legacy until released on purpose",
+    );
+    let held = |routes: &ficus_admin::api::RoutesJson| -> Vec<String> {
+        routes
+            .routes
+            .iter()
+            .filter(|r| r.held && r.census.iter().any(|c| c.backend == "legacy"))
+            .map(|r| r.route.clone())
+            .collect()
+    };
+    until(
+        Duration::from_secs(60),
+        "tenant zero's writes in the census",
+        || async {
+            let r = control.routes(Some(&zero)).await?;
+            Ok(held(&r).len() >= 3)
+        },
+    )
+    .await?;
+    let routes = control.routes(Some(&zero)).await?;
+    say(
+        out,
+        &format!(
+            "   tenant zero is migrated, and its writes still go to legacy: {}",
+            held(&routes).join(", ")
+        ),
+    );
+    let release = |route: &str, tenant: Option<&str>, reason: &str| RouteReleaseRequest {
+        route: route.into(),
+        tenant: tenant.map(str::to_string),
+        destructive: false,
+        reason: reason.into(),
+    };
+    control
+        .release_route(release(
+            "POST /searches",
+            Some(ZERO),
+            "canary: tenant zero saves its searches on the rebuilt backend first",
+        ))
+        .await?;
+    say(
+        out,
+        "   POST /searches released for tenant zero alone (a canary; the guard watches the route for it)",
+    );
+    for route in [
+        "POST /searches",
+        "POST /homes/{id}/valuations",
+        "POST /homes",
+    ] {
+        control
+            .release_route(release(
+                route,
+                None,
+                "the rebuilt backend writes it for every tenant",
+            ))
+            .await?;
+    }
+    say(
+        out,
+        "   POST /searches, POST /homes/{id}/valuations and POST /homes released for every tenant",
+    );
+    match control
+        .release_route(release("DELETE /searches/{id}", None, "tidy up"))
+        .await
+    {
+        Err(ficus_admin::Error::Refused(why)) => say(out, &format!("   refused: {why}")),
+        Err(e) => return Err(e.into()),
+        Ok(_) => bail!("a destructive route was released without its confirmation"),
+    }
+    clock.lap("3b. write surface");
+
     // 4. Three tenants born from billing events.
     say(
         out,
@@ -582,6 +656,45 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
     say(
         out,
         "\n-- 6. every tenant is on the rebuilt backend; once legacy has been idle for the quiet window, it is retired",
+    );
+    // Not while a write route is still held on legacy.
+    match control
+        .retire(
+            RetireRequest {
+                reason: "legacy is empty".into(),
+                undo: false,
+                quiet_window: None,
+            },
+            None,
+        )
+        .await
+    {
+        Err(ficus_admin::Error::Refused(why)) => say(out, &format!("   refused: {why}")),
+        Err(e) => return Err(e.into()),
+        Ok(_) => bail!("legacy was retired while DELETE /searches/{{id}} was held"),
+    }
+    for (tenant, reason) in [
+        (
+            Some(ZERO),
+            "canary: tenant zero deletes on the rebuilt backend first; reviewed, confirmed",
+        ),
+        (
+            None,
+            "deletes verified on the canary; confirmed for every tenant",
+        ),
+    ] {
+        control
+            .release_route(RouteReleaseRequest {
+                route: "DELETE /searches/{id}".into(),
+                tenant: tenant.map(str::to_string),
+                destructive: true,
+                reason: reason.into(),
+            })
+            .await?;
+    }
+    say(
+        out,
+        "   DELETE /searches/{id} released with its second confirmation: for tenant zero, then for every tenant",
     );
     until(Duration::from_secs(60), "legacy's quiet window", || async {
         match control
@@ -772,6 +885,9 @@ async fn client(load: Arc<Load>, proxy: String, worker: u64, homes: u32) {
         Err(_) => return,
     };
     let mut i: u64 = worker;
+    // Tenant zero's clients delete the saved search they made last: the demo's
+    // destructive route.
+    let mut last_search: Option<i64> = None;
     while !load.stop.load(Ordering::Relaxed) {
         i += 4;
         let tenants = load
@@ -787,16 +903,24 @@ async fn client(load: Arc<Load>, proxy: String, worker: u64, homes: u32) {
         };
         let host = format!("{slug}.portal.test");
         let base = format!("http://{proxy}");
+        let saving = i % 10 == 7;
         let request = match i % 10 {
             0..=3 => http.get(format!("{base}/homes/{home}")),
             4..=5 => http.get(format!("{base}/homes")),
             6 => http.get(format!("{base}/searches")),
             7 => http.post(format!("{base}/searches")).json(&serde_json::json!({"owner": format!("client-{worker}"), "city": "Porto", "max_price": 300000})),
             8 => http.post(format!("{base}/homes/{home}/valuations")).json(&serde_json::json!({"value": 300000 + i as i64})),
-            _ => http.get(format!("{base}/notifications")),
+            _ => match last_search.take().filter(|_| slug == ZERO) {
+                Some(id) => http.delete(format!("{base}/searches/{id}")),
+                None => http.get(format!("{base}/notifications")),
+            },
         };
         load.sent.fetch_add(1, Ordering::Relaxed);
         match request.header("host", host).send().await {
+            Ok(r) if saving && r.status().is_success() => {
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                last_search = body["id"].as_i64();
+            }
             Ok(r) if r.status().is_server_error() => {
                 load.failed.fetch_add(1, Ordering::Relaxed);
                 let status = r.status();

@@ -272,7 +272,8 @@ fn an_operator_session() {
                   "1 tenant not migrated (1 on legacy, 0 in shadow)",
                   "no proxy has reported legacy traffic yet, so legacy cannot be shown to be idle"
                 ]
-              }
+              },
+              "held_routes": []
             }
         "#]],
     );
@@ -1081,7 +1082,8 @@ fn legacy_is_retired_only_when_empty_and_quiet_and_can_be_undone() {
                 "blockers": [
                   "legacy received traffic within the quiet window"
                 ]
-              }
+              },
+              "held_routes": []
             }
         "#]],
     );

@@ -1,6 +1,6 @@
 //! The `ficus` binary end to end, in one test binary: the control-plane commands
 //! (`cli`), the proxy (`proxy`), the parallel run (`shadow`) and its reconciliation
-//! (`reconcile`), with real processes, real sockets, real SQLite
+//! (`reconcile`), routes and the write surface (`routes`), with real processes, real sockets, real SQLite
 //! files and a real PostgreSQL server. `support` holds the test backends and the
 //! proxy launcher.
 
@@ -8,5 +8,6 @@ mod cli;
 mod db;
 mod proxy;
 mod reconcile;
+mod routes;
 mod shadow;
 mod support;
