@@ -10,9 +10,10 @@
 //! - `ficus-bench pingora-floor LISTEN UPSTREAM`: the smallest proxy pingora can be
 //!   (one thread, the upstream fixed, no filters), so the cost of the framework and
 //!   the cost of Ficus's own request path can be told apart;
-//! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N]`: starts a
-//!   PostgreSQL store and a `ficus proxy` on it, then measures the time from a
-//!   committed stage change to the proxy routing by it;
+//! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N] [--routes]`:
+//!   starts a PostgreSQL store and a `ficus proxy` on it, then measures the time
+//!   from a committed stage change (a tenant's, or with `--routes` a route's) to
+//!   the proxy routing by it;
 //! - `ficus-bench backfill [--rows N] [--secs S]`: the `ficus db` numbers (see
 //!   `backfill.rs`);
 //! - `ficus-bench rls [--rows N] [--secs S]`: the cost of enforced row level
@@ -398,11 +399,19 @@ fn propagation(args: &[String]) -> Result<(), Error> {
     let legacy = flag(args, "--legacy").ok_or("--legacy ADDR is required")?;
     let new = flag(args, "--new").ok_or("--new ADDR is required")?;
     let flips: usize = flag(args, "--flips").unwrap_or("100").parse()?;
+    // With --routes, the tenant is migrated and the stage that flips is the
+    // route `POST /`'s: released, then held again.
+    let routes = args.iter().any(|a| a == "--routes");
     let cluster = ficus_testkit::PgCluster::start_with(&[])?;
     let store_url = cluster.url("postgres");
     let ficus = ficus_binary();
     run(&ficus, &store_url, &["init"])?;
-    run(&ficus, &store_url, &["tenant", "add", "flip"])?;
+    let stage = if routes { "migrated" } else { "legacy" };
+    run(
+        &ficus,
+        &store_url,
+        &["tenant", "add", "flip", "--stage", stage],
+    )?;
     let dir = tempfile::tempdir()?;
     let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
     let (listen, admin) = (
@@ -428,6 +437,7 @@ fn propagation(args: &[String]) -> Result<(), Error> {
         &format!("http://127.0.0.1:{admin}/readyz"),
         &store_url,
         flips,
+        routes,
     );
     let _ = child.kill();
     let _ = child.wait();
@@ -439,6 +449,7 @@ fn propagation_flips(
     readyz: &str,
     store_url: &str,
     flips: usize,
+    routes: bool,
 ) -> Result<(), Error> {
     let (proxy, readyz, store_url) = (proxy.to_string(), readyz.to_string(), store_url.to_string());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -457,14 +468,12 @@ fn propagation_flips(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let backend_now = |client: reqwest::Client, proxy: String| async move {
-            let r = client
-                .get(format!("{proxy}/"))
-                .header("x-tenant-id", "flip")
-                .send()
-                .await
-                .ok()?;
+            let url = format!("{proxy}/");
+            let request = if routes { client.post(url) } else { client.get(url) };
+            let r = request.header("x-tenant-id", "flip").send().await.ok()?;
             r.text().await.ok()
         };
+        let route = ficus_core::Route::parse("POST /")?;
         let mut latencies = Vec::with_capacity(flips);
         for i in 0..flips {
             // legacy -> shadow is routed the same; go through shadow to reach migrated.
@@ -474,19 +483,32 @@ fn propagation_flips(
                 (vec![Stage::Legacy], "legacy")
             };
             let mut started = Instant::now();
-            for (n, stage) in to.iter().enumerate() {
-                if n + 1 == to.len() {
-                    started = Instant::now();
-                }
+            if routes {
                 store
-                    .change_stage(StageChange {
-                        tenant: id.clone(),
-                        to: *stage,
+                    .change_route(ficus_store::RouteChange {
+                        route: route.clone(),
+                        tenant: None,
+                        to: if want == "new" { Stage::Migrated } else { Stage::Legacy },
                         expected_version: None,
                         actor: Actor::Cli,
                         reason: "bench".into(),
                     })
                     .await?;
+            } else {
+                for (n, stage) in to.iter().enumerate() {
+                    if n + 1 == to.len() {
+                        started = Instant::now();
+                    }
+                    store
+                        .change_stage(StageChange {
+                            tenant: id.clone(),
+                            to: *stage,
+                            expected_version: None,
+                            actor: Actor::Cli,
+                            reason: "bench".into(),
+                        })
+                        .await?;
+                }
             }
             loop {
                 if backend_now(client.clone(), proxy.clone())
@@ -505,7 +527,7 @@ fn propagation_flips(
         let (p50, p99, max) = percentiles(latencies);
         println!(
             "{}",
-            serde_json::json!({"flips": flips, "p50_ms": p50, "p99_ms": p99, "max_ms": max})
+            serde_json::json!({"what": if routes { "route stage" } else { "tenant stage" }, "flips": flips, "p50_ms": p50, "p99_ms": p99, "max_ms": max})
         );
         Ok::<(), Error>(())
     })

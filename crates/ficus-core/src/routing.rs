@@ -217,6 +217,9 @@ impl RouteStages {
         {
             return *s;
         }
+        if self.all.is_empty() {
+            return default_route_stage(writes);
+        }
         self.all
             .get(route)
             .copied()

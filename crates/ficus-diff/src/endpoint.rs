@@ -43,6 +43,97 @@ impl Template {
     }
 }
 
+/// Configured templates, indexed by segment count and first segment, so that a
+/// path is held against the few that could match it rather than all of them (a
+/// proxy may carry hundreds of route templates, and names every request's route).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Templates {
+    list: Vec<Template>,
+    /// (segments, first literal or `None` for a placeholder) → positions in
+    /// `list`, ascending: the first configured match wins.
+    index: std::collections::HashMap<(usize, Option<String>), Vec<usize>>,
+}
+
+impl Templates {
+    pub fn push(&mut self, t: Template) {
+        let key = (t.segments.len(), t.segments.first().cloned().flatten());
+        self.index.entry(key).or_default().push(self.list.len());
+        self.list.push(t);
+    }
+
+    pub fn contains(&self, t: &Template) -> bool {
+        self.list.contains(t)
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The first configured template that matches `segments`.
+    fn find(&self, segments: &[&str]) -> Option<&Template> {
+        if self.list.is_empty() {
+            return None;
+        }
+        let n = segments.len();
+        let literal = self
+            .index
+            .get(&(n, segments.first().map(|s| (*s).to_string())))
+            .map_or(&[][..], Vec::as_slice);
+        let placeholder = self.index.get(&(n, None)).map_or(&[][..], Vec::as_slice);
+        // Both lists ascend; the first match in configuration order wins.
+        let (mut i, mut j) = (0, 0);
+        while i < literal.len() || j < placeholder.len() {
+            let next = match (literal.get(i), placeholder.get(j)) {
+                (Some(a), Some(b)) if a < b => {
+                    i += 1;
+                    *a
+                }
+                (Some(_), Some(b)) => {
+                    j += 1;
+                    *b
+                }
+                (Some(a), None) => {
+                    i += 1;
+                    *a
+                }
+                (None, Some(b)) => {
+                    j += 1;
+                    *b
+                }
+                (None, None) => break,
+            };
+            if self.list[next].matches(segments) {
+                return Some(&self.list[next]);
+            }
+        }
+        None
+    }
+
+    /// The endpoint of a request, as [`endpoint`] names it, with these templates.
+    pub fn endpoint(&self, method: &str, path_and_query: &str) -> String {
+        let path = path_and_query.split('?').next().unwrap_or("/");
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match self.find(&segments) {
+            Some(t) => format!("{method} {}", t.source),
+            None => automatic(method, path, &segments),
+        }
+    }
+}
+
+impl FromIterator<Template> for Templates {
+    fn from_iter<I: IntoIterator<Item = Template>>(iter: I) -> Templates {
+        let mut all = Templates::default();
+        for t in iter {
+            all.push(t);
+        }
+        all
+    }
+}
+
 fn looks_like_id(seg: &str) -> bool {
     let digits = !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit());
     let hex = seg.len() >= 16 && seg.bytes().all(|b| b.is_ascii_hexdigit());
@@ -65,10 +156,15 @@ pub fn endpoint(method: &str, path_and_query: &str, templates: &[Template]) -> S
     if let Some(t) = templates.iter().find(|t| t.matches(&segments)) {
         return format!("{method} {}", t.source);
     }
+    automatic(method, path, &segments)
+}
+
+/// The endpoint no configured template names: identifiers become `{id}`.
+fn automatic(method: &str, path: &str, segments: &[&str]) -> String {
     let mut out = String::with_capacity(path.len() + method.len() + 1);
     out.push_str(method);
     out.push(' ');
-    for seg in &segments {
+    for seg in segments {
         out.push('/');
         out.push_str(if looks_like_id(seg) { "{id}" } else { seg });
     }

@@ -397,6 +397,41 @@ fn endpoints_group_identifiers() {
     }
 }
 
+/// The indexed templates name every path as the plain list does, the first
+/// configured match winning, among hundreds of templates.
+#[test]
+fn indexed_templates_name_paths_as_the_list_does() {
+    let mut raw: Vec<String> = (0..500)
+        .map(|i| format!("/area{}/{{x}}/item{}", i % 50, i))
+        .collect();
+    raw.insert(0, "/{tenant}/homes/{id}".into());
+    raw.push("/area7/{x}/{y}".into());
+    raw.push("/area7/special/item7".into());
+    let list: Vec<Template> = raw.iter().map(|t| Template::parse(t).unwrap()).collect();
+    let indexed: ficus_diff::endpoint::Templates = list.iter().cloned().collect();
+    assert_eq!(indexed.len(), 503);
+    for path in [
+        "/acme/homes/9",
+        "/area7/a/item7",
+        "/area7/special/item7",
+        "/area7/a/b",
+        "/area49/x/item499",
+        "/area49/x/item498",
+        "/nowhere/123",
+        "/",
+    ] {
+        assert_eq!(
+            indexed.endpoint("GET", path),
+            endpoint("GET", path, &list),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        indexed.endpoint("GET", "/area7/special/item7"),
+        "GET /area7/{x}/item7"
+    );
+}
+
 /// What a client of the legacy contract sees: a member only new has is additive;
 /// an element appended to an array is breaking unless the array is open; under
 /// `additive = "mismatch"` nothing is additive; everything else is breaking.

@@ -9,6 +9,7 @@
 //! printable is counted as `invalid`, never stored raw.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 
 use ficus_core::{TenantId, Timestamp};
@@ -23,10 +24,59 @@ const CLIENT_MAX: usize = 64;
 
 type Key = (Option<TenantId>, String, Arc<str>, String);
 
+/// Counts by the hash of their key's parts, so that counting a request already
+/// seen this interval allocates nothing: the parts are compared borrowed.
 #[derive(Default)]
 struct Counts {
-    by_key: HashMap<Key, (u64, i64)>,
+    by_hash: HashMap<u64, Vec<(Key, u64, i64)>>,
     clients: HashSet<String>,
+    hasher: std::hash::RandomState,
+}
+
+impl Counts {
+    fn hash(&self, tenant: Option<&TenantId>, route: &str, backend: &str, client: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(tenant.map_or("", TenantId::as_str).as_bytes());
+        h.write_u8(0);
+        h.write(route.as_bytes());
+        h.write_u8(0);
+        h.write(backend.as_bytes());
+        h.write_u8(0);
+        h.write(client.as_bytes());
+        h.finish()
+    }
+
+    fn add(
+        &mut self,
+        tenant: Option<&TenantId>,
+        route: &str,
+        backend: &Arc<str>,
+        client: &str,
+        n: u64,
+        at: i64,
+    ) {
+        let h = self.hash(tenant, route, backend, client);
+        let slot = self.by_hash.entry(h).or_default();
+        let found = slot.iter_mut().find(|(k, _, _)| {
+            k.0.as_ref() == tenant && k.1 == route && *k.2 == **backend && k.3 == client
+        });
+        match found {
+            Some(entry) => {
+                entry.1 += n;
+                entry.2 = entry.2.max(at);
+            }
+            None => slot.push((
+                (
+                    tenant.cloned(),
+                    route.to_string(),
+                    Arc::clone(backend),
+                    client.to_string(),
+                ),
+                n,
+                at,
+            )),
+        }
+    }
 }
 
 /// Route counts since the last flush.
@@ -39,6 +89,15 @@ pub struct Census {
 /// product token (`MyApp/4.2` of `MyApp/4.2 (iPhone; iOS 17)`); `""` when there
 /// is none.
 pub fn client_version(headers: &HeaderMap, header: Option<&http::HeaderName>) -> String {
+    client_version_str(headers, header).into_owned()
+}
+
+/// The same, borrowed from the headers when it can be.
+pub fn client_version_str<'h>(
+    headers: &'h HeaderMap,
+    header: Option<&http::HeaderName>,
+) -> std::borrow::Cow<'h, str> {
+    use std::borrow::Cow;
     let raw = match header.and_then(|h| headers.get(h)) {
         Some(v) => v.as_bytes(),
         None => match headers.get(http::header::USER_AGENT) {
@@ -47,16 +106,13 @@ pub fn client_version(headers: &HeaderMap, header: Option<&http::HeaderName>) ->
                 .split(|b| *b == b' ')
                 .next()
                 .unwrap_or_default(),
-            None => return String::new(),
+            None => return Cow::Borrowed(""),
         },
     };
-    if raw.is_empty() {
-        return String::new();
-    }
     if raw.len() > CLIENT_MAX || !raw.iter().all(|b| (0x21..0x7f).contains(b)) {
-        return "invalid".to_string();
+        return Cow::Borrowed(if raw.is_empty() { "" } else { "invalid" });
     }
-    String::from_utf8_lossy(raw).into_owned()
+    String::from_utf8_lossy(raw)
 }
 
 impl Census {
@@ -66,47 +122,36 @@ impl Census {
         tenant: Option<&TenantId>,
         route: &str,
         backend: &Arc<str>,
-        client: String,
+        client: &str,
         at: Timestamp,
     ) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let client = if c.clients.contains(&client) {
+        let client = if c.clients.contains(client) {
             client
         } else if c.clients.len() < CLIENTS_PER_FLUSH {
-            c.clients.insert(client.clone());
+            c.clients.insert(client.to_string());
             client
         } else {
-            "other".to_string()
+            "other"
         };
-        let entry = c
-            .by_key
-            .entry((
-                tenant.cloned(),
-                route.to_string(),
-                Arc::clone(backend),
-                client,
-            ))
-            .or_insert((0, 0));
-        entry.0 += 1;
-        entry.1 = entry.1.max(at.unix_millis());
+        c.add(tenant, route, backend, client, 1, at.unix_millis());
     }
 
     /// Takes the counts gathered since the last call.
     pub fn take(&self) -> Vec<RouteCount> {
         let taken = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()));
         taken
-            .by_key
-            .into_iter()
-            .map(
-                |((tenant, route, backend, client), (count, at))| RouteCount {
-                    tenant,
-                    route,
-                    backend: backend.to_string(),
-                    client,
-                    count,
-                    last_at: Timestamp::from_unix_millis(at),
-                },
-            )
+            .by_hash
+            .into_values()
+            .flatten()
+            .map(|((tenant, route, backend, client), count, at)| RouteCount {
+                tenant,
+                route,
+                backend: backend.to_string(),
+                client,
+                count,
+                last_at: Timestamp::from_unix_millis(at),
+            })
             .collect()
     }
 
@@ -114,12 +159,15 @@ impl Census {
     pub fn restore(&self, counts: Vec<RouteCount>) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         for r in counts {
-            let entry = c
-                .by_key
-                .entry((r.tenant, r.route, Arc::from(r.backend.as_str()), r.client))
-                .or_insert((0, 0));
-            entry.0 += r.count;
-            entry.1 = entry.1.max(r.last_at.unix_millis());
+            let backend: Arc<str> = Arc::from(r.backend.as_str());
+            c.add(
+                r.tenant.as_ref(),
+                &r.route,
+                &backend,
+                &r.client,
+                r.count,
+                r.last_at.unix_millis(),
+            );
         }
     }
 }
@@ -145,7 +193,7 @@ mod tests {
         let new: Arc<str> = Arc::from("new");
         let at = Timestamp::from_unix_millis(1);
         for i in 0..CLIENTS_PER_FLUSH + 5 {
-            census.record(None, "GET /homes", &new, format!("c{i}"), at);
+            census.record(None, "GET /homes", &new, &format!("c{i}"), at);
         }
         let counts = census.take();
         let other = counts.iter().find(|c| c.client == "other").unwrap();

@@ -133,7 +133,7 @@ pub struct ShadowConfig {
     pub reveal: bool,
     /// How often comparison counts and samples are written to the store.
     pub flush: Duration,
-    pub templates: Vec<ficus_diff::endpoint::Template>,
+    pub templates: ficus_diff::endpoint::Templates,
     /// The response header in which new states its version; recorded with every
     /// comparison (a backend's configured `version` is used when it is absent).
     pub version_header: Option<HeaderName>,
@@ -820,7 +820,7 @@ impl Cx<'_> {
                 ficus_diff::endpoint::Template::parse(t.get_ref())
                     .map_err(|why| self.at(t, &format!("shadow.route_templates: {why}")))
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<ficus_diff::endpoint::Templates, _>>()?;
         let version_header =
             r.version_header
                 .as_ref()

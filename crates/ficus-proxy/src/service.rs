@@ -120,8 +120,6 @@ pub struct Ctx {
     service: Option<Arc<str>>,
     /// `METHOD /template`, what route stages and the census name it by.
     route: String,
-    /// The client's version, for the census.
-    client: String,
     /// A write route released for this tenant alone: the guard watches the
     /// route, not the tenant.
     canary: bool,
@@ -339,7 +337,6 @@ impl ProxyHttp for Ficus {
             effective: None,
             service: None,
             route: String::new(),
-            client: String::new(),
             canary: false,
             backend: None,
             rewritten_path: None,
@@ -492,7 +489,7 @@ impl ProxyHttp for Ficus {
         // the new side, and its name in the census.
         let writes = !ficus_core::routing::is_safe_method(method)
             || settings.shadow.is_unsafe(method, forwarded);
-        ctx.route = ficus_diff::endpoint::endpoint(method, forwarded, &settings.shadow.templates);
+        ctx.route = settings.shadow.templates.endpoint(method, forwarded);
         let route_stage = table.routes.stage(ctx.tenant.as_ref(), &ctx.route, writes);
         let effective = ficus_core::routing::effective(stage, route_stage);
         ctx.effective = effective;
@@ -509,7 +506,6 @@ impl ProxyHttp for Ficus {
                 .tenant
                 .as_ref()
                 .is_some_and(|t| table.routes.overridden(t, &ctx.route));
-        ctx.client = census::client_version(&req.headers, settings.client_version_header.as_ref());
         ctx.read_timeout = service.and_then(|(_, t)| *t).or_else(|| {
             settings
                 .routes
@@ -880,7 +876,10 @@ impl ProxyHttp for Ficus {
                 ctx.tenant.as_ref(),
                 &ctx.route,
                 name,
-                std::mem::take(&mut ctx.client),
+                &census::client_version_str(
+                    &session.req_header().headers,
+                    ctx.settings.client_version_header.as_ref(),
+                ),
                 now(),
             );
         }
