@@ -1103,3 +1103,164 @@ async fn mismatch_classes_are_listed_resolved_accepted_and_reopened_over_http() 
         "the withdrawn resolution's evidence counts again"
     );
 }
+
+/// Routes over HTTP: a stage set against its version (If-Match), a release, a
+/// refusal of each kind with its status, and the held route on the status page.
+#[tokio::test]
+async fn routes_are_staged_released_and_held_over_http() {
+    use ficus_admin::api::{RouteMarkRequest, RouteReleaseRequest, RouteStageRequest};
+    let api = start().await;
+    let remote = Remote::new(&api.base, &api.token).unwrap();
+    remote
+        .add(AddRequest {
+            id: "acme".into(),
+            name: None,
+            domains: vec![],
+            stage: Some("migrated".into()),
+            reason: "onboarding".into(),
+        })
+        .await
+        .unwrap();
+    let release = |route: &str, tenant: Option<&str>, destructive| RouteReleaseRequest {
+        route: route.into(),
+        tenant: tenant.map(str::to_string),
+        destructive,
+        reason: "canary".into(),
+    };
+    let done = remote
+        .release_route(release("POST /homes", Some("acme"), false))
+        .await
+        .unwrap();
+    assert_eq!((done.stage.as_str(), done.version), ("migrated", 1));
+    let staged = remote
+        .route_stage(
+            RouteStageRequest {
+                route: "POST /homes".into(),
+                stage: "shadow".into(),
+                tenant: None,
+                reason: "look first".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(staged.version, 1);
+    remote
+        .mark_route(RouteMarkRequest {
+            route: "POST /homes/{id}/purge".into(),
+            destructive: true,
+            reason: "drops a home's history".into(),
+        })
+        .await
+        .unwrap();
+    let put = |version: &str, body: serde_json::Value| {
+        let mut r = api
+            .http
+            .put(format!("{}/v1/routes/stage", api.base))
+            .bearer_auth(&api.token)
+            .json(&body);
+        if !version.is_empty() {
+            r = r.header("If-Match", version);
+        }
+        r.send()
+    };
+    let post = |path: &str, body: serde_json::Value| {
+        api.http
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&api.token)
+            .json(&body)
+            .send()
+    };
+    let stage = serde_json::json!({"route": "POST /homes", "stage": "legacy", "reason": "x"});
+    for (r, status, expected) in [
+        (put("", stage.clone()).await.unwrap(), 428, "If-Match"),
+        (
+            put("\"0\"", stage.clone()).await.unwrap(),
+            412,
+            "changed since version 0: it is at version 1",
+        ),
+        (
+            put(
+                "\"1\"",
+                serde_json::json!({"route": "POST homes", "stage": "legacy", "reason": "x"}),
+            )
+            .await
+            .unwrap(),
+            400,
+            "is not \\\"METHOD /template\\\"",
+        ),
+        (
+            post(
+                "/v1/routes/release",
+                serde_json::json!({"route": "GET /homes", "reason": "x"}),
+            )
+            .await
+            .unwrap(),
+            409,
+            "is not held",
+        ),
+        (
+            post(
+                "/v1/routes/release",
+                serde_json::json!({"route": "POST /homes/{id}/purge", "reason": "x"}),
+            )
+            .await
+            .unwrap(),
+            409,
+            "is destructive",
+        ),
+        (
+            post(
+                "/v1/routes/release",
+                serde_json::json!({"route": "POST /homes", "tenant": "nobody", "reason": "x"}),
+            )
+            .await
+            .unwrap(),
+            404,
+            "no tenant nobody",
+        ),
+        (
+            post(
+                "/v1/routes/hold",
+                serde_json::json!({"route": "POST /homes", "tenant": "acme", "reason": ""}),
+            )
+            .await
+            .unwrap(),
+            400,
+            "a reason is required",
+        ),
+    ] {
+        assert_eq!(r.status().as_u16(), status, "{expected}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(expected), "{expected}: {text}");
+    }
+    let destructive = remote
+        .release_route(release("POST /homes/{id}/purge", Some("acme"), true))
+        .await
+        .unwrap();
+    assert_eq!(destructive.tenant.as_deref(), Some("acme"));
+    let routes = remote.routes(None).await.unwrap();
+    let homes = routes
+        .routes
+        .iter()
+        .find(|r| r.route == "POST /homes")
+        .unwrap();
+    assert_eq!(
+        (homes.stage.as_str(), homes.held, homes.overrides.len()),
+        ("shadow", true, 1)
+    );
+    let status = remote.status().await.unwrap();
+    let held: Vec<(&str, Option<usize>)> = status
+        .held_routes
+        .iter()
+        .map(|h| (h.route.as_str(), h.tenants.as_ref().map(Vec::len)))
+        .collect();
+    // The purge route is released for its canary only: still held for the rest.
+    assert_eq!(held, [("POST /homes", None), ("POST /homes/{id}/purge", None)]);
+    assert!(
+        status
+            .finish_line
+            .blockers
+            .contains(&"route POST /homes is held on legacy".to_string())
+    );
+}

@@ -198,6 +198,8 @@ async fn a_canary_write_route_is_taken_back_by_the_guard_for_its_tenant_alone() 
         err.contains("route POST /status/{id} is held on legacy"),
         "{err}"
     );
+    let r = json(&store, &["readiness", "acme"]);
+    assert_eq!(r["held_routes"], serde_json::json!(["POST /status/{id}"]));
     let status = ficus(&store, &["status"]);
     assert!(
         status.contains("held      POST /status/{id} goes to legacy for every tenant"),
