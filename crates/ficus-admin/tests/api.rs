@@ -1256,7 +1256,10 @@ async fn routes_are_staged_released_and_held_over_http() {
         .map(|h| (h.route.as_str(), h.tenants.as_ref().map(Vec::len)))
         .collect();
     // The purge route is released for its canary only: still held for the rest.
-    assert_eq!(held, [("POST /homes", None), ("POST /homes/{id}/purge", None)]);
+    assert_eq!(
+        held,
+        [("POST /homes", None), ("POST /homes/{id}/purge", None)]
+    );
     assert!(
         status
             .finish_line

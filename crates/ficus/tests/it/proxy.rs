@@ -903,6 +903,8 @@ async fn sighup_reload_applies_a_good_config_and_refuses_a_bad_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
+    // Reads and writes, the writes by a route stage: acme's released to new,
+    // globex's (a legacy tenant) on legacy.
     let mut cluster = tokio::task::spawn_blocking(|| ficus_testkit::PgCluster::start().unwrap())
         .await
         .unwrap();
@@ -910,6 +912,14 @@ async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
     ficus(&store, &["init"]);
     ficus(&store, &["tenant", "add", "acme", "--stage", "migrated"]);
     ficus(&store, &["tenant", "add", "globex"]);
+    // A write route released for acme: route stages are kept through the
+    // outage like tenant stages (fail static).
+    ficus(
+        &store,
+        &[
+            "route", "release", "POST /", "--tenant", "acme", "--reason", "canary",
+        ],
+    );
     let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
     let proxy = Arc::new(
         Proxy::start(ProxySetup {
@@ -936,8 +946,21 @@ async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
         load.push(tokio::spawn(async move {
             let tenant = if worker % 2 == 0 { "acme" } else { "globex" };
             let want = if tenant == "acme" { "new" } else { "legacy" };
+            let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let (status, body) = get_as(&c, &proxy, tenant, "/").await;
+                i += 1;
+                let (status, body) = if i % 2 == 0 {
+                    get_as(&c, &proxy, tenant, "/").await
+                } else {
+                    let r = c
+                        .post(proxy.url("/"))
+                        .header("x-tenant-id", tenant)
+                        .body("{}")
+                        .send()
+                        .await
+                        .unwrap();
+                    (r.status().as_u16(), r.json().await.unwrap_or_default())
+                };
                 if status == 200 && body["backend"] == want {
                     ok.fetch_add(1, Ordering::Relaxed);
                 } else {
