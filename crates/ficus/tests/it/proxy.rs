@@ -949,7 +949,7 @@ async fn the_postgres_store_stopped_for_60_s_under_load_fails_no_request() {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let (status, body) = if i % 2 == 0 {
+                let (status, body) = if i.is_multiple_of(2) {
                     get_as(&c, &proxy, tenant, "/").await
                 } else {
                     let r = c
