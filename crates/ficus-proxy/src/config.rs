@@ -70,6 +70,9 @@ pub struct Settings {
     /// The header that names the client's version in the route census (else the
     /// User-Agent's first product token).
     pub client_version_header: Option<HeaderName>,
+    /// Routes this file marks destructive (`[proxy] destructive_routes`): the
+    /// proxy marks them in the store, where every release is checked.
+    pub destructive_routes: Vec<ficus_core::Route>,
     pub tenant_header: HeaderName,
     pub backend_header: HeaderName,
     pub request_id_header: HeaderName,
@@ -300,6 +303,8 @@ struct RawProxy {
     backend_header: Option<Spanned<String>>,
     request_id_header: Option<Spanned<String>>,
     client_version_header: Option<Spanned<String>>,
+    #[serde(default)]
+    destructive_routes: Vec<Spanned<String>>,
 }
 
 /// `[backends.NAME]`: `legacy`, `new`, and any other service of the new side.
@@ -510,8 +515,16 @@ impl Config {
                     routes.push(cx.route(r)?);
                 }
                 (None, Some(m)) => {
-                    let route = ficus_core::Route::parse(m.get_ref())
-                        .map_err(|e| cx.at(m, &format!("routes.match: {e}")))?;
+                    // `GET,HEAD /homes/{id}`: one route per method.
+                    let raw = m.get_ref().trim();
+                    let (methods, template) = raw.split_once(' ').unwrap_or((raw, ""));
+                    let parsed: Vec<ficus_core::Route> = methods
+                        .split(',')
+                        .map(|method| {
+                            ficus_core::Route::parse(&format!("{} {template}", method.trim()))
+                                .map_err(|e| cx.at(m, &format!("routes.match: {e}")))
+                        })
+                        .collect::<Result<_, _>>()?;
                     let service = match &r.service {
                         Some(s) if !services.contains_key(s.get_ref()) => {
                             return Err(cx.at(
@@ -527,28 +540,30 @@ impl Config {
                         Some(s) => s.get_ref().clone(),
                         None => "new".to_string(),
                     };
-                    for (other, _) in &templates {
-                        let other_service = service_routes
-                            .get(other.method(), other.template())
-                            .map(|(s, _)| s.to_string())
-                            .unwrap_or_default();
-                        if other_service != service && routes_overlap(&route, other) {
-                            return Err(cx.at(
-                                m,
-                                &format!(
-                                    "routes.match: {route} overlaps {other}, which goes to {other_service}; a request must have one service"
-                                ),
-                            ));
+                    for route in parsed {
+                        for (other, _) in &templates {
+                            let other_service = service_routes
+                                .get(other.method(), other.template())
+                                .map(|(s, _)| s.to_string())
+                                .unwrap_or_default();
+                            if other_service != service && routes_overlap(&route, other) {
+                                return Err(cx.at(
+                                    m,
+                                    &format!(
+                                        "routes.match: {route} overlaps {other}, which goes to {other_service}; a request must have one service"
+                                    ),
+                                ));
+                            }
                         }
+                        service_routes.by_route.insert(
+                            (route.method().to_string(), route.template().to_string()),
+                            (
+                                Arc::from(service.as_str()),
+                                r.read_timeout_ms.map(|ms| Duration::from_millis(ms.max(1))),
+                            ),
+                        );
+                        templates.push((route, m.span()));
                     }
-                    service_routes.by_route.insert(
-                        (route.method().to_string(), route.template().to_string()),
-                        (
-                            Arc::from(service.as_str()),
-                            r.read_timeout_ms.map(|ms| Duration::from_millis(ms.max(1))),
-                        ),
-                    );
-                    templates.push((route, m.span()));
                 }
                 (Some(p), Some(_)) => {
                     return Err(cx.at(p, "routes: one of path_prefix or match, not both"));
@@ -596,6 +611,14 @@ impl Config {
             services,
             service_routes,
             client_version_header,
+            destructive_routes: p
+                .destructive_routes
+                .iter()
+                .map(|r| {
+                    ficus_core::Route::parse(r.get_ref())
+                        .map_err(|e| cx.at(r, &format!("proxy.destructive_routes: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
             rules: raw
                 .tenant_from
                 .iter()

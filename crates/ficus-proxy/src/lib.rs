@@ -346,8 +346,10 @@ async fn flush_loop(url: StoreUrl, shared: Arc<Shared>, mut shutdown: ShutdownWa
     };
     let mut last_traffic = Instant::now();
     let mut last_baselines: Option<Instant> = None;
+    let mut marked: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
         let settings = shared.settings.load_full();
+        mark_destructive(&settings, &*store, &mut marked).await;
         tokio::select! {
             () = tokio::time::sleep(settings.shadow.flush.min(settings.traffic_flush)) => {}
             _ = shutdown.changed() => return,
@@ -363,6 +365,38 @@ async fn flush_loop(url: StoreUrl, shared: Arc<Shared>, mut shutdown: ShutdownWa
         if last_traffic.elapsed() >= settings.traffic_flush {
             last_traffic = Instant::now();
             flush_traffic(&shared, &*store).await;
+        }
+    }
+}
+
+/// Marks the routes the configuration lists as destructive in the store, where
+/// every release is checked; each once per process (and again after a reload
+/// lists more), and again after a failure.
+async fn mark_destructive(
+    settings: &config::Settings,
+    store: &dyn ControlStore,
+    marked: &mut std::collections::HashSet<String>,
+) {
+    for route in &settings.destructive_routes {
+        let name = route.to_string();
+        if marked.contains(&name) {
+            continue;
+        }
+        match store
+            .mark_route(
+                route,
+                true,
+                ficus_core::Actor::Proxy,
+                "listed in destructive_routes of the proxy's configuration",
+            )
+            .await
+        {
+            Ok(_) => {
+                marked.insert(name);
+            }
+            Err(e) => {
+                tracing::warn!(route = %name, error = %e, "could not mark a destructive route; will retry")
+            }
         }
     }
 }

@@ -177,6 +177,17 @@ fn config_errors_name_the_line_and_the_key() {
         expect!["ok: 0 rules"],
     );
     check_config(
+        "[backends.search]\nupstreams = [\"127.0.0.1:3003\"]\n\
+         [[routes]]\nmatch = \"GET,HEAD /search/{q}\"\nservice = \"search\"\n",
+        expect!["ok: 0 rules"],
+    );
+    check_config(
+        "[[routes]]\nmatch = \"GET,H3AD /search\"\n",
+        expect![[
+            r#"ficus.toml:12: routes.match: route "H3AD /search" is not "METHOD /template" (such as "DELETE /homes/{id}"): the method must be letters, or *"#
+        ]],
+    );
+    check_config(
         "[[routes]]\nmatch = \"GET /a\"\npath_prefix = \"/a\"\n",
         expect!["ficus.toml:13: routes: one of path_prefix or match, not both"],
     );

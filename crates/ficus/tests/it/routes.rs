@@ -72,11 +72,31 @@ async fn a_canary_write_route_is_taken_back_by_the_guard_for_its_tenant_alone() 
         dir: _dir,
     } = Rig::start_with(
         &[("acme", "migrated"), ("globex", "migrated")],
-        "",
+        "destructive_routes = [\"POST /purge/{id}\"]",
         guard,
         Backend::start("new").await,
     )
     .await;
+    // The configuration's destructive routes are marked in the store, where
+    // every release is checked.
+    eventually(PATIENCE, || {
+        let routes = json(&store, &["routes"]);
+        let marked = routes["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["route"] == "POST /purge/{id}" && r["destructive"] == true);
+        async move { marked }
+    })
+    .await;
+    let err = ficus_fails(
+        &store,
+        &["route", "release", "POST /purge/{id}", "--reason", "x"],
+    );
+    assert!(
+        err.contains("route POST /purge/{id} is destructive"),
+        "{err}"
+    );
     let c = client();
     // Migrated, and still every write goes to legacy: held.
     for tenant in ["acme", "globex"] {
