@@ -620,6 +620,9 @@ pub struct RouteJson {
     pub version: u64,
     /// A write route whose stage keeps it on legacy.
     pub held: bool,
+    /// Served by the new side while no `[[routes]]` entry names it: a route
+    /// nobody mapped to a service yet.
+    pub unmapped: bool,
     pub overrides: Vec<RouteOverrideJson>,
     /// Requests over the census window, per tenant, backend and client version.
     pub census: Vec<RouteCountJson>,
@@ -641,6 +644,8 @@ pub struct RouteCountJson {
     pub client: String,
     pub requests: u64,
     pub last_at: String,
+    /// A `[[routes]]` entry of the proxy's configuration names the route.
+    pub configured: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -783,8 +783,12 @@ impl Control for Direct {
                             client: c.client.clone(),
                             requests: c.count,
                             last_at: ficus_store::format_time(c.last_at),
+                            configured: c.configured,
                         })
                         .collect(),
+                    unmapped: census
+                        .iter()
+                        .any(|c| c.route == route && c.backend != "legacy" && !c.configured),
                     route,
                 }
             })

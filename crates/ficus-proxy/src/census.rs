@@ -24,11 +24,20 @@ const CLIENT_MAX: usize = 64;
 
 type Key = (Option<TenantId>, String, Arc<str>, String);
 
+/// What one count adds: requests, the latest of them, and whether a
+/// `[[routes]]` entry names the route.
+#[derive(Clone, Copy)]
+struct Add {
+    n: u64,
+    at: i64,
+    configured: bool,
+}
+
 /// Counts by the hash of their key's parts, so that counting a request already
 /// seen this interval allocates nothing: the parts are compared borrowed.
 #[derive(Default)]
 struct Counts {
-    by_hash: HashMap<u64, Vec<(Key, u64, i64)>>,
+    by_hash: HashMap<u64, Vec<(Key, u64, i64, bool)>>,
     clients: HashSet<String>,
     hasher: std::hash::RandomState,
 }
@@ -52,18 +61,19 @@ impl Counts {
         route: &str,
         backend: &Arc<str>,
         client: &str,
-        n: u64,
-        at: i64,
+        add: Add,
     ) {
+        let Add { n, at, configured } = add;
         let h = self.hash(tenant, route, backend, client);
         let slot = self.by_hash.entry(h).or_default();
-        let found = slot.iter_mut().find(|(k, _, _)| {
+        let found = slot.iter_mut().find(|(k, _, _, _)| {
             k.0.as_ref() == tenant && k.1 == route && *k.2 == **backend && k.3 == client
         });
         match found {
             Some(entry) => {
                 entry.1 += n;
                 entry.2 = entry.2.max(at);
+                entry.3 |= configured;
             }
             None => slot.push((
                 (
@@ -74,6 +84,7 @@ impl Counts {
                 ),
                 n,
                 at,
+                configured,
             )),
         }
     }
@@ -116,7 +127,8 @@ pub fn client_version_str<'h>(
 }
 
 impl Census {
-    /// Counts one request of `route` for `tenant`, served by `backend`.
+    /// Counts one request of `route` for `tenant`, served by `backend`;
+    /// `configured` when a `[[routes]]` entry names the route.
     pub fn record(
         &self,
         tenant: Option<&TenantId>,
@@ -124,6 +136,7 @@ impl Census {
         backend: &Arc<str>,
         client: &str,
         at: Timestamp,
+        configured: bool,
     ) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let client = if c.clients.contains(client) {
@@ -134,7 +147,17 @@ impl Census {
         } else {
             "other"
         };
-        c.add(tenant, route, backend, client, 1, at.unix_millis());
+        c.add(
+            tenant,
+            route,
+            backend,
+            client,
+            Add {
+                n: 1,
+                at: at.unix_millis(),
+                configured,
+            },
+        );
     }
 
     /// Takes the counts gathered since the last call.
@@ -144,14 +167,17 @@ impl Census {
             .by_hash
             .into_values()
             .flatten()
-            .map(|((tenant, route, backend, client), count, at)| RouteCount {
-                tenant,
-                route,
-                backend: backend.to_string(),
-                client,
-                count,
-                last_at: Timestamp::from_unix_millis(at),
-            })
+            .map(
+                |((tenant, route, backend, client), count, at, configured)| RouteCount {
+                    tenant,
+                    route,
+                    backend: backend.to_string(),
+                    client,
+                    count,
+                    last_at: Timestamp::from_unix_millis(at),
+                    configured,
+                },
+            )
             .collect()
     }
 
@@ -165,8 +191,11 @@ impl Census {
                 &r.route,
                 &backend,
                 &r.client,
-                r.count,
-                r.last_at.unix_millis(),
+                Add {
+                    n: r.count,
+                    at: r.last_at.unix_millis(),
+                    configured: r.configured,
+                },
             );
         }
     }
@@ -193,7 +222,7 @@ mod tests {
         let new: Arc<str> = Arc::from("new");
         let at = Timestamp::from_unix_millis(1);
         for i in 0..CLIENTS_PER_FLUSH + 5 {
-            census.record(None, "GET /homes", &new, &format!("c{i}"), at);
+            census.record(None, "GET /homes", &new, &format!("c{i}"), at, false);
         }
         let counts = census.take();
         let other = counts.iter().find(|c| c.client == "other").unwrap();

@@ -881,6 +881,7 @@ impl ProxyHttp for Ficus {
                     ctx.settings.client_version_header.as_ref(),
                 ),
                 now(),
+                ctx.service.is_some(),
             );
         }
         if ctx.backend == Some(Backend::Legacy) {

@@ -211,6 +211,9 @@ pub struct RouteCount {
     pub client: String,
     pub count: u64,
     pub last_at: Timestamp,
+    /// A `[[routes]]` entry of the proxy's configuration names this route; a
+    /// route served by the new side that none names is one nobody mapped yet.
+    pub configured: bool,
 }
 
 /// Everything one proxy report carries about comparisons.

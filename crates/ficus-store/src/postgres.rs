@@ -284,6 +284,7 @@ CREATE TABLE {s}.route_census (
     hour       bigint NOT NULL,
     count      bigint NOT NULL,
     last_at    bigint NOT NULL,
+    configured boolean NOT NULL,
     PRIMARY KEY (tenant_key, route, backend, client, hour)
 );
 CREATE INDEX route_census_hour ON {s}.route_census (hour);
@@ -1590,6 +1591,7 @@ impl ControlStore for PgStore {
             Vec::new(),
             Vec::new(),
         );
+        let mut configured = Vec::new();
         for c in counts {
             keys.push(rules::traffic_key(c.tenant.as_ref()));
             routes.push(c.route.as_str());
@@ -1598,6 +1600,7 @@ impl ControlStore for PgStore {
             hours.push(rules::hour_of(c.last_at));
             ns.push(c.count as i64);
             ats.push(c.last_at.unix_millis());
+            configured.push(c.configured);
         }
         let client = s.client().await?;
         // One statement for the whole report; rows of one key are summed
@@ -1605,15 +1608,16 @@ impl ControlStore for PgStore {
         client
             .execute(
                 &s.q(
-                    "INSERT INTO {s}.route_census AS c (tenant_key, route, backend, client, hour, count, last_at)
-                     SELECT k, r, b, cl, h, sum(n), max(a)
-                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
-                         AS t(k, r, b, cl, h, n, a)
+                    "INSERT INTO {s}.route_census AS c (tenant_key, route, backend, client, hour, count, last_at, configured)
+                     SELECT k, r, b, cl, h, sum(n), max(a), bool_or(cf)
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::boolean[])
+                         AS t(k, r, b, cl, h, n, a, cf)
                      GROUP BY k, r, b, cl, h
                      ON CONFLICT (tenant_key, route, backend, client, hour) DO UPDATE SET
-                         count = c.count + excluded.count, last_at = greatest(c.last_at, excluded.last_at)",
+                         count = c.count + excluded.count, last_at = greatest(c.last_at, excluded.last_at),
+                         configured = c.configured OR excluded.configured",
                 ),
-                &[&keys, &routes, &backends, &clients, &hours, &ns, &ats],
+                &[&keys, &routes, &backends, &clients, &hours, &ns, &ats, &configured],
             )
             .await
             .map_err(s.err("recording the route census"))?;
@@ -1631,7 +1635,7 @@ impl ControlStore for PgStore {
         let rows = client
             .query(
                 &s.q(
-                    "SELECT tenant_key, route, backend, client, sum(count)::bigint, max(last_at) FROM {s}.route_census
+                    "SELECT tenant_key, route, backend, client, sum(count)::bigint, max(last_at), bool_or(configured) FROM {s}.route_census
                      WHERE ($1::text IS NULL OR tenant_key = $1) AND hour >= $2
                      GROUP BY tenant_key, route, backend, client ORDER BY route, tenant_key, backend, client",
                 ),
@@ -1641,7 +1645,15 @@ impl ControlStore for PgStore {
             .map_err(s.err("reading the route census"))?;
         rows.iter()
             .map(|r| {
-                rules::census_from_row(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))
+                rules::census_from_row(
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                )
             })
             .collect()
     }

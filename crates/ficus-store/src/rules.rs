@@ -636,6 +636,7 @@ pub(crate) fn census_from_row(
     client: String,
     count: i64,
     last_at: i64,
+    configured: bool,
 ) -> Result<crate::RouteCount, StoreError> {
     Ok(crate::RouteCount {
         tenant: (!key.is_empty())
@@ -647,5 +648,6 @@ pub(crate) fn census_from_row(
         client,
         count: count.max(0) as u64,
         last_at: Timestamp::from_unix_millis(last_at),
+        configured,
     })
 }

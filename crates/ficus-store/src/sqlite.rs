@@ -306,6 +306,7 @@ CREATE TABLE route_census (
     hour       INTEGER NOT NULL,
     count      INTEGER NOT NULL,
     last_at    INTEGER NOT NULL,
+    configured INTEGER NOT NULL,
     PRIMARY KEY (tenant_key, route, backend, client, hour)
 ) STRICT;
 CREATE INDEX route_census_hour ON route_census (hour);
@@ -1289,9 +1290,10 @@ impl ControlStore for SqliteStore {
             {
                 let mut upsert = tx
                     .prepare_cached(
-                        "INSERT INTO route_census (tenant_key, route, backend, client, hour, count, last_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                        "INSERT INTO route_census (tenant_key, route, backend, client, hour, count, last_at, configured) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                          ON CONFLICT (tenant_key, route, backend, client, hour) DO UPDATE SET
-                             count = count + excluded.count, last_at = max(last_at, excluded.last_at)",
+                             count = count + excluded.count, last_at = max(last_at, excluded.last_at),
+                             configured = max(configured, excluded.configured)",
                     )
                     .map_err(sql_err(location, "recording the route census"))?;
                 for c in &counts {
@@ -1303,7 +1305,8 @@ impl ControlStore for SqliteStore {
                             c.client,
                             rules::hour_of(c.last_at),
                             c.count as i64,
-                            c.last_at.unix_millis()
+                            c.last_at.unix_millis(),
+                            i64::from(c.configured)
                         ])
                         .map_err(sql_err(location, "recording the route census"))?;
                 }
@@ -1320,21 +1323,21 @@ impl ControlStore for SqliteStore {
     ) -> Result<Vec<RouteCount>> {
         let key = tenant.map(|t| rules::traffic_key(Some(t)).to_string());
         self.with(move |conn, location| {
-            let rows: Vec<(String, String, String, String, i64, i64)> = conn
+            let rows: Vec<(String, String, String, String, i64, i64, i64)> = conn
                 .prepare_cached(
-                    "SELECT tenant_key, route, backend, client, sum(count), max(last_at) FROM route_census
+                    "SELECT tenant_key, route, backend, client, sum(count), max(last_at), max(configured) FROM route_census
                      WHERE (?1 IS NULL OR tenant_key = ?1) AND hour >= ?2
                      GROUP BY tenant_key, route, backend, client ORDER BY route, tenant_key, backend, client",
                 )
                 .and_then(|mut s| {
                     s.query_map(params![key, rules::hour_of(since)], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
                     })?
                     .collect()
                 })
                 .map_err(sql_err(location, "reading the route census"))?;
             rows.into_iter()
-                .map(|(k, route, backend, client, n, at)| rules::census_from_row(k, route, backend, client, n, at))
+                .map(|(k, route, backend, client, n, at, configured)| rules::census_from_row(k, route, backend, client, n, at, configured != 0))
                 .collect()
         })
         .await

@@ -1301,6 +1301,7 @@ async fn route_stages_are_versioned_audited_and_followed(store: Arc<dyn ControlS
         client: client.into(),
         count: n,
         last_at: now,
+        configured: backend == "new",
     };
     store
         .record_route_census(&[

@@ -824,14 +824,17 @@ async fn routes(c: &dyn Control, args: RoutesArgs, json: bool, out: &mut impl Wr
                 } else {
                     r.stage.clone()
                 },
-                if r.destructive {
-                    "destructive"
-                } else if r.writes {
-                    "writes"
-                } else {
-                    "reads"
-                }
-                .to_string(),
+                format!(
+                    "{}{}",
+                    if r.destructive {
+                        "destructive"
+                    } else if r.writes {
+                        "writes"
+                    } else {
+                        "reads"
+                    },
+                    if r.unmapped { ", unmapped" } else { "" }
+                ),
                 if released.is_empty() {
                     "-".to_string()
                 } else {

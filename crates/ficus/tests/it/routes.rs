@@ -275,4 +275,24 @@ async fn reads_of_a_capability_go_to_their_own_service() {
         async move { backends.contains(&"valuations".to_string()) }
     })
     .await;
+    // What the new side serves without a [[routes]] entry shows as unmapped.
+    let routes = json(&store, &["routes", "--tenant", "globex"]);
+    let unmapped: Vec<(&str, bool)> = routes["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["route"].as_str().unwrap(),
+                r["unmapped"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        unmapped,
+        [
+            ("GET /homes/{id}", true),
+            ("GET /homes/{id}/valuation", false)
+        ]
+    );
 }
