@@ -662,6 +662,9 @@ pub struct RouteStageRequest {
     pub stage: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// The second confirmation a destructive route needs to leave `legacy`.
+    #[serde(default)]
+    pub destructive: bool,
     pub reason: String,
 }
 

@@ -279,7 +279,12 @@ impl Control for Remote {
         if_version: Option<u64>,
     ) -> Result<crate::api::RouteStageJson> {
         // The API changes a stage only against the version it was decided on:
-        // without one given, the current one is read first.
+        // without one given, the current one is read first, under the route's
+        // canonical name (`post /x` is `POST /x`).
+        let mut request = request;
+        if let Ok(route) = ficus_core::Route::parse(&request.route) {
+            request.route = route.to_string();
+        }
         let version = match if_version {
             Some(v) => v,
             None => {

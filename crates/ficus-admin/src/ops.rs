@@ -316,7 +316,13 @@ impl Direct {
         let mut routes: Vec<String> = rows
             .iter()
             .map(|r| r.route.clone())
-            .chain(census.iter().map(|c| c.route.clone()))
+            // Requests of no known tenant (bots probing paths) hold nothing up.
+            .chain(
+                census
+                    .iter()
+                    .filter(|c| c.tenant.is_some())
+                    .map(|c| c.route.clone()),
+            )
             .filter(|r| route_writes(r))
             .collect();
         routes.sort();
@@ -367,7 +373,15 @@ impl Direct {
     /// A route as a caller names it, refused with the reason when it is not
     /// `METHOD /template`.
     fn parse_route(raw: &str) -> Result<Route> {
-        Route::parse(raw).map_err(|e| Error::Invalid(e.to_string()))
+        let route = Route::parse(raw).map_err(|e| Error::Invalid(e.to_string()))?;
+        // The proxy names a request's route by its own method: a stage or a
+        // mark on `*` would never apply to anything.
+        if route.method() == "*" {
+            return Err(Error::Invalid(format!(
+                "route {route}: a stage or a mark names one method (such as POST); * only maps routes to a service in the proxy's configuration"
+            )));
+        }
+        Ok(route)
     }
 
     /// The class `raw` names: its full id or a unique prefix of four or more
@@ -807,6 +821,12 @@ impl Control for Direct {
         let route = Direct::parse_route(&request.route)?;
         let to = stage(&request.stage)?;
         let tenant = request.tenant.as_deref().map(tenant_id).transpose()?;
+        let marked = self.store.route_marks().await?.contains(&route.to_string());
+        if to > Stage::Legacy && route.destructive(marked) && !request.destructive {
+            return Err(Error::Refused(format!(
+                "route {route} is destructive: moving it to {to} needs a second confirmation (--destructive); nothing was changed"
+            )));
+        }
         let done = self
             .store
             .change_route(RouteChange {
@@ -863,18 +883,43 @@ impl Control for Direct {
     async fn hold_route(&self, request: RouteReleaseRequest) -> Result<RouteStageJson> {
         let route = Direct::parse_route(&request.route)?;
         let tenant = request.tenant.as_deref().map(tenant_id).transpose()?;
-        let done = self
-            .store
-            .change_route(RouteChange {
-                route,
-                tenant,
-                to: Stage::Legacy,
-                expected_version: None,
-                actor: self.actor,
-                reason: request.reason,
-            })
-            .await?;
-        Ok(route_stage_json(&done))
+        let hold = |tenant: Option<TenantId>| RouteChange {
+            route: route.clone(),
+            tenant,
+            to: Stage::Legacy,
+            expected_version: None,
+            actor: self.actor,
+            reason: request.reason.clone(),
+        };
+        if tenant.is_some() {
+            let done = self.store.change_route(hold(tenant)).await?;
+            return Ok(route_stage_json(&done));
+        }
+        // Held for every tenant means every tenant: the canaries released on
+        // their own are held again too, each with its audit entry.
+        let name = route.to_string();
+        let rows = self.store.route_stages().await?;
+        let mut canaries = 0;
+        for r in rows
+            .iter()
+            .filter(|r| r.route == name && r.tenant.is_some() && r.stage > Stage::Legacy)
+        {
+            self.store.change_route(hold(r.tenant.clone())).await?;
+            canaries += 1;
+        }
+        match self.store.change_route(hold(None)).await {
+            Ok(done) => Ok(route_stage_json(&done)),
+            Err(StoreError::RouteAlready { .. }) if canaries > 0 => Ok(RouteStageJson {
+                route: name.clone(),
+                tenant: None,
+                stage: Stage::Legacy.to_string(),
+                version: rows
+                    .iter()
+                    .find(|r| r.route == name && r.tenant.is_none())
+                    .map_or(0, |r| r.version),
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn mark_route(&self, request: RouteMarkRequest) -> Result<RouteJson> {
@@ -886,12 +931,25 @@ impl Control for Direct {
             .mark_route(&route, request.destructive, self.actor, &request.reason)
             .await?;
         let name = route.to_string();
-        self.routes(None)
+        let found = self
+            .routes(None)
             .await?
             .routes
             .into_iter()
-            .find(|r| r.route == name)
-            .ok_or_else(|| Error::Invalid(format!("route {name} is not known")))
+            .find(|r| r.route == name);
+        // Unmarked and never seen nor staged, the route is listed nowhere: it is
+        // still answered, as the change committed.
+        Ok(found.unwrap_or_else(|| RouteJson {
+            writes: route.writes(),
+            destructive: route.destructive(false),
+            stage: ficus_core::routing::default_route_stage(route.writes()).to_string(),
+            version: 0,
+            held: route.writes(),
+            unmapped: false,
+            overrides: Vec::new(),
+            census: Vec::new(),
+            route: name,
+        }))
     }
 
     async fn mismatch_classes(

@@ -133,12 +133,12 @@ pub struct MismatchClass {
 /// Where evidence of a class observed at `observed` (the latest observation of
 /// the batch) belongs, and whether it reopens the class as a regression.
 pub fn place(class: &MismatchClass, observed: Timestamp) -> (u64, bool) {
-    match (class.state, class.resolved_at) {
-        (ClassState::Resolved, Some(at)) if observed <= at => {
-            (class.epoch.saturating_sub(1), false)
-        }
-        (ClassState::Resolved, _) => (class.epoch, true),
-        _ => (class.epoch, false),
+    match class.resolved_at {
+        // Observed up to the latest resolution: the epoch before it, whatever
+        // the class is now (a regression reopens it and keeps the time, so a
+        // slower proxy's late report still lands before the resolution).
+        Some(at) if observed <= at && class.epoch > 0 => (class.epoch - 1, false),
+        _ => (class.epoch, class.state == ClassState::Resolved),
     }
 }
 
@@ -326,7 +326,22 @@ mod tests {
             (1, true)
         );
         let open = class("price", ClassState::Open, 1, false);
-        assert_eq!(place(&open, Timestamp::from_unix_millis(5)), (1, false));
+        assert_eq!(place(&open, Timestamp::from_unix_millis(500)), (1, false));
+        // Reopened by a regression: a late report from before the resolution
+        // still belongs to the epoch before it.
+        let reopened = MismatchClass {
+            resolved_at: Some(Timestamp::from_unix_millis(100)),
+            regression: true,
+            ..open
+        };
+        assert_eq!(
+            place(&reopened, Timestamp::from_unix_millis(50)),
+            (0, false)
+        );
+        assert_eq!(
+            place(&reopened, Timestamp::from_unix_millis(150)),
+            (1, false)
+        );
     }
 
     #[test]

@@ -33,6 +33,13 @@ impl Template {
         })
     }
 
+    /// How many literal segments it has: of two templates that match a path,
+    /// the one with more literals is the more specific and names it
+    /// (`/homes/search` before `/homes/{id}`).
+    fn literals(&self) -> usize {
+        self.segments.iter().filter(|s| s.is_some()).count()
+    }
+
     fn matches(&self, segments: &[&str]) -> bool {
         self.segments.len() == segments.len()
             && self
@@ -50,7 +57,7 @@ impl Template {
 pub struct Templates {
     list: Vec<Template>,
     /// (segments, first literal or `None` for a placeholder) → positions in
-    /// `list`, ascending: the first configured match wins.
+    /// `list`, ascending.
     index: std::collections::HashMap<(usize, Option<String>), Vec<usize>>,
 }
 
@@ -73,7 +80,8 @@ impl Templates {
         self.list.is_empty()
     }
 
-    /// The first configured template that matches `segments`.
+    /// The most specific configured template that matches `segments` (the
+    /// most literal segments; the first configured among equals).
     fn find(&self, segments: &[&str]) -> Option<&Template> {
         if self.list.is_empty() {
             return None;
@@ -84,33 +92,13 @@ impl Templates {
             .get(&(n, segments.first().map(|s| (*s).to_string())))
             .map_or(&[][..], Vec::as_slice);
         let placeholder = self.index.get(&(n, None)).map_or(&[][..], Vec::as_slice);
-        // Both lists ascend; the first match in configuration order wins.
-        let (mut i, mut j) = (0, 0);
-        while i < literal.len() || j < placeholder.len() {
-            let next = match (literal.get(i), placeholder.get(j)) {
-                (Some(a), Some(b)) if a < b => {
-                    i += 1;
-                    *a
-                }
-                (Some(_), Some(b)) => {
-                    j += 1;
-                    *b
-                }
-                (Some(a), None) => {
-                    i += 1;
-                    *a
-                }
-                (None, Some(b)) => {
-                    j += 1;
-                    *b
-                }
-                (None, None) => break,
-            };
-            if self.list[next].matches(segments) {
-                return Some(&self.list[next]);
-            }
-        }
-        None
+        literal
+            .iter()
+            .chain(placeholder)
+            .map(|i| (*i, &self.list[*i]))
+            .filter(|(_, t)| t.matches(segments))
+            .max_by(|(i, a), (j, b)| a.literals().cmp(&b.literals()).then(j.cmp(i)))
+            .map(|(_, t)| t)
     }
 
     /// The endpoint of a request, as [`endpoint`] names it, with these templates.
@@ -149,11 +137,17 @@ fn looks_like_id(seg: &str) -> bool {
 }
 
 /// The endpoint of a request: method and route template, such as
-/// `GET /homes/{id}/photos`. The query string is not part of it.
+/// `GET /homes/{id}/photos`. The query string is not part of it. Of the
+/// configured templates that match, the most specific names it.
 pub fn endpoint(method: &str, path_and_query: &str, templates: &[Template]) -> String {
     let path = path_and_query.split('?').next().unwrap_or("/");
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    if let Some(t) = templates.iter().find(|t| t.matches(&segments)) {
+    let best = templates
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.matches(&segments))
+        .max_by(|(i, a), (j, b)| a.literals().cmp(&b.literals()).then(j.cmp(i)));
+    if let Some((_, t)) = best {
         return format!("{method} {}", t.source);
     }
     automatic(method, path, &segments)

@@ -369,6 +369,12 @@ fn compare_bodies(
 pub(crate) struct Collector<'r> {
     pub(crate) rules: &'r Rules,
     differences: Vec<Difference>,
+    /// Breaking and additive differences are capped apart: additive ones never
+    /// count against readiness, so they must not crowd out a breaking one that
+    /// comes later in the document (regression: 50 elements that each grew a
+    /// member hid a wrong total after them).
+    breaking: usize,
+    additive: usize,
     truncated: bool,
     note: Option<String>,
 }
@@ -378,13 +384,16 @@ impl<'r> Collector<'r> {
         Collector {
             rules,
             differences: Vec::new(),
+            breaking: 0,
+            additive: 0,
             truncated: false,
             note: None,
         }
     }
 
+    /// The walk stops once the breaking differences reach the cap.
     pub(crate) fn full(&self) -> bool {
-        self.differences.len() >= self.rules.max_differences
+        self.breaking >= self.rules.max_differences
     }
 
     /// Notes that the walk stopped before the end because the list is full.
@@ -393,9 +402,14 @@ impl<'r> Collector<'r> {
     }
 
     pub(crate) fn push(&mut self, d: Difference) {
-        if self.full() {
+        let count = match d.compat {
+            Compat::Breaking => &mut self.breaking,
+            Compat::Additive => &mut self.additive,
+        };
+        if *count >= self.rules.max_differences {
             self.truncated = true;
         } else {
+            *count += 1;
             self.differences.push(d);
         }
     }

@@ -397,8 +397,8 @@ fn endpoints_group_identifiers() {
     }
 }
 
-/// The indexed templates name every path as the plain list does, the first
-/// configured match winning, among hundreds of templates.
+/// The indexed templates name every path as the plain list does, the most
+/// specific match winning, among hundreds of templates.
 #[test]
 fn indexed_templates_name_paths_as_the_list_does() {
     let mut raw: Vec<String> = (0..500)
@@ -426,10 +426,20 @@ fn indexed_templates_name_paths_as_the_list_does() {
             "{path}"
         );
     }
+    // The most specific template names a path: more literals win, then order.
     assert_eq!(
         indexed.endpoint("GET", "/area7/special/item7"),
-        "GET /area7/{x}/item7"
+        "GET /area7/special/item7"
     );
+    let homes: ficus_diff::endpoint::Templates = ["/homes/{id}", "/homes/search"]
+        .iter()
+        .map(|t| Template::parse(t).unwrap())
+        .collect();
+    assert_eq!(
+        homes.endpoint("POST", "/homes/search"),
+        "POST /homes/search"
+    );
+    assert_eq!(homes.endpoint("GET", "/homes/7"), "GET /homes/{id}");
 }
 
 /// What a client of the legacy contract sees: a member only new has is additive;
@@ -488,5 +498,37 @@ fn differences_are_classified_for_a_client_of_the_legacy_contract() {
             extra   $.tags[0]: (absent) → "a"
             extra   $.energy: (absent) → "A"
         "#]],
+    );
+}
+
+/// Regression: additive differences filled the cap and hid a breaking one that
+/// came after them, so a comparison with a wrong total read as matched.
+#[test]
+fn additive_differences_never_crowd_out_a_breaking_one() {
+    let items = |extra: bool| {
+        (0..60)
+            .map(|i| {
+                if extra {
+                    format!(r#"{{"id":{i},"energy":"A"}}"#)
+                } else {
+                    format!(r#"{{"id":{i}}}"#)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let legacy = format!(r#"{{"items":[{}],"total":60}}"#, items(false));
+    let new = format!(r#"{{"items":[{}],"total":61}}"#, items(true));
+    let out = compare(&json(&legacy), &json(&new), &Rules::default());
+    let breaking: Vec<&str> = out
+        .differences
+        .iter()
+        .filter(|d| d.compat == ficus_diff::Compat::Breaking)
+        .map(|d| d.path.as_str())
+        .collect();
+    assert_eq!(breaking, ["$.total"]);
+    assert!(
+        out.truncated,
+        "the additive ones beyond the cap were dropped"
     );
 }

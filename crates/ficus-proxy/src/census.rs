@@ -19,6 +19,14 @@ use http::HeaderMap;
 /// Distinct client versions kept per flush interval.
 pub const CLIENTS_PER_FLUSH: usize = 50;
 
+/// Distinct routes kept per flush interval; beyond, requests count as
+/// `(other)`: paths nobody templated (a bot probing) must not grow the store
+/// without bound.
+pub const ROUTES_PER_FLUSH: usize = 1_000;
+
+/// The longest route name kept; longer ones count as `(long)`.
+const ROUTE_MAX: usize = 256;
+
 /// The longest client version kept.
 const CLIENT_MAX: usize = 64;
 
@@ -39,6 +47,7 @@ struct Add {
 struct Counts {
     by_hash: HashMap<u64, Vec<(Key, u64, i64, bool)>>,
     clients: HashSet<String>,
+    routes: HashSet<String>,
     hasher: std::hash::RandomState,
 }
 
@@ -139,6 +148,16 @@ impl Census {
         configured: bool,
     ) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let route = if route.len() > ROUTE_MAX {
+            "(long)"
+        } else if c.routes.contains(route) {
+            route
+        } else if c.routes.len() < ROUTES_PER_FLUSH {
+            c.routes.insert(route.to_string());
+            route
+        } else {
+            "(other)"
+        };
         let client = if c.clients.contains(client) {
             client
         } else if c.clients.len() < CLIENTS_PER_FLUSH {

@@ -614,9 +614,13 @@ impl Config {
             destructive_routes: p
                 .destructive_routes
                 .iter()
-                .map(|r| {
-                    ficus_core::Route::parse(r.get_ref())
-                        .map_err(|e| cx.at(r, &format!("proxy.destructive_routes: {e}")))
+                .map(|r| match ficus_core::Route::parse(r.get_ref()) {
+                    Ok(route) if route.method() == "*" => Err(cx.at(
+                        r,
+                        "proxy.destructive_routes: name one method (such as POST), not *",
+                    )),
+                    Ok(route) => Ok(route),
+                    Err(e) => Err(cx.at(r, &format!("proxy.destructive_routes: {e}"))),
                 })
                 .collect::<Result<_, _>>()?,
             rules: raw

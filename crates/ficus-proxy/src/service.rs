@@ -487,8 +487,11 @@ impl ProxyHttp for Ficus {
             .map_or(path, |p| p.split('?').next().unwrap_or(p));
         // The route: its stage (a write starts held at legacy), its service on
         // the new side, and its name in the census.
-        let writes = !ficus_core::routing::is_safe_method(method)
-            || settings.shadow.is_unsafe(method, forwarded);
+        // A route holds by its method, as the control plane judges it (the
+        // proxy's `unsafe_routes` are known to no one else): a safe-method
+        // route with side effects is never shadowed, and follows its tenant.
+        let writes = !ficus_core::routing::is_safe_method(method);
+        let side_effects = writes || settings.shadow.is_unsafe(method, forwarded);
         ctx.route = settings.shadow.templates.endpoint(method, forwarded);
         let route_stage = table.routes.stage(ctx.tenant.as_ref(), &ctx.route, writes);
         let effective = ficus_core::routing::effective(stage, route_stage);
@@ -535,7 +538,7 @@ impl ProxyHttp for Ficus {
         );
         // Only a safe read without a body, on a route with no side effects.
         if let (Some((served_by, compare_with)), Some(tenant), true, false, false) =
-            (pair, &ctx.tenant, safe_method, has_body, writes)
+            (pair, &ctx.tenant, safe_method, has_body, side_effects)
         {
             let endpoint = ctx.route.clone();
             if let Some(permit) = self
@@ -701,7 +704,10 @@ impl ProxyHttp for Ficus {
                         && admitted.served_by == Backend::New)
                         .then_some(s.guard),
                     accepted: admitted.accepted,
-                    new_version: s.new.version.clone(),
+                    // The version of the service this route's new side is.
+                    new_version: Ficus::backend_config(s, Backend::New, ctx.service.as_deref())
+                        .version
+                        .clone(),
                     version_header: sh.version_header.clone(),
                 };
                 let done = self.shared.shadow.spawn(admitted.permit, request, plan);

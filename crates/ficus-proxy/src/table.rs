@@ -233,6 +233,10 @@ pub async fn follow(
             Ok(routes) => loaded.routes = Arc::new(routes),
             Err(e) => {
                 note_failure(&e.to_string(), &health);
+                if sleep_or_shutdown(backoff, &mut shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue 'reload;
             }
         }
@@ -248,6 +252,10 @@ pub async fn follow(
             }
             Err(e) => {
                 note_failure(&e.to_string(), &health);
+                if sleep_or_shutdown(backoff, &mut shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue 'reload;
             }
         }

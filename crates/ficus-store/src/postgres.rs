@@ -454,6 +454,7 @@ impl Inner {
                  VALUES ($1, $2, $3, $4, $5, 'open', 0, $6, $7, $8, $9, $10, $11)
                  ON CONFLICT (id) DO UPDATE SET
                      first_seen = least(m.first_seen, excluded.first_seen), last_seen = greatest(m.last_seen, excluded.last_seen),
+                     additive = excluded.additive,
                      example_at = coalesce(excluded.example_at, m.example_at),
                      example_request = coalesce(excluded.example_request, m.example_request),
                      example_version = CASE WHEN excluded.example_at IS NULL THEN m.example_version ELSE excluded.example_version END,
@@ -1387,7 +1388,11 @@ impl ControlStore for PgStore {
             .map_err(s.err("recording noise"))?;
         }
         let at = now();
-        for c in classes {
+        // Class rows are shared by every proxy and locked until commit: taken in
+        // id order, two reports can wait for each other but never deadlock.
+        let mut ordered: Vec<&ClassCount> = classes.iter().collect();
+        ordered.sort_by(|a, b| a.id.cmp(&b.id));
+        for c in ordered {
             s.record_class(&*tx, c, at).await?;
         }
         tx.commit().await.map_err(s.err("committing"))

@@ -1143,6 +1143,9 @@ impl ControlStore for SqliteStore {
                         .map_err(err("recording noise"))?;
                 }
                 let at = now();
+                // In id order, as the PostgreSQL store writes them.
+                let mut classes = classes;
+                classes.sort_by(|a, b| a.id.cmp(&b.id));
                 for c in &classes {
                     record_class(&tx, location, c, at)?;
                 }
@@ -2130,6 +2133,7 @@ fn record_class(tx: &Transaction<'_>, location: &str, c: &ClassCount, at: Timest
          VALUES (?1, ?2, ?3, ?4, ?5, 'open', 0, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (id) DO UPDATE SET
              first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen),
+             additive = excluded.additive,
              example_at = coalesce(excluded.example_at, example_at),
              example_request = coalesce(excluded.example_request, example_request),
              example_version = CASE WHEN excluded.example_at IS NULL THEN example_version ELSE excluded.example_version END,

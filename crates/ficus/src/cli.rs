@@ -111,6 +111,9 @@ pub enum RouteCommand {
         /// Change it only if it is still at this version (0: never set).
         #[arg(long)]
         if_version: Option<u64>,
+        /// The second confirmation a destructive route needs to leave legacy.
+        #[arg(long)]
+        destructive: bool,
         #[arg(long)]
         reason: String,
     },

@@ -882,6 +882,7 @@ async fn route(
             stage,
             tenant,
             if_version,
+            destructive,
             reason,
         } => {
             c.route_stage(
@@ -889,6 +890,7 @@ async fn route(
                     route,
                     stage,
                     tenant,
+                    destructive,
                     reason,
                 },
                 if_version,
