@@ -651,7 +651,20 @@ pub struct RouteCountJson {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutesJson {
     pub window: String,
+    /// Write routes nobody staged are held on legacy (true, the default) or
+    /// follow their tenant's stage (a store upgraded with migrated tenants).
+    #[serde(default)]
+    pub writes_held_by_default: bool,
     pub routes: Vec<RouteJson>,
+}
+
+/// Holds write routes nobody staged on legacy by default, or lets them follow
+/// their tenant's stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteDefaultRequest {
+    pub held: bool,
+    pub reason: String,
 }
 
 /// Sets a route's stage: for every tenant, or (`tenant`) one.

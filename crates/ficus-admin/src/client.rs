@@ -334,6 +334,17 @@ impl Control for Remote {
             .await
     }
 
+    async fn write_default(
+        &self,
+        request: crate::api::WriteDefaultRequest,
+    ) -> Result<crate::api::RoutesJson> {
+        self.send(
+            self.request(Method::PUT, "/v1/routes/default")
+                .json(&request),
+        )
+        .await
+    }
+
     async fn mark_route(
         &self,
         request: crate::api::RouteMarkRequest,

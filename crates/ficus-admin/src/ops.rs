@@ -28,7 +28,7 @@ use crate::api::{
     RetireJson, RetireRequest, RollbackRequest, RouteCountJson, RouteJson, RouteMarkRequest,
     RouteOverrideJson, RouteReleaseRequest, RouteStageJson, RouteStageRequest, RoutesJson,
     ShowJson, StageRequest, StatusJson, TenantEnvelope, TenantJson, TenantsJson, VersionJson,
-    retire_version,
+    WriteDefaultRequest, retire_version,
 };
 use crate::config;
 use crate::gate::{self, Gate};
@@ -126,6 +126,9 @@ pub trait Control: Send + Sync {
     async fn hold_route(&self, request: RouteReleaseRequest) -> Result<RouteStageJson>;
     /// Marks a route destructive, or not.
     async fn mark_route(&self, request: RouteMarkRequest) -> Result<RouteJson>;
+    /// Whether write routes nobody staged are held on legacy (the default) or
+    /// follow their tenant's stage.
+    async fn write_default(&self, request: WriteDefaultRequest) -> Result<RoutesJson>;
     /// One class (by id or a unique prefix) with its lifecycle history, its
     /// counts over every tenant's evidence in the gate's window.
     async fn mismatch_class(&self, id: &str) -> Result<ClassEnvelope>;
@@ -302,6 +305,7 @@ impl Direct {
     /// Every route stage as the proxies route by them.
     async fn stages(&self) -> Result<RouteStages> {
         let mut stages = RouteStages::default();
+        stages.set_write_default(self.store.write_default().await?);
         for r in self.store.route_stages().await? {
             stages.set(&r.route, r.tenant.as_ref(), r.stage);
         }
@@ -313,6 +317,7 @@ impl Direct {
     async fn held_routes(&self, window: Duration) -> Result<Vec<(String, Option<Vec<String>>)>> {
         let rows = self.store.route_stages().await?;
         let census = self.store.route_census(None, ago(window)).await?;
+        let write_default = self.store.write_default().await?;
         let mut routes: Vec<String> = rows
             .iter()
             .map(|r| r.route.clone())
@@ -332,7 +337,7 @@ impl Direct {
             let own = rows
                 .iter()
                 .find(|r| r.route == route && r.tenant.is_none())
-                .map_or(Stage::Legacy, |r| r.stage);
+                .map_or(write_default, |r| r.stage);
             let released: Vec<&ficus_store::RouteStage> = rows
                 .iter()
                 .filter(|r| r.route == route && r.tenant.is_some())
@@ -752,6 +757,7 @@ impl Control for Direct {
         let gate = gate::load(&*self.store).await?;
         let rows = self.store.route_stages().await?;
         let marks = self.store.route_marks().await?;
+        let stages = self.stages().await?;
         let census = self.store.route_census(tenant, ago(gate.window)).await?;
         let mut names: Vec<String> = rows
             .iter()
@@ -809,6 +815,7 @@ impl Control for Direct {
             .collect();
         Ok(RoutesJson {
             window: humantime::format_duration(gate.window).to_string(),
+            writes_held_by_default: stages.default_for(true) == Stage::Legacy,
             routes,
         })
     }
@@ -922,6 +929,21 @@ impl Control for Direct {
         }
     }
 
+    async fn write_default(&self, request: WriteDefaultRequest) -> Result<RoutesJson> {
+        if request.reason.trim().is_empty() {
+            return Err(StoreError::MissingReason.into());
+        }
+        let to = if request.held {
+            Stage::Legacy
+        } else {
+            Stage::Migrated
+        };
+        self.store
+            .set_write_default(to, self.actor, &request.reason)
+            .await?;
+        self.routes(None).await
+    }
+
     async fn mark_route(&self, request: RouteMarkRequest) -> Result<RouteJson> {
         let route = Direct::parse_route(&request.route)?;
         if request.reason.trim().is_empty() {
@@ -939,12 +961,13 @@ impl Control for Direct {
             .find(|r| r.route == name);
         // Unmarked and never seen nor staged, the route is listed nowhere: it is
         // still answered, as the change committed.
+        let stage = self.stages().await?.default_for(route.writes());
         Ok(found.unwrap_or_else(|| RouteJson {
             writes: route.writes(),
             destructive: route.destructive(false),
-            stage: ficus_core::routing::default_route_stage(route.writes()).to_string(),
+            stage: stage.to_string(),
             version: 0,
-            held: route.writes(),
+            held: route.writes() && stage < Stage::Migrated,
             unmapped: false,
             overrides: Vec::new(),
             census: Vec::new(),

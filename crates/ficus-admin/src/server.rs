@@ -67,6 +67,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/routes/release"),
     ("post", "/v1/routes/hold"),
     ("post", "/v1/routes/mark"),
+    ("put", "/v1/routes/default"),
     ("get", "/v1/mismatch-classes"),
     ("get", "/v1/mismatch-classes/{class}"),
     ("post", "/v1/mismatch-classes/{class}/{action}"),
@@ -117,6 +118,7 @@ pub fn router_with(store: StoreSlot, hooks: Hooks) -> Router {
         .route("/v1/routes/release", post(release_route))
         .route("/v1/routes/hold", post(hold_route))
         .route("/v1/routes/mark", post(mark_route))
+        .route("/v1/routes/default", put(write_default))
         .route("/v1/mismatch-classes", get(mismatch_classes))
         .route("/v1/mismatch-classes/{class}", get(mismatch_class))
         .route("/v1/mismatch-classes/{class}/{action}", post(change_class))
@@ -680,6 +682,14 @@ async fn mark_route(
 ) -> ApiResult<crate::api::RouteJson> {
     reason(&body.reason)?;
     Ok(axum::Json(control(&slot)?.mark_route(body).await?))
+}
+
+async fn write_default(
+    State(slot): State<StoreSlot>,
+    JsonBody(body): JsonBody<crate::api::WriteDefaultRequest>,
+) -> ApiResult<crate::api::RoutesJson> {
+    reason(&body.reason)?;
+    Ok(axum::Json(control(&slot)?.write_default(body).await?))
 }
 
 #[derive(Deserialize)]

@@ -176,10 +176,24 @@ impl fmt::Display for Route {
 
 /// Every route stage the control store holds: for all tenants, and per tenant
 /// (an override that wins over the route's own stage for that tenant).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteStages {
     all: HashMap<String, Stage>,
     per_tenant: HashMap<(TenantId, String), Stage>,
+    /// Where a write route nobody staged goes: held at `legacy`, unless the
+    /// store says writes follow their tenant (a store upgraded with migrated
+    /// tenants, whose writes went to new before routes had stages).
+    write_default: Stage,
+}
+
+impl Default for RouteStages {
+    fn default() -> RouteStages {
+        RouteStages {
+            all: HashMap::new(),
+            per_tenant: HashMap::new(),
+            write_default: default_route_stage(true),
+        }
+    }
 }
 
 impl RouteStages {
@@ -200,6 +214,20 @@ impl RouteStages {
         self.all.is_empty() && self.per_tenant.is_empty()
     }
 
+    /// Sets where write routes nobody staged go.
+    pub fn set_write_default(&mut self, stage: Stage) {
+        self.write_default = stage;
+    }
+
+    /// The stage a route nobody staged has.
+    pub fn default_for(&self, writes: bool) -> Stage {
+        if writes {
+            self.write_default
+        } else {
+            default_route_stage(false)
+        }
+    }
+
     /// Whether `tenant` has an override of its own for `route`: a canary.
     pub fn overridden(&self, tenant: &TenantId, route: &str) -> bool {
         !self.per_tenant.is_empty()
@@ -218,12 +246,12 @@ impl RouteStages {
             return *s;
         }
         if self.all.is_empty() {
-            return default_route_stage(writes);
+            return self.default_for(writes);
         }
         self.all
             .get(route)
             .copied()
-            .unwrap_or_else(|| default_route_stage(writes))
+            .unwrap_or_else(|| self.default_for(writes))
     }
 }
 

@@ -332,6 +332,7 @@ pub async fn follow(
 /// Every route stage from the store, as the request path reads them.
 async fn load_routes(store: &dyn ControlStore) -> Result<RouteStages, ficus_store::StoreError> {
     let mut stages = RouteStages::default();
+    stages.set_write_default(store.write_default().await?);
     for r in store.route_stages().await? {
         stages.set(&r.route, r.tenant.as_ref(), r.stage);
     }

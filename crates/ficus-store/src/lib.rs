@@ -463,6 +463,15 @@ pub trait ControlStore: Send + Sync + 'static {
     /// The routes marked destructive.
     async fn route_marks(&self) -> Result<Vec<String>>;
 
+    /// Where a write route nobody staged goes: `legacy` (held, the default), or
+    /// `migrated` (writes follow their tenant; what an upgraded store with
+    /// migrated tenants starts with, so that their writes do not move).
+    async fn write_default(&self) -> Result<Stage>;
+
+    /// Changes that default, with an audit entry; every proxy follows. Returns
+    /// whether it changed.
+    async fn set_write_default(&self, stage: Stage, actor: Actor, reason: &str) -> Result<bool>;
+
     /// The routes' audit log (one route's, or all), the newest `limit`, oldest
     /// first.
     async fn route_events(&self, route: Option<&str>, limit: u64) -> Result<Vec<RouteEvent>>;

@@ -288,6 +288,10 @@ CREATE TABLE {s}.route_census (
     PRIMARY KEY (tenant_key, route, backend, client, hour)
 );
 CREATE INDEX route_census_hour ON {s}.route_census (hour);
+-- A store that already has migrated tenants sent their writes to new before
+-- routes had stages: they keep doing so until someone holds them on purpose.
+INSERT INTO {s}.settings (key, value)
+    SELECT 'route_write_default', 'migrated' WHERE EXISTS (SELECT 1 FROM {s}.tenants WHERE stage = 'migrated');
 "#,
 ];
 
@@ -378,6 +382,19 @@ fn pg_detail(e: &tokio_postgres::Error) -> String {
 impl Inner {
     fn q(&self, sql: &str) -> String {
         sql.replace("{s}", &self.schema)
+    }
+
+    /// Where write routes nobody staged go.
+    async fn load_write_default(&self, client: &impl GenericClient) -> Result<Stage> {
+        let value: Option<String> = client
+            .query_opt(
+                &self.q("SELECT value FROM {s}.settings WHERE key = $1"),
+                &[&rules::WRITE_DEFAULT],
+            )
+            .await
+            .map_err(self.err("reading settings"))?
+            .map(|r| r.get(0));
+        rules::write_default(value.as_deref())
     }
 
     /// A class, locked for the rest of the transaction when `lock` is set.
@@ -1459,7 +1476,8 @@ impl ControlStore for PgStore {
         } else {
             row(String::new()).await?.map(|(st, _)| st)
         };
-        let version = rules::check_route_change(&change, own, inherited)?;
+        let write_default = s.load_write_default(&*tx).await?;
+        let version = rules::check_route_change(&change, own, inherited, write_default)?;
         let at = now().unix_millis();
         tx.execute(
             &s.q(
@@ -1474,7 +1492,7 @@ impl ControlStore for PgStore {
         let from = own
             .map(|(st, _)| st)
             .or(inherited)
-            .unwrap_or_else(|| ficus_core::routing::default_route_stage(change.route.writes()));
+            .unwrap_or_else(|| rules::route_default(&change.route, write_default));
         tx.execute(
             &s.q(
                 "INSERT INTO {s}.route_events (at, route, tenant_id, action, from_stage, to_stage, version, actor, reason)
@@ -1535,6 +1553,43 @@ impl ControlStore for PgStore {
         }
         tx.commit().await.map_err(s.err("committing"))?;
         Ok(changed > 0)
+    }
+
+    async fn write_default(&self) -> Result<Stage> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        s.load_write_default(&**client).await
+    }
+
+    async fn set_write_default(&self, stage: Stage, actor: Actor, reason: &str) -> Result<bool> {
+        let s = &*self.inner;
+        let reason = rules::reason(reason)?;
+        let mut client = s.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(s.err("starting a write"))?;
+        let seq = s.next_seq(&*tx).await?;
+        if s.load_write_default(&*tx).await? == stage {
+            return Ok(false);
+        }
+        tx.execute(
+            &s.q("INSERT INTO {s}.settings (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+            &[&rules::WRITE_DEFAULT, &stage.as_str()],
+        )
+        .await
+        .map_err(s.err("changing a setting"))?;
+        tx.execute(
+            &s.q("INSERT INTO {s}.global_audit (at, setting, value, actor, reason) VALUES ($1, $2, $3, $4, $5)"),
+            &[&now().unix_millis(), &rules::WRITE_DEFAULT, &stage.as_str(), &actor.as_str(), &reason],
+        )
+        .await
+        .map_err(s.err("appending to the audit log"))?;
+        s.record_change(&*tx, seq, Some(crate::feed::ROUTES_MARK))
+            .await?;
+        tx.commit().await.map_err(s.err("committing"))?;
+        Ok(true)
     }
 
     async fn route_marks(&self) -> Result<Vec<String>> {

@@ -48,7 +48,7 @@ pub(crate) fn setting_key(key: &str) -> Result<&str, StoreError> {
         && key
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
-    if !plain || key == "legacy_retired" {
+    if !plain || key == "legacy_retired" || key == WRITE_DEFAULT {
         return Err(StoreError::BadSetting(key.to_string()));
     }
     Ok(key)
@@ -537,6 +537,28 @@ pub(crate) fn place_evidence(
     (epoch, Some((reopened, event)))
 }
 
+/// The setting that says where write routes nobody staged go.
+pub(crate) const WRITE_DEFAULT: &str = "route_write_default";
+
+/// Reads that setting's stored value: absent is held at legacy.
+pub(crate) fn write_default(value: Option<&str>) -> Result<Stage, StoreError> {
+    match value {
+        None => Ok(ficus_core::routing::default_route_stage(true)),
+        Some(v) => {
+            Stage::parse(v).map_err(|e| StoreError::Corrupt(format!("{WRITE_DEFAULT}: {e}")))
+        }
+    }
+}
+
+/// The default stage of `route`, knowing where writes go by default.
+pub(crate) fn route_default(route: &ficus_core::Route, write_default: Stage) -> Stage {
+    if route.writes() {
+        write_default
+    } else {
+        ficus_core::routing::default_route_stage(false)
+    }
+}
+
 /// Checks a route change against what is stored: `own` is the row the change
 /// writes (the route's, or the tenant's override), `inherited` the stage that
 /// applies without it (the route's row for an override, else the default).
@@ -545,6 +567,7 @@ pub(crate) fn check_route_change(
     change: &RouteChange,
     own: Option<(Stage, u64)>,
     inherited: Option<Stage>,
+    write_default: Stage,
 ) -> Result<u64, StoreError> {
     let version = own.map_or(0, |(_, v)| v);
     if let Some(expected) = change.expected_version
@@ -560,7 +583,7 @@ pub(crate) fn check_route_change(
     let now = own
         .map(|(s, _)| s)
         .or(inherited)
-        .unwrap_or_else(|| ficus_core::routing::default_route_stage(change.route.writes()));
+        .unwrap_or_else(|| route_default(&change.route, write_default));
     if now == change.to {
         return Err(StoreError::RouteAlready {
             route: change.route.to_string(),

@@ -310,6 +310,10 @@ CREATE TABLE route_census (
     PRIMARY KEY (tenant_key, route, backend, client, hour)
 ) STRICT;
 CREATE INDEX route_census_hour ON route_census (hour);
+-- A store that already has migrated tenants sent their writes to new before
+-- routes had stages: they keep doing so until someone holds them on purpose.
+INSERT INTO settings (key, value)
+    SELECT 'route_write_default', 'migrated' WHERE EXISTS (SELECT 1 FROM tenants WHERE stage = 'migrated');
 "#,
 ];
 
@@ -1185,7 +1189,8 @@ impl ControlStore for SqliteStore {
             };
             let own = row(&tenant)?;
             let inherited = if tenant.is_empty() { None } else { row("")?.map(|(s, _)| s) };
-            let version = rules::check_route_change(&change, own, inherited)?;
+            let write_default = load_write_default(tx, location)?;
+            let version = rules::check_route_change(&change, own, inherited, write_default)?;
             let at = now().unix_millis();
             tx.execute(
                 "INSERT INTO route_stages (route, tenant_id, stage, version, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -1194,9 +1199,10 @@ impl ControlStore for SqliteStore {
                 params![route, tenant, change.to.as_str(), version as i64, at],
             )
             .map_err(sql_err(location, "changing a route stage"))?;
-            let from = own.map(|(s, _)| s).or(inherited).unwrap_or_else(|| {
-                ficus_core::routing::default_route_stage(change.route.writes())
-            });
+            let from = own
+                .map(|(s, _)| s)
+                .or(inherited)
+                .unwrap_or_else(|| rules::route_default(&change.route, write_default));
             tx.execute(
                 "INSERT INTO route_events (at, route, tenant_id, action, from_stage, to_stage, version, actor, reason)
                  VALUES (?1, ?2, ?3, 'stage', ?4, ?5, ?6, ?7, ?8)",
@@ -1239,6 +1245,34 @@ impl ControlStore for SqliteStore {
                 .map_err(sql_err(location, "appending to the audit log"))?;
             }
             Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn write_default(&self) -> Result<Stage> {
+        self.with(|conn, location| load_write_default(conn, location))
+            .await
+    }
+
+    async fn set_write_default(&self, stage: Stage, actor: Actor, reason: &str) -> Result<bool> {
+        let reason = rules::reason(reason)?.to_string();
+        self.write(move |tx, location, seq| {
+            if load_write_default(tx, location)? == stage {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![rules::WRITE_DEFAULT, stage.as_str()],
+            )
+            .map_err(sql_err(location, "changing a setting"))?;
+            tx.execute(
+                "INSERT INTO global_audit (at, setting, value, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![now().unix_millis(), rules::WRITE_DEFAULT, stage.as_str(), actor.as_str(), reason],
+            )
+            .map_err(sql_err(location, "appending to the audit log"))?;
+            record_change(tx, location, seq, Some(crate::feed::ROUTES_MARK))?;
+            Ok(true)
         })
         .await
     }
@@ -2199,4 +2233,16 @@ fn load_route_stages(conn: &Connection, location: &str) -> Result<Vec<RouteStage
             rules::route_stage_from_row(route, tenant, stage, version, at)
         })
         .collect()
+}
+
+fn load_write_default(conn: &Connection, location: &str) -> Result<Stage> {
+    let value: Option<String> = conn
+        .query_row(
+            "SELECT value FROM settings WHERE key = ?1",
+            [rules::WRITE_DEFAULT],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql_err(location, "reading settings"))?;
+    rules::write_default(value.as_deref())
 }

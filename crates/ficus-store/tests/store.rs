@@ -1462,6 +1462,51 @@ mod sqlite_faults {
         assert!(!store.snapshot().await.unwrap().legacy_retired);
     }
 
+    /// Regression guard for the upgrade to route stages: a store that already
+    /// had migrated tenants (whose writes went to new) keeps their writes on
+    /// new; a fresh store holds writes on legacy.
+    #[tokio::test]
+    async fn an_upgraded_store_with_migrated_tenants_keeps_their_writes_where_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        let store = open(&path, OpenMode::Create).await.unwrap();
+        assert_eq!(store.write_default().await.unwrap(), Stage::Legacy);
+        store
+            .add_tenant(new("acme", Stage::Migrated, &[]), Actor::Cli, "before")
+            .await
+            .unwrap();
+        drop(store);
+        {
+            // Back to schema version 7, before route stages.
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "DROP TABLE route_stages; DROP TABLE route_marks; DROP TABLE route_events; DROP TABLE route_census;
+                 DELETE FROM settings WHERE key = 'route_write_default';
+                 UPDATE ficus_meta SET value = '7' WHERE key = 'schema_version';",
+            )
+            .unwrap();
+        }
+        let store = open(&path, OpenMode::Existing).await.unwrap();
+        assert_eq!(store.init_outcome(), InitOutcome::Upgraded { from: 7 });
+        assert_eq!(store.write_default().await.unwrap(), Stage::Migrated);
+        // Held on purpose, it is recorded and followed like a route change.
+        let seq = store.snapshot().await.unwrap().seq;
+        assert!(
+            store
+                .set_write_default(Stage::Legacy, Actor::Cli, "hold the write surface")
+                .await
+                .unwrap()
+        );
+        assert!(store.changes_since(seq).await.unwrap().routes);
+        assert_eq!(store.write_default().await.unwrap(), Stage::Legacy);
+        assert!(matches!(
+            store
+                .set_setting("route_write_default", "migrated", "x", Actor::Cli, "x")
+                .await,
+            Err(StoreError::BadSetting(_))
+        ));
+    }
+
     #[tokio::test]
     async fn a_missing_store_is_not_created_by_other_commands() {
         let dir = tempfile::tempdir().unwrap();

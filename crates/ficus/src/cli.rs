@@ -137,6 +137,15 @@ pub enum RouteCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Where write routes nobody staged go: `held` on legacy (the default), or
+    /// `released` to follow their tenant's stage (what a store upgraded with
+    /// migrated tenants starts with, so that their writes do not move).
+    Default {
+        /// `held` or `released`.
+        default: String,
+        #[arg(long)]
+        reason: String,
+    },
     /// Mark a route destructive: releasing it then needs --destructive.
     Protect {
         route: String,

@@ -924,6 +924,27 @@ async fn route(
             })
             .await?
         }
+        RouteCommand::Default { default, reason } => {
+            let held = match default.as_str() {
+                "held" => true,
+                "released" => false,
+                other => bail!("{other:?} is not held or released"),
+            };
+            let r = c
+                .write_default(ficus_admin::api::WriteDefaultRequest { held, reason })
+                .await?;
+            if json {
+                output::json(out, &r)?;
+            } else if r.writes_held_by_default {
+                writeln!(out, "write routes nobody staged are held on legacy")?;
+            } else {
+                writeln!(
+                    out,
+                    "write routes nobody staged follow their tenant's stage"
+                )?;
+            }
+            return Ok(());
+        }
         RouteCommand::Protect {
             route,
             undo,
