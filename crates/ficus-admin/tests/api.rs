@@ -1138,6 +1138,7 @@ async fn routes_are_staged_released_and_held_over_http() {
                 route: "POST /homes".into(),
                 stage: "shadow".into(),
                 tenant: None,
+                destructive: false,
                 reason: "look first".into(),
             },
             None,
