@@ -1230,6 +1230,26 @@ async fn routes_are_staged_released_and_held_over_http() {
             400,
             "a reason is required",
         ),
+        (
+            put(
+                "\"0\"",
+                serde_json::json!({"route": "DELETE /homes/{id}", "stage": "migrated", "reason": "x"}),
+            )
+            .await
+            .unwrap(),
+            409,
+            "needs a second confirmation",
+        ),
+        (
+            post(
+                "/v1/routes/hold",
+                serde_json::json!({"route": "* /homes", "reason": "x"}),
+            )
+            .await
+            .unwrap(),
+            400,
+            "a stage or a mark names one method",
+        ),
     ] {
         assert_eq!(r.status().as_u16(), status, "{expected}");
         let text = r.text().await.unwrap();
@@ -1267,4 +1287,22 @@ async fn routes_are_staged_released_and_held_over_http() {
             .blockers
             .contains(&"route POST /homes is held on legacy".to_string())
     );
+    // Held for every tenant means the canaries too.
+    let held = remote
+        .hold_route(release("POST /homes", None, false))
+        .await
+        .unwrap();
+    assert_eq!((held.stage.as_str(), held.version), ("legacy", 2));
+    let routes = remote.routes(None).await.unwrap();
+    let homes = routes
+        .routes
+        .iter()
+        .find(|r| r.route == "POST /homes")
+        .unwrap();
+    let overrides: Vec<(&str, &str)> = homes
+        .overrides
+        .iter()
+        .map(|o| (o.tenant.as_str(), o.stage.as_str()))
+        .collect();
+    assert_eq!(overrides, [("acme", "legacy")]);
 }

@@ -195,6 +195,8 @@ async fn every_tenant_stage_route_stage_and_method_reaches_exactly_one_backend()
                         "stage",
                         &format!("{method} /homes/{{id}}"),
                         route_stage,
+                        // DELETE is destructive: the second confirmation.
+                        "--destructive",
                         "--reason",
                         "every combination",
                     ],
