@@ -11,17 +11,9 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 
 use crate::support::{
-    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, dead_address, eventually, ficus,
-    get_as, recording_backend, resetting_backend, sqlite_store,
+    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, client, dead_address, eventually,
+    ficus, get_as, recording_backend, resetting_backend, sqlite_store,
 };
-
-/// A client whose timeout only ends a stuck request, never a slow one.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(PATIENCE)
-        .build()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_stage_and_follows_a_stage_change() {

@@ -6,24 +6,12 @@
 use serde_json::Value;
 
 use crate::support::{
-    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, eventually, ficus, ficus_fails, get_as,
+    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, client, eventually, ficus, ficus_fails,
+    ficus_json, get_as,
 };
 
 const SHADOW: &str = "[shadow]\nflush_ms = 100\ntimeout_ms = 60000\nnoise_rate = 0.0\n\
                       version_header = \"x-app-version\"\n";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(PATIENCE)
-        .build()
-        .unwrap()
-}
-
-fn json(store: &str, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    serde_json::from_str(&ficus(store, &all)).unwrap()
-}
 
 /// A gate that judges counts only: latency never fails it, whatever the
 /// machine's load.
@@ -50,7 +38,7 @@ fn counting_gate(store: &str, min_comparisons: &str) {
 /// Waits until the store holds exactly `n` comparisons for acme.
 async fn compared(store: &str, n: u64) {
     eventually(PATIENCE, || {
-        let shown = json(store, &["tenant", "show", "acme"]);
+        let shown = ficus_json(store, &["tenant", "show", "acme"]);
         async move { shown["comparisons"]["compared"].as_u64() == Some(n) }
     })
     .await;
@@ -104,7 +92,7 @@ async fn additive_members_pass_a_resolved_bug_stops_counting_and_its_recurrence_
     // New grows two members legacy never had: shown, never counted.
     get_all(&proxy, "/contract", 10).await;
     compared(&store, 10).await;
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     assert_eq!(r["ready"], true, "{r:#}");
     assert_eq!(r["open_classes"], serde_json::json!([]));
     assert_eq!(
@@ -117,7 +105,7 @@ async fn additive_members_pass_a_resolved_bug_stops_counting_and_its_recurrence_
     new.set_contract(true, "2.0");
     get_all(&proxy, "/contract", 10).await;
     compared(&store, 20).await;
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     assert_eq!(r["ready"], false);
     assert_eq!(
         criterion(&r, "mismatches")["detail"],
@@ -176,7 +164,7 @@ async fn additive_members_pass_a_resolved_bug_stops_counting_and_its_recurrence_
         )),
         "{out}"
     );
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     assert_eq!(r["ready"], true, "{r:#}");
     let versions: Vec<(&str, u64)> = r["versions"]
         .as_array()
@@ -190,7 +178,7 @@ async fn additive_members_pass_a_resolved_bug_stops_counting_and_its_recurrence_
         })
         .collect();
     assert_eq!(versions, [("2.1", 10), ("2.0", 20)], "newest first");
-    let current = json(&store, &["readiness", "acme", "--version", "current"]);
+    let current = ficus_json(&store, &["readiness", "acme", "--version", "current"]);
     assert_eq!(current["version"], "2.1");
     assert_eq!(
         criterion(&current, "comparisons")["detail"],
@@ -201,7 +189,7 @@ async fn additive_members_pass_a_resolved_bug_stops_counting_and_its_recurrence_
     new.set_contract(true, "2.1");
     get_all(&proxy, "/contract", 1).await;
     compared(&store, 31).await;
-    let classes = json(&store, &["mismatches", "--classes", "--state", "open"]);
+    let classes = ficus_json(&store, &["mismatches", "--classes", "--state", "open"]);
     let back = classes["classes"]
         .as_array()
         .unwrap()
@@ -217,7 +205,7 @@ async fn additive_members_pass_a_resolved_bug_stops_counting_and_its_recurrence_
         why.contains("regression: tenant acme saw this class again on version 2.1, the version it was resolved as fixed in"),
         "{why}"
     );
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     assert_eq!(r["ready"], false);
     assert_eq!(
         criterion(&r, "mismatches")["detail"],
@@ -258,13 +246,13 @@ async fn in_reverse_shadow_what_only_new_has_is_additive_too_and_never_trips_the
     .await;
     get_all(&proxy, "/contract", 10).await;
     compared(&store, 10).await;
-    let shown = json(&store, &["tenant", "show", "acme"]);
+    let shown = ficus_json(&store, &["tenant", "show", "acme"]);
     assert_eq!(shown["comparisons"]["mismatched"], 0, "{shown}");
     assert_eq!(
         shown["tenant"]["stage"], "migrated",
         "the guard did not trip"
     );
-    let classes = json(&store, &["mismatches", "acme", "--classes"]);
+    let classes = ficus_json(&store, &["mismatches", "acme", "--classes"]);
     let found: Vec<(String, &str)> = classes["classes"]
         .as_array()
         .unwrap()
@@ -313,7 +301,7 @@ async fn an_accepted_difference_never_counts_again_on_any_replica() {
     // `/priced` answers a different price from new, on purpose.
     get_all(&proxy, "/priced", 5).await;
     compared(&store, 5).await;
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     assert_eq!(paths(&r["open_classes"]), ["GET /priced/{id} $.price"]);
     let id = r["open_classes"][0]["id"].as_str().unwrap().to_string();
 
@@ -337,14 +325,14 @@ async fn an_accepted_difference_never_counts_again_on_any_replica() {
     get_all(&proxy, "/priced", 5).await;
     get_all(&replica, "/priced", 5).await;
     compared(&store, 15).await;
-    let shown = json(&store, &["tenant", "show", "acme"]);
+    let shown = ficus_json(&store, &["tenant", "show", "acme"]);
     assert_eq!(
         shown["comparisons"]["mismatched"], 5,
         "no replica counts an accepted difference as a mismatch"
     );
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     assert_eq!(r["ready"], true, "{r:#}");
-    let accepted = json(&store, &["mismatches", "--classes", "--state", "accepted"]);
+    let accepted = ficus_json(&store, &["mismatches", "--classes", "--state", "accepted"]);
     assert_eq!(accepted["classes"][0]["discounted"], 5);
     assert_eq!(
         accepted["classes"][0]["last_change"]["reason"],
@@ -382,7 +370,7 @@ async fn an_accepted_difference_never_counts_again_on_any_replica() {
     let (status, _) = get_as(&client(), &proxy, "acme", "/garbage").await;
     assert_eq!(status, 200);
     compared(&store, 16).await;
-    let garbage = json(&store, &["mismatches", "--classes", "--state", "open"]);
+    let garbage = ficus_json(&store, &["mismatches", "--classes", "--state", "open"]);
     assert_eq!(paths(&garbage["classes"]), ["GET /garbage $"]);
     let whole = garbage["classes"][0]["id"].as_str().unwrap().to_string();
     let err = ficus_fails(&store, &["mismatches", "accept", &whole, "--reason", "x"]);
@@ -413,12 +401,12 @@ async fn an_accepted_difference_never_counts_again_on_any_replica() {
             "VAT must not be included",
         ],
     );
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     assert_eq!(
         criterion(&r, "mismatches")["detail"],
         "5 mismatched in 1 open class; at most 0 allowed"
     );
-    let history = json(
+    let history = ficus_json(
         &store,
         &[
             "mismatches",
@@ -451,7 +439,7 @@ async fn a_version_header_too_long_is_recorded_as_invalid_never_raw() {
     } = Rig::start_with(&[("acme", "shadow")], "", SHADOW, new).await;
     get_all(&proxy, "/contract", 3).await;
     compared(&store, 3).await;
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     let versions: Vec<&str> = r["versions"]
         .as_array()
         .unwrap()

@@ -5,21 +5,9 @@
 use serde_json::Value;
 
 use crate::support::{
-    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, eventually, ficus, ficus_fails,
+    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, client, eventually, ficus, ficus_fails,
+    ficus_json,
 };
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(PATIENCE)
-        .build()
-        .unwrap()
-}
-
-fn json(store: &str, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    serde_json::from_str(&ficus(store, &all)).unwrap()
-}
 
 /// Runs a `ficus route …` change and waits until the proxy routes by it.
 async fn changed(proxy: &Proxy, store: &str, args: &[&str]) {
@@ -80,7 +68,7 @@ async fn a_canary_write_route_is_taken_back_by_the_guard_for_its_tenant_alone() 
     // The configuration's destructive routes are marked in the store, where
     // every release is checked.
     eventually(PATIENCE, || {
-        let routes = json(&store, &["routes"]);
+        let routes = ficus_json(&store, &["routes"]);
         let marked = routes["routes"]
             .as_array()
             .unwrap()
@@ -166,7 +154,7 @@ async fn a_canary_write_route_is_taken_back_by_the_guard_for_its_tenant_alone() 
     );
     // The guard holds the route again for acme, and only that.
     eventually(PATIENCE, || {
-        let routes = json(&store, &["routes"]);
+        let routes = ficus_json(&store, &["routes"]);
         let held = route(&routes, "POST /status/{id}")["overrides"]
             .as_array()
             .unwrap()
@@ -184,7 +172,7 @@ async fn a_canary_write_route_is_taken_back_by_the_guard_for_its_tenant_alone() 
     .await;
     let (status, _) = send(&c, &proxy, "POST", "acme", "/status/500", "Homes/4.2").await;
     assert_eq!((status, legacy.served("ANY")), (500, legacy_before + 1));
-    let shown = json(&store, &["tenant", "show", "acme"]);
+    let shown = ficus_json(&store, &["tenant", "show", "acme"]);
     assert_eq!(
         shown["tenant"]["stage"], "migrated",
         "the tenant stays where it was"
@@ -192,12 +180,12 @@ async fn a_canary_write_route_is_taken_back_by_the_guard_for_its_tenant_alone() 
     let (_, body) = send(&c, &proxy, "POST", "globex", "/orders/2", "Homes/4.2").await;
     assert_eq!(body["backend"], "new", "a route released for all");
     // The audit says who held it again and why.
-    let routes = json(&store, &["routes", "--tenant", "acme"]);
+    let routes = ficus_json(&store, &["routes", "--tenant", "acme"]);
     let status_route = route(&routes, "POST /status/{id}");
     assert_eq!(status_route["held"], true);
     // The census: per tenant, backend and client version.
     eventually(PATIENCE, || {
-        let routes = json(&store, &["routes", "--tenant", "acme"]);
+        let routes = ficus_json(&store, &["routes", "--tenant", "acme"]);
         let seen: Vec<(String, String)> = route(&routes, "POST /orders/{id}")["census"]
             .as_array()
             .unwrap()
@@ -218,7 +206,7 @@ async fn a_canary_write_route_is_taken_back_by_the_guard_for_its_tenant_alone() 
         err.contains("route POST /status/{id} is held on legacy"),
         "{err}"
     );
-    let r = json(&store, &["readiness", "acme"]);
+    let r = ficus_json(&store, &["readiness", "acme"]);
     assert_eq!(r["held_routes"], serde_json::json!(["POST /status/{id}"]));
     let status = ficus(&store, &["status"]);
     assert!(
@@ -264,7 +252,7 @@ async fn reads_of_a_capability_go_to_their_own_service() {
     .await;
     assert_eq!(new.shadowed(), 0, "new never saw the valuation read");
     eventually(PATIENCE, || {
-        let routes = json(&store, &["routes", "--tenant", "globex"]);
+        let routes = ficus_json(&store, &["routes", "--tenant", "globex"]);
         let backends: Vec<String> = routes["routes"]
             .as_array()
             .unwrap()
@@ -276,7 +264,7 @@ async fn reads_of_a_capability_go_to_their_own_service() {
     })
     .await;
     // What the new side serves without a [[routes]] entry shows as unmapped.
-    let routes = json(&store, &["routes", "--tenant", "globex"]);
+    let routes = ficus_json(&store, &["routes", "--tenant", "globex"]);
     let unmapped: Vec<(&str, bool)> = routes["routes"]
         .as_array()
         .unwrap()

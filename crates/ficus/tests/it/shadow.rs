@@ -2,15 +2,9 @@
 //! store, writes that reach exactly one backend, and a misbehaving new backend that
 //! never changes what the client gets.
 
-use crate::support::{Backend, PATIENCE, Proxy, Rig, dead_address, eventually, ficus, get_as};
-
-/// A client whose timeout only ends a stuck request, never a slow one.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(PATIENCE)
-        .build()
-        .unwrap()
-}
+use crate::support::{
+    Backend, PATIENCE, Proxy, Rig, client, dead_address, eventually, ficus, get_as,
+};
 
 /// GETs `path` through the proxy as acme with the request id `id`, which the
 /// proxy keeps and passes on to both legs; returns the status.

@@ -670,6 +670,21 @@ pub fn sqlite_store(dir: &std::path::Path, tenants: &[(&str, &str)]) -> String {
     store
 }
 
+/// A client whose timeout only ends a stuck request, never a slow one.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .unwrap()
+}
+
+/// Runs a `ficus` command against `store` with `--json` and parses its answer.
+pub fn ficus_json(store: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    serde_json::from_str(&ficus(store, &all)).unwrap()
+}
+
 /// Runs a `ficus` command against `store`, which must succeed.
 pub fn ficus(store: &str, args: &[&str]) -> String {
     let out = Command::new(FICUS)
