@@ -107,13 +107,8 @@ pub struct Census {
 
 /// The client's version: the configured header, else the User-Agent's first
 /// product token (`MyApp/4.2` of `MyApp/4.2 (iPhone; iOS 17)`); `""` when there
-/// is none.
-pub fn client_version(headers: &HeaderMap, header: Option<&http::HeaderName>) -> String {
-    client_version_str(headers, header).into_owned()
-}
-
-/// The same, borrowed from the headers when it can be.
-pub fn client_version_str<'h>(
+/// is none. Borrowed from the headers when it can be: it is read per request.
+pub fn client_version<'h>(
     headers: &'h HeaderMap,
     header: Option<&http::HeaderName>,
 ) -> std::borrow::Cow<'h, str> {

@@ -882,7 +882,7 @@ impl ProxyHttp for Ficus {
                 ctx.tenant.as_ref(),
                 &ctx.route,
                 name,
-                &census::client_version_str(
+                &census::client_version(
                     &session.req_header().headers,
                     ctx.settings.client_version_header.as_ref(),
                 ),
