@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use ficus_core::config::TenantConfig;
 use ficus_core::readiness::{EndpointEvidence, Readiness, judge};
-use ficus_core::reconcile::{ClassState, MismatchClass, tally, version_label};
+use ficus_core::reconcile::{ClassState, MismatchClass, given_version, tally};
 use ficus_core::{
     Actor, Blocker, Domain, Route, RouteStages, Stage, TenantId, Timestamp, Transition,
     tenant::parse_name,
@@ -1063,9 +1063,9 @@ impl Control for Direct {
                         .to_string(),
                 ));
             }
-            Some(v) => match version_label(Some(v.as_bytes())) {
-                Some(label) if label != "invalid" => Some(label),
-                _ => {
+            Some(v) => match given_version(v) {
+                Some(label) => Some(label),
+                None => {
                     return Err(Error::Invalid(format!(
                         "fixed_in must be at most {} printable characters",
                         ficus_core::reconcile::VERSION_MAX

@@ -238,6 +238,12 @@ pub fn version_label(raw: Option<&[u8]>) -> Option<String> {
     })
 }
 
+/// A version an operator gives (a backend's configured one, the version that
+/// fixed a class): kept only when it is short and printable.
+pub fn given_version(raw: &str) -> Option<String> {
+    version_label(Some(raw.as_bytes())).filter(|v| v != "invalid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,5 +378,7 @@ mod tests {
         );
         assert_eq!(version_label(Some(b"1.0\x07")).as_deref(), Some("invalid"));
         assert_eq!(version_label(Some(b"")).as_deref(), Some("invalid"));
+        assert_eq!(given_version("2.4.1").as_deref(), Some("2.4.1"));
+        assert_eq!(given_version("1.0\u{7}"), None);
     }
 }

@@ -769,9 +769,9 @@ impl Cx<'_> {
         let ms = |v: Option<u64>, default: u64| Duration::from_millis(v.unwrap_or(default).max(1));
         let version = match &b.version {
             None => None,
-            Some(v) => match ficus_core::reconcile::version_label(Some(v.get_ref().as_bytes())) {
-                Some(label) if label != "invalid" => Some(label),
-                _ => {
+            Some(v) => match ficus_core::reconcile::given_version(v.get_ref()) {
+                Some(label) => Some(label),
+                None => {
                     return Err(self.at(
                         v,
                         &format!(
