@@ -384,6 +384,33 @@ impl Inner {
         sql.replace("{s}", &self.schema)
     }
 
+    /// Writes a global setting and its audit entry (`shown` in place of the
+    /// value, which may be a secret's hash), in the caller's transaction.
+    async fn put_setting(
+        &self,
+        tx: &impl GenericClient,
+        key: &str,
+        value: &str,
+        shown: &str,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<()> {
+        tx.execute(
+            &self.q("INSERT INTO {s}.settings (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+            &[&key, &value],
+        )
+        .await
+        .map_err(self.err("changing a setting"))?;
+        tx.execute(
+            &self.q("INSERT INTO {s}.global_audit (at, setting, value, actor, reason) VALUES ($1, $2, $3, $4, $5)"),
+            &[&now().unix_millis(), &key, &shown, &actor.as_str(), &reason],
+        )
+        .await
+        .map_err(self.err("appending to the audit log"))?;
+        Ok(())
+    }
+
     /// Where write routes nobody staged go.
     async fn load_write_default(&self, client: &impl GenericClient) -> Result<Stage> {
         let value: Option<String> = client
@@ -1240,18 +1267,8 @@ impl ControlStore for PgStore {
             return Ok(false);
         }
         let value = retired.to_string();
-        tx.execute(
-            &s.q("UPDATE {s}.settings SET value = $1 WHERE key = 'legacy_retired'"),
-            &[&value],
-        )
-        .await
-        .map_err(s.err("changing a setting"))?;
-        tx.execute(
-            &s.q("INSERT INTO {s}.global_audit (at, setting, value, actor, reason) VALUES ($1, 'legacy_retired', $2, $3, $4)"),
-            &[&now().unix_millis(), &value, &actor.as_str(), &reason],
-        )
-        .await
-        .map_err(s.err("appending to the audit log"))?;
+        s.put_setting(&*tx, "legacy_retired", &value, &value, actor, reason)
+            .await?;
         s.record_change(&*tx, seq, None).await?;
         tx.commit().await.map_err(s.err("committing"))?;
         Ok(true)
@@ -1573,19 +1590,9 @@ impl ControlStore for PgStore {
         if s.load_write_default(&*tx).await? == stage {
             return Ok(false);
         }
-        tx.execute(
-            &s.q("INSERT INTO {s}.settings (key, value) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
-            &[&rules::WRITE_DEFAULT, &stage.as_str()],
-        )
-        .await
-        .map_err(s.err("changing a setting"))?;
-        tx.execute(
-            &s.q("INSERT INTO {s}.global_audit (at, setting, value, actor, reason) VALUES ($1, $2, $3, $4, $5)"),
-            &[&now().unix_millis(), &rules::WRITE_DEFAULT, &stage.as_str(), &actor.as_str(), &reason],
-        )
-        .await
-        .map_err(s.err("appending to the audit log"))?;
+        let value = stage.as_str();
+        s.put_setting(&*tx, rules::WRITE_DEFAULT, value, value, actor, reason)
+            .await?;
         s.record_change(&*tx, seq, Some(crate::feed::ROUTES_MARK))
             .await?;
         tx.commit().await.map_err(s.err("committing"))?;
@@ -1894,19 +1901,8 @@ impl ControlStore for PgStore {
             .transaction()
             .await
             .map_err(s.err("starting a write"))?;
-        tx.execute(
-            &s.q("INSERT INTO {s}.settings (key, value) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
-            &[&key, &value],
-        )
-        .await
-        .map_err(s.err("changing a setting"))?;
-        tx.execute(
-            &s.q("INSERT INTO {s}.global_audit (at, setting, value, actor, reason) VALUES ($1, $2, $3, $4, $5)"),
-            &[&now().unix_millis(), &key, &shown, &actor.as_str(), &reason],
-        )
-        .await
-        .map_err(s.err("appending to the audit log"))?;
+        s.put_setting(&*tx, key, value, shown, actor, reason)
+            .await?;
         tx.commit().await.map_err(s.err("committing"))
     }
 

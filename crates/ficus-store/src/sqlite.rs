@@ -992,13 +992,15 @@ impl ControlStore for SqliteStore {
                 return Ok(false);
             }
             let value = retired.to_string();
-            tx.execute("UPDATE settings SET value = ?1 WHERE key = 'legacy_retired'", [&value])
-                .map_err(sql_err(location, "changing a setting"))?;
-            tx.execute(
-                "INSERT INTO global_audit (at, setting, value, actor, reason) VALUES (?1, 'legacy_retired', ?2, ?3, ?4)",
-                params![now().unix_millis(), value, actor.as_str(), reason],
-            )
-            .map_err(sql_err(location, "appending to the audit log"))?;
+            put_setting(
+                tx,
+                location,
+                "legacy_retired",
+                &value,
+                &value,
+                actor,
+                &reason,
+            )?;
             record_change(tx, location, seq, None)?;
             Ok(true)
         })
@@ -1260,17 +1262,16 @@ impl ControlStore for SqliteStore {
             if load_write_default(tx, location)? == stage {
                 return Ok(false);
             }
-            tx.execute(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![rules::WRITE_DEFAULT, stage.as_str()],
-            )
-            .map_err(sql_err(location, "changing a setting"))?;
-            tx.execute(
-                "INSERT INTO global_audit (at, setting, value, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![now().unix_millis(), rules::WRITE_DEFAULT, stage.as_str(), actor.as_str(), reason],
-            )
-            .map_err(sql_err(location, "appending to the audit log"))?;
+            let value = stage.as_str();
+            put_setting(
+                tx,
+                location,
+                rules::WRITE_DEFAULT,
+                value,
+                value,
+                actor,
+                &reason,
+            )?;
             record_change(tx, location, seq, Some(crate::feed::ROUTES_MARK))?;
             Ok(true)
         })
@@ -1548,17 +1549,7 @@ impl ControlStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_err(location, "starting a write"))?;
-            tx.execute(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [&key, &value],
-            )
-            .map_err(sql_err(location, "changing a setting"))?;
-            tx.execute(
-                "INSERT INTO global_audit (at, setting, value, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![now().unix_millis(), key, shown, actor.as_str(), reason],
-            )
-            .map_err(sql_err(location, "appending to the audit log"))?;
+            put_setting(&tx, location, &key, &value, &shown, actor, &reason)?;
             tx.commit().map_err(sql_err(location, "committing"))
         })
         .await
@@ -2245,4 +2236,29 @@ fn load_write_default(conn: &Connection, location: &str) -> Result<Stage> {
         .optional()
         .map_err(sql_err(location, "reading settings"))?;
     rules::write_default(value.as_deref())
+}
+
+/// Writes a global setting and its audit entry (`shown` in place of the value,
+/// which may be a secret's hash), in the caller's transaction.
+fn put_setting(
+    tx: &Transaction<'_>,
+    location: &str,
+    key: &str,
+    value: &str,
+    shown: &str,
+    actor: Actor,
+    reason: &str,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO settings (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )
+    .map_err(sql_err(location, "changing a setting"))?;
+    tx.execute(
+        "INSERT INTO global_audit (at, setting, value, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![now().unix_millis(), key, shown, actor.as_str(), reason],
+    )
+    .map_err(sql_err(location, "appending to the audit log"))?;
+    Ok(())
 }
