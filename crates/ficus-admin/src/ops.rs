@@ -304,12 +304,8 @@ impl Direct {
 
     /// Every route stage as the proxies route by them.
     async fn stages(&self) -> Result<RouteStages> {
-        let mut stages = RouteStages::default();
-        stages.set_write_default(self.store.write_default().await?);
-        for r in self.store.route_stages().await? {
-            stages.set(&r.route, r.tenant.as_ref(), r.stage);
-        }
-        Ok(stages)
+        let rows = self.store.route_stages().await?;
+        Ok(stages_of(&rows, self.store.write_default().await?))
     }
 
     /// Write routes that still go to legacy: those seen in the census over
@@ -757,7 +753,7 @@ impl Control for Direct {
         let gate = gate::load(&*self.store).await?;
         let rows = self.store.route_stages().await?;
         let marks = self.store.route_marks().await?;
-        let stages = self.stages().await?;
+        let stages = stages_of(&rows, self.store.write_default().await?);
         let census = self.store.route_census(tenant, ago(gate.window)).await?;
         let mut names: Vec<String> = rows
             .iter()
@@ -1334,6 +1330,16 @@ impl Control for Direct {
             .await?;
         Ok(json)
     }
+}
+
+/// Route stages as the proxies route by them, from the store's rows.
+fn stages_of(rows: &[ficus_store::RouteStage], write_default: Stage) -> RouteStages {
+    let mut stages = RouteStages::default();
+    stages.set_write_default(write_default);
+    for r in rows {
+        stages.set(&r.route, r.tenant.as_ref(), r.stage);
+    }
+    stages
 }
 
 /// Whether a route name (`POST /homes`) is of a method that may write.
