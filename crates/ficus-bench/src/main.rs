@@ -7,9 +7,15 @@
 //! - `ficus-bench backend LISTEN --delay-ms N --name NAME`: a JSON backend that
 //!   answers every request after a fixed delay, for runs that need a backend of known
 //!   latency (the shadow benchmark's "new backend 10× slower");
-//! - `ficus-bench pingora-floor LISTEN UPSTREAM`: the smallest proxy pingora can be
-//!   (one thread, the upstream fixed, no filters), so the cost of the framework and
-//!   the cost of Ficus's own request path can be told apart;
+//! - `ficus-bench pingora-floor LISTEN UPSTREAM [--threads N] [--allocs FILE]`: the
+//!   smallest proxy pingora can be (the upstream fixed, no filters, no modules), so
+//!   the cost of the framework and the cost of Ficus's own request path can be
+//!   told apart;
+//! - `ficus-bench hyper-floor LISTEN UPSTREAM [--threads N] [--allocs FILE]`: the
+//!   same with hyper 1.x (server and pooled client), the other Rust HTTP/1 stack a
+//!   data plane could stand on;
+//! - `ficus-bench proxy CONFIG [--allocs FILE]`: `ficus proxy` itself, in this
+//!   process, so that its allocations are counted;
 //! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N] [--routes]`:
 //!   starts a PostgreSQL store and a `ficus proxy` on it, then measures the time
 //!   from a committed stage change (a tenant's, or with `--routes` a route's) to
@@ -36,10 +42,31 @@
 //!
 //! Prints a Markdown table. Usage: `ficus-bench store [--tenants N] [--changes N]`.
 
-/// mimalloc instead of the system allocator: the proxy allocates per request
-/// (headers, buffers), and glibc's malloc was a tenth of its profile.
+/// mimalloc, as in `ficus`, counted: `--allocs FILE` reports the count for the
+/// per-request allocation table (`scripts/bench/per_request.sh`). Counting is
+/// two uncontended atomic additions per allocation.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: stats_alloc::StatsAlloc<mimalloc::MiMalloc> =
+    stats_alloc::StatsAlloc::new(mimalloc::MiMalloc);
+
+/// With `--allocs FILE`, writes the number of allocations so far (reallocations
+/// included) to FILE every 100 ms, for as long as the process runs.
+fn report_allocations(args: &[String]) {
+    let Some(path) = flag(args, "--allocs").map(PathBuf::from) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        loop {
+            let stats = ALLOCATOR.stats();
+            let _ = std::fs::write(&path, (stats.allocations + stats.reallocations).to_string());
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "a dedicated reporting thread, outside any runtime"
+            )]
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+}
 
 mod backfill;
 mod corpus;
@@ -100,6 +127,8 @@ fn main() -> Result<(), Error> {
         Some("rate") => return rate(&argv[1..]),
         Some("propagation") => return propagation(&argv[1..]),
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
+        Some("hyper-floor") => return hyper_floor(&argv[1..]),
+        Some("proxy") => return proxy(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
         Some("rls") => return rls::run(&argv[1..]),
@@ -544,6 +573,9 @@ impl pingora_proxy::ProxyHttp for Floor {
 
     fn new_ctx(&self) {}
 
+    /// None: the default's disabled compression module is work a floor skips.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
     async fn upstream_peer(
         &self,
         _session: &mut pingora_proxy::Session,
@@ -566,15 +598,75 @@ fn pingora_floor(args: &[String]) -> Result<(), Error> {
         .ok_or("pingora-floor needs LISTEN and UPSTREAM")?
         .parse()?;
     let conf = pingora_core::server::configuration::ServerConf {
-        threads: 1,
+        threads: flag(args, "--threads").unwrap_or("1").parse()?,
         ..Default::default()
     };
+    report_allocations(args);
     let mut server = pingora_core::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, Floor { upstream });
     proxy.add_tcp(listen);
     server.add_service(proxy);
     server.run_forever();
+}
+
+/// The smallest HTTP/1 proxy hyper 1.x makes: a server connection per client
+/// connection, each request sent on through one pooled client to a fixed
+/// upstream, the answer streamed back. No filters, no timeouts beyond hyper's.
+fn hyper_floor(args: &[String]) -> Result<(), Error> {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listen: std::net::SocketAddr = args
+        .first()
+        .ok_or("hyper-floor needs LISTEN and UPSTREAM")?
+        .parse()?;
+    let upstream: std::net::SocketAddr = args
+        .get(1)
+        .ok_or("hyper-floor needs LISTEN and UPSTREAM")?
+        .parse()?;
+    let threads: usize = flag(args, "--threads").unwrap_or("1").parse()?;
+    report_allocations(args);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client: Client<_, hyper::body::Incoming> = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(256)
+            .build_http();
+        let base: Arc<str> = Arc::from(format!("http://{upstream}"));
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let (client, base) = (client.clone(), Arc::clone(&base));
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        let client = client.clone();
+                        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                        let uri: Result<hyper::Uri, _> = format!("{base}{path}").parse();
+                        async move {
+                            let uri = uri.map_err(|e| e.to_string())?;
+                            *req.uri_mut() = uri;
+                            client.request(req).await.map_err(|e| e.to_string())
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// `ficus proxy` in this process, with its allocations counted.
+fn proxy(args: &[String]) -> Result<(), Error> {
+    let config = args.first().ok_or("proxy needs CONFIG")?;
+    report_allocations(args);
+    ficus_proxy::run(Path::new(config))?;
+    Ok(())
 }
 
 fn backend(args: &[String]) -> Result<(), Error> {

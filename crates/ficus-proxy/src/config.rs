@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use ficus_core::UnknownTenant;
 use http::HeaderName;
+use pingora_core::upstreams::peer::HttpPeer;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -161,7 +162,7 @@ impl ShadowConfig {
 }
 
 /// One backend: where it is and how to talk to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BackendConfig {
     pub upstreams: Vec<SocketAddr>,
     /// The version deployed, as the operator states it (reloadable); the
@@ -172,7 +173,45 @@ pub struct BackendConfig {
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
+    /// One pingora peer per upstream, with this backend's timeouts and
+    /// protocol, made when the configuration is read: the request path clones
+    /// one instead of building it (issue 22).
+    pub peers: Arc<[HttpPeer]>,
 }
+
+impl BackendConfig {
+    fn peers(&self) -> Arc<[HttpPeer]> {
+        self.upstreams
+            .iter()
+            .map(|addr| {
+                let mut peer = HttpPeer::new(*addr, false, String::new());
+                peer.options.connection_timeout = Some(self.connect_timeout);
+                peer.options.read_timeout = Some(self.read_timeout);
+                peer.options.write_timeout = Some(self.write_timeout);
+                peer.options.idle_timeout = Some(self.idle_timeout);
+                if self.h2c {
+                    peer.options.set_http_version(2, 2);
+                }
+                peer
+            })
+            .collect()
+    }
+}
+
+/// Every field but the peers, which are made from the others.
+impl PartialEq for BackendConfig {
+    fn eq(&self, other: &BackendConfig) -> bool {
+        self.upstreams == other.upstreams
+            && self.version == other.version
+            && self.h2c == other.h2c
+            && self.connect_timeout == other.connect_timeout
+            && self.read_timeout == other.read_timeout
+            && self.write_timeout == other.write_timeout
+            && self.idle_timeout == other.idle_timeout
+    }
+}
+
+impl Eq for BackendConfig {}
 
 /// The routes `[[routes]] match = "METHOD /template"` gives a service, looked up
 /// by method and template (the route key a request's path resolves to).
@@ -782,7 +821,7 @@ impl Cx<'_> {
                 }
             },
         };
-        Ok(BackendConfig {
+        let mut backend = BackendConfig {
             upstreams,
             version,
             h2c,
@@ -790,7 +829,10 @@ impl Cx<'_> {
             read_timeout: ms(b.read_timeout_ms, 30_000),
             write_timeout: ms(b.write_timeout_ms, 30_000),
             idle_timeout: ms(b.idle_timeout_ms, 60_000),
-        })
+            peers: Arc::from([]),
+        };
+        backend.peers = backend.peers();
+        Ok(backend)
     }
 
     fn shadow(

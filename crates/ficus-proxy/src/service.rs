@@ -26,6 +26,7 @@ use bytes::Bytes;
 use ficus_core::config::Platform;
 use ficus_core::{Backend, Decision, Stage, TenantId, Timestamp};
 use http::header;
+use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -159,16 +160,19 @@ fn refuse(status: u16, message: &'static str) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), message)
 }
 
-/// The header names of a raw HTTP/1 request head (after the request line).
-fn raw_header_names(raw: &[u8]) -> Vec<&[u8]> {
-    raw.split(|&b| b == b'\n')
-        .skip(1)
-        .filter_map(|line| {
-            line.iter()
-                .position(|&b| b == b':')
-                .map(|colon| &line[..colon])
-        })
-        .collect()
+/// Whether a raw HTTP/1 request head (after the request line) names both
+/// `Content-Length` and `Transfer-Encoding`; read in one pass, allocating
+/// nothing, as it runs on every request.
+fn both_framings(raw: &[u8]) -> bool {
+    let (mut length, mut chunked) = (false, false);
+    for line in raw.split(|&b| b == b'\n').skip(1) {
+        if let Some(colon) = line.iter().position(|&b| b == b':') {
+            let name = &line[..colon];
+            length |= name.eq_ignore_ascii_case(b"content-length");
+            chunked |= name.eq_ignore_ascii_case(b"transfer-encoding");
+        }
+    }
+    length && chunked
 }
 
 fn valid_host(host: &[u8]) -> bool {
@@ -349,6 +353,11 @@ impl ProxyHttp for Ficus {
         }
     }
 
+    /// None: pingora's default adds a response-compression module, disabled,
+    /// whose context is still built and called on every request. Ficus forwards
+    /// bodies as the backend encoded them.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
     async fn early_request_filter(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         self.shared.metrics.in_flight.inc();
@@ -385,14 +394,7 @@ impl ProxyHttp for Ficus {
             // The parsed headers no longer show this: pingora drops Content-Length
             // when Transfer-Encoding is present. Two framings in one request are
             // how requests get smuggled past a proxy, so it is refused outright.
-            let names = raw_header_names(&raw);
-            if names
-                .iter()
-                .any(|n| n.eq_ignore_ascii_case(b"content-length"))
-                && names
-                    .iter()
-                    .any(|n| n.eq_ignore_ascii_case(b"transfer-encoding"))
-            {
+            if both_framings(&raw) {
                 return Err(refuse(
                     400,
                     "a request may not carry both content-length and transfer-encoding",
@@ -583,14 +585,9 @@ impl ProxyHttp for Ficus {
             Backend::Legacy => &self.shared.next_legacy,
             Backend::New => &self.shared.next_new,
         };
-        let addr = conf.upstreams[next.fetch_add(1, Ordering::Relaxed) % conf.upstreams.len()];
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(conf.connect_timeout);
-        peer.options.read_timeout = Some(ctx.read_timeout.unwrap_or(conf.read_timeout));
-        peer.options.write_timeout = Some(conf.write_timeout);
-        peer.options.idle_timeout = Some(conf.idle_timeout);
-        if conf.h2c {
-            peer.options.set_http_version(2, 2);
+        let mut peer = conf.peers[next.fetch_add(1, Ordering::Relaxed) % conf.peers.len()].clone();
+        if let Some(t) = ctx.read_timeout {
+            peer.options.read_timeout = Some(t);
         }
         Ok(Box::new(peer))
     }
@@ -641,7 +638,10 @@ impl ProxyHttp for Ficus {
             upstream.insert_header(s.tenant_header.clone(), t.as_str())?;
         }
         if let Some(b) = ctx.backend {
-            upstream.insert_header(s.backend_header.clone(), b.as_str())?;
+            upstream.insert_header(
+                s.backend_header.clone(),
+                http::HeaderValue::from_static(b.as_str()),
+            )?;
         }
         upstream.insert_header(s.request_id_header.clone(), ctx.request_id.as_str())?;
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
@@ -655,14 +655,15 @@ impl ProxyHttp for Ficus {
             };
             upstream.insert_header("x-forwarded-for", forwarded)?;
         }
-        upstream.insert_header("x-forwarded-proto", "http")?;
+        upstream.insert_header("x-forwarded-proto", http::HeaderValue::from_static("http"))?;
         let via = match upstream
             .headers
             .get(header::VIA)
             .and_then(|v| v.to_str().ok())
         {
-            Some(prior) => format!("{prior}, 1.1 ficus"),
-            None => "1.1 ficus".to_string(),
+            Some(prior) => http::HeaderValue::try_from(format!("{prior}, 1.1 ficus"))
+                .map_err(|_| refuse(400, "invalid via header"))?,
+            None => http::HeaderValue::from_static("1.1 ficus"),
         };
         upstream.insert_header(header::VIA, via)?;
         if let Some(path) = &ctx.rewritten_path {
@@ -870,6 +871,8 @@ impl ProxyHttp for Ficus {
                 .guard
                 .observe(&watch, signal, &ctx.settings.guard);
         }
+        // One clock read for both counts below.
+        let at = now();
         if let Some(b) = ctx.backend
             && !ctx.route.is_empty()
         {
@@ -886,12 +889,12 @@ impl ProxyHttp for Ficus {
                     &session.req_header().headers,
                     ctx.settings.client_version_header.as_ref(),
                 ),
-                now(),
+                at,
                 ctx.service.is_some(),
             );
         }
         if ctx.backend == Some(Backend::Legacy) {
-            self.shared.traffic.record(ctx.tenant.as_ref(), now());
+            self.shared.traffic.record(ctx.tenant.as_ref(), at);
         }
     }
 }

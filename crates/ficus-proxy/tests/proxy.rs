@@ -2,9 +2,12 @@
 //! file, the line and the key) and tenant resolution (every rule kind, rule order,
 //! unknown tenants, and JWTs that must verify before they select a tenant). The
 //! request path itself is tested end to end, with real sockets, in the `ficus`
-//! crate's integration tests.
+//! crate's integration tests; what is here with sockets is pingora's panic
+//! isolation, which the release profile relies on.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use expect_test::{Expect, expect};
@@ -603,5 +606,183 @@ fn a_jwt_selects_a_tenant_only_when_it_verifies() {
         "/",
         &[("authorization", &format!("Bearer {wrong_issuer}"))],
         expect!["no tenant"],
+    );
+}
+
+/// A backend on std threads that answers `200 ok` to every request, each one
+/// only once `gate` is open; `received` hears of every request it reads.
+fn gated_backend(
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    received: mpsc::Sender<()>,
+) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (gate, received) = (Arc::clone(&gate), received.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let mut line = String::new();
+                    // One request head: lines up to the empty one.
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let _ = received.send(());
+                    let (open, changed) = &*gate;
+                    let mut open = open.lock().unwrap();
+                    while !*open {
+                        open = changed.wait(open).unwrap();
+                    }
+                    drop(open);
+                    if conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A proxy whose request filter panics on `/panic`, as a bug in the request
+/// path would.
+struct Panicky {
+    upstream: std::net::SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl pingora_proxy::ProxyHttp for Panicky {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn request_filter(
+        &self,
+        session: &mut pingora_proxy::Session,
+        _ctx: &mut (),
+    ) -> pingora_error::Result<bool> {
+        if session.req_header().uri.path() == "/panic" {
+            panic!("a bug in one request's path");
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut pingora_proxy::Session,
+        _ctx: &mut (),
+    ) -> pingora_error::Result<Box<pingora_core::upstreams::peer::HttpPeer>> {
+        Ok(Box::new(pingora_core::upstreams::peer::HttpPeer::new(
+            self.upstream,
+            false,
+            String::new(),
+        )))
+    }
+}
+
+fn send(addr: std::net::SocketAddr, path: &str) -> std::net::TcpStream {
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: ficus.test\r\n\r\n").unwrap();
+    conn
+}
+
+fn read_all(mut conn: std::net::TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                // The backend's answer is complete once its 2-byte body is in.
+                if answer.ends_with(b"\r\n\r\nok") {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Issue 22 weighed `panic = "abort"` for the release profile and kept unwinding:
+/// a panic in one request's path must end that request's connection only. This
+/// checks that pingora's request path isolates a panic (a request in flight on
+/// another connection completes, and the next one is served), and that the
+/// workspace's release profile has not been switched to abort.
+#[test]
+fn a_panic_in_one_request_leaves_other_connections_alone() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml")).unwrap();
+    let manifest: toml::Table = manifest.parse().unwrap();
+    let release_panic = manifest
+        .get("profile")
+        .and_then(|p| p.get("release"))
+        .and_then(|r| r.get("panic"))
+        .and_then(|p| p.as_str());
+    assert_ne!(
+        release_panic,
+        Some("abort"),
+        "the release profile must unwind"
+    );
+
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let (received, heard) = mpsc::channel();
+    let upstream = gated_backend(Arc::clone(&gate), received);
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    std::thread::spawn(move || {
+        let conf = pingora_core::server::configuration::ServerConf {
+            threads: 1,
+            ..Default::default()
+        };
+        let mut server = pingora_core::server::Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+        let mut proxy =
+            pingora_proxy::http_proxy_service(&server.configuration, Panicky { upstream });
+        proxy.add_tcp(&listen.to_string());
+        server.add_service(proxy);
+        server.run_forever();
+    });
+    // The proxy is up once it forwards a request (the gate is still closed, so
+    // this one stays in flight at the backend).
+    let in_flight = loop {
+        if let Ok(conn) = std::net::TcpStream::connect(listen) {
+            drop(conn);
+            break send(listen, "/held");
+        }
+        std::thread::yield_now();
+    };
+    heard
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the backend saw the first request");
+
+    let panicked = read_all(send(listen, "/panic"));
+    assert!(
+        !panicked.contains("200 OK"),
+        "the panicking request was not answered by the backend: {panicked:?}"
+    );
+
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    let first = read_all(in_flight);
+    assert!(first.starts_with("HTTP/1.1 200"), "in flight: {first:?}");
+    let next = read_all(send(listen, "/after"));
+    assert!(
+        next.starts_with("HTTP/1.1 200"),
+        "after the panic: {next:?}"
     );
 }
