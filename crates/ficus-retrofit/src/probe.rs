@@ -66,18 +66,22 @@ async fn attempt(tx: &Transaction<'_>, statement: &str) -> std::result::Result<u
 /// Runs every attack on every enabled or enforced tenant-owned table.
 pub async fn probe(client: &mut Client, plan: &Plan) -> Result<Probe> {
     let mut findings = Vec::new();
-    // The helpers: never callable by PUBLIC, never with a mutable search_path.
+    // The helpers: never callable by PUBLIC; a helper that runs with its owner's
+    // rights never with a mutable search_path (one that runs with its caller's,
+    // the setting mode's, gives a caller nothing it does not have).
     for f in ["current_tenant_id", "default_tenant_id"] {
         let row = client
             .query_opt(
                 "SELECT has_function_privilege('public', p.oid, 'EXECUTE'),
-                        coalesce(p.proconfig, '{}') @> ARRAY['search_path=\"\"']
+                        coalesce(p.proconfig, '{}') @> ARRAY['search_path=\"\"'],
+                        p.prosecdef
                  FROM pg_proc p WHERE p.pronamespace = to_regnamespace('tenancy_private') AND p.proname = $1",
                 &[&f],
             )
             .await
             .map_err(sql("reading the helpers"))?;
-        let (public, pinned) = row.map_or((false, true), |r| (r.get(0), r.get(1)));
+        let (public, pinned, definer) =
+            row.map_or((false, true, true), |r| (r.get(0), r.get(1), r.get(2)));
         findings.push(Finding {
             table: format!("tenancy_private.{f}()"),
             role: "public".into(),
@@ -93,11 +97,13 @@ pub async fn probe(client: &mut Client, plan: &Plan) -> Result<Probe> {
             table: format!("tenancy_private.{f}()"),
             role: "any".into(),
             attack: "change search_path before calling".into(),
-            leak: !pinned,
-            detail: if pinned {
+            leak: definer && !pinned,
+            detail: if !definer {
+                "it runs with its caller's rights, every name in it schema-qualified".into()
+            } else if pinned {
                 "its search_path is pinned to ''".into()
             } else {
-                "it runs with the caller's search_path".into()
+                "it runs with the owner's rights and the caller's search_path".into()
             },
         });
     }
