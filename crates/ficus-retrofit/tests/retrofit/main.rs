@@ -723,8 +723,8 @@ async fn an_invalid_index_left_by_a_failed_build_is_rebuilt() {
     );
 }
 
-/// Rows of `table` a role sees, in a tenant context (or none).
-async fn rows_seen(url: &str, role: &str, table: &str, tenant: Option<&str>) -> i64 {
+/// A session as `role`, in a tenant context (or none) for the session.
+async fn session_as(url: &str, role: &str, tenant: Option<&str>) -> tokio_postgres::Client {
     let c = connect(&url.replace("postgres://postgres@", &format!("postgres://{role}@")))
         .await
         .unwrap();
@@ -734,6 +734,12 @@ async fn rows_seen(url: &str, role: &str, table: &str, tenant: Option<&str>) -> 
     )
     .await
     .unwrap();
+    c
+}
+
+/// Rows of `table` a role sees, in a tenant context (or none).
+async fn rows_seen(url: &str, role: &str, table: &str, tenant: Option<&str>) -> i64 {
+    let c = session_as(url, role, tenant).await;
     c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await
         .unwrap()
@@ -871,17 +877,8 @@ async fn enforcement_goes_one_proved_phase_at_a_time_and_back() {
     // The setting mode's helper is inlined into the policy: a tenant role's plan
     // reads the setting itself, once per query, and calls no helper (one call
     // per query made a point lookup 1.39× the cost of no row level security).
-    let tenant = connect(
-        &db.url
-            .replace("postgres://postgres@", "postgres://ficus_tenant@"),
-    )
-    .await
-    .unwrap();
-    tenant
-        .execute("SELECT set_config('ficus.tenant_id', $1, false)", &[&zero])
+    let explained = session_as(&db.url, "ficus_tenant", Some(&zero))
         .await
-        .unwrap();
-    let explained = tenant
         .query("EXPLAIN (VERBOSE) SELECT count(*) FROM customers", &[])
         .await
         .unwrap()
