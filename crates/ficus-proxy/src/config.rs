@@ -58,6 +58,9 @@ pub struct Settings {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
+    /// How long a request that arrives before the first routing table is
+    /// loaded waits for it before it is refused with 503.
+    pub first_table_wait: Duration,
     pub legacy: BackendConfig,
     pub new: BackendConfig,
     /// Every backend of the new side by name: `new` and any other service
@@ -331,6 +334,7 @@ struct RawProxy {
     max_body_bytes: Option<u64>,
     max_header_bytes: Option<usize>,
     drain_timeout_ms: Option<u64>,
+    first_table_wait_ms: Option<u64>,
     traffic_flush_ms: Option<Spanned<u64>>,
     tenant_label_cap: Option<usize>,
     tenant_config_path: Option<Spanned<String>>,
@@ -645,6 +649,7 @@ impl Config {
             max_body_bytes: p.max_body_bytes.unwrap_or(10 * 1024 * 1024),
             max_header_bytes: p.max_header_bytes.unwrap_or(64 * 1024),
             drain_timeout: Duration::from_millis(p.drain_timeout_ms.unwrap_or(30_000)),
+            first_table_wait: Duration::from_millis(p.first_table_wait_ms.unwrap_or(5_000)),
             legacy,
             new,
             services,

@@ -239,6 +239,7 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
                 Box::pin(table::follow(
                     url.clone(),
                     Arc::clone(&shared.table),
+                    Arc::clone(&shared.table_loaded),
                     Arc::clone(&shared.health),
                     Arc::clone(&shared.store),
                     shutdown,

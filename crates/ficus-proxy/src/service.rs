@@ -44,6 +44,9 @@ use crate::table::{RoutingTable, StoreHealth};
 pub struct Shared {
     pub settings: ArcSwap<Settings>,
     pub table: Arc<ArcSwapOption<RoutingTable>>,
+    /// Woken when a routing table is loaded: requests that arrived before the
+    /// first one wait for it.
+    pub table_loaded: Arc<tokio::sync::Notify>,
     pub health: Arc<StoreHealth>,
     pub metrics: Metrics,
     pub traffic: LegacyTraffic,
@@ -76,6 +79,7 @@ impl Shared {
             store,
             settings: ArcSwap::from_pointee(settings),
             table: Arc::new(ArcSwapOption::empty()),
+            table_loaded: Arc::default(),
             health: Arc::new(StoreHealth::default()),
             traffic: LegacyTraffic::default(),
             census: Census::default(),
@@ -184,6 +188,26 @@ fn valid_host(host: &[u8]) -> bool {
 }
 
 impl Ficus {
+    /// The routing table; a request that arrives before the first one is
+    /// loaded (a replica that has just started and is already reachable, by
+    /// a load balancer that never saw it down) waits for it, up to `wait`,
+    /// instead of being refused at once.
+    async fn first_table(&self, wait: Duration) -> Option<Arc<RoutingTable>> {
+        if let Some(t) = self.shared.table.load_full() {
+            return Some(t);
+        }
+        let loaded = self.shared.table_loaded.notified();
+        tokio::pin!(loaded);
+        // Registered before the second look, so a table stored in between
+        // cannot be missed.
+        loaded.as_mut().enable();
+        if let Some(t) = self.shared.table.load_full() {
+            return Some(t);
+        }
+        let _ = tokio::time::timeout(wait, loaded).await;
+        self.shared.table.load_full()
+    }
+
     /// The backend a side stands for: legacy, or the new side's `service`
     /// (`new` when `None`, or when it is not configured any more after a reload).
     fn backend_config<'s>(
@@ -428,7 +452,7 @@ impl ProxyHttp for Ficus {
             }
         }
 
-        let Some(table) = self.shared.table.load_full() else {
+        let Some(table) = self.first_table(settings.first_table_wait).await else {
             return Err(refuse(503, "the routing table is not loaded yet"));
         };
         let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());

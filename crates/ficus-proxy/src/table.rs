@@ -162,12 +162,14 @@ pub struct StoreHealth {
     pub failures: AtomicU64,
 }
 
-/// Keeps `table` current until `shutdown` turns true. Opens the store itself,
+/// Keeps `table` current until `shutdown` turns true, waking `loaded_signal`
+/// each time a table is loaded. Opens the store itself,
 /// retrying until it can, so a proxy started while the store is down still starts
 /// (not ready) and becomes ready when the store appears.
 pub async fn follow(
     url: StoreUrl,
     table: Arc<ArcSwapOption<RoutingTable>>,
+    loaded_signal: Arc<tokio::sync::Notify>,
     health: Arc<StoreHealth>,
     store_slot: Arc<std::sync::OnceLock<Arc<dyn ControlStore>>>,
     mut shutdown: watch::Receiver<bool>,
@@ -260,6 +262,7 @@ pub async fn follow(
             }
         }
         table.store(Some(Arc::new(loaded)));
+        loaded_signal.notify_waiters();
         tracing::info!(seq, "routing table loaded");
         let mut feed = store.subscribe(Some(seq));
         loop {

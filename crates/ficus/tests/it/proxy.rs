@@ -777,6 +777,46 @@ async fn a_tenant_flipped_under_1000_in_flight_requests_loses_none() {
     );
 }
 
+/// Regression (found by the soak, seed 1): a replica restarted behind a load
+/// balancer that had not yet seen it go down was sent requests before its
+/// routing table was loaded, and refused them with 503. Such a request now waits
+/// for the first table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_arrives_before_the_first_routing_table_waits_for_it() {
+    let (legacy, new) = (Backend::start("legacy").await, Backend::start("new").await);
+    let dir = tempfile::tempdir().unwrap();
+    // No store yet: the proxy starts, is not ready, and keeps trying to open it.
+    let store = format!("sqlite:{}", dir.path().join("ficus.db").display());
+    let proxy = Proxy::start_unready(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        proxy_extra: "first_table_wait_ms = 600000",
+        ..Default::default()
+    })
+    .await;
+    let ready = reqwest::get(proxy.admin_url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503, "no routing table can be loaded yet");
+    let (c, url) = (client(), proxy.url("/homes"));
+    let request = tokio::spawn(async move {
+        c.get(url)
+            .header("x-tenant-id", "acme")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    eventually(PATIENCE, || {
+        let proxy = &proxy;
+        async move { proxy.metrics().await.contains("ficus_in_flight_requests 1") }
+    })
+    .await;
+    sqlite_store(dir.path(), &[("acme", "legacy")]);
+    assert_eq!(request.await.unwrap().unwrap(), 200);
+    assert_eq!(legacy.count(), 1);
+    assert_eq!(new.count(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
     let Rig {

@@ -538,6 +538,35 @@ impl Proxy {
     /// Starts a proxy and waits until `/readyz` says it has a routing table and
     /// its listener accepts connections.
     pub async fn start(setup: ProxySetup<'_>) -> Proxy {
+        let mut proxy = Proxy::spawn(setup);
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Starts a proxy and waits only until its listener accepts connections,
+    /// whether or not it has a routing table yet.
+    pub async fn start_unready(setup: ProxySetup<'_>) -> Proxy {
+        let mut proxy = Proxy::spawn(setup);
+        let deadline = Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(proxy.addr).await.is_err() {
+            if let Some(status) = proxy
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("ficus proxy exited with {status}: {}", proxy.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ficus proxy did not listen within {PATIENCE:?}: {}",
+                proxy.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        proxy
+    }
+
+    fn spawn(setup: ProxySetup<'_>) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -554,16 +583,14 @@ impl Proxy {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
-        let mut proxy = Proxy {
+        Proxy {
             child: Some(child),
             addr,
             admin,
             config,
             log,
             _dir: dir,
-        };
-        proxy.wait_ready().await;
-        proxy
+        }
     }
 
     async fn wait_ready(&mut self) {
