@@ -132,6 +132,16 @@ pub struct Ctx {
     read_timeout: Option<Duration>,
     body_bytes: u64,
     connect_failures: usize,
+    /// The upstream (index into the backend's peers) this attempt went to.
+    upstream: Option<usize>,
+    /// Upstreams this request has been sent to or refused by, as bits (the
+    /// 64th and later all share the last bit).
+    tried: u64,
+    /// A safe read without a body on a route without side effects: an answer
+    /// of 5xx, or none in time, from one upstream may be asked of the next.
+    may_fail_over: bool,
+    /// It was, once: a request fails over at most once.
+    failed_over: bool,
     in_flight: bool,
     /// A shadow comparison admitted in `request_filter`, started in
     /// `upstream_request_filter` once the forwarded headers are final.
@@ -157,6 +167,11 @@ fn now() -> Timestamp {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     Timestamp::from_unix_millis(d.as_millis() as i64)
+}
+
+/// An upstream's bit in [`Ctx::tried`].
+fn bit(upstream: usize) -> u64 {
+    1 << upstream.min(63)
 }
 
 /// An error the proxy answers itself, with its status and a message for the body.
@@ -188,6 +203,49 @@ fn valid_host(host: &[u8]) -> bool {
 }
 
 impl Ficus {
+    /// Whether this attempt may fail over to the backend's next upstream, and
+    /// if so, marks it as having done so and tells the guard and the metrics
+    /// about the failed attempt: the client is spared the failure, the guard
+    /// must not be.
+    fn fail_over(&self, ctx: &mut Ctx) -> bool {
+        let Some(backend) = ctx.backend else {
+            return false;
+        };
+        let upstreams = Ficus::backend_config(&ctx.settings, backend, ctx.service.as_deref())
+            .peers
+            .len();
+        // Only to an upstream this request has not been to yet.
+        let untried = (0..upstreams).any(|k| ctx.tried & bit(k) == 0);
+        if !ctx.may_fail_over || ctx.failed_over || !untried {
+            return false;
+        }
+        ctx.failed_over = true;
+        self.shared.metrics.upstream_error(backend, "failover");
+        self.observe_for_guard(ctx, true);
+        true
+    }
+
+    /// What the guard watches: what new answers migrated tenants (a write
+    /// route released for one tenant, a canary, on its own; the rest by tenant).
+    fn observe_for_guard(&self, ctx: &Ctx, bad: bool) {
+        if let (Some(tenant), Some(Backend::New), Some(Stage::Migrated)) =
+            (&ctx.tenant, ctx.backend, ctx.effective)
+        {
+            let signal = Signal::Answer {
+                bad,
+                micros: ctx.started.elapsed().as_micros() as u64,
+            };
+            let watch = if ctx.canary {
+                Watch::Route(tenant.clone(), ctx.route.clone())
+            } else {
+                Watch::Tenant(tenant.clone())
+            };
+            self.shared
+                .guard
+                .observe(&watch, signal, &ctx.settings.guard);
+        }
+    }
+
     /// The routing table; a request that arrives before the first one is
     /// loaded (a replica that has just started and is already reachable, by
     /// a load balancer that never saw it down) waits for it, up to `wait`,
@@ -371,6 +429,10 @@ impl ProxyHttp for Ficus {
             read_timeout: None,
             body_bytes: 0,
             connect_failures: 0,
+            upstream: None,
+            tried: 0,
+            may_fail_over: false,
+            failed_over: false,
             in_flight: false,
             admitted: None,
             pending: None,
@@ -562,6 +624,7 @@ impl ProxyHttp for Ficus {
             req.method,
             http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
         );
+        ctx.may_fail_over = safe_method && !has_body && !side_effects;
         // Only a safe read without a body, on a route with no side effects.
         if let (Some((served_by, compare_with)), Some(tenant), true, false, false) =
             (pair, &ctx.tenant, safe_method, has_body, side_effects)
@@ -609,7 +672,20 @@ impl ProxyHttp for Ficus {
             Backend::Legacy => &self.shared.next_legacy,
             Backend::New => &self.shared.next_new,
         };
-        let mut peer = conf.peers[next.fetch_add(1, Ordering::Relaxed) % conf.peers.len()].clone();
+        let n = conf.peers.len();
+        // A retry (a refused connection, a failed-over read) goes to the
+        // upstream after the one that failed, not wherever the shared counter
+        // has got to meanwhile, which may be the same one.
+        let i = match ctx.upstream {
+            Some(failed) => (1..=n)
+                .map(|k| (failed + k) % n)
+                .find(|&k| ctx.tried & bit(k) == 0)
+                .unwrap_or((failed + 1) % n),
+            None => next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        ctx.upstream = Some(i);
+        ctx.tried |= bit(i);
+        let mut peer = conf.peers[i].clone();
         if let Some(t) = ctx.read_timeout {
             peer.options.read_timeout = Some(t);
         }
@@ -634,6 +710,54 @@ impl ProxyHttp for Ficus {
             e.set_retry(true);
         }
         e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        // pingora's own rule first: an idempotent request whose connection was
+        // reused and closed under it may be sent again.
+        let mut e = e.more_context(format!("peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        // Then Ficus's: a safe read one upstream did not answer in time is
+        // asked of the next, once, if nothing of an answer was sent yet.
+        if matches!(e.etype(), ErrorType::ReadTimedout)
+            && session.response_written().is_none()
+            && self.fail_over(ctx)
+        {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // A safe read one upstream answered with a server error is asked of
+        // the next, once: the client gets the answer of an upstream that can
+        // give one. Nothing has been sent to the client yet at this point.
+        if upstream_response.status.is_server_error() && self.fail_over(ctx) {
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(upstream_response.status.as_u16()),
+                "the upstream answered with a server error; asking the next one",
+            );
+            e.set_retry(true);
+            return Err(e.into_up());
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -877,24 +1001,7 @@ impl ProxyHttp for Ficus {
             ctx.started.elapsed(),
             ctx.tenant.as_ref(),
         );
-        // The guard watches what new answers migrated tenants: a write route
-        // released for one tenant (a canary) on its own, the rest by tenant.
-        if let (Some(tenant), Some(Backend::New), Some(Stage::Migrated)) =
-            (&ctx.tenant, ctx.backend, ctx.effective)
-        {
-            let signal = Signal::Answer {
-                bad: status >= 500,
-                micros: ctx.started.elapsed().as_micros() as u64,
-            };
-            let watch = if ctx.canary {
-                Watch::Route(tenant.clone(), ctx.route.clone())
-            } else {
-                Watch::Tenant(tenant.clone())
-            };
-            self.shared
-                .guard
-                .observe(&watch, signal, &ctx.settings.guard);
-        }
+        self.observe_for_guard(ctx, status >= 500);
         // One clock read for both counts below.
         let at = now();
         if let Some(b) = ctx.backend

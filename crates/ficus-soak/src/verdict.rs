@@ -141,9 +141,14 @@ pub fn cause(r: &Record, faults: &[FaultRecord], lb: &HashMap<String, LbLine>) -
     for f in faults {
         match f.kind {
             Some(Fault::KillReplica) => {
-                let on_it = lb
-                    .get(&r.id)
-                    .is_some_and(|l| Some(&l.server) == f.replica.as_ref());
+                // On the killed replica by HAProxy's log; or cut at the
+                // connection level with no line in it at all (HAProxy closed
+                // the client's connection instead of answering for a write
+                // it could not retry; seed 1 showed one).
+                let on_it = match lb.get(&r.id) {
+                    Some(l) => Some(&l.server) == f.replica.as_ref(),
+                    None => r.status.is_none(),
+                };
                 if on_it && r.sent_ms <= f.at_ms && r.done_ms >= f.at_ms {
                     return Cause::InFlightOnKilledReplica;
                 }
@@ -517,6 +522,21 @@ mod tests {
         // In flight then, but on the live replica.
         check(
             record("soak-a-2", "a", 900, 1_100, Some(502)),
+            Cause::Unexplained,
+        );
+        // In flight then, cut below HTTP, and never logged by HAProxy.
+        check(
+            record("soak-a-3", "a", 999, 1_018, None),
+            Cause::InFlightOnKilledReplica,
+        );
+        // Not logged, but answered: not a connection-level failure.
+        check(
+            record("soak-a-4", "a", 999, 1_018, Some(502)),
+            Cause::Unexplained,
+        );
+        // Cut below HTTP, but sent after the kill.
+        check(
+            record("soak-a-5", "a", 1_001, 1_018, None),
             Cause::Unexplained,
         );
         check(
