@@ -100,6 +100,9 @@ pub async fn run(args: Args) -> Result<Verdict> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let dir = args.out.clone();
+    // The burst's records are appended to this file; a run must not judge an
+    // earlier run's (regression: a rerun with the same seed counted both).
+    std::fs::File::create(dir.join("burst.jsonl"))?;
     say.line(&format!(
         "soak seed {}: {} minutes, faults in this order: {}",
         args.seed,

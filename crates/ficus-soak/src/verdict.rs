@@ -136,22 +136,28 @@ pub enum Cause {
 /// send the tenant to the broken backend.
 const PROPAGATION_MS: u64 = 1_000;
 
+/// Whether `r` was in flight on the replica `kill` killed, at that instant:
+/// by HAProxy's log (sent there, or moved from there to the other replica), or
+/// cut at the connection level with no line in the log at all (HAProxy closed
+/// the client's connection instead of answering for a write it could not
+/// retry; seed 1 showed one).
+fn in_flight_on_killed(r: &Record, kill: &FaultRecord, lb: &HashMap<String, LbLine>) -> bool {
+    let there = match lb.get(&r.id) {
+        Some(l) => Some(&l.server) == kill.replica.as_ref() || l.retried,
+        None => r.status.is_none(),
+    };
+    there && r.sent_ms <= kill.at_ms && r.done_ms >= kill.at_ms
+}
+
 /// The cause of a failed request, from the faults and the load balancer's log.
 pub fn cause(r: &Record, faults: &[FaultRecord], lb: &HashMap<String, LbLine>) -> Cause {
     for f in faults {
         match f.kind {
-            Some(Fault::KillReplica) => {
-                // On the killed replica by HAProxy's log; or cut at the
-                // connection level with no line in it at all (HAProxy closed
-                // the client's connection instead of answering for a write
-                // it could not retry; seed 1 showed one).
-                let on_it = match lb.get(&r.id) {
-                    Some(l) => Some(&l.server) == f.replica.as_ref(),
-                    None => r.status.is_none(),
-                };
-                if on_it && r.sent_ms <= f.at_ms && r.done_ms >= f.at_ms {
-                    return Cause::InFlightOnKilledReplica;
-                }
+            // Moved to the live replica by HAProxy and failed there: not this.
+            Some(Fault::KillReplica)
+                if in_flight_on_killed(r, f, lb) && !lb.get(&r.id).is_some_and(|l| l.retried) =>
+            {
+                return Cause::InFlightOnKilledReplica;
             }
             Some(Fault::BreakNewForTenant) => {
                 // Until the rollback reached the replicas: the store's change
@@ -341,11 +347,7 @@ pub async fn judge(
     {
         let caught: Vec<&Record> = records
             .iter()
-            .filter(|r| r.sent_ms <= f.at_ms && r.done_ms >= f.at_ms)
-            .filter(|r| {
-                lb.get(&r.id)
-                    .is_some_and(|l| Some(&l.server) == f.replica.as_ref() || l.retried)
-            })
+            .filter(|r| in_flight_on_killed(r, f, lb))
             .collect();
         let failed = caught.iter().filter(|r| !r.ok()).count();
         let moved = caught
