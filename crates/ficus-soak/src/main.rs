@@ -77,9 +77,14 @@ fn main() -> Result<()> {
             rate,
             homes,
             log,
-        } => rt.block_on(client::run(run::client_args(
-            target, tenant, zero, rate, homes, log,
-        ))),
+        } => rt.block_on(client::run(client::Args {
+            target,
+            tenant,
+            zero,
+            rate,
+            homes,
+            log,
+        })),
         Command::Run {
             minutes,
             seed,

@@ -22,7 +22,7 @@ use ficus_testkit::PgCluster;
 use tokio::io::AsyncBufReadExt;
 
 use crate::chaos::{Chaos, Mode};
-use crate::client::{self, Record, now_ms};
+use crate::client::{Record, now_ms};
 use crate::schedule::{Fault, Rng, Schedule};
 use crate::verdict::{self, FaultRecord, Verdict};
 use crate::world::{Client, Haproxy, Replica, Upstreams};
@@ -94,6 +94,24 @@ struct Topology {
     clients: Vec<Client>,
 }
 
+impl Topology {
+    /// A client process for each of these tenants (born from billing events,
+    /// so not tenant zero), reading and saving through HAProxy from now on.
+    fn add_clients(&mut self, dir: &Path, args: &Args, tenants: &[String]) -> Result<()> {
+        for slug in tenants {
+            self.clients.push(Client::start(
+                dir,
+                &self.haproxy.addr,
+                slug,
+                false,
+                args.rate,
+                args.homes,
+            )?);
+        }
+        Ok(())
+    }
+}
+
 pub async fn run(args: Args) -> Result<Verdict> {
     let say = Say(Instant::now());
     let schedule = Schedule::draw(args.seed);
@@ -140,17 +158,8 @@ pub async fn run(args: Args) -> Result<Verdict> {
     say.line("POST /homes released for every tenant");
     let mut rng = Rng::new(args.seed ^ 0x5eed);
     let first = provision(&topo, &args, &mut rng, 0, 2, false, &say).await?;
-    for slug in &first {
-        topo.clients.push(Client::start(
-            &dir,
-            &topo.haproxy.addr,
-            slug,
-            false,
-            args.rate,
-            args.homes,
-        )?);
-    }
-    let mut provisioned = first.clone();
+    topo.add_clients(&dir, &args, &first)?;
+    let mut provisioned = first;
 
     // The fault window: whatever is left of the soak's time, at least enough
     // for every fault and its recovery.
@@ -184,16 +193,7 @@ pub async fn run(args: Args) -> Result<Verdict> {
                 let start = now_ms();
                 let born =
                     provision(&topo, &args, &mut rng, 2, schedule.new_tenants, true, &say).await?;
-                for slug in &born {
-                    topo.clients.push(Client::start(
-                        &dir,
-                        &topo.haproxy.addr,
-                        slug,
-                        false,
-                        args.rate,
-                        args.homes,
-                    )?);
-                }
+                topo.add_clients(&dir, &args, &born)?;
                 provisioned.extend(born.iter().cloned());
                 FaultRecord::new(
                     *fault,
@@ -1043,22 +1043,4 @@ async fn retire(topo: &Topology, say: &Say) -> Result<()> {
     .await?;
     say.line("legacy retired");
     Ok(())
-}
-
-pub fn client_args(
-    target: String,
-    tenant: String,
-    zero: bool,
-    rate: u32,
-    homes: u32,
-    log: PathBuf,
-) -> client::Args {
-    client::Args {
-        target,
-        tenant,
-        zero,
-        rate,
-        homes,
-        log,
-    }
 }
