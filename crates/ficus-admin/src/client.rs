@@ -374,6 +374,9 @@ impl Control for Remote {
         let params = serde_json::json!({
             "tenant": filter.tenant.as_ref().map(TenantId::as_str),
             "since": filter.since.map(ficus_store::format_time),
+            "until": filter.until.map(ficus_store::format_time),
+            "actor": filter.actor,
+            "to": filter.to.map(Stage::as_str),
             "limit": filter.limit,
         });
         self.get(&with_query("/v1/audit", &params)).await

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod provision;
 pub mod server;
 pub mod token;
+pub mod ui;
 
 use ficus_store::StoreError;
 

@@ -61,6 +61,12 @@ pub struct GateOverrides {
 pub struct AuditFilter {
     pub tenant: Option<TenantId>,
     pub since: Option<Timestamp>,
+    /// Only events before this time.
+    pub until: Option<Timestamp>,
+    /// Only events of this actor (`guard`, `cli`, `token:NAME`, …).
+    pub actor: Option<String>,
+    /// Only events that moved a tenant to this stage.
+    pub to: Option<Stage>,
     pub limit: Option<u64>,
 }
 
@@ -477,8 +483,8 @@ impl Control for Direct {
             .store
             .audit(AuditQuery {
                 tenant: Some(id.clone()),
-                since: None,
                 limit: Some(events),
+                ..AuditQuery::default()
             })
             .await?;
         let stats = self
@@ -1096,6 +1102,9 @@ impl Control for Direct {
             .audit(AuditQuery {
                 tenant: filter.tenant,
                 since: filter.since,
+                until: filter.until,
+                actor: filter.actor,
+                to: filter.to,
                 limit: filter.limit,
             })
             .await?;

@@ -12,12 +12,13 @@ use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use ficus_core::{Actor, Timestamp};
+use ficus_core::{Stage, Timestamp};
 use ficus_store::{ControlStore, StoreError};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -28,6 +29,7 @@ use crate::api::{
 };
 use crate::ops::{self, AuditFilter, Control, Direct, GateOverrides};
 use crate::provision::{self, Hooks};
+use crate::token::{Identity, Scope};
 use crate::{Error, token};
 
 /// Request bodies larger than this are refused: no call needs more.
@@ -127,8 +129,9 @@ pub fn router_with(store: StoreSlot, hooks: Hooks) -> Router {
         });
     hook.merge(
         api.route_layer(middleware::from_fn_with_state(store.clone(), authorize))
-            .with_state(store),
+            .with_state(store.clone()),
     )
+    .merge(crate::ui::router(store))
 }
 
 /// An error on its way to becoming a response: the one place that decides status
@@ -165,18 +168,24 @@ fn store_status(e: &StoreError) -> StatusCode {
     }
 }
 
+/// The status an operation's error answers with, in the API and the dashboard
+/// alike.
+pub(crate) fn status_of(e: &Error) -> StatusCode {
+    match e {
+        Error::Invalid(_) => StatusCode::BAD_REQUEST,
+        Error::Refused(_) => StatusCode::CONFLICT,
+        Error::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+        Error::Store(s) => store_status(s),
+        Error::Remote { .. } | Error::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, message) = match self {
             ApiError::Status(s, m) => (s, m),
             ApiError::Op(e) => {
-                let status = match &e {
-                    Error::Invalid(_) => StatusCode::BAD_REQUEST,
-                    Error::Refused(_) => StatusCode::CONFLICT,
-                    Error::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
-                    Error::Store(s) => store_status(s),
-                    Error::Remote { .. } | Error::Unreachable { .. } => StatusCode::BAD_GATEWAY,
-                };
+                let status = status_of(&e);
                 if status.is_server_error() {
                     tracing::error!(error = %e, "api: operation failed");
                 }
@@ -229,11 +238,52 @@ async fn authorize(State(slot): State<StoreSlot>, request: Request, next: Next) 
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    match store.setting(token::SETTING).await {
-        Ok(Some(stored)) if token::matches(presented, &stored) => next.run(request).await,
-        Ok(Some(_)) => refuse("wrong token"),
-        Ok(None) => refuse("no API token is set; run `ficus token rotate` on the control store"),
-        Err(e) => ApiError::Op(Error::Store(e)).into_response(),
+    match token::identify(&*store, presented).await {
+        Ok(Some(who)) => {
+            let reads = matches!(method, Method::GET | Method::HEAD);
+            if who.scope == Scope::Viewer && !reads {
+                tracing::warn!(%method, path, token = who.name(), "api: viewer token refused a change");
+                return ApiError::Status(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the token {} is a viewer's: it may read, not change; use an operator's token",
+                        who.name()
+                    ),
+                )
+                .into_response();
+            }
+            let mut request = request;
+            request.extensions_mut().insert(who);
+            next.run(request).await
+        }
+        Ok(None) => match token::any(&*store).await {
+            Ok(true) => refuse("wrong token"),
+            Ok(false) => {
+                refuse("no API token is set; run `ficus token rotate` on the control store")
+            }
+            Err(e) => ApiError::Op(e).into_response(),
+        },
+        Err(e) => ApiError::Op(e).into_response(),
+    }
+}
+
+/// The identity [`authorize`] found for the request's token.
+pub struct Who(pub Identity);
+
+impl<S: Send + Sync> FromRequestParts<S> for Who {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Identity>()
+            .copied()
+            .map(Who)
+            .ok_or_else(|| {
+                // Only a route mounted outside `authorize` could get here: a bug, and
+                // refused rather than served as nobody.
+                ApiError::Status(StatusCode::UNAUTHORIZED, "no token was checked".to_string())
+            })
     }
 }
 
@@ -248,8 +298,8 @@ fn open_store(slot: &StoreSlot) -> Result<Arc<dyn ControlStore>, ApiError> {
     })
 }
 
-fn control(slot: &StoreSlot) -> Result<Direct, ApiError> {
-    open_store(slot).map(|s| Direct::new(s, Actor::Api))
+fn control(slot: &StoreSlot, who: &Who) -> Result<Direct, ApiError> {
+    open_store(slot).map(|s| Direct::new(s, who.0.actor))
 }
 
 /// A JSON body read with the API's own limit and errors.
@@ -350,19 +400,21 @@ struct ListQuery {
 
 async fn list(
     State(slot): State<StoreSlot>,
+    who: Who,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::TenantsJson> {
     let q = query(q)?;
     let stage = q.stage.as_deref().map(ops::stage).transpose()?;
-    Ok(axum::Json(control(&slot)?.tenants(stage).await?))
+    Ok(axum::Json(control(&slot, &who)?.tenants(stage).await?))
 }
 
 async fn add(
     State(slot): State<StoreSlot>,
+    who: Who,
     JsonBody(body): JsonBody<AddRequest>,
 ) -> Result<(StatusCode, axum::Json<crate::api::TenantEnvelope>), ApiError> {
     reason(&body.reason)?;
-    let created = control(&slot)?.add(body).await?;
+    let created = control(&slot, &who)?.add(body).await?;
     Ok((StatusCode::CREATED, axum::Json(created)))
 }
 
@@ -374,35 +426,40 @@ struct ShowQuery {
 
 async fn show(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     q: Result<Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::ShowJson> {
     let q = query(q)?;
     let events = q.events.unwrap_or(10).min(1_000);
-    Ok(axum::Json(control(&slot)?.show(&id(&raw)?, events).await?))
+    Ok(axum::Json(
+        control(&slot, &who)?.show(&id(&raw)?, events).await?,
+    ))
 }
 
 async fn stage(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<StageRequest>,
 ) -> ApiResult<crate::api::TenantEnvelope> {
     let version = if_match_version(&headers)?;
     reason(&body.reason)?;
-    let c = control(&slot)?;
+    let c = control(&slot, &who)?;
     Ok(axum::Json(c.stage(&id(&raw)?, body, Some(version)).await?))
 }
 
 async fn promote(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<PromoteRequest>,
 ) -> ApiResult<crate::api::TenantEnvelope> {
     let version = if_match_version(&headers)?;
     reason(&body.reason)?;
-    let c = control(&slot)?;
+    let c = control(&slot, &who)?;
     Ok(axum::Json(
         c.promote(&id(&raw)?, body, Some(version)).await?,
     ))
@@ -410,13 +467,14 @@ async fn promote(
 
 async fn rollback(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RollbackRequest>,
 ) -> ApiResult<crate::api::TenantEnvelope> {
     let version = if_match_version(&headers)?;
     reason(&body.reason)?;
-    let c = control(&slot)?;
+    let c = control(&slot, &who)?;
     Ok(axum::Json(
         c.rollback(&id(&raw)?, body, Some(version)).await?,
     ))
@@ -424,20 +482,24 @@ async fn rollback(
 
 async fn readiness(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     q: Result<Query<GateOverrides>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::ReadinessJson> {
     let overrides = query(q)?;
-    let c = control(&slot)?;
+    let c = control(&slot, &who)?;
     Ok(axum::Json(c.readiness(&id(&raw)?, &overrides).await?))
 }
 
 async fn readiness_all(
     State(slot): State<StoreSlot>,
+    who: Who,
     q: Result<Query<GateOverrides>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::ReadinessAllJson> {
     let overrides = query(q)?;
-    Ok(axum::Json(control(&slot)?.readiness_all(&overrides).await?))
+    Ok(axum::Json(
+        control(&slot, &who)?.readiness_all(&overrides).await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -449,12 +511,13 @@ struct MismatchQuery {
 
 async fn mismatches(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     q: Result<Query<MismatchQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::MismatchesJson> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(10).min(1_000);
-    let c = control(&slot)?;
+    let c = control(&slot, &who)?;
     Ok(axum::Json(
         c.mismatches(&id(&raw)?, q.endpoint.as_deref(), limit)
             .await?,
@@ -466,62 +529,79 @@ async fn mismatches(
 struct AuditQueryParams {
     tenant: Option<String>,
     since: Option<String>,
+    until: Option<String>,
+    actor: Option<String>,
+    to: Option<String>,
     limit: Option<u64>,
+}
+
+/// An RFC 3339 time from a query parameter.
+fn time_param(name: &str, raw: Option<&str>) -> Result<Option<Timestamp>, ApiError> {
+    raw.map(|raw| {
+        humantime::parse_rfc3339_weak(raw)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| Timestamp::from_unix_millis(d.as_millis() as i64))
+            .ok_or_else(|| {
+                ApiError::Status(
+                    StatusCode::BAD_REQUEST,
+                    format!("{name} {raw:?} is not an RFC 3339 time (2026-11-21T10:00:00Z)"),
+                )
+            })
+    })
+    .transpose()
 }
 
 async fn audit(
     State(slot): State<StoreSlot>,
+    who: Who,
     q: Result<Query<AuditQueryParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::EventsJson> {
     let q = query(q)?;
-    let since = q
-        .since
-        .as_deref()
-        .map(|raw| {
-            humantime::parse_rfc3339_weak(raw)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| Timestamp::from_unix_millis(d.as_millis() as i64))
-                .ok_or_else(|| {
-                    ApiError::Status(
-                        StatusCode::BAD_REQUEST,
-                        format!("since {raw:?} is not an RFC 3339 time (2026-11-21T10:00:00Z)"),
-                    )
-                })
-        })
-        .transpose()?;
     let filter = AuditFilter {
         tenant: q.tenant.as_deref().map(id).transpose()?,
-        since,
+        since: time_param("since", q.since.as_deref())?,
+        until: time_param("until", q.until.as_deref())?,
+        actor: q.actor.filter(|a| !a.is_empty()),
+        to: q
+            .to
+            .as_deref()
+            .map(|raw| {
+                Stage::parse(raw)
+                    .map_err(|e| ApiError::Status(StatusCode::BAD_REQUEST, e.to_string()))
+            })
+            .transpose()?,
         limit: q.limit,
     };
-    Ok(axum::Json(control(&slot)?.audit(filter).await?))
+    Ok(axum::Json(control(&slot, &who)?.audit(filter).await?))
 }
 
-async fn status(State(slot): State<StoreSlot>) -> ApiResult<crate::api::StatusJson> {
-    Ok(axum::Json(control(&slot)?.status().await?))
+async fn status(State(slot): State<StoreSlot>, who: Who) -> ApiResult<crate::api::StatusJson> {
+    Ok(axum::Json(control(&slot, &who)?.status().await?))
 }
 
 async fn retire(
     State(slot): State<StoreSlot>,
+    who: Who,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RetireRequest>,
 ) -> ApiResult<crate::api::RetireJson> {
     let version = if_match(&headers)?;
     reason(&body.reason)?;
     Ok(axum::Json(
-        control(&slot)?.retire(body, Some(&version)).await?,
+        control(&slot, &who)?.retire(body, Some(&version)).await?,
     ))
 }
 
-async fn gate(State(slot): State<StoreSlot>) -> Result<Response, ApiError> {
-    let g = control(&slot)?.gate().await?;
+async fn gate(State(slot): State<StoreSlot>, who: Who) -> Result<Response, ApiError> {
+    let g = control(&slot, &who)?.gate().await?;
     let etag = format!("\"{}\"", gate_version(&g));
     Ok(([(header::ETAG, etag)], axum::Json(g)).into_response())
 }
 
 async fn set_gate(
     State(slot): State<StoreSlot>,
+    who: Who,
     headers: HeaderMap,
     JsonBody(body): JsonBody<GateRequest>,
 ) -> ApiResult<crate::api::GateJson> {
@@ -529,7 +609,7 @@ async fn set_gate(
     // thresholds than the stored ones is refused.
     let expected = if_match(&headers)?;
     reason(&body.reason)?;
-    let c = control(&slot)?;
+    let c = control(&slot, &who)?;
     let current = gate_version(&c.gate().await?);
     if expected != current {
         return Err(ApiError::Op(Error::PreconditionFailed(format!(
@@ -548,24 +628,26 @@ struct ConfigQuery {
 /// The configuration, with its version as the ETag a change must name.
 async fn config(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     q: Result<Query<ConfigQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let c = control(&slot)?.config(&id(&raw)?, q.version).await?;
+    let c = control(&slot, &who)?.config(&id(&raw)?, q.version).await?;
     let etag = format!("\"{}\"", c.version);
     Ok(([(header::ETAG, etag)], axum::Json(c)).into_response())
 }
 
 async fn set_config(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<ConfigRequest>,
 ) -> ApiResult<crate::api::ConfigJson> {
     let version = if_match_version(&headers)?;
     reason(&body.reason)?;
-    let c = control(&slot)?;
+    let c = control(&slot, &who)?;
     Ok(axum::Json(
         c.set_config(&id(&raw)?, body, Some(version)).await?,
     ))
@@ -573,22 +655,24 @@ async fn set_config(
 
 async fn config_history(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
 ) -> ApiResult<crate::api::ConfigHistoryJson> {
     Ok(axum::Json(
-        control(&slot)?.config_history(&id(&raw)?).await?,
+        control(&slot, &who)?.config_history(&id(&raw)?).await?,
     ))
 }
 
 async fn restore_config(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(raw): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RestoreRequest>,
 ) -> ApiResult<crate::api::ConfigJson> {
     let version = if_match_version(&headers)?;
     reason(&body.reason)?;
-    let c = control(&slot)?;
+    let c = control(&slot, &who)?;
     Ok(axum::Json(
         c.restore_config(&id(&raw)?, body, Some(version)).await?,
     ))
@@ -610,26 +694,31 @@ struct JobsQuery {
 
 async fn jobs(
     State(slot): State<StoreSlot>,
+    who: Who,
     q: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::JobsJson> {
     let q = query(q)?;
-    Ok(axum::Json(control(&slot)?.jobs(q.state.as_deref()).await?))
+    Ok(axum::Json(
+        control(&slot, &who)?.jobs(q.state.as_deref()).await?,
+    ))
 }
 
 async fn job(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(event): Path<String>,
 ) -> ApiResult<crate::api::JobJson> {
-    Ok(axum::Json(control(&slot)?.job(&event).await?))
+    Ok(axum::Json(control(&slot, &who)?.job(&event).await?))
 }
 
 /// Runs a pending job now. Not versioned: running a pending job's remaining
 /// steps again is what the resumer does anyway, and every step is idempotent.
 async fn retry_job(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(event): Path<String>,
 ) -> ApiResult<crate::api::JobJson> {
-    Ok(axum::Json(control(&slot)?.retry_job(&event).await?))
+    Ok(axum::Json(control(&slot, &who)?.retry_job(&event).await?))
 }
 
 #[derive(Deserialize)]
@@ -640,56 +729,66 @@ struct RoutesQuery {
 
 async fn routes(
     State(slot): State<StoreSlot>,
+    who: Who,
     q: Result<Query<RoutesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::RoutesJson> {
     let q = query(q)?;
     let tenant = q.tenant.as_deref().map(id).transpose()?;
-    Ok(axum::Json(control(&slot)?.routes(tenant.as_ref()).await?))
+    Ok(axum::Json(
+        control(&slot, &who)?.routes(tenant.as_ref()).await?,
+    ))
 }
 
 /// Sets a route's stage against the version in `If-Match` (0: never set).
 async fn route_stage(
     State(slot): State<StoreSlot>,
+    who: Who,
     headers: HeaderMap,
     JsonBody(body): JsonBody<crate::api::RouteStageRequest>,
 ) -> ApiResult<crate::api::RouteStageJson> {
     let version = if_match_version(&headers)?;
     reason(&body.reason)?;
     Ok(axum::Json(
-        control(&slot)?.route_stage(body, Some(version)).await?,
+        control(&slot, &who)?
+            .route_stage(body, Some(version))
+            .await?,
     ))
 }
 
 async fn release_route(
     State(slot): State<StoreSlot>,
+    who: Who,
     JsonBody(body): JsonBody<crate::api::RouteReleaseRequest>,
 ) -> ApiResult<crate::api::RouteStageJson> {
     reason(&body.reason)?;
-    Ok(axum::Json(control(&slot)?.release_route(body).await?))
+    Ok(axum::Json(control(&slot, &who)?.release_route(body).await?))
 }
 
 async fn hold_route(
     State(slot): State<StoreSlot>,
+    who: Who,
     JsonBody(body): JsonBody<crate::api::RouteReleaseRequest>,
 ) -> ApiResult<crate::api::RouteStageJson> {
     reason(&body.reason)?;
-    Ok(axum::Json(control(&slot)?.hold_route(body).await?))
+    Ok(axum::Json(control(&slot, &who)?.hold_route(body).await?))
 }
 
 async fn mark_route(
     State(slot): State<StoreSlot>,
+    who: Who,
     JsonBody(body): JsonBody<crate::api::RouteMarkRequest>,
 ) -> ApiResult<crate::api::RouteJson> {
     reason(&body.reason)?;
-    Ok(axum::Json(control(&slot)?.mark_route(body).await?))
+    Ok(axum::Json(control(&slot, &who)?.mark_route(body).await?))
 }
 
 async fn write_default(
     State(slot): State<StoreSlot>,
+    who: Who,
     JsonBody(body): JsonBody<crate::api::WriteDefaultRequest>,
 ) -> ApiResult<crate::api::RoutesJson> {
     reason(&body.reason)?;
-    Ok(axum::Json(control(&slot)?.write_default(body).await?))
+    Ok(axum::Json(control(&slot, &who)?.write_default(body).await?))
 }
 
 #[derive(Deserialize)]
@@ -701,12 +800,13 @@ struct ClassQuery {
 
 async fn mismatch_classes(
     State(slot): State<StoreSlot>,
+    who: Who,
     q: Result<Query<ClassQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::api::ClassesJson> {
     let q = query(q)?;
     let tenant = q.tenant.as_deref().map(id).transpose()?;
     Ok(axum::Json(
-        control(&slot)?
+        control(&slot, &who)?
             .mismatch_classes(tenant.as_ref(), q.state.as_deref())
             .await?,
     ))
@@ -714,21 +814,27 @@ async fn mismatch_classes(
 
 async fn mismatch_class(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path(class): Path<String>,
 ) -> ApiResult<crate::api::ClassEnvelope> {
-    Ok(axum::Json(control(&slot)?.mismatch_class(&class).await?))
+    Ok(axum::Json(
+        control(&slot, &who)?.mismatch_class(&class).await?,
+    ))
 }
 
 /// Resolves, accepts or reopens a class. Not versioned: each is refused when
 /// the class already stands where it would put it.
 async fn change_class(
     State(slot): State<StoreSlot>,
+    who: Who,
     Path((class, action)): Path<(String, String)>,
     JsonBody(body): JsonBody<crate::api::ClassChangeRequest>,
 ) -> ApiResult<crate::api::ClassEnvelope> {
     reason(&body.reason)?;
     Ok(axum::Json(
-        control(&slot)?.change_class(&class, &action, body).await?,
+        control(&slot, &who)?
+            .change_class(&class, &action, body)
+            .await?,
     ))
 }
 

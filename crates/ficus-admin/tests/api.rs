@@ -13,6 +13,9 @@ use ficus_core::latency::Histogram;
 use ficus_core::{Actor, Backend, TenantId, Timestamp};
 use ficus_store::{ComparisonCount, ControlStore, LatencyReport, OpenMode, StoreUrl};
 
+#[path = "api/ui.rs"]
+mod ui;
+
 struct Api {
     base: String,
     token: String,

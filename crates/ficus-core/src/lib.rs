@@ -16,7 +16,7 @@ pub mod stage;
 pub mod tenant;
 pub mod time;
 
-pub use audit::{Actor, AuditEvent};
+pub use audit::{Actor, AuditEvent, TokenName};
 pub use progress::{Blocker, LegacyTraffic, Progress};
 pub use routing::{Backend, Decision, Route, RouteStages, UnknownTenant, decide};
 pub use stage::{Stage, Transition, TransitionError};

@@ -176,8 +176,12 @@ pub enum ValidationError {
     Name { value: String, why: String },
     #[error("unknown stage {value:?}: expected one of legacy, shadow, migrated")]
     Stage { value: String },
-    #[error("unknown actor {value:?}: expected one of cli, api, guard, provisioning")]
+    #[error(
+        "unknown actor {value:?}: expected one of cli, api, guard, provisioning, proxy or token:NAME"
+    )]
     Actor { value: String },
+    #[error("invalid token name {value:?}: use 1 to 32 lowercase letters, digits and underscores")]
+    TokenName { value: String },
 }
 
 #[cfg(test)]

@@ -807,6 +807,7 @@ async fn break_new(topo: &Topology, zero: &TenantId, say: &Say) -> Result<FaultR
             tenant: Some(zero.clone()),
             since: None,
             limit: Some(limit),
+            ..Default::default()
         })
     };
     let before = last_seq(&audit(1).await?);
@@ -885,6 +886,7 @@ async fn flip_under_load(
             tenant: Some(zero.clone()),
             since: None,
             limit: Some(limit),
+            ..Default::default()
         })
     };
     let before = audit(1).await?.events.last().map_or(0, |e| e.seq);

@@ -67,6 +67,13 @@ pub struct StageChange {
 pub struct AuditQuery {
     pub tenant: Option<TenantId>,
     pub since: Option<Timestamp>,
+    /// Only events before this time.
+    pub until: Option<Timestamp>,
+    /// Only events recorded by this actor (its stored spelling: `guard`,
+    /// `token:NAME`).
+    pub actor: Option<String>,
+    /// Only events that moved a tenant to this stage.
+    pub to: Option<Stage>,
     /// Keep only the most recent `limit` events (still returned oldest first).
     pub limit: Option<u64>,
 }
@@ -515,6 +522,10 @@ pub trait ControlStore: Send + Sync + 'static {
     /// A named setting's value (gate thresholds, the API token's hash).
     async fn setting(&self, key: &str) -> Result<Option<String>>;
 
+    /// Every setting whose key starts with `prefix`, in key order (the admin
+    /// tokens, `token.NAME`).
+    async fn settings_under(&self, prefix: &str) -> Result<Vec<(String, String)>>;
+
     /// Sets a named setting, with an audit entry that records `shown` (not the
     /// value, which may be a secret's hash) and the reason.
     async fn set_setting(
@@ -527,6 +538,10 @@ pub trait ControlStore: Send + Sync + 'static {
     ) -> Result<()>;
 
     async fn snapshot(&self) -> Result<Snapshot>;
+
+    /// The change-log position the store is at: what a page rendered now has
+    /// seen, and where its live updates must start.
+    async fn position(&self) -> Result<u64>;
 
     /// What changed after `seq`, or a resync when the change log no longer reaches
     /// back that far.
@@ -646,7 +661,8 @@ pub enum StoreError {
         tenant: TenantId,
         expected: u64,
         actual: u64,
-        changed_by: Actor,
+        /// The actor's stored spelling (`cli`, `guard`, `token:NAME`).
+        changed_by: String,
         changed_at: String,
         reason: String,
     },

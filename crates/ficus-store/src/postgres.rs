@@ -908,10 +908,19 @@ impl Inner {
                     "SELECT seq, at, tenant_id, from_stage, to_stage, version, actor, reason FROM (
                         SELECT * FROM {s}.audit_log
                         WHERE ($1::text IS NULL OR tenant_id = $1) AND ($2::bigint IS NULL OR at >= $2)
+                          AND ($4::bigint IS NULL OR at < $4) AND ($5::text IS NULL OR actor = $5)
+                          AND ($6::text IS NULL OR to_stage = $6)
                         ORDER BY seq DESC LIMIT $3
                      ) recent ORDER BY seq",
                 ),
-                &[&q.tenant.as_ref().map(TenantId::as_str), &q.since.map(|t| t.unix_millis()), &limit],
+                &[
+                    &q.tenant.as_ref().map(TenantId::as_str),
+                    &q.since.map(|t| t.unix_millis()),
+                    &limit,
+                    &q.until.map(|t| t.unix_millis()),
+                    &q.actor.as_deref(),
+                    &q.to.map(Stage::as_str),
+                ],
             )
             .await
             .map_err(self.err("reading the audit log"))?;
@@ -1185,8 +1194,8 @@ impl ControlStore for PgStore {
             Some(v) if v != current.version => {
                 let q = AuditQuery {
                     tenant: Some(change.tenant.clone()),
-                    since: None,
                     limit: Some(1),
+                    ..AuditQuery::default()
                 };
                 s.load_audit(&*tx, &q).await?.pop()
             }
@@ -1885,6 +1894,20 @@ impl ControlStore for PgStore {
         Ok(row.map(|r| r.get(0)))
     }
 
+    async fn settings_under(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let s = &*self.inner;
+        let prefix = rules::setting_key(prefix)?;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q("SELECT key, value FROM {s}.settings WHERE left(key, length($1)) = $1 ORDER BY key"),
+                &[&prefix],
+            )
+            .await
+            .map_err(s.err("reading settings"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     async fn set_setting(
         &self,
         key: &str,
@@ -2000,6 +2023,11 @@ impl ControlStore for PgStore {
                 updated_at: Timestamp::from_unix_millis(r.get(4)),
             })
             .collect())
+    }
+
+    async fn position(&self) -> Result<u64> {
+        let client = self.inner.client().await?;
+        self.inner.current_seq(&**client).await
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {

@@ -86,7 +86,11 @@ pub(crate) fn check_stage_change(
             tenant: current.id.clone(),
             expected,
             actual: current.version,
-            changed_by: last.as_ref().map_or(Actor::Cli, |e| e.actor),
+            changed_by: last
+                .as_ref()
+                .map_or(Actor::Cli, |e| e.actor)
+                .as_str()
+                .to_string(),
             changed_at: last
                 .as_ref()
                 .map_or_else(|| format_time(current.updated_at), |e| format_time(e.at)),

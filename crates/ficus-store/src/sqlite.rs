@@ -699,6 +699,7 @@ fn load_audit(conn: &Connection, location: &str, q: &AuditQuery) -> Result<Vec<A
             "SELECT seq, at, tenant_id, from_stage, to_stage, version, actor, reason FROM (
                 SELECT * FROM audit_log
                 WHERE (?1 IS NULL OR tenant_id = ?1) AND (?2 IS NULL OR at >= ?2)
+                  AND (?4 IS NULL OR at < ?4) AND (?5 IS NULL OR actor = ?5) AND (?6 IS NULL OR to_stage = ?6)
                 ORDER BY seq DESC LIMIT ?3
              ) ORDER BY seq",
         )
@@ -707,7 +708,10 @@ fn load_audit(conn: &Connection, location: &str, q: &AuditQuery) -> Result<Vec<A
                 params![
                     q.tenant.as_ref().map(TenantId::as_str),
                     q.since.map(|t| t.unix_millis()),
-                    limit
+                    limit,
+                    q.until.map(|t| t.unix_millis()),
+                    q.actor.as_deref(),
+                    q.to.map(Stage::as_str),
                 ],
                 audit_row,
             )?
@@ -923,7 +927,7 @@ impl ControlStore for SqliteStore {
             let current = load_tenant(tx, location, id)?
                 .ok_or_else(|| StoreError::UnknownTenant(change.tenant.clone()))?;
             rules::check_stage_change(&current, &change, || {
-                let q = AuditQuery { tenant: Some(change.tenant.clone()), since: None, limit: Some(1) };
+                let q = AuditQuery { tenant: Some(change.tenant.clone()), limit: Some(1), ..AuditQuery::default() };
                 Ok(load_audit(tx, location, &q)?.pop())
             })?;
             let at = now().unix_millis();
@@ -1534,6 +1538,21 @@ impl ControlStore for SqliteStore {
         .await
     }
 
+    async fn settings_under(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let prefix = rules::setting_key(prefix)?.to_string();
+        self.with(move |conn, location| {
+            conn.prepare_cached(
+                "SELECT key, value FROM settings WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+            )
+            .and_then(|mut s| {
+                s.query_map([&prefix], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<(String, String)>>>()
+            })
+            .map_err(sql_err(location, "reading settings"))
+        })
+        .await
+    }
+
     async fn set_setting(
         &self,
         key: &str,
@@ -1651,6 +1670,11 @@ impl ControlStore for SqliteStore {
                 .map_err(sql_err(location, "reading noise"))
         })
         .await
+    }
+
+    async fn position(&self) -> Result<u64> {
+        self.with(|conn, location| current_seq(conn, location))
+            .await
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {

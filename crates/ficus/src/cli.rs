@@ -74,7 +74,8 @@ pub enum Command {
     /// Show or change the readiness gate's thresholds, kept in the control store.
     #[command(subcommand)]
     Gate(GateCommand),
-    /// Replace the admin API's bearer token; the new one is shown once.
+    /// The admin API's and the dashboard's bearer tokens: rotate the first one,
+    /// or create, list and revoke named ones (viewer or operator).
     #[command(subcommand)]
     Token(TokenCommand),
     /// Serve the control plane's HTTP API alone (without a proxy), with the
@@ -185,10 +186,31 @@ pub struct GateSetArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Make a new token; the old one stops working at once.
+    /// Replace the first token (`ficus init`'s); the old one stops working at once.
     Rotate {
         /// Why, for the audit log.
         #[arg(long, default_value = "rotated with ficus token rotate")]
+        reason: String,
+    },
+    /// Make a named token, shown once; the audit log records its changes as
+    /// `token:NAME`.
+    Create {
+        /// 1 to 32 lowercase letters, digits and underscores; never reused.
+        name: String,
+        /// `viewer` reads; `operator` also acts.
+        #[arg(long)]
+        scope: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "created with ficus token create")]
+        reason: String,
+    },
+    /// List the named tokens (never the tokens themselves).
+    List,
+    /// Revoke a named token; it stops working with the next request.
+    Revoke {
+        name: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "revoked with ficus token revoke")]
         reason: String,
     },
 }

@@ -105,6 +105,58 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Token(TokenCommand::Create {
+            name,
+            scope,
+            reason,
+        }) => {
+            let scope = token::Scope::parse(&scope)?;
+            let made = token::create(&*store, &name, scope, Actor::Cli, &reason).await?;
+            if json {
+                output::json(
+                    out,
+                    &json!({ "name": name, "scope": scope.as_str(), "token": made }),
+                )?;
+            } else {
+                writeln!(out, "new {scope} token {name} (shown once):")?;
+                writeln!(out, "{made}")?;
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::List) => {
+            let tokens = token::list(&*store).await?;
+            if json {
+                let rows: Vec<_> = tokens
+                    .iter()
+                    .map(|t| json!({ "name": t.name, "scope": t.scope.as_str(), "revoked": t.revoked }))
+                    .collect();
+                output::json(out, &json!({ "tokens": rows }))?;
+            } else if tokens.is_empty() {
+                writeln!(out, "no named tokens")?;
+            } else {
+                let rows: Vec<Vec<String>> = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.scope.to_string(),
+                            if t.revoked { "revoked" } else { "live" }.to_string(),
+                        ]
+                    })
+                    .collect();
+                output::table(out, &["NAME", "SCOPE", "STATE"], &rows)?;
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Revoke { name, reason }) => {
+            token::revoke(&*store, &name, Actor::Cli, &reason).await?;
+            if json {
+                output::json(out, &json!({ "name": name, "revoked": true }))?;
+            } else {
+                writeln!(out, "token {name} revoked")?;
+            }
+            Ok(())
+        }
         Command::Serve(args) => serve(store, args, out).await,
         Command::Provision(ProvisionCommand::Mapping { file, reason }) => {
             use ficus_admin::provision::{Mapping, SETTING};
@@ -669,6 +721,7 @@ async fn audit(c: &dyn Control, args: AuditArgs, json: bool, out: &mut impl Writ
             tenant,
             since,
             limit: args.limit,
+            ..Default::default()
         })
         .await?;
     if json {

@@ -576,6 +576,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
             tenant: Some(zero.clone()),
             since: None,
             limit: Some(1),
+            ..Default::default()
         })
         .await?;
     if let Some(e) = events.events.last() {
@@ -759,11 +760,19 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
         ),
     );
     if args.keep {
+        let viewer = token::create(
+            &*store,
+            "demo_viewer",
+            token::Scope::Viewer,
+            Actor::Cli,
+            "the demo's dashboard login",
+        )
+        .await?;
         say(
             out,
             &format!(
-                "\n   still running: proxy http://{} (try: curl -H 'Host: acme-homes.portal.test' http://{}/homes/7),\n   metrics http://{}/metrics, store {store_url} (FICUS_STORE={store_url} ficus audit), database {db_url}\n   FICUS_API=http://{} FICUS_TOKEN={api_token} ficus status\n   press Ctrl-C to stop and remove everything",
-                proxy.addr, proxy.addr, proxy.admin, proxy.admin
+                "\n   still running: proxy http://{} (try: curl -H 'Host: acme-homes.portal.test' http://{}/homes/7),\n   dashboard http://{}/ui/ (log in with the viewer token {viewer}, or the operator token below to act),\n   metrics http://{}/metrics, store {store_url} (FICUS_STORE={store_url} ficus audit), database {db_url}\n   FICUS_API=http://{} FICUS_TOKEN={api_token} ficus status\n   press Ctrl-C to stop and remove everything",
+                proxy.addr, proxy.addr, proxy.admin, proxy.admin, proxy.admin
             ),
         );
         let _ = tokio::signal::ctrl_c().await;

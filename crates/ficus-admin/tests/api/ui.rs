@@ -1,0 +1,485 @@
+//! The dashboard on a real listener: login and sessions, every page and action
+//! against the permission matrix, CSRF, stale versions, escaping, revocation,
+//! and live updates over server-sent events. Pages are checked with an HTML
+//! parser, not by searching text.
+
+use std::time::Duration;
+
+use ficus_admin::api::AddRequest;
+use ficus_admin::token::{self, Scope};
+use ficus_admin::ui::{CSP, session};
+use ficus_admin::{Control, Direct};
+use ficus_core::{Actor, Stage};
+use ficus_store::StageChange;
+use scraper::{Html, Selector};
+
+use super::{Api, id, ready_evidence, start};
+
+/// A browser without a cookie jar or redirects: every cookie and redirect is
+/// asserted by hand.
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn select<'a>(doc: &'a Html, css: &str) -> Vec<scraper::ElementRef<'a>> {
+    doc.select(&Selector::parse(css).unwrap()).collect()
+}
+
+fn text(e: &scraper::ElementRef<'_>) -> String {
+    e.text().collect::<String>()
+}
+
+fn attr(doc: &Html, css: &str, name: &str) -> String {
+    select(doc, css)
+        .first()
+        .unwrap_or_else(|| panic!("no {css} in the page"))
+        .value()
+        .attr(name)
+        .unwrap_or_else(|| panic!("{css} has no {name}"))
+        .to_string()
+}
+
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(str::to_string)
+}
+
+/// Logs in through the login page as a person would; returns the session
+/// cookie (`name=value`).
+async fn login(api: &Api, token: &str) -> String {
+    let b = browser();
+    let form = b
+        .get(format!("{}/ui/login", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 200);
+    let nonce_cookie = set_cookie(&form, session::LOGIN_COOKIE).expect("a login nonce cookie");
+    let doc = Html::parse_document(&form.text().await.unwrap());
+    let nonce = attr(&doc, "input[name=nonce]", "value");
+    let answer = b
+        .post(format!("{}/ui/login", api.base))
+        .header("cookie", nonce_cookie.split(';').next().unwrap())
+        .form(&[("token", token), ("nonce", &nonce), ("next", "/ui/tenants")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 303, "{}", answer.text().await.unwrap());
+    assert_eq!(answer.headers()["location"], "/ui/tenants");
+    let cookie = set_cookie(&answer, session::COOKIE).expect("a session cookie");
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        assert!(cookie.contains(part), "{cookie} lacks {part}");
+    }
+    assert!(
+        !cookie.contains(token),
+        "the cookie carries the token itself"
+    );
+    cookie.split(';').next().unwrap().to_string()
+}
+
+async fn get(api: &Api, path: &str, cookie: Option<&str>) -> reqwest::Response {
+    let mut r = browser().get(format!("{}{path}", api.base));
+    if let Some(c) = cookie {
+        r = r.header("cookie", c);
+    }
+    r.send().await.unwrap()
+}
+
+async fn page(api: &Api, path: &str, cookie: &str) -> Html {
+    let r = get(api, path, Some(cookie)).await;
+    assert_eq!(r.status(), 200, "{path}");
+    assert_eq!(r.headers()["content-security-policy"], CSP);
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    Html::parse_document(&r.text().await.unwrap())
+}
+
+/// The CSRF token a page's forms carry.
+fn csrf(doc: &Html) -> String {
+    attr(doc, "input[name=csrf]", "value")
+}
+
+async fn post(
+    api: &Api,
+    path: &str,
+    cookie: Option<&str>,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut r = browser().post(format!("{}{path}", api.base)).form(form);
+    if let Some(c) = cookie {
+        r = r.header("cookie", c);
+    }
+    r.send().await.unwrap()
+}
+
+async fn tenants(api: &Api, names: &[(&str, &str)]) {
+    let c = Direct::new(api.store.clone(), Actor::Cli);
+    for (tenant, name) in names {
+        c.add(AddRequest {
+            id: tenant.to_string(),
+            name: Some(name.to_string()),
+            domains: vec![],
+            stage: Some("shadow".to_string()),
+            reason: "for the dashboard".into(),
+        })
+        .await
+        .unwrap();
+    }
+}
+
+async fn viewer_and_operator(api: &Api) -> (String, String) {
+    let v = token::create(&*api.store, "watcher", Scope::Viewer, Actor::Cli, "test")
+        .await
+        .unwrap();
+    let o = token::create(&*api.store, "ops", Scope::Operator, Actor::Cli, "test")
+        .await
+        .unwrap();
+    (login(api, &v).await, login(api, &o).await)
+}
+
+#[tokio::test]
+async fn a_page_without_a_session_sends_the_person_to_log_in_and_back() {
+    let api = start().await;
+    let r = get(&api, "/ui/tenants?stage=shadow", None).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.headers()["location"],
+        "/ui/login?next=/ui/tenants%3Fstage%3Dshadow"
+    );
+    // A wrong token is refused on the page, with the form again.
+    let b = browser();
+    let form = b
+        .get(format!("{}/ui/login", api.base))
+        .send()
+        .await
+        .unwrap();
+    let nonce_cookie = set_cookie(&form, session::LOGIN_COOKIE).unwrap();
+    let doc = Html::parse_document(&form.text().await.unwrap());
+    let nonce = attr(&doc, "input[name=nonce]", "value");
+    let wrong = b
+        .post(format!("{}/ui/login", api.base))
+        .header("cookie", nonce_cookie.split(';').next().unwrap())
+        .form(&[("token", "ficus_nope"), ("nonce", nonce.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let doc = Html::parse_document(&wrong.text().await.unwrap());
+    assert_eq!(text(&select(&doc, "#error")[0]), "that is not a live token");
+    // A login form posted without its nonce cookie (from another site) is refused.
+    let forged = b
+        .post(format!("{}/ui/login", api.base))
+        .form(&[("token", api.token.as_str()), ("nonce", nonce.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    assert!(set_cookie(&forged, session::COOKIE).is_none());
+}
+
+#[tokio::test]
+async fn the_login_page_never_sends_a_person_to_another_site() {
+    let api = start().await;
+    for next in [
+        "//evil.example/",
+        "https://evil.example/",
+        "/v1/tenants",
+        "/ui\\..\\x",
+    ] {
+        let r = get(
+            &api,
+            &format!("/ui/login?next={}", ficus_admin::ui::encode(next)),
+            None,
+        )
+        .await;
+        let doc = Html::parse_document(&r.text().await.unwrap());
+        assert_eq!(attr(&doc, "input[name=next]", "value"), "/ui/", "{next}");
+    }
+}
+
+#[tokio::test]
+async fn every_page_answers_a_viewer_and_an_operator_and_sends_no_one_else_to_log_in() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    let (viewer, operator) = viewer_and_operator(&api).await;
+    for path in [
+        "/ui/",
+        "/ui/tenants",
+        "/ui/tenants?stage=shadow&q=ac&sort=risk",
+        "/ui/tenants/acme",
+        "/ui/endpoints",
+        "/ui/audit",
+        "/ui/audit?tenant=acme&actor=cli&to=shadow",
+    ] {
+        assert_eq!(get(&api, path, None).await.status(), 303, "{path}");
+        assert_eq!(
+            get(&api, path, Some("ficus_session=api.99999999999.00"))
+                .await
+                .status(),
+            303,
+            "a forged session on {path}"
+        );
+        for (who, cookie) in [("watcher", &viewer), ("ops", &operator)] {
+            let doc = page(&api, path, cookie).await;
+            assert!(
+                text(&select(&doc, "header .who")[0]).contains(who),
+                "{path} as {who}"
+            );
+        }
+    }
+    // A viewer sees no action forms; an operator does.
+    let doc = page(&api, "/ui/tenants/acme", &viewer).await;
+    assert!(select(&doc, "form#promote").is_empty());
+    let doc = page(&api, "/ui/tenants/acme", &operator).await;
+    assert_eq!(select(&doc, "form#promote").len(), 1);
+    // A bearer token works as well as a session (the API's authentication).
+    let r = browser()
+        .get(format!("{}/ui/tenants", api.base))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Unknown tenants and bad filters are clear errors, not crashes.
+    let r = get(&api, "/ui/tenants/nobody", Some(&viewer)).await;
+    assert_eq!(r.status(), 404);
+    let r = get(&api, "/ui/tenants?sort=sideways", Some(&viewer)).await;
+    assert_eq!(r.status(), 400);
+    let doc = Html::parse_document(&r.text().await.unwrap());
+    assert!(text(&select(&doc, "#error")[0]).contains("unknown sort"));
+}
+
+#[tokio::test]
+async fn every_action_is_refused_without_a_session_to_a_viewer_and_without_the_csrf_token() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    let (viewer, operator) = viewer_and_operator(&api).await;
+    let doc = page(&api, "/ui/tenants/acme", &operator).await;
+    let token = csrf(&doc);
+    let version = attr(&doc, "form#promote input[name=version]", "value");
+    let actions: [(&str, Vec<(&str, &str)>); 4] = [
+        (
+            "/ui/tenants/acme/promote",
+            vec![("version", version.as_str()), ("reason", "r")],
+        ),
+        (
+            "/ui/tenants/acme/rollback",
+            vec![("version", version.as_str()), ("reason", "r")],
+        ),
+        ("/ui/promote-next", vec![("n", "1"), ("reason", "r")]),
+        (
+            "/ui/retire",
+            vec![
+                ("version", "legacy:active"),
+                ("reason", "r"),
+                ("confirm", "retire legacy"),
+            ],
+        ),
+    ];
+    for (path, form) in &actions {
+        assert_eq!(post(&api, path, None, form).await.status(), 401, "{path}");
+        let mut with_csrf = form.clone();
+        with_csrf.push(("csrf", &token));
+        assert_eq!(
+            post(&api, path, Some(&viewer), &with_csrf).await.status(),
+            403,
+            "{path} as a viewer"
+        );
+        assert_eq!(
+            post(&api, path, Some(&operator), form).await.status(),
+            403,
+            "{path} without a CSRF token"
+        );
+        let mut wrong = form.clone();
+        wrong.push(("csrf", "0000"));
+        assert_eq!(
+            post(&api, path, Some(&operator), &wrong).await.status(),
+            403,
+            "{path} with a wrong CSRF token"
+        );
+    }
+    // Nothing changed through any of them.
+    let t = api.store.tenant(&id("acme")).await.unwrap().unwrap();
+    assert_eq!((t.stage, t.version), (Stage::Shadow, 1));
+    // A viewer's token cannot change anything through the API either.
+    let v = token::create(&*api.store, "reader", Scope::Viewer, Actor::Cli, "test")
+        .await
+        .unwrap();
+    let r = browser()
+        .post(format!("{}/v1/tenants/acme/rollback", api.base))
+        .bearer_auth(&v)
+        .header("if-match", "1")
+        .json(&serde_json::json!({ "reason": "r" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("viewer"));
+}
+
+#[tokio::test]
+async fn an_operator_promotes_from_the_page_and_the_audit_log_names_the_token() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    ready_evidence(&*api.store, "acme").await;
+    let (_, operator) = viewer_and_operator(&api).await;
+    let doc = page(&api, "/ui/tenants/acme", &operator).await;
+    assert_eq!(text(&select(&doc, "#verdict")[0]), "ready");
+    let version = attr(&doc, "form#promote input[name=version]", "value");
+    let r = post(
+        &api,
+        "/ui/tenants/acme/promote",
+        Some(&operator),
+        &[
+            ("csrf", &csrf(&doc)),
+            ("version", &version),
+            ("reason", "ready on the board"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ui/tenants/acme");
+    let t = api.store.tenant(&id("acme")).await.unwrap().unwrap();
+    assert_eq!(t.stage, Stage::Migrated);
+    // The audit page, filtered by the token's name, shows the change and who.
+    let doc = page(&api, "/ui/audit?actor=token:ops", &operator).await;
+    let rows = select(
+        &doc,
+        "table#audit tbody tr, table#audit tr:not(:first-child)",
+    );
+    let row = rows
+        .iter()
+        .map(text)
+        .find(|r| r.contains("migrated"))
+        .expect("the promotion");
+    assert!(
+        row.contains("token:ops") && row.contains("ready on the board"),
+        "{row}"
+    );
+    // The same form again, from the now stale page, is a conflict that says so.
+    let r = post(
+        &api,
+        "/ui/tenants/acme/promote",
+        Some(&operator),
+        &[
+            ("csrf", &csrf(&doc)),
+            ("version", &version),
+            ("reason", "again"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 412);
+    let doc = Html::parse_document(&r.text().await.unwrap());
+    assert!(
+        text(&select(&doc, "#error")[0]).contains("version"),
+        "{}",
+        doc.html()
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_named_like_a_script_renders_as_text_on_every_page() {
+    let api = start().await;
+    let evil = "<script>alert(1)</script>";
+    tenants(&api, &[("evil", evil)]).await;
+    let c = Direct::new(api.store.clone(), Actor::Cli);
+    c.rollback(
+        &id("evil"),
+        ficus_admin::api::RollbackRequest {
+            reason: evil.to_string(),
+            to: None,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let (viewer, _) = viewer_and_operator(&api).await;
+    for path in [
+        "/ui/",
+        "/ui/tenants",
+        "/ui/tenants/evil",
+        "/ui/audit?tenant=evil",
+    ] {
+        let doc = page(&api, path, &viewer).await;
+        let scripts = select(&doc, "script");
+        assert_eq!(scripts.len(), 1, "{path}: only the dashboard's own script");
+        assert_eq!(scripts[0].value().attr("src"), Some("/ui/static/app.js"));
+        assert!(
+            doc.root_element().text().any(|t| t.contains(evil)),
+            "{path} shows the name as text"
+        );
+    }
+}
+
+#[tokio::test]
+async fn revoking_a_token_ends_its_sessions_at_once() {
+    let api = start().await;
+    let (viewer, _) = viewer_and_operator(&api).await;
+    assert_eq!(get(&api, "/ui/", Some(&viewer)).await.status(), 200);
+    token::revoke(&*api.store, "watcher", Actor::Cli, "left the team")
+        .await
+        .unwrap();
+    assert_eq!(get(&api, "/ui/", Some(&viewer)).await.status(), 303);
+    let listed = token::list(&*api.store).await.unwrap();
+    let watcher = listed.iter().find(|t| t.name == "watcher").unwrap();
+    assert!(watcher.revoked && watcher.scope == Scope::Viewer);
+    // The name is not reused.
+    assert!(
+        token::create(&*api.store, "watcher", Scope::Viewer, Actor::Cli, "again")
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_stage_change_reaches_an_open_page_over_server_sent_events() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    let (viewer, _) = viewer_and_operator(&api).await;
+    // The page as rendered, and a change made before its script opens the
+    // stream: the stream starts from the page's position, so it is not missed.
+    let doc = page(&api, "/ui/tenants", &viewer).await;
+    let seq = attr(&doc, "body", "data-seq");
+    assert_eq!(
+        text(&select(&doc, r#"tr[data-tenant="acme"] [data-field="stage"]"#)[0]),
+        "shadow"
+    );
+    api.store
+        .change_stage(StageChange {
+            tenant: id("acme"),
+            to: Stage::Migrated,
+            expected_version: None,
+            actor: Actor::Cli,
+            reason: "from the command line".into(),
+        })
+        .await
+        .unwrap();
+    let mut stream = browser()
+        .get(format!("{}/ui/events?from={seq}", api.base))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(chunk) = stream.chunk().await.unwrap() {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("event: tenant") && seen.contains("\"stage\":\"migrated\"") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "{seen}");
+    assert!(seen.contains("\"id\":\"acme\""), "{seen}");
+}
