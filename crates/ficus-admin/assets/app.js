@@ -35,19 +35,36 @@
   }
 
   if (!window.EventSource) { pollInstead(); return; }
-  var seq = document.body.getAttribute("data-seq") || "";
-  var source = new EventSource("/ui/events" + (seq ? "?from=" + encodeURIComponent(seq) : ""));
-  source.addEventListener("open", function () {
-    failures = 0;
-    if (light) light.classList.add("on");
-  });
-  source.addEventListener("tenant", function (e) {
-    try { apply(JSON.parse(e.data)); } catch (err) { /* a malformed event changes nothing */ }
-  });
-  source.addEventListener("resync", function () { location.reload(); });
-  source.addEventListener("error", function () {
+  var source = null;
+
+  function connect() {
+    var seq = document.body.getAttribute("data-seq") || "";
+    source = new EventSource("/ui/events" + (seq ? "?from=" + encodeURIComponent(seq) : ""));
+    source.addEventListener("open", function () {
+      failures = 0;
+      if (light) light.classList.add("on");
+    });
+    source.addEventListener("tenant", function (e) {
+      try { apply(JSON.parse(e.data)); } catch (err) { /* a malformed event changes nothing */ }
+    });
+    source.addEventListener("resync", function () { location.reload(); });
+    source.addEventListener("error", function () {
+      if (light) light.classList.remove("on");
+      failures += 1;
+      if (failures >= 3) { source.close(); pollInstead(); }
+    });
+  }
+
+  // A page the browser keeps in its back-forward cache would keep its stream
+  // open; six such pages use up the browser's connections to the host and the
+  // next page cannot load. Close the stream when the page is hidden; a page
+  // restored from the cache reloads, since it missed what changed meanwhile.
+  window.addEventListener("pagehide", function () {
+    if (source) { source.close(); source = null; }
     if (light) light.classList.remove("on");
-    failures += 1;
-    if (failures >= 3) { source.close(); pollInstead(); }
   });
+  window.addEventListener("pageshow", function (e) {
+    if (e.persisted) location.reload();
+  });
+  connect();
 })();

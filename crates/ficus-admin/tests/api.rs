@@ -13,6 +13,8 @@ use ficus_core::latency::Histogram;
 use ficus_core::{Actor, Backend, TenantId, Timestamp};
 use ficus_store::{ComparisonCount, ControlStore, LatencyReport, OpenMode, StoreUrl};
 
+#[path = "api/browser.rs"]
+mod browser;
 #[path = "api/ui.rs"]
 mod ui;
 

@@ -447,31 +447,38 @@ pub struct FieldDiff {
     pub new: String,
 }
 
-/// The differences the diff engine recorded, flattened for a side-by-side view.
-/// The engine redacts values unless `reveal` was configured, so what is shown
-/// here is exactly what was stored.
+/// The differences the diff engine recorded, one row per field. The engine
+/// redacts a value to its type, length and hash unless `reveal` was configured
+/// for it, so what is shown is exactly what was stored. A document of another
+/// shape (a newer Ficus) is shown whole rather than dropped.
 pub fn field_diffs(differences: &serde_json::Value) -> Vec<FieldDiff> {
-    let show = |v: Option<&serde_json::Value>| match v {
-        None | Some(serde_json::Value::Null) => "—".to_string(),
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
+    let side = |s: &Option<ficus_diff::Sample>| {
+        s.as_ref()
+            .map_or_else(|| "(absent)".to_string(), ToString::to_string)
     };
-    let list: Vec<&serde_json::Value> = match differences {
-        serde_json::Value::Array(items) => items.iter().collect(),
-        serde_json::Value::Object(o) => match o.get("differences") {
-            Some(serde_json::Value::Array(items)) => items.iter().collect(),
-            _ => vec![differences],
-        },
-        _ => Vec::new(),
+    // A sample holds a list; a class's example holds its one difference.
+    let list = if differences.is_object() {
+        serde_json::from_value::<ficus_diff::Difference>(differences.clone()).map(|d| vec![d])
+    } else {
+        serde_json::from_value::<Vec<ficus_diff::Difference>>(differences.clone())
     };
-    list.into_iter()
-        .map(|d| FieldDiff {
-            path: show(d.get("path")),
-            kind: show(d.get("kind")),
-            legacy: show(d.get("left")),
-            new: show(d.get("right")),
-        })
-        .collect()
+    match list {
+        Ok(list) => list
+            .iter()
+            .map(|d| FieldDiff {
+                path: d.path.clone(),
+                kind: format!("{} ({})", d.kind, d.compat),
+                legacy: side(&d.left),
+                new: side(&d.right),
+            })
+            .collect(),
+        Err(_) => vec![FieldDiff {
+            path: "$".to_string(),
+            kind: "unreadable".to_string(),
+            legacy: differences.to_string(),
+            new: String::new(),
+        }],
+    }
 }
 
 pub struct Sample {

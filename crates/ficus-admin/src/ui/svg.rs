@@ -56,10 +56,19 @@ pub fn stage_bar(s: &StagesJson) -> String {
     out
 }
 
+/// Milliseconds since the epoch of an audit event's time, as the API prints it.
+fn millis(at: &str) -> Option<i64> {
+    humantime::parse_rfc3339_weak(at.trim_end_matches('Z'))
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+}
+
 /// Tenants per stage over time, replayed from the audit log: a creation adds
-/// a tenant to its stage, a change moves it. Drawn as three lines.
+/// a tenant to its stage, a change moves it. Drawn as three step lines on a
+/// time axis, with a legend.
 pub fn burndown(events: &[EventJson]) -> String {
-    let (w, h, pad) = (600.0_f64, 180.0_f64, 24.0_f64);
+    let (w, h, pad) = (600.0_f64, 190.0_f64, 28.0_f64);
     if events.is_empty() {
         return r#"<p class="muted">no stage changes recorded yet</p>"#.to_string();
     }
@@ -70,18 +79,21 @@ pub fn burndown(events: &[EventJson]) -> String {
         _ => None,
     };
     let mut counts = [0i64; 3];
-    let mut points: Vec<(usize, [i64; 3])> = Vec::with_capacity(events.len() + 1);
-    points.push((0, counts));
-    for (i, e) in events.iter().enumerate() {
+    let mut points: Vec<(i64, [i64; 3])> = Vec::with_capacity(events.len());
+    for e in events {
+        let Some(t) = millis(&e.at) else { continue };
         if let Some(from) = e.from.as_deref().and_then(index) {
             counts[from] -= 1;
         }
         if let Some(to) = index(&e.to) {
             counts[to] += 1;
         }
-        points.push((i + 1, counts));
+        points.push((t, counts));
     }
-    // A tenant created before the replayed window shows as a negative count at
+    if points.is_empty() {
+        return r#"<p class="muted">no stage changes recorded yet</p>"#.to_string();
+    }
+    // Tenants created before the replayed window show as negative counts at
     // first; shift each series so the chart starts where the log starts.
     let mut floor = [0i64; 3];
     for (_, c) in &points {
@@ -95,48 +107,53 @@ pub fn burndown(events: &[EventJson]) -> String {
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let n = (points.len() - 1).max(1) as f64;
+    let (t0, t1) = (points[0].0, points[points.len() - 1].0);
+    let span = (t1 - t0).max(1) as f64;
+    let x = |t: i64| pad + (w - 2.0 * pad) * ((t - t0) as f64) / span;
+    let y = |n: i64| h - pad - (h - 2.0 * pad - 14.0) * (n as f64) / max;
     let mut out = format!(
-        r#"<svg class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="tenants per stage over the last {} changes">"#,
+        r#"<svg class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="tenants per stage over time, from the last {} changes">"#,
         events.len()
     );
     let _ = write!(
         out,
-        r##"<line x1="{pad}" y1="{y}" x2="{x2}" y2="{y}" stroke="#999"/>"##,
-        y = h - pad,
-        x2 = w - pad
+        r##"<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#999"/>"##,
+        b = h - pad,
+        r = w - pad
     );
-    for (k, colour, name) in [
-        (0, LEGACY, "legacy"),
-        (1, SHADOW, "shadow"),
-        (2, MIGRATED, "migrated"),
-    ] {
+    for (k, colour, name) in [(0, LEGACY, "legacy"), (1, SHADOW, "shadow"), (2, MIGRATED, "migrated")] {
         let mut path = String::new();
-        for (i, c) in &points {
-            let x = pad + (w - 2.0 * pad) * (*i as f64) / n;
-            let y = h - pad - (h - 2.0 * pad) * ((c[k] - floor[k]) as f64) / max;
-            let _ = write!(
-                path,
-                "{}{x:.1},{y:.1} ",
-                if path.is_empty() { "M" } else { "L" }
-            );
+        let mut level = 0i64;
+        for (t, c) in &points {
+            let now = c[k] - floor[k];
+            if path.is_empty() {
+                let _ = write!(path, "M{:.1},{:.1}", x(*t), y(now));
+            } else {
+                let _ = write!(path, " H{:.1} V{:.1}", x(*t), y(now));
+            }
+            level = now;
         }
-        let last = points.last().map_or(0, |(_, c)| c[k] - floor[k]);
         let _ = write!(
             out,
-            r#"<path d="{}" fill="none" stroke="{colour}" stroke-width="2"><title>{name}: {last} now</title></path>"#,
-            path.trim_end()
+            r#"<path d="{path}" fill="none" stroke="{colour}" stroke-width="2"><title>{name}: {level} now</title></path>"#
+        );
+        let lx = pad + 90.0 * k as f64;
+        let _ = write!(
+            out,
+            r##"<rect x="{lx}" y="4" width="10" height="10" fill="{colour}"/><text x="{tx}" y="13" font-size="11" fill="#333">{name} {level}</text>"##,
+            tx = lx + 14.0
         );
     }
     let first = events.first().map_or("", |e| e.at.as_str());
     let last = events.last().map_or("", |e| e.at.as_str());
     let _ = write!(
         out,
-        r##"<text x="{pad}" y="{h}" font-size="10" fill="#555">{}</text><text x="{x}" y="{h}" font-size="10" fill="#555" text-anchor="end">{}</text><text x="{pad}" y="12" font-size="10" fill="#555">{} tenants</text>"##,
+        r##"<text x="{pad}" y="{yb}" font-size="10" fill="#555">{}</text><text x="{r}" y="{yb}" font-size="10" fill="#555" text-anchor="end">{}</text><text x="{r}" y="13" font-size="10" fill="#555" text-anchor="end">at most {} tenants in a stage</text>"##,
         escape(first),
         escape(last),
         max as i64,
-        x = w - pad,
+        yb = h - 8.0,
+        r = w - pad,
     );
     out.push_str("</svg>");
     out
@@ -177,7 +194,7 @@ mod tests {
     fn the_burndown_replays_creations_and_moves() {
         let e = |from: Option<&str>, to: &str| EventJson {
             seq: 0,
-            at: "2026-12-02 10:00:00".to_string(),
+            at: "2026-12-02T10:00:00.000Z".to_string(),
             tenant: "t".to_string(),
             from: from.map(str::to_string),
             to: to.to_string(),
