@@ -3,20 +3,23 @@
 //! API. Each validates its input with the domain's rules, reads and writes the
 //! store, and answers with the documented JSON shapes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use ficus_core::config::TenantConfig;
-use ficus_core::readiness::{EndpointEvidence, Readiness, judge};
-use ficus_core::reconcile::{ClassState, MismatchClass, given_version, tally};
+use ficus_core::readiness::{EndpointEvidence, LatencyEvidence, Readiness, judge};
+use ficus_core::reconcile::{
+    ClassEvidence, ClassIndex, ClassState, MismatchClass, given_version, index, tally, tally_in,
+};
 use ficus_core::{
     Actor, Blocker, Domain, Route, RouteStages, Stage, TenantId, Timestamp, Transition,
     tenant::parse_name,
 };
 use ficus_store::{
-    AuditQuery, ClassChange, ConfigChange, ControlStore, JobState, NewTenant, RouteChange,
-    StageChange, StoreError,
+    AuditQuery, ClassChange, ComparisonCount, ConfigChange, ControlStore, JobState, NewTenant,
+    RouteChange, RouteCount, StageChange, StoreError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -227,85 +230,24 @@ impl Direct {
     async fn judge(&self, id: &TenantId, gate: &Gate, version: Option<&str>) -> Result<Judged> {
         let since = ago(gate.window);
         let stats = self.store.comparison_stats(id, since).await?;
-        let mut versions: Vec<VersionJson> = Vec::new();
-        let mut latest: Vec<(ficus_core::Timestamp, String)> = Vec::new();
-        for c in &stats {
-            if c.compared == 0 && c.errors == 0 {
-                continue;
-            }
-            match versions.iter_mut().find(|v| v.version == c.version) {
-                Some(v) => {
-                    v.compared += c.compared;
-                    v.mismatched += c.mismatched;
-                }
-                None => versions.push(VersionJson {
-                    version: c.version.clone(),
-                    compared: c.compared,
-                    mismatched: c.mismatched,
-                    last_at: String::new(),
-                }),
-            }
-            latest.push((c.last_at, c.version.clone()));
-        }
-        latest.sort();
-        for v in &mut versions {
-            if let Some((at, _)) = latest.iter().rev().find(|(_, name)| *name == v.version) {
-                v.last_at = ficus_store::format_time(*at);
-            }
-        }
-        versions.sort_by(|a, b| b.last_at.cmp(&a.last_at));
-        let version = match version {
-            None => None,
-            Some("current") => Some(
-                latest
-                    .iter()
-                    .rev()
-                    .map(|(_, v)| v)
-                    .find(|v| !v.is_empty())
-                    .cloned()
-                    .ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "no version of new is recorded for tenant {id} in the last {}; set [shadow] version_header or backends.new.version in the proxy's configuration",
-                            humantime::format_duration(gate.window)
-                        ))
-                    })?,
-            ),
-            Some(v) => Some(v.to_string()),
-        };
-        // Requests are counted before any answer, without a version: an
-        // endpoint's use is every version's, its comparisons only the judged one's.
-        let mut evidence: Vec<EndpointEvidence> = Vec::new();
-        for c in &stats {
-            let counted = version.as_deref().is_none_or(|v| v == c.version);
-            let e = match evidence.iter_mut().find(|e| e.endpoint == c.endpoint) {
-                Some(e) => e,
-                None => {
-                    evidence.push(EndpointEvidence {
-                        endpoint: c.endpoint.clone(),
-                        requests: 0,
-                        compared: 0,
-                        errors: 0,
-                    });
-                    evidence.last_mut().expect("just pushed")
-                }
-            };
-            e.requests += c.requests;
-            if counted {
-                e.compared += c.compared;
-                e.errors += c.errors;
-            }
-        }
         let classes = self.store.mismatch_classes(None).await?;
         let class_evidence = self.store.class_evidence(Some(id), since).await?;
-        let tallies = tally(&classes, &class_evidence, version.as_deref());
         let latency = self.store.latencies(id, since).await?;
-        let held_routes = self.held_for(id, gate.window).await?;
-        Ok(Judged {
-            readiness: judge(&evidence, &tallies, &latency, &gate.thresholds),
+        let stages = self.stages().await?;
+        let census = self.store.route_census(Some(id), since).await?;
+        judged(
+            id,
+            gate,
             version,
-            versions,
-            held_routes,
-        })
+            Evidence {
+                stats: &stats,
+                classes: &index(&classes),
+                class_evidence: &class_evidence,
+                latency: &latency,
+                stages: &stages,
+                census: &census,
+            },
+        )
     }
 
     /// Every route stage as the proxies route by them.
@@ -361,22 +303,6 @@ impl Direct {
         Ok(held)
     }
 
-    /// Write routes `id` called over `window` that still go to legacy for it.
-    async fn held_for(&self, id: &TenantId, window: Duration) -> Result<Vec<String>> {
-        let stages = self.stages().await?;
-        let mut held: Vec<String> = self
-            .store
-            .route_census(Some(id), ago(window))
-            .await?
-            .into_iter()
-            .map(|c| c.route)
-            .filter(|r| route_writes(r) && stages.stage(Some(id), r, true) < Stage::Migrated)
-            .collect();
-        held.sort();
-        held.dedup();
-        Ok(held)
-    }
-
     /// A route as a caller names it, refused with the reason when it is not
     /// `METHOD /template`.
     fn parse_route(raw: &str) -> Result<Route> {
@@ -420,6 +346,107 @@ impl Direct {
     async fn gate_with(&self, overrides: &GateOverrides) -> Result<Gate> {
         gate::load(&*self.store).await?.with(overrides)
     }
+}
+
+/// What one tenant is judged on, read once (for one tenant) or in bulk (for
+/// every tenant in shadow).
+struct Evidence<'a> {
+    stats: &'a [ComparisonCount],
+    classes: &'a ClassIndex<'a>,
+    class_evidence: &'a [ClassEvidence],
+    latency: &'a LatencyEvidence,
+    stages: &'a RouteStages,
+    census: &'a [RouteCount],
+}
+
+/// Judges one tenant on its evidence: no IO, so the single-tenant and the bulk
+/// paths give the same verdict by construction.
+fn judged(id: &TenantId, gate: &Gate, version: Option<&str>, ev: Evidence<'_>) -> Result<Judged> {
+    let stats = ev.stats;
+    let mut versions: Vec<VersionJson> = Vec::new();
+    let mut latest: Vec<(ficus_core::Timestamp, String)> = Vec::new();
+    for c in stats {
+        if c.compared == 0 && c.errors == 0 {
+            continue;
+        }
+        match versions.iter_mut().find(|v| v.version == c.version) {
+            Some(v) => {
+                v.compared += c.compared;
+                v.mismatched += c.mismatched;
+            }
+            None => versions.push(VersionJson {
+                version: c.version.clone(),
+                compared: c.compared,
+                mismatched: c.mismatched,
+                last_at: String::new(),
+            }),
+        }
+        latest.push((c.last_at, c.version.clone()));
+    }
+    latest.sort();
+    for v in &mut versions {
+        if let Some((at, _)) = latest.iter().rev().find(|(_, name)| *name == v.version) {
+            v.last_at = ficus_store::format_time(*at);
+        }
+    }
+    versions.sort_by(|a, b| b.last_at.cmp(&a.last_at));
+    let version = match version {
+            None => None,
+            Some("current") => Some(
+                latest
+                    .iter()
+                    .rev()
+                    .map(|(_, v)| v)
+                    .find(|v| !v.is_empty())
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "no version of new is recorded for tenant {id} in the last {}; set [shadow] version_header or backends.new.version in the proxy's configuration",
+                            humantime::format_duration(gate.window)
+                        ))
+                    })?,
+            ),
+            Some(v) => Some(v.to_string()),
+        };
+    // Requests are counted before any answer, without a version: an
+    // endpoint's use is every version's, its comparisons only the judged one's.
+    let mut evidence: Vec<EndpointEvidence> = Vec::new();
+    for c in stats {
+        let counted = version.as_deref().is_none_or(|v| v == c.version);
+        let e = match evidence.iter_mut().find(|e| e.endpoint == c.endpoint) {
+            Some(e) => e,
+            None => {
+                evidence.push(EndpointEvidence {
+                    endpoint: c.endpoint.clone(),
+                    requests: 0,
+                    compared: 0,
+                    errors: 0,
+                });
+                evidence.last_mut().expect("just pushed")
+            }
+        };
+        e.requests += c.requests;
+        if counted {
+            e.compared += c.compared;
+            e.errors += c.errors;
+        }
+    }
+    let tallies = tally_in(ev.classes, ev.class_evidence, version.as_deref());
+    let mut held_routes: Vec<String> = ev
+        .census
+        .iter()
+        .filter(|c| c.tenant.as_ref() == Some(id))
+        .map(|c| c.route.clone())
+        .filter(|r| route_writes(r) && ev.stages.stage(Some(id), r, true) < Stage::Migrated)
+        .collect();
+    held_routes.sort();
+    held_routes.dedup();
+    Ok(Judged {
+        readiness: judge(&evidence, &tallies, ev.latency, &gate.thresholds),
+        version,
+        versions,
+        held_routes,
+    })
 }
 
 /// A verdict with what it was judged on.
@@ -699,11 +726,46 @@ impl Control for Direct {
 
     async fn readiness_all(&self, overrides: &GateOverrides) -> Result<ReadinessAllJson> {
         let gate = self.gate_with(overrides).await?;
+        let since = ago(gate.window);
+        // Every tenant's evidence in a handful of queries, then each judged in
+        // memory: a query per tenant took seconds at ten thousand tenants.
+        let shadow = self.store.tenants(Some(Stage::Shadow)).await?;
+        let bulk = self.store.gate_evidence(since).await?;
+        let classes = self.store.mismatch_classes(None).await?;
+        let by_id = index(&classes);
+        let stages = self.stages().await?;
+        let census = self.store.route_census(None, since).await?;
+        let mut stats: HashMap<TenantId, Vec<ComparisonCount>> = HashMap::new();
+        for c in bulk.stats {
+            stats.entry(c.tenant.clone()).or_default().push(c);
+        }
+        let mut class_evidence: HashMap<TenantId, Vec<ClassEvidence>> = HashMap::new();
+        for (t, e) in bulk.classes {
+            class_evidence.entry(t).or_default().push(e);
+        }
+        let latencies: HashMap<TenantId, LatencyEvidence> = bulk.latencies.into_iter().collect();
+        let mut census_of: HashMap<TenantId, Vec<RouteCount>> = HashMap::new();
+        for c in census {
+            if let Some(t) = c.tenant.clone() {
+                census_of.entry(t).or_default().push(c);
+            }
+        }
+        let none = LatencyEvidence::default();
         let mut judged = Vec::new();
-        for t in self.store.tenants(Some(Stage::Shadow)).await? {
-            let j = self
-                .judge(&t.id, &gate, overrides.version.as_deref())
-                .await?;
+        for t in shadow {
+            let j = self::judged(
+                &t.id,
+                &gate,
+                overrides.version.as_deref(),
+                Evidence {
+                    stats: stats.get(&t.id).map_or(&[], Vec::as_slice),
+                    classes: &by_id,
+                    class_evidence: class_evidence.get(&t.id).map_or(&[], Vec::as_slice),
+                    latency: latencies.get(&t.id).unwrap_or(&none),
+                    stages: &stages,
+                    census: census_of.get(&t.id).map_or(&[], Vec::as_slice),
+                },
+            )?;
             judged.push((t.id, j));
         }
         judged.sort_by(|a, b| {

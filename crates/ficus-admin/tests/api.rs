@@ -1311,3 +1311,56 @@ async fn routes_are_staged_released_and_held_over_http() {
         .collect();
     assert_eq!(overrides, [("acme", "legacy")]);
 }
+
+/// `readiness_all` judges every tenant from one bulk read; each verdict must be
+/// the one `readiness` gives the tenant alone.
+#[tokio::test]
+async fn judging_every_tenant_at_once_agrees_with_judging_each_alone() {
+    let api = start().await;
+    let c = ficus_admin::Direct::new(api.store.clone(), Actor::Cli);
+    for tenant in ["acme", "beta", "gamma"] {
+        c.add(AddRequest {
+            id: tenant.into(),
+            name: None,
+            domains: vec![],
+            stage: Some("shadow".into()),
+            reason: "onboarding".into(),
+        })
+        .await
+        .unwrap();
+    }
+    ready_evidence(&*api.store, "acme").await;
+    ready_evidence(&*api.store, "beta").await;
+    let at = Timestamp::from_unix_millis(now_ms() - 1_000);
+    api.store
+        .record_comparisons(&ficus_store::Evidence {
+            classes: vec![ficus_store::ClassCount {
+                tenant: id("beta"),
+                id: "0123456789abcdef".into(),
+                endpoint: "GET /homes/{id}".into(),
+                path: "$.price".into(),
+                kind: "value".into(),
+                additive: false,
+                version: String::new(),
+                count: 4,
+                first_at: at,
+                last_at: at,
+                example: None,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let all = c.readiness_all(&GateOverrides::default()).await.unwrap();
+    let order: Vec<&str> = all.tenants.iter().map(|r| r.tenant.as_str()).collect();
+    assert_eq!(order, ["acme", "beta", "gamma"]);
+    let ready: Vec<bool> = all.tenants.iter().map(|r| r.ready).collect();
+    assert_eq!(ready, [true, false, false]);
+    for r in &all.tenants {
+        let alone = c
+            .readiness(&id(&r.tenant), &GateOverrides::default())
+            .await
+            .unwrap();
+        assert_eq!(*r, alone, "{}", r.tenant);
+    }
+}

@@ -29,6 +29,9 @@
 //! - `ficus-bench readiness [--comparisons N] [--mismatches M] [--classes K]`:
 //!   `ficus readiness` on a PostgreSQL store holding a busy parallel run (see
 //!   `readiness.rs`);
+//! - `ficus-bench dashboard [--tenants N] [--comparisons M] [--loads L]`: the
+//!   dashboard's pages and live updates on a PostgreSQL store of a large
+//!   migration (see `dashboard.rs`);
 //! - `ficus-bench seed-configs --store URL --tenants N`: tenants with written
 //!   configurations and custom domains, for `scripts/bench/tenant_config.sh`.
 //!
@@ -70,6 +73,7 @@ fn report_allocations(args: &[String]) {
 
 mod backfill;
 mod corpus;
+mod dashboard;
 mod provision;
 mod readiness;
 mod rls;
@@ -131,6 +135,7 @@ fn main() -> Result<(), Error> {
         Some("proxy") => return proxy(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
+        Some("dashboard") => return dashboard::run(&argv[1..]),
         Some("rls") => return rls::run(&argv[1..]),
         Some("corpus") => return corpus::run(&argv[1..]),
         Some("provision") => return provision::run(&argv[1..]),

@@ -185,7 +185,22 @@ pub fn tally(
     evidence: &[ClassEvidence],
     version: Option<&str>,
 ) -> Vec<ClassTally> {
-    let by_id: HashMap<&str, &MismatchClass> = classes.iter().map(|c| (c.id.as_str(), c)).collect();
+    tally_in(&index(classes), evidence, version)
+}
+
+/// Classes by id, built once to tally many tenants' evidence against.
+pub type ClassIndex<'a> = HashMap<&'a str, &'a MismatchClass>;
+
+pub fn index(classes: &[MismatchClass]) -> ClassIndex<'_> {
+    classes.iter().map(|c| (c.id.as_str(), c)).collect()
+}
+
+/// [`tally`] against an index of the classes.
+pub fn tally_in(
+    by_id: &ClassIndex<'_>,
+    evidence: &[ClassEvidence],
+    version: Option<&str>,
+) -> Vec<ClassTally> {
     let mut out: BTreeMap<&str, ClassTally> = BTreeMap::new();
     for e in evidence {
         if version.is_some_and(|v| v != e.version) {

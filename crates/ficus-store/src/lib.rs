@@ -164,6 +164,16 @@ pub struct ClassCount {
     pub example: Option<ClassExample>,
 }
 
+/// The readiness gate's evidence for every tenant: comparison counts (each
+/// names its tenant), mismatch evidence per tenant and class, and latencies per
+/// tenant. Tenants with no evidence are absent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GateEvidence {
+    pub stats: Vec<ComparisonCount>,
+    pub classes: Vec<(TenantId, ClassEvidence)>,
+    pub latencies: Vec<(TenantId, LatencyEvidence)>,
+}
+
 /// A route's stage for all tenants (`tenant: None`) or one tenant's override.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteStage {
@@ -509,6 +519,13 @@ pub trait ControlStore: Send + Sync + 'static {
         limit: u64,
     ) -> Result<Vec<MismatchSample>>;
 
+    /// The newest audit event of each of `tenants` (those that have one), in
+    /// one query: the tenant board's "last change and who".
+    async fn last_events(&self, tenants: &[TenantId]) -> Result<Vec<AuditEvent>>;
+
+    /// The newest provisioning job that made or changed `tenant`.
+    async fn provision_job_of(&self, tenant: &TenantId) -> Result<Option<ProvisionJob>>;
+
     /// Every learned noise path, by endpoint and path.
     async fn noise(&self) -> Result<Vec<NoiseEntry>>;
 
@@ -518,6 +535,11 @@ pub trait ControlStore: Send + Sync + 'static {
 
     /// A tenant's latencies of compared reads since `since`, per backend.
     async fn latencies(&self, tenant: &TenantId, since: Timestamp) -> Result<LatencyEvidence>;
+
+    /// Everything the readiness gate judges, for every tenant at once, since
+    /// `since`: three queries however many tenants there are, for the tenant
+    /// board and `promote --next`.
+    async fn gate_evidence(&self, since: Timestamp) -> Result<GateEvidence>;
 
     /// A named setting's value (gate thresholds, the API token's hash).
     async fn setting(&self, key: &str) -> Result<Option<String>>;

@@ -27,10 +27,10 @@ use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, TenantRow};
 use crate::{
     AuditQuery, ClassChange, ClassCount, ComparisonCount, ConfigChange, ConfigVersion,
-    ControlStore, Evidence, InitOutcome, JobState, LatencyReport, MismatchSample, NewTenant,
-    NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount, RouteEvent, RouteStage,
-    SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl, SuspendChange,
-    TrafficCount, now,
+    ControlStore, Evidence, GateEvidence, InitOutcome, JobState, LatencyReport, MismatchSample,
+    NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount, RouteEvent,
+    RouteStage, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl,
+    SuspendChange, TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -1880,6 +1880,98 @@ impl ControlStore for PgStore {
         Ok(evidence)
     }
 
+    async fn gate_evidence(&self, since: Timestamp) -> Result<GateEvidence> {
+        let s = &*self.inner;
+        let hour = rules::hour_of(since);
+        let tenant =
+            |raw: &str| TenantId::parse(raw).map_err(|e| StoreError::Corrupt(e.to_string()));
+        // The three reads run at once, each on its own connection: at ten
+        // thousand tenants each takes tens of milliseconds of the server's time.
+        // They are not one snapshot; evidence recorded between them is in one
+        // and not another, as in any read of a live parallel run.
+        let read = |sql: &'static str, what: &'static str| async move {
+            let mut client = s.client().await?;
+            let tx = client.transaction().await.map_err(s.err(what))?;
+            // Hash the groups in memory rather than spill them to disk.
+            tx.batch_execute("SET LOCAL work_mem = '64MB'")
+                .await
+                .map_err(s.err(what))?;
+            let rows = tx.query(&s.q(sql), &[&hour]).await.map_err(s.err(what))?;
+            tx.commit().await.map_err(s.err(what))?;
+            Ok::<_, StoreError>(rows)
+        };
+        let (stats, classes, latencies) = tokio::try_join!(
+            read(
+                "SELECT tenant_id, endpoint, version, max(last_at), sum(requests)::bigint, sum(compared)::bigint,
+                        sum(matched)::bigint, sum(mismatched)::bigint, sum(noise_only)::bigint,
+                        sum(errors)::bigint, sum(shed)::bigint
+                 FROM {s}.comparisons WHERE hour >= $1 GROUP BY tenant_id, endpoint, version",
+                "reading comparisons",
+            ),
+            read(
+                "SELECT tenant_id, class_id, epoch, version, sum(count)::bigint, min(first_at), max(last_at)
+                 FROM {s}.mismatch_class_counts WHERE hour >= $1 GROUP BY tenant_id, class_id, epoch, version",
+                "reading mismatch evidence",
+            ),
+            // One row per tenant and backend, its buckets and counts as arrays:
+            // a fifth of the rows to send and read.
+            read(
+                "SELECT tenant_id, backend, array_agg(bucket::bigint), array_agg(n) FROM (
+                     SELECT tenant_id, backend, bucket, sum(count)::bigint AS n FROM {s}.latencies
+                     WHERE hour >= $1 GROUP BY tenant_id, backend, bucket
+                 ) b GROUP BY tenant_id, backend",
+                "reading latencies",
+            ),
+        )?;
+        let mut out = GateEvidence::default();
+        for r in &stats {
+            let n = |i| r.get::<_, i64>(i).max(0) as u64;
+            out.stats.push(ComparisonCount {
+                tenant: tenant(r.get(0))?,
+                endpoint: r.get(1),
+                version: r.get(2),
+                last_at: Timestamp::from_unix_millis(r.get(3)),
+                requests: n(4),
+                compared: n(5),
+                matched: n(6),
+                mismatched: n(7),
+                noise_only: n(8),
+                errors: n(9),
+                shed: n(10),
+            });
+        }
+        // The per-tenant reads list counts in this order; so does the bulk one.
+        out.stats.sort_by(|a, b| {
+            (&a.tenant, &a.endpoint, &a.version).cmp(&(&b.tenant, &b.endpoint, &b.version))
+        });
+        for r in &classes {
+            out.classes.push((
+                tenant(r.get(0))?,
+                ClassEvidence {
+                    class: r.get(1),
+                    epoch: r.get::<_, i64>(2).max(0) as u64,
+                    version: r.get(3),
+                    count: r.get::<_, i64>(4).max(0) as u64,
+                    first_at: Timestamp::from_unix_millis(r.get(5)),
+                    last_at: Timestamp::from_unix_millis(r.get(6)),
+                },
+            ));
+        }
+        let mut by_tenant: HashMap<String, LatencyEvidence> = HashMap::new();
+        for r in &latencies {
+            let evidence = by_tenant.entry(r.get::<_, String>(0)).or_default();
+            let (buckets, counts): (Vec<i64>, Vec<i64>) = (r.get(2), r.get(3));
+            for (bucket, count) in buckets.into_iter().zip(counts) {
+                rules::add_latency(evidence, r.get(1), bucket, count);
+            }
+        }
+        for (t, evidence) in by_tenant {
+            out.latencies.push((tenant(&t)?, evidence));
+        }
+        out.latencies.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     async fn setting(&self, key: &str) -> Result<Option<String>> {
         let s = &*self.inner;
         let key = rules::setting_key(key)?;
@@ -2214,6 +2306,53 @@ impl ControlStore for PgStore {
             .map_err(s.err("reading a provisioning job"))?
             .map(|r| rules::job_from_row(job_row(&r)))
             .transpose()
+    }
+
+    async fn provision_job_of(&self, tenant: &TenantId) -> Result<Option<ProvisionJob>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        client
+            .query_opt(
+                &s.q(&format!(
+                    "SELECT {JOB_COLUMNS} FROM {{s}}.provision_jobs WHERE tenant_id = $1
+                     ORDER BY updated_at DESC, event_id LIMIT 1"
+                )),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(s.err("reading a provisioning job"))?
+            .map(|r| rules::job_from_row(job_row(&r)))
+            .transpose()
+    }
+
+    async fn last_events(&self, tenants: &[TenantId]) -> Result<Vec<AuditEvent>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let ids: Vec<&str> = tenants.iter().map(TenantId::as_str).collect();
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT DISTINCT ON (tenant_id) seq, at, tenant_id, from_stage, to_stage, version, actor, reason
+                     FROM {s}.audit_log WHERE tenant_id = ANY($1) ORDER BY tenant_id, seq DESC",
+                ),
+                &[&ids],
+            )
+            .await
+            .map_err(s.err("reading the audit log"))?;
+        rows.iter()
+            .map(|r| {
+                rules::audit_from_row(AuditRow {
+                    seq: r.get(0),
+                    at: r.get(1),
+                    tenant: r.get(2),
+                    from: r.get(3),
+                    to: r.get(4),
+                    version: r.get(5),
+                    actor: r.get(6),
+                    reason: r.get(7),
+                })
+            })
+            .collect()
     }
 
     async fn provision_jobs(

@@ -23,10 +23,10 @@ use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, TenantRow};
 use crate::{
     AuditQuery, ClassChange, ClassCount, ComparisonCount, ConfigChange, ConfigVersion,
-    ControlStore, Evidence, InitOutcome, JobState, LatencyReport, MismatchSample, NewTenant,
-    NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount, RouteEvent, RouteStage,
-    SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, SuspendChange, TrafficCount,
-    now,
+    ControlStore, Evidence, GateEvidence, InitOutcome, JobState, LatencyReport, MismatchSample,
+    NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount, RouteEvent,
+    RouteStage, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, SuspendChange,
+    TrafficCount, now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -1526,6 +1526,103 @@ impl ControlStore for SqliteStore {
         .await
     }
 
+    async fn gate_evidence(&self, since: Timestamp) -> Result<GateEvidence> {
+        self.with(move |conn, location| {
+            let hour = rules::hour_of(since);
+            let tenant = |raw: String| {
+                TenantId::parse(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))
+            };
+            // One read transaction, so the three agree.
+            let tx = conn
+                .transaction()
+                .map_err(sql_err(location, "starting a read"))?;
+            type Raw = (String, String, String, i64, [i64; 7]);
+            let stats: Vec<Raw> = tx
+                .prepare_cached(
+                    "SELECT tenant_id, endpoint, version, max(last_at), sum(requests), sum(compared), sum(matched),
+                            sum(mismatched), sum(noise_only), sum(errors), sum(shed)
+                     FROM comparisons WHERE hour >= ?1 GROUP BY tenant_id, endpoint, version
+                     ORDER BY tenant_id, endpoint, version",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![hour], |r| {
+                        let mut n = [0i64; 7];
+                        for (k, v) in n.iter_mut().enumerate() {
+                            *v = r.get(4 + k)?;
+                        }
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, n))
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading comparisons"))?;
+            let classes: Vec<(String, ClassEvidence)> = tx
+                .prepare_cached(
+                    "SELECT tenant_id, class_id, epoch, version, sum(count), min(first_at), max(last_at)
+                     FROM mismatch_class_counts WHERE hour >= ?1 GROUP BY tenant_id, class_id, epoch, version",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![hour], |r| {
+                        Ok((
+                            r.get(0)?,
+                            ClassEvidence {
+                                class: r.get(1)?,
+                                epoch: r.get::<_, i64>(2)?.max(0) as u64,
+                                version: r.get(3)?,
+                                count: r.get::<_, i64>(4)?.max(0) as u64,
+                                first_at: Timestamp::from_unix_millis(r.get(5)?),
+                                last_at: Timestamp::from_unix_millis(r.get(6)?),
+                            },
+                        ))
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading mismatch evidence"))?;
+            let latencies: Vec<(String, String, i64, i64)> = tx
+                .prepare_cached(
+                    "SELECT tenant_id, backend, bucket, sum(count) FROM latencies WHERE hour >= ?1
+                     GROUP BY tenant_id, backend, bucket ORDER BY tenant_id",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![hour], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading latencies"))?;
+            let mut out = GateEvidence::default();
+            for (t, endpoint, version, last_at, n) in stats {
+                let c = |i: usize| n[i].max(0) as u64;
+                out.stats.push(ComparisonCount {
+                    tenant: tenant(t)?,
+                    endpoint,
+                    version,
+                    last_at: Timestamp::from_unix_millis(last_at),
+                    requests: c(0),
+                    compared: c(1),
+                    matched: c(2),
+                    mismatched: c(3),
+                    noise_only: c(4),
+                    errors: c(5),
+                    shed: c(6),
+                });
+            }
+            for (t, e) in classes {
+                out.classes.push((tenant(t)?, e));
+            }
+            for (t, backend, bucket, count) in latencies {
+                let id = tenant(t)?;
+                if out.latencies.last().is_none_or(|(last, _)| *last != id) {
+                    out.latencies.push((id, LatencyEvidence::default()));
+                }
+                if let Some((_, evidence)) = out.latencies.last_mut() {
+                    rules::add_latency(evidence, &backend, bucket, count);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn setting(&self, key: &str) -> Result<Option<String>> {
         let key = rules::setting_key(key)?.to_string();
         self.with(move |conn, location| {
@@ -1842,6 +1939,46 @@ impl ControlStore for SqliteStore {
             .map_err(sql_err(location, "reading a provisioning job"))?
             .map(rules::job_from_row)
             .transpose()
+        })
+        .await
+    }
+
+    async fn provision_job_of(&self, tenant: &TenantId) -> Result<Option<ProvisionJob>> {
+        let tenant = tenant.as_str().to_string();
+        self.with(move |conn, location| {
+            conn.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM provision_jobs WHERE tenant_id = ?1
+                 ORDER BY updated_at DESC, event_id LIMIT 1"
+            ))
+            .and_then(|mut s| s.query_row([&tenant], job_row).optional())
+            .map_err(sql_err(location, "reading a provisioning job"))?
+            .map(rules::job_from_row)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn last_events(&self, tenants: &[TenantId]) -> Result<Vec<AuditEvent>> {
+        let ids: Vec<String> = tenants.iter().map(|t| t.as_str().to_string()).collect();
+        self.with(move |conn, location| {
+            let mut out = Vec::with_capacity(ids.len());
+            // Each a walk down the (tenant_id, seq) index; one statement, reused.
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT seq, at, tenant_id, from_stage, to_stage, version, actor, reason FROM audit_log
+                     WHERE tenant_id = ?1 ORDER BY seq DESC LIMIT 1",
+                )
+                .map_err(sql_err(location, "reading the audit log"))?;
+            for id in &ids {
+                if let Some(row) = s
+                    .query_row([id], audit_row)
+                    .optional()
+                    .map_err(sql_err(location, "reading the audit log"))?
+                {
+                    out.push(rules::audit_from_row(row)?);
+                }
+            }
+            Ok(out)
         })
         .await
     }

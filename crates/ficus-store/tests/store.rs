@@ -1390,7 +1390,129 @@ macro_rules! both {
     )* };
 }
 
+/// The bulk read the tenant board judges from says, tenant by tenant, exactly
+/// what the per-tenant reads say.
+async fn reads_every_tenants_gate_evidence_at_once(store: Arc<dyn ControlStore>) {
+    use ficus_core::latency::Histogram;
+    use ficus_core::{Backend, Timestamp};
+    use ficus_store::{ClassCount, ComparisonCount, Evidence, LatencyReport};
+    let store = &*store;
+    let hist = |micros: &[u64]| {
+        let mut h = Histogram::default();
+        for m in micros {
+            h.record(*m);
+        }
+        h
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let at = Timestamp::from_unix_millis(now - 1_000);
+    let count = |tenant: &str, endpoint: &str, version: &str, compared: u64| ComparisonCount {
+        tenant: id(tenant),
+        endpoint: endpoint.into(),
+        version: version.into(),
+        last_at: at,
+        requests: compared + 2,
+        compared,
+        matched: compared - 1,
+        mismatched: 1,
+        noise_only: 0,
+        errors: 1,
+        shed: 0,
+    };
+    let class = |tenant: &str, class: &str, n: u64| ClassCount {
+        tenant: id(tenant),
+        id: class.into(),
+        endpoint: "GET /homes/{id}".into(),
+        path: format!("$.{class}"),
+        kind: "value".into(),
+        additive: false,
+        version: "2.0".into(),
+        count: n,
+        first_at: at,
+        last_at: at,
+        example: None,
+    };
+    store
+        .record_comparisons(&Evidence {
+            counts: vec![
+                count("acme", "GET /homes/{id}", "2.0", 40),
+                count("acme", "GET /homes", "", 7),
+                count("globex", "GET /homes/{id}", "2.1", 9),
+            ],
+            classes: vec![
+                class("acme", "c1", 3),
+                class("acme", "c2", 1),
+                class("globex", "c1", 5),
+            ],
+            ..Evidence::default()
+        })
+        .await
+        .unwrap();
+    store
+        .record_latencies(&[
+            LatencyReport {
+                tenant: id("acme"),
+                backend: Backend::New,
+                at,
+                histogram: hist(&[2_000, 3_000]),
+            },
+            LatencyReport {
+                tenant: id("globex"),
+                backend: Backend::Legacy,
+                at,
+                histogram: hist(&[9_000]),
+            },
+        ])
+        .await
+        .unwrap();
+    let since = Timestamp::from_unix_millis(now - 3_600_000);
+    let bulk = store.gate_evidence(since).await.unwrap();
+    for tenant in ["acme", "globex", "initech"] {
+        let t = id(tenant);
+        let stats: Vec<ComparisonCount> = bulk
+            .stats
+            .iter()
+            .filter(|c| c.tenant == t)
+            .cloned()
+            .collect();
+        assert_eq!(
+            stats,
+            store.comparison_stats(&t, since).await.unwrap(),
+            "{tenant}"
+        );
+        let key = |e: &ficus_core::reconcile::ClassEvidence| (e.class.clone(), e.version.clone());
+        let mut classes: Vec<_> = bulk
+            .classes
+            .iter()
+            .filter(|(o, _)| *o == t)
+            .map(|(_, e)| e.clone())
+            .collect();
+        let mut one = store.class_evidence(Some(&t), since).await.unwrap();
+        classes.sort_by_key(key);
+        one.sort_by_key(key);
+        assert_eq!(classes, one, "{tenant}");
+        let latency = bulk
+            .latencies
+            .iter()
+            .find(|(o, _)| *o == t)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            latency,
+            store.latencies(&t, since).await.unwrap(),
+            "{tenant}"
+        );
+    }
+    assert_eq!(bulk.stats.len(), 3);
+    assert_eq!(bulk.classes.len(), 3);
+    assert_eq!(bulk.latencies.len(), 2);
+}
+
 both!(
+    reads_every_tenants_gate_evidence_at_once,
     adds_and_reads_tenants,
     refuses_duplicates_and_leaves_the_store_unchanged,
     follows_the_stage_machine,

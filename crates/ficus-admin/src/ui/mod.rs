@@ -17,10 +17,13 @@ mod pages;
 pub use pages::encode;
 pub mod session;
 mod svg;
+mod verdicts;
+
+use std::sync::Arc;
 
 use askama::Template;
 use axum::Router;
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -63,9 +66,32 @@ pub fn router(store: StoreSlot) -> Router {
         .route("/ui/logout", post(pages::logout))
         .route("/ui/events", get(live::events))
         .route_layer(middleware::from_fn_with_state(store.clone(), authenticate));
+    let state = UiState {
+        store,
+        verdicts: Arc::new(verdicts::Verdicts::default()),
+    };
     open.merge(guarded)
         .layer(middleware::map_response(harden))
-        .with_state(store)
+        .with_state(state)
+}
+
+/// What the dashboard's handlers share: the store, and the board's verdicts.
+#[derive(Clone)]
+pub struct UiState {
+    store: StoreSlot,
+    verdicts: Arc<verdicts::Verdicts>,
+}
+
+impl FromRef<UiState> for StoreSlot {
+    fn from_ref(s: &UiState) -> StoreSlot {
+        s.store.clone()
+    }
+}
+
+impl FromRef<UiState> for Arc<verdicts::Verdicts> {
+    fn from_ref(s: &UiState) -> Arc<verdicts::Verdicts> {
+        s.verdicts.clone()
+    }
 }
 
 async fn css() -> Response {

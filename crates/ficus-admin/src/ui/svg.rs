@@ -121,7 +121,11 @@ pub fn burndown(events: &[EventJson]) -> String {
         b = h - pad,
         r = w - pad
     );
-    for (k, colour, name) in [(0, LEGACY, "legacy"), (1, SHADOW, "shadow"), (2, MIGRATED, "migrated")] {
+    for (k, colour, name) in [
+        (0, LEGACY, "legacy"),
+        (1, SHADOW, "shadow"),
+        (2, MIGRATED, "migrated"),
+    ] {
         let mut path = String::new();
         let mut level = 0i64;
         for (t, c) in &points {

@@ -483,3 +483,32 @@ async fn a_stage_change_reaches_an_open_page_over_server_sent_events() {
     assert_eq!(found, Ok(true), "{seen}");
     assert!(seen.contains("\"id\":\"acme\""), "{seen}");
 }
+
+#[tokio::test]
+async fn the_board_never_shows_a_verdict_judged_before_the_tenant_left_shadow() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme"), ("beta", "Beta")]).await;
+    ready_evidence(&*api.store, "acme").await;
+    let (viewer, _) = viewer_and_operator(&api).await;
+    let gate = |doc: &Html, tenant: &str| {
+        text(&select(doc, &format!(r#"tr[data-tenant="{tenant}"] td"#))[3])
+    };
+    let doc = page(&api, "/ui/tenants", &viewer).await;
+    assert_eq!(gate(&doc, "acme"), "ready");
+    assert!(text(&select(&doc, "#judged")[0]).starts_with("Gate verdicts judged"));
+    // Promoted from the command line: the verdicts kept are now stale for acme.
+    api.store
+        .change_stage(StageChange {
+            tenant: id("acme"),
+            to: Stage::Migrated,
+            expected_version: None,
+            actor: Actor::Cli,
+            reason: "promoted elsewhere".into(),
+        })
+        .await
+        .unwrap();
+    let doc = page(&api, "/ui/tenants", &viewer).await;
+    let row = r#"tr[data-tenant="acme"] [data-field="stage"]"#;
+    assert_eq!(text(&select(&doc, row)[0]), "migrated");
+    assert_eq!(gate(&doc, "acme"), "—");
+}
