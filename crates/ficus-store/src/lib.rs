@@ -164,6 +164,18 @@ pub struct ClassCount {
     pub example: Option<ClassExample>,
 }
 
+/// One endpoint's parallel run across every tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointCount {
+    pub endpoint: String,
+    /// Tenants that called it.
+    pub tenants: u64,
+    pub requests: u64,
+    pub compared: u64,
+    pub mismatched: u64,
+    pub errors: u64,
+}
+
 /// The readiness gate's evidence for every tenant: comparison counts (each
 /// names its tenant), mismatch evidence per tenant and class, and latencies per
 /// tenant. Tenants with no evidence are absent.
@@ -535,6 +547,18 @@ pub trait ControlStore: Send + Sync + 'static {
 
     /// A tenant's latencies of compared reads since `since`, per backend.
     async fn latencies(&self, tenant: &TenantId, since: Timestamp) -> Result<LatencyEvidence>;
+
+    /// Every endpoint's comparisons across all tenants since `since`, by
+    /// endpoint: the dashboard's endpoints page.
+    async fn endpoint_counts(&self, since: Timestamp) -> Result<Vec<EndpointCount>>;
+
+    /// A tenant's latencies of compared reads per hour since `since` (the
+    /// hour's start), per backend, oldest first: the tenant page's chart.
+    async fn latency_hours(
+        &self,
+        tenant: &TenantId,
+        since: Timestamp,
+    ) -> Result<Vec<(Timestamp, LatencyEvidence)>>;
 
     /// Everything the readiness gate judges, for every tenant at once, since
     /// `since`: three queries however many tenants there are, for the tenant

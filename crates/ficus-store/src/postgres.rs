@@ -27,10 +27,10 @@ use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, TenantRow};
 use crate::{
     AuditQuery, ClassChange, ClassCount, ComparisonCount, ConfigChange, ConfigVersion,
-    ControlStore, Evidence, GateEvidence, InitOutcome, JobState, LatencyReport, MismatchSample,
-    NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount, RouteEvent,
-    RouteStage, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, StoreUrl,
-    SuspendChange, TrafficCount, now,
+    ControlStore, EndpointCount, Evidence, GateEvidence, InitOutcome, JobState, LatencyReport,
+    MismatchSample, NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount,
+    RouteEvent, RouteStage, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError,
+    StoreUrl, SuspendChange, TrafficCount, now,
 };
 
 /// How often the feed re-reads the change log even without a notification.
@@ -1878,6 +1878,60 @@ impl ControlStore for PgStore {
             rules::add_latency(&mut evidence, row.get(0), row.get(1), row.get(2));
         }
         Ok(evidence)
+    }
+
+    async fn endpoint_counts(&self, since: Timestamp) -> Result<Vec<EndpointCount>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT endpoint, count(DISTINCT tenant_id)::bigint, sum(requests)::bigint, sum(compared)::bigint,
+                            sum(mismatched)::bigint, sum(errors)::bigint
+                     FROM {s}.comparisons WHERE hour >= $1 GROUP BY endpoint ORDER BY endpoint",
+                ),
+                &[&rules::hour_of(since)],
+            )
+            .await
+            .map_err(s.err("reading comparisons"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let n = |i| r.get::<_, i64>(i).max(0) as u64;
+                EndpointCount {
+                    endpoint: r.get(0),
+                    tenants: n(1),
+                    requests: n(2),
+                    compared: n(3),
+                    mismatched: n(4),
+                    errors: n(5),
+                }
+            })
+            .collect())
+    }
+
+    async fn latency_hours(
+        &self,
+        tenant: &TenantId,
+        since: Timestamp,
+    ) -> Result<Vec<(Timestamp, LatencyEvidence)>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT hour, backend, bucket::bigint, sum(count)::bigint FROM {s}.latencies
+                     WHERE tenant_id = $1 AND hour >= $2 GROUP BY hour, backend, bucket ORDER BY hour",
+                ),
+                &[&tenant.as_str(), &rules::hour_of(since)],
+            )
+            .await
+            .map_err(s.err("reading latencies"))?;
+        Ok(rules::latency_hours(
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect(),
+        ))
     }
 
     async fn gate_evidence(&self, since: Timestamp) -> Result<GateEvidence> {

@@ -357,6 +357,24 @@ pub(crate) fn traffic_from_row(
 }
 
 /// The start of the hour `at` falls in; legacy traffic is kept per tenant per hour.
+/// Latency rows `(hour, backend, bucket, count)`, ordered by hour, as one
+/// evidence per hour.
+pub(crate) fn latency_hours(
+    rows: Vec<(i64, String, i64, i64)>,
+) -> Vec<(Timestamp, LatencyEvidence)> {
+    let mut out: Vec<(Timestamp, LatencyEvidence)> = Vec::new();
+    for (hour, backend, bucket, count) in rows {
+        let at = Timestamp::from_unix_millis(hour);
+        if out.last().is_none_or(|(last, _)| *last != at) {
+            out.push((at, LatencyEvidence::default()));
+        }
+        if let Some((_, evidence)) = out.last_mut() {
+            add_latency(evidence, &backend, bucket, count);
+        }
+    }
+    out
+}
+
 pub(crate) fn hour_of(at: Timestamp) -> i64 {
     let ms = at.unix_millis();
     ms - ms.rem_euclid(3_600_000)

@@ -23,10 +23,10 @@ use crate::feed::{ChangeSet, FeedEvent, Subscription};
 use crate::rules::{self, AuditRow, ConfigRow, JOB_COLUMNS, JobRow, NewEvent, TenantRow};
 use crate::{
     AuditQuery, ClassChange, ClassCount, ComparisonCount, ConfigChange, ConfigVersion,
-    ControlStore, Evidence, GateEvidence, InitOutcome, JobState, LatencyReport, MismatchSample,
-    NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount, RouteEvent,
-    RouteStage, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError, SuspendChange,
-    TrafficCount, now,
+    ControlStore, EndpointCount, Evidence, GateEvidence, InitOutcome, JobState, LatencyReport,
+    MismatchSample, NewTenant, NoiseEntry, OpenMode, ProvisionJob, Result, RouteChange, RouteCount,
+    RouteEvent, RouteStage, SAMPLES_KEPT, SCHEMA_VERSION, Snapshot, StageChange, StoreError,
+    SuspendChange, TrafficCount, now,
 };
 
 /// How many change-log entries are kept; a subscriber further behind resyncs.
@@ -1522,6 +1522,55 @@ impl ControlStore for SqliteStore {
                 rules::add_latency(&mut evidence, &backend, bucket, count);
             }
             Ok(evidence)
+        })
+        .await
+    }
+
+    async fn endpoint_counts(&self, since: Timestamp) -> Result<Vec<EndpointCount>> {
+        self.with(move |conn, location| {
+            conn.prepare_cached(
+                "SELECT endpoint, count(DISTINCT tenant_id), sum(requests), sum(compared), sum(mismatched), sum(errors)
+                 FROM comparisons WHERE hour >= ?1 GROUP BY endpoint ORDER BY endpoint",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![rules::hour_of(since)], |r| {
+                    let n = |i| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                    Ok(EndpointCount {
+                        endpoint: r.get(0)?,
+                        tenants: n(1)?,
+                        requests: n(2)?,
+                        compared: n(3)?,
+                        mismatched: n(4)?,
+                        errors: n(5)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(sql_err(location, "reading comparisons"))
+        })
+        .await
+    }
+
+    async fn latency_hours(
+        &self,
+        tenant: &TenantId,
+        since: Timestamp,
+    ) -> Result<Vec<(Timestamp, LatencyEvidence)>> {
+        let tenant = tenant.clone();
+        self.with(move |conn, location| {
+            let rows: Vec<(i64, String, i64, i64)> = conn
+                .prepare_cached(
+                    "SELECT hour, backend, bucket, sum(count) FROM latencies WHERE tenant_id = ?1 AND hour >= ?2
+                     GROUP BY hour, backend, bucket ORDER BY hour",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![tenant.as_str(), rules::hour_of(since)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect()
+                })
+                .map_err(sql_err(location, "reading latencies"))?;
+            Ok(rules::latency_hours(rows))
         })
         .await
     }

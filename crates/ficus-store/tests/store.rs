@@ -729,6 +729,14 @@ async fn sums_latency_histograms_per_backend(store: Arc<dyn ControlStore>) {
     assert_eq!(recent.new, hist(&[2_000, 2_000, 50_000]));
     let all = store.latencies(&id("acme"), at(0)).await.unwrap();
     assert_eq!(all.new, hist(&[2_000, 2_000, 50_000, 7_000]));
+    // The same evidence hour by hour, for the tenant page's chart.
+    let hours = store.latency_hours(&id("acme"), at(0)).await.unwrap();
+    let starts: Vec<ficus_core::Timestamp> = hours.iter().map(|(h, _)| *h).collect();
+    assert_eq!(starts, [at(hour), at(2 * hour)]);
+    assert_eq!(hours[0].1.new, hist(&[7_000]));
+    assert!(hours[0].1.legacy.quantile_micros(0.5).is_none());
+    assert_eq!(hours[1].1.new, hist(&[2_000, 2_000, 50_000]));
+    assert_eq!(hours[1].1.legacy, hist(&[1_000, 1_000]));
     assert!(
         store
             .latencies(&id("initech"), at(0))
@@ -1509,6 +1517,21 @@ async fn reads_every_tenants_gate_evidence_at_once(store: Arc<dyn ControlStore>)
     assert_eq!(bulk.stats.len(), 3);
     assert_eq!(bulk.classes.len(), 3);
     assert_eq!(bulk.latencies.len(), 2);
+    // The endpoints page's sums across tenants.
+    let by_endpoint: Vec<(String, u64, u64, u64)> = store
+        .endpoint_counts(since)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.endpoint, e.tenants, e.compared, e.mismatched))
+        .collect();
+    assert_eq!(
+        by_endpoint,
+        [
+            ("GET /homes".to_string(), 1, 7, 1),
+            ("GET /homes/{id}".to_string(), 2, 49, 2)
+        ]
+    );
 }
 
 both!(

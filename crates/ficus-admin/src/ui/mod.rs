@@ -61,6 +61,7 @@ pub fn router(store: StoreSlot) -> Router {
         .route("/ui/promote-next", post(pages::promote_next))
         .route("/ui/retire", post(pages::retire))
         .route("/ui/classes/{class}", get(pages::class))
+        .route("/ui/classes/{class}/{action}", post(pages::change_class))
         .route("/ui/endpoints", get(pages::endpoints))
         .route("/ui/audit", get(pages::audit))
         .route("/ui/logout", post(pages::logout))

@@ -553,10 +553,24 @@ pub struct Branded {
     pub header_svg: String,
 }
 
+/// One endpoint of a tenant's parallel run over the gate's window.
+pub struct Coverage {
+    pub endpoint: String,
+    pub requests: u64,
+    pub compared: u64,
+    pub mismatched: u64,
+    pub errors: u64,
+    /// Compared at least the gate's minimum per endpoint.
+    pub covered: bool,
+}
+
 #[derive(Template)]
 #[template(path = "tenant.html")]
 struct TenantPage {
     frame: Frame,
+    coverage: Vec<Coverage>,
+    min_per_endpoint: u64,
+    latency_svg: String,
     tenant: TenantJson,
     readiness: ReadinessJson,
     comparisons: crate::api::ComparisonsJson,
@@ -638,6 +652,56 @@ pub async fn tenant(
         .map_err(|e| UiError::from(crate::Error::Store(e)))?
         .as_ref()
         .map(crate::api::JobJson::from);
+    // Endpoint coverage and latency over the gate's window.
+    let gate = c.gate().await?;
+    let window = humantime::parse_duration(&gate.window).map_err(|e| {
+        UiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the gate's window: {e}"),
+        )
+    })?;
+    let since = Timestamp::from_unix_millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+            - window.as_millis() as i64,
+    );
+    let s = store(&slot)?;
+    let mut coverage: Vec<Coverage> = Vec::new();
+    for count in s
+        .comparison_stats(&id, since)
+        .await
+        .map_err(|e| UiError::from(crate::Error::Store(e)))?
+    {
+        let row = match coverage.iter_mut().find(|c| c.endpoint == count.endpoint) {
+            Some(row) => row,
+            None => {
+                coverage.push(Coverage {
+                    endpoint: count.endpoint.clone(),
+                    requests: 0,
+                    compared: 0,
+                    mismatched: 0,
+                    errors: 0,
+                    covered: false,
+                });
+                coverage.last_mut().ok_or_else(|| {
+                    UiError(StatusCode::INTERNAL_SERVER_ERROR, "no row".to_string())
+                })?
+            }
+        };
+        row.requests += count.requests;
+        row.compared += count.compared;
+        row.mismatched += count.mismatched;
+        row.errors += count.errors;
+    }
+    for row in &mut coverage {
+        row.covered = row.compared >= gate.min_per_endpoint;
+    }
+    let hours = s
+        .latency_hours(&id, since)
+        .await
+        .map_err(|e| UiError::from(crate::Error::Store(e)))?;
+    let latency_svg = svg::latency_chart(&hours, gate.max_latency_ratio, gate.latency_slack_ms);
     let guard = shown
         .audit
         .iter()
@@ -648,6 +712,9 @@ pub async fn tenant(
     audit.reverse();
     html(&TenantPage {
         frame: Frame::of(&viewer),
+        coverage,
+        min_per_endpoint: gate.min_per_endpoint,
+        latency_svg,
         tenant: shown.tenant,
         comparisons: shown.comparisons,
         readiness,
@@ -661,6 +728,42 @@ pub async fn tenant(
 }
 
 // A mismatch class, drilled down to its sample pair.
+
+#[derive(Deserialize)]
+pub struct ClassForm {
+    reason: String,
+    #[serde(default)]
+    fixed_in: Option<String>,
+}
+
+/// Resolves, accepts or reopens a mismatch class from its page.
+pub async fn change_class(
+    State(slot): State<StoreSlot>,
+    Path((raw, action)): Path<(String, String)>,
+    act: Act<ClassForm>,
+) -> Page {
+    if !["resolve", "accept", "reopen"].contains(&action.as_str()) {
+        return Err(UiError(
+            StatusCode::NOT_FOUND,
+            format!("no class action {action:?}: expected resolve, accept or reopen"),
+        ));
+    }
+    let c = control(&slot, &act.viewer)?;
+    let changed = c
+        .change_class(
+            &raw,
+            &action,
+            crate::api::ClassChangeRequest {
+                reason: act.form.reason,
+                fixed_in: act.form.fixed_in.filter(|v| !v.trim().is_empty()),
+                whole_endpoint: false,
+            },
+        )
+        .await?;
+    let mut r = Redirect::to(&format!("/ui/classes/{}", encode(&changed.class.id))).into_response();
+    *r.status_mut() = StatusCode::SEE_OTHER;
+    Ok(r)
+}
 
 #[derive(Template)]
 #[template(path = "class.html")]
@@ -692,6 +795,10 @@ pub async fn class(State(slot): State<StoreSlot>, viewer: Viewer, Path(raw): Pat
 
 pub struct EndpointRow {
     pub endpoint: String,
+    pub tenants: u64,
+    pub compared: u64,
+    pub mismatched: u64,
+    pub errors: u64,
     pub breaking: u64,
     pub additive: u64,
     pub classes: Vec<ClassJson>,
@@ -713,17 +820,45 @@ struct EndpointsPage {
 
 pub async fn endpoints(State(slot): State<StoreSlot>, viewer: Viewer) -> Page {
     let c = control(&slot, &viewer)?;
-    let classes = c.mismatch_classes(None, None).await?.classes;
+    let classes = c.mismatch_classes(None, None).await?;
+    let window = humantime::parse_duration(&classes.window).map_err(|e| {
+        UiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the gate's window: {e}"),
+        )
+    })?;
+    let since = Timestamp::from_unix_millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+            - window.as_millis() as i64,
+    );
+    let row = |endpoint: &str| EndpointRow {
+        endpoint: endpoint.to_string(),
+        tenants: 0,
+        compared: 0,
+        mismatched: 0,
+        errors: 0,
+        breaking: 0,
+        additive: 0,
+        classes: Vec::new(),
+    };
     let mut by: std::collections::BTreeMap<String, EndpointRow> = Default::default();
-    for class in classes {
+    for e in store(&slot)?
+        .endpoint_counts(since)
+        .await
+        .map_err(|e| UiError::from(crate::Error::Store(e)))?
+    {
+        let r = by
+            .entry(e.endpoint.clone())
+            .or_insert_with(|| row(&e.endpoint));
+        (r.tenants, r.compared, r.mismatched, r.errors) =
+            (e.tenants, e.compared, e.mismatched, e.errors);
+    }
+    for class in classes.classes {
         let row = by
             .entry(class.endpoint.clone())
-            .or_insert_with(|| EndpointRow {
-                endpoint: class.endpoint.clone(),
-                breaking: 0,
-                additive: 0,
-                classes: Vec::new(),
-            });
+            .or_insert_with(|| row(&class.endpoint));
         if class.compat == "additive" {
             row.additive += class.counted;
         } else {

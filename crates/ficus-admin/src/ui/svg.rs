@@ -163,6 +163,115 @@ pub fn burndown(events: &[EventJson]) -> String {
     out
 }
 
+/// One hour's p99 of legacy, of new, and what the gate allows new.
+type Hour = (Option<u64>, Option<u64>, Option<u64>);
+/// A line of the latency chart: its name, colour, dash attribute and value.
+type Line = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Hour) -> Option<u64>,
+);
+
+/// A tenant's p99 latency per hour on each backend, with the line the gate
+/// allows new (legacy's p99 times `ratio`, or plus `slack_ms`, whichever is
+/// more). Hours where a backend measured nothing leave a gap in its line.
+pub fn latency_chart(
+    hours: &[(
+        ficus_core::Timestamp,
+        ficus_core::readiness::LatencyEvidence,
+    )],
+    ratio: f64,
+    slack_ms: u64,
+) -> String {
+    let (w, h, pad) = (600.0_f64, 190.0_f64, 28.0_f64);
+    if hours.is_empty() {
+        return r#"<p class="muted">no latency measured in the window</p>"#.to_string();
+    }
+    let p99 = |hist: &ficus_core::latency::Histogram| hist.quantile_micros(0.99);
+    let series: Vec<Hour> = hours
+        .iter()
+        .map(|(_, l)| {
+            let legacy = p99(&l.legacy);
+            let allowed = legacy.map(|p| ((p as f64 * ratio) as u64).max(p + slack_ms * 1_000));
+            (legacy, p99(&l.new), allowed)
+        })
+        .collect();
+    let max = series
+        .iter()
+        .flat_map(|(a, b, c)| [*a, *b, *c])
+        .flatten()
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let n = (hours.len() - 1).max(1) as f64;
+    let x = |i: usize| pad + (w - 2.0 * pad) * (i as f64) / n;
+    let y = |us: u64| h - pad - (h - 2.0 * pad - 14.0) * (us as f64) / max;
+    let mut out = format!(
+        r#"<svg class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="p99 latency per hour, legacy and new, with the gate's allowance">"#
+    );
+    let _ = write!(
+        out,
+        r##"<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#999"/>"##,
+        b = h - pad,
+        r = w - pad
+    );
+    let lines: [Line; 3] = [
+        ("legacy p99", LEGACY, "", |s| s.0),
+        ("new p99", MIGRATED, "", |s| s.1),
+        (
+            "allowed for new",
+            "#555",
+            r#" stroke-dasharray="4 3""#,
+            |s| s.2,
+        ),
+    ];
+    for (k, (name, colour, dash, pick)) in lines.iter().enumerate() {
+        let mut path = String::new();
+        let mut pen_up = true;
+        let mut last = None;
+        for (i, s) in series.iter().enumerate() {
+            match pick(s) {
+                Some(us) => {
+                    let _ = write!(
+                        path,
+                        "{}{:.1},{:.1} ",
+                        if pen_up { "M" } else { "L" },
+                        x(i),
+                        y(us)
+                    );
+                    pen_up = false;
+                    last = Some(us);
+                }
+                None => pen_up = true,
+            }
+        }
+        let now = last.map_or_else(|| "none".to_string(), ficus_core::latency::format_micros);
+        let _ = write!(
+            out,
+            r#"<path d="{}" fill="none" stroke="{colour}" stroke-width="2"{dash}><title>{name}: {now} in the last hour measured</title></path>"#,
+            path.trim_end()
+        );
+        let lx = pad + 150.0 * k as f64;
+        let _ = write!(
+            out,
+            r##"<rect x="{lx}" y="4" width="10" height="10" fill="{colour}"/><text x="{tx}" y="13" font-size="11" fill="#333">{name} {now}</text>"##,
+            tx = lx + 14.0
+        );
+    }
+    let label = |t: &ficus_core::Timestamp| escape(&ficus_store::format_time(*t));
+    let _ = write!(
+        out,
+        r##"<text x="{pad}" y="{yb}" font-size="10" fill="#555">{}</text><text x="{r}" y="{yb}" font-size="10" fill="#555" text-anchor="end">{}</text>"##,
+        label(&hours[0].0),
+        label(&hours[hours.len() - 1].0),
+        yb = h - 8.0,
+        r = w - pad,
+    );
+    out.push_str("</svg>");
+    out
+}
+
 /// A preview of a tenant's branded header, web and mobile side by side.
 /// `primary` and `accent` are checked colours (`#rgb`, `#rrggbb`).
 pub fn branded_header(display_name: &str, app_name: &str, primary: &str, accent: &str) -> String {

@@ -198,6 +198,59 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
         })
         .await
         .unwrap();
+    // Six hours of beta's parallel run: two endpoints compared, and both
+    // backends' latency, new slower in the last hours.
+    for hour in 0..6i64 {
+        let at = Timestamp::from_unix_millis(now_ms() - hour * 3_600_000);
+        let counts = ["GET /homes/{id}", "GET /homes"]
+            .into_iter()
+            .map(|endpoint| ficus_store::ComparisonCount {
+                tenant: id("beta"),
+                endpoint: endpoint.into(),
+                version: "2.0".into(),
+                last_at: at,
+                requests: 40,
+                compared: 40,
+                matched: 40,
+                mismatched: 0,
+                noise_only: 0,
+                errors: 0,
+                shed: 0,
+            })
+            .collect();
+        api.store
+            .record_comparisons(&Evidence {
+                counts,
+                ..Evidence::default()
+            })
+            .await
+            .unwrap();
+        let histogram = |base: u64| {
+            let mut h = ficus_core::latency::Histogram::default();
+            for k in 0..50 {
+                h.record(base + k * 100);
+            }
+            h
+        };
+        let slow = if hour < 2 { 9_000 } else { 3_000 };
+        api.store
+            .record_latencies(&[
+                ficus_store::LatencyReport {
+                    tenant: id("beta"),
+                    backend: ficus_core::Backend::Legacy,
+                    at,
+                    histogram: histogram(3_000),
+                },
+                ficus_store::LatencyReport {
+                    tenant: id("beta"),
+                    backend: ficus_core::Backend::New,
+                    at,
+                    histogram: histogram(slow),
+                },
+            ])
+            .await
+            .unwrap();
+    }
     let operator = token::create(&*api.store, "ana", Scope::Operator, Actor::Cli, "on call")
         .await
         .unwrap();
@@ -261,6 +314,8 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
         .await
         .unwrap();
     until_text(&c, "#verdict", |t| t == "not ready").await;
+    let coverage = text(&c, "table#coverage").await;
+    assert!(coverage.contains("GET /homes"), "{coverage}");
     shot(&c, "tenant").await;
     c.find(Locator::Css("table#classes a"))
         .await

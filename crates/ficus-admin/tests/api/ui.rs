@@ -512,3 +512,75 @@ async fn the_board_never_shows_a_verdict_judged_before_the_tenant_left_shadow() 
     assert_eq!(text(&select(&doc, row)[0]), "migrated");
     assert_eq!(gate(&doc, "acme"), "—");
 }
+
+#[tokio::test]
+async fn an_operator_resolves_a_mismatch_class_from_its_page_and_a_viewer_cannot() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    ready_evidence(&*api.store, "acme").await;
+    let at = ficus_core::Timestamp::from_unix_millis(super::now_ms() - 1_000);
+    let class = "00112233aabbccdd";
+    api.store
+        .record_comparisons(&ficus_store::Evidence {
+            classes: vec![ficus_store::ClassCount {
+                tenant: id("acme"),
+                id: class.into(),
+                endpoint: "GET /homes/{id}".into(),
+                path: "$.price".into(),
+                kind: "value".into(),
+                additive: false,
+                version: "2.0".into(),
+                count: 2,
+                first_at: at,
+                last_at: at,
+                example: None,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (viewer, operator) = viewer_and_operator(&api).await;
+    // The tenant page shows the endpoint covered and both backends' latency.
+    let doc = page(&api, "/ui/tenants/acme", &viewer).await;
+    let coverage = text(&select(&doc, "table#coverage")[0]);
+    assert!(
+        coverage.contains("GET /homes/{id}") && coverage.contains("yes"),
+        "{coverage}"
+    );
+    assert_eq!(
+        select(&doc, r#"svg[aria-label^="p99 latency per hour"] path"#).len(),
+        3
+    );
+    let doc = page(&api, &format!("/ui/classes/{class}"), &operator).await;
+    let path = format!("/ui/classes/{class}/resolve");
+    let form = [("reason", "fixed in 2.1"), ("fixed_in", "2.1")];
+    let mut with_csrf = form.to_vec();
+    let token = csrf(&doc);
+    with_csrf.push(("csrf", &token));
+    assert_eq!(
+        post(&api, &path, Some(&viewer), &with_csrf).await.status(),
+        403
+    );
+    assert_eq!(
+        post(&api, &path, Some(&operator), &form).await.status(),
+        403
+    );
+    let r = post(&api, &path, Some(&operator), &with_csrf).await;
+    assert_eq!(r.status(), 303);
+    let c = Direct::new(api.store.clone(), Actor::Cli);
+    let found = c.mismatch_class(class).await.unwrap();
+    assert_eq!(found.class.state, "resolved");
+    assert_eq!(found.history.last().unwrap().actor, "token:ops");
+    // The page now offers to reopen it, not to resolve it again.
+    let doc = page(&api, &format!("/ui/classes/{class}"), &operator).await;
+    assert!(select(&doc, "form#resolve").is_empty());
+    assert_eq!(select(&doc, "form#reopen").len(), 1);
+    let r = post(
+        &api,
+        &format!("/ui/classes/{class}/explode"),
+        Some(&operator),
+        &with_csrf,
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+}
