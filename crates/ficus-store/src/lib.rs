@@ -548,6 +548,10 @@ pub trait ControlStore: Send + Sync + 'static {
     /// A tenant's latencies of compared reads since `since`, per backend.
     async fn latencies(&self, tenant: &TenantId, since: Timestamp) -> Result<LatencyEvidence>;
 
+    /// Requests legacy served per hour since `since` (the hour's start), from
+    /// the route census, oldest first: the overview's legacy traffic chart.
+    async fn legacy_hours(&self, since: Timestamp) -> Result<Vec<(Timestamp, u64)>>;
+
     /// Every endpoint's comparisons across all tenants since `since`, by
     /// endpoint: the dashboard's endpoints page.
     async fn endpoint_counts(&self, since: Timestamp) -> Result<Vec<EndpointCount>>;

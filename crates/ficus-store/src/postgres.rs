@@ -1880,6 +1880,30 @@ impl ControlStore for PgStore {
         Ok(evidence)
     }
 
+    async fn legacy_hours(&self, since: Timestamp) -> Result<Vec<(Timestamp, u64)>> {
+        let s = &*self.inner;
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                &s.q(
+                    "SELECT hour, sum(count)::bigint FROM {s}.route_census WHERE backend = 'legacy' AND hour >= $1
+                     GROUP BY hour ORDER BY hour",
+                ),
+                &[&rules::hour_of(since)],
+            )
+            .await
+            .map_err(s.err("reading the route census"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    Timestamp::from_unix_millis(r.get(0)),
+                    r.get::<_, i64>(1).max(0) as u64,
+                )
+            })
+            .collect())
+    }
+
     async fn endpoint_counts(&self, since: Timestamp) -> Result<Vec<EndpointCount>> {
         let s = &*self.inner;
         let client = s.client().await?;

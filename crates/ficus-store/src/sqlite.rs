@@ -1526,6 +1526,26 @@ impl ControlStore for SqliteStore {
         .await
     }
 
+    async fn legacy_hours(&self, since: Timestamp) -> Result<Vec<(Timestamp, u64)>> {
+        self.with(move |conn, location| {
+            conn.prepare_cached(
+                "SELECT hour, sum(count) FROM route_census WHERE backend = 'legacy' AND hour >= ?1
+                 GROUP BY hour ORDER BY hour",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![rules::hour_of(since)], |r| {
+                    Ok((
+                        Timestamp::from_unix_millis(r.get(0)?),
+                        r.get::<_, i64>(1)?.max(0) as u64,
+                    ))
+                })?
+                .collect()
+            })
+            .map_err(sql_err(location, "reading the route census"))
+        })
+        .await
+    }
+
     async fn endpoint_counts(&self, since: Timestamp) -> Result<Vec<EndpointCount>> {
         self.with(move |conn, location| {
             conn.prepare_cached(

@@ -1378,6 +1378,13 @@ async fn route_stages_are_versioned_audited_and_followed(store: Arc<dyn ControlS
             ("new".to_string(), "ios/4.2".to_string(), 5)
         ]
     );
+    // Legacy's hours, every tenant's and the unknown ones' together.
+    let hours = store
+        .legacy_hours(Timestamp::from_unix_millis(now.unix_millis() - 3_600_000))
+        .await
+        .unwrap();
+    let hour = now.unix_millis() - now.unix_millis().rem_euclid(3_600_000);
+    assert_eq!(hours, [(Timestamp::from_unix_millis(hour), 6)]);
 }
 
 macro_rules! both {

@@ -234,6 +234,7 @@ struct OverviewPage {
     status: crate::api::StatusJson,
     stages_svg: String,
     burndown_svg: String,
+    legacy_svg: String,
     recent: Vec<EventJson>,
     guard: Vec<EventJson>,
 }
@@ -257,10 +258,19 @@ pub async fn overview(State(slot): State<StoreSlot>, viewer: Viewer) -> Page {
         .await?
         .events;
     let recent: Vec<EventJson> = history.iter().rev().take(15).cloned().collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    const HOURS: i64 = 24;
+    let legacy = store(&slot)?
+        .legacy_hours(Timestamp::from_unix_millis(now - HOURS * 3_600_000))
+        .await
+        .map_err(|e| UiError::from(crate::Error::Store(e)))?;
     let page = OverviewPage {
         frame: Frame::of(&viewer),
         stages_svg: svg::stage_bar(&status.stages),
         burndown_svg: svg::burndown(&history),
+        legacy_svg: svg::legacy_traffic(&legacy, now, HOURS),
         recent,
         guard: guard.into_iter().rev().collect(),
         status,

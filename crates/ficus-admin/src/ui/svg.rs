@@ -163,6 +163,53 @@ pub fn burndown(events: &[EventJson]) -> String {
     out
 }
 
+/// Requests legacy served in each of the last `span` hours up to `now`, as bars;
+/// an hour with none is an empty slot, so the chart falls to zero as the
+/// migration finishes.
+pub fn legacy_traffic(hours: &[(ficus_core::Timestamp, u64)], now_ms: i64, span: i64) -> String {
+    let (w, h, pad) = (600.0_f64, 150.0_f64, 28.0_f64);
+    let hour_ms = 3_600_000_i64;
+    let last = now_ms - now_ms.rem_euclid(hour_ms);
+    let first = last - (span - 1) * hour_ms;
+    let mut slots = vec![0u64; span.max(1) as usize];
+    for (at, n) in hours {
+        let k = (at.unix_millis() - first).div_euclid(hour_ms);
+        if (0..span).contains(&k) {
+            slots[k as usize] += n;
+        }
+    }
+    let max = slots.iter().copied().max().unwrap_or(0).max(1) as f64;
+    let slot_w = (w - 2.0 * pad) / slots.len() as f64;
+    let mut out = format!(
+        r#"<svg class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="requests legacy served per hour, the last {span} hours">"#
+    );
+    for (k, n) in slots.iter().enumerate() {
+        let bar = (h - 2.0 * pad - 14.0) * (*n as f64) / max;
+        let at = ficus_store::format_time(ficus_core::Timestamp::from_unix_millis(
+            first + k as i64 * hour_ms,
+        ));
+        let _ = write!(
+            out,
+            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{bar:.1}" fill="{LEGACY}"><title>{n} in the hour from {}</title></rect>"#,
+            pad + slot_w * k as f64 + 1.0,
+            h - pad - bar,
+            (slot_w - 2.0).max(1.0),
+            escape(&at)
+        );
+    }
+    let total: u64 = slots.iter().sum();
+    let _ = write!(
+        out,
+        r##"<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#999"/><text x="{pad}" y="13" font-size="11" fill="#333">{total} requests to legacy in {span} hours; the busiest hour {} </text><text x="{pad}" y="{yb}" font-size="10" fill="#555">{span} hours ago</text><text x="{r}" y="{yb}" font-size="10" fill="#555" text-anchor="end">now</text>"##,
+        max as u64,
+        b = h - pad,
+        r = w - pad,
+        yb = h - 8.0,
+    );
+    out.push_str("</svg>");
+    out
+}
+
 /// One hour's p99 of legacy, of new, and what the gate allows new.
 type Hour = (Option<u64>, Option<u64>, Option<u64>);
 /// A line of the latency chart: its name, colour, dash attribute and value.
@@ -301,6 +348,18 @@ mod tests {
         assert!(!svg.contains("<script>"));
         assert!(svg.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(svg.contains("a&amp;b"));
+    }
+
+    #[test]
+    fn legacy_traffic_falls_into_its_hours_and_older_hours_drop_out() {
+        let hour = 3_600_000;
+        let now = 100 * hour + 5;
+        let at = |h: i64| ficus_core::Timestamp::from_unix_millis(h * hour);
+        let svg = legacy_traffic(&[(at(100), 7), (at(98), 3), (at(50), 1_000)], now, 3);
+        assert_eq!(svg.matches("<rect").count(), 3, "{svg}");
+        assert!(svg.contains("10 requests to legacy in 3 hours"), "{svg}");
+        assert!(svg.contains("<title>7 in the hour from"), "{svg}");
+        assert!(svg.contains("<title>0 in the hour from"), "{svg}");
     }
 
     #[test]

@@ -232,6 +232,19 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
             }
             h
         };
+        // Legacy serves less each hour as tenants move.
+        api.store
+            .record_route_census(&[ficus_store::RouteCount {
+                tenant: Some(id("beta")),
+                route: "GET /homes/{id}".into(),
+                backend: "legacy".into(),
+                client: String::new(),
+                count: 100 + 150 * hour as u64,
+                last_at: at,
+                configured: true,
+            }])
+            .await
+            .unwrap();
         let slow = if hour < 2 { 9_000 } else { 3_000 };
         api.store
             .record_latencies(&[
