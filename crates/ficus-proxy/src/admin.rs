@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (the process is up),
 //! `/readyz` (a routing table is loaded and the proxy is not draining), and the
-//! control plane's API under `/v1` (bearer token; see `ficus_admin::server`).
+//! control plane's API under `/v1` (bearer token; see `ficus_admin::server`) and
+//! the operator dashboard under `/ui/` (see `ficus_admin::ui`).
 //! Bound to localhost by default.
 
 use std::sync::Arc;

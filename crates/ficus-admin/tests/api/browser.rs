@@ -366,8 +366,41 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
         "{log}"
     );
     shot(&c, "audit").await;
+    // The guard takes gamma back; the overview shows it among its actions.
+    api.store
+        .change_stage(StageChange {
+            tenant: id("gamma"),
+            to: Stage::Shadow,
+            expected_version: None,
+            actor: Actor::Cli,
+            reason: "promoted again".into(),
+        })
+        .await
+        .unwrap();
+    api.store
+        .change_stage(StageChange {
+            tenant: id("gamma"),
+            to: Stage::Migrated,
+            expected_version: None,
+            actor: Actor::Cli,
+            reason: "promoted again".into(),
+        })
+        .await
+        .unwrap();
+    api.store
+        .change_stage(StageChange {
+            tenant: id("gamma"),
+            to: Stage::Shadow,
+            expected_version: None,
+            actor: Actor::Guard,
+            reason: "new answered 5xx to 12 of 40 requests in 5 s".into(),
+        })
+        .await
+        .unwrap();
     c.goto(&format!("{}/ui/", api.base)).await.unwrap();
     until_text(&c, "h1", |t| t == "The finish line").await;
+    let guard = text(&c, "table#guard").await;
+    assert!(guard.contains("gamma") && guard.contains("5xx"), "{guard}");
     shot(&c, "overview").await;
     c.goto(&format!("{}/ui/endpoints", api.base)).await.unwrap();
     until_text(&c, "table#endpoints", |t| t.contains("GET /homes/{id}")).await;

@@ -185,6 +185,31 @@ async fn a_page_without_a_session_sends_the_person_to_log_in_and_back() {
 }
 
 #[tokio::test]
+async fn a_session_cookie_behind_tls_is_marked_secure() {
+    let api = start().await;
+    let b = browser();
+    let form = b
+        .get(format!("{}/ui/login", api.base))
+        .send()
+        .await
+        .unwrap();
+    let nonce_cookie = set_cookie(&form, session::LOGIN_COOKIE).unwrap();
+    let doc = Html::parse_document(&form.text().await.unwrap());
+    let nonce = attr(&doc, "input[name=nonce]", "value");
+    let answer = b
+        .post(format!("{}/ui/login", api.base))
+        .header("cookie", nonce_cookie.split(';').next().unwrap())
+        .header("x-forwarded-proto", "https")
+        .form(&[("token", api.token.as_str()), ("nonce", nonce.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 303);
+    let cookie = set_cookie(&answer, session::COOKIE).unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+}
+
+#[tokio::test]
 async fn the_login_page_never_sends_a_person_to_another_site() {
     let api = start().await;
     for next in [
@@ -308,6 +333,38 @@ async fn every_action_is_refused_without_a_session_to_a_viewer_and_without_the_c
     // Nothing changed through any of them.
     let t = api.store.tenant(&id("acme")).await.unwrap().unwrap();
     assert_eq!((t.stage, t.version), (Stage::Shadow, 1));
+    // Retiring legacy needs the typed confirmation, and then the finish line.
+    let retire = |confirm: &'static str| {
+        vec![
+            ("csrf", token.clone()),
+            ("version", "legacy:active".to_string()),
+            ("reason", "all moved".to_string()),
+            ("confirm", confirm.to_string()),
+        ]
+    };
+    let send = |f: Vec<(&'static str, String)>| {
+        let api = &api;
+        let operator = operator.clone();
+        async move {
+            browser()
+                .post(format!("{}/ui/retire", api.base))
+                .header("cookie", operator)
+                .form(&f)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(send(retire("retire")).await.status(), 400);
+    let r = send(retire("retire legacy")).await;
+    assert_eq!(r.status(), 409);
+    let doc = Html::parse_document(&r.text().await.unwrap());
+    assert!(
+        text(&select(&doc, "#error")[0]).contains("not migrated"),
+        "{}",
+        doc.html()
+    );
+    assert!(!api.store.legacy_retired().await.unwrap());
     // A viewer's token cannot change anything through the API either.
     let v = token::create(&*api.store, "reader", Scope::Viewer, Actor::Cli, "test")
         .await
