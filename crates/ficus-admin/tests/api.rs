@@ -98,6 +98,31 @@ async fn ready_evidence(store: &dyn ControlStore, tenant: &str) {
     store.record_latencies(&reports).await.unwrap();
 }
 
+/// Records `count` mismatches of `$.price` on `GET /homes/{id}` for `tenant`, as
+/// class `class`, a second ago.
+async fn price_mismatches(store: &dyn ControlStore, tenant: &str, class: &str, count: u64) {
+    let at = Timestamp::from_unix_millis(now_ms() - 1_000);
+    store
+        .record_comparisons(&ficus_store::Evidence {
+            classes: vec![ficus_store::ClassCount {
+                tenant: id(tenant),
+                id: class.into(),
+                endpoint: "GET /homes/{id}".into(),
+                path: "$.price".into(),
+                kind: "value".into(),
+                additive: false,
+                version: String::new(),
+                count,
+                first_at: at,
+                last_at: at,
+                example: None,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// A concrete path and a body for each route, so each can be called for real.
 fn concrete(path: &str) -> String {
     path.replace("{id}", "acme")
@@ -1331,26 +1356,7 @@ async fn judging_every_tenant_at_once_agrees_with_judging_each_alone() {
     }
     ready_evidence(&*api.store, "acme").await;
     ready_evidence(&*api.store, "beta").await;
-    let at = Timestamp::from_unix_millis(now_ms() - 1_000);
-    api.store
-        .record_comparisons(&ficus_store::Evidence {
-            classes: vec![ficus_store::ClassCount {
-                tenant: id("beta"),
-                id: "0123456789abcdef".into(),
-                endpoint: "GET /homes/{id}".into(),
-                path: "$.price".into(),
-                kind: "value".into(),
-                additive: false,
-                version: String::new(),
-                count: 4,
-                first_at: at,
-                last_at: at,
-                example: None,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    price_mismatches(&*api.store, "beta", "0123456789abcdef", 4).await;
     let all = c.readiness_all(&GateOverrides::default()).await.unwrap();
     let order: Vec<&str> = all.tenants.iter().map(|r| r.tenant.as_str()).collect();
     assert_eq!(order, ["acme", "beta", "gamma"]);

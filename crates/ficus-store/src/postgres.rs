@@ -38,6 +38,21 @@ const RESYNC_EVERY: Duration = Duration::from_secs(5);
 /// How many change-log entries are kept; a subscriber further behind resyncs.
 const CHANGES_KEPT: i64 = 10_000;
 
+/// An audit row as `SELECT seq, at, tenant_id, from_stage, to_stage, version,
+/// actor, reason` returns it.
+fn pg_audit_row(r: &tokio_postgres::Row) -> AuditRow {
+    AuditRow {
+        seq: r.get(0),
+        at: r.get(1),
+        tenant: r.get(2),
+        from: r.get(3),
+        to: r.get(4),
+        version: r.get(5),
+        actor: r.get(6),
+        reason: r.get(7),
+    }
+}
+
 /// Schema migrations; entry `i` brings the store from version `i` to `i + 1`. `{s}`
 /// stands for the quoted schema name.
 const MIGRATIONS: &[&str] = &[
@@ -925,18 +940,7 @@ impl Inner {
             .await
             .map_err(self.err("reading the audit log"))?;
         rows.iter()
-            .map(|r| {
-                rules::audit_from_row(AuditRow {
-                    seq: r.get(0),
-                    at: r.get(1),
-                    tenant: r.get(2),
-                    from: r.get(3),
-                    to: r.get(4),
-                    version: r.get(5),
-                    actor: r.get(6),
-                    reason: r.get(7),
-                })
-            })
+            .map(|r| rules::audit_from_row(pg_audit_row(r)))
             .collect()
     }
 
@@ -2418,18 +2422,7 @@ impl ControlStore for PgStore {
             .await
             .map_err(s.err("reading the audit log"))?;
         rows.iter()
-            .map(|r| {
-                rules::audit_from_row(AuditRow {
-                    seq: r.get(0),
-                    at: r.get(1),
-                    tenant: r.get(2),
-                    from: r.get(3),
-                    to: r.get(4),
-                    version: r.get(5),
-                    actor: r.get(6),
-                    reason: r.get(7),
-                })
-            })
+            .map(|r| rules::audit_from_row(pg_audit_row(r)))
             .collect()
     }
 

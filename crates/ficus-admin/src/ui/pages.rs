@@ -52,6 +52,20 @@ fn tenant_id(raw: &str) -> Result<TenantId, UiError> {
     TenantId::parse(raw).map_err(|e| UiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
+/// The start of the gate's evidence window (`24h`, as the gate prints it) now.
+fn window_start(window: &str) -> Result<Timestamp, UiError> {
+    let span = humantime::parse_duration(window).map_err(|e| {
+        UiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the gate's window {window:?}: {e}"),
+        )
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Ok(Timestamp::from_unix_millis(now - span.as_millis() as i64))
+}
+
 /// Percent-encodes a query value.
 pub fn encode(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
@@ -664,18 +678,7 @@ pub async fn tenant(
         .map(crate::api::JobJson::from);
     // Endpoint coverage and latency over the gate's window.
     let gate = c.gate().await?;
-    let window = humantime::parse_duration(&gate.window).map_err(|e| {
-        UiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the gate's window: {e}"),
-        )
-    })?;
-    let since = Timestamp::from_unix_millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-            - window.as_millis() as i64,
-    );
+    let since = window_start(&gate.window)?;
     let s = store(&slot)?;
     let mut coverage: Vec<Coverage> = Vec::new();
     for count in s
@@ -831,18 +834,7 @@ struct EndpointsPage {
 pub async fn endpoints(State(slot): State<StoreSlot>, viewer: Viewer) -> Page {
     let c = control(&slot, &viewer)?;
     let classes = c.mismatch_classes(None, None).await?;
-    let window = humantime::parse_duration(&classes.window).map_err(|e| {
-        UiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the gate's window: {e}"),
-        )
-    })?;
-    let since = Timestamp::from_unix_millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-            - window.as_millis() as i64,
-    );
+    let since = window_start(&classes.window)?;
     let row = |endpoint: &str| EndpointRow {
         endpoint: endpoint.to_string(),
         tenants: 0,

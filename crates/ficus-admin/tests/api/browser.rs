@@ -367,36 +367,26 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
     );
     shot(&c, "audit").await;
     // The guard takes gamma back; the overview shows it among its actions.
-    api.store
-        .change_stage(StageChange {
-            tenant: id("gamma"),
-            to: Stage::Shadow,
-            expected_version: None,
-            actor: Actor::Cli,
-            reason: "promoted again".into(),
-        })
-        .await
-        .unwrap();
-    api.store
-        .change_stage(StageChange {
-            tenant: id("gamma"),
-            to: Stage::Migrated,
-            expected_version: None,
-            actor: Actor::Cli,
-            reason: "promoted again".into(),
-        })
-        .await
-        .unwrap();
-    api.store
-        .change_stage(StageChange {
-            tenant: id("gamma"),
-            to: Stage::Shadow,
-            expected_version: None,
-            actor: Actor::Guard,
-            reason: "new answered 5xx to 12 of 40 requests in 5 s".into(),
-        })
-        .await
-        .unwrap();
+    for (to, actor, reason) in [
+        (Stage::Shadow, Actor::Cli, "promoted again"),
+        (Stage::Migrated, Actor::Cli, "promoted again"),
+        (
+            Stage::Shadow,
+            Actor::Guard,
+            "new answered 5xx to 12 of 40 requests in 5 s",
+        ),
+    ] {
+        api.store
+            .change_stage(StageChange {
+                tenant: id("gamma"),
+                to,
+                expected_version: None,
+                actor,
+                reason: reason.into(),
+            })
+            .await
+            .unwrap();
+    }
     c.goto(&format!("{}/ui/", api.base)).await.unwrap();
     until_text(&c, "h1", |t| t == "The finish line").await;
     let guard = text(&c, "table#guard").await;

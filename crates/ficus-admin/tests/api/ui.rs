@@ -52,22 +52,28 @@ fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Logs in through the login page as a person would; returns the session
-/// cookie (`name=value`).
-async fn login(api: &Api, token: &str) -> String {
-    let b = browser();
+/// The login page's nonce cookie (`name=value`) and the nonce its form carries.
+async fn login_form(b: &reqwest::Client, api: &Api) -> (String, String) {
     let form = b
         .get(format!("{}/ui/login", api.base))
         .send()
         .await
         .unwrap();
     assert_eq!(form.status(), 200);
-    let nonce_cookie = set_cookie(&form, session::LOGIN_COOKIE).expect("a login nonce cookie");
+    let cookie = set_cookie(&form, session::LOGIN_COOKIE).expect("a login nonce cookie");
     let doc = Html::parse_document(&form.text().await.unwrap());
     let nonce = attr(&doc, "input[name=nonce]", "value");
+    (cookie.split(';').next().unwrap().to_string(), nonce)
+}
+
+/// Logs in through the login page as a person would; returns the session
+/// cookie (`name=value`).
+async fn login(api: &Api, token: &str) -> String {
+    let b = browser();
+    let (nonce_cookie, nonce) = login_form(&b, api).await;
     let answer = b
         .post(format!("{}/ui/login", api.base))
-        .header("cookie", nonce_cookie.split(';').next().unwrap())
+        .header("cookie", &nonce_cookie)
         .form(&[("token", token), ("nonce", &nonce), ("next", "/ui/tenants")])
         .send()
         .await
@@ -155,17 +161,10 @@ async fn a_page_without_a_session_sends_the_person_to_log_in_and_back() {
     );
     // A wrong token is refused on the page, with the form again.
     let b = browser();
-    let form = b
-        .get(format!("{}/ui/login", api.base))
-        .send()
-        .await
-        .unwrap();
-    let nonce_cookie = set_cookie(&form, session::LOGIN_COOKIE).unwrap();
-    let doc = Html::parse_document(&form.text().await.unwrap());
-    let nonce = attr(&doc, "input[name=nonce]", "value");
+    let (nonce_cookie, nonce) = login_form(&b, &api).await;
     let wrong = b
         .post(format!("{}/ui/login", api.base))
-        .header("cookie", nonce_cookie.split(';').next().unwrap())
+        .header("cookie", &nonce_cookie)
         .form(&[("token", "ficus_nope"), ("nonce", nonce.as_str())])
         .send()
         .await
@@ -188,17 +187,10 @@ async fn a_page_without_a_session_sends_the_person_to_log_in_and_back() {
 async fn a_session_cookie_behind_tls_is_marked_secure() {
     let api = start().await;
     let b = browser();
-    let form = b
-        .get(format!("{}/ui/login", api.base))
-        .send()
-        .await
-        .unwrap();
-    let nonce_cookie = set_cookie(&form, session::LOGIN_COOKIE).unwrap();
-    let doc = Html::parse_document(&form.text().await.unwrap());
-    let nonce = attr(&doc, "input[name=nonce]", "value");
+    let (nonce_cookie, nonce) = login_form(&b, &api).await;
     let answer = b
         .post(format!("{}/ui/login", api.base))
-        .header("cookie", nonce_cookie.split(';').next().unwrap())
+        .header("cookie", &nonce_cookie)
         .header("x-forwarded-proto", "https")
         .form(&[("token", api.token.as_str()), ("nonce", nonce.as_str())])
         .send()
@@ -575,27 +567,8 @@ async fn an_operator_resolves_a_mismatch_class_from_its_page_and_a_viewer_cannot
     let api = start().await;
     tenants(&api, &[("acme", "Acme")]).await;
     ready_evidence(&*api.store, "acme").await;
-    let at = ficus_core::Timestamp::from_unix_millis(super::now_ms() - 1_000);
     let class = "00112233aabbccdd";
-    api.store
-        .record_comparisons(&ficus_store::Evidence {
-            classes: vec![ficus_store::ClassCount {
-                tenant: id("acme"),
-                id: class.into(),
-                endpoint: "GET /homes/{id}".into(),
-                path: "$.price".into(),
-                kind: "value".into(),
-                additive: false,
-                version: "2.0".into(),
-                count: 2,
-                first_at: at,
-                last_at: at,
-                example: None,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    super::price_mismatches(&*api.store, "acme", class, 2).await;
     let (viewer, operator) = viewer_and_operator(&api).await;
     // The tenant page shows the endpoint covered and both backends' latency.
     let doc = page(&api, "/ui/tenants/acme", &viewer).await;
