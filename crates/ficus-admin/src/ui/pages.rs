@@ -199,7 +199,6 @@ pub async fn login(
     tracing::info!(token = who.name(), "dashboard: logged in");
     let secure = if over_tls(&headers) { "; Secure" } else { "" };
     let mut response = Redirect::to(&next).into_response();
-    *response.status_mut() = StatusCode::SEE_OTHER;
     response.headers_mut().append(
         header::SET_COOKIE,
         header_value(&format!(
@@ -228,7 +227,6 @@ pub async fn logout(
         ));
     }
     let mut response = Redirect::to("/ui/login").into_response();
-    *response.status_mut() = StatusCode::SEE_OTHER;
     response.headers_mut().append(
         header::SET_COOKIE,
         header_value(&format!(
@@ -773,9 +771,7 @@ pub async fn change_class(
             },
         )
         .await?;
-    let mut r = Redirect::to(&format!("/ui/classes/{}", encode(&changed.class.id))).into_response();
-    *r.status_mut() = StatusCode::SEE_OTHER;
-    Ok(r)
+    Ok(Redirect::to(&format!("/ui/classes/{}", encode(&changed.class.id))).into_response())
 }
 
 #[derive(Template)]
@@ -982,9 +978,7 @@ pub struct StageForm {
 }
 
 fn back_to(id: &TenantId) -> Response {
-    let mut r = Redirect::to(&format!("/ui/tenants/{}", encode(id.as_str()))).into_response();
-    *r.status_mut() = StatusCode::SEE_OTHER;
-    r
+    Redirect::to(&format!("/ui/tenants/{}", encode(id.as_str()))).into_response()
 }
 
 pub async fn promote(
@@ -1112,7 +1106,5 @@ pub async fn retire(State(slot): State<StoreSlot>, act: Act<RetireForm>) -> Page
         Some(&act.form.version),
     )
     .await?;
-    let mut r = Redirect::to("/ui/").into_response();
-    *r.status_mut() = StatusCode::SEE_OTHER;
-    Ok(r)
+    Ok(Redirect::to("/ui/").into_response())
 }
