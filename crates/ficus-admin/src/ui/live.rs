@@ -3,29 +3,85 @@
 //! Each open page holds one `EventSource` on `/ui/events?from=SEQ`, SEQ being
 //! the change-log position read before the page read anything, so a change
 //! made while the page was rendering or the stream was opening is still sent.
-//! The stream follows the store's change feed from there and sends, for every tenant
-//! a change touched, its current stage and version (`event: tenant`); when the
-//! feed cannot list the tenants (an import, a gap), `event: resync` tells the
-//! page to reload; when the store is lost or back, `event: store`. A comment is
-//! sent every 15 seconds so that proxies in between keep the connection open.
-//! When the browser cannot keep the stream, the page's script falls back to
+//! For every tenant a change touched, the stream sends its current stage and
+//! version (`event: tenant`); when the changes cannot be listed tenant by tenant
+//! (an import, a gap, a page too far behind), `event: resync` tells the page to
+//! reload; when the store is lost or back, `event: store`. A comment is sent
+//! every 15 seconds so that proxies in between keep the connection open. When
+//! the browser cannot keep the stream, the page's script falls back to
 //! reloading on a timer.
+//!
+//! One subscription to the store's feed serves every open page of the process
+//! ([`Hub`]): a feed holds a database connection (PostgreSQL) or a thread
+//! (SQLite), and pages are many. A stream first catches up from its page's
+//! position with one read of the change log, then follows the shared feed,
+//! skipping what it already sent. At most [`MAX_STREAMS`] streams are open at
+//! once; beyond that a page is told to poll instead (503).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use ficus_store::FeedEvent;
+use ficus_store::{ChangeSet, ControlStore, FeedEvent};
 use futures_util::stream::{self, Stream};
 use serde_json::json;
+use tokio::sync::{OnceCell, broadcast};
 
 use super::{UiError, Viewer};
 use crate::server::StoreSlot;
 
 /// How often a quiet stream sends a keep-alive comment.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How many event streams one process serves at once.
+pub const MAX_STREAMS: usize = 256;
+/// Feed events a slow stream may fall behind by before it is told to resync.
+const BACKLOG: usize = 1_024;
+
+/// The process's one subscription to the change feed, shared by every stream.
+#[derive(Default)]
+pub struct Hub {
+    feed: OnceCell<broadcast::Sender<FeedEvent>>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Hub {
+    /// The shared feed, subscribed on first use. The forwarding task lives as
+    /// long as the process's runtime, like a proxy's own subscription.
+    async fn feed(&self, store: &Arc<dyn ControlStore>) -> broadcast::Receiver<FeedEvent> {
+        let tx = self
+            .feed
+            .get_or_init(|| async {
+                let (tx, _) = broadcast::channel(BACKLOG);
+                // From a position read now, not from wherever the feed happens
+                // to start: the first stream's catch-up read ends after this.
+                let mut sub = store.subscribe(store.position().await.ok());
+                let out = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = sub.recv().await {
+                        // No stream open is not an error: the feed keeps going.
+                        let _ = out.send(event);
+                    }
+                });
+                tx
+            })
+            .await;
+        tx.subscribe()
+    }
+}
+
+/// Counts an open stream; dropping it (the stream ends) uncounts it.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 #[derive(serde::Deserialize)]
 pub struct From {
@@ -35,8 +91,35 @@ pub struct From {
     from: Option<u64>,
 }
 
+/// The events one change set makes for a page: each tenant's current state.
+async fn tenant_events(store: &dyn ControlStore, set: &ChangeSet, out: &mut VecDeque<Event>) {
+    if set.resync {
+        out.push_back(Event::default().event("resync").data(set.seq.to_string()));
+        return;
+    }
+    for id in &set.tenants {
+        let data = match store.tenant(id).await {
+            Ok(Some(t)) => json!({
+                "id": t.id.as_str(),
+                "stage": t.stage.as_str(),
+                "version": t.version,
+                "updated_at": ficus_store::format_time(t.updated_at),
+                "seq": set.seq,
+            }),
+            Ok(None) => json!({ "id": id.as_str(), "gone": true, "seq": set.seq }),
+            // The page learns of the gap and reloads.
+            Err(_) => {
+                out.push_back(Event::default().event("resync").data(set.seq.to_string()));
+                continue;
+            }
+        };
+        out.push_back(Event::default().event("tenant").data(data.to_string()));
+    }
+}
+
 pub async fn events(
     State(slot): State<StoreSlot>,
+    State(hub): State<Arc<Hub>>,
     viewer: Viewer,
     q: Result<axum::extract::Query<From>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, UiError> {
@@ -55,52 +138,57 @@ pub async fn events(
             "the control store is not open yet".to_string(),
         )
     })?;
-    let feed = store.subscribe(Some(from));
-    // Events waiting to be sent: one change can touch many tenants.
-    let pending: std::collections::VecDeque<Event> = Default::default();
+    if hub.open.fetch_add(1, Ordering::AcqRel) >= MAX_STREAMS {
+        hub.open.fetch_sub(1, Ordering::AcqRel);
+        return Err(UiError(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{MAX_STREAMS} live streams are open already; the page reloads on a timer instead"
+            ),
+        ));
+    }
+    let open = Open(Arc::clone(&hub.open));
+    // Follow the shared feed first, then catch up: a change committed between
+    // the two is in both, and sent once.
+    let feed = hub.feed(&store).await;
+    let mut pending: VecDeque<Event> = VecDeque::new();
+    let caught_up = match store.changes_since(from).await {
+        Ok(set) => {
+            tenant_events(&*store, &set, &mut pending).await;
+            set.seq.max(from)
+        }
+        Err(_) => {
+            pending.push_back(Event::default().event("resync").data(from.to_string()));
+            from
+        }
+    };
     let stream = stream::unfold(
-        (feed, pending, store),
-        |(mut feed, mut pending, store)| async move {
+        (feed, pending, store, caught_up, open),
+        |(mut feed, mut pending, store, mut last, open)| async move {
             loop {
                 if let Some(event) = pending.pop_front() {
-                    return Some((Ok::<Event, Infallible>(event), (feed, pending, store)));
+                    return Some((
+                        Ok::<Event, Infallible>(event),
+                        (feed, pending, store, last, open),
+                    ));
                 }
-                match feed.recv().await? {
-                    FeedEvent::Changed(set) if set.resync => {
-                        pending
-                            .push_back(Event::default().event("resync").data(set.seq.to_string()));
+                match feed.recv().await {
+                    Ok(FeedEvent::Changed(set)) if set.seq > last => {
+                        last = set.seq;
+                        tenant_events(&*store, &set, &mut pending).await;
                     }
-                    FeedEvent::Changed(set) => {
-                        for id in &set.tenants {
-                            let data = match store.tenant(id).await {
-                                Ok(Some(t)) => json!({
-                                    "id": t.id.as_str(),
-                                    "stage": t.stage.as_str(),
-                                    "version": t.version,
-                                    "updated_at": ficus_store::format_time(t.updated_at),
-                                    "seq": set.seq,
-                                }),
-                                Ok(None) => {
-                                    json!({ "id": id.as_str(), "gone": true, "seq": set.seq })
-                                }
-                                // The page learns of the gap and reloads.
-                                Err(_) => {
-                                    pending.push_back(
-                                        Event::default().event("resync").data(set.seq.to_string()),
-                                    );
-                                    continue;
-                                }
-                            };
-                            pending
-                                .push_back(Event::default().event("tenant").data(data.to_string()));
-                        }
-                    }
-                    FeedEvent::Lost { .. } => {
+                    Ok(FeedEvent::Changed(_)) => {}
+                    Ok(FeedEvent::Lost { .. }) => {
                         pending.push_back(Event::default().event("store").data("lost"));
                     }
-                    FeedEvent::Restored => {
+                    Ok(FeedEvent::Restored) => {
                         pending.push_back(Event::default().event("store").data("restored"));
                     }
+                    // Too far behind the shared feed: the page reloads.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        pending.push_back(Event::default().event("resync").data(last.to_string()));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
         },

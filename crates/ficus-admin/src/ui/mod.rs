@@ -70,6 +70,7 @@ pub fn router(store: StoreSlot) -> Router {
     let state = UiState {
         store,
         verdicts: Arc::new(verdicts::Verdicts::default()),
+        hub: Arc::new(live::Hub::default()),
     };
     open.merge(guarded)
         .layer(middleware::map_response(harden))
@@ -81,6 +82,13 @@ pub fn router(store: StoreSlot) -> Router {
 pub struct UiState {
     store: StoreSlot,
     verdicts: Arc<verdicts::Verdicts>,
+    hub: Arc<live::Hub>,
+}
+
+impl FromRef<UiState> for Arc<live::Hub> {
+    fn from_ref(s: &UiState) -> Arc<live::Hub> {
+        s.hub.clone()
+    }
 }
 
 impl FromRef<UiState> for StoreSlot {

@@ -518,19 +518,49 @@ async fn a_stage_change_reaches_an_open_page_over_server_sent_events() {
         .unwrap();
     assert_eq!(stream.status(), 200);
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
-    let mut seen = String::new();
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(chunk) = stream.chunk().await.unwrap() {
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-            if seen.contains("event: tenant") && seen.contains("\"stage\":\"migrated\"") {
-                return true;
+    /// Reads `stream` until it carries `want`; returns what it read.
+    async fn until(stream: &mut reqwest::Response, want: &str) -> String {
+        let mut seen = String::new();
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(chunk) = stream.chunk().await.unwrap() {
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+                if seen.contains(want) {
+                    return true;
+                }
             }
-        }
-        false
-    })
-    .await;
-    assert_eq!(found, Ok(true), "{seen}");
-    assert!(seen.contains("\"id\":\"acme\""), "{seen}");
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "{want} not in {seen}");
+        seen
+    }
+    let seen = until(&mut stream, r#""stage":"migrated""#).await;
+    assert!(
+        seen.contains("event: tenant") && seen.contains(r#""id":"acme""#),
+        "{seen}"
+    );
+    // A second page opens its stream; a change now reaches both, through the
+    // one feed the process shares.
+    let mut second = browser()
+        .get(format!("{}/ui/events", api.base))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    api.store
+        .change_stage(StageChange {
+            tenant: id("acme"),
+            to: Stage::Shadow,
+            expected_version: None,
+            actor: Actor::Cli,
+            reason: "rolled back from the command line".into(),
+        })
+        .await
+        .unwrap();
+    let want = r#""id":"acme","stage":"shadow","version":3"#;
+    until(&mut stream, want).await;
+    until(&mut second, want).await;
 }
 
 #[tokio::test]
