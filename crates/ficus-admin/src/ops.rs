@@ -362,7 +362,11 @@ struct Evidence<'a> {
 /// Judges one tenant on its evidence: no IO, so the single-tenant and the bulk
 /// paths give the same verdict by construction.
 fn judged(id: &TenantId, gate: &Gate, version: Option<&str>, ev: Evidence<'_>) -> Result<Judged> {
-    let stats = ev.stats;
+    // One order whatever the store's collation sorted by, so that the bulk
+    // and the single-tenant paths list endpoints and versions alike.
+    let mut sorted: Vec<&ComparisonCount> = ev.stats.iter().collect();
+    sorted.sort_by(|a, b| (&a.endpoint, &a.version).cmp(&(&b.endpoint, &b.version)));
+    let stats = &sorted;
     let mut versions: Vec<VersionJson> = Vec::new();
     let mut latest: Vec<(ficus_core::Timestamp, String)> = Vec::new();
     for c in stats {

@@ -75,6 +75,10 @@ const NAMED: &str = "token.";
 /// `revoked/SCOPE`, keeping the scope for the listing and nothing to match.
 const REVOKED: &str = "revoked";
 
+/// Names a token may not take: the audit log's other actors, so that a name
+/// shown alone (in the dashboard's header) is never one of them.
+const RESERVED: &[&str] = &["api", "cli", "guard", "provisioning", "proxy"];
+
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -145,6 +149,11 @@ pub async fn create(
     reason: &str,
 ) -> Result<String> {
     let name = TokenName::parse(name).map_err(|e| Error::Invalid(e.to_string()))?;
+    if RESERVED.contains(&name.as_str()) {
+        return Err(Error::Invalid(format!(
+            "{name} names the audit log's own actors; choose another token name"
+        )));
+    }
     let key = format!("{NAMED}{}", name.as_str());
     if store.setting(&key).await?.is_some() {
         return Err(Error::Refused(format!(

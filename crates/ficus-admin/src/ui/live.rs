@@ -7,7 +7,10 @@
 //! version (`event: tenant`); when the changes cannot be listed tenant by tenant
 //! (an import, a gap, a page too far behind), `event: resync` tells the page to
 //! reload; when the store is lost or back, `event: store`. A comment is sent
-//! every 15 seconds so that proxies in between keep the connection open. When
+//! every 15 seconds so that proxies in between keep the connection open. A
+//! stream checks that its session or token still grants access before it sends
+//! a change and every 15 seconds, and ends when it does not: revoking a token
+//! or letting a session expire closes its open pages' streams too. When
 //! the browser cannot keep the stream, the page's script falls back to
 //! reloading on a timer.
 //!
@@ -30,7 +33,7 @@ use axum::response::{IntoResponse, Response};
 use ficus_store::{ChangeSet, ControlStore, FeedEvent};
 use futures_util::stream::{self, Stream};
 use serde_json::json;
-use tokio::sync::{OnceCell, broadcast};
+use tokio::sync::{Mutex, broadcast};
 
 use super::{UiError, Viewer};
 use crate::server::StoreSlot;
@@ -41,36 +44,48 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub const MAX_STREAMS: usize = 256;
 /// Feed events a slow stream may fall behind by before it is told to resync.
 const BACKLOG: usize = 1_024;
+/// A catch-up that touched more tenants than this is a resync: the page reloads
+/// once rather than the stream reading every one of them.
+const CATCH_UP_TENANTS: usize = 500;
+/// How often a stream checks that its session or token still grants access.
+pub const RECHECK: Duration = Duration::from_secs(15);
 
 /// The process's one subscription to the change feed, shared by every stream.
 #[derive(Default)]
 pub struct Hub {
-    feed: OnceCell<broadcast::Sender<FeedEvent>>,
+    feed: Arc<Mutex<Option<broadcast::Sender<FeedEvent>>>>,
     open: Arc<AtomicUsize>,
 }
 
 impl Hub {
     /// The shared feed, subscribed on first use. The forwarding task lives as
-    /// long as the process's runtime, like a proxy's own subscription.
+    /// long as the store's feed does, like a proxy's own subscription; if the
+    /// feed ever ends, its streams end (their pages reconnect) and the next
+    /// stream subscribes anew.
     async fn feed(&self, store: &Arc<dyn ControlStore>) -> broadcast::Receiver<FeedEvent> {
-        let tx = self
-            .feed
-            .get_or_init(|| async {
-                let (tx, _) = broadcast::channel(BACKLOG);
-                // From a position read now, not from wherever the feed happens
-                // to start: the first stream's catch-up read ends after this.
-                let mut sub = store.subscribe(store.position().await.ok());
-                let out = tx.clone();
-                tokio::spawn(async move {
-                    while let Some(event) = sub.recv().await {
-                        // No stream open is not an error: the feed keeps going.
-                        let _ = out.send(event);
-                    }
-                });
-                tx
-            })
-            .await;
-        tx.subscribe()
+        let mut slot = self.feed.lock().await;
+        if let Some(tx) = slot.as_ref() {
+            return tx.subscribe();
+        }
+        let (tx, rx) = broadcast::channel(BACKLOG);
+        // From a position read now, not from wherever the feed happens to
+        // start: the first stream's catch-up read ends after this.
+        let mut sub = store.subscribe(store.position().await.ok());
+        let out = tx.clone();
+        let shared = Arc::clone(&self.feed);
+        tokio::spawn(async move {
+            while let Some(event) = sub.recv().await {
+                // No stream open is not an error: the feed keeps going.
+                let _ = out.send(event);
+            }
+            let _ = out.send(FeedEvent::Lost {
+                error: "the change feed ended".to_string(),
+            });
+            // Dropping the last sender closes every stream's receiver.
+            shared.lock().await.take();
+        });
+        *slot = Some(tx);
+        rx
     }
 }
 
@@ -93,7 +108,7 @@ pub struct From {
 
 /// The events one change set makes for a page: each tenant's current state.
 async fn tenant_events(store: &dyn ControlStore, set: &ChangeSet, out: &mut VecDeque<Event>) {
-    if set.resync {
+    if set.resync || set.tenants.len() > CATCH_UP_TENANTS {
         out.push_back(Event::default().event("resync").data(set.seq.to_string()));
         return;
     }
@@ -162,20 +177,43 @@ pub async fn events(
             from
         }
     };
-    let stream = stream::unfold(
-        (feed, pending, store, caught_up, open),
-        |(mut feed, mut pending, store, mut last, open)| async move {
-            loop {
-                if let Some(event) = pending.pop_front() {
-                    return Some((
-                        Ok::<Event, Infallible>(event),
-                        (feed, pending, store, last, open),
-                    ));
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = Following {
+        feed,
+        pending,
+        store,
+        last: caught_up,
+        viewer,
+        recheck,
+        _open: open,
+    };
+    let stream = stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(event) = s.pending.pop_front() {
+                return Some((Ok::<Event, Infallible>(event), s));
+            }
+            let next = tokio::select! {
+                next = s.feed.recv() => next,
+                _ = s.recheck.tick() => {
+                    // A revoked token, a rotated one or an expired session
+                    // ends the stream; the page's reconnect then goes to login.
+                    if !s.viewer.still_valid(&*s.store).await {
+                        return None;
+                    }
+                    continue;
                 }
-                match feed.recv().await {
-                    Ok(FeedEvent::Changed(set)) if set.seq > last => {
-                        last = set.seq;
-                        tenant_events(&*store, &set, &mut pending).await;
+            };
+            // Nothing more is sent to a credential that no longer grants it.
+            if matches!(next, Ok(FeedEvent::Changed(_))) && !s.viewer.still_valid(&*s.store).await {
+                return None;
+            }
+            let (store, pending, last) = (&s.store, &mut s.pending, &mut s.last);
+            {
+                match next {
+                    Ok(FeedEvent::Changed(set)) if set.seq > *last => {
+                        *last = set.seq;
+                        tenant_events(&**store, &set, pending).await;
                     }
                     Ok(FeedEvent::Changed(_)) => {}
                     Ok(FeedEvent::Lost { .. }) => {
@@ -191,9 +229,21 @@ pub async fn events(
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
-        },
-    );
+        }
+    });
     Ok(sse(stream).into_response())
+}
+
+/// One stream's state between events.
+struct Following {
+    feed: broadcast::Receiver<FeedEvent>,
+    pending: VecDeque<Event>,
+    store: Arc<dyn ControlStore>,
+    /// The change-log position sent up to.
+    last: u64,
+    viewer: Viewer,
+    recheck: tokio::time::Interval,
+    _open: Open,
 }
 
 fn sse<S>(stream: S) -> Sse<axum::response::sse::KeepAliveStream<S>>

@@ -142,8 +142,8 @@ async fn harden(mut response: Response) -> Response {
 #[derive(Debug, Clone)]
 pub struct Viewer {
     pub who: Identity,
-    /// The session cookie's value; `None` for a bearer token.
-    pub session: Option<String>,
+    /// What the request presented, checked again by a long-lived event stream.
+    pub credential: Credential,
     /// The CSRF token forms on the page carry; empty for a bearer token.
     pub csrf: String,
     /// The change-log position before the page read anything: its live
@@ -154,6 +154,39 @@ pub struct Viewer {
 impl Viewer {
     pub fn can_act(&self) -> bool {
         self.who.scope == Scope::Operator
+    }
+
+    /// Whether the request came with a session (and so forms need the CSRF
+    /// token).
+    pub fn is_session(&self) -> bool {
+        matches!(self.credential, Credential::Session(_))
+    }
+
+    /// Whether what the request presented still grants the same access: a
+    /// session not expired and its token not revoked or rotated, or a bearer
+    /// token still live.
+    pub async fn still_valid(&self, store: &dyn ficus_store::ControlStore) -> bool {
+        let now = match &self.credential {
+            Credential::Session(c) => session::check(store, c).await,
+            Credential::Bearer(t) => token::identify(store, t).await,
+        };
+        matches!(now, Ok(Some(who)) if who == self.who)
+    }
+}
+
+/// A session cookie or a bearer token. Never printed: `Debug` shows only which.
+#[derive(Clone)]
+pub enum Credential {
+    Session(String),
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credential::Session(_) => "Session(…)",
+            Credential::Bearer(_) => "Bearer(…)",
+        })
     }
 }
 
@@ -189,7 +222,7 @@ async fn authenticate(State(slot): State<StoreSlot>, mut request: Request, next:
         Some(t) => token::identify(&*store, &t).await.map(|w| {
             w.map(|who| Viewer {
                 who,
-                session: None,
+                credential: Credential::Bearer(t.clone()),
                 csrf: String::new(),
                 seq: 0,
             })
@@ -199,7 +232,7 @@ async fn authenticate(State(slot): State<StoreSlot>, mut request: Request, next:
                 Ok(Some(who)) => session::csrf(&*store, &c).await.map(|csrf| {
                     Some(Viewer {
                         who,
-                        session: Some(c),
+                        credential: Credential::Session(c),
                         csrf,
                         seq: 0,
                     })
@@ -294,7 +327,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Act<T> {
                     "the form is too large".into(),
                 )
             })?;
-        if viewer.session.is_some() {
+        if viewer.is_session() {
             let field: CsrfField = serde_urlencoded_form(&bytes)?;
             // The expected token is the session's; compare in constant time.
             if !session_csrf_matches(&viewer.csrf, &field.csrf) {

@@ -83,7 +83,9 @@ pub fn encode(raw: &str) -> String {
 /// another site (`//evil`, `https://…`).
 fn safe_next(raw: Option<&str>) -> String {
     match raw {
-        Some(p) if p.starts_with("/ui/") && !p.starts_with("//") && !p.contains('\\') => {
+        Some(p)
+            if p.starts_with("/ui/") && !p.contains('\\') && !p.chars().any(|c| c.is_control()) =>
+        {
             p.to_string()
         }
         _ => "/ui/".to_string(),
@@ -220,7 +222,7 @@ pub async fn logout(
     viewer: Viewer,
     axum::extract::Form(form): axum::extract::Form<CsrfOnly>,
 ) -> Page {
-    if viewer.session.is_some() && !super::session_csrf_matches(&viewer.csrf, &form.csrf) {
+    if viewer.is_session() && !super::session_csrf_matches(&viewer.csrf, &form.csrf) {
         return Err(UiError(
             StatusCode::FORBIDDEN,
             "the form's CSRF token is missing or wrong".to_string(),

@@ -1,9 +1,9 @@
 //! The dashboard's sessions: a signed cookie, no server-side state.
 //!
 //! After a person enters a token on the login page, the browser holds
-//! `ficus_session=NAME.EXPIRY.MAC`, where the MAC (HMAC-SHA256 under a key kept
-//! in the control store) covers the token's name, the expiry and the token's
-//! stored hash. Nothing else is kept, so every replica behind a load balancer
+//! `ficus_session=ACTOR.EXPIRY.MAC` (ACTOR is `api` or `token:NAME`), where the
+//! MAC (HMAC-SHA256 under a key kept in the control store) covers the actor, the
+//! expiry and the token's stored hash. Nothing else is kept, so every replica behind a load balancer
 //! accepts the session, a restart keeps it, and rotating or revoking the token
 //! ends it at once (its stored hash no longer matches, or is gone). The cookie
 //! never carries the token itself. The CSRF token of a session is a second MAC
@@ -27,7 +27,9 @@ pub const LOGIN_COOKIE: &str = "ficus_login";
 pub const LIFETIME_SECS: u64 = 12 * 60 * 60;
 /// The setting holding the signing key (hex); made on first use.
 const KEY_SETTING: &str = "ui.session_key";
-/// The name a session of the first token carries.
+/// What a session of the first token carries: the actor's stored spelling, as
+/// a named token's session carries `token:NAME`, so that no name can stand for
+/// the other (`:` is in no token name).
 const FIRST: &str = "api";
 
 fn now_secs() -> u64 {
@@ -81,8 +83,8 @@ async fn key(store: &dyn ControlStore) -> Result<String> {
 
 /// The stored record a token's name stands for: its scope and stored hash, or
 /// `None` when it is gone, revoked or rotated away.
-async fn stored(store: &dyn ControlStore, name: &str) -> Result<Option<(Identity, String)>> {
-    if name == FIRST {
+async fn stored(store: &dyn ControlStore, actor: &str) -> Result<Option<(Identity, String)>> {
+    if actor == FIRST {
         return Ok(store.setting(token::SETTING).await?.map(|hash| {
             (
                 Identity {
@@ -93,6 +95,9 @@ async fn stored(store: &dyn ControlStore, name: &str) -> Result<Option<(Identity
             )
         }));
     }
+    let Some(name) = actor.strip_prefix("token:") else {
+        return Ok(None);
+    };
     let Ok(parsed) = TokenName::parse(name) else {
         return Ok(None);
     };
@@ -121,7 +126,7 @@ pub async fn open(store: &dyn ControlStore, presented: &str) -> Result<Option<(S
         return Ok(None);
     };
     let name = match &who.actor {
-        Actor::Token(n) => n.as_str().to_string(),
+        Actor::Token(_) => who.actor.as_str().to_string(),
         _ => FIRST.to_string(),
     };
     let Some((_, hash)) = stored(store, &name).await? else {

@@ -53,6 +53,15 @@ async fn judge(control: &Direct) -> Result<Judgment> {
     })
 }
 
+/// Marks the background judgment finished when dropped.
+struct Done(Arc<Verdicts>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.judging.store(false, Ordering::Release);
+    }
+}
+
 impl Verdicts {
     fn latest(&self) -> Option<Arc<Judgment>> {
         self.latest
@@ -74,13 +83,15 @@ impl Verdicts {
             if j.at.elapsed() > FRESH && !self.judging.swap(true, Ordering::AcqRel) {
                 let this = Arc::clone(self);
                 tokio::spawn(async move {
+                    // Cleared however the judgment ends, a panic included, so
+                    // the board never stops asking for new verdicts.
+                    let _done = Done(Arc::clone(&this));
                     match judge(&control).await {
                         Ok(j) => {
                             this.keep(j);
                         }
                         Err(e) => tracing::warn!(error = %e, "dashboard: judging the board failed"),
                     }
-                    this.judging.store(false, Ordering::Release);
                 });
             }
             return Ok(j);

@@ -209,6 +209,8 @@ async fn the_login_page_never_sends_a_person_to_another_site() {
         "https://evil.example/",
         "/v1/tenants",
         "/ui\\..\\x",
+        // A header break in the redirect made a logged-in person's answer a 500.
+        "/ui/\r\nSet-Cookie: x=y",
     ] {
         let r = get(
             &api,
@@ -479,12 +481,16 @@ async fn revoking_a_token_ends_its_sessions_at_once() {
     let listed = token::list(&*api.store).await.unwrap();
     let watcher = listed.iter().find(|t| t.name == "watcher").unwrap();
     assert!(watcher.revoked && watcher.scope == Scope::Viewer);
-    // The name is not reused.
-    assert!(
-        token::create(&*api.store, "watcher", Scope::Viewer, Actor::Cli, "again")
-            .await
-            .is_err()
-    );
+    // The name is not reused, and no token takes an actor's name (a viewer
+    // token named `api` once logged in as the first token, an operator).
+    for name in ["watcher", "api", "guard"] {
+        assert!(
+            token::create(&*api.store, name, Scope::Viewer, Actor::Cli, "again")
+                .await
+                .is_err(),
+            "{name}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -561,6 +567,32 @@ async fn a_stage_change_reaches_an_open_page_over_server_sent_events() {
     let want = r#""id":"acme","stage":"shadow","version":3"#;
     until(&mut stream, want).await;
     until(&mut second, want).await;
+    // The viewer's token is revoked: the next change ends its open streams
+    // instead of reaching them.
+    token::revoke(&*api.store, "watcher", Actor::Cli, "left the team")
+        .await
+        .unwrap();
+    api.store
+        .change_stage(StageChange {
+            tenant: id("acme"),
+            to: Stage::Migrated,
+            expected_version: None,
+            actor: Actor::Cli,
+            reason: "promoted again".into(),
+        })
+        .await
+        .unwrap();
+    for s in [&mut stream, &mut second] {
+        let mut after = String::new();
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(chunk) = s.chunk().await.unwrap() {
+                after.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the stream stayed open: {after}");
+        assert!(!after.contains(r#""version":4"#), "{after}");
+    }
 }
 
 #[tokio::test]
