@@ -19,7 +19,8 @@
 //! (SQLite), and pages are many. A stream first catches up from its page's
 //! position with one read of the change log, then follows the shared feed,
 //! skipping what it already sent. At most [`MAX_STREAMS`] streams are open at
-//! once; beyond that a page is told to poll instead (503).
+//! once, and [`MAX_STREAMS_PER_TOKEN`] for one token; beyond that a page is told
+//! to poll instead (503).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -42,6 +43,8 @@ use crate::server::StoreSlot;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How many event streams one process serves at once.
 pub const MAX_STREAMS: usize = 256;
+/// How many of them one token may hold.
+pub const MAX_STREAMS_PER_TOKEN: usize = 16;
 /// Feed events a slow stream may fall behind by before it is told to resync.
 const BACKLOG: usize = 1_024;
 /// A catch-up that touched more tenants than this is a resync: the page reloads
@@ -54,7 +57,38 @@ pub const RECHECK: Duration = Duration::from_secs(15);
 #[derive(Default)]
 pub struct Hub {
     feed: Arc<Mutex<Option<broadcast::Sender<FeedEvent>>>>,
-    open: Arc<AtomicUsize>,
+    open: Arc<Counts>,
+}
+
+/// Open streams, in all and per token.
+#[derive(Default)]
+struct Counts {
+    by_token: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    all: AtomicUsize,
+}
+
+impl Counts {
+    /// Counts a stream for `token`, or says which limit refused it.
+    fn take(self: &Arc<Self>, token: &str) -> Result<Open, String> {
+        let mut by = self.by_token.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = by.get(token).copied().unwrap_or(0);
+        if mine >= MAX_STREAMS_PER_TOKEN {
+            return Err(format!(
+                "the token {token} has {MAX_STREAMS_PER_TOKEN} live streams open already; the page reloads on a timer instead"
+            ));
+        }
+        if self.all.load(Ordering::Acquire) >= MAX_STREAMS {
+            return Err(format!(
+                "{MAX_STREAMS} live streams are open already; the page reloads on a timer instead"
+            ));
+        }
+        by.insert(token.to_string(), mine + 1);
+        self.all.fetch_add(1, Ordering::AcqRel);
+        Ok(Open {
+            counts: Arc::clone(self),
+            token: token.to_string(),
+        })
+    }
 }
 
 impl Hub {
@@ -90,11 +124,25 @@ impl Hub {
 }
 
 /// Counts an open stream; dropping it (the stream ends) uncounts it.
-struct Open(Arc<AtomicUsize>);
+struct Open {
+    counts: Arc<Counts>,
+    token: String,
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut by = self
+            .counts
+            .by_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by.get_mut(&self.token) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(&self.token);
+            }
+        }
+        self.counts.all.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -153,16 +201,11 @@ pub async fn events(
             "the control store is not open yet".to_string(),
         )
     })?;
-    if hub.open.fetch_add(1, Ordering::AcqRel) >= MAX_STREAMS {
-        hub.open.fetch_sub(1, Ordering::AcqRel);
-        return Err(UiError(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "{MAX_STREAMS} live streams are open already; the page reloads on a timer instead"
-            ),
-        ));
-    }
-    let open = Open(Arc::clone(&hub.open));
+    // Per token, so that one person's many tabs cannot take every slot.
+    let open = hub
+        .open
+        .take(viewer.who.actor.as_str())
+        .map_err(|why| UiError(axum::http::StatusCode::SERVICE_UNAVAILABLE, why))?;
     // Follow the shared feed first, then catch up: a change committed between
     // the two is in both, and sent once.
     let feed = hub.feed(&store).await;

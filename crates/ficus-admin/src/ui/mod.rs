@@ -14,6 +14,7 @@
 mod live;
 mod pages;
 
+pub use live::{MAX_STREAMS, MAX_STREAMS_PER_TOKEN};
 pub use pages::encode;
 pub mod session;
 mod svg;

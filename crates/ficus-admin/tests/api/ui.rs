@@ -676,3 +676,33 @@ async fn an_operator_resolves_a_mismatch_class_from_its_page_and_a_viewer_cannot
     .await;
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn one_token_cannot_hold_every_live_stream() {
+    let api = start().await;
+    let (viewer, operator) = viewer_and_operator(&api).await;
+    let open = |cookie: String| {
+        let base = api.base.clone();
+        async move {
+            browser()
+                .get(format!("{base}/ui/events"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..ficus_admin::ui::MAX_STREAMS_PER_TOKEN {
+        let r = open(viewer.clone()).await;
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    let refused = open(viewer.clone()).await;
+    assert_eq!(refused.status(), 503);
+    let doc = Html::parse_document(&refused.text().await.unwrap());
+    assert!(text(&select(&doc, "#error")[0]).contains("token:watcher"));
+    // Another token still gets its stream.
+    assert_eq!(open(operator).await.status(), 200);
+    assert_eq!(held.len(), ficus_admin::ui::MAX_STREAMS_PER_TOKEN);
+}
