@@ -77,12 +77,20 @@ pub fn foreign(tenant: &str, zero: bool, address: &str) -> bool {
     !zero || address.starts_with("soak ")
 }
 
+/// The client's command line, as `run` starts it.
+#[derive(clap::Args)]
 pub struct Args {
+    #[arg(long)]
     pub target: String,
+    #[arg(long)]
     pub tenant: String,
+    #[arg(long)]
     pub zero: bool,
+    #[arg(long)]
     pub rate: u32,
+    #[arg(long)]
     pub homes: u32,
+    #[arg(long)]
     pub log: std::path::PathBuf,
 }
 

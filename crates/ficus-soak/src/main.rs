@@ -48,20 +48,7 @@ enum Command {
     },
     /// One tenant's client (started by `run`).
     #[command(hide = true)]
-    Client {
-        #[arg(long)]
-        target: String,
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        zero: bool,
-        #[arg(long)]
-        rate: u32,
-        #[arg(long)]
-        homes: u32,
-        #[arg(long)]
-        log: PathBuf,
-    },
+    Client(client::Args),
 }
 
 fn main() -> Result<()> {
@@ -70,21 +57,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Client {
-            target,
-            tenant,
-            zero,
-            rate,
-            homes,
-            log,
-        } => rt.block_on(client::run(client::Args {
-            target,
-            tenant,
-            zero,
-            rate,
-            homes,
-            log,
-        })),
+        Command::Client(args) => rt.block_on(client::run(args)),
         Command::Run {
             minutes,
             seed,
