@@ -309,6 +309,15 @@ pub struct FinishLineJson {
     pub blockers: Vec<String>,
 }
 
+/// A time as the API prints it (`format_time`) or a person types it: RFC 3339,
+/// with or without `T`, `Z` and fractional seconds, always UTC.
+pub fn parse_time(raw: &str) -> Option<ficus_core::Timestamp> {
+    humantime::parse_rfc3339_weak(raw)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| ficus_core::Timestamp::from_unix_millis(d.as_millis() as i64))
+}
+
 /// The retirement version for a flag value.
 pub fn retire_version(retired: bool) -> &'static str {
     if retired {

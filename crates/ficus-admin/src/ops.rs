@@ -1440,7 +1440,7 @@ pub(crate) fn now() -> Timestamp {
     Timestamp::from_unix_millis(d.as_millis() as i64)
 }
 
-fn ago(span: Duration) -> Timestamp {
+pub(crate) fn ago(span: Duration) -> Timestamp {
     Timestamp::from_unix_millis(now().unix_millis() - span.as_millis() as i64)
 }
 

@@ -538,16 +538,12 @@ struct AuditQueryParams {
 /// An RFC 3339 time from a query parameter.
 fn time_param(name: &str, raw: Option<&str>) -> Result<Option<Timestamp>, ApiError> {
     raw.map(|raw| {
-        humantime::parse_rfc3339_weak(raw)
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| Timestamp::from_unix_millis(d.as_millis() as i64))
-            .ok_or_else(|| {
-                ApiError::Status(
-                    StatusCode::BAD_REQUEST,
-                    format!("{name} {raw:?} is not an RFC 3339 time (2026-11-21T10:00:00Z)"),
-                )
-            })
+        crate::api::parse_time(raw).ok_or_else(|| {
+            ApiError::Status(
+                StatusCode::BAD_REQUEST,
+                format!("{name} {raw:?} is not an RFC 3339 time (2026-11-21T10:00:00Z)"),
+            )
+        })
     })
     .transpose()
 }

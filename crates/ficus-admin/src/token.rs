@@ -21,33 +21,43 @@ pub const SETTING: &str = "api_token_sha256";
 /// Every token starts with this, so a leaked one is recognisable in a scan.
 const PREFIX: &str = "ficus_";
 
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` random bytes from the system, as hex.
+pub(crate) fn random_hex(n: usize) -> Result<String> {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::Invalid(format!("the system has no randomness: {e}")))?;
+    Ok(hex(&bytes))
+}
+
+/// Whether `a` and `b` are equal, in time that does not depend on where they
+/// differ (only on their lengths).
+pub(crate) fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// A fresh token.
 pub fn generate() -> Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| Error::Invalid(format!("the system has no randomness for a token: {e}")))?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("{PREFIX}{hex}"))
+    Ok(format!("{PREFIX}{}", random_hex(32)?))
 }
 
 /// The stored form of a token.
 pub fn hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(token.as_bytes()))
 }
 
 /// Whether `presented` is the token whose hash is `stored`, in time that does not
 /// depend on where they differ.
 pub fn matches(presented: &str, stored: &str) -> bool {
-    let given = hash(presented);
-    given.len() == stored.len()
-        && given
-            .bytes()
-            .zip(stored.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    same(&hash(presented), stored)
 }
 
 /// Replaces the token; returns the new one, which is shown once and never stored.

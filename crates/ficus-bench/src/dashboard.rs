@@ -20,6 +20,7 @@
 
 use std::time::Instant;
 
+use crate::readiness::now_ms;
 use ficus_admin::token::{self, Scope};
 use ficus_core::latency::{Histogram, format_micros};
 use ficus_core::{Actor, Backend, Stage, TenantId, Timestamp};
@@ -66,12 +67,6 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         .enable_all()
         .build()?;
     rt.block_on(measure(&store_url, &a))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn tenant(i: u64) -> TenantId {

@@ -168,7 +168,7 @@ impl Viewer {
     /// token still live.
     pub async fn still_valid(&self, store: &dyn ficus_store::ControlStore) -> bool {
         let now = match &self.credential {
-            Credential::Session(c) => session::check(store, c).await,
+            Credential::Session(c) => session::check(store, c).await.map(|s| s.map(|s| s.who)),
             Credential::Bearer(t) => token::identify(store, t).await,
         };
         matches!(now, Ok(Some(who)) if who == self.who)
@@ -229,18 +229,14 @@ async fn authenticate(State(slot): State<StoreSlot>, mut request: Request, next:
             })
         }),
         None => match cookie(request.headers(), session::COOKIE).map(str::to_string) {
-            Some(c) => match session::check(&*store, &c).await {
-                Ok(Some(who)) => session::csrf(&*store, &c).await.map(|csrf| {
-                    Some(Viewer {
-                        who,
-                        credential: Credential::Session(c),
-                        csrf,
-                        seq: 0,
-                    })
-                }),
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
-            },
+            Some(c) => session::check(&*store, &c).await.map(|checked| {
+                checked.map(|s| Viewer {
+                    who: s.who,
+                    credential: Credential::Session(c),
+                    csrf: s.csrf,
+                    seq: 0,
+                })
+            }),
             None => Ok(None),
         },
     };
@@ -345,13 +341,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Act<T> {
 }
 
 fn session_csrf_matches(expected: &str, presented: &str) -> bool {
-    !expected.is_empty()
-        && expected.len() == presented.len()
-        && expected
-            .bytes()
-            .zip(presented.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    !expected.is_empty() && token::same(expected, presented)
 }
 
 fn serde_urlencoded_form<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, UiError> {

@@ -60,10 +60,7 @@ fn window_start(window: &str) -> Result<Timestamp, UiError> {
             format!("the gate's window {window:?}: {e}"),
         )
     })?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    Ok(Timestamp::from_unix_millis(now - span.as_millis() as i64))
+    Ok(crate::ops::ago(span))
 }
 
 /// Percent-encodes a query value.
@@ -272,9 +269,7 @@ pub async fn overview(State(slot): State<StoreSlot>, viewer: Viewer) -> Page {
         .await?
         .events;
     let recent: Vec<EventJson> = history.iter().rev().take(15).cloned().collect();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now = crate::ops::now().unix_millis();
     const HOURS: i64 = 24;
     let legacy = store(&slot)?
         .legacy_hours(Timestamp::from_unix_millis(now - HOURS * 3_600_000))
@@ -916,16 +911,12 @@ fn time(name: &str, raw: &str) -> Result<Option<Timestamp>, UiError> {
     if raw.trim().is_empty() {
         return Ok(None);
     }
-    humantime::parse_rfc3339_weak(raw.trim())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| Some(Timestamp::from_unix_millis(d.as_millis() as i64)))
-        .ok_or_else(|| {
-            UiError(
-                StatusCode::BAD_REQUEST,
-                format!("{name} {raw:?} is not a time like 2026-11-21 10:00:00"),
-            )
-        })
+    crate::api::parse_time(raw.trim()).map(Some).ok_or_else(|| {
+        UiError(
+            StatusCode::BAD_REQUEST,
+            format!("{name} {raw:?} is not a time like 2026-11-21 10:00:00"),
+        )
+    })
 }
 
 pub async fn audit(

@@ -16,8 +16,8 @@ use ficus_store::ControlStore;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::token::{self, Identity, Scope};
-use crate::{Error, Result};
+use crate::Result;
+use crate::token::{self, Identity, Scope, hex, same};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "ficus_session";
@@ -38,10 +38,6 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn mac(key: &str, parts: &[&str]) -> String {
     // HMAC takes a key of any length, so this cannot fail.
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes())
@@ -51,14 +47,6 @@ fn mac(key: &str, parts: &[&str]) -> String {
         m.update(b"\n");
     }
     hex(&m.finalize().into_bytes())
-}
-
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 /// The signing key, made (and kept in the store) the first time it is needed.
@@ -138,9 +126,16 @@ pub async fn open(store: &dyn ControlStore, presented: &str) -> Result<Option<(S
     Ok(Some((format!("{name}.{expiry}.{signature}"), who)))
 }
 
+/// A checked session: who holds it, and the CSRF token its forms carry (the
+/// same for the session's whole life).
+pub struct Checked {
+    pub who: Identity,
+    pub csrf: String,
+}
+
 /// Who a session cookie belongs to, or `None` when it is forged, expired, or its
 /// token was revoked or rotated since.
-pub async fn check(store: &dyn ControlStore, cookie: &str) -> Result<Option<Identity>> {
+pub async fn check(store: &dyn ControlStore, cookie: &str) -> Result<Option<Checked>> {
     let mut parts = cookie.splitn(3, '.');
     let (Some(name), Some(expiry), Some(signature)) = (parts.next(), parts.next(), parts.next())
     else {
@@ -159,26 +154,15 @@ pub async fn check(store: &dyn ControlStore, cookie: &str) -> Result<Option<Iden
         return Ok(None);
     };
     let expected = mac(&key, &["session", name, expiry, &hash]);
-    Ok(same(&expected, signature).then_some(who))
-}
-
-/// The CSRF token of a session (the same for its whole life).
-pub async fn csrf(store: &dyn ControlStore, cookie: &str) -> Result<String> {
-    let key = key(store).await?;
-    Ok(mac(&key, &["csrf", cookie]))
-}
-
-/// Whether `presented` is the CSRF token of the session `cookie`.
-pub async fn csrf_ok(store: &dyn ControlStore, cookie: &str, presented: &str) -> Result<bool> {
-    Ok(same(&csrf(store, cookie).await?, presented))
+    Ok(same(&expected, signature).then(|| Checked {
+        who,
+        csrf: mac(&key, &["csrf", cookie]),
+    }))
 }
 
 /// A fresh random value for the login form's CSRF cookie.
 pub fn login_nonce() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| Error::Invalid(format!("the system has no randomness: {e}")))?;
-    Ok(hex(&bytes))
+    token::random_hex(16)
 }
 
 /// Whether two login nonces agree (constant time).

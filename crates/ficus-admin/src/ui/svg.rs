@@ -56,14 +56,6 @@ pub fn stage_bar(s: &StagesJson) -> String {
     out
 }
 
-/// Milliseconds since the epoch of an audit event's time, as the API prints it.
-fn millis(at: &str) -> Option<i64> {
-    humantime::parse_rfc3339_weak(at.trim_end_matches('Z'))
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-}
-
 /// Tenants per stage over time, replayed from the audit log: a creation adds
 /// a tenant to its stage, a change moves it. Drawn as three step lines on a
 /// time axis, with a legend.
@@ -81,7 +73,9 @@ pub fn burndown(events: &[EventJson]) -> String {
     let mut counts = [0i64; 3];
     let mut points: Vec<(i64, [i64; 3])> = Vec::with_capacity(events.len());
     for e in events {
-        let Some(t) = millis(&e.at) else { continue };
+        let Some(t) = crate::api::parse_time(&e.at).map(|t| t.unix_millis()) else {
+            continue;
+        };
         if let Some(from) = e.from.as_deref().and_then(index) {
             counts[from] -= 1;
         }
