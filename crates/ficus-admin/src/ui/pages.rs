@@ -968,6 +968,10 @@ pub struct StageForm {
     reason: String,
     #[serde(default)]
     to: Option<String>,
+    /// A checkbox: promote although the gate says not ready (the reason goes on
+    /// record with the failing criteria).
+    #[serde(default)]
+    force: Option<String>,
 }
 
 fn back_to(id: &TenantId) -> Response {
@@ -985,7 +989,7 @@ pub async fn promote(
         &id,
         PromoteRequest {
             reason: act.form.reason,
-            force: false,
+            force: act.form.force.is_some(),
         },
         Some(act.form.version),
     )
@@ -1100,4 +1104,114 @@ pub async fn retire(State(slot): State<StoreSlot>, act: Act<RetireForm>) -> Page
     )
     .await?;
     Ok(Redirect::to("/ui/").into_response())
+}
+
+// The write surface: routes, and releasing or holding write routes.
+
+pub struct RouteRow {
+    pub route: crate::api::RouteJson,
+    /// Requests over the census window that went to legacy.
+    pub legacy: u64,
+    /// And to the new side, any of its services.
+    pub new: u64,
+}
+
+#[derive(Template)]
+#[template(path = "routes.html")]
+struct RoutesPage {
+    frame: Frame,
+    routes: crate::api::RoutesJson,
+    rows: Vec<RouteRow>,
+}
+
+pub async fn routes(State(slot): State<StoreSlot>, viewer: Viewer) -> Page {
+    let c = control(&slot, &viewer)?;
+    let mut routes = c.routes(None).await?;
+    // Held write routes first: they are what stands between here and retiring
+    // legacy.
+    routes
+        .routes
+        .sort_by(|a, b| b.held.cmp(&a.held).then(a.route.cmp(&b.route)));
+    let rows = routes
+        .routes
+        .iter()
+        .map(|r| {
+            let (legacy, new) = r.census.iter().fold((0, 0), |(l, n), c| {
+                if c.backend == "legacy" {
+                    (l + c.requests, n)
+                } else {
+                    (l, n + c.requests)
+                }
+            });
+            RouteRow {
+                route: r.clone(),
+                legacy,
+                new,
+            }
+        })
+        .collect();
+    html(&RoutesPage {
+        frame: Frame::of(&viewer),
+        routes,
+        rows,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct RouteForm {
+    route: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    reason: String,
+    /// For a destructive route, the route typed again.
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+/// Releases a held write route, for every tenant or one. A destructive route
+/// needs its second confirmation: the person types the route itself, which the
+/// control plane receives as `destructive: true`.
+pub async fn release_route(State(slot): State<StoreSlot>, act: Act<RouteForm>) -> Page {
+    let c = control(&slot, &act.viewer)?;
+    let form = act.form;
+    let confirmed = form
+        .confirm
+        .as_deref()
+        .is_some_and(|typed| typed.trim() == form.route.trim());
+    if form
+        .confirm
+        .as_deref()
+        .is_some_and(|t| !t.trim().is_empty())
+        && !confirmed
+    {
+        return Err(UiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "type the route {:?} exactly to confirm releasing it",
+                form.route
+            ),
+        ));
+    }
+    c.release_route(crate::api::RouteReleaseRequest {
+        route: form.route,
+        tenant: form.tenant.filter(|t| !t.trim().is_empty()),
+        destructive: confirmed,
+        reason: form.reason,
+    })
+    .await?;
+    Ok(Redirect::to("/ui/routes").into_response())
+}
+
+/// Holds a write route on legacy again, for every tenant or one.
+pub async fn hold_route(State(slot): State<StoreSlot>, act: Act<RouteForm>) -> Page {
+    let c = control(&slot, &act.viewer)?;
+    let form = act.form;
+    c.hold_route(crate::api::RouteReleaseRequest {
+        route: form.route,
+        tenant: form.tenant.filter(|t| !t.trim().is_empty()),
+        destructive: false,
+        reason: form.reason,
+    })
+    .await?;
+    Ok(Redirect::to("/ui/routes").into_response())
 }

@@ -234,6 +234,7 @@ async fn every_page_answers_a_viewer_and_an_operator_and_sends_no_one_else_to_lo
         "/ui/tenants?stage=shadow&q=ac&sort=risk",
         "/ui/tenants/acme",
         "/ui/endpoints",
+        "/ui/routes",
         "/ui/audit",
         "/ui/audit?tenant=acme&actor=cli&to=shadow",
     ] {
@@ -283,7 +284,7 @@ async fn every_action_is_refused_without_a_session_to_a_viewer_and_without_the_c
     let doc = page(&api, "/ui/tenants/acme", &operator).await;
     let token = csrf(&doc);
     let version = attr(&doc, "form#promote input[name=version]", "value");
-    let actions: [(&str, Vec<(&str, &str)>); 4] = [
+    let actions: [(&str, Vec<(&str, &str)>); 6] = [
         (
             "/ui/tenants/acme/promote",
             vec![("version", version.as_str()), ("reason", "r")],
@@ -293,6 +294,14 @@ async fn every_action_is_refused_without_a_session_to_a_viewer_and_without_the_c
             vec![("version", version.as_str()), ("reason", "r")],
         ),
         ("/ui/promote-next", vec![("n", "1"), ("reason", "r")]),
+        (
+            "/ui/routes/release",
+            vec![("route", "POST /homes"), ("reason", "r")],
+        ),
+        (
+            "/ui/routes/hold",
+            vec![("route", "POST /homes"), ("reason", "r")],
+        ),
         (
             "/ui/retire",
             vec![
@@ -327,6 +336,7 @@ async fn every_action_is_refused_without_a_session_to_a_viewer_and_without_the_c
     // Nothing changed through any of them.
     let t = api.store.tenant(&id("acme")).await.unwrap().unwrap();
     assert_eq!((t.stage, t.version), (Stage::Shadow, 1));
+    assert!(api.store.route_stages().await.unwrap().is_empty());
     // Retiring legacy needs the typed confirmation, and then the finish line.
     let retire = |confirm: &'static str| {
         vec![
@@ -705,4 +715,189 @@ async fn one_token_cannot_hold_every_live_stream() {
     // Another token still gets its stream.
     assert_eq!(open(operator).await.status(), 200);
     assert_eq!(held.len(), ficus_admin::ui::MAX_STREAMS_PER_TOKEN);
+}
+
+#[tokio::test]
+async fn an_operator_releases_write_routes_from_the_routes_page_a_destructive_one_only_typed() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    let control = Direct::new(api.store.clone(), Actor::Cli);
+    control
+        .mark_route(ficus_admin::api::RouteMarkRequest {
+            route: "DELETE /searches/{id}".into(),
+            destructive: true,
+            reason: "deletes a saved search".into(),
+        })
+        .await
+        .unwrap();
+    api.store
+        .record_route_census(&[ficus_store::RouteCount {
+            tenant: Some(id("acme")),
+            route: "POST /homes".into(),
+            backend: "legacy".into(),
+            client: String::new(),
+            count: 12,
+            last_at: ficus_core::Timestamp::from_unix_millis(super::now_ms()),
+            configured: false,
+        }])
+        .await
+        .unwrap();
+    let (viewer, operator) = viewer_and_operator(&api).await;
+    // A viewer sees the routes and no forms.
+    let doc = page(&api, "/ui/routes", &viewer).await;
+    let rows: Vec<String> = select(&doc, "table#routes tr[data-route]")
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows.iter()
+            .any(|r| r.contains("POST /homes") && r.contains("held on legacy") && r.contains("12")),
+        "{rows:?}"
+    );
+    assert!(select(&doc, "form.route").is_empty());
+    let doc = page(&api, "/ui/routes", &operator).await;
+    let token = csrf(&doc);
+    // The destructive route's form asks for the route typed again.
+    assert_eq!(
+        select(
+            &doc,
+            r#"tr[data-route="DELETE /searches/{id}"] input[name=confirm]"#
+        )
+        .len(),
+        1
+    );
+    assert!(select(&doc, r#"tr[data-route="POST /homes"] input[name=confirm]"#).is_empty());
+    let release = |route: &'static str, tenant: &'static str, confirm: Option<&'static str>| {
+        let mut form = vec![
+            ("csrf", token.clone()),
+            ("route", route.to_string()),
+            ("tenant", tenant.to_string()),
+            ("reason", "the rebuilt backend writes it".to_string()),
+        ];
+        if let Some(c) = confirm {
+            form.push(("confirm", c.to_string()));
+        }
+        let api = &api;
+        let operator = operator.clone();
+        async move {
+            browser()
+                .post(format!("{}/ui/routes/release", api.base))
+                .header("cookie", operator)
+                .form(&form)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // A canary first, then every tenant.
+    let r = release("POST /homes", "acme", None).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ui/routes");
+    assert_eq!(release("POST /homes", "", None).await.status(), 303);
+    let doc = page(&api, "/ui/routes", &operator).await;
+    let cell = text(
+        &select(
+            &doc,
+            r#"tr[data-route="POST /homes"] [data-field="route-stage"]"#,
+        )[0],
+    );
+    assert_eq!(cell, "migrated");
+    // Not the destructive one without its confirmation, nor with a typo.
+    let r = release("DELETE /searches/{id}", "", None).await;
+    assert_eq!(r.status(), 409, "{}", r.text().await.unwrap());
+    let r = release("DELETE /searches/{id}", "", Some("DELETE /searches")).await;
+    assert_eq!(r.status(), 400);
+    let doc = Html::parse_document(&r.text().await.unwrap());
+    assert!(text(&select(&doc, "#error")[0]).contains("exactly"));
+    let r = release("DELETE /searches/{id}", "", Some("DELETE /searches/{id}")).await;
+    assert_eq!(r.status(), 303);
+    // Held again, from the page; the audit log names the token each time.
+    let doc = page(&api, "/ui/routes", &operator).await;
+    assert!(
+        select(
+            &doc,
+            r#"tr[data-route="POST /homes"] form[action="/ui/routes/hold"]"#
+        )
+        .len()
+            == 1
+    );
+    let r = post(
+        &api,
+        "/ui/routes/hold",
+        Some(&operator),
+        &[
+            ("csrf", &token),
+            ("route", "POST /homes"),
+            ("tenant", ""),
+            ("reason", "writes fail on new"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    let stages = control.routes(None).await.unwrap();
+    let of = |route: &str| {
+        stages
+            .routes
+            .iter()
+            .find(|r| r.route == route)
+            .unwrap()
+            .clone()
+    };
+    assert!(of("POST /homes").held);
+    assert!(!of("DELETE /searches/{id}").held);
+    let changes = api.store.route_stages().await.unwrap();
+    assert!(!changes.is_empty());
+}
+
+#[tokio::test]
+async fn promoting_past_the_gate_from_the_page_needs_the_box_ticked_and_records_why() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    let (_, operator) = viewer_and_operator(&api).await;
+    let doc = page(&api, "/ui/tenants/acme", &operator).await;
+    assert_eq!(text(&select(&doc, "#verdict")[0]), "not ready");
+    assert_eq!(select(&doc, "form#promote input[name=force]").len(), 1);
+    let version = attr(&doc, "form#promote input[name=version]", "value");
+    let form = |force: bool| {
+        let mut f = vec![
+            ("csrf", csrf(&doc)),
+            ("version", version.clone()),
+            ("reason", "the incident's own answers".to_string()),
+        ];
+        if force {
+            f.push(("force", "1".to_string()));
+        }
+        f
+    };
+    let send = |f: Vec<(&'static str, String)>| {
+        let api = &api;
+        let operator = operator.clone();
+        async move {
+            browser()
+                .post(format!("{}/ui/tenants/acme/promote", api.base))
+                .header("cookie", operator)
+                .form(&f)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = send(form(false)).await;
+    assert_eq!(r.status(), 409);
+    let doc2 = Html::parse_document(&r.text().await.unwrap());
+    assert!(text(&select(&doc2, "#error")[0]).contains("not ready"));
+    assert_eq!(
+        api.store.tenant(&id("acme")).await.unwrap().unwrap().stage,
+        Stage::Shadow
+    );
+    assert_eq!(send(form(true)).await.status(), 303);
+    let t = api.store.tenant(&id("acme")).await.unwrap().unwrap();
+    assert_eq!(t.stage, Stage::Migrated);
+    let doc = page(&api, "/ui/audit?tenant=acme&to=migrated", &operator).await;
+    let log = text(&select(&doc, "table#audit")[0]);
+    assert!(
+        log.contains("forced past the readiness gate") && log.contains("token:ops"),
+        "{log}"
+    );
 }
