@@ -10,6 +10,9 @@
 //! a small detached shell process that stops the server once the owning process is
 //! gone. A crashed test run therefore never leaves a postmaster behind.
 
+#[cfg(feature = "browser")]
+pub mod browser;
+
 use std::fs;
 use std::io;
 use std::net::TcpListener;

@@ -323,6 +323,11 @@ pub struct DemoArgs {
     /// Leave everything running at the end, for exploring, until Ctrl-C.
     #[arg(long)]
     pub keep: bool,
+    /// Prepare the migration (database retrofitted, backends, proxy and clients
+    /// running) and leave every decision to you in the dashboard: the demo
+    /// says what happens and waits for you to act.
+    #[arg(long)]
+    pub dashboard: bool,
 }
 
 #[derive(Debug, Subcommand)]

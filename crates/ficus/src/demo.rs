@@ -30,6 +30,8 @@ use ficus_store::{ControlStore, OpenMode, StoreUrl};
 
 use crate::cli::DemoArgs;
 
+mod dashboard;
+
 const ZERO: &str = "acme-homes";
 const SECRET: &str = "whsec_ficus_demo";
 
@@ -42,6 +44,17 @@ struct Load {
     /// Tenants the clients play, with a home of theirs to read.
     tenants: RwLock<Vec<(String, i64)>>,
     stop: AtomicBool,
+}
+
+/// What the migration's steps act on, whoever takes them: the script, or a
+/// person in the dashboard.
+struct Demo<'a> {
+    store: Arc<dyn ControlStore>,
+    control: &'a Direct,
+    faults: &'a Faults,
+    load: &'a Arc<Load>,
+    proxy: &'a Proxy,
+    zero: TenantId,
 }
 
 /// Phase timings for the summary.
@@ -291,6 +304,104 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
     }
     clock.lap("2. enforce");
 
+    let demo = Demo {
+        store: Arc::clone(&store),
+        control: &control,
+        faults: &faults,
+        load: &load,
+        proxy: &proxy,
+        zero: TenantId::parse(ZERO)?,
+    };
+    // The viewer's token for the dashboard, when the run leaves one up.
+    let viewer = if args.keep || args.dashboard {
+        dashboard::viewer_token(&*store).await?
+    } else {
+        String::new()
+    };
+    if args.dashboard {
+        dashboard::run(&demo, &viewer, out, &mut clock).await?;
+    } else {
+        scripted(&demo, out, &mut clock).await?;
+    }
+    drop(demo);
+    let zero = TenantId::parse(ZERO)?;
+
+    load.stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let (sent, failed) = (
+        load.sent.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+    );
+    say(out, "\n== summary");
+    say(
+        out,
+        &format!("   client requests served: {sent}, failed: {failed}"),
+    );
+    let mut by_path: std::collections::BTreeMap<String, usize> = Default::default();
+    for m in control.mismatches(&zero, None, 1_000).await?.mismatches {
+        for p in difference_paths(&m.differences) {
+            *by_path.entry(p).or_default() += 1;
+        }
+    }
+    say(
+        out,
+        &format!(
+            "   mismatches caught by the parallel run: {} (in the samples kept: {})",
+            mismatched(&*store, &zero).await?,
+            by_path
+                .iter()
+                .map(|(p, n)| format!("{p} ×{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    for (name, d) in &clock.phases {
+        say(out, &format!("   {name:<22} {:>6.1} s", d.as_secs_f64()));
+    }
+    say(
+        out,
+        &format!(
+            "   total                  {:>6.1} s",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    if args.keep {
+        say(
+            out,
+            &format!(
+                "\n   still running: proxy http://{} (try: curl -H 'Host: acme-homes.portal.test' http://{}/homes/7),\n   dashboard http://{}/ui/ (log in with the viewer token {viewer}, or the operator token below to act),\n   metrics http://{}/metrics, store {store_url} (FICUS_STORE={store_url} ficus audit), database {db_url}\n   FICUS_API=http://{} FICUS_TOKEN={api_token} ficus status\n   press Ctrl-C to stop and remove everything",
+                proxy.addr, proxy.addr, proxy.admin, proxy.admin, proxy.admin
+            ),
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    } else {
+        say(
+            out,
+            "\n   next: ficus demo --keep leaves it all running to explore (the proxy, its /metrics, the store, the database); README.md has the guide to your own system",
+        );
+    }
+    drop(proxy);
+    drop(cluster);
+    let errors = load
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if failed > 0 {
+        bail!(
+            "{failed} client requests failed, first: {}",
+            errors.first().cloned().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// The migration as the demo narrates it by itself: every decision the
+/// operator would make, made by the script.
+async fn scripted(d: &Demo<'_>, out: &mut impl Write, clock: &mut Clock) -> Result<()> {
+    let (store, control, faults) = (&d.store, d.control, d.faults);
     // 3. The parallel run catches the bug; fixed; readiness passes; promoted.
     say(
         out,
@@ -333,7 +444,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
     // bug's class is resolved once forty more comparisons have come in without
     // a new mismatch, however long that takes on this machine. The gate keeps
     // `max_mismatches = 0`; only evidence from after the resolution counts.
-    settled_mismatches(&*store, &zero).await?;
+    settled_mismatches(&**store, &zero).await?;
     let classes = control.mismatch_classes(Some(&zero), Some("open")).await?;
     for k in classes.classes.iter().filter(|k| k.compat == "breaking") {
         // The bug's class was fixed in 2.0.1. Any other is a read raced by the
@@ -480,82 +591,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
     }
     clock.lap("3b. write surface");
 
-    // 4. Three tenants born from billing events.
-    say(
-        out,
-        "\n-- 4. three tenants sold: signed billing events provision them, born on the rebuilt backend",
-    );
-    let http = reqwest::Client::builder().no_proxy().build()?;
-    for (i, (name, domain)) in [
-        ("Globex Realty", "homes.globex.test"),
-        ("Initech Living", "homes.initech.test"),
-        ("Umbrella Estates", "homes.umbrella.test"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let body = serde_json::json!({
-            "id": format!("evt_demo_{i}"),
-            "type": "subscription.created",
-            "data": {"customer": {"name": name}, "domain": domain}
-        })
-        .to_string();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs() as i64;
-        let r = http
-            .post(format!("http://{}/v1/hooks/billing", proxy.admin))
-            .header("content-type", "application/json")
-            .header(
-                SIGNATURE_HEADER,
-                sign(SECRET.as_bytes(), now, body.as_bytes()),
-            )
-            .body(body)
-            .send()
-            .await?;
-        let job: serde_json::Value = r.json().await?;
-        let slug = job["tenant"].as_str().unwrap_or_default().to_string();
-        // The proxy learns of the new tenant through the change feed: wait
-        // until its domain is served rather than print a miss.
-        let url = format!("http://{}/.well-known/tenant-config", proxy.addr);
-        until(
-            Duration::from_secs(10),
-            "the new tenant's configuration",
-            || async {
-                let r = http.get(&url).header("host", *domain).send().await?;
-                Ok(r.status().is_success())
-            },
-        )
-        .await?;
-        let config: serde_json::Value = http
-            .get(&url)
-            .header("host", *domain)
-            .send()
-            .await?
-            .json()
-            .await?;
-        say(
-            out,
-            &format!(
-                "   {name}: tenant {slug} ({}), config served at {domain}: app \"{}\"",
-                job["state"].as_str().unwrap_or("?"),
-                config["app_name"].as_str().unwrap_or("?")
-            ),
-        );
-        let home: serde_json::Value = http
-            .post(format!("http://{}/homes", proxy.addr))
-            .header("host", format!("{slug}.portal.test"))
-            .json(&serde_json::json!({"address": format!("1 {name} Way"), "city": "Lyon", "price": 250000, "bedrooms": 2}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let id = home["id"].as_i64().unwrap_or(1);
-        load.tenants
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((slug, id));
-    }
+    provision(d, out).await?;
     clock.lap("4. provision");
 
     // 5. The guard.
@@ -718,82 +754,87 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> Result<()> {
     say(out, "   legacy retired: no request will reach it again");
     clock.lap("6. retire legacy");
 
-    load.stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = w.await;
-    }
-    let (sent, failed) = (
-        load.sent.load(Ordering::Relaxed),
-        load.failed.load(Ordering::Relaxed),
-    );
-    say(out, "\n== summary");
+    Ok(())
+}
+
+/// Three tenants sold: signed billing events provision them, born on the
+/// rebuilt backend; the clients start playing each.
+async fn provision(d: &Demo<'_>, out: &mut impl Write) -> Result<()> {
+    let (load, proxy) = (d.load, d.proxy);
     say(
         out,
-        &format!("   client requests served: {sent}, failed: {failed}"),
+        "\n-- 4. three tenants sold: signed billing events provision them, born on the rebuilt backend",
     );
-    let mut by_path: std::collections::BTreeMap<String, usize> = Default::default();
-    for m in control.mismatches(&zero, None, 1_000).await?.mismatches {
-        for p in difference_paths(&m.differences) {
-            *by_path.entry(p).or_default() += 1;
-        }
-    }
-    say(
-        out,
-        &format!(
-            "   mismatches caught by the parallel run: {} (in the samples kept: {})",
-            mismatched(&*store, &zero).await?,
-            by_path
-                .iter()
-                .map(|(p, n)| format!("{p} ×{n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    );
-    for (name, d) in &clock.phases {
-        say(out, &format!("   {name:<22} {:>6.1} s", d.as_secs_f64()));
-    }
-    say(
-        out,
-        &format!(
-            "   total                  {:>6.1} s",
-            started.elapsed().as_secs_f64()
-        ),
-    );
-    if args.keep {
-        let viewer = token::create(
-            &*store,
-            "demo_viewer",
-            token::Scope::Viewer,
-            Actor::Cli,
-            "the demo's dashboard login",
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    for (i, (name, domain)) in [
+        ("Globex Realty", "homes.globex.test"),
+        ("Initech Living", "homes.initech.test"),
+        ("Umbrella Estates", "homes.umbrella.test"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = serde_json::json!({
+            "id": format!("evt_demo_{i}"),
+            "type": "subscription.created",
+            "data": {"customer": {"name": name}, "domain": domain}
+        })
+        .to_string();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64;
+        let r = http
+            .post(format!("http://{}/v1/hooks/billing", proxy.admin))
+            .header("content-type", "application/json")
+            .header(
+                SIGNATURE_HEADER,
+                sign(SECRET.as_bytes(), now, body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await?;
+        let job: serde_json::Value = r.json().await?;
+        let slug = job["tenant"].as_str().unwrap_or_default().to_string();
+        // The proxy learns of the new tenant through the change feed: wait
+        // until its domain is served rather than print a miss.
+        let url = format!("http://{}/.well-known/tenant-config", proxy.addr);
+        until(
+            Duration::from_secs(10),
+            "the new tenant's configuration",
+            || async {
+                let r = http.get(&url).header("host", *domain).send().await?;
+                Ok(r.status().is_success())
+            },
         )
         .await?;
+        let config: serde_json::Value = http
+            .get(&url)
+            .header("host", *domain)
+            .send()
+            .await?
+            .json()
+            .await?;
         say(
             out,
             &format!(
-                "\n   still running: proxy http://{} (try: curl -H 'Host: acme-homes.portal.test' http://{}/homes/7),\n   dashboard http://{}/ui/ (log in with the viewer token {viewer}, or the operator token below to act),\n   metrics http://{}/metrics, store {store_url} (FICUS_STORE={store_url} ficus audit), database {db_url}\n   FICUS_API=http://{} FICUS_TOKEN={api_token} ficus status\n   press Ctrl-C to stop and remove everything",
-                proxy.addr, proxy.addr, proxy.admin, proxy.admin, proxy.admin
+                "   {name}: tenant {slug} ({}), config served at {domain}: app \"{}\"",
+                job["state"].as_str().unwrap_or("?"),
+                config["app_name"].as_str().unwrap_or("?")
             ),
         );
-        let _ = tokio::signal::ctrl_c().await;
-    } else {
-        say(
-            out,
-            "\n   next: ficus demo --keep leaves it all running to explore (the proxy, its /metrics, the store, the database); README.md has the guide to your own system",
-        );
-    }
-    drop(proxy);
-    drop(cluster);
-    let errors = load
-        .errors
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    if failed > 0 {
-        bail!(
-            "{failed} client requests failed, first: {}",
-            errors.first().cloned().unwrap_or_default()
-        );
+        let home: serde_json::Value = http
+            .post(format!("http://{}/homes", proxy.addr))
+            .header("host", format!("{slug}.portal.test"))
+            .json(&serde_json::json!({"address": format!("1 {name} Way"), "city": "Lyon", "price": 250000, "bedrooms": 2}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = home["id"].as_i64().unwrap_or(1);
+        load.tenants
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((slug, id));
     }
     Ok(())
 }

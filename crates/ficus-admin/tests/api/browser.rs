@@ -13,119 +13,24 @@
 //! `.ci/run` installs `chromium` and `chromium-driver`; without them this test
 //! fails and says so.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fantoccini::{Client, ClientBuilder, Locator};
 use ficus_admin::api::AddRequest;
 use ficus_admin::token::{self, Scope};
 use ficus_admin::{Control, Direct};
 use ficus_core::{Actor, Stage, Timestamp};
 use ficus_store::{ClassCount, Evidence, MismatchSample, StageChange};
+use ficus_testkit::browser::{Client, Locator, click, driver, fill, text, until_text};
 
 use super::{id, now_ms, ready_evidence, start};
 
-/// A ChromeDriver on a free loopback port, killed when dropped.
-struct Driver {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn driver() -> (Driver, Client) {
-    let binary = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("chromedriver is missing: apt-get install chromium chromium-driver (.ci/run does)");
-    let port = free_port();
-    let child = Command::new(binary)
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver starts");
-    let driver = Driver {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".to_string(),
-        serde_json::json!({
-            "binary": "/usr/bin/chromium",
-            // Tests run as root in CI, where Chromium's sandbox cannot start.
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"]
-        }),
-    );
-    // ChromeDriver accepts sessions once it listens; ask until it does.
-    let mut last = None;
-    for _ in 0..200 {
-        match ClientBuilder::rustls()
-            .unwrap()
-            .capabilities(caps.clone())
-            .connect(&driver.url)
-            .await
-        {
-            Ok(c) => return (driver, c),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("chromedriver never accepted a session: {last:?}");
-}
-
 fn shots() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots")
 }
 
 async fn shot(c: &Client, name: &str) {
-    let png = c.screenshot().await.unwrap();
-    std::fs::write(shots().join(format!("{name}.png")), png).unwrap();
-}
-
-async fn text(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// Waits until the element's text satisfies `ok`: an event on the page, with a
-/// generous bound so a slow machine only waits longer.
-async fn until_text(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
-    let mut seen = String::new();
-    for _ in 0..600 {
-        if let Ok(e) = c.find(Locator::Css(css)).await
-            && let Ok(t) = e.text().await
-        {
-            if ok(&t) {
-                return t;
-            }
-            seen = t;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{css} never changed as expected; last seen {seen:?}");
+    ficus_testkit::browser::shot(c, &shots(), name).await;
 }
 
 #[tokio::test]
@@ -339,6 +244,28 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
     let pair = until_text(&c, "table#pair", |t| t.contains("$.price")).await;
     assert!(pair.contains("450000") && pair.contains("225000"), "{pair}");
     shot(&c, "class").await;
+    // Accepted as intended, then reopened: each from the class page.
+    fill(
+        &c,
+        "form#accept input[name=reason]",
+        "the new price is right",
+    )
+    .await;
+    click(&c, "form#accept button").await;
+    until_text(&c, "#class-state", |t| t == "accepted").await;
+    fill(
+        &c,
+        "form#reopen input[name=reason]",
+        "no: legacy's price is the contract",
+    )
+    .await;
+    click(&c, "form#reopen button").await;
+    until_text(&c, "#class-state", |t| t == "open").await;
+    let history = text(&c, "main").await;
+    assert!(
+        history.contains("accepted by token:ana") && history.contains("reopened by token:ana"),
+        "{history}"
+    );
     // Promote acme from its page; the audit log names the token.
     c.goto(&format!("{}/ui/tenants/acme", api.base))
         .await
@@ -392,6 +319,23 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
     let guard = text(&c, "table#guard").await;
     assert!(guard.contains("gamma") && guard.contains("5xx"), "{guard}");
     shot(&c, "overview").await;
+    // The operator takes gamma back to legacy from its page.
+    c.goto(&format!("{}/ui/tenants/gamma", api.base))
+        .await
+        .unwrap();
+    fill(
+        &c,
+        "form#rollback input[name=reason]",
+        "its customers report slow pages",
+    )
+    .await;
+    click(&c, "form#rollback button").await;
+    until_text(&c, r#"#tenant [data-field="stage"]"#, |t| t == "legacy").await;
+    let log = text(&c, "table#audit").await;
+    assert!(
+        log.contains("token:ana") && log.contains("its customers report slow pages"),
+        "{log}"
+    );
     c.goto(&format!("{}/ui/endpoints", api.base)).await.unwrap();
     until_text(&c, "table#endpoints", |t| t.contains("GET /homes/{id}")).await;
     shot(&c, "endpoints").await;

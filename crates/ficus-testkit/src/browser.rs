@@ -1,0 +1,143 @@
+//! Headless Chromium for the dashboard's browser tests, driven through
+//! ChromeDriver (Debian's `chromium` and `chromium-driver`; `.ci/run` installs
+//! them). One place knows how to start the driver on a free port, open a
+//! session the way tests run (as root in CI, where Chromium's sandbox cannot
+//! start), and wait for what a page shows instead of sleeping.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub use fantoccini::{Client, Locator};
+
+/// A ChromeDriver on a free loopback port, killed when dropped.
+pub struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Starts ChromeDriver and opens a headless Chromium session on it. Panics
+/// with the install command when either is missing: a browser test that
+/// cannot run must fail, not pass.
+pub async fn driver() -> (Driver, Client) {
+    let binary = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("chromedriver is missing: apt-get install chromium chromium-driver (.ci/run does)");
+    let port = free_port();
+    let child = Command::new(binary)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let driver = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".to_string(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            // Tests run as root in CI, where Chromium's sandbox cannot start.
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"]
+        }),
+    );
+    // ChromeDriver accepts sessions once it listens; ask until it does.
+    let mut last = None;
+    for _ in 0..200 {
+        match fantoccini::ClientBuilder::rustls()
+            .expect("rustls roots")
+            .capabilities(caps.clone())
+            .connect(&driver.url)
+            .await
+        {
+            Ok(c) => return (driver, c),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("chromedriver never accepted a session: {last:?}");
+}
+
+/// Saves the page as `dir/name.png`.
+pub async fn shot(c: &Client, dir: &Path, name: &str) {
+    std::fs::create_dir_all(dir).expect("the screenshot directory");
+    let png = c.screenshot().await.expect("a screenshot");
+    std::fs::write(dir.join(format!("{name}.png")), png).expect("the screenshot is saved");
+}
+
+/// The text of the first element `css` selects.
+pub async fn text(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+        .text()
+        .await
+        .expect("the element's text")
+}
+
+/// Whether the page has an element `css` selects.
+pub async fn has(c: &Client, css: &str) -> bool {
+    c.find(Locator::Css(css)).await.is_ok()
+}
+
+/// Clicks the first element `css` selects.
+pub async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css} to click: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+}
+
+/// Clears the first element `css` selects and types `keys` into it.
+pub async fn fill(c: &Client, css: &str, keys: &str) {
+    let field = c
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css} to type into: {e}"));
+    field
+        .clear()
+        .await
+        .unwrap_or_else(|e| panic!("clearing {css}: {e}"));
+    field
+        .send_keys(keys)
+        .await
+        .unwrap_or_else(|e| panic!("typing into {css}: {e}"));
+}
+
+/// Waits until the element's text satisfies `ok`: an event on the page, with a
+/// generous bound so a slow machine only waits longer.
+pub async fn until_text(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
+    let mut seen = String::new();
+    for _ in 0..1200 {
+        if let Ok(e) = c.find(Locator::Css(css)).await
+            && let Ok(t) = e.text().await
+        {
+            if ok(&t) {
+                return t;
+            }
+            seen = t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{css} never changed as expected; last seen {seen:?}");
+}
