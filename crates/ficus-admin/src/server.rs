@@ -83,14 +83,19 @@ pub const HOOK_PATH: &str = "/v1/hooks/billing";
 /// its listeners are up; until then the API answers 503).
 pub type StoreSlot = Arc<OnceLock<Arc<dyn ControlStore>>>;
 
+/// Turns true when the process begins to shut down: long-lived responses (the
+/// dashboard's event streams) end then, so a graceful shutdown does not wait
+/// on them for ever. A proxy passes pingora's shutdown watch, which is one.
+pub type Closing = tokio::sync::watch::Receiver<bool>;
+
 /// The API's routes, to be served or merged into another router; the billing
 /// webhook's secret and tenant database come from the environment.
-pub fn router(store: StoreSlot) -> Router {
-    router_with(store, Hooks::from_env())
+pub fn router(store: StoreSlot, closing: Closing) -> Router {
+    router_with(store, Hooks::from_env(), closing)
 }
 
 /// The API's routes with the webhook's settings given.
-pub fn router_with(store: StoreSlot, hooks: Hooks) -> Router {
+pub fn router_with(store: StoreSlot, hooks: Hooks, closing: Closing) -> Router {
     let hook = Router::new()
         .route(HOOK_PATH, post(billing_hook))
         .with_state((store.clone(), hooks));
@@ -131,7 +136,7 @@ pub fn router_with(store: StoreSlot, hooks: Hooks) -> Router {
         api.route_layer(middleware::from_fn_with_state(store.clone(), authorize))
             .with_state(store.clone()),
     )
-    .merge(crate::ui::router(store))
+    .merge(crate::ui::router(store, closing))
 }
 
 /// An error on its way to becoming a response: the one place that decides status
@@ -936,8 +941,15 @@ pub async fn serve_with(
         std::time::Duration::from_secs(5),
         stopped,
     ));
-    let served = axum::serve(listener, router_with(slot, hooks))
-        .with_graceful_shutdown(shutdown)
+    // The dashboard's event streams end when shutdown begins; the graceful
+    // shutdown then waits only for ordinary requests (regression: `ficus serve`
+    // never exited on SIGTERM while a dashboard page was open).
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let served = axum::serve(listener, router_with(slot, hooks, closing))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = closing_tx.send(true);
+        })
         .await;
     let _ = stop.send(true);
     let _ = resumer.await;

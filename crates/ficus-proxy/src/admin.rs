@@ -17,13 +17,16 @@ use pingora_core::server::ShutdownWatch;
 use crate::service::Shared;
 
 /// The admin routes, separate from serving so tests can call them in-process.
-pub fn app(shared: Arc<Shared>) -> Router {
+pub fn app(shared: Arc<Shared>, closing: ficus_admin::server::Closing) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(Arc::clone(&shared))
-        .merge(ficus_admin::server::router(Arc::clone(&shared.store)))
+        .merge(ficus_admin::server::router(
+            Arc::clone(&shared.store),
+            closing,
+        ))
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
@@ -66,8 +69,8 @@ pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, shutdow
     };
     // The admin listener keeps answering until the process ends, so that during a
     // drain `/readyz` says 503 instead of refusing connections.
-    let draining = shutdown;
-    let app = app(Arc::clone(&shared)).layer(axum::middleware::from_fn(
+    let draining = shutdown.clone();
+    let app = app(Arc::clone(&shared), shutdown).layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| {
             let draining = *draining.borrow();
             async move {

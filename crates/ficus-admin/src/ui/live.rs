@@ -37,7 +37,7 @@ use serde_json::json;
 use tokio::sync::{Mutex, broadcast};
 
 use super::{UiError, Viewer};
-use crate::server::StoreSlot;
+use crate::server::{Closing, StoreSlot};
 
 /// How often a quiet stream sends a keep-alive comment.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -54,10 +54,12 @@ const CATCH_UP_TENANTS: usize = 500;
 pub const RECHECK: Duration = Duration::from_secs(15);
 
 /// The process's one subscription to the change feed, shared by every stream.
-#[derive(Default)]
 pub struct Hub {
     feed: Arc<Mutex<Option<broadcast::Sender<FeedEvent>>>>,
     open: Arc<Counts>,
+    /// Shutdown: every stream and the feed's forwarding task end when it turns
+    /// true, and no new stream starts.
+    closing: Closing,
 }
 
 /// Open streams, in all and per token.
@@ -92,6 +94,14 @@ impl Counts {
 }
 
 impl Hub {
+    pub fn new(closing: Closing) -> Hub {
+        Hub {
+            feed: Arc::default(),
+            open: Arc::default(),
+            closing,
+        }
+    }
+
     /// The shared feed, subscribed on first use. The forwarding task lives as
     /// long as the store's feed does, like a proxy's own subscription; if the
     /// feed ever ends, its streams end (their pages reconnect) and the next
@@ -107,8 +117,14 @@ impl Hub {
         let mut sub = store.subscribe(store.position().await.ok());
         let out = tx.clone();
         let shared = Arc::clone(&self.feed);
+        let mut closing = self.closing.clone();
         tokio::spawn(async move {
-            while let Some(event) = sub.recv().await {
+            loop {
+                let event = tokio::select! {
+                    event = sub.recv() => event,
+                    () = closed(&mut closing) => None,
+                };
+                let Some(event) = event else { break };
                 // No stream open is not an error: the feed keeps going.
                 let _ = out.send(event);
             }
@@ -120,6 +136,15 @@ impl Hub {
         });
         *slot = Some(tx);
         rx
+    }
+}
+
+/// Resolves once shutdown has begun. A sender dropped without saying so means
+/// no shutdown will be signalled, so that waits for ever.
+async fn closed(closing: &mut Closing) {
+    // The guard `wait_for` returns is dropped here, not held across an await.
+    if closing.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -201,6 +226,12 @@ pub async fn events(
             "the control store is not open yet".to_string(),
         )
     })?;
+    if *hub.closing.borrow() {
+        return Err(UiError(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down".to_string(),
+        ));
+    }
     // Per token, so that one person's many tabs cannot take every slot.
     let open = hub
         .open
@@ -229,6 +260,7 @@ pub async fn events(
         last: caught_up,
         viewer,
         recheck,
+        closing: hub.closing.clone(),
         _open: open,
     };
     let stream = stream::unfold(state, |mut s| async move {
@@ -238,6 +270,9 @@ pub async fn events(
             }
             let next = tokio::select! {
                 next = s.feed.recv() => next,
+                // Shutdown ends the stream, so the server's drain does not wait
+                // on an open page.
+                () = closed(&mut s.closing) => return None,
                 _ = s.recheck.tick() => {
                     // A revoked token, a rotated one or an expired session
                     // ends the stream; the page's reconnect then goes to login.
@@ -286,6 +321,7 @@ struct Following {
     last: u64,
     viewer: Viewer,
     recheck: tokio::time::Interval,
+    closing: Closing,
     _open: Open,
 }
 

@@ -42,12 +42,13 @@ pub const APP_CSS: &str = include_str!("../../assets/app.css");
 /// The dashboard's one script: live rows over SSE, with a polling fallback.
 pub const APP_JS: &str = include_str!("../../assets/app.js");
 
-/// The policy every dashboard response carries: nothing inline, nothing from
-/// elsewhere, never framed.
-pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// The policy every dashboard response carries: nothing inline, no script,
+/// style or connection to another host, never framed. Images alone may come
+/// over https from elsewhere: a tenant's logo in its branding preview.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: https:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// The dashboard's routes, to be merged into the admin router.
-pub fn router(store: StoreSlot) -> Router {
+pub fn router(store: StoreSlot, closing: crate::server::Closing) -> Router {
     let open = Router::new()
         .route("/ui/login", get(pages::login_form).post(pages::login))
         .route("/ui/static/app.css", get(css))
@@ -74,7 +75,7 @@ pub fn router(store: StoreSlot) -> Router {
     let state = UiState {
         store,
         verdicts: Arc::new(verdicts::Verdicts::default()),
-        hub: Arc::new(live::Hub::default()),
+        hub: Arc::new(live::Hub::new(closing)),
     };
     open.merge(guarded)
         .layer(middleware::map_response(harden))

@@ -653,12 +653,19 @@ pub async fn tenant(
             .and_then(|v| v.as_str())
             .unwrap_or(&display_name)
             .to_string();
+        let logo = branding
+            .and_then(|b| b.get("logo_url"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
         Branded {
-            header_svg: svg::branded_header(&display_name, &app_name, &primary, &accent),
-            logo: branding
-                .and_then(|b| b.get("logo_url"))
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            header_svg: svg::branded_header(
+                &display_name,
+                &app_name,
+                &primary,
+                &accent,
+                logo.as_deref(),
+            ),
+            logo,
             display_name,
             app_name,
             primary,

@@ -315,21 +315,54 @@ pub fn latency_chart(
 
 /// A preview of a tenant's branded header, web and mobile side by side.
 /// `primary` and `accent` are checked colours (`#rgb`, `#rrggbb`).
-pub fn branded_header(display_name: &str, app_name: &str, primary: &str, accent: &str) -> String {
+pub fn branded_header(
+    display_name: &str,
+    app_name: &str,
+    primary: &str,
+    accent: &str,
+    logo: Option<&str>,
+) -> String {
     let (name, app) = (escape(display_name), escape(app_name));
+    // The logo is drawn from its https:// address by the person's browser (the
+    // CSP allows https images and nothing else from other hosts), over the
+    // accent square, which shows through when the logo cannot load (a machine
+    // with no internet).
+    let mark = |x: u32, y: u32, size: u32, rx: u32| {
+        let square = format!(
+            r#"<rect x="{x}" y="{y}" width="{size}" height="{size}" rx="{rx}" fill="{accent}"/>"#
+        );
+        match logo.filter(|l| drawable_logo(l)) {
+            Some(l) => format!(
+                r#"{square}<image x="{x}" y="{y}" width="{size}" height="{size}" href="{}" preserveAspectRatio="xMidYMid meet"/>"#,
+                escape(l)
+            ),
+            None => square,
+        }
+    };
+    let (web, mobile) = (mark(12, 14, 28, 6), mark(408, 7, 16, 4));
     format!(
         r##"<svg class="chart" viewBox="0 0 520 120" width="520" height="120" role="img" aria-label="branded header preview">
 <rect x="0" y="0" width="360" height="56" rx="4" fill="{primary}"/>
-<rect x="12" y="14" width="28" height="28" rx="6" fill="{accent}"/>
+{web}
 <text x="52" y="34" font-size="16" fill="#fff">{name}</text>
 <text x="0" y="76" font-size="10" fill="#555">web</text>
 <rect x="400" y="0" width="110" height="110" rx="12" fill="#eee"/>
 <rect x="400" y="0" width="110" height="30" rx="12" fill="{primary}"/>
-<rect x="408" y="7" width="16" height="16" rx="4" fill="{accent}"/>
+{mobile}
 <text x="430" y="20" font-size="10" fill="#fff">{app}</text>
 <text x="400" y="120" font-size="10" fill="#555">mobile</text>
 </svg>"##
     )
+}
+
+/// An https:// address the preview may draw (a tenant's configuration is
+/// validated to hold only those), with nothing that could leave its attribute.
+pub fn drawable_logo(url: &str) -> bool {
+    url.strip_prefix("https://")
+        .is_some_and(|rest| !rest.is_empty())
+        && !url
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "\"'<>`\\".contains(c))
 }
 
 #[cfg(test)]
@@ -338,10 +371,36 @@ mod tests {
 
     #[test]
     fn names_in_a_chart_are_escaped() {
-        let svg = branded_header("<script>alert(1)</script>", "a&b", "#fff", "#000");
+        let svg = branded_header("<script>alert(1)</script>", "a&b", "#fff", "#000", None);
         assert!(!svg.contains("<script>"));
         assert!(svg.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(svg.contains("a&amp;b"));
+    }
+
+    #[test]
+    fn a_logo_is_drawn_from_its_https_address_over_the_accent_square() {
+        let svg = branded_header(
+            "Acme",
+            "Acme",
+            "#fff",
+            "#000",
+            Some("https://cdn.acme.test/logo.png?v=1&s=2"),
+        );
+        assert_eq!(svg.matches("<image").count(), 2, "{svg}");
+        assert!(
+            svg.contains(r#"href="https://cdn.acme.test/logo.png?v=1&amp;s=2""#),
+            "{svg}"
+        );
+        for elsewhere in [
+            "http://cdn.acme.test/logo.png",
+            "javascript:alert(1)",
+            "data:image/png;base64,iVBO",
+            "https://x.test/\"onload=\"alert(1)",
+            "https://",
+        ] {
+            let svg = branded_header("Acme", "Acme", "#fff", "#000", Some(elsewhere));
+            assert!(!svg.contains("<image"), "{elsewhere}: {svg}");
+        }
     }
 
     #[test]

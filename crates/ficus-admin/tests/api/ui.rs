@@ -901,3 +901,85 @@ async fn promoting_past_the_gate_from_the_page_needs_the_box_ticked_and_records_
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn the_tenant_page_previews_its_branded_header_with_the_logo_escaped() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    let control = Direct::new(api.store.clone(), Actor::Cli);
+    control
+        .set_config(
+            &id("acme"),
+            ficus_admin::api::ConfigRequest {
+                config: serde_json::json!({
+                    "display_name": "Acme <Homes>",
+                    "app_name": "Acme",
+                    "branding": {
+                        "primary_color": "#0a7f5a",
+                        "accent_color": "#f0c",
+                        "logo_url": "https://cdn.acme.test/logo.svg?size=64&dark=1"
+                    },
+                    "domains": ["homes.acme.test"],
+                    "locale": "en-GB",
+                    "features": {}
+                }),
+                reason: "white label".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let (viewer, _) = viewer_and_operator(&api).await;
+    let doc = page(&api, "/ui/tenants/acme", &viewer).await;
+    let preview = select(&doc, r#"svg[aria-label="branded header preview"]"#);
+    assert_eq!(preview.len(), 1);
+    let svg = preview[0].html();
+    assert!(svg.contains(r##"fill="#0a7f5a""##), "{svg}");
+    assert!(svg.contains(r##"fill="#f0c""##), "{svg}");
+    assert!(svg.contains("Acme &lt;Homes&gt;"), "{svg}");
+    let logos: Vec<_> = select(&doc, "svg image")
+        .iter()
+        .map(|i| i.value().attr("href").unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        logos, ["https://cdn.acme.test/logo.svg?size=64&dark=1"; 2],
+        "the web and the mobile header draw the logo"
+    );
+}
+
+/// Regression: `ficus serve` never exited on SIGTERM while a dashboard page
+/// was open, because the graceful shutdown waited for the page's event stream,
+/// which never ends by itself.
+#[tokio::test]
+async fn shutting_down_ends_the_open_event_streams_and_the_server_returns() {
+    let api = start().await;
+    tenants(&api, &[("acme", "Acme")]).await;
+    let (viewer, _) = viewer_and_operator(&api).await;
+    // A second server on the same store, which this test shuts down.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(ficus_admin::server::serve(
+        listener,
+        api.store.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut stream = browser()
+        .get(format!("{base}/ui/events"))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    stop.send(()).unwrap();
+    // The stream ends (its body finishes) and the server returns. The bound
+    // only turns the old hang into a failure; it never decides a pass.
+    let ended = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+        served.await.unwrap().unwrap();
+    })
+    .await;
+    assert!(ended.is_ok(), "the server still waits on the open stream");
+}
