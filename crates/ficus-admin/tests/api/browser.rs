@@ -1,9 +1,12 @@
 //! The dashboard in a real browser: Debian's headless Chromium, driven through
 //! ChromeDriver. A person logs in, watches a tenant's row change when the
 //! command line moves it (over server-sent events, no reload), clicks through a
-//! mismatch to its sample pair, promotes a tenant from its page and finds the
-//! audit entry under their token's name. Each page is saved as a screenshot in
-//! the test's output directory (`target/tmp/ui-screenshots`).
+//! mismatch to its sample pair, accepts and reopens its class, promotes a tenant
+//! from its page and finds the audit entry under their token's name, rolls
+//! another back, holds a write route on legacy again and logs out. Each page is
+//! saved as a screenshot in the test's output directory
+//! (`target/tmp/ui-screenshots`). The whole demo migration, run from the pages
+//! alone, is `crates/ficus/tests/it/dashboard.rs`.
 //!
 //! It visits more than six pages on purpose: Chrome kept pages in its
 //! back-forward cache with their event streams open, six of them used up its
@@ -339,6 +342,41 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
     c.goto(&format!("{}/ui/endpoints", api.base)).await.unwrap();
     until_text(&c, "table#endpoints", |t| t.contains("GET /homes/{id}")).await;
     shot(&c, "endpoints").await;
+    // A write route released from the command line is held again from the
+    // routes page.
+    control
+        .release_route(ficus_admin::api::RouteReleaseRequest {
+            route: "POST /homes".into(),
+            tenant: None,
+            destructive: false,
+            reason: "the rebuilt backend writes homes".into(),
+        })
+        .await
+        .unwrap();
+    c.goto(&format!("{}/ui/routes", api.base)).await.unwrap();
+    let row = r#"tr[data-route="POST /homes"]"#;
+    until_text(&c, &format!("{row} [data-field=route-stage]"), |t| {
+        t == "migrated"
+    })
+    .await;
+    fill(
+        &c,
+        &format!("{row} input[name=reason]"),
+        "new writes fail for beta",
+    )
+    .await;
+    fill(&c, &format!("{row} input[name=tenant]"), "").await;
+    click(&c, &format!("{row} button")).await;
+    until_text(&c, &format!("{row} [data-field=route-stage]"), |t| {
+        t == "held on legacy"
+    })
+    .await;
+    shot(&c, "routes").await;
+    // Logging out ends the session: the next page asks for a token again.
+    click(&c, "form.inline button").await;
+    until_text(&c, "h1", |t| t == "Ficus").await;
+    c.goto(&format!("{}/ui/tenants", api.base)).await.unwrap();
+    assert!(c.current_url().await.unwrap().path().ends_with("/ui/login"));
     c.close().await.unwrap();
     assert_eq!(
         api.store.tenant(&id("acme")).await.unwrap().unwrap().stage,
