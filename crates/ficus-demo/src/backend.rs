@@ -59,6 +59,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("the database is unavailable: {0}")]
     Database(String),
+    /// An idempotency key sent again with another request.
+    #[error("{0}")]
+    KeyReused(String),
 }
 
 impl From<tokio_postgres::Error> for ApiError {
@@ -82,6 +85,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
         };
         (status, axum::Json(json!({ "error": self.to_string() }))).into_response()
     }
@@ -105,6 +109,11 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, String> {
         .build()
         .map_err(|e| e.to_string())
 }
+
+/// The request header by which both backends save a home once however often
+/// the request is sent (the IETF's `Idempotency-Key`): a retried save answers
+/// with the home the first one saved.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
 /// The header in which the rebuilt backend states its version.
 pub const VERSION_HEADER: &str = "x-app-version";
@@ -300,16 +309,60 @@ async fn add_home(
             "a home needs an address, a positive price and at least one bedroom".into(),
         ));
     }
+    let key = match headers.get(IDEMPOTENCY_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| (1..=255).contains(&k.len()))
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "the {IDEMPOTENCY_HEADER} header must be 1 to 255 visible ASCII characters"
+                    ))
+                })?,
+        ),
+    };
     let a = app.clone();
     in_tx(&app, &headers, move |tx| {
         Box::pin(async move {
-            let r = tx
-                .query_one(
-                    "INSERT INTO homes (address, city, price, bedrooms) VALUES ($1, $2, $3, $4)
+            // A key seen before answers with the home it saved; two saves with
+            // the same key at once wait on the unique index, and the second
+            // finds the first's row.
+            let saved = tx
+                .query_opt(
+                    "INSERT INTO homes (address, city, price, bedrooms, request_key) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (request_key) DO NOTHING
                      RETURNING id, address, city, price, bedrooms",
-                    &[&h.address, &h.city, &h.price, &h.bedrooms],
+                    &[&h.address, &h.city, &h.price, &h.bedrooms, &key],
                 )
                 .await?;
+            let r = match saved {
+                Some(r) => r,
+                None => {
+                    let r = tx
+                        .query_opt(
+                            "SELECT id, address, city, price, bedrooms FROM homes WHERE request_key = $1",
+                            &[&key],
+                        )
+                        .await?
+                        .ok_or_else(|| {
+                            ApiError::KeyReused(format!(
+                                "the {IDEMPOTENCY_HEADER} was used before, by another tenant"
+                            ))
+                        })?;
+                    let same = r.get::<_, String>("address") == h.address
+                        && r.get::<_, String>("city") == h.city
+                        && r.get::<_, i64>("price") == h.price
+                        && r.get::<_, i32>("bedrooms") == h.bedrooms;
+                    if !same {
+                        return Err(ApiError::KeyReused(format!(
+                            "the {IDEMPOTENCY_HEADER} was used before with another home"
+                        )));
+                    }
+                    r
+                }
+            };
             Ok(home_json(&a, &r, false))
         })
     })

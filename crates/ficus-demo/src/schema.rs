@@ -10,7 +10,10 @@ CREATE TABLE homes (
     address text NOT NULL,
     city text NOT NULL,
     price bigint NOT NULL CHECK (price > 0),
-    bedrooms int NOT NULL CHECK (bedrooms > 0)
+    bedrooms int NOT NULL CHECK (bedrooms > 0),
+    -- The Idempotency-Key a client saved the home with: a retried save is
+    -- applied once.
+    request_key text UNIQUE
 );
 CREATE TABLE valuations (
     id bigserial PRIMARY KEY,

@@ -248,4 +248,51 @@ async fn legacy_and_new_serve_one_api_and_the_new_one_is_isolated_by_the_databas
     )
     .await;
     assert!(status == 200 && started.elapsed() >= std::time::Duration::from_millis(200));
+    *faults.slow.lock().unwrap() = None;
+
+    // A save sent again with its idempotency key is applied once, on either
+    // backend (a proxy may send it to another instance, or to legacy after a
+    // rollback); the key with another home is refused; a bad key too.
+    let save = |base: &str, tenant: Option<&str>, key: &str, price: i64| {
+        let mut r = http
+            .post(format!("{base}/homes"))
+            .header(ficus_demo::backend::IDEMPOTENCY_HEADER, key)
+            .json(
+                &json!({"address": "5 Key Street", "city": "Leeds", "price": price, "bedrooms": 2}),
+            );
+        if let Some(t) = tenant {
+            r = r.header(TENANT_HEADER, t);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, first) = save(&new, Some(&zero), "save-1", 410_000).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, again) = save(&new, Some(&zero), "save-1", 410_000).await;
+    assert_eq!((status, &again), (200, &first));
+    let (status, on_legacy) = save(&legacy, None, "save-1", 410_000).await;
+    assert_eq!(
+        (status, on_legacy["id"].clone()),
+        (200, first["id"].clone())
+    );
+    let (status, other) = save(&new, Some(&zero), "save-1", 420_000).await;
+    assert_eq!(status, 422, "{other}");
+    let (status, _) = save(&new, Some("globex"), "save-1", 410_000).await;
+    assert_eq!(status, 422, "another tenant's key is not found, nor reused");
+    let (status, _) = save(&new, Some(&zero), &"k".repeat(300), 410_000).await;
+    assert_eq!(status, 400);
+    let rows: i64 = c
+        .query_one(
+            "SELECT count(*) FROM homes WHERE request_key = 'save-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
 }

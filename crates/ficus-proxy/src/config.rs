@@ -176,6 +176,12 @@ pub struct BackendConfig {
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The request header by which this backend applies a write once however
+    /// often it is sent (`Idempotency-Key`): a write carrying it that one
+    /// upstream answers with a server error, or not in time, is sent to the
+    /// next upstream once, like a safe read. Without it no write is ever sent
+    /// twice.
+    pub idempotency_header: Option<http::HeaderName>,
     /// One pingora peer per upstream, with this backend's timeouts and
     /// protocol, made when the configuration is read: the request path clones
     /// one instead of building it (issue 22).
@@ -211,6 +217,7 @@ impl PartialEq for BackendConfig {
             && self.read_timeout == other.read_timeout
             && self.write_timeout == other.write_timeout
             && self.idle_timeout == other.idle_timeout
+            && self.idempotency_header == other.idempotency_header
     }
 }
 
@@ -363,6 +370,7 @@ struct RawBackend {
     write_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     version: Option<Spanned<String>>,
+    idempotency_header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -826,10 +834,28 @@ impl Cx<'_> {
                 }
             },
         };
+        let idempotency_header = match &b.idempotency_header {
+            None => None,
+            Some(h) => Some(
+                http::HeaderName::from_bytes(h.get_ref().trim().as_bytes())
+                    .ok()
+                    .filter(|_| !h.get_ref().trim().is_empty())
+                    .ok_or_else(|| {
+                        self.at(
+                            h,
+                            &format!(
+                                "{key}.idempotency_header: {:?} is not a header name",
+                                h.get_ref()
+                            ),
+                        )
+                    })?,
+            ),
+        };
         let mut backend = BackendConfig {
             upstreams,
             version,
             h2c,
+            idempotency_header,
             connect_timeout: ms(b.connect_timeout_ms, 2_000),
             read_timeout: ms(b.read_timeout_ms, 30_000),
             write_timeout: ms(b.write_timeout_ms, 30_000),

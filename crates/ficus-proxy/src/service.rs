@@ -137,8 +137,9 @@ pub struct Ctx {
     /// Upstreams this request has been sent to or refused by, as bits (the
     /// 64th and later all share the last bit).
     tried: u64,
-    /// A safe read without a body on a route without side effects: an answer
-    /// of 5xx, or none in time, from one upstream may be asked of the next.
+    /// A safe read without a body on a route without side effects, or a write
+    /// with the key its backend applies once by: an answer of 5xx, or none in
+    /// time, from one upstream may be asked of the next.
     may_fail_over: bool,
     /// It was, once: a request fails over at most once.
     failed_over: bool,
@@ -624,7 +625,17 @@ impl ProxyHttp for Ficus {
             req.method,
             http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
         );
-        ctx.may_fail_over = safe_method && !has_body && !side_effects;
+        // A write fails over only when its backend applies it once however often
+        // it is sent, by a key the client gave (`idempotency_header`): sending
+        // it again can then not apply it twice.
+        let keyed_write = side_effects
+            && ctx.backend.is_some_and(|b| {
+                Ficus::backend_config(&ctx.settings, b, ctx.service.as_deref())
+                    .idempotency_header
+                    .as_ref()
+                    .is_some_and(|h| req.headers.get(h).is_some_and(|v| !v.is_empty()))
+            });
+        ctx.may_fail_over = (safe_method && !has_body && !side_effects) || keyed_write;
         // Only a safe read without a body, on a route with no side effects.
         if let (Some((served_by, compare_with)), Some(tenant), true, false, false) =
             (pair, &ctx.tenant, safe_method, has_body, side_effects)
@@ -720,9 +731,19 @@ impl ProxyHttp for Ficus {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
+        // A 5xx answer `upstream_response_filter` chose to fail over (a safe
+        // read, or a keyed write) keeps that decision: the method rule below
+        // is about requests cut under way, which a keyed write never relies on.
+        let failing_over = ctx.failed_over
+            && e.retry()
+            && matches!(e.etype(), ErrorType::HTTPStatus(_))
+            && !session.as_ref().retry_buffer_truncated();
         // pingora's own rule first: an idempotent request whose connection was
         // reused and closed under it may be sent again.
         let mut e = e.more_context(format!("peer: {peer}"));
+        if failing_over {
+            return e;
+        }
         if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
         {
             e.set_retry(false);
@@ -733,6 +754,7 @@ impl ProxyHttp for Ficus {
         // asked of the next, once, if nothing of an answer was sent yet.
         if matches!(e.etype(), ErrorType::ReadTimedout)
             && session.response_written().is_none()
+            && !session.as_ref().retry_buffer_truncated()
             && self.fail_over(ctx)
         {
             e.set_retry(true);
@@ -742,14 +764,19 @@ impl ProxyHttp for Ficus {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // A safe read one upstream answered with a server error is asked of
-        // the next, once: the client gets the answer of an upstream that can
-        // give one. Nothing has been sent to the client yet at this point.
-        if upstream_response.status.is_server_error() && self.fail_over(ctx) {
+        // A safe read (or a keyed write) one upstream answered with a server
+        // error is asked of the next, once: the client gets the answer of an
+        // upstream that can give one. Nothing has been sent to the client yet
+        // at this point; a body is sent again from pingora's retry buffer, and
+        // never when it outgrew it.
+        if upstream_response.status.is_server_error()
+            && !session.as_ref().retry_buffer_truncated()
+            && self.fail_over(ctx)
+        {
             let mut e = Error::explain(
                 ErrorType::HTTPStatus(upstream_response.status.as_u16()),
                 "the upstream answered with a server error; asking the next one",

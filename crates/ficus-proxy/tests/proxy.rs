@@ -224,6 +224,27 @@ fn config_errors_name_the_line_and_the_key() {
         }
     };
     assert_eq!(versioned("2.4.1"), "ok: Some(\"2.4.1\")");
+    let keyed = |h: &str| {
+        let text = BASE.replacen(
+            "[backends.new]\n",
+            &format!("[backends.new]\nidempotency_header = {h:?}\n"),
+            1,
+        );
+        match Config::parse(Path::new("ficus.toml"), &text, &env) {
+            Ok(c) => format!("ok: {:?}", c.settings.new.idempotency_header),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(keyed("Idempotency-Key"), "ok: Some(\"idempotency-key\")");
+    for bad in ["", "idempotency key"] {
+        assert!(
+            keyed(bad).ends_with(&format!(
+                "backends.new.idempotency_header: {bad:?} is not a header name"
+            )),
+            "{}",
+            keyed(bad)
+        );
+    }
     assert!(
         versioned(&"9".repeat(129))
             .ends_with("backends.new.version: give at most 128 printable characters"),

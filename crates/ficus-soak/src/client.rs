@@ -169,8 +169,14 @@ async fn one(
         }
     };
     let url = format!("{base}{path}");
+    // Every save carries its request id as its idempotency key: the proxy may
+    // then send it to the other instance of the rebuilt backend when one
+    // fails, and the backend applies it once.
     let request = match &body {
-        Some(b) => http.post(&url).json(b),
+        Some(b) => http
+            .post(&url)
+            .header(ficus_demo::backend::IDEMPOTENCY_HEADER, &id)
+            .json(b),
         None => http.get(&url),
     };
     let mut record = Record {

@@ -126,7 +126,10 @@ pub enum Cause {
     /// In flight on a replica at the instant it was killed: allowed.
     InFlightOnKilledReplica,
     /// Answered with the injected 500 (or cut by the injected hang) for the
-    /// broken tenant before the guard rolled it back: the fault itself.
+    /// broken tenant before the guard rolled it back: the fault itself, which
+    /// reached a client although the other instance of the rebuilt backend
+    /// could answer (reads fail over, and writes too since they carry an
+    /// idempotency key). Counted apart, and not allowed.
     InjectedBackendFault,
     /// Anything else: a finding.
     Unexplained,
@@ -367,6 +370,12 @@ pub async fn judge(
             "{unexplained} failed requests with no allowed cause"
         ));
     }
+    let injected = failed.get("injected_backend_fault").copied().unwrap_or(0);
+    if injected > 0 {
+        reasons.push(format!(
+            "{injected} requests failed with the injected backend fault: the proxy should have asked the other instance"
+        ));
+    }
     if writes.missing + writes.duplicated + writes.altered + writes.wrong_tenant > 0 {
         reasons.push(format!(
             "acknowledged writes not found exactly once as sent: {writes:?}"
@@ -498,7 +507,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_is_allowed_only_in_flight_on_the_killed_replica_or_from_the_injected_fault() {
+    fn a_failure_is_in_flight_on_the_killed_replica_from_the_injected_fault_or_unexplained() {
         let lb = parse_haproxy_log(
             "soak-a-1 replica-a 502 SH-- 12 0\nsoak-a-2 replica-b 502 SH-- 12 +1\nnot-ours x 200 ---- 1 0\n",
         );

@@ -126,7 +126,7 @@ impl Replica {
                 "[proxy]\nlisten = [\"{addr}\"]\nadmin_listen = \"{admin}\"\nstore = \"{store}\"\n\
                  traffic_flush_ms = 200\ndrain_timeout_ms = 20000\n\n\
                  [backends.legacy]\nupstreams = [\"{legacy}\"]\nread_timeout_ms = 10000\n\n\
-                 [backends.new]\nupstreams = [{new}]\nread_timeout_ms = 10000\n\n\
+                 [backends.new]\nupstreams = [{new}]\nread_timeout_ms = 10000\nidempotency_header = \"idempotency-key\"\n\n\
                  [[tenant_from]]\nhost = \"{{tenant}}.portal.test\"\n\n\
                  [shadow]\nsample_rate = 1.0\nflush_ms = 200\nmax_per_second = 10000\ntimeout_ms = 2000\nversion_header = \"x-app-version\"\n\n\
                  [guard]\nenabled = true\nwindow_ms = 5000\nmin_requests = 10\nmax_error_rate = 0.2\nmax_latency_ratio = 50.0\nmax_slow_rate = 0.5\ncooldown_ms = 5000\n",

@@ -1225,6 +1225,132 @@ async fn a_read_one_upstream_fails_is_answered_by_the_next_a_write_never_retried
     );
 }
 
+/// Found by the soak: with one of two instances of the new backend failing a
+/// tenant, the writes it was sent failed at the client (2 to 4 per run) before
+/// the guard rolled the tenant back. A write carrying the key its backend
+/// applies once by (`idempotency_header`) is now sent to the next upstream,
+/// once, like a safe read, with its body; a write without it never is; and the
+/// guard still counts the failed attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_write_one_upstream_fails_is_sent_to_the_next_once_an_unkeyed_one_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "shadow")]);
+    ficus(
+        &store,
+        &["tenant", "stage", "acme", "migrated", "--reason", "moved"],
+    );
+    ficus(
+        &store,
+        &[
+            "route",
+            "default",
+            "released",
+            "--reason",
+            "writes move too",
+        ],
+    );
+    let (legacy, good) = (Backend::start("legacy").await, Backend::start("new").await);
+    let (broken, got) = broken_upstream().await;
+    let extra = format!(
+        "{HEADER_RULE}[guard]\nwindow_ms = 3600000\nmin_requests = 1000\nmax_error_rate = 0.2\n"
+    );
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![broken, good.addr],
+        new_extra: "idempotency_header = \"Idempotency-Key\"",
+        extra: &extra,
+        read_timeout_ms: Some(5_000),
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let to_broken = |prefix: &str| {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.starts_with(prefix))
+            .count()
+    };
+    let body = r#"{"address": "1 Harbour Street", "price": 250000}"#;
+    // Keyed: every one answered, by the good upstream, with its whole body.
+    for i in 0..10 {
+        let r = c
+            .post(proxy.url("/homes"))
+            .header("x-tenant-id", "acme")
+            .header("idempotency-key", format!("save-{i}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "keyed write {i}");
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            answer["body_len"],
+            body.len(),
+            "the body was sent again whole"
+        );
+    }
+    let failed_over = to_broken("POST");
+    assert!(
+        failed_over >= 1,
+        "the broken upstream was tried first at least once"
+    );
+    assert_eq!(good.served("POST"), 10);
+    let keys: Vec<String> = good
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.method == "POST")
+        .filter_map(|s| s.headers.get("idempotency-key").cloned())
+        .collect();
+    assert_eq!(
+        keys.len(),
+        10,
+        "each write reached the good upstream with its key"
+    );
+    // One the broken upstream never answers: the read timeout moves it on (the
+    // good upstream is asked whichever one the round robin starts at).
+    let before = good.served("POST");
+    let r = c
+        .post(proxy.url("/hang/save"))
+        .header("x-tenant-id", "acme")
+        .header("idempotency-key", "save-hang")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(good.served("POST"), before + 1);
+    let failed_over = to_broken("POST");
+    // Unkeyed: never sent twice; the broken upstream's 500 reaches the client.
+    let mut client_500 = 0;
+    for _ in 0..10 {
+        let r = c
+            .post(proxy.url("/homes"))
+            .header("x-tenant-id", "acme")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        client_500 += usize::from(r.status() == 500);
+    }
+    let unkeyed_to_broken = to_broken("POST") - failed_over;
+    assert_eq!(
+        good.served("POST") - 11 + unkeyed_to_broken,
+        10,
+        "no write sent twice"
+    );
+    assert_eq!(client_500, unkeyed_to_broken);
+    // Every failed attempt was counted for the guard.
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("kind=\"failover\""),
+        "failovers are counted: {metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guard_rolls_back_only_the_failing_tenant_on_every_replica() {
     let store =

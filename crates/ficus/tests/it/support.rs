@@ -502,6 +502,8 @@ pub struct ProxySetup<'a> {
     pub extra: &'a str,
     /// Lines added to the `[proxy]` table.
     pub proxy_extra: &'a str,
+    /// Lines added to the `[backends.new]` table.
+    pub new_extra: &'a str,
     pub env: Vec<(&'a str, &'a str)>,
     /// Both backends' read timeout; `None` is 60 s. Every timeout of a test proxy
     /// is generous unless a test sets it, because a test proves what the proxy
@@ -526,11 +528,12 @@ impl Proxy {
         format!(
             "[proxy]\nlisten = [\"{listen}\"]\nadmin_listen = \"{admin}\"\nstore = \"{}\"\ntraffic_flush_ms = 200\ndrain_timeout_ms = 60000\n{}\n\n\
              [backends.legacy]\nupstreams = [{}]\nconnect_timeout_ms = 10000\nread_timeout_ms = {read}\n\n\
-             [backends.new]\nupstreams = [{}]\nconnect_timeout_ms = 10000\nread_timeout_ms = {read}\n\n{}",
+             [backends.new]\nupstreams = [{}]\nconnect_timeout_ms = 10000\nread_timeout_ms = {read}\n{}\n\n{}",
             setup.store,
             setup.proxy_extra,
             list(&setup.legacy),
             list(&setup.new),
+            setup.new_extra,
             setup.extra,
         )
     }
