@@ -53,6 +53,33 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cannot listen on {addr}: {source}; another process is listening there (a second replica configured with the same address would be sent this one's traffic)"
+    )]
+    ListenBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Fails when another process listens on `addr` now. Pingora would retry the
+/// bind in the background for 30 s while the admin listener already said
+/// ready (found by the soak: two replicas given one port, the second never
+/// listened, and its load balancer's traffic went to the first). The address
+/// is bound the way pingora binds it (`SO_REUSEADDR`, so a restart over a
+/// previous run's closing connections still succeeds) and released at once.
+fn check_listen(addr: std::net::SocketAddr) -> Result<(), ProxyError> {
+    let bound = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .and_then(|s| {
+        s.set_reuseaddr(true)?;
+        s.bind(addr)
+    });
+    bound.map_err(|source| ProxyError::ListenBind { addr, source })
 }
 
 type Task = Box<dyn Fn(ShutdownWatch) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -188,6 +215,9 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
     let drain = config.settings.drain_timeout;
     let shared = Arc::new(Shared::new(config.settings.clone()));
 
+    for addr in &config.listen {
+        check_listen(*addr)?;
+    }
     // Bind the admin listener now, so a port conflict is a start-up error rather
     // than a log line from a background task.
     let admin_listener = std::net::TcpListener::bind(config.admin_listen).map_err(|source| {

@@ -11,9 +11,20 @@ use anyhow::{Context, Result, bail};
 
 /// A free loopback address (the port may in theory be taken before it is used;
 /// the process that binds it then fails to start, loudly).
+/// A loopback address nothing listens on now, never one this process handed
+/// out before: the kernel may give a just-released port again at once (seed 3
+/// gave both replicas the same one).
 pub fn free_addr() -> Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return Ok(addr.to_string());
+        }
+    }
 }
 
 fn port(addr: &str) -> &str {

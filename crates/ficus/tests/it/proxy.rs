@@ -1911,3 +1911,52 @@ async fn serves_each_tenants_configuration_and_follows_a_change_within_a_second(
     control.set_suspended(suspend(false)).await.unwrap();
     eventually(PATIENCE, || async { homes().await.0 == 200 }).await;
 }
+
+/// Found by the soak: two replicas were given one port; the second could not
+/// listen (pingora retries the bind in the background for 30 s) yet its
+/// `/readyz` said ready, so the load balancer's traffic for it went to the
+/// first, and both of its servers failed when the first was killed. A proxy
+/// that cannot listen now exits at once, naming the address.
+#[test]
+fn a_proxy_whose_listen_address_is_taken_exits_at_once_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = dir.path().join("ficus.toml");
+    std::fs::write(
+        &config,
+        Proxy::config_text(
+            &ProxySetup {
+                store: &store,
+                legacy: vec![dead_address()],
+                new: vec![dead_address()],
+                extra: HEADER_RULE,
+                ..Default::default()
+            },
+            addr,
+            admin,
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::support::FICUS)
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    // Nothing answers on the admin address either: no replica pretends to be
+    // ready.
+    assert!(std::net::TcpStream::connect(admin).is_err());
+    drop(taken);
+}
