@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod backfill;
+pub mod distribute;
 pub mod enforce;
 pub mod ident;
 pub mod inspect;

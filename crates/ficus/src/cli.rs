@@ -613,6 +613,18 @@ pub enum DbCommand {
     /// Tenants in the database's spine.
     #[command(subcommand)]
     Tenant(DbTenantCommand),
+    /// Outgrow one server: distribute the retrofitted database by tenant onto
+    /// Citus.
+    #[command(subcommand)]
+    Distribute(DbDistributeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbDistributeCommand {
+    /// What each table becomes in Citus (distributed by tenant and
+    /// co-located, reference or local), and every blocker Citus would refuse
+    /// with the fix; read-only. Exit 1 if a blocker needs the operator.
+    Plan(DbPlanFile),
 }
 
 #[derive(Debug, Args)]

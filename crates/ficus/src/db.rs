@@ -12,8 +12,8 @@ use ficus_retrofit::{Inventory, backfill, connect, enforce, inspect};
 use serde_json::json;
 
 use crate::cli::{
-    DbApplyArgs, DbCommand, DbEnforceArgs, DbPlanFile, DbRehearseArgs, DbRevertArgs,
-    DbTenantCommand,
+    DbApplyArgs, DbCommand, DbDistributeCommand, DbEnforceArgs, DbPlanFile, DbRehearseArgs,
+    DbRevertArgs, DbTenantCommand,
 };
 use crate::output;
 
@@ -172,6 +172,21 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             }
             Ok(())
         }
+        DbCommand::Distribute(DbDistributeCommand::Plan(target)) => {
+            let (plan, _inv, client) = load(&target).await?;
+            let facts = ficus_retrofit::distribute::read(&client, &plan).await?;
+            let d = ficus_retrofit::distribute::decide(&plan, &facts);
+            if json {
+                output::json(out, &d)?;
+            } else {
+                print_distribution(&d, out)?;
+            }
+            let manual = d.blockers().filter(|(_, b)| !b.automatic).count();
+            if manual > 0 {
+                bail!("{manual} blockers need the operator's decision before distribute apply");
+            }
+            Ok(())
+        }
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;
             let id = apply::add_tenant(&client, &args.id, &args.name).await?;
@@ -322,6 +337,68 @@ async fn load(target: &DbPlanFile) -> Result<(Plan, Inventory, tokio_postgres::C
     let inv = inspect(&client).await?;
     plan.check_against(&inv, &path)?;
     Ok((plan, inv, client))
+}
+
+fn print_distribution(
+    d: &ficus_retrofit::distribute::Distribution,
+    out: &mut impl Write,
+) -> Result<()> {
+    use ficus_retrofit::distribute::Placement;
+    let rows: Vec<Vec<String>> = d
+        .tables
+        .iter()
+        .map(|t| {
+            let (placement, by) = match &t.placement {
+                Placement::Distributed {
+                    column,
+                    colocate_with,
+                } => (
+                    "distributed".to_string(),
+                    match colocate_with {
+                        Some(w) => format!("{column}, with {w}"),
+                        None => column.clone(),
+                    },
+                ),
+                Placement::Reference => ("reference".to_string(), String::new()),
+                Placement::Local => ("local".to_string(), String::new()),
+            };
+            vec![
+                t.table.to_string(),
+                t.class.to_string(),
+                placement,
+                by,
+                t.blockers.len().to_string(),
+            ]
+        })
+        .collect();
+    output::table(out, &["TABLE", "CLASS", "AS", "BY", "BLOCKERS"], &rows)?;
+    let blockers: Vec<Vec<String>> = d
+        .blockers()
+        .map(|(t, b)| {
+            vec![
+                t.to_string(),
+                b.kind.to_string(),
+                b.object.clone(),
+                if b.automatic { "ficus" } else { "operator" }.to_string(),
+                b.fix.clone(),
+            ]
+        })
+        .collect();
+    if !blockers.is_empty() {
+        writeln!(out)?;
+        output::table(
+            out,
+            &["TABLE", "BLOCKER", "OBJECT", "FIXED BY", "FIX"],
+            &blockers,
+        )?;
+    }
+    if !d.propagate.is_empty() {
+        writeln!(out, "\nto propagate to the workers:")?;
+        for p in &d.propagate {
+            writeln!(out, "  {p}")?;
+        }
+    }
+    Ok(())
 }
 
 fn print_inventory(inv: &Inventory, out: &mut impl Write) -> Result<()> {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use expect_test::expect;
 use ficus_retrofit::apply::{self, Options};
 use ficus_retrofit::enforce;
 use ficus_retrofit::ident::Table;
@@ -67,6 +68,36 @@ struct Outcome {
     failures: Vec<String>,
     rounds: u64,
     steps: Vec<(String, Duration)>,
+    /// `ficus db distribute plan` on the enforced database, one line per
+    /// table and per blocker.
+    distribution: String,
+}
+
+/// A distribution plan in a few lines: each table as it becomes, each blocker
+/// with who fixes it.
+fn render(d: &ficus_retrofit::distribute::Distribution) -> String {
+    use ficus_retrofit::distribute::Placement;
+    let mut out = String::new();
+    for t in &d.tables {
+        let placement = match &t.placement {
+            Placement::Distributed {
+                column,
+                colocate_with: Some(w),
+            } => format!("distributed by {column} with {w}"),
+            Placement::Distributed { column, .. } => format!("distributed by {column}"),
+            Placement::Reference => "reference".to_string(),
+            Placement::Local => "local".to_string(),
+        };
+        out.push_str(&format!("{} ({}): {placement}\n", t.table, t.class));
+        for b in &t.blockers {
+            let by = if b.automatic { "ficus" } else { "operator" };
+            out.push_str(&format!("  {} [{by}]: {}\n", b.kind, b.object));
+        }
+    }
+    for p in &d.propagate {
+        out.push_str(&format!("propagate {}\n", p.split(':').next().unwrap_or(p)));
+    }
+    out
 }
 
 async fn whole_flow(case: &Case) -> Outcome {
@@ -202,6 +233,11 @@ async fn whole_flow(case: &Case) -> Outcome {
         .filter(|f| f.severity == Severity::Error && !case.own_lint_errors.contains(&f.check))
         .collect();
     assert!(errors.is_empty(), "{}: lint errors {errors:#?}", case.name);
+    // What distributing the enforced database onto Citus would take.
+    let facts = ficus_retrofit::distribute::read(&client, &plan)
+        .await
+        .unwrap();
+    let distribution = render(&ficus_retrofit::distribute::decide(&plan, &facts));
     // Revert steps every table's row level security back first, by itself.
     set_step("revert".into());
     let started = Instant::now();
@@ -218,6 +254,7 @@ async fn whole_flow(case: &Case) -> Outcome {
     stop.store(true, Ordering::Relaxed);
     worker.await.unwrap();
     outcome.rounds = rounds.load(Ordering::Relaxed);
+    outcome.distribution = distribution;
     outcome.failures = failures.lock().unwrap().clone();
     let after = cluster.dump_schema(&database).unwrap();
     assert!(
@@ -249,10 +286,100 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
     };
     let outcome = whole_flow(&case).await;
     assert!(outcome.failures.is_empty(), "{:#?}", outcome.failures);
+    expect![[r#"
+        tenancy.organizations (spine): distributed by id
+          key-without-distribution-column [ficus]: unique constraint organizations_slug_key (slug)
+        tenancy.units (spine): distributed by organization_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key units_pkey (id)
+        tenancy.members (spine): distributed by organization_id with tenancy.organizations
+          foreign-key-without-distribution-column [ficus]: foreign key members_unit_id_fkey (unit_id) → tenancy.units (id)
+        country (shared): reference
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column country_id (integer) from sequence public.country_country_id_seq
+        language (shared): reference
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column language_id (integer) from sequence public.language_language_id_seq
+        actor (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key actor_pkey (actor_id)
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column actor_id (integer) from sequence public.actor_actor_id_seq
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        city (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key city_pkey (city_id)
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column city_id (integer) from sequence public.city_city_id_seq
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        film (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key film_pkey (film_id)
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column film_id (integer) from sequence public.film_film_id_seq
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        address (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key address_pkey (address_id)
+          foreign-key-without-distribution-column [ficus]: foreign key address_city_id_fkey (city_id) → city (city_id)
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column address_id (integer) from sequence public.address_address_id_seq
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        film_actor (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key film_actor_pkey (actor_id, film_id)
+          foreign-key-without-distribution-column [ficus]: foreign key film_actor_actor_id_fkey (actor_id) → actor (actor_id)
+          foreign-key-without-distribution-column [ficus]: foreign key film_actor_film_id_fkey (film_id) → film (film_id)
+          trigger [operator]: trigger last_updated
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        inventory (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key inventory_pkey (inventory_id)
+          foreign-key-without-distribution-column [ficus]: foreign key inventory_film_id_fkey (film_id) → film (film_id)
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column inventory_id (integer) from sequence public.inventory_inventory_id_seq
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        customer (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key customer_pkey (customer_id)
+          key-without-distribution-column [ficus]: unique constraint customer_email_key (email)
+          foreign-key-without-distribution-column [ficus]: foreign key customer_address_id_fkey (address_id) → address (address_id)
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column customer_id (integer) from sequence public.customer_customer_id_seq
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        rental (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key rental_pkey (rental_id)
+          key-without-distribution-column [ficus]: unique constraint rental_rental_date_inventory_id_customer_id_key (rental_date, inventory_id, customer_id)
+          foreign-key-without-distribution-column [ficus]: foreign key rental_customer_id_fkey (customer_id) → customer (customer_id)
+          foreign-key-without-distribution-column [ficus]: foreign key rental_inventory_id_fkey (inventory_id) → inventory (inventory_id)
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column rental_id (integer) from sequence public.rental_rental_id_seq
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        payment (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key payment_pkey (payment_date, payment_id)
+          foreign-key-without-distribution-column [ficus]: foreign key payment_customer_id_fkey (customer_id) → customer (customer_id)
+          foreign-key-without-distribution-column [ficus]: foreign key payment_rental_id_fkey (rental_id) → rental (rental_id)
+          trigger [operator]: trigger last_updated
+          narrow-sequence [ficus]: column payment_id (integer) from sequence public.payment_payment_id_seq
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+          partitioned [ficus]: partitioned table
+        propagate function rewards_report(numeric)
+        propagate function tenancy_private.current_tenant_id()
+        propagate function tenancy_private.default_tenant_id()
+        propagate tenant context ficus.tenant_id
+        propagate view customer_count
+        propagate view customer_list
+        propagate view film_list
+        propagate view rentals_by_rating
+        propagate view sales_by_film
+        propagate view top_customers
+    "#]].assert_eq(&outcome.distribution);
 }
 
-/// A public sample loaded as `corpus_owner`, through the whole flow.
-async fn public_sample_flow(name: &'static str, file: &str) {
+/// A public sample loaded as `corpus_owner`, through the whole flow; `expect`
+/// is its distribution plan.
+async fn public_sample_flow(name: &'static str, file: &str, expect: expect_test::Expect) {
     let case = Case {
         name,
         load: public_sample(file),
@@ -263,16 +390,133 @@ async fn public_sample_flow(name: &'static str, file: &str) {
     };
     let outcome = whole_flow(&case).await;
     assert!(outcome.failures.is_empty(), "{:#?}", outcome.failures);
+    expect.assert_eq(&outcome.distribution);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chinook_goes_through_the_whole_flow_without_a_workload_error() {
-    public_sample_flow("chinook", "chinook.sql").await;
+    public_sample_flow("chinook", "chinook.sql", expect![[r#"
+        tenancy.organizations (spine): distributed by id
+          key-without-distribution-column [ficus]: unique constraint organizations_slug_key (slug)
+        tenancy.units (spine): distributed by organization_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key units_pkey (id)
+        tenancy.members (spine): distributed by organization_id with tenancy.organizations
+          foreign-key-without-distribution-column [ficus]: foreign key members_unit_id_fkey (unit_id) → tenancy.units (id)
+        artist (shared): reference
+        genre (shared): reference
+        media_type (shared): reference
+        playlist (shared): reference
+        album (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key album_pkey (album_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        employee (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key employee_pkey (employee_id)
+          foreign-key-without-distribution-column [ficus]: foreign key employee_reports_to_fkey (reports_to) → employee (employee_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        customer (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key customer_pkey (customer_id)
+          foreign-key-without-distribution-column [ficus]: foreign key customer_support_rep_id_fkey (support_rep_id) → employee (employee_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        track (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key track_pkey (track_id)
+          foreign-key-without-distribution-column [ficus]: foreign key track_album_id_fkey (album_id) → album (album_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        invoice (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key invoice_pkey (invoice_id)
+          foreign-key-without-distribution-column [ficus]: foreign key invoice_customer_id_fkey (customer_id) → customer (customer_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        playlist_track (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key playlist_track_pkey (playlist_id, track_id)
+          foreign-key-without-distribution-column [ficus]: foreign key playlist_track_track_id_fkey (track_id) → track (track_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        invoice_line (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key invoice_line_pkey (invoice_line_id)
+          foreign-key-without-distribution-column [ficus]: foreign key invoice_line_invoice_id_fkey (invoice_id) → invoice (invoice_id)
+          foreign-key-without-distribution-column [ficus]: foreign key invoice_line_track_id_fkey (track_id) → track (track_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        propagate function tenancy_private.current_tenant_id()
+        propagate function tenancy_private.default_tenant_id()
+        propagate tenant context ficus.tenant_id
+    "#]]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn northwind_goes_through_the_whole_flow_without_a_workload_error() {
-    public_sample_flow("northwind", "northwind.sql").await;
+    public_sample_flow("northwind", "northwind.sql", expect![[r#"
+        tenancy.organizations (spine): distributed by id
+          key-without-distribution-column [ficus]: unique constraint organizations_slug_key (slug)
+        tenancy.units (spine): distributed by organization_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key units_pkey (id)
+        tenancy.members (spine): distributed by organization_id with tenancy.organizations
+          foreign-key-without-distribution-column [ficus]: foreign key members_unit_id_fkey (unit_id) → tenancy.units (id)
+        customer_demographics (shared): reference
+        region (shared): reference
+        shippers (shared): reference
+        categories (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_categories (category_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        customers (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_customers (customer_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        employees (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_employees (employee_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_employees_employees (reports_to) → employees (employee_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        suppliers (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_suppliers (supplier_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        territories (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_territories (territory_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        us_states (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_usstates (state_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        customer_customer_demo (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_customer_customer_demo (customer_id, customer_type_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_customer_customer_demo_customers (customer_id) → customers (customer_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        employee_territories (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_employee_territories (employee_id, territory_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_employee_territories_employees (employee_id) → employees (employee_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_employee_territories_territories (territory_id) → territories (territory_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        orders (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_orders (order_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_orders_customers (customer_id) → customers (customer_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_orders_employees (employee_id) → employees (employee_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        products (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_products (product_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_products_categories (category_id) → categories (category_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_products_suppliers (supplier_id) → suppliers (supplier_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        order_details (tenant-owned): distributed by tenant_id with tenancy.organizations
+          key-without-distribution-column [ficus]: primary key pk_order_details (order_id, product_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_order_details_orders (order_id) → orders (order_id)
+          foreign-key-without-distribution-column [ficus]: foreign key fk_order_details_products (product_id) → products (product_id)
+          policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
+          policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+        propagate function tenancy_private.current_tenant_id()
+        propagate function tenancy_private.default_tenant_id()
+        propagate tenant context ficus.tenant_id
+    "#]]).await;
 }
 
 /// The plan of the rental shop lists each view with its decision.
