@@ -34,7 +34,10 @@ pub const SPINE: [&str; 2] = ["units", "members"];
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UniqueKey {
     pub name: String,
-    /// `primary key`, `unique constraint` or `unique index`.
+    /// `primary key`, `unique constraint`, `exclusion constraint` or `unique
+    /// index`. Its columns include an index's INCLUDE columns only as keys: a
+    /// covering column never counts as the distribution column here, which is
+    /// stricter than Citus.
     pub kind: &'static str,
     /// Its columns; an expression is `(expression)`.
     pub columns: Vec<String>,
@@ -242,22 +245,34 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
     for (table, (place, class)) in &placement {
         let f = facts.tables.get(table).cloned().unwrap_or_default();
         if let Some(parent) = &f.partition_of {
-            // Its parent carries it: keys and foreign keys are the parent's.
+            // Its parent carries it: keys and foreign keys are the parent's
+            // (a partition's own triggers are not judged here).
+            let mut blockers = vec![Blocker {
+                kind: "partition",
+                object: format!("partition of {parent}"),
+                citus: format!(
+                    "cannot distribute relation \"{}\" which is partition of \"{}\"",
+                    table.name, parent.name
+                ),
+                fix: format!("distributed with {parent}, co-located, by the same column"),
+                automatic: true,
+            }];
+            if f.partitioned {
+                blockers.push(Blocker {
+                    kind: "multi-level-partitioning",
+                    object: "a partition that is partitioned itself".to_string(),
+                    citus: "distributing multi-level partitioned tables is not supported"
+                        .to_string(),
+                    fix: "flatten the partitioning to one level: the operator decides".to_string(),
+                    automatic: false,
+                });
+            }
             decisions.push(Decision {
                 table: table.clone(),
                 class,
                 placement: place.clone(),
                 method: format!("with its parent {parent}"),
-                blockers: vec![Blocker {
-                    kind: "partition",
-                    object: format!("partition of {parent}"),
-                    citus: format!(
-                        "cannot distribute relation \"{}\" which is partition of \"{}\"",
-                        table.name, parent.name
-                    ),
-                    fix: format!("distributed with {parent}, co-located, by the same column"),
-                    automatic: true,
-                }],
+                blockers,
             });
             continue;
         }
@@ -309,7 +324,10 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
             }
         }
         for fk in &f.foreign_keys {
-            let target = placement.get(&fk.references).map(|(p, _)| p);
+            // A table outside the plan stays a plain local table.
+            let target = placement
+                .get(&fk.references)
+                .map_or(&Placement::Local, |(p, _)| p);
             let object = format!(
                 "foreign key {} ({}) → {} ({})",
                 fk.name,
@@ -317,8 +335,37 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                 fk.references,
                 col_list(&fk.referenced_columns)
             );
+            // Citus judges the actions first, whenever the key holds the
+            // table's distribution column, which a key between distributed
+            // tables does once it is widened.
+            let holds_column = match (place, target) {
+                (Placement::Distributed { .. }, Placement::Distributed { .. }) => true,
+                (Placement::Distributed { column, .. }, _) => fk.columns.contains(column),
+                _ => false,
+            };
+            if holds_column {
+                let on_delete = matches!(fk.on_delete, 'n' | 'd');
+                let on_update = matches!(fk.on_update, 'n' | 'd' | 'c');
+                if on_delete || on_update {
+                    blockers.push(Blocker {
+                        kind: "foreign-key-action-on-distribution-column",
+                        object: format!(
+                            "{object} ON DELETE {} ON UPDATE {}",
+                            action(fk.on_delete),
+                            action(fk.on_update)
+                        ),
+                        citus: if on_delete {
+                            "cannot create foreign key constraint: SET NULL or SET DEFAULT is not supported in ON DELETE operation when distribution key is included in the foreign key constraint".to_string()
+                        } else {
+                            "cannot create foreign key constraint: SET NULL, SET DEFAULT or CASCADE is not supported in ON UPDATE operation when distribution key included in the foreign constraint.".to_string()
+                        },
+                        fix: "change the action to one that leaves the distribution column alone (NO ACTION, RESTRICT or CASCADE on delete; NO ACTION or RESTRICT on update): the operator decides".to_string(),
+                        automatic: false,
+                    });
+                }
+            }
             match (place, target) {
-                (Placement::Distributed { column, .. }, Some(Placement::Distributed { column: theirs, .. })) => {
+                (Placement::Distributed { column, .. }, Placement::Distributed { column: theirs, .. }) => {
                     // Both ends distributed: the key must pair the distribution
                     // columns, so that a row and its parent share a shard.
                     let paired = fk
@@ -339,39 +386,30 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                             ),
                             automatic: true,
                         });
-                    } else if matches!(fk.on_delete, 'n' | 'd') || fk.on_update != 'a' && fk.on_update != 'r' {
-                        blockers.push(Blocker {
-                            kind: "foreign-key-action-on-distribution-column",
-                            object: object.clone(),
-                            citus: format!(
-                                "cannot create foreign key constraint: SET NULL or SET DEFAULT is not supported in ON DELETE operation, and SET NULL, SET DEFAULT or CASCADE in ON UPDATE operation, when distribution key is included in the foreign key constraint (this one: ON DELETE {}, ON UPDATE {})",
-                                action(fk.on_delete),
-                                action(fk.on_update)
-                            ),
-                            fix: "change the action to one that leaves the distribution column alone (NO ACTION, RESTRICT or CASCADE on delete; NO ACTION on update): the operator decides".to_string(),
-                            automatic: false,
-                        });
                     }
                 }
-                (Placement::Reference, Some(Placement::Distributed { .. })) => blockers.push(Blocker {
+                (Placement::Reference, Placement::Distributed { .. }) => blockers.push(Blocker {
                     kind: "reference-to-distributed-foreign-key",
                     object: object.clone(),
                     citus: "cannot create foreign key constraint since foreign keys from reference tables and local tables to distributed tables are not supported".to_string(),
                     fix: "drop the foreign key (a recorded step, restored by revert); the shared table's rows cannot point into one tenant's shard".to_string(),
                     automatic: true,
                 }),
-                (Placement::Local, Some(Placement::Distributed { .. })) => blockers.push(Blocker {
+                (Placement::Local, Placement::Distributed { .. }) => blockers.push(Blocker {
                     kind: "local-to-distributed-foreign-key",
                     object: object.clone(),
-                    citus: "cannot create foreign key constraint since foreign keys from reference tables and local tables to distributed tables are not supported".to_string(),
-                    fix: "drop the foreign key (a recorded step), or make the excluded table tenant-owned in the plan".to_string(),
+                    citus: format!(
+                        "relation {} is referenced by a foreign key from {table}: foreign keys from a regular table to a distributed table are not supported.",
+                        fk.references
+                    ),
+                    fix: "drop the foreign key (a recorded step, restored by revert), or make the excluded table tenant-owned in the plan".to_string(),
                     automatic: true,
                 }),
-                (Placement::Distributed { .. }, Some(Placement::Local)) => blockers.push(Blocker {
+                (Placement::Distributed { .. }, Placement::Local) => blockers.push(Blocker {
                     kind: "distributed-to-local-foreign-key",
                     object: object.clone(),
                     citus: format!(
-                        "cannot create foreign key constraint: referenced table \"{}\" must be a distributed table or a reference table",
+                        "referenced table \"{}\" must be a distributed table or a reference table",
                         fk.references.name
                     ),
                     fix: format!(
@@ -380,10 +418,27 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                     ),
                     automatic: false,
                 }),
+                (Placement::Reference, Placement::Local) if fk.on_delete != 'a' && fk.on_delete != 'r' || fk.on_update != 'a' && fk.on_update != 'r' => blockers.push(Blocker {
+                    kind: "reference-to-local-foreign-key-action",
+                    object: object.clone(),
+                    citus: "cannot define foreign key constraint, foreign keys from reference tables to local tables can only be defined with NO ACTION or RESTRICT behaviors".to_string(),
+                    fix: format!(
+                        "make {} shared too, or change the key's actions to NO ACTION or RESTRICT: the operator decides",
+                        fk.references
+                    ),
+                    automatic: false,
+                }),
                 _ => {}
             }
         }
-        if !matches!(place, Placement::Local) {
+        // Citus checks the same things of a reference table as of a
+        // distributed one, and of a local table linked to a reference table by
+        // a foreign key (it becomes a Citus local table when the reference
+        // table is created).
+        let citus_local =
+            matches!(place, Placement::Local) && linked_to_reference(table, &placement, facts);
+        let judged = !matches!(place, Placement::Local) || citus_local;
+        if judged {
             for t in &f.triggers {
                 blockers.push(Blocker {
                     kind: "trigger",
@@ -396,63 +451,75 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                     automatic: false,
                 });
             }
+            for p in f.policies.iter().filter(|p| p.subquery) {
+                // Ficus's own policies wrap its helper in a scalar subquery;
+                // any other subquery (EXISTS, membership) is the operator's.
+                let ours = p.name.starts_with("ficus_");
+                blockers.push(Blocker {
+                    kind: "policy-with-subquery",
+                    object: format!("policy {} USING/CHECK {}", p.name, p.expression),
+                    citus: "cannot create policy: Subqueries are not supported in policies on distributed tables".to_string(),
+                    fix: if ours {
+                        "recreated calling the helper directly, without the scalar subquery, before the table moves (the helper then runs per row rather than once per statement; its cost is measured before apply)".to_string()
+                    } else {
+                        "rewrite it without a subquery (a function the workers also have, or a column of the row): the operator decides".to_string()
+                    },
+                    automatic: ours,
+                });
+            }
+        }
+        if !matches!(place, Placement::Local) {
             for s in &f.sequences {
                 // Citus turns the sequence into the column's type when it
                 // distributes the table, and a worker cannot draw an int or
                 // smallint default; the coordinator can.
-                if s.column_type != "bigint" {
+                if matches!(s.column_type.as_str(), "integer" | "smallint") {
                     blockers.push(Blocker {
                         kind: "narrow-sequence",
                         object: format!("column {} ({}) from sequence {}", s.column, s.column_type, s.sequence),
-                        citus: "nextval(sequence) calls in worker nodes are not supported for column defaults of type int or smallint (inserts through the coordinator work; ALTER SEQUENCE is refused once distributed)".to_string(),
+                        citus: "nextval(sequence) calls in worker nodes are not supported for column defaults of type int or smallint".to_string(),
                         fix: format!(
-                            "nothing while the application inserts through the coordinator; to insert through the workers, widen {} to bigint before distributing (a table rewrite: a maintenance window)",
+                            "nothing while the application inserts through the coordinator (where it works); to insert through the workers, widen {} to bigint before distributing (a table rewrite: a maintenance window; ALTER SEQUENCE is refused once distributed)",
                             s.column
                         ),
                         automatic: true,
                     });
                 }
             }
-        }
-        if dist.is_some() {
-            for p in f.policies.iter().filter(|p| p.subquery) {
-                blockers.push(Blocker {
-                    kind: "policy-with-subquery",
-                    object: format!("policy {} USING/CHECK {}", p.name, p.expression),
-                    citus: "cannot create policy: Subqueries are not supported in policies on distributed tables".to_string(),
-                    fix: "recreate it without the scalar subquery: tenancy_private.current_tenant_id() called directly is STABLE, so PostgreSQL still evaluates it once per statement on each shard".to_string(),
-                    automatic: true,
-                });
-            }
-            if f.partitioned {
+            if f.partitioned && matches!(place, Placement::Reference) {
                 blockers.push(Blocker {
                     kind: "partitioned",
                     object: "partitioned table".to_string(),
-                    citus: "a partitioned table is distributed with all its partitions, co-located, by the same column; its partitions cannot be distributed on their own".to_string(),
-                    fix: "distribute the parent (its partitions follow); create new partitions on the parent afterwards, never detached".to_string(),
-                    automatic: true,
+                    citus: "distributing partitioned tables in only supported for hash-distributed tables".to_string(),
+                    fix: "make it tenant-owned (distributed by tenant_id), or excluded: the operator decides".to_string(),
+                    automatic: false,
                 });
             }
         }
         let method = match place {
             Placement::Distributed { .. } => {
                 // Concurrently, Citus refuses a table that regular (not yet
-                // distributed), local or reference tables point into.
+                // distributed), local or reference tables point into; the keys
+                // from tables that will be distributed come back afterwards.
                 let mut from: Vec<String> = referenced_by
                     .get(table)
                     .map(|hs| hs.iter().map(|h| h.to_string()).collect())
                     .unwrap_or_default();
                 from.dedup();
-                if from.is_empty() {
-                    "create_distributed_table_concurrently (writes go on; needs wal_level = logical)".to_string()
-                } else {
-                    format!(
-                        "create_distributed_table_concurrently, after dropping the foreign keys into it from {} (a recorded step; re-added NOT VALID and validated once both ends are distributed)",
-                        from.join(", ")
-                    )
+                let mut how = "create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)".to_string();
+                if f.partitioned {
+                    how.push_str("; its partitions follow, co-located");
                 }
+                if !from.is_empty() {
+                    how.push_str(&format!(
+                        "; first the foreign keys into it from {} are dropped (recorded; those from tables distributed later are re-added NOT VALID and validated once both ends are)",
+                        from.join(", ")
+                    ));
+                }
+                how
             }
             Placement::Reference => "create_reference_table (copies the rows to every node; blocks writes to it meanwhile)".to_string(),
+            Placement::Local if citus_local => "becomes a Citus local table (linked by a foreign key to a reference table): stays on the coordinator, and Citus judges it like a distributed one".to_string(),
             Placement::Local => "stays on the coordinator".to_string(),
         };
         decisions.push(Decision {
@@ -500,8 +567,27 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
     }
 }
 
+/// Whether a local table holds a foreign key to a reference table, or a
+/// reference table holds one to it.
+fn linked_to_reference(
+    table: &Table,
+    placement: &BTreeMap<Table, (Placement, &'static str)>,
+    facts: &Facts,
+) -> bool {
+    let is_reference = |t: &Table| matches!(placement.get(t), Some((Placement::Reference, _)));
+    let mine = facts
+        .tables
+        .get(table)
+        .is_some_and(|f| f.foreign_keys.iter().any(|fk| is_reference(&fk.references)));
+    let theirs = facts.tables.iter().any(|(holder, f)| {
+        is_reference(holder) && f.foreign_keys.iter().any(|fk| fk.references == *table)
+    });
+    mine || theirs
+}
+
 /// Each table's depth in the foreign-key graph among the planned tables: a
-/// table comes after every table it references (cycles are cut).
+/// table comes after every table it references (a cycle's tables all end up
+/// as deep as there are tables, which keeps the order total).
 fn fk_order(decisions: &[Decision], facts: &Facts) -> BTreeMap<Table, usize> {
     let mut depth: BTreeMap<Table, usize> =
         decisions.iter().map(|d| (d.table.clone(), 0)).collect();
@@ -578,15 +664,15 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
         for r in client
             .query(
                 "SELECT ic.relname::text,
-                        CASE con.contype WHEN 'p' THEN 'primary key' WHEN 'u' THEN 'unique constraint' ELSE 'unique index' END,
+                        CASE con.contype WHEN 'p' THEN 'primary key' WHEN 'u' THEN 'unique constraint' WHEN 'x' THEN 'exclusion constraint' ELSE 'unique index' END,
                         ARRAY(SELECT COALESCE(a.attname::text, '(expression)')
                               FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
                               LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                               WHERE k.ord <= i.indnkeyatts ORDER BY k.ord),
                         i.indpred IS NOT NULL
                  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-                 LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u')
-                 WHERE i.indrelid = $1 AND i.indisunique
+                 LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x')
+                 WHERE i.indrelid = $1 AND (i.indisunique OR i.indisexclusion)
                  ORDER BY i.indisprimary DESC, ic.relname",
                 &[&oid],
             )
@@ -599,6 +685,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                 kind: match kind.as_str() {
                     "primary key" => "primary key",
                     "unique constraint" => "unique constraint",
+                    "exclusion constraint" => "exclusion constraint",
                     _ => "unique index",
                 },
                 columns: r.get(2),
@@ -615,7 +702,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                         con.confdeltype::text, con.confupdtype::text
                  FROM pg_constraint con
                  JOIN pg_class fc ON fc.oid = con.confrelid JOIN pg_namespace fn ON fn.oid = fc.relnamespace
-                 WHERE con.contype = 'f' AND con.conrelid = $1
+                 WHERE con.contype = 'f' AND con.conrelid = $1 AND con.conparentid = 0
                  ORDER BY con.conname",
                 &[&oid],
             )
@@ -634,7 +721,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
         }
         f.triggers = client
             .query(
-                "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal ORDER BY tgname",
+                "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal AND tgparentid = 0 ORDER BY tgname",
                 &[&oid],
             )
             .await
@@ -690,6 +777,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
             "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
              WHERE (p.prosecdef OR n.nspname = 'tenancy_private')
                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
              ORDER BY 1",
             &[],
         )
@@ -873,22 +961,22 @@ mod tests {
             &plan,
             &facts,
             expect![[r#"
-            tenancy.organizations (spine): distributed by id; create_distributed_table_concurrently (writes go on; needs wal_level = logical)
-            tenancy.members (spine): distributed by organization_id; create_distributed_table_concurrently (writes go on; needs wal_level = logical)
-            tenancy.units (spine): distributed by organization_id; create_distributed_table_concurrently (writes go on; needs wal_level = logical)
-            countries (shared): reference; create_reference_table (copies the rows to every node; blocks writes to it meanwhile)
-              reference-to-distributed-foreign-key [ficus] foreign key countries_flagship (flagship) → orders (id): drop the foreign key (a recorded step, restored by revert); the shared table's rows cannot point into one tenant's shard
-            orders (tenant-owned): distributed by tenant_id; create_distributed_table_concurrently, after dropping the foreign keys into it from audit, countries, lines (a recorded step; re-added NOT VALID and validated once both ends are distributed)
-              key-without-distribution-column [ficus] primary key orders_pkey (id): build a unique index on (tenant_id, id) concurrently, then swap the primary key to it (ADD PRIMARY KEY USING INDEX) in one short lock; the old key's foreign keys are re-pointed first
-              trigger [operator] trigger orders_touch: review it: a trigger that touches only its own row can run on the shards (citus.enable_unsafe_triggers = on); one that reads or writes other tables must move into the application
-              narrow-sequence [ficus] column id (integer) from sequence public.orders_id_seq: nothing while the application inserts through the coordinator; to insert through the workers, widen id to bigint before distributing (a table rewrite: a maintenance window)
-            lines (tenant-owned): distributed by tenant_id; create_distributed_table_concurrently (writes go on; needs wal_level = logical)
-              foreign-key-without-distribution-column [ficus] foreign key lines_order (order_id) → orders (id): add (tenant_id, order_id) → orders (tenant_id, id) as NOT VALID, VALIDATE it without blocking writes, then drop the old key
-              foreign-key-action-on-distribution-column [operator] foreign key lines_order_paired (tenant_id, order_id) → orders (tenant_id, id): change the action to one that leaves the distribution column alone (NO ACTION, RESTRICT or CASCADE on delete; NO ACTION on update): the operator decides
-              policy-with-subquery [ficus] policy tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id())): recreate it without the scalar subquery: tenancy_private.current_tenant_id() called directly is STABLE, so PostgreSQL still evaluates it once per statement on each shard
-            audit (excluded): local; stays on the coordinator
-              local-to-distributed-foreign-key [ficus] foreign key audit_order (order_id) → orders (id): drop the foreign key (a recorded step), or make the excluded table tenant-owned in the plan
-        "#]],
+                tenancy.organizations (spine): distributed by id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
+                tenancy.members (spine): distributed by organization_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
+                tenancy.units (spine): distributed by organization_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
+                countries (shared): reference; create_reference_table (copies the rows to every node; blocks writes to it meanwhile)
+                  reference-to-distributed-foreign-key [ficus] foreign key countries_flagship (flagship) → orders (id): drop the foreign key (a recorded step, restored by revert); the shared table's rows cannot point into one tenant's shard
+                orders (tenant-owned): distributed by tenant_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1); first the foreign keys into it from audit, countries, lines are dropped (recorded; those from tables distributed later are re-added NOT VALID and validated once both ends are)
+                  key-without-distribution-column [ficus] primary key orders_pkey (id): build a unique index on (tenant_id, id) concurrently, then swap the primary key to it (ADD PRIMARY KEY USING INDEX) in one short lock; the old key's foreign keys are re-pointed first
+                  trigger [operator] trigger orders_touch: review it: a trigger that touches only its own row can run on the shards (citus.enable_unsafe_triggers = on); one that reads or writes other tables must move into the application
+                  narrow-sequence [ficus] column id (integer) from sequence public.orders_id_seq: nothing while the application inserts through the coordinator (where it works); to insert through the workers, widen id to bigint before distributing (a table rewrite: a maintenance window; ALTER SEQUENCE is refused once distributed)
+                lines (tenant-owned): distributed by tenant_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
+                  foreign-key-without-distribution-column [ficus] foreign key lines_order (order_id) → orders (id): add (tenant_id, order_id) → orders (tenant_id, id) as NOT VALID, VALIDATE it without blocking writes, then drop the old key
+                  foreign-key-action-on-distribution-column [operator] foreign key lines_order_paired (tenant_id, order_id) → orders (tenant_id, id) ON DELETE SET NULL ON UPDATE NO ACTION: change the action to one that leaves the distribution column alone (NO ACTION, RESTRICT or CASCADE on delete; NO ACTION or RESTRICT on update): the operator decides
+                  policy-with-subquery [operator] policy tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id())): rewrite it without a subquery (a function the workers also have, or a column of the row): the operator decides
+                audit (excluded): local; stays on the coordinator
+                  local-to-distributed-foreign-key [ficus] foreign key audit_order (order_id) → orders (id): drop the foreign key (a recorded step, restored by revert), or make the excluded table tenant-owned in the plan
+            "#]],
         );
     }
 }

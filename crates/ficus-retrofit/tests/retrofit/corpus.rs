@@ -302,28 +302,28 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
         actor (tenant-owned): distributed by tenant_id with tenancy.organizations
           key-without-distribution-column [ficus]: primary key actor_pkey (actor_id)
           trigger [operator]: trigger last_updated
-          narrow-sequence [ficus]: column actor_id (integer) from sequence public.actor_actor_id_seq
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+          narrow-sequence [ficus]: column actor_id (integer) from sequence public.actor_actor_id_seq
         city (tenant-owned): distributed by tenant_id with tenancy.organizations
           key-without-distribution-column [ficus]: primary key city_pkey (city_id)
           trigger [operator]: trigger last_updated
-          narrow-sequence [ficus]: column city_id (integer) from sequence public.city_city_id_seq
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+          narrow-sequence [ficus]: column city_id (integer) from sequence public.city_city_id_seq
         film (tenant-owned): distributed by tenant_id with tenancy.organizations
           key-without-distribution-column [ficus]: primary key film_pkey (film_id)
           trigger [operator]: trigger last_updated
-          narrow-sequence [ficus]: column film_id (integer) from sequence public.film_film_id_seq
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+          narrow-sequence [ficus]: column film_id (integer) from sequence public.film_film_id_seq
         address (tenant-owned): distributed by tenant_id with tenancy.organizations
           key-without-distribution-column [ficus]: primary key address_pkey (address_id)
           foreign-key-without-distribution-column [ficus]: foreign key address_city_id_fkey (city_id) → city (city_id)
           trigger [operator]: trigger last_updated
-          narrow-sequence [ficus]: column address_id (integer) from sequence public.address_address_id_seq
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+          narrow-sequence [ficus]: column address_id (integer) from sequence public.address_address_id_seq
         film_actor (tenant-owned): distributed by tenant_id with tenancy.organizations
           key-without-distribution-column [ficus]: primary key film_actor_pkey (actor_id, film_id)
           foreign-key-without-distribution-column [ficus]: foreign key film_actor_actor_id_fkey (actor_id) → actor (actor_id)
@@ -335,35 +335,34 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
           key-without-distribution-column [ficus]: primary key inventory_pkey (inventory_id)
           foreign-key-without-distribution-column [ficus]: foreign key inventory_film_id_fkey (film_id) → film (film_id)
           trigger [operator]: trigger last_updated
-          narrow-sequence [ficus]: column inventory_id (integer) from sequence public.inventory_inventory_id_seq
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+          narrow-sequence [ficus]: column inventory_id (integer) from sequence public.inventory_inventory_id_seq
         customer (tenant-owned): distributed by tenant_id with tenancy.organizations
           key-without-distribution-column [ficus]: primary key customer_pkey (customer_id)
           key-without-distribution-column [ficus]: unique constraint customer_email_key (email)
           foreign-key-without-distribution-column [ficus]: foreign key customer_address_id_fkey (address_id) → address (address_id)
           trigger [operator]: trigger last_updated
-          narrow-sequence [ficus]: column customer_id (integer) from sequence public.customer_customer_id_seq
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+          narrow-sequence [ficus]: column customer_id (integer) from sequence public.customer_customer_id_seq
         rental (tenant-owned): distributed by tenant_id with tenancy.organizations
           key-without-distribution-column [ficus]: primary key rental_pkey (rental_id)
           key-without-distribution-column [ficus]: unique constraint rental_rental_date_inventory_id_customer_id_key (rental_date, inventory_id, customer_id)
           foreign-key-without-distribution-column [ficus]: foreign key rental_customer_id_fkey (customer_id) → customer (customer_id)
           foreign-key-without-distribution-column [ficus]: foreign key rental_inventory_id_fkey (inventory_id) → inventory (inventory_id)
           trigger [operator]: trigger last_updated
-          narrow-sequence [ficus]: column rental_id (integer) from sequence public.rental_rental_id_seq
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
+          narrow-sequence [ficus]: column rental_id (integer) from sequence public.rental_rental_id_seq
         payment (tenant-owned): distributed by tenant_id with tenancy.organizations
           key-without-distribution-column [ficus]: primary key payment_pkey (payment_date, payment_id)
           foreign-key-without-distribution-column [ficus]: foreign key payment_customer_id_fkey (customer_id) → customer (customer_id)
           foreign-key-without-distribution-column [ficus]: foreign key payment_rental_id_fkey (rental_id) → rental (rental_id)
           trigger [operator]: trigger last_updated
-          narrow-sequence [ficus]: column payment_id (integer) from sequence public.payment_payment_id_seq
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-          partitioned [ficus]: partitioned table
+          narrow-sequence [ficus]: column payment_id (integer) from sequence public.payment_payment_id_seq
         propagate function rewards_report(numeric)
         propagate function tenancy_private.current_tenant_id()
         propagate function tenancy_private.default_tenant_id()

@@ -190,6 +190,51 @@ fn plan_apply_survive_kill_9_during_the_backfill_then_status_and_revert() {
     );
     assert_eq!(report["findings"][0]["severity"], "info");
     assert_eq!(report["findings"][0]["object"], "readings");
+    // What distributing it onto Citus would take: readings by tenant_id,
+    // co-located with the organizations; the exit code says whether the
+    // operator must decide something first.
+    let dist = ficus(
+        &url,
+        dir.path(),
+        &["db", "distribute", "plan", "--plan", "plan.toml", "--json"],
+    );
+    let d: serde_json::Value = serde_json::from_slice(&dist.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&dist.stderr)));
+    let tables = d["tables"].as_array().unwrap();
+    assert_eq!(
+        tables[0]["table"]["name"], "organizations",
+        "referenced first"
+    );
+    let readings = tables
+        .iter()
+        .find(|t| t["table"]["name"] == "readings")
+        .unwrap();
+    assert_eq!(
+        (
+            readings["placement"]["as"].as_str(),
+            readings["placement"]["column"].as_str()
+        ),
+        (Some("distributed"), Some("tenant_id")),
+        "{readings:#}"
+    );
+    let manual = tables
+        .iter()
+        .flat_map(|t| t["blockers"].as_array().unwrap())
+        .filter(|b| b["automatic"] == false)
+        .count();
+    assert_eq!(dist.status.code(), Some(i32::from(manual > 0)));
+    let text = ficus(
+        &url,
+        dir.path(),
+        &["db", "distribute", "plan", "--plan", "plan.toml"],
+    );
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains("readings")
+            && text.contains("distributed")
+            && text.contains("tenant context"),
+        "{text}"
+    );
     // Revert: refused past the column without --allow-destructive, then all of it.
     let partial = ficus(
         &url,
