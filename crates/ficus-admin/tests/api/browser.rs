@@ -1,8 +1,9 @@
 //! The dashboard in a real browser: Debian's headless Chromium, driven through
 //! ChromeDriver. A person logs in, watches a tenant's row change when the
 //! command line moves it (over server-sent events, no reload), clicks through a
-//! mismatch to its sample pair, accepts and reopens its class, promotes a tenant
-//! from its page and finds the audit entry under their token's name, rolls
+//! mismatch to its sample pair, accepts and reopens its class, promotes that
+//! tenant past the gate, promotes a ready one from its page and finds the
+//! audit entry under their token's name, rolls
 //! another back, holds a write route on legacy again and logs out. Each page is
 //! saved as a screenshot in the test's output directory
 //! (`target/tmp/ui-screenshots`). The whole demo migration, run from the pages
@@ -268,6 +269,26 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
     assert!(
         history.contains("accepted by token:ana") && history.contains("reopened by token:ana"),
         "{history}"
+    );
+    // Beta is not ready (its class is open again); the operator promotes it
+    // past the gate, box ticked, and the audit entry says so.
+    c.goto(&format!("{}/ui/tenants/beta", api.base))
+        .await
+        .unwrap();
+    until_text(&c, "#verdict", |t| t == "not ready").await;
+    fill(
+        &c,
+        "form#promote input[name=reason]",
+        "the price change is the contract now",
+    )
+    .await;
+    click(&c, "form#promote input[name=force]").await;
+    click(&c, "form#promote button").await;
+    until_text(&c, r#"#tenant [data-field="stage"]"#, |t| t == "migrated").await;
+    let log = text(&c, "table#audit").await;
+    assert!(
+        log.contains("forced past the readiness gate") && log.contains("token:ana"),
+        "{log}"
     );
     // Promote acme from its page; the audit log names the token.
     c.goto(&format!("{}/ui/tenants/acme", api.base))
