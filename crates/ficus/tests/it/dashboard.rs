@@ -134,6 +134,34 @@ async fn release(c: &Client, base: &str, route: &str, tenant: &str, confirm: boo
     until_text(c, "h1", |t| t == "Routes").await;
 }
 
+/// Promotes tenant zero from its page, past the gate when the gate says not
+/// ready (this hour's evidence holds the incident), until it goes through.
+async fn promote_zero(c: &Client, base: &str) {
+    for attempt in 0.. {
+        assert!(attempt < 100, "the re-promotion never went through");
+        visit(c, base, &format!("/ui/tenants/{ZERO}")).await;
+        until_text(c, "#verdict", |t| !t.is_empty()).await;
+        if text(c, r#"#tenant [data-field="stage"]"#).await == "migrated" {
+            return;
+        }
+        fill(
+            c,
+            "form#promote input[name=reason]",
+            "the slowdown is fixed; the slow answers are the incident's",
+        )
+        .await;
+        if has(c, "form#promote input[name=force]").await {
+            click(c, "form#promote input[name=force]").await;
+        }
+        click(c, "form#promote button").await;
+        until_text(c, "h1", |t| !t.is_empty()).await;
+        if !has(c, "#error").await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_operator_runs_the_whole_demo_migration_from_the_dashboard_alone() {
     let mut demo = tokio::process::Command::new(FICUS)
@@ -253,26 +281,7 @@ async fn an_operator_runs_the_whole_demo_migration_from_the_dashboard_alone() {
     .unwrap();
     shot(&c, &shots(), "overview-guard").await;
     term.until("next: promote acme-homes again").await;
-    for attempt in 0.. {
-        assert!(attempt < 100, "the re-promotion never went through");
-        visit(&c, &base, &format!("/ui/tenants/{ZERO}")).await;
-        until_text(&c, "#verdict", |t| !t.is_empty()).await;
-        fill(
-            &c,
-            "form#promote input[name=reason]",
-            "the slowdown is fixed; the slow answers are the incident's",
-        )
-        .await;
-        if has(&c, "form#promote input[name=force]").await {
-            click(&c, "form#promote input[name=force]").await;
-        }
-        click(&c, "form#promote button").await;
-        until_text(&c, "h1", |t| !t.is_empty()).await;
-        if !has(&c, "#error").await {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    promote_zero(&c, &base).await;
     until_text(&c, r#"#tenant [data-field="stage"]"#, |t| t == "migrated").await;
     term.until("acme-homes is back on the rebuilt backend")
         .await;
@@ -280,12 +289,22 @@ async fn an_operator_runs_the_whole_demo_migration_from_the_dashboard_alone() {
     // 6. The destructive route, typed; then legacy retired once quiet.
     term.until("-- 6. next:").await;
     release(&c, &base, "DELETE /searches/{id}", "", true).await;
+    let mut blockers = String::new();
     for attempt in 0.. {
-        assert!(attempt < 400, "the finish line was never reached");
+        assert!(
+            attempt < 400,
+            "the finish line was never reached; last blockers: {blockers}"
+        );
         visit(&c, &base, "/ui/").await;
         until_text(&c, "h1", |t| t == "The finish line").await;
         if has(&c, "form#retire").await {
             break;
+        }
+        blockers = text(&c, "#blockers").await;
+        // The guard may take the tenant back again while the incident's slow
+        // answers are still in its window; the operator promotes it again.
+        if blockers.contains("not migrated") {
+            promote_zero(&c, &base).await;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
