@@ -407,7 +407,7 @@ async fn scripted(d: &Demo<'_>, out: &mut impl Write, clock: &mut Clock) -> Resu
         out,
         "\n-- 3. tenant zero into shadow: every safe read also goes to the rebuilt backend and the answers are compared",
     );
-    let zero = TenantId::parse(ZERO)?;
+    let zero = d.zero.clone();
     control
         .stage(
             &zero,

@@ -3,9 +3,9 @@
 //! command line moves it (over server-sent events, no reload), clicks through a
 //! mismatch to its sample pair, accepts and reopens its class, promotes that
 //! tenant past the gate, promotes a ready one from its page and finds the
-//! audit entry under their token's name, rolls
-//! another back, holds a write route on legacy again and logs out. Each page is
-//! saved as a screenshot in the test's output directory
+//! audit entry under their token's name, rolls another back, holds a write
+//! route on legacy again and logs out. Each page is saved as a screenshot in
+//! the test's output directory
 //! (`target/tmp/ui-screenshots`). The whole demo migration, run from the pages
 //! alone, is `crates/ficus/tests/it/dashboard.rs`.
 //!

@@ -1119,21 +1119,14 @@ async fn broken_upstream() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<St
     (addr, got)
 }
 
-/// Found by the soak: with one of two instances of the new backend failing a
-/// tenant, every request sent to it failed at the client, although the other
-/// could answer. A safe read that one upstream answers with a 5xx, or not in
-/// time, is now asked of the next, once; a write never is (it may have been
-/// applied); and the guard still counts the failed attempt.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_one_upstream_fails_is_answered_by_the_next_a_write_never_retried_and_the_guard_sees_both()
- {
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path(), &[("acme", "shadow")]);
+/// A store with tenant acme migrated and every write route following its
+/// tenant to the new backend.
+fn migrated_with_writes_released(dir: &std::path::Path) -> String {
+    let store = sqlite_store(dir, &[("acme", "shadow")]);
     ficus(
         &store,
         &["tenant", "stage", "acme", "migrated", "--reason", "moved"],
     );
-    // Writes follow the tenant to the new backend.
     ficus(
         &store,
         &[
@@ -1144,6 +1137,19 @@ async fn a_read_one_upstream_fails_is_answered_by_the_next_a_write_never_retried
             "writes move too",
         ],
     );
+    store
+}
+
+/// Found by the soak: with one of two instances of the new backend failing a
+/// tenant, every request sent to it failed at the client, although the other
+/// could answer. A safe read that one upstream answers with a 5xx, or not in
+/// time, is now asked of the next, once; a write never is (it may have been
+/// applied); and the guard still counts the failed attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_one_upstream_fails_is_answered_by_the_next_a_write_never_retried_and_the_guard_sees_both()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let store = migrated_with_writes_released(dir.path());
     let (legacy, good) = (Backend::start("legacy").await, Backend::start("new").await);
     let (broken, got) = broken_upstream().await;
     // The guard's sample is large enough that the reads and writes below do
@@ -1234,21 +1240,7 @@ async fn a_read_one_upstream_fails_is_answered_by_the_next_a_write_never_retried
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_write_one_upstream_fails_is_sent_to_the_next_once_an_unkeyed_one_never() {
     let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path(), &[("acme", "shadow")]);
-    ficus(
-        &store,
-        &["tenant", "stage", "acme", "migrated", "--reason", "moved"],
-    );
-    ficus(
-        &store,
-        &[
-            "route",
-            "default",
-            "released",
-            "--reason",
-            "writes move too",
-        ],
-    );
+    let store = migrated_with_writes_released(dir.path());
     let (legacy, good) = (Backend::start("legacy").await, Backend::start("new").await);
     let (broken, got) = broken_upstream().await;
     let extra = format!(
