@@ -319,14 +319,15 @@ async fn run_with(
             continue;
         }
         match run_step(store, hooks, mapping, &event, &mut job, step).await {
-            Ok(()) => {
+            Ok(done) => {
                 // The tenant's creation and suspension are audited by the store
                 // as they happen; the other steps of a billing event get a note
                 // of their own (an operator's addition is audited as such, and
-                // its configuration is in the configuration's history).
+                // its configuration is in the configuration's history). A step
+                // another runner had done already says nothing again.
                 let billing = !job.event_id.starts_with(MANUAL);
-                if let (true, Some(tenant), Some(what)) =
-                    (billing, &job.tenant, step_note(step, hooks))
+                if let (true, Done::Now, Some(tenant), Some(what)) =
+                    (billing, done, &job.tenant, step_note(step, hooks))
                 {
                     store
                         .note(
@@ -380,6 +381,14 @@ fn step_note(step: &str, hooks: &Hooks) -> Option<&'static str> {
     }
 }
 
+/// Whether a step changed anything, or found its work done (by an earlier,
+/// interrupted run, or by another runner of the same job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    Now,
+    Before,
+}
+
 enum StepError {
     /// Worth another attempt (the store or the database was unavailable).
     Retry(String),
@@ -400,7 +409,7 @@ async fn run_step(
     event: &Value,
     job: &mut ProvisionJob,
     step: &str,
-) -> std::result::Result<(), StepError> {
+) -> std::result::Result<Done, StepError> {
     let name = text(event, &mapping.name);
     let reason = job_source(job);
     match step {
@@ -409,12 +418,25 @@ async fn run_step(
                 let id = choose_id(store, mapping, event, name.as_deref()).await?;
                 // The id is the job's before the tenant exists, so that a run
                 // interrupted after creating it knows the tenant is its own.
-                job.tenant = Some(id);
+                // The store keeps the first id bound to the job: a second
+                // runner (the resumer, on this replica or another, beside the
+                // delivery that created the job) that read the job before the
+                // first bound it, and so chose `name-2` for the tenant the
+                // first had just made, reads back the first's id and makes no
+                // second tenant (regression: the soak's seed 1).
+                job.tenant = Some(id.clone());
                 store.update_provision_job(job).await?;
+                let bound = store
+                    .provision_job(&job.event_id)
+                    .await?
+                    .and_then(|j| j.tenant);
+                job.tenant = Some(bound.unwrap_or(id));
             }
-            let id = job.tenant.clone().expect("set above");
+            let Some(id) = job.tenant.clone() else {
+                return Err(StepError::GiveUp("no tenant".into()));
+            };
             if store.tenant(&id).await?.is_some() {
-                return Ok(());
+                return Ok(Done::Before);
             }
             let stage = if mapping.start_on_new || store.legacy_retired().await? {
                 Stage::Migrated
@@ -435,7 +457,8 @@ async fn run_step(
                 )
                 .await
             {
-                Ok(_) | Err(StoreError::TenantExists(_)) => Ok(()),
+                Ok(_) => Ok(Done::Now),
+                Err(StoreError::TenantExists(_)) => Ok(Done::Before),
                 Err(e) => Err(e.into()),
             }
         }
@@ -445,7 +468,7 @@ async fn run_step(
                 .clone()
                 .ok_or_else(|| StepError::GiveUp("no tenant".into()))?;
             if store.tenant_config(&id, None).await?.is_some() {
-                return Ok(());
+                return Ok(Done::Before);
             }
             let mut doc = if mapping.template.is_object() {
                 mapping.template.clone()
@@ -484,14 +507,15 @@ async fn run_step(
                 reason: format!("initial configuration from {reason}"),
             };
             match store.set_tenant_config(change).await {
-                Ok(_) | Err(StoreError::ConfigStale { .. }) => Ok(()),
+                Ok(_) => Ok(Done::Now),
+                Err(StoreError::ConfigStale { .. }) => Ok(Done::Before),
                 Err(e @ StoreError::DomainTaken { .. }) => Err(StepError::GiveUp(e.to_string())),
                 Err(e) => Err(e.into()),
             }
         }
         "database" => {
             let Some(url) = &hooks.database_url else {
-                return Ok(());
+                return Ok(Done::Before);
             };
             let id = job
                 .tenant
@@ -501,10 +525,13 @@ async fn run_step(
             let client = ficus_retrofit::connect(url)
                 .await
                 .map_err(|e| StepError::Retry(e.to_string()))?;
+            // An upsert: done again, it changes nothing, and is noted again
+            // only when two runners of one job overlap (the resumer leaves a
+            // job its runner touched within RUNNER_GRACE alone).
             ficus_retrofit::apply::add_tenant(&client, id.as_str(), &display)
                 .await
                 .map_err(|e| StepError::Retry(e.to_string()))?;
-            Ok(())
+            Ok(Done::Now)
         }
         "suspend" => {
             let id = match (&job.tenant, &mapping.tenant_id) {
@@ -528,7 +555,7 @@ async fn run_step(
                 reason: format!("subscription ended, {reason}"),
             };
             match store.set_suspended(change).await {
-                Ok(_) => Ok(()),
+                Ok(_) => Ok(Done::Now),
                 Err(e @ StoreError::UnknownTenant(_)) => Err(StepError::GiveUp(e.to_string())),
                 Err(e) => Err(e.into()),
             }
@@ -636,8 +663,17 @@ fn slug(name: &str) -> String {
     out.trim_end_matches('-').to_string()
 }
 
+/// How long the resumer leaves a pending job alone after it was last written:
+/// a job written more recently than this is taken to be in the hands of the
+/// runner that wrote it (the delivery that created it, or another replica's
+/// resumer), and running it beside that runner would only do its steps twice.
+pub const RUNNER_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs every pending job now and then, so that a job interrupted by a crash
 /// or held up by an unavailable database is finished. Stops at `shutdown`.
+/// A job is left to its runner for [`RUNNER_GRACE`] after its last write;
+/// were two runners to overlap all the same, every step is safe to run twice
+/// and the job's tenant is the one bound to it first.
 pub async fn resume(
     store: Arc<dyn ControlStore>,
     hooks: Hooks,
@@ -647,7 +683,11 @@ pub async fn resume(
     loop {
         match store.provision_jobs(Some(JobState::Pending), 100).await {
             Ok(jobs) => {
-                for job in jobs {
+                let idle_since = crate::ops::now().unix_millis() - RUNNER_GRACE.as_millis() as i64;
+                for job in jobs
+                    .into_iter()
+                    .filter(|j| j.updated_at.unix_millis() <= idle_since)
+                {
                     let id = job.event_id.clone();
                     if let Err(e) = run(&store, &hooks, job).await {
                         tracing::warn!(event = %id, error = %e, "provisioning: a job could not be run");

@@ -941,6 +941,74 @@ async fn billing_events_provision_exactly_once_and_bad_deliveries_write_nothing(
     assert_eq!(status, 409);
 }
 
+/// Regression (the soak's seed 1: a tenant born twice from one event
+/// delivered twice to two replicas): the resumer had read the job while the
+/// delivery that created it was still at its first step, chose the tenant's id
+/// after the delivery had made the tenant, found `name` taken, and made
+/// `name-2`. A runner holding the job as it was before its tenant was bound now
+/// learns the bound tenant and makes nothing twice, nor notes anything twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_runner_of_a_billing_job_read_before_its_tenant_was_bound_makes_no_second_tenant()
+{
+    use ficus_admin::provision::{self, Hooks};
+    use ficus_store::JobState;
+    let dir = tempfile::tempdir().unwrap();
+    let url = StoreUrl::parse(&format!("sqlite:{}", dir.path().join("f.db").display())).unwrap();
+    let store = ficus_store::open(&url, OpenMode::Create).await.unwrap();
+    let hooks = Hooks::default();
+    let event = serde_json::json!({
+        "id": "evt_twice",
+        "type": "subscription.created",
+        "data": {"customer": {"name": "Initech Homes"}, "domain": "portal.initech.test"}
+    })
+    .to_string();
+    let (read_early, created) = store
+        .claim_provision_job("evt_twice", "create", &event)
+        .await
+        .unwrap();
+    assert!(created);
+    let first = provision::run(&store, &hooks, read_early.clone())
+        .await
+        .unwrap();
+    assert_eq!(first.state, JobState::Done);
+    let second = provision::run(&store, &hooks, read_early).await.unwrap();
+    assert_eq!(
+        (second.state, second.tenant.as_ref().map(TenantId::as_str)),
+        (JobState::Done, Some("initech-homes"))
+    );
+    let ids: Vec<String> = store
+        .tenants(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id.to_string())
+        .collect();
+    assert_eq!(ids, ["initech-homes"]);
+    let job = store.provision_job("evt_twice").await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.tenant.map(|t| t.to_string()), job.steps),
+        (
+            JobState::Done,
+            Some("initech-homes".to_string()),
+            vec!["tenant".into(), "config".into(), "database".into()]
+        )
+    );
+    let audit: Vec<String> = store
+        .audit(ficus_store::AuditQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| format!("{} {}", e.actor, e.reason))
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            "provisioning provisioned from billing event evt_twice",
+            "provisioning provisioning: initial configuration written, from billing event evt_twice"
+        ]
+    );
+}
+
 /// Awaits every future, in order.
 async fn futures_join<F>(fs: Vec<F>) -> Vec<F::Output>
 where

@@ -140,115 +140,157 @@ pub async fn run(args: Args) -> Result<Verdict> {
     }
     let mut faults: Vec<FaultRecord> = Vec::new();
     let mut topo = bring_up(&args, &dir, &say).await?;
-    let started = Instant::now();
+    // Whatever happens, the control store's tenants, audit log and
+    // provisioning jobs are written beside the logs before the throwaway
+    // clusters go, so that a failed run can be diagnosed afterwards.
+    let outcome: Result<Verdict> = async {
+        let started = Instant::now();
 
-    // The migration's first half: retrofit (with the backfill killed), enforce.
-    retrofit(&args, &dir, &topo, &schedule, &say, &mut faults).await?;
-    // Tenant zero: shadow, then promoted through the gate.
-    let zero = TenantId::parse(ZERO)?;
-    shadow_and_promote(&topo, &zero, &say).await?;
-    topo.direct
-        .release_route(RouteReleaseRequest {
-            route: "POST /homes".into(),
-            tenant: None,
-            destructive: false,
-            reason: "soak: the rebuilt backend saves homes for every tenant".into(),
-        })
+        // The migration's first half: retrofit (with the backfill killed), enforce.
+        retrofit(&args, &dir, &topo, &schedule, &say, &mut faults).await?;
+        // Tenant zero: shadow, then promoted through the gate.
+        let zero = TenantId::parse(ZERO)?;
+        shadow_and_promote(&topo, &zero, &say).await?;
+        topo.direct
+            .release_route(RouteReleaseRequest {
+                route: "POST /homes".into(),
+                tenant: None,
+                destructive: false,
+                reason: "soak: the rebuilt backend saves homes for every tenant".into(),
+            })
+            .await?;
+        say.line("POST /homes released for every tenant");
+        let mut rng = Rng::new(args.seed ^ 0x5eed);
+        let first = provision(&topo, &args, &mut rng, 0, 2, false, &say).await?;
+        topo.add_clients(&dir, &args, &first)?;
+        let mut provisioned = first;
+
+        // The fault window: whatever is left of the soak's time, at least enough
+        // for every fault and its recovery.
+        let total = Duration::from_secs_f64(args.minutes * 60.0);
+        let window = total
+            .saturating_sub(started.elapsed())
+            .saturating_sub(Duration::from_secs(15))
+            .max(Duration::from_secs(120));
+        say.line(&format!(
+            "fault window: {:.0} s, {} faults",
+            window.as_secs_f64(),
+            schedule.faults.len()
+        ));
+        let window_start = Instant::now();
+        for (at, fault) in &schedule.faults {
+            let due = window.mul_f64(*at);
+            let now = window_start.elapsed();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+            say.line(&format!("fault: {fault}"));
+            let record = match fault {
+                Fault::KillReplica => kill_replica(&mut topo, schedule.killed_replica, &say).await?,
+                Fault::TermReplica => {
+                    term_replica(&mut topo, 1 - schedule.killed_replica, &say).await?
+                }
+                Fault::RestartStore => restart_store(&topo, &zero, &say).await?,
+                Fault::BreakNewForTenant => break_new(&topo, &zero, &say).await?,
+                Fault::FlipUnderLoad => flip_under_load(&topo, &zero, &dir, args.homes, &say).await?,
+                Fault::DuplicateEvents => {
+                    let start = now_ms();
+                    let born =
+                        provision(&topo, &args, &mut rng, 2, schedule.new_tenants, true, &say).await?;
+                    topo.add_clients(&dir, &args, &born)?;
+                    provisioned.extend(born.iter().cloned());
+                    FaultRecord::new(
+                        *fault,
+                        start,
+                        format!(
+                            "{} events, each delivered twice to both replicas in a shuffled order: tenants {}",
+                            schedule.new_tenants,
+                            born.join(", ")
+                        ),
+                    )
+                }
+            };
+            say.line(&format!("   {}", record.what));
+            faults.push(record);
+        }
+        let left = window.saturating_sub(window_start.elapsed());
+        tokio::time::sleep(left).await;
+
+        // The finish line.
+        retire(&topo, &say).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        // Stop the clients (each finishes what it has in flight), then the rest.
+        say.line("stopping the clients");
+        let mut logs = Vec::new();
+        for c in std::mem::take(&mut topo.clients) {
+            logs.push(c.stop().await?);
+        }
+        logs.push(dir.join("burst.jsonl"));
+        topo.haproxy.stop().await;
+        for r in &mut topo.replicas {
+            if let Some(p) = r.proc.as_mut() {
+                let _ = p.signal("TERM");
+                let _ = p.wait_exit(Duration::from_secs(30)).await;
+            }
+        }
+        say.line("judging");
+        let records = verdict::read_records(&logs)?;
+        let lb = verdict::read_haproxy_log(&topo.haproxy.log)?;
+        let db = ficus_retrofit::connect(&topo.db_url).await?;
+        let mut expected_tenants: Vec<String> = vec![ZERO.to_string()];
+        expected_tenants.extend(provisioned);
+        let v = verdict::judge(
+            &schedule,
+            &records,
+            &lb,
+            &faults,
+            &db,
+            &*topo.store,
+            &expected_tenants,
+            started.elapsed(),
+        )
         .await?;
-    say.line("POST /homes released for every tenant");
-    let mut rng = Rng::new(args.seed ^ 0x5eed);
-    let first = provision(&topo, &args, &mut rng, 0, 2, false, &say).await?;
-    topo.add_clients(&dir, &args, &first)?;
-    let mut provisioned = first;
-
-    // The fault window: whatever is left of the soak's time, at least enough
-    // for every fault and its recovery.
-    let total = Duration::from_secs_f64(args.minutes * 60.0);
-    let window = total
-        .saturating_sub(started.elapsed())
-        .saturating_sub(Duration::from_secs(15))
-        .max(Duration::from_secs(120));
-    say.line(&format!(
-        "fault window: {:.0} s, {} faults",
-        window.as_secs_f64(),
-        schedule.faults.len()
-    ));
-    let window_start = Instant::now();
-    for (at, fault) in &schedule.faults {
-        let due = window.mul_f64(*at);
-        let now = window_start.elapsed();
-        if due > now {
-            tokio::time::sleep(due - now).await;
-        }
-        say.line(&format!("fault: {fault}"));
-        let record = match fault {
-            Fault::KillReplica => kill_replica(&mut topo, schedule.killed_replica, &say).await?,
-            Fault::TermReplica => {
-                term_replica(&mut topo, 1 - schedule.killed_replica, &say).await?
-            }
-            Fault::RestartStore => restart_store(&topo, &zero, &say).await?,
-            Fault::BreakNewForTenant => break_new(&topo, &zero, &say).await?,
-            Fault::FlipUnderLoad => flip_under_load(&topo, &zero, &dir, args.homes, &say).await?,
-            Fault::DuplicateEvents => {
-                let start = now_ms();
-                let born =
-                    provision(&topo, &args, &mut rng, 2, schedule.new_tenants, true, &say).await?;
-                topo.add_clients(&dir, &args, &born)?;
-                provisioned.extend(born.iter().cloned());
-                FaultRecord::new(
-                    *fault,
-                    start,
-                    format!(
-                        "{} events, each delivered twice to both replicas in a shuffled order: tenants {}",
-                        schedule.new_tenants,
-                        born.join(", ")
-                    ),
-                )
-            }
-        };
-        say.line(&format!("   {}", record.what));
-        faults.push(record);
+        Ok(v)
     }
-    let left = window.saturating_sub(window_start.elapsed());
-    tokio::time::sleep(left).await;
-
-    // The finish line.
-    retire(&topo, &say).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    // Stop the clients (each finishes what it has in flight), then the rest.
-    say.line("stopping the clients");
-    let mut logs = Vec::new();
-    for c in std::mem::take(&mut topo.clients) {
-        logs.push(c.stop().await?);
+    .await;
+    if let Err(e) = dump_control(&*topo.store, &dir.join("control.json")).await {
+        say.line(&format!(
+            "the control store could not be written out: {e:#}"
+        ));
     }
-    logs.push(dir.join("burst.jsonl"));
-    topo.haproxy.stop().await;
-    for r in &mut topo.replicas {
-        if let Some(p) = r.proc.as_mut() {
-            let _ = p.signal("TERM");
-            let _ = p.wait_exit(Duration::from_secs(30)).await;
-        }
-    }
-    say.line("judging");
-    let records = verdict::read_records(&logs)?;
-    let lb = verdict::read_haproxy_log(&topo.haproxy.log)?;
-    let db = ficus_retrofit::connect(&topo.db_url).await?;
-    let mut expected_tenants: Vec<String> = vec![ZERO.to_string()];
-    expected_tenants.extend(provisioned);
-    let v = verdict::judge(
-        &schedule,
-        &records,
-        &lb,
-        &faults,
-        &db,
-        &*topo.store,
-        &expected_tenants,
-        started.elapsed(),
-    )
-    .await?;
     drop(topo);
-    Ok(v)
+    outcome
+}
+
+/// The control store as the soak left it: every tenant, the whole audit log and
+/// every provisioning job, as JSON.
+async fn dump_control(store: &dyn ficus_store::ControlStore, path: &Path) -> Result<()> {
+    let tenants: Vec<_> = store
+        .tenants(None)
+        .await?
+        .iter()
+        .map(|t| serde_json::json!({"id": t.id.as_str(), "stage": t.stage.as_str(), "version": t.version}))
+        .collect();
+    let audit: Vec<_> = store
+        .audit(ficus_store::AuditQuery {
+            limit: Some(100_000),
+            ..Default::default()
+        })
+        .await?
+        .iter()
+        .map(|e| serde_json::json!({"seq": e.seq, "at": e.at.unix_millis(), "tenant": e.tenant.as_str(), "from": e.from.map(|f| f.as_str()), "to": e.to.as_str(), "actor": e.actor.to_string(), "reason": e.reason}))
+        .collect();
+    let jobs: Vec<_> = store
+        .provision_jobs(None, 100_000)
+        .await?
+        .iter()
+        .map(|j| serde_json::json!({"event": j.event_id, "tenant": j.tenant.as_ref().map(|t| t.as_str()), "state": j.state.as_str(), "steps": j.steps, "attempts": j.attempts, "last_error": j.last_error, "created_at": j.created_at.unix_millis(), "updated_at": j.updated_at.unix_millis()}))
+        .collect();
+    let doc = serde_json::json!({"tenants": tenants, "audit": audit, "provision_jobs": jobs});
+    std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 async fn bring_up(args: &Args, dir: &Path, say: &Say) -> Result<Topology> {
@@ -651,6 +693,8 @@ async fn kill_replica(topo: &mut Topology, which: usize, say: &Say) -> Result<Fa
     if let Some(p) = r.proc.as_mut() {
         p.kill9();
     }
+    // Reaped: its sockets are closed from here on.
+    let dead = now_ms();
     say.line(&format!("   {} killed with SIGKILL", r.name));
     tokio::time::sleep(Duration::from_secs(3)).await;
     r.start().await?;
@@ -660,6 +704,7 @@ async fn kill_replica(topo: &mut Topology, which: usize, say: &Say) -> Result<Fa
         format!("{} killed with SIGKILL, restarted after 3 s", r.name),
     );
     f.replica = Some(r.name.clone());
+    f.until_ms = Some(dead);
     Ok(f)
 }
 
@@ -697,39 +742,60 @@ async fn term_replica(topo: &mut Topology, which: usize, say: &Say) -> Result<Fa
 }
 
 /// Stage changes every 200 ms, retried until they land, while the control
-/// store's PostgreSQL stops (fast) and starts again.
+/// store's PostgreSQL stops (fast) and starts again. Each change moves tenant
+/// zero from the stage the store says it is in (the guard may have rolled it
+/// back since the last fault: regression, seed 2 asked shadow → shadow for a
+/// minute), and the flips end with the tenant migrated.
 async fn restart_store(topo: &Topology, zero: &TenantId, say: &Say) -> Result<FaultRecord> {
     let at = now_ms();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let landed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let last_refusal = Arc::new(std::sync::Mutex::new(String::new()));
     let flips = {
-        let (stop, landed, refused) =
-            (Arc::clone(&stop), Arc::clone(&landed), Arc::clone(&refused));
+        let (stop, landed, refused, last_refusal) = (
+            Arc::clone(&stop),
+            Arc::clone(&landed),
+            Arc::clone(&refused),
+            Arc::clone(&last_refusal),
+        );
         let store = Arc::clone(&topo.store);
         let zero = zero.clone();
         tokio::spawn(async move {
-            let direct = Direct::new(store, Actor::Cli);
-            let mut to_shadow = true;
-            while !stop.load(Ordering::Relaxed) || !to_shadow {
-                let stage = if to_shadow { "shadow" } else { "migrated" };
-                match direct
-                    .stage(
-                        &zero,
-                        StageRequest {
-                            stage: stage.into(),
-                            reason: "soak: stage changes while the store restarts".into(),
-                        },
-                        None,
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        landed.fetch_add(1, Ordering::Relaxed);
-                        to_shadow = !to_shadow;
+            let direct = Direct::new(Arc::clone(&store), Actor::Cli);
+            loop {
+                let attempt = async {
+                    let Some(now) = store.tenant(&zero).await? else {
+                        bail!("tenant zero is gone");
+                    };
+                    if stop.load(Ordering::Relaxed) && now.stage == ficus_core::Stage::Migrated {
+                        return Ok(None);
                     }
-                    Err(_) => {
+                    let to = if now.stage == ficus_core::Stage::Shadow {
+                        "migrated"
+                    } else {
+                        "shadow"
+                    };
+                    direct
+                        .stage(
+                            &zero,
+                            StageRequest {
+                                stage: to.into(),
+                                reason: "soak: stage changes while the store restarts".into(),
+                            },
+                            None,
+                        )
+                        .await?;
+                    Ok(Some(()))
+                };
+                match attempt.await {
+                    Ok(None) => return,
+                    Ok(Some(())) => {
+                        landed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
                         refused.fetch_add(1, Ordering::Relaxed);
+                        *last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -749,7 +815,7 @@ async fn restart_store(topo: &Topology, zero: &TenantId, say: &Say) -> Result<Fa
     .await??;
     say.line("   and up again");
     let before = landed.load(Ordering::Relaxed);
-    until(
+    let waited = until(
         Duration::from_secs(60),
         "stage changes landing after the restart",
         || {
@@ -757,7 +823,14 @@ async fn restart_store(topo: &Topology, zero: &TenantId, say: &Say) -> Result<Fa
             async move { Ok(landed.load(Ordering::Relaxed) >= before + 4) }
         },
     )
-    .await?;
+    .await;
+    if let Err(e) = waited {
+        let last = last_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        bail!("{e}; the last refusal: {last}");
+    }
     stop.store(true, Ordering::Relaxed);
     flips.await?;
     Ok(FaultRecord::new(

@@ -139,17 +139,22 @@ pub enum Cause {
 /// send the tenant to the broken backend.
 const PROPAGATION_MS: u64 = 1_000;
 
-/// Whether `r` was in flight on the replica `kill` killed, at that instant:
-/// by HAProxy's log (sent there, or moved from there to the other replica), or
+/// Whether `r` was in flight on the replica `kill` killed while it died: by
+/// HAProxy's log (sent there, or moved from there to the other replica), or
 /// cut at the connection level with no line in the log at all (HAProxy closed
 /// the client's connection instead of answering for a write it could not
-/// retry; seed 1 showed one).
+/// retry; seed 1 showed one). A process does not die the instant SIGKILL is
+/// sent: until the kernel has closed its sockets (`until_ms`, when it was
+/// reaped) its listener still completes connections that are then reset, so
+/// a request sent in that span was in flight on it too (regression: CI's
+/// seed 7 lost a POST sent 4 ms after the signal).
 fn in_flight_on_killed(r: &Record, kill: &FaultRecord, lb: &HashMap<String, LbLine>) -> bool {
     let there = match lb.get(&r.id) {
         Some(l) => Some(&l.server) == kill.replica.as_ref() || l.retried,
         None => r.status.is_none(),
     };
-    there && r.sent_ms <= kill.at_ms && r.done_ms >= kill.at_ms
+    let dead = kill.until_ms.unwrap_or(kill.at_ms).max(kill.at_ms);
+    there && r.sent_ms <= dead && r.done_ms >= kill.at_ms
 }
 
 /// The cause of a failed request, from the faults and the load balancer's log.
@@ -515,6 +520,7 @@ mod tests {
         assert!(!lb["soak-a-1"].retried && lb["soak-a-2"].retried);
         let mut kill = FaultRecord::new(Fault::KillReplica, 1_000, String::new());
         kill.replica = Some("replica-a".into());
+        kill.until_ms = Some(1_006);
         let mut broken = FaultRecord::new(Fault::BreakNewForTenant, 5_000, String::new());
         broken.tenant = Some("acme".into());
         broken.guard_reaction_ms = Some(2_000);
@@ -525,9 +531,10 @@ mod tests {
             record("soak-a-1", "a", 900, 1_100, Some(502)),
             Cause::InFlightOnKilledReplica,
         );
-        // Sent after the kill: the load balancer should have gone elsewhere.
+        // Sent after the process was gone: the load balancer should have
+        // gone elsewhere.
         check(
-            record("soak-a-1", "a", 1_001, 1_100, Some(502)),
+            record("soak-a-1", "a", 1_007, 1_100, Some(502)),
             Cause::Unexplained,
         );
         // In flight then, but on the live replica.
@@ -545,9 +552,15 @@ mod tests {
             record("soak-a-4", "a", 999, 1_018, Some(502)),
             Cause::Unexplained,
         );
-        // Cut below HTTP, but sent after the kill.
+        // Cut below HTTP, sent after the signal while the process was
+        // still dying (it was reaped at 1,006).
         check(
-            record("soak-a-5", "a", 1_001, 1_018, None),
+            record("soak-a-5", "a", 1_004, 1_013, None),
+            Cause::InFlightOnKilledReplica,
+        );
+        // Cut below HTTP, but sent once the process was gone.
+        check(
+            record("soak-a-6", "a", 1_007, 1_018, None),
             Cause::Unexplained,
         );
         check(

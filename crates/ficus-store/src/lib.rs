@@ -630,6 +630,10 @@ pub trait ControlStore: Send + Sync + 'static {
     ) -> Result<(ProvisionJob, bool)>;
 
     /// Writes a job's progress (tenant, state, steps, attempts, last error).
+    /// A job's tenant, once written, is kept: a runner that read the job
+    /// before another bound it (the resumer beside the delivery that created
+    /// it) cannot replace it with a tenant of its own, and reads the job again
+    /// to learn which tenant is the job's.
     async fn update_provision_job(&self, job: &ProvisionJob) -> Result<()>;
 
     async fn provision_job(&self, event_id: &str) -> Result<Option<ProvisionJob>>;

@@ -2357,7 +2357,7 @@ impl ControlStore for PgStore {
         let client = s.client().await?;
         client
             .execute(
-                &s.q("UPDATE {s}.provision_jobs SET tenant_id = $2, state = $3, steps = $4, attempts = $5,
+                &s.q("UPDATE {s}.provision_jobs SET tenant_id = COALESCE(tenant_id, $2), state = $3, steps = $4, attempts = $5,
                              last_error = $6, updated_at = $7 WHERE event_id = $1"),
                 &[
                     &job.event_id,

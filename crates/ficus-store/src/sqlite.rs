@@ -1980,7 +1980,7 @@ impl ControlStore for SqliteStore {
         let job = job.clone();
         self.with(move |conn, location| {
             conn.execute(
-                "UPDATE provision_jobs SET tenant_id = ?2, state = ?3, steps = ?4, attempts = ?5,
+                "UPDATE provision_jobs SET tenant_id = COALESCE(tenant_id, ?2), state = ?3, steps = ?4, attempts = ?5,
                         last_error = ?6, updated_at = ?7 WHERE event_id = ?1",
                 params![
                     job.event_id,

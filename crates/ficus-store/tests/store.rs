@@ -986,6 +986,16 @@ async fn suspends_tenants_and_records_each_billing_event_once(store: Arc<dyn Con
             Some("database unreachable".to_string())
         )
     );
+    // Regression (the soak's seed 1 made a tenant twice): a second runner of
+    // the job that read it before its tenant was bound, and chose another
+    // tenant, cannot replace the bound one.
+    let mut stale = job.clone();
+    stale.tenant = Some(id("acme-2"));
+    store.update_provision_job(&stale).await.unwrap();
+    assert_eq!(
+        store.provision_job("evt_1").await.unwrap().unwrap().tenant,
+        Some(id("acme"))
+    );
     store
         .claim_provision_job("evt_2", "cancel", "{}")
         .await
