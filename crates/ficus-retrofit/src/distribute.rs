@@ -13,6 +13,8 @@
 //! is split from deciding: [`read`] gathers [`Facts`] from the catalogs,
 //! [`decide`] is pure, so the decisions are tested without a server.
 
+pub mod status;
+
 use std::collections::BTreeMap;
 
 use serde::Serialize;

@@ -12,6 +12,7 @@
 
 #[cfg(feature = "browser")]
 pub mod browser;
+pub mod citus;
 
 use std::fs;
 use std::io;

@@ -625,6 +625,10 @@ pub enum DbDistributeCommand {
     /// co-located, reference or local), and every blocker Citus would refuse
     /// with the fix; read-only. Exit 1 if a blocker needs the operator.
     Plan(DbPlanFile),
+    /// Where a distributed database stands: nodes with their shards and
+    /// bytes, each Citus table, where each tenant's rows live (largest first)
+    /// and a running rebalance's progress; read-only.
+    Status(DbUrl),
 }
 
 #[derive(Debug, Args)]

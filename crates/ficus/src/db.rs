@@ -187,6 +187,16 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             }
             Ok(())
         }
+        DbCommand::Distribute(DbDistributeCommand::Status(db)) => {
+            let client = connect(&db.url).await?;
+            let status = ficus_retrofit::distribute::status::read(&client).await?;
+            if json {
+                output::json(out, &status)?;
+            } else {
+                print_distribution_status(&status, out)?;
+            }
+            Ok(())
+        }
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;
             let id = apply::add_tenant(&client, &args.id, &args.name).await?;
@@ -397,6 +407,114 @@ fn print_distribution(
         for p in &d.propagate {
             writeln!(out, "  {p}")?;
         }
+    }
+    Ok(())
+}
+
+/// How many tenants the text status lists; JSON has them all.
+const STATUS_TENANTS: usize = 20;
+
+fn print_distribution_status(
+    s: &ficus_retrofit::distribute::status::Status,
+    out: &mut impl Write,
+) -> Result<()> {
+    writeln!(out, "{}", s.citus_version)?;
+    let nodes: Vec<Vec<String>> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                format!("{}:{}", n.host, n.port),
+                n.role.to_string(),
+                if !n.active {
+                    "inactive"
+                } else if n.should_have_shards {
+                    "active"
+                } else {
+                    "active, no new shards"
+                }
+                .to_string(),
+                n.shards.to_string(),
+                format!("{} kB", n.bytes / 1024),
+            ]
+        })
+        .collect();
+    output::table(out, &["NODE", "ROLE", "STATE", "SHARDS", "SIZE"], &nodes)?;
+    writeln!(out)?;
+    if s.tables.is_empty() {
+        writeln!(out, "no table is distributed yet")?;
+    } else {
+        let tables: Vec<Vec<String>> = s
+            .tables
+            .iter()
+            .map(|t| {
+                vec![
+                    t.table.clone(),
+                    t.kind.clone(),
+                    t.column.clone().unwrap_or_default(),
+                    t.colocation_id.to_string(),
+                    t.shards.to_string(),
+                    format!("{} kB", t.bytes / 1024),
+                ]
+            })
+            .collect();
+        output::table(
+            out,
+            &["TABLE", "KIND", "BY", "COLOCATION", "SHARDS", "SIZE"],
+            &tables,
+        )?;
+    }
+    if !s.tenants.is_empty() {
+        writeln!(
+            out,
+            "\n{} tenants; the {} with the most rows:",
+            s.tenants.len(),
+            STATUS_TENANTS.min(s.tenants.len())
+        )?;
+        let tenants: Vec<Vec<String>> = s
+            .tenants
+            .iter()
+            .take(STATUS_TENANTS)
+            .map(|t| {
+                vec![
+                    t.tenant.clone(),
+                    t.rows.to_string(),
+                    t.shard.to_string(),
+                    t.nodes.join(", "),
+                    if t.alone { "alone" } else { "shared" }.to_string(),
+                ]
+            })
+            .collect();
+        output::table(
+            out,
+            &["TENANT", "ROWS", "SHARD", "NODE", "SHARD IS"],
+            &tenants,
+        )?;
+    }
+    if let Some(state) = &s.rebalance {
+        writeln!(out, "\nrebalance: {state}")?;
+    }
+    if !s.moves.is_empty() {
+        let moves: Vec<Vec<String>> = s
+            .moves
+            .iter()
+            .map(|m| {
+                vec![
+                    m.table.clone(),
+                    m.shard.to_string(),
+                    format!("{} → {}", m.from, m.to),
+                    match m.progress {
+                        0 => "waiting",
+                        1 => "moving",
+                        2 => "moved",
+                        _ => "unknown",
+                    }
+                    .to_string(),
+                    format!("{} / {} kB", m.target_bytes / 1024, m.source_bytes / 1024),
+                ]
+            })
+            .collect();
+        output::table(out, &["TABLE", "SHARD", "MOVE", "STATE", "COPIED"], &moves)?;
     }
     Ok(())
 }

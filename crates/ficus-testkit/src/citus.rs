@@ -1,0 +1,119 @@
+//! Throwaway Citus clusters: a coordinator and workers, each a [`PgCluster`]
+//! on its own loopback port with Citus preloaded, for the tests and benchmarks
+//! of `ficus db distribute`.
+//!
+//! Citus is installed into the machine's PostgreSQL by `scripts/citus.sh` (from
+//! the vendored source, only when missing or of another version); a cluster
+//! runs that script once per process before its first server starts. Every
+//! node runs with `wal_level = logical`, which Citus's online shard moves
+//! (logical replication) need.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::{Error, PgCluster, run};
+
+/// The Citus release the tests run: the last for PostgreSQL 15.
+pub const VERSION: &str = "13.2.2";
+
+/// A coordinator and its workers. Databases are made on every node at once
+/// with [`CitusCluster::fresh_database`]; a spare node can be started and left
+/// out of the cluster, for tests that add a node.
+#[derive(Debug)]
+pub struct CitusCluster {
+    pub coordinator: PgCluster,
+    pub workers: Vec<PgCluster>,
+    /// Started like the workers but not in any database's cluster until a test
+    /// adds it.
+    pub spares: Vec<PgCluster>,
+}
+
+/// Installs Citus once per process (`scripts/citus.sh`, which does nothing when
+/// the installed library is already this version).
+pub fn ensure_installed() -> Result<(), Error> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/citus.sh");
+            run(
+                Command::new("bash").arg(&script),
+                "scripts/citus.sh (installing Citus for the tests)",
+            )
+            .map(drop)
+            .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|detail| Error::Command {
+            what: "installing Citus".into(),
+            detail,
+        })
+}
+
+fn node() -> Result<PgCluster, Error> {
+    PgCluster::start_with(&[
+        ("fsync", "off"),
+        ("synchronous_commit", "off"),
+        ("full_page_writes", "off"),
+        ("shared_preload_libraries", "citus"),
+        ("wal_level", "logical"),
+        ("max_replication_slots", "20"),
+        ("max_wal_senders", "20"),
+        ("max_worker_processes", "32"),
+    ])
+}
+
+impl CitusCluster {
+    /// Starts a coordinator, `workers` workers and `spares` spare nodes.
+    pub fn start(workers: usize, spares: usize) -> Result<CitusCluster, Error> {
+        ensure_installed()?;
+        let coordinator = node()?;
+        let workers = (0..workers).map(|_| node()).collect::<Result<_, _>>()?;
+        let spares = (0..spares).map(|_| node()).collect::<Result<_, _>>()?;
+        Ok(CitusCluster {
+            coordinator,
+            workers,
+            spares,
+        })
+    }
+
+    /// Creates a fresh database on every node (spares included, so that one
+    /// can be added later) with the extension, registers the coordinator and
+    /// the workers in it, and returns the coordinator's URL for it.
+    pub fn fresh_database(&self, prefix: &str) -> Result<String, Error> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let clean: String = prefix
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(40)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let name = format!(
+            "{clean}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        for n in std::iter::once(&self.coordinator)
+            .chain(&self.workers)
+            .chain(&self.spares)
+        {
+            n.psql("postgres", &format!("CREATE DATABASE \"{name}\""))?;
+            n.psql(&name, "CREATE EXTENSION citus")?;
+        }
+        self.coordinator.psql(
+            &name,
+            &format!(
+                "SELECT citus_set_coordinator_host('127.0.0.1', {})",
+                self.coordinator.port()
+            ),
+        )?;
+        for w in &self.workers {
+            self.coordinator.psql(
+                &name,
+                &format!("SELECT citus_add_node('127.0.0.1', {})", w.port()),
+            )?;
+        }
+        Ok(self.coordinator.url(&name))
+    }
+}
