@@ -13,6 +13,7 @@
 //! is split from deciding: [`read`] gathers [`Facts`] from the catalogs,
 //! [`decide`] is pure, so the decisions are tested without a server.
 
+pub mod scale;
 pub mod status;
 
 use std::collections::BTreeMap;

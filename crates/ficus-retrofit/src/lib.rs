@@ -78,8 +78,17 @@ pub fn location(url: &str) -> String {
 /// Opens one connection, driven on its own task, named `ficus-db` in
 /// `pg_stat_activity` so that operators can tell it apart.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let mut config = tokio_postgres::Config::from_str(url)
+    let config = tokio_postgres::Config::from_str(url)
         .map_err(|e| Error::BadUrl(redact(&e.to_string(), url)))?;
+    connect_with(config, location(url)).await
+}
+
+/// [`connect`] with a configuration already built; `location` names the
+/// server in errors (never with its password).
+pub async fn connect_with(
+    mut config: tokio_postgres::Config,
+    location: String,
+) -> Result<tokio_postgres::Client> {
     config.application_name("ficus-db");
     config.connect_timeout(std::time::Duration::from_secs(10));
     let (client, connection) =
@@ -87,7 +96,7 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
             .connect(tokio_postgres::NoTls)
             .await
             .map_err(|e| Error::Connect {
-                location: location(url),
+                location,
                 detail: describe(&e),
             })?;
     tokio::spawn(async move {

@@ -51,8 +51,39 @@ pub fn ensure_installed() -> Result<(), Error> {
         })
 }
 
+/// Whether this PostgreSQL restricts logical decoding output plugins to a list
+/// (`output_plugin_libraries`, new in the 15.20 minor release): its sample
+/// configuration names the setting.
+fn restricts_output_plugins() -> bool {
+    static KNOWN: OnceLock<bool> = OnceLock::new();
+    *KNOWN.get_or_init(|| {
+        let sample = Command::new("/usr/lib/postgresql/15/bin/pg_config")
+            .arg("--sharedir")
+            .output()
+            .ok()
+            .map(|o| {
+                PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+                    .join("postgresql.conf.sample")
+            });
+        sample
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|text| text.contains("output_plugin_libraries"))
+    })
+}
+
 fn node() -> Result<PgCluster, Error> {
-    PgCluster::start_with(&[
+    // Citus splits shards (`isolate_tenant_to_new_shard`) by logical decoding
+    // through its own output plugin, which a server that restricts output
+    // plugins must be told to allow.
+    let plugins: &[(&str, &str)] = if restricts_output_plugins() {
+        &[(
+            "output_plugin_libraries",
+            "'pgoutput, test_decoding, citus'",
+        )]
+    } else {
+        &[]
+    };
+    let mut settings = vec![
         ("fsync", "off"),
         ("synchronous_commit", "off"),
         ("full_page_writes", "off"),
@@ -61,7 +92,13 @@ fn node() -> Result<PgCluster, Error> {
         ("max_replication_slots", "20"),
         ("max_wal_senders", "20"),
         ("max_worker_processes", "32"),
-    ])
+        // How a node reaches itself (create_distributed_table_concurrently,
+        // background jobs): the servers listen on 127.0.0.1 only, and
+        // "localhost" may resolve to ::1 first.
+        ("citus.local_hostname", "127.0.0.1"),
+    ];
+    settings.extend_from_slice(plugins);
+    PgCluster::start_with(&settings)
 }
 
 impl CitusCluster {

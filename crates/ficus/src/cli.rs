@@ -629,6 +629,17 @@ pub enum DbDistributeCommand {
     /// bytes, each Citus table, where each tenant's rows live (largest first)
     /// and a running rebalance's progress; read-only.
     Status(DbUrl),
+    /// Add a worker (HOST:PORT, reached with the coordinator's credentials,
+    /// Citus installed in this database) that takes shards; moves nothing.
+    AddNode(DbAddNodeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbAddNodeArgs {
+    #[command(flatten)]
+    pub db: DbUrl,
+    /// The node: HOST:PORT.
+    pub node: String,
 }
 
 #[derive(Debug, Args)]

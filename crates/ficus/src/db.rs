@@ -197,6 +197,21 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             }
             Ok(())
         }
+        DbCommand::Distribute(DbDistributeCommand::AddNode(args)) => {
+            use ficus_retrofit::distribute::scale;
+            let node: scale::NodeAddress = args.node.parse()?;
+            let client = connect(&args.db.url).await?;
+            let id = scale::add_node(&client, &args.db.url, &node).await?;
+            if json {
+                output::json(out, &json!({ "node": node.to_string(), "node_id": id }))?;
+            } else {
+                writeln!(
+                    out,
+                    "node {node} added (node {id}); it holds no shards until they are moved onto it"
+                )?;
+            }
+            Ok(())
+        }
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;
             let id = apply::add_tenant(&client, &args.id, &args.name).await?;

@@ -174,7 +174,21 @@ pub async fn read(client: &Client) -> Result<Status> {
         .await
         .map_err(sql("reading citus_rebalance_status()"))?
         .map(|r| r.get(0));
-    let moves = client
+    let moves = moves(client).await?;
+    Ok(Status {
+        citus_version,
+        nodes,
+        tables,
+        tenants,
+        rebalance,
+        moves,
+    })
+}
+
+/// The shard moves of a running rebalance (or move, or split), as Citus
+/// reports them (`get_rebalance_progress()`); none when nothing runs.
+pub async fn moves(client: &Client) -> Result<Vec<Move>> {
+    Ok(client
         .query(
             "SELECT table_name::text, shardid, sourcename::text || ':' || sourceport,
                     targetname::text || ':' || targetport, progress::int,
@@ -194,15 +208,7 @@ pub async fn read(client: &Client) -> Result<Status> {
             source_bytes: r.get(5),
             target_bytes: r.get(6),
         })
-        .collect();
-    Ok(Status {
-        citus_version,
-        nodes,
-        tables,
-        tenants,
-        rebalance,
-        moves,
-    })
+        .collect())
 }
 
 /// Where each tenant of the spine lives, when the organizations are

@@ -170,3 +170,84 @@ fn distribute_status_shows_the_nodes_the_tables_and_where_each_tenant_lives() {
         "error: Citus is loaded but not installed in this database: CREATE EXTENSION citus, on the coordinator and every worker"
     );
 }
+
+/// `add-node`: a spare node joins and holds nothing until shards are moved;
+/// the same node again, an unreachable one, a server without Citus and a
+/// malformed address are each refused in one line naming it.
+#[test]
+fn a_node_is_added_after_it_is_checked_and_every_bad_node_is_named() {
+    let cluster = CitusCluster::start(2, 1).unwrap();
+    let url = cluster.fresh_database("addnode").unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    cluster
+        .coordinator
+        .psql(
+            &db,
+            "CREATE TABLE homes (tenant_id bigint NOT NULL, id bigint NOT NULL, PRIMARY KEY (tenant_id, id));
+             SELECT create_distributed_table('homes', 'tenant_id');",
+        )
+        .unwrap();
+    let spare = &cluster.spares[0];
+    let node = format!("127.0.0.1:{}", spare.port());
+    let added = ficus(&url, &["db", "distribute", "add-node", &node, "--json"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let added: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
+    assert_eq!(added["node"], node.as_str());
+    let s = status_json(&url);
+    let on_spare: Vec<(i64, bool, i64)> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["port"].as_i64() == Some(i64::from(spare.port())))
+        .map(|n| {
+            (
+                n["id"].as_i64().unwrap(),
+                n["should_have_shards"].as_bool().unwrap(),
+                n["shards"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(on_spare, [(added["node_id"].as_i64().unwrap(), true, 0)]);
+
+    let refused = |args: &[&str]| {
+        let out = ficus(&url, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).trim().to_string()
+    };
+    assert_eq!(
+        refused(&["db", "distribute", "add-node", &node]),
+        format!(
+            "error: node {node} is in the cluster already (node {})",
+            added["node_id"]
+        )
+    );
+    let unreachable = refused(&["db", "distribute", "add-node", "127.0.0.1:1"]);
+    assert!(
+        unreachable.starts_with(&format!(
+            "error: cannot connect to node 127.0.0.1:1 (database {db}):"
+        )),
+        "{unreachable}"
+    );
+    // A server without Citus, holding a database of the same name.
+    let plain = ficus_testkit::shared();
+    plain
+        .psql("postgres", &format!("CREATE DATABASE \"{db}\""))
+        .unwrap();
+    let without = format!("127.0.0.1:{}", plain.port());
+    assert_eq!(
+        refused(&["db", "distribute", "add-node", &without]),
+        format!(
+            "error: node {without}: Citus is not loaded on this server: add citus to shared_preload_libraries in postgresql.conf (and wal_level = logical for online moves), restart it, then CREATE EXTENSION citus"
+        )
+    );
+    assert_eq!(
+        refused(&["db", "distribute", "add-node", "worker-3"]),
+        "error: \"worker-3\" is not a node address: write HOST:PORT"
+    );
+    // Nothing was added by the refusals.
+    assert_eq!(status_json(&url)["nodes"].as_array().unwrap().len(), 4);
+}
