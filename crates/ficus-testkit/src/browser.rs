@@ -127,17 +127,32 @@ pub async fn fill(c: &Client, css: &str, keys: &str) {
 /// Waits until the element's text satisfies `ok`: an event on the page, with a
 /// generous bound so a slow machine only waits longer.
 pub async fn until_text(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
+    match try_until_text(c, css, ok, 1200).await {
+        Ok(t) => t,
+        Err(seen) => panic!("{css} never changed as expected; last seen {seen:?}"),
+    }
+}
+
+/// [`until_text`] that gives up after `polls` looks and returns the last text
+/// seen, for a test that can do its action again (a click the page's live
+/// update raced).
+pub async fn try_until_text(
+    c: &Client,
+    css: &str,
+    ok: impl Fn(&str) -> bool,
+    polls: usize,
+) -> Result<String, String> {
     let mut seen = String::new();
-    for _ in 0..1200 {
+    for _ in 0..polls {
         if let Ok(e) = c.find(Locator::Css(css)).await
             && let Ok(t) = e.text().await
         {
             if ok(&t) {
-                return t;
+                return Ok(t);
             }
             seen = t;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{css} never changed as expected; last seen {seen:?}");
+    Err(seen)
 }
