@@ -11,7 +11,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::{Error, PgCluster, run};
 
@@ -119,18 +118,7 @@ impl CitusCluster {
     /// can be added later) with the extension, registers the coordinator and
     /// the workers in it, and returns the coordinator's URL for it.
     pub fn fresh_database(&self, prefix: &str) -> Result<String, Error> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let clean: String = prefix
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .take(40)
-            .collect::<String>()
-            .to_ascii_lowercase();
-        let name = format!(
-            "{clean}_{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = crate::database_name(prefix);
         for n in std::iter::once(&self.coordinator)
             .chain(&self.workers)
             .chain(&self.spares)

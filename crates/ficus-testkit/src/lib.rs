@@ -216,18 +216,7 @@ impl PgCluster {
     /// Creates a fresh, uniquely named database and returns its URL. Tests sharing
     /// one cluster each take their own database, so they never see each other's rows.
     pub fn fresh_database(&self, prefix: &str) -> Result<String, Error> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let clean: String = prefix
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .take(40)
-            .collect::<String>()
-            .to_ascii_lowercase();
-        let name = format!(
-            "{clean}_{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = database_name(prefix);
         self.psql("postgres", &format!("CREATE DATABASE \"{name}\""))?;
         Ok(self.url(&name))
     }
@@ -411,6 +400,23 @@ pub fn shared() -> &'static PgCluster {
         Ok(c) => c,
         Err(e) => panic!("cannot start the shared test PostgreSQL cluster: {e}"),
     })
+}
+
+/// A database name unique in this process and among processes: `prefix`
+/// (letters, digits and `_`, lowercased), the process id and a counter.
+fn database_name(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let clean: String = prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(40)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!(
+        "{clean}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<Output, Error> {
