@@ -2,7 +2,8 @@
 // page live. Tenant rows and the tenant page follow `/ui/events` (server-sent
 // events from the change feed) without a reload; the overview reloads on a
 // change. When the browser cannot keep the stream open, the page falls back to
-// reloading itself every 30 seconds.
+// reloading itself every 30 seconds. No reload throws away what the operator
+// has typed into a form.
 "use strict";
 (function () {
   var page = document.body.getAttribute("data-page");
@@ -10,9 +11,40 @@
   var failures = 0;
   var fallback = null;
 
+  // A reload while the operator has typed into a form would throw their words
+  // away, and a click just after it would send the emptied form, which the
+  // browser refuses. While any form holds typed input the page is not
+  // reloaded: it says so, and reloads once the input is sent or cleared.
+  var held = false;
+  function typed() {
+    var fields = document.querySelectorAll("form input, form textarea, form select");
+    for (var i = 0; i < fields.length; i++) {
+      var f = fields[i];
+      if (f.type === "hidden" || f.type === "submit") continue;
+      if (f.type === "checkbox" || f.type === "radio") {
+        if (f.checked !== f.defaultChecked) return true;
+      } else if (f.tagName === "SELECT") {
+        for (var j = 0; j < f.options.length; j++) {
+          if (f.options[j].selected !== f.options[j].defaultSelected) return true;
+        }
+      } else if (f.value !== f.defaultValue) {
+        return true;
+      }
+    }
+    return false;
+  }
+  function reload() {
+    if (!typed()) { location.reload(); return; }
+    if (held) return;
+    held = true;
+    var note = document.getElementById("held");
+    if (note) note.hidden = false;
+    setInterval(function () { if (!typed()) location.reload(); }, 1000);
+  }
+
   function pollInstead() {
     if (fallback) return;
-    fallback = setInterval(function () { location.reload(); }, 30000);
+    fallback = setInterval(reload, 30000);
   }
 
   function apply(t) {
@@ -31,7 +63,7 @@
         if (stale) stale.hidden = false;
       }
     });
-    if (page === "overview") location.reload();
+    if (page === "overview") reload();
   }
 
   if (!window.EventSource) { pollInstead(); return; }
@@ -47,7 +79,7 @@
     source.addEventListener("tenant", function (e) {
       try { apply(JSON.parse(e.data)); } catch (err) { /* a malformed event changes nothing */ }
     });
-    source.addEventListener("resync", function () { location.reload(); });
+    source.addEventListener("resync", reload);
     source.addEventListener("error", function () {
       if (light) light.classList.remove("on");
       failures += 1;

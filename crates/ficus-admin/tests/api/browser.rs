@@ -343,6 +343,36 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
     let guard = text(&c, "table#guard").await;
     assert!(guard.contains("gamma") && guard.contains("5xx"), "{guard}");
     shot(&c, "overview").await;
+    // Regression (the demo's browser test in CI: a live reload emptied a form
+    // between typing and the click): a change that arrives while the operator
+    // is typing holds the overview's reload and keeps the words.
+    fill(
+        &c,
+        "form#promote-next input[name=reason]",
+        "half-typed reason",
+    )
+    .await;
+    for to in [Stage::Shadow, Stage::Migrated] {
+        api.store
+            .change_stage(StageChange {
+                tenant: id("beta"),
+                to,
+                expected_version: None,
+                actor: Actor::Cli,
+                reason: "moved while the operator types".into(),
+            })
+            .await
+            .unwrap();
+    }
+    until_text(&c, "#held", |t| t.contains("while you were typing")).await;
+    let kept = c
+        .find(Locator::Css("form#promote-next input[name=reason]"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap();
+    assert_eq!(kept.as_deref(), Some("half-typed reason"));
     // The operator takes gamma back to legacy from its page.
     c.goto(&format!("{}/ui/tenants/gamma", api.base))
         .await
