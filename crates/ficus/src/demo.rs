@@ -33,6 +33,8 @@ use crate::cli::DemoArgs;
 mod dashboard;
 
 const ZERO: &str = "acme-homes";
+/// How slow (ms) the rebuilt backend becomes for tenant zero in the guard's step.
+const SLOWDOWN_MS: u64 = 1000;
 const SECRET: &str = "whsec_ficus_demo";
 
 /// Client traffic and what became of it.
@@ -599,7 +601,11 @@ async fn scripted(d: &Demo<'_>, out: &mut impl Write, clock: &mut Clock) -> Resu
         out,
         "\n-- 5. the rebuilt backend slows down for Acme Homes; the guard rolls the tenant back to legacy by itself",
     );
-    *faults.slow.lock().unwrap_or_else(|p| p.into_inner()) = Some((ZERO.to_string(), 300));
+    // A second per answer: slow beyond the guard's ratio even when the
+    // machine was busy while the baseline (legacy's p99) was measured, and
+    // still enough answers in its window (regression: at 300 ms, a busy CI's
+    // baseline made the slow answers look normal and the guard never acted).
+    *faults.slow.lock().unwrap_or_else(|p| p.into_inner()) = Some((ZERO.to_string(), SLOWDOWN_MS));
     until(Duration::from_secs(60), "the guard's rollback", || async {
         Ok(store
             .tenant(&zero)
@@ -1022,7 +1028,7 @@ impl Proxy {
                  [backends.new]\nupstreams = [\"{new}\"]\nread_timeout_ms = 5000\n\n\
                  [[tenant_from]]\nhost = \"{{tenant}}.portal.test\"\n\n\
                  [shadow]\nsample_rate = 1.0\nflush_ms = 200\nmax_per_second = 10000\nversion_header = \"x-app-version\"\n\n\
-                 [guard]\nenabled = true\nwindow_ms = 5000\nmin_requests = 20\nmax_latency_ratio = 3.0\nmax_slow_rate = 0.2\n"
+                 [guard]\nenabled = true\nwindow_ms = 5000\nmin_requests = 10\nmax_latency_ratio = 3.0\nmax_slow_rate = 0.2\n"
             ),
         )?;
         let log = std::fs::File::create(dir.join("proxy.log"))?;

@@ -163,7 +163,8 @@ pub(super) async fn run(
         out,
         "\n-- 5. the rebuilt backend slows down for Acme Homes: watch the guard roll it back (the overview's guard actions, the tenant page's timeline)",
     );
-    *d.faults.slow.lock().unwrap_or_else(|p| p.into_inner()) = Some((d.zero.to_string(), 300));
+    *d.faults.slow.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some((d.zero.to_string(), super::SLOWDOWN_MS));
     wait_for("the guard's rollback", || async {
         Ok(stage_of(d).await? == Some(Stage::Shadow))
     })
