@@ -225,7 +225,7 @@ impl Backoff {
 
 /// Runs one statement under the lock timeout, with retries. Returns whether it
 /// ran (false: its effect was already there).
-async fn run_statement(
+pub(crate) async fn run_statement(
     client: &mut Client,
     s: &Statement,
     step: &Step,
@@ -372,7 +372,9 @@ fn first_line(sql: &str) -> &str {
 /// For `CREATE INDEX CONCURRENTLY IF NOT EXISTS "name" ON "schema"."table"`, the
 /// statement that drops an invalid index of that name, if there is one.
 fn invalid_index_cleanup(sql: &str) -> Option<String> {
-    let rest = sql.strip_prefix("CREATE INDEX CONCURRENTLY IF NOT EXISTS ")?;
+    let rest = sql
+        .strip_prefix("CREATE INDEX CONCURRENTLY IF NOT EXISTS ")
+        .or_else(|| sql.strip_prefix("CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "))?;
     let (name, rest) = split_quoted(rest)?;
     let rest = rest.strip_prefix(" ON ")?;
     let (schema, _) = split_quoted(rest)?;
@@ -427,7 +429,7 @@ pub async fn apply(
 
 /// Releases the migration lock; a failure to do so is harmless, as the lock ends
 /// with the session.
-async fn unlock(client: &Client) {
+pub(crate) async fn unlock(client: &Client) {
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await;

@@ -1,9 +1,13 @@
 //! `ficus db distribute plan`: what moving the retrofitted database onto Citus
 //! takes, table by table, read from the catalogs and the retrofit's plan, and
-//! changing nothing. `tenancy.organizations` is distributed by its id; every
-//! tenant-owned table by `tenant_id`, co-located with it, so that a tenant's
-//! rows live together on one node; shared tables become reference tables
-//! (copied to every node); excluded tables stay local to the coordinator.
+//! changing nothing. `tenancy.organizations` becomes a reference table (a copy
+//! on every node: a tenant's slug stays unique across the cluster and every
+//! tenant-owned row's foreign key to its organization is still enforced);
+//! `tenancy.units` is distributed by `organization_id` and anchors the
+//! co-location group; every tenant-owned table is distributed by `tenant_id`,
+//! co-located with it, so that a tenant's rows live together on one node; shared
+//! tables become reference tables; excluded tables stay local to the
+//! coordinator.
 //!
 //! For each table it lists every blocker Citus would refuse, in Citus's terms,
 //! with the fix Ficus applies: keys without the distribution column, foreign keys
@@ -13,6 +17,7 @@
 //! is split from deciding: [`read`] gathers [`Facts`] from the catalogs,
 //! [`decide`] is pure, so the decisions are tested without a server.
 
+pub mod apply;
 pub mod scale;
 pub mod status;
 
@@ -26,12 +31,17 @@ use crate::inspect::Class;
 use crate::plan::Plan;
 use crate::{Result, sql};
 
-/// The spine's table, distributed by its id.
+/// The spine's table, a reference table.
 pub const ORGANIZATIONS: (&str, &str) = ("tenancy", "organizations");
 
-/// The spine's other tables, distributed by `organization_id` and co-located
-/// with the organizations.
+/// The spine's other tables, distributed by `organization_id`; the first is
+/// the co-location group's anchor.
 pub const SPINE: [&str; 2] = ["units", "members"];
+
+/// The table every distributed table is co-located with.
+pub fn anchor() -> Table {
+    Table::new(ORGANIZATIONS.0, SPINE[0])
+}
 
 /// A unique key: a primary key, a unique constraint or a unique index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,6 +55,8 @@ pub struct UniqueKey {
     /// Its columns; an expression is `(expression)`.
     pub columns: Vec<String>,
     pub partial: bool,
+    /// `pg_get_indexdef`: how to build it again.
+    pub definition: String,
 }
 
 /// A foreign key, from the table that holds it.
@@ -57,6 +69,8 @@ pub struct ForeignKey {
     /// `pg_constraint.confdeltype`: a, r, c, n or d.
     pub on_delete: char,
     pub on_update: char,
+    /// `pg_get_constraintdef`: how to add it again.
+    pub definition: String,
 }
 
 /// A column's default drawn from a sequence.
@@ -76,6 +90,10 @@ pub struct Policy {
     /// Its `USING` or `WITH CHECK` expression holds a subquery.
     pub subquery: bool,
     pub expression: String,
+    /// Its `USING` expression, if any.
+    pub using: Option<String>,
+    /// Its `WITH CHECK` expression, if any.
+    pub check: Option<String>,
 }
 
 /// What the catalogs say about one table.
@@ -194,23 +212,17 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
     let spine = Table::new(ORGANIZATIONS.0, ORGANIZATIONS.1);
     // What each table becomes, so foreign keys can be judged by both ends.
     let mut placement: BTreeMap<Table, (Placement, &'static str)> = BTreeMap::new();
-    placement.insert(
-        spine.clone(),
-        (
-            Placement::Distributed {
-                column: "id".into(),
-                colocate_with: None,
-            },
-            "spine",
-        ),
-    );
+    placement.insert(spine.clone(), (Placement::Reference, "spine"));
+    let anchor = anchor();
     for name in SPINE {
+        let table = Table::new(ORGANIZATIONS.0, name);
+        let colocate_with = (table != anchor).then(|| anchor.clone());
         placement.insert(
-            Table::new(ORGANIZATIONS.0, name),
+            table,
             (
                 Placement::Distributed {
                     column: "organization_id".into(),
-                    colocate_with: Some(spine.clone()),
+                    colocate_with,
                 },
                 "spine",
             ),
@@ -221,7 +233,7 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
         let p = match t.class {
             Class::TenantOwned => Placement::Distributed {
                 column: "tenant_id".into(),
-                colocate_with: Some(spine.clone()),
+                colocate_with: Some(anchor.clone()),
             },
             Class::Shared => Placement::Reference,
             Class::Excluded => Placement::Local,
@@ -287,32 +299,19 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                     let widened: Vec<String> = std::iter::once(column.clone())
                         .chain(k.columns.iter().cloned())
                         .collect();
-                    if *table == spine {
-                        // A slug names one organization across every node:
-                        // widening it to (id, slug) would let two have it.
-                        blockers.push(Blocker {
-                            kind: "key-without-distribution-column",
-                            object: format!("{} {} ({})", k.kind, k.name, col_list(&k.columns)),
-                            citus: key_refused(table),
-                            fix: format!(
-                                "keep ({}) unique across nodes in a reference table (tenancy.organization_keys), written in the same transaction as the organization, then drop the key here",
-                                col_list(&k.columns)
-                            ),
-                            automatic: true,
-                        });
-                        continue;
-                    }
                     blockers.push(Blocker {
                         kind: "key-without-distribution-column",
                         object: format!("{} {} ({})", k.kind, k.name, col_list(&k.columns)),
                         citus: key_refused(table),
-                        fix: if k.partial || k.columns.iter().any(|c| c == "(expression)") {
+                        fix: if k.kind == "exclusion constraint" {
+                            format!("rebuild it by hand including {column} with the equality operator: an exclusion constraint is not widened automatically")
+                        } else if k.partial || k.columns.iter().any(|c| c == "(expression)") {
                             format!(
                                 "rebuild it by hand including {column}: a partial or expression key is not widened automatically"
                             )
                         } else if k.kind == "primary key" {
                             format!(
-                                "build a unique index on ({}) concurrently, then swap the primary key to it (ADD PRIMARY KEY USING INDEX) in one short lock; the old key's foreign keys are re-pointed first",
+                                "build a unique index on ({}) concurrently, then swap the primary key to it (ADD PRIMARY KEY USING INDEX) in one short lock, while the foreign keys on it are set aside",
                                 col_list(&widened)
                             )
                         } else {
@@ -321,7 +320,8 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                                 col_list(&widened)
                             )
                         },
-                        automatic: !(k.partial || k.columns.iter().any(|c| c == "(expression)")),
+                        automatic: k.kind != "exclusion constraint"
+                            && !(k.partial || k.columns.iter().any(|c| c == "(expression)")),
                     });
                 }
             }
@@ -382,7 +382,7 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                             object: object.clone(),
                             citus: "cannot create foreign key constraint: Foreign keys are supported in two cases, either in between two colocated tables including partition column in the same ordinal in the both tables or from distributed to reference tables".to_string(),
                             fix: format!(
-                                "add ({column}, {}) → {} ({theirs}, {}) as NOT VALID, VALIDATE it without blocking writes, then drop the old key",
+                                "set aside while the tables move (recorded), then added as ({column}, {}) → {} ({theirs}, {}) NOT VALID and validated without blocking writes",
                                 col_list(&fk.columns),
                                 fk.references,
                                 col_list(&fk.referenced_columns)
@@ -540,10 +540,12 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
     decisions.sort_by_key(|d| {
         let rank = match (&d.placement, d.class) {
             _ if d.table == spine => 0,
-            (_, "spine") => 1,
-            (Placement::Reference, _) => 2,
-            (Placement::Distributed { .. }, _) => 3,
-            (Placement::Local, _) => 4,
+            // The co-location group's anchor before the tables that join it.
+            _ if d.table == anchor => 1,
+            (_, "spine") => 2,
+            (Placement::Reference, _) => 3,
+            (Placement::Distributed { .. }, _) => 4,
+            (Placement::Local, _) => 5,
         };
         (
             rank,
@@ -672,7 +674,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                               FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
                               LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                               WHERE k.ord <= i.indnkeyatts ORDER BY k.ord),
-                        i.indpred IS NOT NULL
+                        i.indpred IS NOT NULL, pg_get_indexdef(i.indexrelid)
                  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                  LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x')
                  WHERE i.indrelid = $1 AND (i.indisunique OR i.indisexclusion)
@@ -693,6 +695,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                 },
                 columns: r.get(2),
                 partial: r.get(3),
+                definition: r.get(4),
             });
         }
         for r in client
@@ -702,7 +705,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                               JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
                         ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
                               JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord),
-                        con.confdeltype::text, con.confupdtype::text
+                        con.confdeltype::text, con.confupdtype::text, pg_get_constraintdef(con.oid)
                  FROM pg_constraint con
                  JOIN pg_class fc ON fc.oid = con.confrelid JOIN pg_namespace fn ON fn.oid = fc.relnamespace
                  WHERE con.contype = 'f' AND con.conrelid = $1 AND con.conparentid = 0
@@ -720,6 +723,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                 referenced_columns: r.get(4),
                 on_delete: first(r.get(5)),
                 on_update: first(r.get(6)),
+                definition: r.get(7),
             });
         }
         f.triggers = client
@@ -736,7 +740,8 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
             .query(
                 "SELECT polname::text,
                         COALESCE(pg_get_expr(polqual, polrelid), '') || CASE WHEN polwithcheck IS NULL THEN '' ELSE ' / ' || pg_get_expr(polwithcheck, polrelid) END,
-                        COALESCE(polqual::text, '') LIKE '%{SUBLINK%' OR COALESCE(polwithcheck::text, '') LIKE '%{SUBLINK%'
+                        COALESCE(polqual::text, '') LIKE '%{SUBLINK%' OR COALESCE(polwithcheck::text, '') LIKE '%{SUBLINK%',
+                        pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid)
                  FROM pg_policy WHERE polrelid = $1 ORDER BY polname",
                 &[&oid],
             )
@@ -747,6 +752,8 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                 name: r.get(0),
                 expression: r.get(1),
                 subquery: r.get(2),
+                using: r.get(3),
+                check: r.get(4),
             });
         }
         for r in client
@@ -838,6 +845,7 @@ mod tests {
             kind,
             columns: cols.iter().map(|c| c.to_string()).collect(),
             partial: false,
+            definition: String::new(),
         }
     }
 
@@ -849,6 +857,7 @@ mod tests {
             referenced_columns: to_cols.iter().map(|c| c.to_string()).collect(),
             on_delete,
             on_update: 'a',
+            definition: String::new(),
         }
     }
 
@@ -934,6 +943,8 @@ mod tests {
                     subquery: true,
                     expression: "(tenant_id = ( SELECT tenancy_private.current_tenant_id()))"
                         .into(),
+                    using: None,
+                    check: None,
                 }],
                 ..TableFacts::default()
             },
@@ -964,22 +975,154 @@ mod tests {
             &plan,
             &facts,
             expect![[r#"
-                tenancy.organizations (spine): distributed by id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
-                tenancy.members (spine): distributed by organization_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
+                tenancy.organizations (spine): reference; create_reference_table (copies the rows to every node; blocks writes to it meanwhile)
                 tenancy.units (spine): distributed by organization_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
+                tenancy.members (spine): distributed by organization_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
                 countries (shared): reference; create_reference_table (copies the rows to every node; blocks writes to it meanwhile)
                   reference-to-distributed-foreign-key [ficus] foreign key countries_flagship (flagship) → orders (id): drop the foreign key (a recorded step, restored by revert); the shared table's rows cannot point into one tenant's shard
                 orders (tenant-owned): distributed by tenant_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1); first the foreign keys into it from audit, countries, lines are dropped (recorded; those from tables distributed later are re-added NOT VALID and validated once both ends are)
-                  key-without-distribution-column [ficus] primary key orders_pkey (id): build a unique index on (tenant_id, id) concurrently, then swap the primary key to it (ADD PRIMARY KEY USING INDEX) in one short lock; the old key's foreign keys are re-pointed first
+                  key-without-distribution-column [ficus] primary key orders_pkey (id): build a unique index on (tenant_id, id) concurrently, then swap the primary key to it (ADD PRIMARY KEY USING INDEX) in one short lock, while the foreign keys on it are set aside
                   trigger [operator] trigger orders_touch: review it: a trigger that touches only its own row can run on the shards (citus.enable_unsafe_triggers = on); one that reads or writes other tables must move into the application
                   narrow-sequence [ficus] column id (integer) from sequence public.orders_id_seq: nothing while the application inserts through the coordinator (where it works); to insert through the workers, widen id to bigint before distributing (a table rewrite: a maintenance window; ALTER SEQUENCE is refused once distributed)
                 lines (tenant-owned): distributed by tenant_id; create_distributed_table_concurrently (writes go on; outside a transaction, one at a time; needs wal_level = logical, the coordinator in the metadata and citus.shard_replication_factor = 1)
-                  foreign-key-without-distribution-column [ficus] foreign key lines_order (order_id) → orders (id): add (tenant_id, order_id) → orders (tenant_id, id) as NOT VALID, VALIDATE it without blocking writes, then drop the old key
+                  foreign-key-without-distribution-column [ficus] foreign key lines_order (order_id) → orders (id): set aside while the tables move (recorded), then added as (tenant_id, order_id) → orders (tenant_id, id) NOT VALID and validated without blocking writes
                   foreign-key-action-on-distribution-column [operator] foreign key lines_order_paired (tenant_id, order_id) → orders (tenant_id, id) ON DELETE SET NULL ON UPDATE NO ACTION: change the action to one that leaves the distribution column alone (NO ACTION, RESTRICT or CASCADE on delete; NO ACTION or RESTRICT on update): the operator decides
                   policy-with-subquery [operator] policy tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id())): rewrite it without a subquery (a function the workers also have, or a column of the row): the operator decides
                 audit (excluded): local; stays on the coordinator
                   local-to-distributed-foreign-key [ficus] foreign key audit_order (order_id) → orders (id): drop the foreign key (a recorded step, restored by revert), or make the excluded table tenant-owned in the plan
             "#]],
+        );
+    }
+
+    /// `distribute apply`'s steps for a schema with nothing for the operator
+    /// to decide: each step's id and its forward SQL, in order.
+    #[test]
+    fn apply_widens_keys_sets_foreign_keys_aside_and_moves_tables_in_order() {
+        let plan = plan(&[
+            ("orders", Class::TenantOwned),
+            ("lines", Class::TenantOwned),
+            ("countries", Class::Shared),
+        ]);
+        let mut facts = Facts::default();
+        let t = |n: &str| Table::new("public", n);
+        let mut by_number = key("orders_number", "unique index", &["number"]);
+        by_number.definition =
+            "CREATE UNIQUE INDEX orders_number ON public.orders USING btree (number)".into();
+        facts.tables.insert(
+            t("orders"),
+            TableFacts {
+                has_tenant_id: true,
+                keys: vec![key("orders_pkey", "primary key", &["id"]), by_number],
+                foreign_keys: vec![ForeignKey {
+                    definition: "FOREIGN KEY (country) REFERENCES countries(code)".into(),
+                    ..fk("orders_country", &["country"], "countries", &["code"], 'a')
+                }],
+                policies: vec![Policy {
+                    name: "ficus_tenant_isolation".into(),
+                    subquery: true,
+                    expression: String::new(),
+                    using: Some(
+                        "(tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))".into(),
+                    ),
+                    check: Some(
+                        "(tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))".into(),
+                    ),
+                }],
+                ..TableFacts::default()
+            },
+        );
+        facts.tables.insert(
+            t("lines"),
+            TableFacts {
+                has_tenant_id: true,
+                keys: vec![key("lines_pkey", "primary key", &["tenant_id", "id"])],
+                foreign_keys: vec![ForeignKey {
+                    definition:
+                        "FOREIGN KEY (order_id) REFERENCES orders(id) ON DELETE CASCADE NOT VALID"
+                            .into(),
+                    ..fk("lines_order", &["order_id"], "orders", &["id"], 'c')
+                }],
+                ..TableFacts::default()
+            },
+        );
+        facts.tables.insert(
+            t("countries"),
+            TableFacts {
+                keys: vec![key("countries_pkey", "primary key", &["code"])],
+                ..TableFacts::default()
+            },
+        );
+        let d = decide(&plan, &facts);
+        let helpers = apply::Helpers {
+            single_tenant_zero: Some(plan.tenant_zero.id.clone()),
+            default_tenant_id: "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() …"
+                .into(),
+        };
+        let steps = apply::steps(&plan, &facts, &d, &helpers).unwrap();
+        let mut out = String::new();
+        for s in &steps {
+            out.push_str(&format!("{}\n", s.id));
+            for st in &s.forward {
+                let how = if st.concurrent {
+                    "  (outside a transaction) "
+                } else {
+                    "  "
+                };
+                out.push_str(&format!("{how}{}\n", st.sql.replace('\n', " ")));
+            }
+        }
+        expect![[r#"
+            distribute:widen:public.orders:orders_pkey
+              (outside a transaction) CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "orders_pkey_ficus_wide" ON "public"."orders" ("tenant_id", "id")
+            distribute:widen:public.orders:orders_number
+              (outside a transaction) CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "orders_number_ficus_wide" ON "public"."orders" ("tenant_id", "number")
+            distribute:drop-fk:public.lines:lines_order
+              ALTER TABLE "public"."lines" DROP CONSTRAINT IF EXISTS "lines_order"
+            distribute:drop-fk:public.orders:orders_country
+              ALTER TABLE "public"."orders" DROP CONSTRAINT IF EXISTS "orders_country"
+            distribute:swap:public.orders:orders_pkey
+              ALTER TABLE "public"."orders" DROP CONSTRAINT "orders_pkey", ADD CONSTRAINT "orders_pkey" PRIMARY KEY USING INDEX "orders_pkey_ficus_wide"
+            distribute:swap:public.orders:orders_number
+              (outside a transaction) DROP INDEX CONCURRENTLY IF EXISTS "public"."orders_number"
+              ALTER INDEX "public"."orders_number_ficus_wide" RENAME TO "orders_number"
+            distribute:helpers
+              CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS uuid     LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER AS $fn$ SELECT COALESCE(tenancy_private.current_tenant_id(), '00000000-0000-0000-0000-000000000001'::pg_catalog.uuid) $fn$
+              SELECT create_distributed_function('tenancy_private.current_tenant_id()')
+              SELECT create_distributed_function('tenancy_private.default_tenant_id()')
+            distribute:policy:public.orders:ficus_tenant_isolation
+              ALTER POLICY "ficus_tenant_isolation" ON "public"."orders" USING ((tenant_id = tenancy_private.current_tenant_id())) WITH CHECK ((tenant_id = tenancy_private.current_tenant_id()))
+            distribute:tenant-context
+              DO $ctx$ BEGIN EXECUTE pg_catalog.format('ALTER DATABASE %I SET citus.propagate_set_commands = %L', pg_catalog.current_database(), 'local'); END $ctx$
+            distribute:reference:tenancy.organizations
+              SELECT create_reference_table('"tenancy"."organizations"')
+            distribute:table:tenancy.units
+              (outside a transaction) SELECT create_distributed_table_concurrently('"tenancy"."units"', 'organization_id', colocate_with => 'none')
+            distribute:table:tenancy.members
+              (outside a transaction) SELECT create_distributed_table_concurrently('"tenancy"."members"', 'organization_id', colocate_with => '"tenancy"."units"')
+            distribute:reference:public.countries
+              SELECT create_reference_table('"public"."countries"')
+            distribute:table:public.orders
+              (outside a transaction) SELECT create_distributed_table_concurrently('"public"."orders"', 'tenant_id', colocate_with => '"tenancy"."units"')
+            distribute:table:public.lines
+              (outside a transaction) SELECT create_distributed_table_concurrently('"public"."lines"', 'tenant_id', colocate_with => '"tenancy"."units"')
+            distribute:fk:public.lines:lines_order
+              ALTER TABLE "public"."lines" ADD CONSTRAINT "lines_order" FOREIGN KEY ("tenant_id", "order_id") REFERENCES "public"."orders" ("tenant_id", "id") ON DELETE CASCADE NOT VALID
+              ALTER TABLE "public"."lines" VALIDATE CONSTRAINT "lines_order"
+            distribute:fk:public.orders:orders_country
+              ALTER TABLE "public"."orders" ADD CONSTRAINT "orders_country" FOREIGN KEY (country) REFERENCES countries(code) NOT VALID
+              ALTER TABLE "public"."orders" VALIDATE CONSTRAINT "orders_country"
+        "#]].assert_eq(&out);
+
+        // A blocker only the operator can lift stops it before anything runs.
+        let mut manual = facts.clone();
+        manual.tables.get_mut(&t("lines")).unwrap().triggers = vec!["lines_touch".into()];
+        let refused = apply::steps(&plan, &manual, &decide(&plan, &manual), &helpers)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("1 blocker(s) need the operator's decision first")
+                && refused.contains("lines: trigger trigger lines_touch"),
+            "{refused}"
         );
     }
 }

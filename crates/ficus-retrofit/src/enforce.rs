@@ -539,9 +539,15 @@ async fn run_phase(
             async move {
                 tx.batch_execute(&format!("SET LOCAL ROLE {}", quote(&role)))
                     .await?;
+                // The tenant as `SET LOCAL`, its own statement: the one form
+                // that also reaches Citus's workers (see `probe`).
                 tx.batch_execute(&format!(
-                    "SELECT set_config('ficus.tenant_id', {}, true), set_config('ficus.member', {}, true)",
-                    literal(ctx.as_deref().unwrap_or("")),
+                    "SET LOCAL ficus.tenant_id = {}",
+                    literal(ctx.as_deref().unwrap_or(""))
+                ))
+                .await?;
+                tx.batch_execute(&format!(
+                    "SELECT set_config('ficus.member', {}, true)",
                     literal(if ctx.is_some() { proof_member } else { "" })
                 ))
                 .await?;

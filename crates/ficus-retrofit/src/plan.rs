@@ -207,7 +207,7 @@ impl Hazard {
 }
 
 /// One SQL statement of a step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Statement {
     pub sql: String,
     /// Runs outside a transaction (`CREATE INDEX CONCURRENTLY`).
@@ -217,7 +217,7 @@ pub struct Statement {
     pub done_if: Option<String>,
 }
 
-fn stmt(sql: impl Into<String>) -> Statement {
+pub(crate) fn stmt(sql: impl Into<String>) -> Statement {
     Statement {
         sql: sql.into(),
         concurrent: false,
@@ -236,6 +236,8 @@ fn stmt_unless(sql: impl Into<String>, done_if: impl Into<String>) -> Statement 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StepKind {
+    /// A step of `ficus db distribute apply`.
+    Distribute,
     Spine,
     Column,
     Default,
@@ -248,6 +250,7 @@ pub enum StepKind {
 impl StepKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            StepKind::Distribute => "distribute",
             StepKind::Spine => "spine",
             StepKind::Column => "column",
             StepKind::Default => "default",

@@ -140,12 +140,11 @@ pub async fn probe(client: &mut Client, plan: &Plan) -> Result<Probe> {
             tx.batch_execute(&format!("SET LOCAL ROLE {}", quote(role)))
                 .await
                 .map_err(sql(format!("becoming {role}")))?;
-            let set = |ctx: &str| {
-                format!(
-                    "SELECT set_config('ficus.tenant_id', {}, true)",
-                    literal(ctx)
-                )
-            };
+            // `SET LOCAL`, each its own statement, rather than `set_config`:
+            // on tables distributed by Citus only a `SET LOCAL` reaches the
+            // workers (with `citus.propagate_set_commands = 'local'`), and the
+            // probe must attack the tables as the application reaches them.
+            let set = |ctx: &str| format!("SET LOCAL ficus.tenant_id = {}", literal(ctx));
             let table = t.sql();
             let cases: Vec<(&str, Option<String>, String)> = vec![
                 (
@@ -203,7 +202,7 @@ pub async fn probe(client: &mut Client, plan: &Plan) -> Result<Probe> {
                         .await
                         .map_err(sql("setting the probe's context"))?;
                 } else {
-                    tx.batch_execute("SELECT set_config('ficus.tenant_id', NULL, true)")
+                    tx.batch_execute("SET LOCAL ficus.tenant_id TO DEFAULT")
                         .await
                         .map_err(sql("clearing the probe's context"))?;
                 }

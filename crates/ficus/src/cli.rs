@@ -632,6 +632,31 @@ pub enum DbDistributeCommand {
     /// Add a worker (HOST:PORT, reached with the coordinator's credentials,
     /// Citus installed in this database) that takes shards; moves nothing.
     AddNode(DbAddNodeArgs),
+    /// Distribute online, as `distribute plan` decided: keys widened
+    /// concurrently, foreign keys set aside and restored, the tables handed to
+    /// Citus concurrently, tenant context made to reach the workers; then
+    /// proves one-shard routing and runs the probe on the distributed tables.
+    /// Resumable; without --execute, prints the steps.
+    Apply(DbDistributeArgs),
+    /// Undo what `distribute apply` did, in reverse, from its stored steps
+    /// (`undistribute_table`, keys and foreign keys restored); without
+    /// --execute, prints what would be undone.
+    Revert(DbDistributeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbDistributeArgs {
+    #[command(flatten)]
+    pub target: DbPlanFile,
+    /// Change the database; without it, print the steps.
+    #[arg(long)]
+    pub execute: bool,
+    /// How long a statement may wait for its lock before it retries.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub lock_timeout: std::time::Duration,
+    /// Attempts per statement before the run stops and names the lock holder.
+    #[arg(long, default_value_t = 8)]
+    pub attempts: u32,
 }
 
 #[derive(Debug, Args)]

@@ -12,8 +12,8 @@ use ficus_retrofit::{Inventory, backfill, connect, enforce, inspect};
 use serde_json::json;
 
 use crate::cli::{
-    DbApplyArgs, DbCommand, DbDistributeCommand, DbEnforceArgs, DbPlanFile, DbRehearseArgs,
-    DbRevertArgs, DbTenantCommand,
+    DbApplyArgs, DbCommand, DbDistributeArgs, DbDistributeCommand, DbEnforceArgs, DbPlanFile,
+    DbRehearseArgs, DbRevertArgs, DbTenantCommand,
 };
 use crate::output;
 
@@ -212,6 +212,12 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             }
             Ok(())
         }
+        DbCommand::Distribute(DbDistributeCommand::Apply(args)) => {
+            distribute_cmd(args, true, json, out).await
+        }
+        DbCommand::Distribute(DbDistributeCommand::Revert(args)) => {
+            distribute_cmd(args, false, json, out).await
+        }
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;
             let id = apply::add_tenant(&client, &args.id, &args.name).await?;
@@ -227,6 +233,127 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             Ok(())
         }
     }
+}
+
+/// `distribute apply` and `distribute revert`: the steps without --execute;
+/// with it, the run, and after an apply the proof (one shard per tenant
+/// query, the probe's matrix on the distributed tables).
+async fn distribute_cmd(
+    args: DbDistributeArgs,
+    forward: bool,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    use ficus_retrofit::distribute::apply as dist;
+    let (plan, _inv, mut client) = load(&args.target).await?;
+    let opts = Options {
+        lock_timeout: args.lock_timeout,
+        attempts: args.attempts,
+        ..Options::default()
+    };
+    if !args.execute {
+        let moves = if forward {
+            dist::planned(&client, &plan).await?
+        } else {
+            dist::stored(&client).await?
+        };
+        let mut shown: Vec<&dist::Move> = moves
+            .iter()
+            .filter(|(_, done)| *done != forward)
+            .map(|(m, _)| m)
+            .collect();
+        if !forward {
+            shown.reverse();
+        }
+        if json {
+            output::json(out, &json!({ "dry_run": true, "steps": shown }))?;
+            return Ok(());
+        }
+        writeln!(
+            out,
+            "dry run: nothing is changed without --execute
+"
+        )?;
+        if shown.is_empty() {
+            writeln!(
+                out,
+                "{}",
+                if forward {
+                    "every step is done"
+                } else {
+                    "nothing to undo"
+                }
+            )?;
+        }
+        for m in shown {
+            writeln!(
+                out,
+                "-- {}
+-- {}",
+                m.id, m.note
+            )?;
+            for st in if forward { &m.forward } else { &m.undo } {
+                writeln!(out, "{};", st.sql)?;
+            }
+            writeln!(out)?;
+        }
+        return Ok(());
+    }
+    let mut report = reporter(json);
+    if !forward {
+        dist::revert(&mut client, &opts, &mut report).await?;
+        if !json {
+            writeln!(out, "reverted: every table is back on the coordinator")?;
+        }
+        return Ok(());
+    }
+    dist::apply(&mut client, &args.target.db.url, &plan, &opts, &mut report).await?;
+    let routing = dist::routing(&client, &plan).await?;
+    let probe = ficus_retrofit::probe::probe(&mut client, &plan).await?;
+    let scattered: Vec<String> = routing
+        .iter()
+        .filter(|(_, tasks)| *tasks != 1)
+        .map(|(t, tasks)| format!("{t} ({tasks} shards)"))
+        .collect();
+    if json {
+        // One line, like the step events before it.
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "event": "proof",
+                "routing": routing.iter().map(|(t, n)| json!({ "table": t.to_string(), "shards": n })).collect::<Vec<_>>(),
+                "probe": { "attacks": probe.findings.len(), "leaks": probe.leaks() },
+            })
+        )?;
+    } else {
+        for (t, n) in &routing {
+            writeln!(
+                out,
+                "proved: a one-tenant query on {t} reaches {n} shard{}",
+                if *n == 1 { "" } else { "s" }
+            )?;
+        }
+        writeln!(
+            out,
+            "probe: {} attacks on the distributed tables, {} leaks",
+            probe.findings.len(),
+            probe.leaks()
+        )?;
+    }
+    if !scattered.is_empty() {
+        bail!(
+            "a one-tenant query reaches more than one shard: {}",
+            scattered.join(", ")
+        );
+    }
+    if probe.leaks() > 0 {
+        bail!(
+            "the probe found {} leaks on the distributed tables",
+            probe.leaks()
+        );
+    }
+    Ok(())
 }
 
 /// Reads the plan file and checks it against the live database.

@@ -211,25 +211,48 @@ pub async fn moves(client: &Client) -> Result<Vec<Move>> {
         .collect())
 }
 
-/// Where each tenant of the spine lives, when the organizations are
-/// distributed; nothing otherwise.
+/// Where each tenant of the spine lives, once the tables are distributed by
+/// tenant; nothing otherwise. A tenant's shard is the one its id hashes to in
+/// the co-location group's anchor: `tenancy.units` as `distribute apply`
+/// places it, or (distributed by hand) the organizations or the first table
+/// distributed by `tenant_id`.
 async fn tenant_places(client: &Client, tables: &[CitusTable]) -> Result<Vec<TenantPlace>> {
-    let Some(orgs) = tables
-        .iter()
-        .find(|t| t.table == "tenancy.organizations" && t.kind == "distributed")
+    let distributed = |name: &str| {
+        tables
+            .iter()
+            .find(|t| t.table == name && t.kind == "distributed")
+    };
+    let Some(anchor) = distributed("tenancy.units")
+        .or_else(|| distributed("tenancy.organizations"))
+        .or_else(|| {
+            tables
+                .iter()
+                .find(|t| t.kind == "distributed" && t.column.as_deref() == Some("tenant_id"))
+        })
     else {
         return Ok(Vec::new());
     };
-    // Rows per tenant, summed over the distributed tables co-located with the
-    // organizations that have a tenant_id (the spine's own tables key by
-    // organization_id and are counted by it).
+    // A database distributed by hand may have no spine to name tenants by.
+    let spine: bool = client
+        .query_one(
+            "SELECT to_regclass('tenancy.organizations') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(sql("looking for the organizations"))?
+        .get(0);
+    if !spine {
+        return Ok(Vec::new());
+    }
+    // Rows per tenant, summed over the tenant-owned tables co-located with
+    // the anchor (the spine's own tables are not the tenant's data).
     let mut counts = String::new();
     for t in tables
         .iter()
-        .filter(|t| t.kind == "distributed" && t.colocation_id == orgs.colocation_id)
+        .filter(|t| t.kind == "distributed" && t.colocation_id == anchor.colocation_id)
     {
         let Some(column) = &t.column else { continue };
-        if t.table == "tenancy.organizations" {
+        if column != "tenant_id" {
             continue;
         }
         if !counts.is_empty() {
@@ -252,7 +275,7 @@ async fn tenant_places(client: &Client, tables: &[CitusTable]) -> Result<Vec<Ten
         "WITH counts AS (SELECT tenant, sum(n)::bigint AS n FROM ({rows_by_tenant}) c GROUP BY tenant),
               placed AS (
                 SELECT o.slug::text AS slug, o.id::text AS id,
-                       get_shard_id_for_distribution_column('tenancy.organizations', o.id) AS shard
+                       get_shard_id_for_distribution_column({anchor}, o.id) AS shard
                 FROM tenancy.organizations o)
          SELECT p.slug, p.shard,
                 ARRAY(SELECT s.nodename::text || ':' || s.nodeport FROM citus_shards s
@@ -260,7 +283,8 @@ async fn tenant_places(client: &Client, tables: &[CitusTable]) -> Result<Vec<Ten
                 COALESCE(c.n, 0),
                 count(*) OVER (PARTITION BY p.shard) = 1
          FROM placed p LEFT JOIN counts c ON c.tenant = p.id
-         ORDER BY 4 DESC, 1"
+         ORDER BY 4 DESC, 1",
+        anchor = crate::ident::literal(&anchor.table)
     );
     Ok(client
         .query(&query, &[])

@@ -287,11 +287,10 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
     let outcome = whole_flow(&case).await;
     assert!(outcome.failures.is_empty(), "{:#?}", outcome.failures);
     expect![[r#"
-        tenancy.organizations (spine): distributed by id
-          key-without-distribution-column [ficus]: unique constraint organizations_slug_key (slug)
-        tenancy.units (spine): distributed by organization_id with tenancy.organizations
+        tenancy.organizations (spine): reference
+        tenancy.units (spine): distributed by organization_id
           key-without-distribution-column [ficus]: primary key units_pkey (id)
-        tenancy.members (spine): distributed by organization_id with tenancy.organizations
+        tenancy.members (spine): distributed by organization_id with tenancy.units
           foreign-key-without-distribution-column [ficus]: foreign key members_unit_id_fkey (unit_id) → tenancy.units (id)
         country (shared): reference
           trigger [operator]: trigger last_updated
@@ -299,46 +298,46 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
         language (shared): reference
           trigger [operator]: trigger last_updated
           narrow-sequence [ficus]: column language_id (integer) from sequence public.language_language_id_seq
-        actor (tenant-owned): distributed by tenant_id with tenancy.organizations
+        actor (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key actor_pkey (actor_id)
           trigger [operator]: trigger last_updated
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
           narrow-sequence [ficus]: column actor_id (integer) from sequence public.actor_actor_id_seq
-        city (tenant-owned): distributed by tenant_id with tenancy.organizations
+        city (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key city_pkey (city_id)
           trigger [operator]: trigger last_updated
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
           narrow-sequence [ficus]: column city_id (integer) from sequence public.city_city_id_seq
-        film (tenant-owned): distributed by tenant_id with tenancy.organizations
+        film (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key film_pkey (film_id)
           trigger [operator]: trigger last_updated
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
           narrow-sequence [ficus]: column film_id (integer) from sequence public.film_film_id_seq
-        address (tenant-owned): distributed by tenant_id with tenancy.organizations
+        address (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key address_pkey (address_id)
           foreign-key-without-distribution-column [ficus]: foreign key address_city_id_fkey (city_id) → city (city_id)
           trigger [operator]: trigger last_updated
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
           narrow-sequence [ficus]: column address_id (integer) from sequence public.address_address_id_seq
-        film_actor (tenant-owned): distributed by tenant_id with tenancy.organizations
+        film_actor (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key film_actor_pkey (actor_id, film_id)
           foreign-key-without-distribution-column [ficus]: foreign key film_actor_actor_id_fkey (actor_id) → actor (actor_id)
           foreign-key-without-distribution-column [ficus]: foreign key film_actor_film_id_fkey (film_id) → film (film_id)
           trigger [operator]: trigger last_updated
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        inventory (tenant-owned): distributed by tenant_id with tenancy.organizations
+        inventory (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key inventory_pkey (inventory_id)
           foreign-key-without-distribution-column [ficus]: foreign key inventory_film_id_fkey (film_id) → film (film_id)
           trigger [operator]: trigger last_updated
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
           narrow-sequence [ficus]: column inventory_id (integer) from sequence public.inventory_inventory_id_seq
-        customer (tenant-owned): distributed by tenant_id with tenancy.organizations
+        customer (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key customer_pkey (customer_id)
           key-without-distribution-column [ficus]: unique constraint customer_email_key (email)
           foreign-key-without-distribution-column [ficus]: foreign key customer_address_id_fkey (address_id) → address (address_id)
@@ -346,7 +345,7 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
           narrow-sequence [ficus]: column customer_id (integer) from sequence public.customer_customer_id_seq
-        rental (tenant-owned): distributed by tenant_id with tenancy.organizations
+        rental (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key rental_pkey (rental_id)
           key-without-distribution-column [ficus]: unique constraint rental_rental_date_inventory_id_customer_id_key (rental_date, inventory_id, customer_id)
           foreign-key-without-distribution-column [ficus]: foreign key rental_customer_id_fkey (customer_id) → customer (customer_id)
@@ -355,7 +354,7 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
           narrow-sequence [ficus]: column rental_id (integer) from sequence public.rental_rental_id_seq
-        payment (tenant-owned): distributed by tenant_id with tenancy.organizations
+        payment (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key payment_pkey (payment_date, payment_id)
           foreign-key-without-distribution-column [ficus]: foreign key payment_customer_id_fkey (customer_id) → customer (customer_id)
           foreign-key-without-distribution-column [ficus]: foreign key payment_rental_id_fkey (rental_id) → rental (rental_id)
@@ -395,46 +394,45 @@ async fn public_sample_flow(name: &'static str, file: &str, expect: expect_test:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chinook_goes_through_the_whole_flow_without_a_workload_error() {
     public_sample_flow("chinook", "chinook.sql", expect![[r#"
-        tenancy.organizations (spine): distributed by id
-          key-without-distribution-column [ficus]: unique constraint organizations_slug_key (slug)
-        tenancy.units (spine): distributed by organization_id with tenancy.organizations
+        tenancy.organizations (spine): reference
+        tenancy.units (spine): distributed by organization_id
           key-without-distribution-column [ficus]: primary key units_pkey (id)
-        tenancy.members (spine): distributed by organization_id with tenancy.organizations
+        tenancy.members (spine): distributed by organization_id with tenancy.units
           foreign-key-without-distribution-column [ficus]: foreign key members_unit_id_fkey (unit_id) → tenancy.units (id)
         artist (shared): reference
         genre (shared): reference
         media_type (shared): reference
         playlist (shared): reference
-        album (tenant-owned): distributed by tenant_id with tenancy.organizations
+        album (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key album_pkey (album_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        employee (tenant-owned): distributed by tenant_id with tenancy.organizations
+        employee (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key employee_pkey (employee_id)
           foreign-key-without-distribution-column [ficus]: foreign key employee_reports_to_fkey (reports_to) → employee (employee_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        customer (tenant-owned): distributed by tenant_id with tenancy.organizations
+        customer (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key customer_pkey (customer_id)
           foreign-key-without-distribution-column [ficus]: foreign key customer_support_rep_id_fkey (support_rep_id) → employee (employee_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        track (tenant-owned): distributed by tenant_id with tenancy.organizations
+        track (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key track_pkey (track_id)
           foreign-key-without-distribution-column [ficus]: foreign key track_album_id_fkey (album_id) → album (album_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        invoice (tenant-owned): distributed by tenant_id with tenancy.organizations
+        invoice (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key invoice_pkey (invoice_id)
           foreign-key-without-distribution-column [ficus]: foreign key invoice_customer_id_fkey (customer_id) → customer (customer_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        playlist_track (tenant-owned): distributed by tenant_id with tenancy.organizations
+        playlist_track (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key playlist_track_pkey (playlist_id, track_id)
           foreign-key-without-distribution-column [ficus]: foreign key playlist_track_track_id_fkey (track_id) → track (track_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        invoice_line (tenant-owned): distributed by tenant_id with tenancy.organizations
+        invoice_line (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key invoice_line_pkey (invoice_line_id)
           foreign-key-without-distribution-column [ficus]: foreign key invoice_line_invoice_id_fkey (invoice_id) → invoice (invoice_id)
           foreign-key-without-distribution-column [ficus]: foreign key invoice_line_track_id_fkey (track_id) → track (track_id)
@@ -449,64 +447,63 @@ async fn chinook_goes_through_the_whole_flow_without_a_workload_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn northwind_goes_through_the_whole_flow_without_a_workload_error() {
     public_sample_flow("northwind", "northwind.sql", expect![[r#"
-        tenancy.organizations (spine): distributed by id
-          key-without-distribution-column [ficus]: unique constraint organizations_slug_key (slug)
-        tenancy.units (spine): distributed by organization_id with tenancy.organizations
+        tenancy.organizations (spine): reference
+        tenancy.units (spine): distributed by organization_id
           key-without-distribution-column [ficus]: primary key units_pkey (id)
-        tenancy.members (spine): distributed by organization_id with tenancy.organizations
+        tenancy.members (spine): distributed by organization_id with tenancy.units
           foreign-key-without-distribution-column [ficus]: foreign key members_unit_id_fkey (unit_id) → tenancy.units (id)
         customer_demographics (shared): reference
         region (shared): reference
         shippers (shared): reference
-        categories (tenant-owned): distributed by tenant_id with tenancy.organizations
+        categories (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_categories (category_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        customers (tenant-owned): distributed by tenant_id with tenancy.organizations
+        customers (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_customers (customer_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        employees (tenant-owned): distributed by tenant_id with tenancy.organizations
+        employees (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_employees (employee_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_employees_employees (reports_to) → employees (employee_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        suppliers (tenant-owned): distributed by tenant_id with tenancy.organizations
+        suppliers (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_suppliers (supplier_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        territories (tenant-owned): distributed by tenant_id with tenancy.organizations
+        territories (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_territories (territory_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        us_states (tenant-owned): distributed by tenant_id with tenancy.organizations
+        us_states (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_usstates (state_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        customer_customer_demo (tenant-owned): distributed by tenant_id with tenancy.organizations
+        customer_customer_demo (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_customer_customer_demo (customer_id, customer_type_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_customer_customer_demo_customers (customer_id) → customers (customer_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        employee_territories (tenant-owned): distributed by tenant_id with tenancy.organizations
+        employee_territories (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_employee_territories (employee_id, territory_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_employee_territories_employees (employee_id) → employees (employee_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_employee_territories_territories (territory_id) → territories (territory_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        orders (tenant-owned): distributed by tenant_id with tenancy.organizations
+        orders (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_orders (order_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_orders_customers (customer_id) → customers (customer_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_orders_employees (employee_id) → employees (employee_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        products (tenant-owned): distributed by tenant_id with tenancy.organizations
+        products (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_products (product_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_products_categories (category_id) → categories (category_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_products_suppliers (supplier_id) → suppliers (supplier_id)
           policy-with-subquery [ficus]: policy ficus_single_tenant USING/CHECK (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id)) / (tenant_id = ( SELECT tenancy_private.default_tenant_id() AS default_tenant_id))
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
-        order_details (tenant-owned): distributed by tenant_id with tenancy.organizations
+        order_details (tenant-owned): distributed by tenant_id with tenancy.units
           key-without-distribution-column [ficus]: primary key pk_order_details (order_id, product_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_order_details_orders (order_id) → orders (order_id)
           foreign-key-without-distribution-column [ficus]: foreign key fk_order_details_products (product_id) → products (product_id)

@@ -26,9 +26,10 @@ fn status_json(url: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Status before anything is distributed, then after the spine, one
-/// tenant-owned table and one shared table are distributed the way `distribute
-/// apply` places them: the nodes with their shards, each table, and where each
+/// Status before anything is distributed, then after the organizations, one
+/// tenant-owned table and one shared table are placed by hand (the
+/// organizations and the shared table on every node, the tenant-owned table
+/// by tenant_id): the nodes with their shards, each table, and where each
 /// tenant's rows live (largest first), checked against Citus's own answer; and
 /// the one-line errors for a server without Citus and a database without the
 /// extension.
@@ -79,8 +80,8 @@ fn distribute_status_shows_the_nodes_the_tables_and_where_each_tenant_lives() {
          INSERT INTO homes SELECT 1, g, 'Lyon' FROM generate_series(1, 30) g;
          INSERT INTO homes SELECT 2, g, 'Oslo' FROM generate_series(1, 20) g;
          INSERT INTO homes SELECT 3, g, 'Oslo' FROM generate_series(1, 10) g;
-         SELECT create_distributed_table('tenancy.organizations', 'id');
-         SELECT create_distributed_table('homes', 'tenant_id', colocate_with => 'tenancy.organizations');
+         SELECT create_reference_table('tenancy.organizations');
+         SELECT create_distributed_table('homes', 'tenant_id', colocate_with => 'none');
          SELECT create_reference_table('cities');");
 
     let s = status_json(&url);
@@ -103,8 +104,8 @@ fn distribute_status_shows_the_nodes_the_tables_and_where_each_tenant_lives() {
             ("homes".into(), "distributed".into(), "tenant_id".into()),
             (
                 "tenancy.organizations".into(),
-                "distributed".into(),
-                "id".into()
+                "reference".into(),
+                String::new()
             ),
         ]
     );
@@ -119,7 +120,7 @@ fn distribute_status_shows_the_nodes_the_tables_and_where_each_tenant_lives() {
         let id = i + 1;
         let (shard, port) = sql(&format!(
             "SELECT s.shardid || ' ' || s.nodeport FROM citus_shards s
-             WHERE s.shardid = get_shard_id_for_distribution_column('tenancy.organizations', {id})"
+             WHERE s.shardid = get_shard_id_for_distribution_column('homes', {id})"
         ))
         .split_once(' ')
         .map(|(a, b)| (a.parse::<i64>().unwrap(), b.to_string()))
@@ -131,15 +132,15 @@ fn distribute_status_shows_the_nodes_the_tables_and_where_each_tenant_lives() {
             "{t}"
         );
     }
-    // Every shard of the two distributed tables is on a worker (32 each by
-    // default), and the reference table on every node.
+    // Every shard of the distributed table is on a worker (32 by default),
+    // and each reference table on every node.
     let shards: i64 = s["nodes"]
         .as_array()
         .unwrap()
         .iter()
         .map(|n| n["shards"].as_i64().unwrap())
         .sum();
-    assert_eq!(shards, 32 * 2 + 3, "{s}");
+    assert_eq!(shards, 32 + 3 * 2, "{s}");
     let text = ficus(&url, &["db", "distribute", "status"]);
     let text = String::from_utf8_lossy(&text.stdout).to_string();
     assert!(
@@ -250,4 +251,393 @@ fn a_node_is_added_after_it_is_checked_and_every_bad_node_is_named() {
     );
     // Nothing was added by the refusals.
     assert_eq!(status_json(&url)["nodes"].as_array().unwrap().len(), 4);
+}
+
+/// What the live application did while the database moved.
+#[derive(Default)]
+struct Live {
+    /// Request keys of acknowledged saves, as the legacy app (no tenant
+    /// context) and as the tenant-aware backend (globex's context).
+    legacy: Vec<String>,
+    tenant: Vec<String>,
+    errors: Vec<String>,
+}
+
+/// The demo portal's two applications writing and reading until `stop`: the
+/// legacy app on one long session, saving a home and its valuation; the
+/// tenant-aware backend on a fresh session per save (a pool recycled as it
+/// must be, see `distribute:tenant-context`), saving in globex's context and
+/// checking it sees no other tenant's row.
+async fn live_app(
+    port: u16,
+    db: String,
+    globex: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Live>>,
+    on_save: std::sync::mpsc::Sender<()>,
+) {
+    use std::sync::atomic::Ordering;
+    let connect = move |role: &'static str| {
+        let url = format!("postgres://{role}@127.0.0.1:{port}/{db}");
+        async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok::<_, String>(client)
+        }
+    };
+    let legacy = {
+        let (stop, live, on_save) = (stop.clone(), live.clone(), on_save.clone());
+        let connect = connect.clone();
+        tokio::spawn(async move {
+            let client = connect("portal_legacy").await.unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let key = format!("legacy-{n}");
+                let saved = async {
+                    let id: i64 = client
+                        .query_one(
+                            "INSERT INTO homes (address, city, price, bedrooms, request_key)
+                             VALUES ('1 Live Street', 'Lyon', 200000, 2, $1) RETURNING id",
+                            &[&key],
+                        )
+                        .await?
+                        .get(0);
+                    client
+                        .execute(
+                            "INSERT INTO valuations (home_id, value) VALUES ($1, 200000)",
+                            &[&id],
+                        )
+                        .await?;
+                    client
+                        .query_one("SELECT count(*) FROM homes WHERE id = $1", &[&id])
+                        .await
+                        .map(|r| r.get::<_, i64>(0))
+                };
+                match saved.await {
+                    Ok(1) => {
+                        live.lock().unwrap().legacy.push(key);
+                        let _ = on_save.send(());
+                    }
+                    Ok(n) => live
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .push(format!("legacy: {key} read back {n} times")),
+                    Err(e) => live
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .push(format!("legacy: {key}: {e}")),
+                }
+            }
+        })
+    };
+    let tenant = tokio::spawn(async move {
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            let key = format!("globex-{n}");
+            let saved = async {
+                let mut client = connect("portal_tenant").await?;
+                let tx = client.transaction().await.map_err(|e| e.to_string())?;
+                tx.batch_execute(&format!("SET LOCAL ficus.tenant_id = '{globex}'"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tx.execute(
+                    "INSERT INTO homes (address, city, price, bedrooms, request_key)
+                     VALUES ('2 Live Street', 'Porto', 300000, 3, $1)",
+                    &[&key],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let (mine, others): (i64, i64) = tx
+                    .query_one(
+                        "SELECT count(*) FILTER (WHERE request_key = $1),
+                                count(*) FILTER (WHERE tenant_id::text <> $2)
+                         FROM homes",
+                        &[&key, &globex],
+                    )
+                    .await
+                    .map(|r| (r.get(0), r.get(1)))
+                    .map_err(|e| e.to_string())?;
+                tx.commit().await.map_err(|e| e.to_string())?;
+                if mine != 1 || others != 0 {
+                    return Err(format!(
+                        "saw its save {mine} times and {others} rows of other tenants"
+                    ));
+                }
+                Ok(())
+            };
+            match saved.await {
+                Ok(()) => {
+                    live.lock().unwrap().tenant.push(key);
+                    let _ = on_save.send(());
+                }
+                Err(e) => live
+                    .lock()
+                    .unwrap()
+                    .errors
+                    .push(format!("tenant: {key}: {e}")),
+            }
+        }
+    });
+    legacy.await.unwrap();
+    tenant.await.unwrap();
+}
+
+/// `distribute apply` moves the retrofitted demo database onto Citus while the
+/// legacy app and the tenant-aware backend write, proves one-shard routing and
+/// runs the probe on the distributed tables; `distribute revert` brings every
+/// table back to the coordinator, keys and foreign keys as they were, while
+/// they still write. The apps see no error; the rows that were there are
+/// unchanged (checksums per table) and every acknowledged save is there once.
+#[test]
+fn the_demo_database_is_distributed_online_proved_and_reverted_while_the_app_writes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let cluster = CitusCluster::start(2, 0).unwrap();
+    let url = cluster.fresh_database("distribute").unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let sql = |q: &str| cluster.coordinator.psql(&db, q).unwrap();
+    let port = cluster.coordinator.port();
+    sql(
+        "CREATE ROLE portal_legacy LOGIN; CREATE ROLE portal_tenant LOGIN;
+         GRANT ALL ON SCHEMA public TO portal_legacy;",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(
+            &format!("postgres://portal_legacy@127.0.0.1:{port}/{db}"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        ficus_demo::schema::load(&client, 3_000).await.unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(FICUS)
+            .args(args)
+            .env("FICUS_DB_URL", &url)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    run(&["db", "plan", "--tenant-zero", "Acme", "--out", "plan.toml"]);
+    let plan = std::fs::read_to_string(dir.path().join("plan.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("plan.toml"),
+        plan.replace("tenant_roles = []", "tenant_roles = [\"portal_tenant\"]"),
+    )
+    .unwrap();
+    sql(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO portal_tenant;
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO portal_tenant;",
+    );
+    run(&["db", "apply", "--plan", "plan.toml", "--execute"]);
+    while !run(&[
+        "db",
+        "enforce",
+        "--plan",
+        "plan.toml",
+        "--next",
+        "--execute",
+    ])
+    .contains("every tenant-owned table is enforced")
+    {}
+    run(&["db", "tenant", "add", "globex", "--name", "Globex"]);
+    let globex = sql("SELECT id FROM tenancy.organizations WHERE slug = 'globex'");
+
+    // The rows there before, per table: they must come through unchanged.
+    let checksums = || {
+        sql("SELECT concat_ws(' ',
+                 (SELECT md5(string_agg(concat_ws(':', id, address, city, price, bedrooms, request_key, tenant_id), ',' ORDER BY id)) FROM homes WHERE id <= 3000),
+                 (SELECT md5(string_agg(concat_ws(':', id, home_id, value, valued_at, tenant_id), ',' ORDER BY id)) FROM valuations WHERE id <= 6000),
+                 (SELECT md5(string_agg(concat_ws(':', id, owner, city, max_price, tenant_id), ',' ORDER BY id)) FROM saved_searches),
+                 (SELECT md5(string_agg(concat_ws(':', id, search_id, message, read, tenant_id), ',' ORDER BY id)) FROM notifications),
+                 (SELECT md5(string_agg(concat_ws(':', id, slug, name), ',' ORDER BY id)) FROM tenancy.organizations))")
+    };
+    let before = checksums();
+    assert_eq!(sql("SELECT count(*) FROM valuations"), "6000");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(Mutex::new(Live::default()));
+    let (saved, saves_seen) = std::sync::mpsc::channel();
+    let app = {
+        let (db, globex, stop, live) = (db.clone(), globex.clone(), stop.clone(), live.clone());
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(live_app(port, db, globex, stop, live, saved))
+        })
+    };
+    let saves = |live: &Mutex<Live>| {
+        let l = live.lock().unwrap();
+        l.legacy.len() + l.tenant.len()
+    };
+    // The app is writing before anything moves.
+    for _ in 0..20 {
+        saves_seen.recv().unwrap();
+    }
+    let dry = run(&["db", "distribute", "apply", "--plan", "plan.toml"]);
+    assert!(
+        dry.contains("create_distributed_table_concurrently('\"public\".\"homes\"', 'tenant_id', colocate_with => '\"tenancy\".\"units\"')"),
+        "{dry}"
+    );
+    let at_start = saves(&live);
+    let applied = run(&[
+        "db",
+        "distribute",
+        "apply",
+        "--plan",
+        "plan.toml",
+        "--execute",
+        "--json",
+    ]);
+    let during_apply = saves(&live) - at_start;
+    let events: Vec<serde_json::Value> = applied
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let done: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .map(|e| e["step"].as_str().unwrap())
+        .collect();
+    for step in [
+        "distribute:widen:public.homes:homes_pkey",
+        "distribute:swap:public.valuations:valuations_pkey",
+        "distribute:helpers",
+        "distribute:tenant-context",
+        "distribute:reference:tenancy.organizations",
+        "distribute:table:tenancy.units",
+        "distribute:table:public.notifications",
+        "distribute:fk:public.valuations:valuations_home_id_fkey",
+    ] {
+        assert!(done.contains(&step), "{step} not in {done:?}");
+    }
+    let proof = events.iter().find(|e| e["event"] == "proof").unwrap();
+    let routing: Vec<(&str, i64)> = proof["routing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["table"].as_str().unwrap(), r["shards"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        routing,
+        [
+            ("homes", 1),
+            ("valuations", 1),
+            ("saved_searches", 1),
+            ("notifications", 1)
+        ]
+    );
+    assert_eq!(proof["probe"]["leaks"], 0, "{proof}");
+    assert!(
+        proof["probe"]["attacks"].as_i64().unwrap() >= 4 * 8,
+        "{proof}"
+    );
+    // Where everything is now: organizations on every node, the rest by
+    // tenant in one co-location group, the migration's bookkeeping local.
+    let placed = sql(
+        "SELECT string_agg(table_name::text || '=' || citus_table_type || ':' || distribution_column, ' ' ORDER BY table_name::text)
+         FROM citus_tables",
+    );
+    assert_eq!(
+        placed,
+        "homes=distributed:tenant_id notifications=distributed:tenant_id saved_searches=distributed:tenant_id tenancy.members=distributed:organization_id tenancy.organizations=reference:<none> tenancy.units=distributed:organization_id valuations=distributed:tenant_id"
+    );
+    assert_eq!(
+        sql(
+            "SELECT count(DISTINCT colocation_id) FROM citus_tables WHERE citus_table_type = 'distributed'"
+        ),
+        "1"
+    );
+    // The widened foreign key holds on the workers.
+    let broken = cluster.coordinator.psql(
+        &db,
+        "INSERT INTO valuations (home_id, value) VALUES (999999999, 1)",
+    );
+    assert!(
+        broken
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("valuations_home_id_fkey")),
+        "{broken:?}"
+    );
+    assert_eq!(checksums(), before);
+    // A second run finds everything done.
+    let again = run(&[
+        "db",
+        "distribute",
+        "apply",
+        "--plan",
+        "plan.toml",
+        "--execute",
+    ]);
+    assert!(!again.contains("\"status\":\"done\""), "{again}");
+
+    let at_revert = saves(&live);
+    run(&[
+        "db",
+        "distribute",
+        "revert",
+        "--plan",
+        "plan.toml",
+        "--execute",
+        "--json",
+    ]);
+    let during_revert = saves(&live) - at_revert;
+    stop.store(true, Ordering::SeqCst);
+    app.join().unwrap();
+    let live = Arc::try_unwrap(live).ok().unwrap().into_inner().unwrap();
+    assert_eq!(live.errors, Vec::<String>::new());
+    assert!(
+        during_apply > 0 && during_revert > 0,
+        "the app saved {during_apply} homes during apply and {during_revert} during revert"
+    );
+    assert_eq!(sql("SELECT count(*) FROM pg_dist_partition"), "0");
+    assert_eq!(checksums(), before);
+    assert_eq!(
+        sql("SELECT pg_get_indexdef('homes_pkey'::regclass)"),
+        "CREATE UNIQUE INDEX homes_pkey ON public.homes USING btree (id)"
+    );
+    assert_eq!(
+        sql(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'valuations_home_id_fkey'"
+        ),
+        "FOREIGN KEY (home_id) REFERENCES homes(id)"
+    );
+    // Every acknowledged save is there exactly once, with its tenant.
+    let count = |tenant: &str, keys: &[String]| {
+        sql(&format!(
+            "SELECT count(*) || '/' || count(DISTINCT request_key) FROM homes
+             WHERE tenant_id = (SELECT id FROM tenancy.organizations WHERE slug = '{tenant}')
+               AND request_key IN ({})",
+            keys.iter()
+                .map(|k| format!("'{k}'"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+    };
+    let n = live.legacy.len();
+    assert_eq!(count("acme", &live.legacy), format!("{n}/{n}"));
+    let n = live.tenant.len();
+    assert_eq!(count("globex", &live.tenant), format!("{n}/{n}"));
+    assert_eq!(
+        sql("SELECT count(*) FROM valuations WHERE id > 6000"),
+        live.legacy.len().to_string()
+    );
 }
