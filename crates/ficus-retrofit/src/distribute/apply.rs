@@ -926,6 +926,13 @@ async fn apply_locked(
             ms: started.elapsed().as_millis() as u64,
         });
     }
+    // The coordinator's copies of the tables' rows, left by the concurrent
+    // distribution for Citus to drop later, go now: nothing stale is left
+    // behind for an operator to find.
+    client
+        .batch_execute("CALL citus_cleanup_orphaned_resources()")
+        .await
+        .map_err(sql("dropping what the moves left behind"))?;
     Ok(())
 }
 
