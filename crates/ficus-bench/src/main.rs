@@ -24,6 +24,9 @@
 //!   `backfill.rs`);
 //! - `ficus-bench rls [--rows N] [--secs S]`: the cost of enforced row level
 //!   security for a tenant role's queries (see `rls.rs`);
+//! - `ficus-bench distribute [--rows N] [--secs S]`: `ficus db distribute
+//!   apply` on the demo database scaled to N rows under the live app (see
+//!   `distribute.rs`);
 //! - `ficus-bench provision [--events N] [--clients C]`: signed billing events
 //!   to ready tenants on PostgreSQL (see `provision.rs`);
 //! - `ficus-bench readiness [--comparisons N] [--mismatches M] [--classes K]`:
@@ -74,6 +77,7 @@ fn report_allocations(args: &[String]) {
 mod backfill;
 mod corpus;
 mod dashboard;
+mod distribute;
 mod provision;
 mod readiness;
 mod rls;
@@ -137,6 +141,7 @@ fn main() -> Result<(), Error> {
         Some("backfill") => return backfill::run(&argv[1..]),
         Some("dashboard") => return dashboard::run(&argv[1..]),
         Some("rls") => return rls::run(&argv[1..]),
+        Some("distribute") => return distribute::run(&argv[1..]),
         Some("corpus") => return corpus::run(&argv[1..]),
         Some("provision") => return provision::run(&argv[1..]),
         Some("readiness") => return readiness::run(&argv[1..]),

@@ -50,7 +50,7 @@ pub async fn load(client: &Client, homes: u32) -> Result<(), tokio_postgres::Err
         .execute(
             "INSERT INTO homes (address, city, price, bedrooms)
              SELECT g || ' Harbour Street', (ARRAY['Lisbon','Porto','Utrecht','Leeds','Lyon'])[1 + g % 5],
-                    150000 + (g * 7919) % 600000, 1 + g % 5
+                    150000 + (g::bigint * 7919) % 600000, 1 + g % 5
              FROM generate_series(1, $1::int) g",
             &[&(homes as i32)],
         )
