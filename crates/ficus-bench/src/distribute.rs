@@ -23,6 +23,8 @@ use ficus_retrofit::plan::{IdType, Plan};
 use ficus_retrofit::{connect, enforce, inspect};
 use ficus_testkit::citus::CitusCluster;
 
+use crate::rls::field;
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// One save: when it started, how long it took, whether it failed.
@@ -228,18 +230,6 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn field(text: &str, label: &str) -> Result<f64, Error> {
-    let rest = text
-        .split(label)
-        .nth(1)
-        .ok_or_else(|| format!("pgbench printed no {label:?}: {text}"))?;
-    Ok(rest
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .parse::<f64>()?)
 }
 
 /// The demo database at `rows` rows, retrofitted, enforced, with a second

@@ -162,7 +162,8 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-fn field(text: &str, label: &str) -> Result<f64, Error> {
+/// The number after `label` in pgbench's report.
+pub(crate) fn field(text: &str, label: &str) -> Result<f64, Error> {
     let rest = text
         .split(label)
         .nth(1)

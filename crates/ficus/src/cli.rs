@@ -644,6 +644,17 @@ pub enum DbDistributeCommand {
     Revert(DbDistributeArgs),
 }
 
+/// How long each statement may wait for its lock, and how often it tries.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// How long a statement may wait for its lock before it retries.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub lock_timeout: std::time::Duration,
+    /// Attempts per statement before the run stops and names the lock holder.
+    #[arg(long, default_value_t = 8)]
+    pub attempts: u32,
+}
+
 #[derive(Debug, Args)]
 pub struct DbDistributeArgs {
     #[command(flatten)]
@@ -651,12 +662,8 @@ pub struct DbDistributeArgs {
     /// Change the database; without it, print the steps.
     #[arg(long)]
     pub execute: bool,
-    /// How long a statement may wait for its lock before it retries.
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
-    pub lock_timeout: std::time::Duration,
-    /// Attempts per statement before the run stops and names the lock holder.
-    #[arg(long, default_value_t = 8)]
-    pub attempts: u32,
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 #[derive(Debug, Args)]
@@ -724,12 +731,8 @@ pub struct DbApplyArgs {
     /// Change the database; without it, print what would run.
     #[arg(long)]
     pub execute: bool,
-    /// How long a statement may wait for its lock before it retries.
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
-    pub lock_timeout: std::time::Duration,
-    /// Attempts per statement before the run stops and names the lock holder.
-    #[arg(long, default_value_t = 8)]
-    pub attempts: u32,
+    #[command(flatten)]
+    pub lock: LockArgs,
     /// Backfill batches aim to take this long.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     pub batch_time: std::time::Duration,

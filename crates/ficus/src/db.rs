@@ -247,8 +247,8 @@ async fn distribute_cmd(
     use ficus_retrofit::distribute::apply as dist;
     let (plan, _inv, mut client) = load(&args.target).await?;
     let opts = Options {
-        lock_timeout: args.lock_timeout,
-        attempts: args.attempts,
+        lock_timeout: args.lock.lock_timeout,
+        attempts: args.lock.attempts.max(1),
         ..Options::default()
     };
     if !args.execute {
@@ -794,15 +794,15 @@ fn print_steps(plan: &Plan, inv: &Inventory, out: &mut impl Write) -> Result<()>
 
 fn options(args: &DbApplyArgs, only: Option<StepKind>) -> Options {
     Options {
-        lock_timeout: args.lock_timeout,
-        attempts: args.attempts.max(1),
+        lock_timeout: args.lock.lock_timeout,
+        attempts: args.lock.attempts.max(1),
         allow_destructive: false,
         backfill: backfill::Options {
             target_batch: args.batch_time,
             max_rows_per_sec: args.max_rows_per_sec,
             max_replica_lag: args.max_replica_lag,
-            lock_timeout: args.lock_timeout,
-            attempts: args.attempts.max(1),
+            lock_timeout: args.lock.lock_timeout,
+            attempts: args.lock.attempts.max(1),
             ..backfill::Options::default()
         },
         only,

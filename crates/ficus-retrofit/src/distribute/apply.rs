@@ -737,6 +737,45 @@ async fn preflight(client: &Client, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Runs a step's statements (its forward or its undo) in order, each under
+/// the lock timeout with retries.
+async fn run_all(
+    client: &mut Client,
+    m: &Move,
+    statements: &[Statement],
+    opts: &Options,
+    on_event: &mut (dyn FnMut(&Event) + Send),
+) -> Result<()> {
+    let step = as_step(m);
+    for s in statements {
+        run_statement(client, s, &step, opts, on_event).await?;
+    }
+    Ok(())
+}
+
+/// Journals a step as done (or, undone, as not done) and says so.
+async fn record(
+    client: &Client,
+    m: &Move,
+    done: bool,
+    started: Instant,
+    on_event: &mut (dyn FnMut(&Event) + Send),
+) -> Result<()> {
+    client
+        .execute(
+            "UPDATE tenancy_private.distribution SET done_at = CASE WHEN $2 THEN now() END WHERE id = $1",
+            &[&m.id, &done],
+        )
+        .await
+        .map_err(sql("journaling a distribution step"))?;
+    on_event(&Event::Step {
+        step: m.id.clone(),
+        status: if done { "done" } else { "undone" },
+        ms: started.elapsed().as_millis() as u64,
+    });
+    Ok(())
+}
+
 fn as_step(m: &Move) -> Step {
     Step {
         id: m.id.clone(),
@@ -849,16 +888,7 @@ async fn run_online_move(
             Ok::<(), Error>(())
         })
     };
-    let step = as_step(m);
-    let mut result = Ok(());
-    for s in &m.forward {
-        result = run_statement(client, s, &step, opts, on_event)
-            .await
-            .map(drop);
-        if result.is_err() {
-            break;
-        }
-    }
+    let result = run_all(client, m, &m.forward, opts, on_event).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let watched = watch
         .await
@@ -902,29 +932,15 @@ async fn apply_locked(
             continue;
         }
         let started = Instant::now();
-        let step = as_step(m);
         if m.id.starts_with("distribute:table:") || m.id.starts_with("distribute:reference:") {
             wait_for_fresh_sessions(client, plan, &m.id, on_event).await?;
         }
         if m.id.starts_with("distribute:table:") {
             run_online_move(client, url, m, opts, on_event).await?;
         } else {
-            for s in &m.forward {
-                run_statement(client, s, &step, opts, on_event).await?;
-            }
+            run_all(client, m, &m.forward, opts, on_event).await?;
         }
-        client
-            .execute(
-                "UPDATE tenancy_private.distribution SET done_at = now() WHERE id = $1",
-                &[&m.id],
-            )
-            .await
-            .map_err(sql("journaling a distribution step"))?;
-        on_event(&Event::Step {
-            step: m.id.clone(),
-            status: "done",
-            ms: started.elapsed().as_millis() as u64,
-        });
+        record(client, m, true, started, on_event).await?;
     }
     // The coordinator's copies of the tables' rows, left by the concurrent
     // distribution for Citus to drop later, go now: nothing stale is left
@@ -1017,22 +1033,8 @@ async fn revert_locked(
             continue;
         }
         let started = Instant::now();
-        let step = as_step(m);
-        for s in &m.undo {
-            run_statement(client, s, &step, opts, on_event).await?;
-        }
-        client
-            .execute(
-                "UPDATE tenancy_private.distribution SET done_at = NULL WHERE id = $1",
-                &[&m.id],
-            )
-            .await
-            .map_err(sql("journaling an undo"))?;
-        on_event(&Event::Step {
-            step: m.id.clone(),
-            status: "undone",
-            ms: started.elapsed().as_millis() as u64,
-        });
+        run_all(client, m, &m.undo, opts, on_event).await?;
+        record(client, m, false, started, on_event).await?;
     }
     if !moves.is_empty() {
         client

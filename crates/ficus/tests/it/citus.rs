@@ -16,6 +16,25 @@ fn ficus(url: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `ficus` in `dir` against `url` and returns what it printed; fails the
+/// test with its output when it fails.
+fn ficus_ok(url: &str, dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(FICUS)
+        .args(args)
+        .env("FICUS_DB_URL", url)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 fn status_json(url: &str) -> serde_json::Value {
     let out = ficus(url, &["db", "distribute", "status", "--json"]);
     assert!(
@@ -420,22 +439,7 @@ fn the_demo_database_is_distributed_online_proved_and_reverted_while_the_app_wri
         ficus_demo::schema::load(&client, 3_000).await.unwrap();
     });
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(FICUS)
-            .args(args)
-            .env("FICUS_DB_URL", &url)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let run = |args: &[&str]| ficus_ok(&url, dir.path(), args);
     run(&["db", "plan", "--tenant-zero", "Acme", "--out", "plan.toml"]);
     let plan = std::fs::read_to_string(dir.path().join("plan.toml")).unwrap();
     std::fs::write(
@@ -683,22 +687,7 @@ fn northwind_and_chinook_are_distributed_and_reverted_with_their_keys_as_they_we
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         });
         let dir = tempfile::tempdir().unwrap();
-        let run = |args: &[&str]| {
-            let out = Command::new(FICUS)
-                .args(args)
-                .env("FICUS_DB_URL", &url)
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{name} {args:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).to_string()
-        };
+        let run = |args: &[&str]| ficus_ok(&url, dir.path(), args);
         run(&["db", "plan", "--tenant-zero", "Acme", "--out", "plan.toml"]);
         let plan = std::fs::read_to_string(dir.path().join("plan.toml")).unwrap();
         std::fs::write(
