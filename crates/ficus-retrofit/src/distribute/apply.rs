@@ -254,21 +254,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
                     holder.sql(),
                     quote(&fk.name)
                 ))],
-                undo: vec![
-                    unless(
-                        format!(
-                            "ALTER TABLE {} ADD CONSTRAINT {} {original} NOT VALID",
-                            holder.sql(),
-                            quote(&fk.name)
-                        ),
-                        constraint_exists(holder, &fk.name),
-                    ),
-                    stmt(format!(
-                        "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-                        holder.sql(),
-                        quote(&fk.name)
-                    )),
-                ],
+                undo: add_foreign_key(holder, &fk.name, &original),
                 note: format!(
                     "drop {} on {holder} until both ends are in Citus: {original}",
                     fk.name
@@ -315,21 +301,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
                 add_fks.push(Move {
                     id: format!("distribute:fk:{}:{}", crate::plan::key(holder), fk.name),
                     table: Some(holder.clone()),
-                    forward: vec![
-                        unless(
-                            format!(
-                                "ALTER TABLE {} ADD CONSTRAINT {} {definition} NOT VALID",
-                                holder.sql(),
-                                quote(&fk.name)
-                            ),
-                            constraint_exists(holder, &fk.name),
-                        ),
-                        stmt(format!(
-                            "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-                            holder.sql(),
-                            quote(&fk.name)
-                        )),
-                    ],
+                    forward: add_foreign_key(holder, &fk.name, &definition),
                     undo: vec![stmt(format!(
                         "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
                         holder.sql(),
@@ -451,6 +423,26 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
     all.extend(tables);
     all.extend(add_fks);
     Ok(all)
+}
+
+/// Adds a foreign key without blocking writes: `NOT VALID` (a moment's lock),
+/// then `VALIDATE` (reads and writes go on).
+fn add_foreign_key(holder: &Table, name: &str, definition: &str) -> Vec<Statement> {
+    vec![
+        unless(
+            format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {definition} NOT VALID",
+                holder.sql(),
+                quote(name)
+            ),
+            constraint_exists(holder, name),
+        ),
+        stmt(format!(
+            "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+            holder.sql(),
+            quote(name)
+        )),
+    ]
 }
 
 /// The step that hands one table to Citus, if it goes.

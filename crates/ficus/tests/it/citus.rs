@@ -35,6 +35,39 @@ fn ficus_ok(url: &str, dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// The retrofit as an operator runs it: a plan with `tenant_role` as the
+/// tenant-aware backend's role (granted the app's tables by `sql`), applied,
+/// every table enforced, and a second tenant, globex.
+fn retrofit(url: &str, dir: &std::path::Path, tenant_role: &str, sql: impl Fn(&str)) {
+    let run = |args: &[&str]| ficus_ok(url, dir, args);
+    run(&["db", "plan", "--tenant-zero", "Acme", "--out", "plan.toml"]);
+    let plan = std::fs::read_to_string(dir.join("plan.toml")).unwrap();
+    std::fs::write(
+        dir.join("plan.toml"),
+        plan.replace(
+            "tenant_roles = []",
+            &format!("tenant_roles = [\"{tenant_role}\"]"),
+        ),
+    )
+    .unwrap();
+    sql(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {tenant_role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {tenant_role};"
+    ));
+    run(&["db", "apply", "--plan", "plan.toml", "--execute"]);
+    while !run(&[
+        "db",
+        "enforce",
+        "--plan",
+        "plan.toml",
+        "--next",
+        "--execute",
+    ])
+    .contains("every tenant-owned table is enforced")
+    {}
+    run(&["db", "tenant", "add", "globex", "--name", "Globex"]);
+}
+
 fn status_json(url: &str) -> serde_json::Value {
     let out = ficus(url, &["db", "distribute", "status", "--json"]);
     assert!(
@@ -440,29 +473,9 @@ fn the_demo_database_is_distributed_online_proved_and_reverted_while_the_app_wri
     });
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| ficus_ok(&url, dir.path(), args);
-    run(&["db", "plan", "--tenant-zero", "Acme", "--out", "plan.toml"]);
-    let plan = std::fs::read_to_string(dir.path().join("plan.toml")).unwrap();
-    std::fs::write(
-        dir.path().join("plan.toml"),
-        plan.replace("tenant_roles = []", "tenant_roles = [\"portal_tenant\"]"),
-    )
-    .unwrap();
-    sql(
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO portal_tenant;
-         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO portal_tenant;",
-    );
-    run(&["db", "apply", "--plan", "plan.toml", "--execute"]);
-    while !run(&[
-        "db",
-        "enforce",
-        "--plan",
-        "plan.toml",
-        "--next",
-        "--execute",
-    ])
-    .contains("every tenant-owned table is enforced")
-    {}
-    run(&["db", "tenant", "add", "globex", "--name", "Globex"]);
+    retrofit(&url, dir.path(), "portal_tenant", |q| {
+        sql(q);
+    });
     let globex = sql("SELECT id FROM tenancy.organizations WHERE slug = 'globex'");
 
     // The rows there before, per table: they must come through unchanged.
@@ -688,29 +701,9 @@ fn northwind_and_chinook_are_distributed_and_reverted_with_their_keys_as_they_we
         });
         let dir = tempfile::tempdir().unwrap();
         let run = |args: &[&str]| ficus_ok(&url, dir.path(), args);
-        run(&["db", "plan", "--tenant-zero", "Acme", "--out", "plan.toml"]);
-        let plan = std::fs::read_to_string(dir.path().join("plan.toml")).unwrap();
-        std::fs::write(
-            dir.path().join("plan.toml"),
-            plan.replace("tenant_roles = []", "tenant_roles = [\"corpus_tenant\"]"),
-        )
-        .unwrap();
-        sql(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO corpus_tenant;
-             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO corpus_tenant;",
-        );
-        run(&["db", "apply", "--plan", "plan.toml", "--execute"]);
-        while !run(&[
-            "db",
-            "enforce",
-            "--plan",
-            "plan.toml",
-            "--next",
-            "--execute",
-        ])
-        .contains("every tenant-owned table is enforced")
-        {}
-        run(&["db", "tenant", "add", "globex", "--name", "Globex"]);
+        retrofit(&url, dir.path(), "corpus_tenant", |q| {
+            sql(q);
+        });
 
         // Every table's rows, and every constraint and index, as text.
         let rows = || {
