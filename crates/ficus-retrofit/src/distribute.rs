@@ -71,6 +71,8 @@ pub struct ForeignKey {
     pub on_update: char,
     /// `pg_get_constraintdef`: how to add it again.
     pub definition: String,
+    /// Validated (`convalidated`): not a key left `NOT VALID`.
+    pub validated: bool,
 }
 
 /// A column's default drawn from a sequence.
@@ -705,7 +707,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                               JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
                         ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
                               JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord),
-                        con.confdeltype::text, con.confupdtype::text, pg_get_constraintdef(con.oid)
+                        con.confdeltype::text, con.confupdtype::text, pg_get_constraintdef(con.oid), con.convalidated
                  FROM pg_constraint con
                  JOIN pg_class fc ON fc.oid = con.confrelid JOIN pg_namespace fn ON fn.oid = fc.relnamespace
                  WHERE con.contype = 'f' AND con.conrelid = $1 AND con.conparentid = 0
@@ -724,6 +726,7 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                 on_delete: first(r.get(5)),
                 on_update: first(r.get(6)),
                 definition: r.get(7),
+                validated: r.get(8),
             });
         }
         f.triggers = client
@@ -858,6 +861,7 @@ mod tests {
             on_delete,
             on_update: 'a',
             definition: String::new(),
+            validated: true,
         }
     }
 
@@ -1123,6 +1127,37 @@ mod tests {
             refused.contains("1 blocker(s) need the operator's decision first")
                 && refused.contains("lines: trigger trigger lines_touch"),
             "{refused}"
+        );
+
+        // A partitioned table is refused before anything runs.
+        let mut partitioned = facts.clone();
+        partitioned.tables.get_mut(&t("lines")).unwrap().partitioned = true;
+        let refused = apply::steps(&plan, &partitioned, &decide(&plan, &partitioned), &helpers)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("lines is partitioned"), "{refused}");
+
+        // A foreign key the operator left NOT VALID comes back NOT VALID,
+        // both ways: old rows may break it.
+        let mut unvalidated = facts.clone();
+        unvalidated
+            .tables
+            .get_mut(&t("lines"))
+            .unwrap()
+            .foreign_keys[0]
+            .validated = false;
+        let steps =
+            apply::steps(&plan, &unvalidated, &decide(&plan, &unvalidated), &helpers).unwrap();
+        let find = |id: &str| steps.iter().find(|s| s.id == id).unwrap();
+        assert_eq!(
+            find("distribute:fk:public.lines:lines_order").forward.len(),
+            1
+        );
+        assert_eq!(
+            find("distribute:drop-fk:public.lines:lines_order")
+                .undo
+                .len(),
+            1
         );
     }
 }

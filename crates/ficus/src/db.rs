@@ -255,7 +255,7 @@ async fn distribute_cmd(
         let moves = if forward {
             dist::planned(&client, &plan).await?
         } else {
-            dist::stored(&client).await?
+            dist::begun(&client).await?
         };
         let mut shown: Vec<&dist::Move> = moves
             .iter()

@@ -196,6 +196,18 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
             b.kind, b.object, b.fix
         )));
     }
+    // Concurrent index builds and NOT VALID foreign keys are refused on a
+    // partitioned table: its keys would have to be widened partition by
+    // partition, which this does not do yet.
+    if let Some(t) = d.tables.iter().find(|dec| {
+        !matches!(dec.placement, Placement::Local)
+            && facts.tables.get(&dec.table).is_some_and(|f| f.partitioned)
+    }) {
+        return Err(Error::Refused(format!(
+            "{} is partitioned: distribute apply does not widen a partitioned table's keys online yet; distribute it by hand (create_distributed_table) or make it excluded in the plan",
+            t.table
+        )));
+    }
     let placement = |t: &Table| -> Placement {
         d.tables
             .iter()
@@ -254,7 +266,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
                     holder.sql(),
                     quote(&fk.name)
                 ))],
-                undo: add_foreign_key(holder, &fk.name, &original),
+                undo: add_foreign_key(holder, &fk.name, &original, fk.validated),
                 note: format!(
                     "drop {} on {holder} until both ends are in Citus: {original}",
                     fk.name
@@ -301,7 +313,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
                 add_fks.push(Move {
                     id: format!("distribute:fk:{}:{}", crate::plan::key(holder), fk.name),
                     table: Some(holder.clone()),
-                    forward: add_foreign_key(holder, &fk.name, &definition),
+                    forward: add_foreign_key(holder, &fk.name, &definition, fk.validated),
                     undo: vec![stmt(format!(
                         "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
                         holder.sql(),
@@ -426,23 +438,25 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
 }
 
 /// Adds a foreign key without blocking writes: `NOT VALID` (a moment's lock),
-/// then `VALIDATE` (reads and writes go on).
-fn add_foreign_key(holder: &Table, name: &str, definition: &str) -> Vec<Statement> {
-    vec![
-        unless(
-            format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} {definition} NOT VALID",
-                holder.sql(),
-                quote(name)
-            ),
-            constraint_exists(holder, name),
+/// then `VALIDATE` (reads and writes go on), unless it was not valid before
+/// (old rows may break it: it stays as the operator left it).
+fn add_foreign_key(holder: &Table, name: &str, definition: &str, validate: bool) -> Vec<Statement> {
+    let mut statements = vec![unless(
+        format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} {definition} NOT VALID",
+            holder.sql(),
+            quote(name)
         ),
-        stmt(format!(
+        constraint_exists(holder, name),
+    )];
+    if validate {
+        statements.push(stmt(format!(
             "ALTER TABLE {} VALIDATE CONSTRAINT {}",
             holder.sql(),
             quote(name)
-        )),
-    ]
+        )));
+    }
+    statements
 }
 
 /// The step that hands one table to Citus, if it goes.
@@ -629,11 +643,23 @@ const STORE: &str = "CREATE TABLE IF NOT EXISTS tenancy_private.distribution (
     position int PRIMARY KEY,
     id text NOT NULL UNIQUE,
     step text NOT NULL,
+    started_at timestamptz,
     done_at timestamptz
 )";
 
 /// The stored steps and whether each is done; empty before the first run.
 pub async fn stored(client: &Client) -> Result<Vec<(Move, bool)>> {
+    read_steps(client, "done_at IS NOT NULL").await
+}
+
+/// The stored steps and whether each was begun: what a revert undoes. A step
+/// killed half-way is undone too (every undo copes with a forward that ran in
+/// part), or its half would be left behind.
+pub async fn begun(client: &Client) -> Result<Vec<(Move, bool)>> {
+    read_steps(client, "started_at IS NOT NULL OR done_at IS NOT NULL").await
+}
+
+async fn read_steps(client: &Client, flag: &str) -> Result<Vec<(Move, bool)>> {
     let exists: bool = client
         .query_one(
             "SELECT to_regclass('tenancy_private.distribution') IS NOT NULL",
@@ -647,7 +673,7 @@ pub async fn stored(client: &Client) -> Result<Vec<(Move, bool)>> {
     }
     client
         .query(
-            "SELECT step, done_at IS NOT NULL FROM tenancy_private.distribution ORDER BY position",
+            &format!("SELECT step, {flag} FROM tenancy_private.distribution ORDER BY position"),
             &[],
         )
         .await
@@ -755,7 +781,9 @@ async fn record(
 ) -> Result<()> {
     client
         .execute(
-            "UPDATE tenancy_private.distribution SET done_at = CASE WHEN $2 THEN now() END WHERE id = $1",
+            "UPDATE tenancy_private.distribution
+             SET done_at = CASE WHEN $2 THEN now() END, started_at = CASE WHEN $2 THEN started_at END
+             WHERE id = $1",
             &[&m.id, &done],
         )
         .await
@@ -837,9 +865,9 @@ const UNBLOCK_EVERY: std::time::Duration = std::time::Duration::from_millis(200)
 /// they were written, and is less than the superuser Citus made them with.
 /// The roles are Citus's and dropped with the move.
 async fn unblock_replication(client: &Client) -> Result<()> {
-    client
+    let failed = client
         .query(
-            "SELECT run_command_on_workers($cmd$
+            "SELECT nodename || ':' || nodeport, result FROM run_command_on_workers($cmd$
                 DO $do$
                 DECLARE r record;
                 BEGIN
@@ -851,12 +879,19 @@ async fn unblock_replication(client: &Client) -> Result<()> {
                     END LOOP;
                 END
                 $do$
-             $cmd$)",
+             $cmd$) WHERE NOT success",
             &[],
         )
         .await
         .map_err(sql("letting Citus's replication roles past row level security"))?;
-    Ok(())
+    match failed.first() {
+        None => Ok(()),
+        Some(r) => Err(Error::Refused(format!(
+            "node {}: cannot let Citus's replication roles past row level security ({}), so the move could never catch up; the role running ficus db must be a superuser on every node",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1)
+        ))),
+    }
 }
 
 /// Runs one online move's statements while a second session keeps its
@@ -869,27 +904,25 @@ async fn run_online_move(
     on_event: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<()> {
     let watcher = crate::connect(url).await?;
-    let stop = stop_flag();
-    let watch = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                unblock_replication(&watcher).await?;
-                tokio::time::sleep(UNBLOCK_EVERY).await;
+    let cancel = client.cancel_token();
+    // The watcher only ever ends with an error; the move may wait for it
+    // forever, so a failed watcher cancels the move rather than leave it
+    // waiting for rows that can never arrive.
+    let watch = async {
+        loop {
+            if let Err(e) = unblock_replication(&watcher).await {
+                return e;
             }
-            Ok::<(), Error>(())
-        })
+            tokio::time::sleep(UNBLOCK_EVERY).await;
+        }
     };
-    let result = run_all(client, m, &m.forward, opts, on_event).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let watched = watch
-        .await
-        .map_err(|e| Error::Refused(format!("{}: the replication watcher stopped: {e}", m.id)))?;
-    result.and(watched)
-}
-
-fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+    tokio::select! {
+        moved = run_all(client, m, &m.forward, opts, on_event) => moved,
+        failed = watch => {
+            let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+            Err(failed)
+        }
+    }
 }
 
 async fn apply_locked(
@@ -900,20 +933,27 @@ async fn apply_locked(
     on_event: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<()> {
     let moves = planned(client, plan).await?;
-    client
-        .batch_execute(STORE)
+    // All the steps or none: a run killed while storing them must not leave a
+    // shorter list that a later run would take for the whole.
+    let tx = client
+        .transaction()
+        .await
+        .map_err(sql("storing the distribution's steps"))?;
+    tx.batch_execute(STORE)
         .await
         .map_err(sql("making tenancy_private.distribution"))?;
     for (i, (m, _)) in moves.iter().enumerate() {
         let text = serde_json::to_string(m).expect("a step serializes");
-        client
-            .execute(
-                "INSERT INTO tenancy_private.distribution (position, id, step) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&(i as i32), &m.id, &text],
-            )
-            .await
-            .map_err(sql("storing the distribution's steps"))?;
+        tx.execute(
+            "INSERT INTO tenancy_private.distribution (position, id, step) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&(i as i32), &m.id, &text],
+        )
+        .await
+        .map_err(sql("storing the distribution's steps"))?;
     }
+    tx.commit()
+        .await
+        .map_err(sql("storing the distribution's steps"))?;
     for (m, done) in &moves {
         if *done {
             on_event(&Event::Step {
@@ -927,6 +967,13 @@ async fn apply_locked(
         if m.id.starts_with("distribute:table:") || m.id.starts_with("distribute:reference:") {
             wait_for_fresh_sessions(client, plan, &m.id, on_event).await?;
         }
+        client
+            .execute(
+                "UPDATE tenancy_private.distribution SET started_at = now() WHERE id = $1",
+                &[&m.id],
+            )
+            .await
+            .map_err(sql("journaling a distribution step"))?;
         if m.id.starts_with("distribute:table:") {
             run_online_move(client, url, m, opts, on_event).await?;
         } else {
@@ -1019,9 +1066,9 @@ async fn revert_locked(
     opts: &Options,
     on_event: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<()> {
-    let moves = stored(client).await?;
-    for (m, done) in moves.iter().rev() {
-        if !done {
+    let moves = begun(client).await?;
+    for (m, begun) in moves.iter().rev() {
+        if !begun {
             continue;
         }
         let started = Instant::now();
