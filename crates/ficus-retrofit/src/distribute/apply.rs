@@ -847,6 +847,9 @@ pub async fn apply(
 /// How often the second session looks for a new replication role.
 const UNBLOCK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Consecutive failures of the second session that end the move (about 5 s).
+const UNBLOCK_FAILURES: u32 = 25;
+
 /// Lets the roles Citus makes for an online move's subscriptions write past
 /// row level security, for as long as the move runs.
 ///
@@ -908,10 +911,20 @@ async fn run_online_move(
     // The watcher only ever ends with an error; the move may wait for it
     // forever, so a failed watcher cancels the move rather than leave it
     // waiting for rows that can never arrive.
+    // A single failure can be a race with Citus itself (it alters the same
+    // role to NOSUPERUSER: "tuple concurrently updated"; or drops it when the
+    // move ends); only a failure that lasts is the watcher's end.
     let watch = async {
+        let mut failures = 0;
         loop {
-            if let Err(e) = unblock_replication(&watcher).await {
-                return e;
+            match unblock_replication(&watcher).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    if failures >= UNBLOCK_FAILURES {
+                        return e;
+                    }
+                }
             }
             tokio::time::sleep(UNBLOCK_EVERY).await;
         }
