@@ -109,7 +109,7 @@ pub async fn lock(client: &Client) -> Result<()> {
 }
 
 /// Whether a table exists, by its qualified name.
-async fn relation_exists(client: &Client, name: &str) -> Result<bool> {
+pub(crate) async fn relation_exists(client: &Client, name: &str) -> Result<bool> {
     Ok(client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
         .await

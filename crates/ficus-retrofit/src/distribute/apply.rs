@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use super::{Decision, Distribution, Facts, Placement, UniqueKey, anchor};
-use crate::apply::{Event, Options, lock, run_statement, unlock};
+use crate::apply::{Event, Options, lock, relation_exists, run_statement, unlock};
 use crate::ident::{Table, literal, quote};
 use crate::plan::{Hazard, IdType, Plan, Statement, Step, StepKind, TenantContext, stmt};
 use crate::{Error, Result, sql};
@@ -660,15 +660,7 @@ pub async fn begun(client: &Client) -> Result<Vec<(Move, bool)>> {
 }
 
 async fn read_steps(client: &Client, flag: &str) -> Result<Vec<(Move, bool)>> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('tenancy_private.distribution') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(sql("looking for the distribution's steps"))?
-        .get(0);
-    if !exists {
+    if !relation_exists(client, "tenancy_private.distribution").await? {
         return Ok(Vec::new());
     }
     client
