@@ -4,14 +4,16 @@
 //! this machine.
 //!
 //! The demo portal's two applications write all the time, as in the test
-//! `citus::the_demo_database_is_distributed_online…`: the legacy app on one
+//! `citus::the_demo_database_is_distributed_scaled_out…`: the legacy app on one
 //! session (a home and its valuation per save), the tenant-aware backend on a
 //! fresh session per save in globex's context. Each save's latency is kept
 //! with its start, so that the saves can be told apart by the step that was
 //! running: first S seconds with nothing running (the idle baseline), then
-//! every step of the apply. Then pgbench measures a one-tenant point query,
-//! as the tenant role in its own context, on the retrofitted single node
-//! before the apply and on the distributed table after it, in the same run.
+//! every step of the apply, then S seconds distributed and idle, then a third
+//! worker added and the shards rebalanced onto it (`ficus db distribute
+//! rebalance`'s code). Then pgbench measures a one-tenant point query, as the
+//! tenant role in its own context, on the retrofitted single node before the
+//! apply and on the distributed table after the rebalance, in the same run.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +45,7 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         },
         20,
     )?;
-    let cluster = CitusCluster::start(2, 0)?;
+    let cluster = CitusCluster::start(2, 1)?;
     let url = cluster.fresh_database("distribute")?;
     let db = url.rsplit('/').next().unwrap_or("distribute").to_string();
     let port = cluster.coordinator.port();
@@ -135,6 +137,29 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         Ok::<(), Error>(())
     })?;
     let apply_took = apply_started.elapsed();
+    // A third worker, then the shards rebalanced onto it while the apps go on.
+    let spare = ficus_retrofit::distribute::scale::NodeAddress {
+        host: "127.0.0.1".into(),
+        port: cluster.spares[0].port(),
+    };
+    let settle_from = Instant::now();
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(secs)).await });
+    let settle_to = Instant::now();
+    let rebalance_started = Instant::now();
+    let rebalanced = rt.block_on(async {
+        let c = connect(&url).await?;
+        ficus_retrofit::distribute::scale::add_node(&c, &url, &spare).await?;
+        Ok::<_, Error>(
+            ficus_retrofit::distribute::scale::rebalance(
+                &c,
+                &url,
+                Duration::from_millis(200),
+                &mut |_| {},
+            )
+            .await?,
+        )
+    })?;
+    let rebalance_took = rebalance_started.elapsed();
     stop.store(true, Ordering::SeqCst);
     app.join().map_err(|_| "the live app panicked")???;
     let distributed = pgbench("distributed")?;
@@ -162,7 +187,7 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         (took.len(), errors, p99)
     };
     println!(
-        "{rows} rows (homes {homes}, valuations {}), Citus 13.2.2, a coordinator and 2 workers on this machine; the live app: the legacy app on one session and the tenant-aware backend on a session per save, writing throughout\n",
+        "{rows} rows (homes {homes}, valuations {}), Citus 13.2.2, a coordinator and 2 workers on this machine (a third added for the rebalance); the live app: the legacy app on one session and the tenant-aware backend on a session per save, writing throughout\n",
         homes * 2
     );
     println!("| step | time | saves | errors | save p99 | p99 vs idle |");
@@ -203,6 +228,21 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         ms(p99),
         ms(p99) / ms(idle_p99).max(0.001)
     );
+    let (n, e, settled_p99) = window(settle_from, settle_to);
+    println!(
+        "| distributed, idle ({secs} s, nothing running) | | {n} | {e} | {:.1} ms | {:.2}× |",
+        ms(settled_p99),
+        ms(settled_p99) / ms(idle_p99).max(0.001)
+    );
+    let (n, e, p99) = window(rebalance_started, rebalance_started + rebalance_took);
+    println!(
+        "| **add a third worker and rebalance** ({} shard moves) | **{:.1} s** | {n} | **{e}** | {:.1} ms | {:.2}× ({:.2}× distributed idle) |",
+        rebalanced.moves.len(),
+        rebalance_took.as_secs_f64(),
+        ms(p99),
+        ms(p99) / ms(idle_p99).max(0.001),
+        ms(p99) / ms(settled_p99).max(0.001)
+    );
     println!(
         "\n| one-tenant point query (pgbench -c 4 -j 2 -T {secs}, tenant role, SET LOCAL context) | tps | latency | ratio |"
     );
@@ -212,7 +252,7 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         single.0, single.1
     );
     println!(
-        "| distributed (coordinator + 2 workers) | {:.0} | {:.3} ms | {:.2}× the latency |",
+        "| distributed (coordinator + 3 workers, after the rebalance) | {:.0} | {:.3} ms | {:.2}× the latency |",
         distributed.0,
         distributed.1,
         distributed.1 / single.1

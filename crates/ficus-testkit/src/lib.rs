@@ -208,6 +208,12 @@ impl PgCluster {
         self.port
     }
 
+    /// The server's log so far, for a test to show what the server saw when
+    /// it fails.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
     /// A connection URL for `database` as the superuser.
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)

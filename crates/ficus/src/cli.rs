@@ -630,8 +630,12 @@ pub enum DbDistributeCommand {
     /// and a running rebalance's progress; read-only.
     Status(DbUrl),
     /// Add a worker (HOST:PORT, reached with the coordinator's credentials,
-    /// Citus installed in this database) that takes shards; moves nothing.
+    /// Citus installed in this database) that takes shards; moves nothing
+    /// until `rebalance`.
     AddNode(DbAddNodeArgs),
+    /// Move shards onto every worker that takes them, online (logical
+    /// replication), printing each move as it goes.
+    Rebalance(DbUrl),
     /// Distribute online, as `distribute plan` decided: keys widened
     /// concurrently, foreign keys set aside and restored, the tables handed to
     /// Citus concurrently, tenant context made to reach the workers; then

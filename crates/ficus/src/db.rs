@@ -207,7 +207,7 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             } else {
                 writeln!(
                     out,
-                    "node {node} added (node {id}); it holds no shards until they are moved onto it"
+                    "node {node} added (node {id}); ficus db distribute rebalance moves shards onto it"
                 )?;
             }
             Ok(())
@@ -217,6 +217,46 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
         }
         DbCommand::Distribute(DbDistributeCommand::Revert(args)) => {
             distribute_cmd(args, false, json, out).await
+        }
+        DbCommand::Distribute(DbDistributeCommand::Rebalance(db)) => {
+            use ficus_retrofit::distribute::scale;
+            let client = connect(&db.url).await?;
+            let mut last: Option<(usize, usize)> = None;
+            let done = scale::rebalance(
+                &client,
+                &db.url,
+                std::time::Duration::from_millis(500),
+                &mut |moves| {
+                    // One line per change in the number of finished moves, so
+                    // a long rebalance shows it is alive without flooding.
+                    let finished = moves.iter().filter(|m| m.progress == 2).count();
+                    if last != Some((finished, moves.len())) {
+                        last = Some((finished, moves.len()));
+                        let line = if json {
+                            json!({"event": "rebalance", "moved": finished, "moves": moves.len()})
+                                .to_string()
+                        } else {
+                            format!(
+                                "rebalancing: {finished} of {} shard moves done",
+                                moves.len()
+                            )
+                        };
+                        let _ = writeln!(std::io::stderr(), "{line}");
+                    }
+                },
+            )
+            .await?;
+            if json {
+                output::json(out, &done)?;
+            } else {
+                writeln!(
+                    out,
+                    "rebalanced: {} shard moves in {:.1} s",
+                    done.moves.len(),
+                    done.elapsed_ms as f64 / 1000.0
+                )?;
+            }
+            Ok(())
         }
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;

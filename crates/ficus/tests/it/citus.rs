@@ -226,7 +226,8 @@ fn distribute_status_shows_the_nodes_the_tables_and_where_each_tenant_lives() {
 
 /// `add-node`: a spare node joins and holds nothing until shards are moved;
 /// the same node again, an unreachable one, a server without Citus and a
-/// malformed address are each refused in one line naming it.
+/// malformed address are each refused in one line naming it; so is a
+/// `rebalance` where `synchronous_commit` is off (for a node or a role).
 #[test]
 fn a_node_is_added_after_it_is_checked_and_every_bad_node_is_named() {
     let cluster = CitusCluster::start(2, 1).unwrap();
@@ -303,6 +304,28 @@ fn a_node_is_added_after_it_is_checked_and_every_bad_node_is_named() {
     );
     // Nothing was added by the refusals.
     assert_eq!(status_json(&url)["nodes"].as_array().unwrap().len(), 4);
+
+    // Moving shards online where a commit may be acknowledged before it is
+    // written is refused, naming where: Citus's switch-over would leave such
+    // commits behind.
+    let coordinator = cluster.coordinator.port();
+    let sql = |q: &str| cluster.coordinator.psql(&db, q).unwrap();
+    sql(&format!(
+        "ALTER DATABASE \"{db}\" SET synchronous_commit = off"
+    ));
+    assert_eq!(
+        refused(&["db", "distribute", "rebalance"]),
+        format!(
+            "error: synchronous_commit is off on node 127.0.0.1:{coordinator}, and Citus's online shard moves lose acknowledged writes then: set it on every node for the move (ALTER SYSTEM SET synchronous_commit = on, then SELECT pg_reload_conf())"
+        )
+    );
+    sql(&format!("ALTER DATABASE \"{db}\" RESET synchronous_commit"));
+    sql("CREATE ROLE async_app; ALTER ROLE async_app SET synchronous_commit = off");
+    assert_eq!(
+        refused(&["db", "distribute", "rebalance"]),
+        "error: synchronous_commit is set off for role async_app, and Citus's online shard moves lose acknowledged writes then: reset it for the move (ALTER ROLE … RESET synchronous_commit, ALTER DATABASE … RESET synchronous_commit)"
+    );
+    sql("DROP ROLE async_app");
 }
 
 /// What the live application did while the database moved.
@@ -312,7 +335,24 @@ struct Live {
     /// context) and as the tenant-aware backend (globex's context).
     legacy: Vec<String>,
     tenant: Vec<String>,
+    /// The step each acknowledged save was made in, by key.
+    saved_in: std::collections::HashMap<String, &'static str>,
     errors: Vec<String>,
+    /// What the test is doing, named in each error.
+    phase: &'static str,
+}
+
+/// A PostgreSQL error as the server put it: code, message and detail.
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "{}: {} ({})",
+            d.code().code(),
+            d.message(),
+            d.detail().unwrap_or("")
+        ),
+        None => e.to_string(),
+    }
 }
 
 /// The demo portal's two applications writing and reading until `stop`: the
@@ -334,7 +374,7 @@ async fn live_app(
         async move {
             let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| pg_error(&e))?;
             tokio::spawn(conn);
             Ok::<_, String>(client)
         }
@@ -370,7 +410,10 @@ async fn live_app(
                 };
                 match saved.await {
                     Ok(1) => {
-                        live.lock().unwrap().legacy.push(key);
+                        let mut l = live.lock().unwrap();
+                        let phase = l.phase;
+                        l.saved_in.insert(key.clone(), phase);
+                        l.legacy.push(key);
                         let _ = on_save.send(());
                     }
                     Ok(n) => live
@@ -378,11 +421,12 @@ async fn live_app(
                         .unwrap()
                         .errors
                         .push(format!("legacy: {key} read back {n} times")),
-                    Err(e) => live
-                        .lock()
-                        .unwrap()
-                        .errors
-                        .push(format!("legacy: {key}: {e}")),
+                    Err(e) => {
+                        let mut l = live.lock().unwrap();
+                        let phase = l.phase;
+                        l.errors
+                            .push(format!("legacy: {key} during {phase}: {}", pg_error(&e)));
+                    }
                 }
             }
         })
@@ -394,17 +438,17 @@ async fn live_app(
             let key = format!("globex-{n}");
             let saved = async {
                 let mut client = connect("portal_tenant").await?;
-                let tx = client.transaction().await.map_err(|e| e.to_string())?;
+                let tx = client.transaction().await.map_err(|e| pg_error(&e))?;
                 tx.batch_execute(&format!("SET LOCAL ficus.tenant_id = '{globex}'"))
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| pg_error(&e))?;
                 tx.execute(
                     "INSERT INTO homes (address, city, price, bedrooms, request_key)
                      VALUES ('2 Live Street', 'Porto', 300000, 3, $1)",
                     &[&key],
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| pg_error(&e))?;
                 let (mine, others): (i64, i64) = tx
                     .query_one(
                         "SELECT count(*) FILTER (WHERE request_key = $1),
@@ -414,8 +458,8 @@ async fn live_app(
                     )
                     .await
                     .map(|r| (r.get(0), r.get(1)))
-                    .map_err(|e| e.to_string())?;
-                tx.commit().await.map_err(|e| e.to_string())?;
+                    .map_err(|e| pg_error(&e))?;
+                tx.commit().await.map_err(|e| pg_error(&e))?;
                 if mine != 1 || others != 0 {
                     return Err(format!(
                         "saw its save {mine} times and {others} rows of other tenants"
@@ -425,14 +469,17 @@ async fn live_app(
             };
             match saved.await {
                 Ok(()) => {
-                    live.lock().unwrap().tenant.push(key);
+                    let mut l = live.lock().unwrap();
+                    let phase = l.phase;
+                    l.saved_in.insert(key.clone(), phase);
+                    l.tenant.push(key);
                     let _ = on_save.send(());
                 }
-                Err(e) => live
-                    .lock()
-                    .unwrap()
-                    .errors
-                    .push(format!("tenant: {key}: {e}")),
+                Err(e) => {
+                    let mut l = live.lock().unwrap();
+                    let phase = l.phase;
+                    l.errors.push(format!("tenant: {key} during {phase}: {e}"));
+                }
             }
         }
     });
@@ -442,16 +489,17 @@ async fn live_app(
 
 /// `distribute apply` moves the retrofitted demo database onto Citus while the
 /// legacy app and the tenant-aware backend write, proves one-shard routing and
-/// runs the probe on the distributed tables; `distribute revert` brings every
-/// table back to the coordinator, keys and foreign keys as they were, while
-/// they still write. The apps see no error; the rows that were there are
+/// runs the probe on the distributed tables; a third worker is added and the
+/// shards rebalanced onto it, the probe run again; `distribute revert` brings
+/// every table back to the coordinator, keys and foreign keys as they were,
+/// while they still write. The apps see no error; the rows that were there are
 /// unchanged (checksums per table) and every acknowledged save is there once.
 #[test]
-fn the_demo_database_is_distributed_online_proved_and_reverted_while_the_app_writes() {
+fn the_demo_database_is_distributed_scaled_out_proved_and_reverted_while_the_app_writes() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let cluster = CitusCluster::start(2, 0).unwrap();
+    let cluster = CitusCluster::start(2, 1).unwrap();
     let url = cluster.fresh_database("distribute").unwrap();
     let db = url.rsplit('/').next().unwrap().to_string();
     let sql = |q: &str| cluster.coordinator.psql(&db, q).unwrap();
@@ -514,6 +562,7 @@ fn the_demo_database_is_distributed_online_proved_and_reverted_while_the_app_wri
         dry.contains("create_distributed_table_concurrently('\"public\".\"homes\"', 'tenant_id', colocate_with => '\"tenancy\".\"units\"')"),
         "{dry}"
     );
+    live.lock().unwrap().phase = "apply";
     let at_start = saves(&live);
     let applied = run(&[
         "db",
@@ -606,6 +655,52 @@ fn the_demo_database_is_distributed_online_proved_and_reverted_while_the_app_wri
     ]);
     assert!(!again.contains("\"status\":\"done\""), "{again}");
 
+    // Scaled out while the apps write: a third worker joins and the shards
+    // are rebalanced onto it.
+    let spare = &cluster.spares[0];
+    let node = format!("127.0.0.1:{}", spare.port());
+    run(&["db", "distribute", "add-node", &node]);
+    let on_spare = |s: &serde_json::Value| {
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["port"].as_i64() == Some(i64::from(spare.port())))
+            .map(|n| n["shards"].as_i64().unwrap())
+    };
+    assert_eq!(on_spare(&status_json(&url)), Some(0));
+    live.lock().unwrap().phase = "rebalance";
+    let at_rebalance = saves(&live);
+    let rebalanced: serde_json::Value =
+        serde_json::from_str(&run(&["db", "distribute", "rebalance", "--json"])).unwrap();
+    let during_rebalance = saves(&live) - at_rebalance;
+    assert!(
+        !rebalanced["moves"].as_array().unwrap().is_empty(),
+        "{rebalanced}"
+    );
+    let after = status_json(&url);
+    let held: Vec<i64> = after["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["role"] == "worker")
+        .map(|n| n["shards"].as_i64().unwrap())
+        .collect();
+    assert_eq!(held.len(), 3, "{after}");
+    let (least, most) = (*held.iter().min().unwrap(), *held.iter().max().unwrap());
+    assert!(
+        least > 0 && most - least <= most / 4,
+        "the workers hold {held:?} shards: {after}"
+    );
+    // Still isolated by row level security on whichever node holds a tenant.
+    let probe: serde_json::Value =
+        serde_json::from_str(&run(&["db", "probe", "--plan", "plan.toml", "--json"])).unwrap();
+    let findings = probe["findings"].as_array().unwrap();
+    assert!(findings.len() >= 4 * 8, "{probe}");
+    assert!(findings.iter().all(|f| f["leak"] == false), "{probe}");
+    assert_eq!(checksums(), before);
+
+    live.lock().unwrap().phase = "revert";
     let at_revert = saves(&live);
     run(&[
         "db",
@@ -620,10 +715,26 @@ fn the_demo_database_is_distributed_online_proved_and_reverted_while_the_app_wri
     stop.store(true, Ordering::SeqCst);
     app.join().unwrap();
     let live = Arc::try_unwrap(live).ok().unwrap().into_inner().unwrap();
+    if !live.errors.is_empty() {
+        // What the servers saw, to tell a Citus error from one of ours.
+        for node in std::iter::once(&cluster.coordinator).chain(&cluster.workers) {
+            let log = node.log();
+            let lines: Vec<&str> = log.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                if line.contains("ERROR:") && !line.contains("output plugin") {
+                    eprintln!(
+                        "node {}: {}",
+                        node.port(),
+                        lines[i..(i + 4).min(lines.len())].join("\n    ")
+                    );
+                }
+            }
+        }
+    }
     assert_eq!(live.errors, Vec::<String>::new());
     assert!(
-        during_apply > 0 && during_revert > 0,
-        "the app saved {during_apply} homes during apply and {during_revert} during revert"
+        during_apply > 0 && during_rebalance > 0 && during_revert > 0,
+        "the app saved {during_apply} homes during apply, {during_rebalance} during the rebalance and {during_revert} during revert"
     );
     assert_eq!(sql("SELECT count(*) FROM pg_dist_partition"), "0");
     assert_eq!(checksums(), before);
@@ -638,16 +749,46 @@ fn the_demo_database_is_distributed_online_proved_and_reverted_while_the_app_wri
         "FOREIGN KEY (home_id) REFERENCES homes(id)"
     );
     // Every acknowledged save is there exactly once, with its tenant.
+    // Thousands of keys: sent as one array parameter rather than in the text.
     let count = |tenant: &str, keys: &[String]| {
-        sql(&format!(
-            "SELECT count(*) || '/' || count(DISTINCT request_key) FROM homes
-             WHERE tenant_id = (SELECT id FROM tenancy.organizations WHERE slug = '{tenant}')
-               AND request_key IN ({})",
-            keys.iter()
-                .map(|k| format!("'{k}'"))
-                .collect::<Vec<_>>()
-                .join(",")
-        ))
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(
+                &format!("postgres://postgres@127.0.0.1:{port}/{db}"),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let row = client
+                .query_one(
+                    "SELECT count(*), count(DISTINCT request_key) FROM homes
+                     WHERE tenant_id = (SELECT id FROM tenancy.organizations WHERE slug = $1)
+                       AND request_key = ANY($2)",
+                    &[&tenant, &keys],
+                )
+                .await
+                .unwrap();
+            let (n, distinct) = (row.get::<_, i64>(0), row.get::<_, i64>(1));
+            if distinct != keys.len() as i64 {
+                // Which saves are missing, by the step they were made in.
+                let found: Vec<String> = client
+                    .query_one(
+                        "SELECT ARRAY(SELECT request_key FROM homes WHERE request_key = ANY($1))",
+                        &[&keys],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                let found: std::collections::HashSet<String> = found.into_iter().collect();
+                let mut missing: std::collections::BTreeMap<&str, Vec<&String>> =
+                    std::collections::BTreeMap::new();
+                for k in keys.iter().filter(|k| !found.contains(*k)) {
+                    missing.entry(live.saved_in[k]).or_default().push(k);
+                }
+                eprintln!("MISSING {tenant}: {missing:?}");
+            }
+            format!("{n}/{distinct}")
+        })
     };
     let n = live.legacy.len();
     assert_eq!(count("acme", &live.legacy), format!("{n}/{n}"));
