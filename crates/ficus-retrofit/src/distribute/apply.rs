@@ -864,8 +864,9 @@ const UNBLOCK_FAILURES: u32 = 40;
 /// the move anyway and the writes made during it are gone (reproduced with
 /// pgbench and no Ficus: a table owner writing 100 rows a second under
 /// `FORCE ROW LEVEL SECURITY`, 1,464 acknowledged rows lost over four moves;
-/// and in the rebalance test, 267 saves in a row). `BYPASSRLS` for those roles alone lets the rows through as
-/// they were written, and is less than the superuser Citus made them with.
+/// and in the rebalance test, 267 saves in a row). `BYPASSRLS` for those
+/// roles alone lets the rows through as they were written, and is less than
+/// the superuser Citus made them with.
 /// The roles are Citus's and dropped with the move. A role is touched only
 /// once Citus has taken its superuser away (until then it bypasses row level
 /// security anyway): altering it while Citus's own `ALTER ROLE … NOSUPERUSER`
