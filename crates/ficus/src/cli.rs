@@ -636,6 +636,8 @@ pub enum DbDistributeCommand {
     /// Move shards onto every worker that takes them, online (logical
     /// replication), printing each move as it goes.
     Rebalance(DbUrl),
+    /// Give one tenant shards of its own in every co-located table, online.
+    Isolate(DbIsolateArgs),
     /// Distribute online, as `distribute plan` decided: keys widened
     /// concurrently, foreign keys set aside and restored, the tables handed to
     /// Citus concurrently, tenant context made to reach the workers; then
@@ -668,6 +670,14 @@ pub struct DbDistributeArgs {
     pub execute: bool,
     #[command(flatten)]
     pub lock: LockArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DbIsolateArgs {
+    #[command(flatten)]
+    pub db: DbUrl,
+    /// The tenant's id (its slug in tenancy.organizations).
+    pub tenant: String,
 }
 
 #[derive(Debug, Args)]

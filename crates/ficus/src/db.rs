@@ -258,6 +258,23 @@ pub async fn run(command: DbCommand, json: bool, out: &mut impl Write) -> Result
             }
             Ok(())
         }
+        DbCommand::Distribute(DbDistributeCommand::Isolate(args)) => {
+            use ficus_retrofit::distribute::scale;
+            let client = connect(&args.db.url).await?;
+            let done = scale::isolate(&client, &args.db.url, &args.tenant).await?;
+            if json {
+                output::json(out, &done)?;
+            } else {
+                writeln!(
+                    out,
+                    "tenant {} isolated: shard {} on {}",
+                    done.tenant,
+                    done.shard,
+                    done.nodes.join(", ")
+                )?;
+            }
+            Ok(())
+        }
         DbCommand::Tenant(DbTenantCommand::Add(args)) => {
             let client = connect(&args.db.url).await?;
             let id = apply::add_tenant(&client, &args.id, &args.name).await?;

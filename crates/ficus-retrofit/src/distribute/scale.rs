@@ -187,6 +187,128 @@ pub async fn rebalance(
     })
 }
 
+/// Where an isolated tenant ended up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Isolated {
+    pub tenant: String,
+    /// The new shard of `tenancy.organizations` holding the tenant alone (the
+    /// co-located tables got theirs alongside).
+    pub shard: i64,
+    pub nodes: Vec<String>,
+}
+
+/// Splits the shard holding `tenant` (its slug) so that the tenant has shards
+/// of its own in every co-located table, online. The split is of the
+/// co-location group's anchor (`tenancy.units`, as `distribute apply` leaves
+/// it; `tenancy.organizations` when a database was distributed by it), by the
+/// tenant's id, cascading to every table co-located with it. A tenant alone in
+/// its shard already is refused, named; so is a database with neither anchor
+/// distributed.
+pub async fn isolate(client: &Client, url: &str, tenant: &str) -> Result<Isolated> {
+    require_citus(client).await?;
+    require_durable_commits(client).await?;
+    // The anchor and its distribution column's type, as the catalog spells it
+    // (already quoted): the tenant's id is given to Citus as a value of it.
+    let anchor: Option<(String, String)> = client
+        .query_opt(
+            "SELECT p.logicalrelid::regclass::text, format_type(a.atttypid, a.atttypmod)
+             FROM (VALUES (1, 'tenancy.units'), (2, 'tenancy.organizations')) AS v(rank, name)
+             JOIN pg_dist_partition p ON p.logicalrelid = to_regclass(v.name)
+             JOIN pg_attribute a ON a.attrelid = p.logicalrelid
+              AND a.attname = column_to_column_name(p.logicalrelid, p.partkey)
+             WHERE p.partmethod = 'h'
+             ORDER BY v.rank LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(sql("finding the co-location group's anchor"))?
+        .map(|r| (r.get(0), r.get(1)));
+    let Some((anchor, id_type)) = anchor else {
+        return Err(Error::Refused(
+            "neither tenancy.units nor tenancy.organizations is distributed: run ficus db distribute apply first".into(),
+        ));
+    };
+    let id: Option<String> = client
+        .query_opt(
+            "SELECT id::text FROM tenancy.organizations WHERE slug = $1",
+            &[&tenant],
+        )
+        .await
+        .map_err(sql(format!("finding tenant {tenant}")))?
+        .map(|r| r.get(0));
+    let Some(id) = id else {
+        return Err(Error::Refused(format!(
+            "no tenant {tenant} in tenancy.organizations"
+        )));
+    };
+    // Citus plans a join of a distributed table with its own catalogs only
+    // when the tables are co-located, so the questions are asked apart; the
+    // organizations' ids are read once to the coordinator.
+    let shard: i64 = client
+        .query_one(
+            &format!(
+                "SELECT get_shard_id_for_distribution_column($1::text::regclass, $2::text::{id_type})"
+            ),
+            &[&anchor, &id],
+        )
+        .await
+        .map_err(sql(format!("finding tenant {tenant}'s shard")))?
+        .get(0);
+    let sharing: i64 = client
+        .query_one(
+            &format!(
+                "WITH ids AS MATERIALIZED (SELECT id FROM tenancy.organizations)
+                 SELECT count(*) FROM ids
+                 WHERE get_shard_id_for_distribution_column($1::text::regclass, ids.id::text::{id_type}) = $2"
+            ),
+            &[&anchor, &shard],
+        )
+        .await
+        .map_err(sql(format!("counting the tenants in shard {shard}")))?
+        .get(0);
+    let one_value: bool = client
+        .query_one(
+            "SELECT shardminvalue = shardmaxvalue FROM pg_dist_shard WHERE shardid = $1",
+            &[&shard],
+        )
+        .await
+        .map_err(sql(format!("reading shard {shard}")))?
+        .get(0);
+    if sharing == 1 && one_value {
+        return Err(Error::Refused(format!(
+            "tenant {tenant} has shards of its own already"
+        )));
+    }
+    // The split must be asked of the coordinator as a plain call: in a query
+    // over a distributed table it would run on a worker, which refuses it.
+    let split = format!(
+        "SELECT isolate_tenant_to_new_shard($1::text::regclass, $2::text::{id_type}, 'CASCADE', shard_transfer_mode => 'auto')"
+    );
+    let work = async {
+        client
+            .query_one(&split, &[&anchor, &id])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .map_err(sql(format!("isolating tenant {tenant}")))
+    };
+    let shard: i64 =
+        super::apply::with_replication_unblocked(url, client.cancel_token(), work).await?;
+    let nodes: Vec<String> = client
+        .query_one(
+            "SELECT ARRAY(SELECT nodename::text || ':' || nodeport FROM citus_shards
+                          WHERE shardid = $1 ORDER BY 1)",
+            &[&shard],
+        )
+        .await
+        .map_err(sql("reading the new shard's node"))?
+        .get(0);
+    Ok(Isolated {
+        tenant: tenant.to_string(),
+        shard,
+        nodes,
+    })
+}
+
 /// Refuses an online shard transfer (a distribution, a move, a split) where a
 /// commit may not be written when it is acknowledged: `synchronous_commit =
 /// off` on any node, for the server, this database or any role in it.

@@ -338,6 +338,9 @@ struct Live {
     /// The step each acknowledged save was made in, by key.
     saved_in: std::collections::HashMap<String, &'static str>,
     errors: Vec<String>,
+    /// Statements retried under the README's retry contract (Citus replaced
+    /// a shard they were planned on), each with the step it was in.
+    retried: Vec<String>,
     /// What the test is doing, named in each error.
     phase: &'static str,
 }
@@ -352,6 +355,40 @@ fn pg_error(e: &tokio_postgres::Error) -> String {
             d.detail().unwrap_or("")
         ),
         None => e.to_string(),
+    }
+}
+
+/// Whether an error is the one Citus gives a statement over several shards
+/// planned on a shard that a split replaced before it ran (upstream
+/// citusdata/citus#6360: Citus reroutes a one-shard statement, not these).
+/// The statement did nothing, and the README's contract for `isolate` is that
+/// the application retries it.
+fn shard_replaced(error: &str) -> bool {
+    error.starts_with("XX000: could not find valid entry for shard")
+}
+
+/// Runs one statement, retrying it while it fails with [`shard_replaced`] (at
+/// most three times), noting each retry in `live`.
+async fn retrying<T, F, Fut>(
+    live: &std::sync::Mutex<Live>,
+    mut statement: F,
+) -> Result<T, tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let mut retries = 0;
+    loop {
+        match statement().await {
+            Err(e) if retries < 3 && shard_replaced(&pg_error(&e)) => {
+                retries += 1;
+                let mut l = live.lock().unwrap();
+                let phase = l.phase;
+                l.retried
+                    .push(format!("legacy during {phase}: {}", pg_error(&e)));
+            }
+            done => return done,
+        }
     }
 }
 
@@ -388,25 +425,37 @@ async fn live_app(
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
                 let key = format!("legacy-{n}");
+                // Each statement is on its own (autocommit), so one that
+                // failed did nothing and is retried alone.
                 let saved = async {
-                    let id: i64 = client
-                        .query_one(
-                            "INSERT INTO homes (address, city, price, bedrooms, request_key)
-                             VALUES ('1 Live Street', 'Lyon', 200000, 2, $1) RETURNING id",
-                            &[&key],
-                        )
-                        .await?
-                        .get(0);
-                    client
-                        .execute(
-                            "INSERT INTO valuations (home_id, value) VALUES ($1, 200000)",
-                            &[&id],
-                        )
-                        .await?;
-                    client
-                        .query_one("SELECT count(*) FROM homes WHERE id = $1", &[&id])
-                        .await
-                        .map(|r| r.get::<_, i64>(0))
+                    let (client, key) = (&client, &key);
+                    let id: i64 = retrying(&live, || async move {
+                        client
+                            .query_one(
+                                "INSERT INTO homes (address, city, price, bedrooms, request_key)
+                                 VALUES ('1 Live Street', 'Lyon', 200000, 2, $1) RETURNING id",
+                                &[key],
+                            )
+                            .await
+                    })
+                    .await?
+                    .get(0);
+                    retrying(&live, || async move {
+                        client
+                            .execute(
+                                "INSERT INTO valuations (home_id, value) VALUES ($1, 200000)",
+                                &[&id],
+                            )
+                            .await
+                    })
+                    .await?;
+                    retrying(&live, || async move {
+                        client
+                            .query_one("SELECT count(*) FROM homes WHERE id = $1", &[&id])
+                            .await
+                    })
+                    .await
+                    .map(|r| r.get::<_, i64>(0))
                 };
                 match saved.await {
                     Ok(1) => {
@@ -436,38 +485,57 @@ async fn live_app(
         while !stop.load(Ordering::SeqCst) {
             n += 1;
             let key = format!("globex-{n}");
-            let saved = async {
-                let mut client = connect("portal_tenant").await?;
-                let tx = client.transaction().await.map_err(|e| pg_error(&e))?;
-                tx.batch_execute(&format!("SET LOCAL ficus.tenant_id = '{globex}'"))
-                    .await
-                    .map_err(|e| pg_error(&e))?;
-                tx.execute(
-                    "INSERT INTO homes (address, city, price, bedrooms, request_key)
+            // A transaction that failed before its commit was rolled back
+            // whole, so it is retried whole.
+            let mut retries = 0;
+            let saved = loop {
+                let saved = async {
+                    let mut client = connect("portal_tenant").await?;
+                    let tx = client.transaction().await.map_err(|e| pg_error(&e))?;
+                    tx.batch_execute(&format!("SET LOCAL ficus.tenant_id = '{globex}'"))
+                        .await
+                        .map_err(|e| pg_error(&e))?;
+                    tx.execute(
+                        "INSERT INTO homes (address, city, price, bedrooms, request_key)
                      VALUES ('2 Live Street', 'Porto', 300000, 3, $1)",
-                    &[&key],
-                )
-                .await
-                .map_err(|e| pg_error(&e))?;
-                let (mine, others): (i64, i64) = tx
-                    .query_one(
-                        "SELECT count(*) FILTER (WHERE request_key = $1),
-                                count(*) FILTER (WHERE tenant_id::text <> $2)
-                         FROM homes",
-                        &[&key, &globex],
+                        &[&key],
                     )
                     .await
-                    .map(|r| (r.get(0), r.get(1)))
                     .map_err(|e| pg_error(&e))?;
-                tx.commit().await.map_err(|e| pg_error(&e))?;
-                if mine != 1 || others != 0 {
-                    return Err(format!(
-                        "saw its save {mine} times and {others} rows of other tenants"
-                    ));
+                    let (mine, others): (i64, i64) = tx
+                        .query_one(
+                            "SELECT count(*) FILTER (WHERE request_key = $1),
+                                count(*) FILTER (WHERE tenant_id::text <> $2)
+                         FROM homes",
+                            &[&key, &globex],
+                        )
+                        .await
+                        .map(|r| (r.get(0), r.get(1)))
+                        .map_err(|e| pg_error(&e))?;
+                    // Named, so that a failed commit (its outcome unknown) is never
+                    // taken for a retryable statement.
+                    tx.commit()
+                        .await
+                        .map_err(|e| format!("commit: {}", pg_error(&e)))?;
+                    if mine != 1 || others != 0 {
+                        return Err(format!(
+                            "saw its save {mine} times and {others} rows of other tenants"
+                        ));
+                    }
+                    Ok(())
                 }
-                Ok(())
+                .await;
+                match saved {
+                    Err(e) if retries < 3 && shard_replaced(&e) => {
+                        retries += 1;
+                        let mut l = live.lock().unwrap();
+                        let phase = l.phase;
+                        l.retried.push(format!("tenant during {phase}: {e}"));
+                    }
+                    done => break done,
+                }
             };
-            match saved.await {
+            match saved {
                 Ok(()) => {
                     let mut l = live.lock().unwrap();
                     let phase = l.phase;
@@ -692,6 +760,27 @@ fn the_demo_database_is_distributed_scaled_out_proved_and_reverted_while_the_app
         least > 0 && most - least <= most / 4,
         "the workers hold {held:?} shards: {after}"
     );
+    live.lock().unwrap().phase = "isolate";
+    let isolated: serde_json::Value =
+        serde_json::from_str(&run(&["db", "distribute", "isolate", "globex", "--json"])).unwrap();
+    let s = status_json(&url);
+    let place = s["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "globex")
+        .unwrap();
+    assert_eq!(place["shard"], isolated["shard"], "{s}");
+    assert_eq!(place["alone"], true, "{s}");
+    live.lock().unwrap().phase = "after isolate";
+    for (tenant, why) in [
+        ("globex", "error: tenant globex has shards of its own already"),
+        ("nosuch", "error: no tenant nosuch in tenancy.organizations"),
+    ] {
+        let out = ficus(&url, &["db", "distribute", "isolate", tenant]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), why);
+    }
     // Still isolated by row level security on whichever node holds a tenant.
     let probe: serde_json::Value =
         serde_json::from_str(&run(&["db", "probe", "--plan", "plan.toml", "--json"])).unwrap();
@@ -732,6 +821,11 @@ fn the_demo_database_is_distributed_scaled_out_proved_and_reverted_while_the_app
         }
     }
     assert_eq!(live.errors, Vec::<String>::new());
+    // The retry contract is for a statement caught at one of Citus's shard
+    // swaps: a handful in a run, each retried once to success (a statement
+    // failing a fourth time is in `errors`).
+    eprintln!("retried under the contract: {:?}", live.retried);
+    assert!(live.retried.len() <= 6, "{:?}", live.retried);
     assert!(
         during_apply > 0 && during_rebalance > 0 && during_revert > 0,
         "the app saved {during_apply} homes during apply, {during_rebalance} during the rebalance and {during_revert} during revert"
