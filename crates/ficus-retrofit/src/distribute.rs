@@ -57,6 +57,28 @@ pub struct UniqueKey {
     pub partial: bool,
     /// `pg_get_indexdef`: how to build it again.
     pub definition: String,
+    /// The index's access method (`btree`).
+    pub method: String,
+    /// What `pg_get_indexdef` says after `USING <method> (`: the key columns
+    /// with their operator classes, collations and orderings, then `INCLUDE`,
+    /// `NULLS NOT DISTINCT` and storage parameters, as the server deparsed
+    /// them. The widened twin is this with the distribution column put first,
+    /// so that it differs from the key in nothing else. Empty when the
+    /// definition did not read as expected; the key is then left to the
+    /// operator.
+    pub columns_and_rest: String,
+    /// ` DEFERRABLE`, ` DEFERRABLE INITIALLY DEFERRED` or empty: when the
+    /// constraint is checked, kept when it moves to the widened index.
+    pub deferrable: &'static str,
+    /// `NULLS NOT DISTINCT`: two rows with a null in the key collide.
+    pub nulls_not_distinct: bool,
+}
+
+/// Whether Ficus widens `k` by itself: a key over plain columns, everywhere,
+/// whose definition it could read (so the twin keeps everything but the added
+/// column).
+fn widens_alone(k: &UniqueKey) -> bool {
+    !k.partial && !k.columns.iter().any(|c| c == "(expression)") && !k.columns_and_rest.is_empty()
 }
 
 /// A foreign key, from the table that holds it.
@@ -307,10 +329,13 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                         citus: key_refused(table),
                         fix: if k.kind == "exclusion constraint" {
                             format!("rebuild it by hand including {column} with the equality operator: an exclusion constraint is not widened automatically")
-                        } else if k.partial || k.columns.iter().any(|c| c == "(expression)") {
-                            format!(
-                                "rebuild it by hand including {column}: a partial or expression key is not widened automatically"
-                            )
+                        } else if !widens_alone(k) {
+                            let why = if k.columns_and_rest.is_empty() {
+                                "its definition did not read as a unique index's"
+                            } else {
+                                "a partial or expression key is not widened automatically"
+                            };
+                            format!("rebuild it by hand including {column}: {why}")
                         } else if k.kind == "primary key" {
                             format!(
                                 "build a unique index on ({}) concurrently, then swap the primary key to it (ADD PRIMARY KEY USING INDEX) in one short lock, while the foreign keys on it are set aside",
@@ -322,8 +347,7 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                                 col_list(&widened)
                             )
                         },
-                        automatic: k.kind != "exclusion constraint"
-                            && !(k.partial || k.columns.iter().any(|c| c == "(expression)")),
+                        automatic: k.kind != "exclusion constraint" && widens_alone(k),
                     });
                 }
             }
@@ -676,8 +700,19 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                               FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
                               LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                               WHERE k.ord <= i.indnkeyatts ORDER BY k.ord),
-                        i.indpred IS NOT NULL, pg_get_indexdef(i.indexrelid)
+                        i.indpred IS NOT NULL, pg_get_indexdef(i.indexrelid), am.amname::text,
+                        CASE WHEN starts_with(pg_get_indexdef(i.indexrelid), head.text)
+                             THEN substr(pg_get_indexdef(i.indexrelid), length(head.text) + 1) ELSE '' END,
+                        CASE WHEN con.condeferred THEN 'initially deferred' WHEN con.condeferrable THEN 'deferrable' ELSE '' END,
+                        -- Read through jsonb: the column is PostgreSQL 15's.
+                        COALESCE((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false)
                  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                 JOIN pg_am am ON am.oid = ic.relam
+                 JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                 -- How pg_get_indexdef starts a unique index's definition, up
+                 -- to its column list.
+                 CROSS JOIN LATERAL (SELECT format('CREATE UNIQUE INDEX %s ON %s.%s USING %s (',
+                        quote_ident(ic.relname), quote_ident(n.nspname), quote_ident(c.relname), quote_ident(am.amname))) head(text)
                  LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x')
                  WHERE i.indrelid = $1 AND (i.indisunique OR i.indisexclusion)
                  ORDER BY i.indisprimary DESC, ic.relname",
@@ -698,6 +733,14 @@ pub async fn read(client: &Client, plan: &Plan) -> Result<Facts> {
                 columns: r.get(2),
                 partial: r.get(3),
                 definition: r.get(4),
+                method: r.get(5),
+                columns_and_rest: r.get(6),
+                deferrable: match r.get::<_, &str>(7) {
+                    "initially deferred" => " DEFERRABLE INITIALLY DEFERRED",
+                    "deferrable" => " DEFERRABLE",
+                    _ => "",
+                },
+                nulls_not_distinct: r.get(8),
             });
         }
         for r in client
@@ -849,6 +892,10 @@ mod tests {
             columns: cols.iter().map(|c| c.to_string()).collect(),
             partial: false,
             definition: String::new(),
+            method: "btree".into(),
+            columns_and_rest: format!("{})", cols.join(", ")),
+            deferrable: "",
+            nulls_not_distinct: false,
         }
     }
 
@@ -1077,9 +1124,9 @@ mod tests {
         }
         expect![[r#"
             distribute:widen:public.orders:orders_pkey
-              (outside a transaction) CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "orders_pkey_ficus_wide" ON "public"."orders" ("tenant_id", "id")
+              (outside a transaction) CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "orders_pkey_ficus_wide" ON "public"."orders" USING "btree" ("tenant_id", id)
             distribute:widen:public.orders:orders_number
-              (outside a transaction) CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "orders_number_ficus_wide" ON "public"."orders" ("tenant_id", "number")
+              (outside a transaction) CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "orders_number_ficus_wide" ON "public"."orders" USING "btree" ("tenant_id", number)
             distribute:drop-fk:public.lines:lines_order
               ALTER TABLE "public"."lines" DROP CONSTRAINT IF EXISTS "lines_order"
             distribute:drop-fk:public.orders:orders_country

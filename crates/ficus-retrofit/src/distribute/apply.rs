@@ -4,12 +4,15 @@
 //!
 //! The steps, in order:
 //! 1. *widen*: each unique key without the distribution column gets a twin
-//!    that leads with it, built concurrently (reads and writes go on);
+//!    that leads with it and is otherwise the same (the server's own
+//!    deparse of the key, so operator classes, orderings, INCLUDE and NULLS
+//!    NOT DISTINCT stay), built concurrently (reads and writes go on);
 //! 2. *drop-fk*: every foreign key touching a table Citus will manage is
 //!    dropped (Citus distributes a table concurrently only when no regular
 //!    table points into it); the definition is kept to restore it;
 //! 3. *swap*: each narrow key is replaced by its twin in one short lock
-//!    (`ADD PRIMARY KEY USING INDEX`, `ADD UNIQUE USING INDEX`);
+//!    (`ADD PRIMARY KEY USING INDEX`, `ADD UNIQUE USING INDEX`, deferrable
+//!    as before);
 //! 4. *helpers*: `default_tenant_id()` becomes a function that reads no table
 //!    (tenant zero, as the settings hold it now, written into its body), since
 //!    a worker's policy cannot read a coordinator table, and both helpers are
@@ -55,6 +58,19 @@ pub struct Move {
     pub undo: Vec<Statement>,
     /// What it does, for the operator.
     pub note: String,
+    /// What must hold before `revert` may undo this step, checked for every
+    /// step before the first is undone, so that a revert that cannot finish
+    /// does not start.
+    #[serde(default)]
+    pub undo_needs: Option<UndoNeeds>,
+}
+
+/// A condition of undoing a step: a query counting what stands in the way, and
+/// what the refusal says when it counts more than none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoNeeds {
+    pub query: String,
+    pub refusal: String,
 }
 
 /// What the helpers' rewrite needs to know, read from the database.
@@ -255,6 +271,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
             }
             let original = fk.definition.trim_end_matches(" NOT VALID").to_string();
             drop_fks.push(Move {
+                undo_needs: None,
                 id: format!(
                     "distribute:drop-fk:{}:{}",
                     crate::plan::key(holder),
@@ -311,6 +328,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
             };
             if let Some(definition) = definition {
                 add_fks.push(Move {
+                    undo_needs: None,
                     id: format!("distribute:fk:{}:{}", crate::plan::key(holder), fk.name),
                     table: Some(holder.clone()),
                     forward: add_foreign_key(holder, &fk.name, &definition, fk.validated),
@@ -361,6 +379,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
             let alter =
                 |c: &str| format!("ALTER POLICY {} ON {}{c}", quote(&p.name), dec.table.sql());
             policies.push(Move {
+                undo_needs: None,
                 id: format!(
                     "distribute:policy:{}:{}",
                     crate::plan::key(&dec.table),
@@ -383,6 +402,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
         )
     };
     let helper_steps = Move {
+        undo_needs: None,
         id: "distribute:helpers".into(),
         table: None,
         forward: vec![
@@ -410,6 +430,7 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
         },
     };
     let context = Move {
+        undo_needs: None,
         id: "distribute:tenant-context".into(),
         table: None,
         forward: vec![stmt(
@@ -476,6 +497,7 @@ fn place(dec: &Decision, facts: &Facts) -> Option<Move> {
     )];
     match &dec.placement {
         Placement::Reference => Some(Move {
+            undo_needs: None,
             id: format!("distribute:reference:{}", crate::plan::key(t)),
             table: Some(t.clone()),
             forward: vec![unless(
@@ -493,6 +515,7 @@ fn place(dec: &Decision, facts: &Facts) -> Option<Move> {
                 .as_ref()
                 .map_or_else(|| "none".to_string(), |w| w.sql());
             Some(Move {
+                undo_needs: None,
                 id: format!("distribute:table:{}", crate::plan::key(t)),
                 table: Some(t.clone()),
                 forward: vec![Statement {
@@ -515,6 +538,37 @@ fn place(dec: &Decision, facts: &Facts) -> Option<Move> {
     }
 }
 
+/// What `revert` needs before it narrows `k` again: no value of the narrow
+/// key held by two rows, which tenants may have made since it was widened
+/// (uniqueness per tenant). Nulls count as the key counts them.
+fn narrow_again(t: &Table, k: &UniqueKey) -> UndoNeeds {
+    let filter = if k.nulls_not_distinct {
+        String::new()
+    } else {
+        format!(
+            " WHERE {}",
+            k.columns
+                .iter()
+                .map(|c| format!("{} IS NOT NULL", quote(c)))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        )
+    };
+    UndoNeeds {
+        query: format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {}{filter} GROUP BY {} HAVING count(*) > 1) AS shared",
+            t.sql(),
+            cols(&k.columns)
+        ),
+        refusal: format!(
+            "{} {} on {t} cannot be ({}) again",
+            k.kind,
+            k.name,
+            k.columns.join(", ")
+        ),
+    }
+}
+
 /// The two steps that widen one key: its twin built concurrently, then the
 /// swap in one short lock.
 fn widen_key(t: &Table, column: &str, k: &UniqueKey) -> (Move, Move) {
@@ -525,13 +579,19 @@ fn widen_key(t: &Table, column: &str, k: &UniqueKey) -> (Move, Move) {
         .collect();
     let key = crate::plan::key(t);
     let build = Move {
+        undo_needs: None,
         id: format!("distribute:widen:{key}:{}", k.name),
         table: Some(t.clone()),
+        // The key as the server deparsed it, the distribution column put
+        // first: operator classes, orderings, INCLUDE and NULLS NOT DISTINCT
+        // stay as they were.
         forward: vec![concurrent(format!(
-            "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})",
+            "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} USING {} ({}, {}",
             quote(&wide),
             t.sql(),
-            cols(&wide_cols)
+            quote(&k.method),
+            quote(column),
+            k.columns_and_rest
         ))],
         undo: vec![concurrent(format!(
             "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
@@ -559,22 +619,25 @@ fn widen_key(t: &Table, column: &str, k: &UniqueKey) -> (Move, Move) {
             };
             let to = |index: &str| {
                 format!(
-                    "ALTER TABLE {} DROP CONSTRAINT {name}, ADD CONSTRAINT {name} {what} USING INDEX {}",
+                    "ALTER TABLE {} DROP CONSTRAINT {name}, ADD CONSTRAINT {name} {what} USING INDEX {}{}",
                     t.sql(),
                     quote(index),
+                    k.deferrable,
                     name = quote(&k.name)
                 )
             };
             Move {
+                undo_needs: Some(narrow_again(t, k)),
                 id: format!("distribute:swap:{key}:{}", k.name),
                 table: Some(t.clone()),
                 forward: vec![unless(to(&wide), gone(&wide))],
                 undo: vec![
                     concurrent(format!(
-                        "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})",
+                        "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} USING {} ({}",
                         quote(&narrow),
                         t.sql(),
-                        cols(&k.columns)
+                        quote(&k.method),
+                        k.columns_and_rest
                     )),
                     unless(to(&narrow), gone(&narrow)),
                 ],
@@ -595,6 +658,7 @@ fn widen_key(t: &Table, column: &str, k: &UniqueKey) -> (Move, Move) {
                 1,
             );
             Move {
+                undo_needs: Some(narrow_again(t, k)),
                 id: format!("distribute:swap:{key}:{}", k.name),
                 table: Some(t.clone()),
                 forward: vec![
@@ -1100,6 +1164,25 @@ async fn revert_locked(
     on_event: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<()> {
     let moves = begun(client).await?;
+    // Every step's condition first: a revert that would stop halfway (the
+    // tables back on the coordinator, a key that cannot be narrowed again)
+    // does not start.
+    for (m, _) in moves.iter().filter(|(_, begun)| *begun) {
+        let Some(needs) = &m.undo_needs else {
+            continue;
+        };
+        let standing: i64 = client
+            .query_one(&needs.query, &[])
+            .await
+            .map_err(sql(format!("checking that {} can be undone", m.id)))?
+            .get(0);
+        if standing > 0 {
+            return Err(Error::Refused(format!(
+                "{}: {standing} of its values are held by more than one row now (tenants may share a value once the key is widened); make them unique, or keep the database distributed",
+                needs.refusal
+            )));
+        }
+    }
     for (m, begun) in moves.iter().rev() {
         if !begun {
             continue;

@@ -774,7 +774,10 @@ fn the_demo_database_is_distributed_scaled_out_proved_and_reverted_while_the_app
     assert_eq!(place["alone"], true, "{s}");
     live.lock().unwrap().phase = "after isolate";
     for (tenant, why) in [
-        ("globex", "error: tenant globex has shards of its own already"),
+        (
+            "globex",
+            "error: tenant globex has shards of its own already",
+        ),
         ("nosuch", "error: no tenant nosuch in tenancy.organizations"),
     ] {
         let out = ficus(&url, &["db", "distribute", "isolate", tenant]);
@@ -899,15 +902,30 @@ fn the_demo_database_is_distributed_scaled_out_proved_and_reverted_while_the_app
 const NORTHWIND: &str =
     include_str!("../../../ficus-retrofit/tests/retrofit/schemas/northwind.sql");
 const CHINOOK: &str = include_str!("../../../ficus-retrofit/tests/retrofit/schemas/chinook.sql");
+/// Keys that say more than their columns: a deferred primary key, a unique
+/// constraint with INCLUDE, NULLS NOT DISTINCT and a storage parameter, a
+/// unique index with an operator class and an ordering.
+const KEYS: &str = "CREATE TABLE ledgers (
+        id bigserial, code text, label text NOT NULL, note text,
+        CONSTRAINT ledgers_pkey PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED,
+        CONSTRAINT ledgers_code_key UNIQUE NULLS NOT DISTINCT (code) INCLUDE (label) WITH (fillfactor = 70));
+    CREATE UNIQUE INDEX ledgers_label_idx ON ledgers (label text_pattern_ops DESC NULLS LAST) INCLUDE (note);
+    INSERT INTO ledgers (code, label, note)
+    SELECT CASE WHEN i > 1 THEN 'c' || i END, 'l' || i, 'n' || i FROM generate_series(1, 50) i";
 
 /// Real schemas nobody here wrote, retrofitted and enforced, then
 /// distributed and reverted: every table's rows unchanged both ways, every
 /// one-tenant query on one shard, no leak in the probe's matrix, and after
 /// the revert the same constraints and indexes as before.
 #[test]
-fn northwind_and_chinook_are_distributed_and_reverted_with_their_keys_as_they_were() {
+fn northwind_chinook_and_keys_that_say_more_than_their_columns_are_distributed_and_reverted_as_they_were()
+ {
     let cluster = CitusCluster::start(2, 0).unwrap();
-    for (name, schema) in [("northwind", NORTHWIND), ("chinook", CHINOOK)] {
+    for (name, schema) in [
+        ("northwind", NORTHWIND),
+        ("chinook", CHINOOK),
+        ("keys", KEYS),
+    ] {
         let url = cluster.fresh_database(name).unwrap();
         let db = url.rsplit('/').next().unwrap().to_string();
         let sql = |q: &str| {
@@ -982,6 +1000,53 @@ fn northwind_and_chinook_are_distributed_and_reverted_with_their_keys_as_they_we
             "{name}: every tenant-owned table and the spine's units and members"
         );
         assert_eq!(rows(), rows_before, "{name}: rows after apply");
+        if name == "keys" {
+            // Widened by the distribution column and nothing else.
+            expect_test::expect![[r#"
+                CREATE INDEX ledgers_tenant_id_idx ON public.ledgers USING btree (tenant_id)
+                CREATE UNIQUE INDEX ledgers_code_key ON public.ledgers USING btree (tenant_id, code) INCLUDE (label) NULLS NOT DISTINCT WITH (fillfactor='70')
+                CREATE UNIQUE INDEX ledgers_label_idx ON public.ledgers USING btree (tenant_id, label text_pattern_ops DESC NULLS LAST) INCLUDE (note)
+                CREATE UNIQUE INDEX ledgers_pkey ON public.ledgers USING btree (tenant_id, id)
+                ledgers_code_key UNIQUE NULLS NOT DISTINCT (tenant_id, code) INCLUDE (label)
+                ledgers_pkey PRIMARY KEY (tenant_id, id) DEFERRABLE INITIALLY DEFERRED"#]]
+            .assert_eq(&sql(
+                "SELECT string_agg(d, E'\\n' ORDER BY d) FROM (
+                   SELECT conname || ' ' || pg_get_constraintdef(oid) AS d FROM pg_constraint
+                   WHERE conrelid = 'public.ledgers'::regclass AND contype IN ('p', 'u')
+                   UNION ALL
+                   SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = 'public.ledgers'::regclass) x",
+            ));
+            // Uniqueness is per tenant now: a second tenant may reuse a code,
+            // and then the narrow key cannot come back. Revert says so before
+            // it undoes anything.
+            let globex = sql("SELECT id FROM tenancy.organizations WHERE slug = 'globex'");
+            sql(&format!(
+                "INSERT INTO ledgers (code, label, tenant_id) VALUES ('c2', 'globex', '{globex}')"
+            ));
+            let plan = dir.path().join("plan.toml");
+            let out = ficus(
+                &url,
+                &[
+                    "db",
+                    "distribute",
+                    "revert",
+                    "--plan",
+                    plan.to_str().unwrap(),
+                    "--execute",
+                ],
+            );
+            assert_eq!(out.status.code(), Some(1), "{out:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stderr).trim(),
+                "error: unique constraint ledgers_code_key on ledgers cannot be (code) again: 1 of its values are held by more than one row now (tenants may share a value once the key is widened); make them unique, or keep the database distributed"
+            );
+            assert_eq!(
+                sql("SELECT count(*) FROM pg_dist_partition"),
+                (routing.len() + 3).to_string(),
+                "nothing was undone"
+            );
+            sql("DELETE FROM ledgers WHERE label = 'globex'");
+        }
         run(&[
             "db",
             "distribute",
