@@ -85,6 +85,12 @@ CONF
   port=$((18060 + t))
   taskset -c "$(cores $t)" "$bench" hyper-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/hyper-$t.log" & pids+=($!)
   url[hyper-floor-${t}t]=http://127.0.0.1:$port/homes/1
+  # Ficus's plain forwarding path on hyper (the proxy's own resolution, routing
+  # and counting; see crates/ficus-bench/src/hyper_path.rs): what moving the data
+  # plane off pingora would buy, measured before moving it.
+  port=$((18070 + t))
+  taskset -c "$(cores $t)" "$bench" hyper-ficus 127.0.0.1:$port 127.0.0.1:18001 --threads $t --tenants 10 2>"$work/hyper-ficus-$t.log" & pids+=($!)
+  url[hyper-ficus-${t}t]=http://127.0.0.1:$port/homes/1
 done
 url[direct]=http://127.0.0.1:18001/homes/1
 
@@ -126,7 +132,7 @@ done = function(summary, latency, requests)
 end
 LUA
 
-order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t ficus-1t ficus-100k-1t nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t ficus-2t)
+order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t ficus-1t ficus-100k-1t hyper-ficus-1t nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t ficus-2t hyper-ficus-2t)
 declare -A rps p50 p99 p999 err fp50 fp99 fp999
 for name in "${order[@]}"; do
   $load wrk -t1 -c32 -d2s -s "$work/report.lua" "${url[$name]}" >/dev/null   # warm-up
@@ -150,15 +156,17 @@ print(f"| {n} | {r:,.0f} | {r/ng:.2f}× | {r/ha:.2f}× | {a} ms | {b} ms | {c} m
 PY
 done
 echo
-python3 - "${rps[ficus-1t]}" "${rps[ficus-100k-1t]}" "${rps[pingora-floor-1t]}" "${rps[pingora-floor-2t]}" "${rps[ficus-2t]}" "${rps[nginx-1t]}" "${rps[nginx-2t]}" "${p99[ficus-1t]}" "${p99[nginx-1t]}" "${p99[ficus-2t]}" "${p99[nginx-2t]}" "${fp99[ficus-1t]}" "${fp99[nginx-1t]}" "${fp99[direct]}" <<'PY'
+python3 - "${rps[ficus-1t]}" "${rps[ficus-100k-1t]}" "${rps[pingora-floor-1t]}" "${rps[pingora-floor-2t]}" "${rps[ficus-2t]}" "${rps[nginx-1t]}" "${rps[nginx-2t]}" "${p99[ficus-1t]}" "${p99[nginx-1t]}" "${p99[ficus-2t]}" "${p99[nginx-2t]}" "${fp99[ficus-1t]}" "${fp99[nginx-1t]}" "${fp99[direct]}" "${rps[hyper-ficus-1t]}" "${rps[hyper-ficus-2t]}" "${rps[hyper-floor-1t]}" "${rps[hyper-floor-2t]}" <<'PY'
 import sys
 f1, f100k, fl1, fl2, f2, n1, n2 = map(float, sys.argv[1:8])
-p_f1, p_n1, p_f2, p_n2, q_f, q_n, q_d = map(float, sys.argv[8:])
+p_f1, p_n1, p_f2, p_n2, q_f, q_n, q_d = map(float, sys.argv[8:15])
+h1, h2, hf1, hf2 = map(float, sys.argv[15:19])
 ok = lambda c: "met" if c else "NOT met"
 print(f"Ficus vs nginx, 1 thread: {f1/n1:.2f}× (target ≥ 0.95×: {ok(f1/n1 >= 0.95)}); 2 threads: {f2/n2:.2f}× ({ok(f2/n2 >= 0.95)})")
 print(f"Ficus vs the pingora floor: {f1/fl1:.2f}× at 1 thread, {f2/fl2:.2f}× at 2")
 print(f"p99 at saturation, Ficus vs nginx: {p_f1:.3f} vs {p_n1:.3f} ms at 1 thread ({ok(p_f1 <= p_n1)}), {p_f2:.3f} vs {p_n2:.3f} ms at 2 ({ok(p_f2 <= p_n2)})")
 print(f"added p99 at a fixed rate, Ficus vs nginx: {q_f - q_d:+.3f} vs {q_n - q_d:+.3f} ms (target ≤ nginx + 0.1 ms: {ok(q_f - q_d <= q_n - q_d + 0.1)})")
+print(f"Ficus's path on hyper vs nginx: {h1/n1:.2f}× at 1 thread, {h2/n2:.2f}× at 2; vs Ficus on pingora: {h1/f1:.2f}×, {h2/f2:.2f}×; vs the hyper floor: {h1/hf1:.2f}×, {h2/hf2:.2f}×")
 print(f"100,000 tenants vs 10: {f100k/f1:.3f}× the throughput ({(f100k/f1-1)*100:+.1f}%; target within 5%: {ok(abs(f100k/f1-1) <= 0.05)})")
 PY
 echo

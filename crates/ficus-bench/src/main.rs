@@ -14,6 +14,9 @@
 //! - `ficus-bench hyper-floor LISTEN UPSTREAM [--threads N] [--allocs FILE]`: the
 //!   same with hyper 1.x (server and pooled client), the other Rust HTTP/1 stack a
 //!   data plane could stand on;
+//! - `ficus-bench hyper-ficus LISTEN UPSTREAM [--threads N] [--tenants N]
+//!   [--allocs FILE]`: Ficus's plain forwarding path on hyper 1.x, with the
+//!   proxy's own resolution, routing and counting (see `hyper_path.rs`);
 //! - `ficus-bench proxy CONFIG [--allocs FILE]`: `ficus proxy` itself, in this
 //!   process, so that its allocations are counted;
 //! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N] [--routes]`:
@@ -78,6 +81,7 @@ mod backfill;
 mod corpus;
 mod dashboard;
 mod distribute;
+mod hyper_path;
 mod provision;
 mod readiness;
 mod rls;
@@ -136,6 +140,10 @@ fn main() -> Result<(), Error> {
         Some("propagation") => return propagation(&argv[1..]),
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
         Some("hyper-floor") => return hyper_floor(&argv[1..]),
+        Some("hyper-ficus") => {
+            report_allocations(&argv[1..]);
+            return hyper_path::run(&argv[1..]);
+        }
         Some("proxy") => return proxy(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
