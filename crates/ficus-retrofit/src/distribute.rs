@@ -330,7 +330,9 @@ pub fn decide(plan: &Plan, facts: &Facts) -> Distribution {
                         fix: if k.kind == "exclusion constraint" {
                             format!("rebuild it by hand including {column} with the equality operator: an exclusion constraint is not widened automatically")
                         } else if !widens_alone(k) {
-                            let why = if k.columns_and_rest.is_empty() {
+                            let why = if f.partitioned {
+                                "a partitioned table's key is not widened automatically"
+                            } else if k.columns_and_rest.is_empty() {
                                 "its definition did not read as a unique index's"
                             } else {
                                 "a partial or expression key is not widened automatically"

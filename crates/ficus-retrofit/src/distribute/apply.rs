@@ -540,7 +540,10 @@ fn place(dec: &Decision, facts: &Facts) -> Option<Move> {
 
 /// What `revert` needs before it narrows `k` again: no value of the narrow
 /// key held by two rows, which tenants may have made since it was widened
-/// (uniqueness per tenant). Nulls count as the key counts them.
+/// (uniqueness per tenant). Nulls count as the key counts them. Equality is
+/// the columns' default (`GROUP BY`), not the index's operator class or
+/// collation: a key under a nondeterministic collation can still fail its
+/// rebuild, named by the server then.
 fn narrow_again(t: &Table, k: &UniqueKey) -> UndoNeeds {
     let filter = if k.nulls_not_distinct {
         String::new()
@@ -1168,24 +1171,24 @@ async fn revert_locked(
     // tables back on the coordinator, a key that cannot be narrowed again)
     // does not start.
     for (m, _) in moves.iter().filter(|(_, begun)| *begun) {
-        let Some(needs) = &m.undo_needs else {
-            continue;
-        };
-        let standing: i64 = client
-            .query_one(&needs.query, &[])
-            .await
-            .map_err(sql(format!("checking that {} can be undone", m.id)))?
-            .get(0);
-        if standing > 0 {
+        if let Some(standing) = undo_blocked(client, m).await? {
             return Err(Error::Refused(format!(
-                "{}: {standing} of its values are held by more than one row now (tenants may share a value once the key is widened); make them unique, or keep the database distributed",
-                needs.refusal
+                "{standing}; nothing was undone: make them unique, or keep the database distributed"
             )));
         }
     }
     for (m, begun) in moves.iter().rev() {
         if !begun {
             continue;
+        }
+        // Again right before the step: the application kept writing while
+        // the steps after it were undone (copying every table back takes a
+        // while).
+        if let Some(standing) = undo_blocked(client, m).await? {
+            return Err(Error::Refused(format!(
+                "{standing}; revert stopped before {}, the steps after it are undone: make them unique and run revert again to go on",
+                m.id
+            )));
         }
         let started = Instant::now();
         run_all(client, m, &m.undo, opts, on_event).await?;
@@ -1198,6 +1201,33 @@ async fn revert_locked(
             .map_err(sql("forgetting the distribution's steps"))?;
     }
     Ok(())
+}
+
+/// What stands in the way of undoing `m`, said for the operator, or `None`.
+/// Counted with row level security off, so that a migrator that owns a
+/// `FORCE ROW LEVEL SECURITY` table counts every tenant's rows (a role that
+/// row level security still binds gets an error instead of a short count).
+async fn undo_blocked(client: &mut Client, m: &Move) -> Result<Option<String>> {
+    let Some(needs) = &m.undo_needs else {
+        return Ok(None);
+    };
+    let checking = || sql(format!("checking that {} can be undone", m.id));
+    let tx = client.transaction().await.map_err(checking())?;
+    tx.batch_execute("SET LOCAL row_security = off")
+        .await
+        .map_err(checking())?;
+    let standing: i64 = tx
+        .query_one(&needs.query, &[])
+        .await
+        .map_err(checking())?
+        .get(0);
+    tx.commit().await.map_err(checking())?;
+    Ok((standing > 0).then(|| {
+        format!(
+            "{}: {standing} of its values are each held by more than one row now (tenants may share a value once the key is widened)",
+            needs.refusal
+        )
+    }))
 }
 
 /// How many shards a one-tenant point query on each distributed tenant-owned

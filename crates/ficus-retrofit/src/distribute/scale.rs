@@ -191,8 +191,9 @@ pub async fn rebalance(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Isolated {
     pub tenant: String,
-    /// The new shard of `tenancy.organizations` holding the tenant alone (the
-    /// co-located tables got theirs alongside).
+    /// The new shard of the co-location group's anchor (`tenancy.units` as
+    /// `distribute apply` leaves it) holding the tenant alone; the co-located
+    /// tables got theirs alongside.
     pub shard: i64,
     pub nodes: Vec<String>,
 }

@@ -368,7 +368,8 @@ fn shard_replaced(error: &str) -> bool {
 }
 
 /// Runs one statement, retrying it while it fails with [`shard_replaced`] (at
-/// most three times), noting each retry in `live`.
+/// most three times) during `isolate`, the one step the contract is for,
+/// noting each retry in `live`; in any other step the error is an error.
 async fn retrying<T, F, Fut>(
     live: &std::sync::Mutex<Live>,
     mut statement: F,
@@ -380,7 +381,11 @@ where
     let mut retries = 0;
     loop {
         match statement().await {
-            Err(e) if retries < 3 && shard_replaced(&pg_error(&e)) => {
+            Err(e)
+                if retries < 3
+                    && live.lock().unwrap().phase == "isolate"
+                    && shard_replaced(&pg_error(&e)) =>
+            {
                 retries += 1;
                 let mut l = live.lock().unwrap();
                 let phase = l.phase;
@@ -526,7 +531,11 @@ async fn live_app(
                 }
                 .await;
                 match saved {
-                    Err(e) if retries < 3 && shard_replaced(&e) => {
+                    Err(e)
+                        if retries < 3
+                            && live.lock().unwrap().phase == "isolate"
+                            && shard_replaced(&e) =>
+                    {
                         retries += 1;
                         let mut l = live.lock().unwrap();
                         let phase = l.phase;
@@ -1038,7 +1047,7 @@ fn northwind_chinook_and_keys_that_say_more_than_their_columns_are_distributed_a
             assert_eq!(out.status.code(), Some(1), "{out:?}");
             assert_eq!(
                 String::from_utf8_lossy(&out.stderr).trim(),
-                "error: unique constraint ledgers_code_key on ledgers cannot be (code) again: 1 of its values are held by more than one row now (tenants may share a value once the key is widened); make them unique, or keep the database distributed"
+                "error: unique constraint ledgers_code_key on ledgers cannot be (code) again: 1 of its values are each held by more than one row now (tenants may share a value once the key is widened); nothing was undone: make them unique, or keep the database distributed"
             );
             assert_eq!(
                 sql("SELECT count(*) FROM pg_dist_partition"),
