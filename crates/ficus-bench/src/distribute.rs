@@ -11,9 +11,11 @@
 //! running: first S seconds with nothing running (the idle baseline), then
 //! every step of the apply, then S seconds distributed and idle, then a third
 //! worker added and the shards rebalanced onto it (`ficus db distribute
-//! rebalance`'s code). Then pgbench measures a one-tenant point query, as the
-//! tenant role in its own context, on the retrofitted single node before the
-//! apply and on the distributed table after the rebalance, in the same run.
+//! rebalance`'s code), then the largest tenant isolated (`isolate`'s code;
+//! the apps do not retry, so an error at the split's switch-over is counted).
+//! Then pgbench measures a one-tenant point query, as the tenant role in its
+//! own context, on the retrofitted single node before the apply and on the
+//! distributed table at the end, in the same run.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,6 +162,21 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         )
     })?;
     let rebalance_took = rebalance_started.elapsed();
+    // Then the largest tenant (tenant zero, which holds every loaded row) given
+    // shards of its own, the apps still writing.
+    let isolate_started = Instant::now();
+    let isolated = rt.block_on(async {
+        let c = connect(&url).await?;
+        let slug: String = c
+            .query_one(
+                "SELECT slug FROM tenancy.organizations WHERE id::text = $1",
+                &[&zero],
+            )
+            .await?
+            .get(0);
+        Ok::<_, Error>(ficus_retrofit::distribute::scale::isolate(&c, &url, &slug).await?)
+    })?;
+    let isolate_took = isolate_started.elapsed();
     stop.store(true, Ordering::SeqCst);
     app.join().map_err(|_| "the live app panicked")???;
     let distributed = pgbench("distributed")?;
@@ -243,6 +260,17 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         ms(p99) / ms(idle_p99).max(0.001),
         ms(p99) / ms(settled_p99).max(0.001)
     );
+    let (n, e, p99) = window(isolate_started, isolate_started + isolate_took);
+    println!(
+        "| **isolate the largest tenant** ({}, every loaded row; shard {} on {}) | **{:.1} s** | {n} | **{e}** | {:.1} ms | {:.2}× ({:.2}× distributed idle) |",
+        isolated.tenant,
+        isolated.shard,
+        isolated.nodes.join(", "),
+        isolate_took.as_secs_f64(),
+        ms(p99),
+        ms(p99) / ms(idle_p99).max(0.001),
+        ms(p99) / ms(settled_p99).max(0.001)
+    );
     println!(
         "\n| one-tenant point query (pgbench -c 4 -j 2 -T {secs}, tenant role, SET LOCAL context) | tps | latency | ratio |"
     );
@@ -252,7 +280,7 @@ pub fn run(argv: &[String]) -> Result<(), Error> {
         single.0, single.1
     );
     println!(
-        "| distributed (coordinator + 3 workers, after the rebalance) | {:.0} | {:.3} ms | {:.2}× the latency |",
+        "| distributed (coordinator + 3 workers, after the rebalance and the isolation) | {:.0} | {:.3} ms | {:.2}× the latency |",
         distributed.0,
         distributed.1,
         distributed.1 / single.1

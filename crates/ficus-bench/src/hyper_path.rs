@@ -15,6 +15,9 @@
 //! solve first. Shadow comparison, fail-over, timeouts per route, the tenant
 //! config endpoint and draining are not here either; those requests are not
 //! on the plain path this measures.
+//!
+//! [`serve`] is the hyper server and pooled client the hyper floor runs on
+//! too, so the two rows differ only in the per-request work.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,6 +32,7 @@ use ficus_proxy::metrics::{LegacyTraffic, Metrics};
 use ficus_proxy::resolve::{RequestParts, resolve};
 use ficus_proxy::table::RoutingTable;
 use http::{HeaderValue, header};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -47,7 +51,8 @@ struct Shared {
     new: Arc<str>,
 }
 
-type Answer = hyper::Response<http_body_util::Either<hyper::body::Incoming, String>>;
+/// An answer: the upstream's, streamed, or one the proxy makes itself.
+pub type Answer = hyper::Response<http_body_util::Either<Incoming, String>>;
 
 pub fn run(args: &[String]) -> Result<(), Error> {
     let listen: SocketAddr = args
@@ -94,12 +99,39 @@ pub fn run(args: &[String]) -> Result<(), Error> {
         legacy: Arc::from("legacy"),
         new: Arc::from("new"),
     });
+    serve(listen, upstream, threads, move |client, base, peer, req| {
+        let shared = Arc::clone(&shared);
+        async move { handle(&shared, &client, &base, peer, req).await }
+    })
+}
+
+/// The pooled client both hyper proxies forward with.
+pub type Upstream = Client<hyper_util::client::legacy::connect::HttpConnector, Incoming>;
+
+/// Serves HTTP/1 with hyper on `listen` (`threads` workers), each request handed
+/// to `handle` with the pooled client, the upstream's base URL and the client's
+/// address. The hyper floor and `hyper-ficus` both run on it, so that their rows
+/// differ only in what `handle` does.
+pub fn serve<H, Fut>(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    threads: usize,
+    handle: H,
+) -> Result<(), Error>
+where
+    H: Fn(Upstream, Arc<str>, SocketAddr, hyper::Request<Incoming>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = Answer> + Send + 'static,
+{
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let client: Client<_, hyper::body::Incoming> = Client::builder(TokioExecutor::new())
+        let client: Upstream = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(256)
             .build_http();
         let base: Arc<str> = Arc::from(format!("http://{upstream}"));
@@ -107,12 +139,11 @@ pub fn run(args: &[String]) -> Result<(), Error> {
         loop {
             let (stream, peer) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
-            let (client, base, shared) = (client.clone(), Arc::clone(&base), Arc::clone(&shared));
+            let (client, base, handle) = (client.clone(), Arc::clone(&base), handle.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let (client, base, shared) =
-                        (client.clone(), Arc::clone(&base), Arc::clone(&shared));
-                    async move { Ok::<_, Infallible>(handle(&shared, &client, &base, peer, req).await) }
+                    let answer = handle(client.clone(), Arc::clone(&base), peer, req);
+                    async move { Ok::<_, Infallible>(answer.await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -122,7 +153,8 @@ pub fn run(args: &[String]) -> Result<(), Error> {
     })
 }
 
-fn refuse(status: u16, message: &str) -> Answer {
+/// An answer the proxy makes itself.
+pub fn refuse(status: u16, message: &str) -> Answer {
     let mut r = hyper::Response::new(http_body_util::Either::Right(format!("{message}\n")));
     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
     r
@@ -130,7 +162,7 @@ fn refuse(status: u16, message: &str) -> Answer {
 
 async fn handle(
     shared: &Shared,
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, hyper::body::Incoming>,
+    client: &Upstream,
     base: &str,
     peer: SocketAddr,
     mut req: hyper::Request<hyper::body::Incoming>,

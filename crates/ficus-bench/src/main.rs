@@ -632,8 +632,6 @@ fn pingora_floor(args: &[String]) -> Result<(), Error> {
 /// connection, each request sent on through one pooled client to a fixed
 /// upstream, the answer streamed back. No filters, no timeouts beyond hyper's.
 fn hyper_floor(args: &[String]) -> Result<(), Error> {
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let listen: std::net::SocketAddr = args
         .first()
         .ok_or("hyper-floor needs LISTEN and UPSTREAM")?
@@ -644,37 +642,18 @@ fn hyper_floor(args: &[String]) -> Result<(), Error> {
         .parse()?;
     let threads: usize = flag(args, "--threads").unwrap_or("1").parse()?;
     report_allocations(args);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let client: Client<_, hyper::body::Incoming> = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(256)
-            .build_http();
-        let base: Arc<str> = Arc::from(format!("http://{upstream}"));
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        loop {
-            let (stream, _) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            let (client, base) = (client.clone(), Arc::clone(&base));
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |mut req: hyper::Request<hyper::body::Incoming>| {
-                        let client = client.clone();
-                        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                        let uri: Result<hyper::Uri, _> = format!("{base}{path}").parse();
-                        async move {
-                            let uri = uri.map_err(|e| e.to_string())?;
-                            *req.uri_mut() = uri;
-                            client.request(req).await.map_err(|e| e.to_string())
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    hyper_path::serve(listen, upstream, threads, |client, base, _, mut req| {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let uri: Result<hyper::Uri, _> = format!("{base}{path}").parse();
+        async move {
+            let Ok(uri) = uri else {
+                return hyper_path::refuse(400, "invalid path");
+            };
+            *req.uri_mut() = uri;
+            match client.request(req).await {
+                Ok(r) => r.map(http_body_util::Either::Left),
+                Err(e) => hyper_path::refuse(502, &e.to_string()),
+            }
         }
     })
 }
