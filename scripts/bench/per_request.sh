@@ -112,6 +112,9 @@ instructions nginx 18090 nginx -c "$work/cg-nginx.conf" -p "$work"
 instructions pingora-floor 18093 "$bench" pingora-floor 127.0.0.1:18093 127.0.0.1:18001
 instructions hyper-floor 18094 "$bench" hyper-floor 127.0.0.1:18094 127.0.0.1:18001
 instructions ficus 18091 "$ficus" proxy --config "$dir/cg.toml"
+# Ficus's plain path on hyper (crates/ficus-bench/src/hyper_path.rs), for the
+# decision on the data plane's HTTP stack; instructions only.
+instructions hyper-ficus 18095 "$bench" hyper-ficus 127.0.0.1:18095 127.0.0.1:18001
 
 echo "| proxy | system calls / request | context switches / request | CPU µs / request at 2,000/s | CPU µs / request at saturation | req/s at saturation | allocations / request | user-space instructions / request | most frequent calls / request |"
 echo "|---|---|---|---|---|---|---|---|---|"
@@ -148,3 +151,5 @@ for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050
   fi
   echo "| $name | $(python3 -c "print(round($calls/$n,2))") | $(python3 -c "print(round(${cs:-0}/$n,3))") | $(python3 -c "print(round(${ms:-0}*1000/$n,1))") | $(python3 -c "print(round(${sat_ms:-0}*1000/($sat_rps*5),1))") | $(python3 -c "print(f'{$sat_rps:,.0f}')") | $per_alloc | $(python3 -c "print(f'{${instr[$name]:-0}:,}')") | $(sort -k4 -n -r "$work/$name.strace" | awk 'NR>2 && NR<7 {printf "%s %.2f, ", $NF, $4/10000}') |"
 done
+echo
+echo "Ficus's plain path on hyper (ficus-bench hyper-ficus): $(python3 -c "print(f'{${instr[hyper-ficus]:-0}:,}')") user-space instructions / request"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The proxy's benchmark: the same small JSON response served directly, through
-# nginx, HAProxy, the bare pingora and hyper floors, and Ficus (10 and 100,000
-# tenants), each proxy with one and with two worker threads, measured in one run
+# nginx, HAProxy, the bare pingora and hyper floors, Ficus (10 and 100,000
+# tenants) and Ficus's plain path on hyper (`ficus-bench hyper-ficus`), each
+# proxy with one and with two worker threads, measured in one run
 # with wrk (throughput and latency under saturation) and with a fixed-rate load
 # (latency at a steady rate). Then the time for a stage change to reach a running
 # proxy on a PostgreSQL store.
