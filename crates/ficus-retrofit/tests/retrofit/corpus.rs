@@ -355,7 +355,7 @@ async fn a_rental_shop_run_by_its_owner_with_definer_views_a_materialized_view_a
           policy-with-subquery [ficus]: policy ficus_tenant_isolation USING/CHECK (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id)) / (tenant_id = ( SELECT tenancy_private.current_tenant_id() AS current_tenant_id))
           narrow-sequence [ficus]: column rental_id (integer) from sequence public.rental_rental_id_seq
         payment (tenant-owned): distributed by tenant_id with tenancy.units
-          key-without-distribution-column [ficus]: primary key payment_pkey (payment_date, payment_id)
+          key-without-distribution-column [operator]: primary key payment_pkey (payment_date, payment_id)
           foreign-key-without-distribution-column [ficus]: foreign key payment_customer_id_fkey (customer_id) → customer (customer_id)
           foreign-key-without-distribution-column [ficus]: foreign key payment_rental_id_fkey (rental_id) → rental (rental_id)
           trigger [operator]: trigger last_updated
