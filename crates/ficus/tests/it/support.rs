@@ -465,12 +465,17 @@ pub fn dead_address() -> SocketAddr {
         .unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two free loopback ports, told apart: both are held while the second is
+/// picked, since a port picked and released alone may be handed out again at
+/// once (regression: a proxy was given one port for its listener and its admin
+/// listener, and refused to start).
+fn free_ports() -> (u16, u16) {
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = (bind(), bind());
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
 
 /// A running `ficus proxy` process.
@@ -571,8 +576,9 @@ impl Proxy {
 
     fn spawn(setup: ProxySetup<'_>) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (port, admin_port) = free_ports();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         let config = dir.path().join("ficus.toml");
         std::fs::write(&config, Proxy::config_text(&setup, addr, admin)).unwrap();
         let log = dir.path().join("proxy.log");
