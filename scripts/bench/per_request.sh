@@ -48,7 +48,7 @@ taskset -c 0 "$bench" hyper-floor 127.0.0.1:18060 127.0.0.1:18001 --allocs "$wor
 dir="$work/f"; mkdir -p "$dir"; store="sqlite:$dir/ficus.db"
 FICUS_STORE="$store" "$ficus" init >/dev/null
 FICUS_STORE="$store" "$ficus" tenant add t5 >/dev/null
-conf() { printf '[proxy]\nlisten = ["127.0.0.1:%s"]\nadmin_listen = "127.0.0.1:%s"\nstore = "%s"\nthreads = 1\n[backends.legacy]\nupstreams = ["127.0.0.1:18001"]\n[backends.new]\nupstreams = ["127.0.0.1:18001"]\n[[tenant_from]]\nheader = "X-Tenant-Id"\n' "$1" "$2" "$store"; }
+conf() { printf '[proxy]\nlisten = ["127.0.0.1:%s"]\nadmin_listen = "127.0.0.1:%s"\nstore = "%s"\nthreads = 1\ndrain_delay_ms = 0\n[backends.legacy]\nupstreams = ["127.0.0.1:18001"]\n[backends.new]\nupstreams = ["127.0.0.1:18001"]\n[[tenant_from]]\nheader = "X-Tenant-Id"\n' "$1" "$2" "$store"; }
 conf 18030 18031 > "$dir/ficus.toml"
 conf 18070 18071 > "$dir/counted.toml"
 RUST_LOG=warn taskset -c 0 "$ficus" proxy --config "$dir/ficus.toml" 2>"$dir/proxy.log" & pids+=($!)

@@ -105,6 +105,7 @@ start_ficus() { # name port admin tenants threads
 [proxy]
 listen = ["127.0.0.1:$2"]
 admin_listen = "127.0.0.1:$3"
+drain_delay_ms = 0 # no load balancer in front: stop at once
 store = "$store"
 threads = $5
 [backends.legacy]

@@ -60,6 +60,7 @@ start_ficus() { # name port admin routes? binary
 [proxy]
 listen = ["127.0.0.1:$2"]
 admin_listen = "127.0.0.1:$3"
+drain_delay_ms = 0 # no load balancer in front: stop at once
 store = "$store"
 threads = 1
 traffic_flush_ms = 1000

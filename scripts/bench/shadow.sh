@@ -30,6 +30,7 @@ run() { # label stage new-port
 [proxy]
 listen = ["127.0.0.1:18110"]
 admin_listen = "127.0.0.1:18111"
+drain_delay_ms = 0 # no load balancer in front: stop at once
 store = "$store"
 threads = 1
 [backends.legacy]

@@ -29,6 +29,7 @@ cat > "$work/ficus.toml" <<CONF
 [proxy]
 listen = ["127.0.0.1:18130"]
 admin_listen = "127.0.0.1:18131"
+drain_delay_ms = 0 # no load balancer in front: stop at once
 store = "$store"
 threads = 1
 [backends.legacy]

@@ -469,7 +469,7 @@ fn propagation(args: &[String]) -> Result<(), Error> {
     std::fs::write(
         &config,
         format!(
-            "[proxy]\nlisten = [\"127.0.0.1:{listen}\"]\nadmin_listen = \"127.0.0.1:{admin}\"\nstore = \"{store_url}\"\nthreads = 1\n\
+            "[proxy]\nlisten = [\"127.0.0.1:{listen}\"]\nadmin_listen = \"127.0.0.1:{admin}\"\nstore = \"{store_url}\"\nthreads = 1\ndrain_delay_ms = 0\n\
              [backends.legacy]\nupstreams = [\"{legacy}\"]\n[backends.new]\nupstreams = [\"{new}\"]\n[[tenant_from]]\nheader = \"X-Tenant-Id\"\n"
         ),
     )?;

@@ -69,10 +69,10 @@ pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, shutdow
     };
     // The admin listener keeps answering until the process ends, so that during a
     // drain `/readyz` says 503 instead of refusing connections.
-    let draining = shutdown.clone();
+    let (signalled, draining) = (Arc::clone(&shared), shutdown.clone());
     let app = app(Arc::clone(&shared), shutdown).layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let draining = *draining.borrow();
+            let draining = signalled.draining.load(Ordering::SeqCst) || *draining.borrow();
             async move {
                 if draining && req.uri().path() == "/readyz" {
                     return (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")

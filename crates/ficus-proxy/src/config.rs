@@ -58,6 +58,11 @@ pub struct Settings {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long the proxy goes on accepting and serving with
+    /// `/readyz` at 503 before its listeners close, so a load balancer takes it
+    /// out of rotation first: a connection it opened just before the listener
+    /// closed would be reset with a write in it, which it may not retry.
+    pub drain_delay: Duration,
     /// How long a request that arrives before the first routing table is
     /// loaded waits for it before it is refused with 503.
     pub first_table_wait: Duration,
@@ -341,6 +346,7 @@ struct RawProxy {
     max_body_bytes: Option<u64>,
     max_header_bytes: Option<usize>,
     drain_timeout_ms: Option<u64>,
+    drain_delay_ms: Option<u64>,
     first_table_wait_ms: Option<u64>,
     traffic_flush_ms: Option<Spanned<u64>>,
     tenant_label_cap: Option<usize>,
@@ -657,6 +663,7 @@ impl Config {
             max_body_bytes: p.max_body_bytes.unwrap_or(10 * 1024 * 1024),
             max_header_bytes: p.max_header_bytes.unwrap_or(64 * 1024),
             drain_timeout: Duration::from_millis(p.drain_timeout_ms.unwrap_or(30_000)),
+            drain_delay: Duration::from_millis(p.drain_delay_ms.unwrap_or(5_000)),
             first_table_wait: Duration::from_millis(p.first_table_wait_ms.unwrap_or(5_000)),
             legacy,
             new,

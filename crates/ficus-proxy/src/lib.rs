@@ -94,8 +94,16 @@ impl BackgroundService for Background {
     }
 }
 
-/// SIGTERM and SIGINT both drain: stop accepting, finish what is in flight, exit 0.
-struct DrainOnSignal;
+/// SIGTERM and SIGINT both drain. First `/readyz` turns 503 and responses close
+/// their connections while the listeners still accept and serve, for
+/// `drain_delay_ms` (a second signal cuts it short): a load balancer takes the
+/// replica out of rotation before its listeners close. Closing them at once reset
+/// the connections the balancer had just opened, a write already in some, which
+/// it may not retry (found by the soak, seed 7: one POST lost during a drain).
+/// Then pingora stops accepting and the drain thread waits out what is in flight.
+struct DrainOnSignal {
+    shared: Arc<Shared>,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for DrainOnSignal {
@@ -110,13 +118,24 @@ impl ShutdownSignalWatch for DrainOnSignal {
                     _ = term.recv() => {}
                     _ = int.recv() => {}
                 }
+                self.shared.draining.store(true, Ordering::SeqCst);
+                let delay = self.shared.settings.load().drain_delay;
+                tracing::info!(
+                    drain_delay_ms = delay.as_millis() as u64,
+                    "shutdown requested: /readyz says 503; still serving so load balancers stop sending first"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = term.recv() => tracing::info!("second signal: not waiting out the drain delay"),
+                    _ = int.recv() => tracing::info!("second signal: not waiting out the drain delay"),
+                }
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(error = %e, "cannot watch for SIGTERM/SIGINT; the proxy will not drain on a signal");
                 std::future::pending::<()>().await;
             }
         }
-        tracing::info!("shutdown requested: draining in-flight requests");
+        tracing::info!("listeners closing: draining in-flight requests");
         ShutdownSignal::GracefulTerminate
     }
 }
@@ -355,7 +374,9 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
             .ok()
     };
     server.run(RunArgs {
-        shutdown_signal: Box::new(DrainOnSignal),
+        shutdown_signal: Box::new(DrainOnSignal {
+            shared: Arc::clone(&shared),
+        }),
     });
     drop(watcher);
     Ok(())

@@ -17,7 +17,7 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -58,6 +58,9 @@ pub struct Shared {
     /// The store, once the routing-table follower has opened it.
     pub store: Arc<std::sync::OnceLock<Arc<dyn ficus_store::ControlStore>>>,
     pub in_flight: AtomicUsize,
+    /// Set by the first SIGTERM/SIGINT: `/readyz` says 503 and every response
+    /// closes its connection, while the listeners still accept (`drain_delay`).
+    pub draining: AtomicBool,
     next_legacy: AtomicUsize,
     next_new: AtomicUsize,
     next_id: AtomicU64,
@@ -88,6 +91,7 @@ impl Shared {
                 new: Arc::from("new"),
             },
             in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
             next_legacy: AtomicUsize::new(0),
             next_new: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
@@ -445,10 +449,16 @@ impl ProxyHttp for Ficus {
     /// bodies as the backend encoded them.
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
-    async fn early_request_filter(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         self.shared.metrics.in_flight.inc();
         ctx.in_flight = true;
+        // A draining proxy answers what it is sent but keeps no connection: a
+        // client (or load balancer) that pools connections to it opens its next
+        // one elsewhere instead of finding this one closed under a request.
+        if self.shared.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
         Ok(())
     }
 

@@ -724,21 +724,25 @@ async fn term_replica(topo: &mut Topology, which: usize, say: &Say) -> Result<Fa
         }
         None => None,
     };
+    let exited = now_ms();
     let drained = status.is_some_and(|s| s.success());
     say.line(&format!("   {} drained and exited ({status:?})", r.name));
     r.start().await?;
     if !drained {
         bail!("{} did not exit 0 after SIGTERM: {status:?}", r.name);
     }
-    Ok(FaultRecord::new(
+    let mut f = FaultRecord::new(
         Fault::TermReplica,
         at,
         format!(
             "{} drained in {} ms and exited 0; restarted",
             r.name,
-            now_ms() - at
+            exited - at
         ),
-    ))
+    );
+    f.replica = Some(r.name.clone());
+    f.until_ms = Some(exited);
+    Ok(f)
 }
 
 /// Stage changes every 200 ms, retried until they land, while the control

@@ -20,8 +20,8 @@ pub struct FaultRecord {
     pub fault: String,
     #[serde(skip)]
     pub kind: Option<Fault>,
-    /// Unix milliseconds when it began, and when its effect ended (where that
-    /// bounds which failures it explains).
+    /// Unix milliseconds when it began, and when its effect ended (a killed
+    /// replica reaped, a drained one exited).
     pub at_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub until_ms: Option<u64>,
@@ -365,6 +365,30 @@ pub async fn judge(
         f.what.push_str(&format!(
             "; {} client requests in flight on it, {moved} retried by HAProxy on the other replica, {failed} failed",
             caught.len()
+        ));
+    }
+    // What a drained replica was still sent after the signal: HAProxy keeps
+    // sending until its health checks see `/readyz` at 503, which the drain
+    // delay outlasts, so these are answered rather than reset.
+    for f in faults
+        .iter_mut()
+        .filter(|f| f.kind == Some(Fault::TermReplica))
+    {
+        let end = f.until_ms.unwrap_or(f.at_ms);
+        let sent: Vec<&Record> = records
+            .iter()
+            .filter(|r| {
+                r.sent_ms >= f.at_ms
+                    && r.sent_ms <= end
+                    && lb.get(&r.id).map(|l| &l.server) == f.replica.as_ref()
+            })
+            .collect();
+        let failed = sent.iter().filter(|r| !r.ok()).count();
+        let last = sent.iter().map(|r| r.sent_ms - f.at_ms).max();
+        f.what.push_str(&format!(
+            "; sent {} client requests after the signal (the last {} ms after it), {failed} failed",
+            sent.len(),
+            last.map_or_else(|| "none".to_string(), |l| l.to_string())
         ));
     }
     let guard_reaction_ms = faults.iter().find_map(|f| f.guard_reaction_ms);

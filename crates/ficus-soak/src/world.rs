@@ -135,7 +135,7 @@ impl Replica {
             &config,
             format!(
                 "[proxy]\nlisten = [\"{addr}\"]\nadmin_listen = \"{admin}\"\nstore = \"{store}\"\n\
-                 traffic_flush_ms = 200\ndrain_timeout_ms = 20000\n\n\
+                 traffic_flush_ms = 200\ndrain_timeout_ms = 20000\ndrain_delay_ms = 3000\n\n\
                  [backends.legacy]\nupstreams = [\"{legacy}\"]\nread_timeout_ms = 10000\n\n\
                  [backends.new]\nupstreams = [{new}]\nread_timeout_ms = 10000\nidempotency_header = \"idempotency-key\"\n\n\
                  [[tenant_from]]\nhost = \"{{tenant}}.portal.test\"\n\n\

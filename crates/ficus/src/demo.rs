@@ -1023,7 +1023,7 @@ impl Proxy {
         std::fs::write(
             &config,
             format!(
-                "[proxy]\nlisten = [\"{addr}\"]\nadmin_listen = \"{admin}\"\nstore = \"{store}\"\ntraffic_flush_ms = 200\n\n\
+                "[proxy]\nlisten = [\"{addr}\"]\nadmin_listen = \"{admin}\"\nstore = \"{store}\"\ntraffic_flush_ms = 200\ndrain_delay_ms = 0\n\n\
                  [backends.legacy]\nupstreams = [\"{legacy}\"]\nread_timeout_ms = 5000\n\n\
                  [backends.new]\nupstreams = [\"{new}\"]\nread_timeout_ms = 5000\n\n\
                  [[tenant_from]]\nhost = \"{{tenant}}.portal.test\"\n\n\

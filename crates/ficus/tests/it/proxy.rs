@@ -819,13 +819,14 @@ async fn a_request_that_arrives_before_the_first_routing_table_waits_for_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
+    // No drain delay: the listeners close while all 100 requests are in flight.
     let Rig {
         store,
         legacy,
         new: _new,
         mut proxy,
         dir: _dir,
-    } = Rig::start(&[("acme", "legacy")], "").await;
+    } = Rig::start(&[("acme", "legacy")], "drain_delay_ms = 0").await;
     let c = client();
     // 100 requests that legacy holds until the proxy is draining: all of them are
     // in flight when the signal arrives, however fast the machine is.
@@ -888,6 +889,70 @@ async fn sigterm_under_load_drains_every_in_flight_request_and_exits_0() {
     assert!(
         traffic.contains("legacy received traffic within the quiet window"),
         "{traffic}"
+    );
+}
+
+/// Regression (CI's soak, seed 7): SIGTERM closed the listeners at once, and a
+/// POST HAProxy had just sent on a new connection to the draining replica was
+/// reset unanswered; HAProxy may not retry a write, so the client lost it. Now
+/// `/readyz` turns 503 first and the proxy goes on serving, new connections
+/// included, until the drain delay ends (here: a second signal), each answer
+/// closing its connection so pooled clients move elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_proxy_serves_new_connections_until_its_drain_delay_ends() {
+    let Rig {
+        store: _store,
+        legacy,
+        new: _new,
+        mut proxy,
+        dir: _dir,
+    } = Rig::start(&[("acme", "legacy")], "drain_delay_ms = 600000").await;
+    // A pooled connection from before the signal, idle when it arrives.
+    let pooled = client();
+    let r = pooled
+        .post(proxy.url("/homes"))
+        .header("x-tenant-id", "acme")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    proxy.signal("TERM");
+    eventually(PATIENCE, || {
+        let ready = proxy.admin_url("/readyz");
+        async move { reqwest::get(ready).await.is_ok_and(|r| r.status() == 503) }
+    })
+    .await;
+    for c in [pooled, client()] {
+        let r = c
+            .post(proxy.url("/homes"))
+            .header("x-tenant-id", "acme")
+            .body("{}")
+            .send()
+            .await
+            .expect("a draining proxy still answers");
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers().get("connection").and_then(|v| v.to_str().ok()),
+            Some("close"),
+            "a draining proxy keeps no connection"
+        );
+    }
+    assert_eq!(legacy.count(), 3, "every write reached legacy once");
+    assert!(
+        TcpStream::connect(proxy.addr).is_ok(),
+        "the listener is open during the drain delay"
+    );
+    proxy.signal("TERM");
+    let status = proxy.wait_exit(PATIENCE).await;
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        proxy.log_text()
+    );
+    assert!(
+        TcpStream::connect(proxy.addr).is_err(),
+        "the proxy no longer accepts connections"
     );
 }
 
