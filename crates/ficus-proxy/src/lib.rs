@@ -12,6 +12,7 @@ pub mod admin;
 pub mod census;
 pub mod config;
 pub mod guard;
+pub mod head_guard;
 pub mod metrics;
 pub mod resolve;
 pub mod served_config;
