@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The judgement of one request's head, in the order the requests were sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    pub method: String,
+    pub method: http::Method,
     /// The request target as sent (`/path?query`, or absolute form).
     pub target: String,
     /// Why the request must be refused with 400, if it must.
@@ -173,13 +173,30 @@ impl Framer {
                 skipped += 1;
             }
         }
+        // A head that arrives in one read (nearly all) is parsed where it lies;
+        // only one that arrives in pieces is gathered.
         let before = self.head.len();
-        self.head.extend_from_slice(&input[skipped..]);
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&self.head) {
+        if before > 0 {
+            self.head.extend_from_slice(&input[skipped..]);
+        }
+        let data: &[u8] = if before > 0 {
+            &self.head
+        } else {
+            &input[skipped..]
+        };
+        // Room for as many headers as hyper allows, on the stack up to 128.
+        let mut stack = [httparse::EMPTY_HEADER; 128];
+        let mut heap = Vec::new();
+        let headers = if self.max_headers <= stack.len() {
+            &mut stack[..self.max_headers]
+        } else {
+            heap.resize(self.max_headers, httparse::EMPTY_HEADER);
+            &mut heap[..]
+        };
+        let mut req = httparse::Request::new(headers);
+        match req.parse(data) {
             Ok(httparse::Status::Complete(n)) => {
-                let (verdict, next) = judge(&req, &self.head[..n], self.bare_lf_before);
+                let (verdict, next) = judge(&req, &data[..n], self.bare_lf_before);
                 self.verdicts.push_back(verdict);
                 self.head.clear();
                 self.bare_lf_before = false;
@@ -189,6 +206,9 @@ impl Framer {
                 skipped + (n - before)
             }
             Ok(httparse::Status::Partial) => {
+                if before == 0 {
+                    self.head.extend_from_slice(&input[skipped..]);
+                }
                 if self.head.len() > self.max_head {
                     self.state = State::Off;
                 }
@@ -205,11 +225,8 @@ impl Framer {
 /// The verdict on a complete head `raw`, and how its body is framed, as
 /// hyper's `Server::parse` decides.
 fn judge(req: &httparse::Request<'_, '_>, raw: &[u8], bare_lf_before: bool) -> (Verdict, State) {
-    let bare_lf = bare_lf_before
-        || raw
-            .iter()
-            .enumerate()
-            .any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r'));
+    let bare_lf =
+        bare_lf_before || memchr::memchr_iter(b'\n', raw).any(|i| i == 0 || raw[i - 1] != b'\r');
     let method = req.method.unwrap_or_default();
     let (mut lengths, mut codings, mut upgrade) = (Vec::new(), Vec::new(), false);
     for h in req.headers.iter() {
@@ -230,7 +247,9 @@ fn judge(req: &httparse::Request<'_, '_>, raw: &[u8], bare_lf_before: bool) -> (
         None
     };
     let verdict = Verdict {
-        method: method.to_string(),
+        // httparse has checked the method is a token, which is all `Method`
+        // asks; the fallback is never taken.
+        method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
         target: req.path.unwrap_or_default().to_string(),
         refusal,
     };
@@ -680,7 +699,7 @@ mod tests {
                 });
                 assert_eq!(
                     (&verdict.method, &verdict.target, verdict.refusal),
-                    (method, target, *refusal),
+                    (&method.parse::<http::Method>().unwrap(), target, *refusal),
                     "stream {stream}"
                 );
             }
