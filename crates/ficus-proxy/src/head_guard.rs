@@ -19,9 +19,12 @@
 //!
 //! Pipelining is why verdicts queue: hyper may read request k+1's head before
 //! its handler sees request k. The framer stops following (and queues nothing
-//! more) where hyper stops reading messages: an upgrade or CONNECT (the bytes
-//! after it are the tunnel's), both framings (hyper closes after the request),
-//! a head or chunk that hyper would refuse, or an HTTP/2 preface.
+//! more) where hyper stops reading messages: both framings (hyper closes after
+//! the request), a head or chunk that hyper would refuse, or an HTTP/2 preface.
+//! An upgrade or CONNECT is followed like any request, since hyper reads on
+//! when the answer does not switch protocols; the handler that answers 101 (or
+//! 2xx to CONNECT) calls [`Framer::tunnel`], as the bytes after it are the
+//! tunnel's.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -43,7 +46,8 @@ pub struct Verdict {
 pub const BARE_LF: &str = "a header line ends in a bare LF";
 pub const BOTH_FRAMINGS: &str = "a request may not carry both content-length and transfer-encoding";
 
-/// hyper's bound on chunk extension bytes per chunk (`CHUNKED_EXTENSIONS_LIMIT`).
+/// hyper's bound on chunk extension bytes in one body, all chunks together
+/// (`CHUNKED_EXTENSIONS_LIMIT`).
 const EXTENSIONS_LIMIT: u64 = 16 * 1024;
 
 /// Where in the byte stream the framer is.
@@ -66,7 +70,7 @@ enum Chunk {
     Start,
     Size(u64),
     SizeLws(u64),
-    Extension(u64, u64),
+    Extension(u64),
     SizeLf(u64),
     Body(u64),
     BodyCr,
@@ -87,6 +91,8 @@ pub struct Framer {
     bare_lf_before: bool,
     /// Whether the last empty-line byte before the head was a CR.
     after_cr: bool,
+    /// Chunk extension bytes in the current body.
+    extensions: u64,
     max_head: usize,
     max_headers: usize,
     verdicts: VecDeque<Verdict>,
@@ -101,6 +107,7 @@ impl Framer {
             head: Vec::new(),
             bare_lf_before: false,
             after_cr: false,
+            extensions: 0,
             max_head,
             max_headers,
             verdicts: VecDeque::new(),
@@ -110,6 +117,14 @@ impl Framer {
     /// The next request's verdict, in the order the requests were sent.
     pub fn next_verdict(&mut self) -> Option<Verdict> {
         self.verdicts.pop_front()
+    }
+
+    /// The connection became a tunnel (a 101 answer, or 2xx to CONNECT): what
+    /// follows is not HTTP, and no further verdict is wanted.
+    pub fn tunnel(&mut self) {
+        self.state = State::Off;
+        self.head.clear();
+        self.verdicts.clear();
     }
 
     /// Whether the framer still follows the stream's messages.
@@ -145,7 +160,8 @@ impl Framer {
                     });
                 }
                 State::Chunked(c) => {
-                    self.state = chunk_byte(c, input[0]).map_or(State::Off, |c| match c {
+                    let step = chunk_byte(c, input[0], &mut self.extensions);
+                    self.state = step.map_or(State::Off, |c| match c {
                         None => State::Head,
                         Some(c) => State::Chunked(c),
                     });
@@ -180,6 +196,17 @@ impl Framer {
             self.head.extend_from_slice(&input[skipped..]);
         }
         let data: &[u8] = if before > 0 {
+            // Parsing again only once a head's end may have arrived keeps a head
+            // trickled in byte by byte linear, as hyper's own check does.
+            let tail = &self.head[before.saturating_sub(2)..];
+            if memchr::memmem::find(tail, b"\n\n").is_none()
+                && memchr::memmem::find(tail, b"\n\r\n").is_none()
+            {
+                if self.head.len() > self.max_head {
+                    self.state = State::Off;
+                }
+                return input.len();
+            }
             &self.head
         } else {
             &input[skipped..]
@@ -195,8 +222,14 @@ impl Framer {
         };
         let mut req = httparse::Request::new(headers);
         match req.parse(data) {
+            // hyper refuses a head longer than its buffer, however it came.
+            Ok(httparse::Status::Complete(n)) if n > self.max_head => {
+                self.state = State::Off;
+                input.len()
+            }
             Ok(httparse::Status::Complete(n)) => {
                 let (verdict, next) = judge(&req, &data[..n], self.bare_lf_before);
+                self.extensions = 0;
                 self.verdicts.push_back(verdict);
                 self.head.clear();
                 self.bare_lf_before = false;
@@ -228,14 +261,12 @@ fn judge(req: &httparse::Request<'_, '_>, raw: &[u8], bare_lf_before: bool) -> (
     let bare_lf =
         bare_lf_before || memchr::memchr_iter(b'\n', raw).any(|i| i == 0 || raw[i - 1] != b'\r');
     let method = req.method.unwrap_or_default();
-    let (mut lengths, mut codings, mut upgrade) = (Vec::new(), Vec::new(), false);
+    let (mut lengths, mut codings) = (Vec::new(), Vec::new());
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             lengths.push(h.value);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             codings.push(h.value);
-        } else if h.name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
         }
     }
     let both = !lengths.is_empty() && !codings.is_empty();
@@ -253,7 +284,7 @@ fn judge(req: &httparse::Request<'_, '_>, raw: &[u8], bare_lf_before: bool) -> (
         target: req.path.unwrap_or_default().to_string(),
         refusal,
     };
-    let framing = if both || upgrade || method.eq_ignore_ascii_case("CONNECT") {
+    let framing = if both {
         State::Off
     } else if !codings.is_empty() {
         // hyper reads a chunked body when the last coding is chunked (on
@@ -298,7 +329,7 @@ fn content_length(values: &[&[u8]]) -> Option<u64> {
 
 /// One byte of a chunked body outside chunk data, as hyper's decoder takes it:
 /// the next state, `Ok(None)` at the body's end, or `Err` where hyper fails.
-fn chunk_byte(state: Chunk, b: u8) -> Result<Option<Chunk>, ()> {
+fn chunk_byte(state: Chunk, b: u8, extensions: &mut u64) -> Result<Option<Chunk>, ()> {
     let hex = |b: u8| (b as char).to_digit(16).map(u64::from);
     let grow = |size: u64, d: u64| {
         size.checked_mul(16)
@@ -310,27 +341,32 @@ fn chunk_byte(state: Chunk, b: u8) -> Result<Option<Chunk>, ()> {
         Chunk::Size(size) => match (b, hex(b)) {
             (_, Some(d)) => Chunk::Size(grow(size, d)?),
             (b'\t' | b' ', _) => Chunk::SizeLws(size),
-            (b';', _) => Chunk::Extension(size, 0),
+            (b';', _) => Chunk::Extension(size),
             (b'\r', _) => Chunk::SizeLf(size),
             _ => return Err(()),
         },
         Chunk::SizeLws(size) => match b {
             b'\t' | b' ' => Chunk::SizeLws(size),
-            b';' => Chunk::Extension(size, 0),
+            b';' => Chunk::Extension(size),
             b'\r' => Chunk::SizeLf(size),
             _ => return Err(()),
         },
-        Chunk::Extension(size, count) => match b {
+        Chunk::Extension(size) => match b {
             b'\r' => Chunk::SizeLf(size),
             b'\n' => return Err(()),
-            _ if count + 1 >= EXTENSIONS_LIMIT => return Err(()),
-            _ => Chunk::Extension(size, count + 1),
+            _ => {
+                *extensions += 1;
+                if *extensions >= EXTENSIONS_LIMIT {
+                    return Err(());
+                }
+                Chunk::Extension(size)
+            }
         },
         Chunk::SizeLf(0) if b == b'\n' => Chunk::EndCr,
         Chunk::SizeLf(size) if b == b'\n' => Chunk::Body(size),
         Chunk::SizeLf(_) => return Err(()),
         // Chunk data is skipped in bulk by `feed`; a zero-length rest is done.
-        Chunk::Body(_) => return chunk_byte(Chunk::BodyCr, b),
+        Chunk::Body(_) => return chunk_byte(Chunk::BodyCr, b, extensions),
         Chunk::BodyCr if b == b'\r' => Chunk::BodyLf,
         Chunk::BodyLf if b == b'\n' => Chunk::Start,
         Chunk::BodyCr | Chunk::BodyLf => return Err(()),
@@ -545,17 +581,21 @@ mod tests {
 
     #[test]
     fn the_framer_stops_where_hyper_stops_reading_messages() {
+        // An upgrade not answered with 101 leaves the connection HTTP, as
+        // hyper reads on; a CONNECT too (hyper's method match is exact).
         check(
-            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x01\x05hello",
+            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
             expect![[r#"
                 GET /ws ok
-                off"#]],
+                GET /b ok
+                following"#]],
         );
         check(
-            "CONNECT example.com:443 HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.1\r\n\r\nconnect a:443 HTTP/1.1\r\n\r\n",
             expect![[r#"
                 CONNECT example.com:443 ok
-                off"#]],
+                connect a:443 ok
+                following"#]],
         );
         check("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", expect!["off"]);
         // hyper refuses a list of lengths, equal or not, and lengths that differ.
@@ -580,11 +620,42 @@ mod tests {
     }
 
     #[test]
-    fn a_head_longer_than_the_limit_stops_the_framer() {
-        let mut f = Framer::new(64, 100);
-        f.feed(format!("GET /{} HTTP/1.1\r\n", "a".repeat(100)).as_bytes());
-        assert!(!f.following());
+    fn a_head_longer_than_the_limit_stops_the_framer_however_it_arrives() {
+        let head = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(100));
+        let mut whole = Framer::new(64, 100);
+        whole.feed(head.as_bytes());
+        let mut pieces = Framer::new(64, 100);
+        for b in head.as_bytes() {
+            pieces.feed(std::slice::from_ref(b));
+        }
+        for f in [&mut whole, &mut pieces] {
+            assert!(!f.following());
+            assert_eq!(f.next_verdict(), None);
+        }
+    }
+
+    #[test]
+    fn a_tunnel_ends_the_framing_and_its_bytes_earn_no_verdicts() {
+        let mut f = Framer::new(64 * 1024, 100);
+        f.feed(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n");
+        assert!(f.next_verdict().is_some());
+        f.tunnel();
+        f.feed(b"GET /inside-the-tunnel HTTP/1.1\r\n\r\n");
         assert_eq!(f.next_verdict(), None);
+        assert!(!f.following());
+    }
+
+    #[test]
+    fn chunk_extensions_are_bounded_per_body_as_hyper_bounds_them() {
+        let ext = "e".repeat(9 * 1024);
+        let mut f = Framer::new(64 * 1024, 100);
+        f.feed(
+            format!(
+                "POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;{ext}\r\nx\r\n1;{ext}\r\n"
+            )
+            .as_bytes(),
+        );
+        assert!(!f.following(), "18 KiB of extensions in one body");
     }
 
     /// One request of a generated stream: its target, its bytes, and the
@@ -593,7 +664,7 @@ mod tests {
         let target = format!("/r{n}?k={kind}");
         // A body that is itself a request: skipped by its framing, never read as one.
         let inner = format!("GET /inner{n} HTTP/1.1\r\nHost: x\r\n\r\n");
-        let text = match kind % 7 {
+        let text = match kind % 8 {
             0 => format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"),
             1 => format!(
                 "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{inner}",
@@ -613,11 +684,15 @@ mod tests {
             5 => format!(
                 "PATCH {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\nxyz"
             ),
+            // An upgrade answered 200, not 101: hyper reads on.
+            6 => format!(
+                "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+            ),
             // hyper reads a bare LF as a line end and serves on; the framer
             // refuses this request and follows on too.
             _ => format!("POST {target} HTTP/1.1\r\nHost: x\nContent-Length: 2\r\n\r\nok"),
         };
-        let refusal = (kind % 7 == 6).then_some(BARE_LF);
+        let refusal = (kind % 8 == 7).then_some(BARE_LF);
         (target, text, refusal)
     }
 

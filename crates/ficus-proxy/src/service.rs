@@ -58,8 +58,9 @@ pub struct Shared {
     /// The store, once the routing-table follower has opened it.
     pub store: Arc<std::sync::OnceLock<Arc<dyn ficus_store::ControlStore>>>,
     pub in_flight: AtomicUsize,
-    /// Set by the first SIGTERM/SIGINT: `/readyz` says 503 and every response
-    /// closes its connection, while the listeners still accept (`drain_delay`).
+    /// Set by the first SIGTERM/SIGINT: `/readyz` says 503 and every HTTP/1
+    /// response closes its connection, while the listeners still accept
+    /// (`drain_delay`).
     pub draining: AtomicBool,
     next_legacy: AtomicUsize,
     next_new: AtomicUsize,

@@ -369,7 +369,10 @@ pub async fn judge(
     }
     // What a drained replica was still sent after the signal: HAProxy keeps
     // sending until its health checks see `/readyz` at 503, which the drain
-    // delay outlasts, so these are answered rather than reset.
+    // delay outlasts, so these are answered rather than reset. HAProxy's log
+    // names the last server a request went to, so one reset there and
+    // redispatched shows as retried, and one cut silently has no line: both
+    // are counted too.
     for f in faults
         .iter_mut()
         .filter(|f| f.kind == Some(Fault::TermReplica))
@@ -380,13 +383,16 @@ pub async fn judge(
             .filter(|r| {
                 r.sent_ms >= f.at_ms
                     && r.sent_ms <= end
-                    && lb.get(&r.id).map(|l| &l.server) == f.replica.as_ref()
+                    && match lb.get(&r.id) {
+                        Some(l) => Some(&l.server) == f.replica.as_ref() || l.retried,
+                        None => !r.ok(),
+                    }
             })
             .collect();
         let failed = sent.iter().filter(|r| !r.ok()).count();
         let last = sent.iter().map(|r| r.sent_ms - f.at_ms).max();
         f.what.push_str(&format!(
-            "; sent {} client requests after the signal (the last {} ms after it), {failed} failed",
+            "; sent {} client requests after the signal (the last {} ms after it; counting any retried or cut), {failed} failed",
             sent.len(),
             last.map_or_else(|| "none".to_string(), |l| l.to_string())
         ));
