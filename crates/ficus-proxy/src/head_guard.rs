@@ -255,11 +255,16 @@ impl Framer {
     }
 }
 
+/// Whether `raw` holds an LF not preceded by a CR: the check both data planes
+/// make on a request's head as it was sent.
+pub fn has_bare_lf(raw: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', raw).any(|i| i == 0 || raw[i - 1] != b'\r')
+}
+
 /// The verdict on a complete head `raw`, and how its body is framed, as
 /// hyper's `Server::parse` decides.
 fn judge(req: &httparse::Request<'_, '_>, raw: &[u8], bare_lf_before: bool) -> (Verdict, State) {
-    let bare_lf =
-        bare_lf_before || memchr::memchr_iter(b'\n', raw).any(|i| i == 0 || raw[i - 1] != b'\r');
+    let bare_lf = bare_lf_before || has_bare_lf(raw);
     let method = req.method.unwrap_or_default();
     let (mut lengths, mut codings) = (Vec::new(), Vec::new());
     for h in req.headers.iter() {

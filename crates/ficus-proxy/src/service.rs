@@ -35,6 +35,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::census::{self, Census};
 use crate::config::{BackendConfig, Settings};
 use crate::guard::{Guard, Signal, Watch};
+use crate::head_guard;
 use crate::metrics::{LegacyTraffic, Metrics};
 use crate::resolve::{RequestParts, resolve};
 use crate::shadow::{Pending, Plan, SafeRequest, Shadow};
@@ -482,21 +483,14 @@ impl ProxyHttp for Ficus {
         // how headers get smuggled, so such a request is refused.
         if let Some(h1) = session.as_downstream().as_http1() {
             let raw = h1.get_headers_raw_bytes();
-            if raw
-                .iter()
-                .enumerate()
-                .any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
-            {
-                return Err(refuse(400, "a header line ends in a bare LF"));
+            if head_guard::has_bare_lf(&raw) {
+                return Err(refuse(400, head_guard::BARE_LF));
             }
             // The parsed headers no longer show this: pingora drops Content-Length
             // when Transfer-Encoding is present. Two framings in one request are
             // how requests get smuggled past a proxy, so it is refused outright.
             if both_framings(&raw) {
-                return Err(refuse(
-                    400,
-                    "a request may not carry both content-length and transfer-encoding",
-                ));
+                return Err(refuse(400, head_guard::BOTH_FRAMINGS));
             }
         }
         let req = session.req_header();
