@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use pingora_core::server::ShutdownWatch;
 
-use crate::service::Shared;
+use crate::request::Shared;
 
 /// The admin routes, separate from serving so tests can call them in-process.
 pub fn app(shared: Arc<Shared>, closing: ficus_admin::server::Closing) -> Router {

@@ -212,6 +212,19 @@ impl BackendConfig {
     }
 }
 
+impl Settings {
+    /// The backend a side stands for: legacy, or the new side's `service`
+    /// (`new` when `None`, or when it is not configured any more after a reload).
+    pub fn backend(&self, backend: ficus_core::Backend, service: Option<&str>) -> &BackendConfig {
+        match backend {
+            ficus_core::Backend::Legacy => &self.legacy,
+            ficus_core::Backend::New => service
+                .and_then(|s| self.services.get(s))
+                .unwrap_or(&self.new),
+        }
+    }
+}
+
 /// Every field but the peers, which are made from the others.
 impl PartialEq for BackendConfig {
     fn eq(&self, other: &BackendConfig) -> bool {

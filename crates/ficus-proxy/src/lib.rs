@@ -2,7 +2,8 @@
 //! each request's tenant, and forwards it to exactly one backend according to that
 //! tenant's stage in a routing table fed by the control store's change feed.
 //!
-//! Built on pingora: [`service`] is the request path as pingora's phases, [`table`]
+//! Built on pingora: [`request`] is the request path's decisions, engine-neutral,
+//! [`service`] the same path as pingora's phases, [`table`]
 //! the routing table and its follower, [`resolve`] tenant resolution, [`config`] the
 //! one TOML file, [`admin`] the admin listener, [`metrics`] Prometheus metrics and
 //! legacy-traffic counting. [`run`] wires them into one process with one shutdown
@@ -14,6 +15,7 @@ pub mod config;
 pub mod guard;
 pub mod head_guard;
 pub mod metrics;
+pub mod request;
 pub mod resolve;
 pub mod served_config;
 pub mod service;
@@ -39,7 +41,8 @@ use pingora_core::services::background::{BackgroundService, background_service};
 use pingora_proxy::ProxyServiceBuilder;
 
 pub use crate::config::{Config, ConfigError};
-use crate::service::{Ficus, Shared};
+use crate::request::Shared;
+use crate::service::Ficus;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
