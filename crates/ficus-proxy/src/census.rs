@@ -112,17 +112,33 @@ pub fn client_version<'h>(
     headers: &'h HeaderMap,
     header: Option<&http::HeaderName>,
 ) -> std::borrow::Cow<'h, str> {
+    client_version_of(client_header(headers, header))
+}
+
+/// The header a client's version is read from (see [`client_version`]): the
+/// configured one, else the User-Agent (`true`). A request path that keeps it
+/// past the request's headers keeps this, a shared reference, not a copy.
+pub fn client_header<'h>(
+    headers: &'h HeaderMap,
+    header: Option<&http::HeaderName>,
+) -> Option<(&'h http::HeaderValue, bool)> {
+    match header.and_then(|h| headers.get(h)) {
+        Some(v) => Some((v, false)),
+        None => headers.get(http::header::USER_AGENT).map(|v| (v, true)),
+    }
+}
+
+/// The client's version in the header [`client_header`] found.
+pub fn client_version_of(found: Option<(&http::HeaderValue, bool)>) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
-    let raw = match header.and_then(|h| headers.get(h)) {
-        Some(v) => v.as_bytes(),
-        None => match headers.get(http::header::USER_AGENT) {
-            Some(v) => v
-                .as_bytes()
-                .split(|b| *b == b' ')
-                .next()
-                .unwrap_or_default(),
-            None => return Cow::Borrowed(""),
-        },
+    let raw = match found {
+        Some((v, false)) => v.as_bytes(),
+        Some((v, true)) => v
+            .as_bytes()
+            .split(|b| *b == b' ')
+            .next()
+            .unwrap_or_default(),
+        None => return Cow::Borrowed(""),
     };
     if raw.len() > CLIENT_MAX || !raw.iter().all(|b| (0x21..0x7f).contains(b)) {
         return Cow::Borrowed(if raw.is_empty() { "" } else { "invalid" });

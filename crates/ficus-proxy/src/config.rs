@@ -41,8 +41,19 @@ pub struct Config {
     /// (pingora keeps one pool per process).
     pub upstream_pool_size: usize,
     pub log_format: LogFormat,
+    /// The engine that carries requests: pingora (the default) or hyper
+    /// (issue 22's port, in progress).
+    pub engine: Engine,
     /// Everything that can change on reload without restarting listeners.
     pub settings: Settings,
+}
+
+/// What reads and writes the data plane's bytes; the request path's
+/// decisions (`request.rs`) are the same on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Pingora,
+    Hyper,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,6 +379,7 @@ struct RawProxy {
     suspended_status: Option<Spanned<u16>>,
     suspended_message: Option<String>,
     log_format: Option<Spanned<String>>,
+    engine: Option<Spanned<String>>,
     tenant_header: Option<Spanned<String>>,
     backend_header: Option<Spanned<String>>,
     request_id_header: Option<Spanned<String>>,
@@ -479,6 +491,28 @@ impl Config {
             }
             Some(t) => *t.get_ref(),
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        };
+        // `FICUS_PROXY_ENGINE` chooses when the file does not, so that one test
+        // suite runs on either engine.
+        let engine = match p.engine.as_ref().map(|s| (s.get_ref().as_str(), s)) {
+            None => match env("FICUS_PROXY_ENGINE").as_deref() {
+                None | Some("") | Some("pingora") => Engine::Pingora,
+                Some("hyper") => Engine::Hyper,
+                Some(other) => {
+                    return Err(cx.err(
+                        None,
+                        &format!("FICUS_PROXY_ENGINE: {other:?} is not \"pingora\" or \"hyper\""),
+                    ));
+                }
+            },
+            Some(("pingora", _)) => Engine::Pingora,
+            Some(("hyper", _)) => Engine::Hyper,
+            Some((other, s)) => {
+                return Err(cx.at(
+                    s,
+                    &format!("proxy.engine: {other:?} is not \"pingora\" or \"hyper\""),
+                ));
+            }
         };
         let log_format = match p.log_format.as_ref().map(|s| (s.get_ref().as_str(), s)) {
             None | Some(("text", _)) => LogFormat::Text,
@@ -729,6 +763,7 @@ impl Config {
             threads,
             upstream_pool_size: p.upstream_pool_size.unwrap_or(128),
             log_format,
+            engine,
             settings,
         })
     }
@@ -754,6 +789,9 @@ impl Config {
         }
         if self.log_format != new.log_format {
             changed.push("proxy.log_format");
+        }
+        if self.engine != new.engine {
+            changed.push("proxy.engine");
         }
         (!changed.is_empty()).then(|| changed.join(", "))
     }

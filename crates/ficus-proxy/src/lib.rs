@@ -14,6 +14,7 @@ pub mod census;
 pub mod config;
 pub mod guard;
 pub mod head_guard;
+pub mod hyper_engine;
 pub mod metrics;
 pub mod request;
 pub mod resolve;
@@ -112,36 +113,43 @@ struct DrainOnSignal {
 #[async_trait]
 impl ShutdownSignalWatch for DrainOnSignal {
     async fn recv(&self) -> ShutdownSignal {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                self.shared.draining.store(true, Ordering::SeqCst);
-                let delay = self.shared.settings.load().drain_delay;
-                tracing::info!(
-                    drain_delay_ms = delay.as_millis() as u64,
-                    "shutdown requested: /readyz says 503; still serving so load balancers stop sending first"
-                );
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    _ = term.recv() => tracing::info!("second signal: not waiting out the drain delay"),
-                    _ = int.recv() => tracing::info!("second signal: not waiting out the drain delay"),
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(error = %e, "cannot watch for SIGTERM/SIGINT; the proxy will not drain on a signal");
-                std::future::pending::<()>().await;
-            }
-        }
-        tracing::info!("listeners closing: draining in-flight requests");
+        drain_signal(&self.shared).await;
         ShutdownSignal::GracefulTerminate
     }
+}
+
+/// Waits for SIGTERM or SIGINT, then sets `draining` and serves on for the
+/// drain delay (a second signal cuts it short); returns when the listeners
+/// are to close. Both engines drain through here.
+async fn drain_signal(shared: &Shared) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            shared.draining.store(true, Ordering::SeqCst);
+            let delay = shared.settings.load().drain_delay;
+            tracing::info!(
+                drain_delay_ms = delay.as_millis() as u64,
+                "shutdown requested: /readyz says 503; still serving so load balancers stop sending first"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = term.recv() => tracing::info!("second signal: not waiting out the drain delay"),
+                _ = int.recv() => tracing::info!("second signal: not waiting out the drain delay"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot watch for SIGTERM/SIGINT; the proxy will not drain on a signal");
+            std::future::pending::<()>().await;
+        }
+    }
+    tracing::info!("listeners closing: draining in-flight requests");
 }
 
 fn now() -> Timestamp {
@@ -256,6 +264,10 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
             source,
         })?;
 
+    if config.engine == config::Engine::Hyper {
+        return run_hyper(config, shared, store_url, admin_listener);
+    }
+
     // Pingora waits grace_period_seconds after a shutdown signal before stopping its
     // runtimes; the drain watcher below exits earlier once nothing is in flight.
     let conf = ServerConf {
@@ -282,6 +294,7 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
     for addr in &config.listen {
         proxy.add_tcp(&addr.to_string());
     }
+    let listen = config.listen.clone();
     server.add_service(proxy);
 
     {
@@ -369,6 +382,7 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
         ));
     }
 
+    tracing::info!(engine = "pingora", listen = ?listen, "proxy listening");
     let phases = server.watch_execution_phase();
     let watcher = {
         let (shared, url) = (Arc::clone(&shared), store_url);
@@ -384,6 +398,162 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
     });
     drop(watcher);
     Ok(())
+}
+
+/// The proxy on the hyper engine ([`hyper_engine`]): the same background
+/// services as on pingora, as tasks on one runtime with one shutdown watch.
+fn run_hyper(
+    config: Config,
+    shared: Arc<Shared>,
+    store_url: StoreUrl,
+    admin_listener: std::net::TcpListener,
+) -> Result<(), ProxyError> {
+    let addr = config
+        .listen
+        .first()
+        .copied()
+        .unwrap_or(config.admin_listen);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
+        .thread_name("ficus-worker")
+        .enable_all()
+        .build()
+        .map_err(|source| ProxyError::ListenBind { addr, source })?;
+    let drain = config.settings.drain_timeout;
+    let result = runtime.block_on(async move {
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            };
+            let listener = socket
+                .and_then(|s| {
+                    s.set_reuseaddr(true)?;
+                    s.bind(*addr)?;
+                    s.listen(1024)
+                })
+                .map_err(|source| ProxyError::ListenBind {
+                    addr: *addr,
+                    source,
+                })?;
+            listeners.push(listener);
+        }
+        tracing::info!(engine = "hyper", listen = ?config.listen, "proxy listening");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(table::follow(
+            store_url.clone(),
+            Arc::clone(&shared.table),
+            Arc::clone(&shared.table_loaded),
+            Arc::clone(&shared.health),
+            Arc::clone(&shared.store),
+            stopped.clone(),
+        ));
+        tokio::spawn(flush_loop(
+            store_url.clone(),
+            Arc::clone(&shared),
+            stopped.clone(),
+        ));
+        {
+            // As on pingora: billing events whose job could not finish are
+            // finished once the store is open.
+            let (shared, mut shutdown) = (Arc::clone(&shared), stopped.clone());
+            tokio::spawn(async move {
+                let store = loop {
+                    if let Some(s) = shared.store.get() {
+                        break Arc::clone(s);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                };
+                ficus_admin::provision::resume(
+                    store,
+                    ficus_admin::provision::Hooks::from_env(),
+                    Duration::from_secs(5),
+                    shutdown,
+                )
+                .await;
+            });
+        }
+        tokio::spawn(admin::serve(
+            admin_listener,
+            Arc::clone(&shared),
+            stopped.clone(),
+        ));
+        let path = config.path.clone();
+        let pool_size = config.upstream_pool_size;
+        tokio::spawn(reload_on_sighup(
+            path,
+            Arc::clone(&shared),
+            Arc::new(std::sync::Mutex::new(config)),
+            stopped.clone(),
+        ));
+
+        let engine = Arc::new(hyper_engine::Engine::new(Arc::clone(&shared), pool_size));
+        let builder = Arc::new(hyper_engine::server_builder());
+        let accepting: Vec<_> = listeners
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(hyper_engine::accept(
+                    listener,
+                    Arc::clone(&engine),
+                    Arc::clone(&builder),
+                    stopped.clone(),
+                ))
+            })
+            .collect();
+
+        drain_signal(&shared).await;
+        let _ = stop.send(true);
+        let started = Instant::now();
+        let mut open = Vec::new();
+        for task in accepting {
+            if let Ok(graceful) = task.await {
+                open.push(graceful);
+            }
+        }
+        // Closes idle connections and, on each busy one, lets its request end.
+        let closing = futures_join_all(open.into_iter().map(|g| g.shutdown()));
+        if tokio::time::timeout(drain, closing).await.is_err() {
+            tracing::warn!("drain timeout: closing connections with requests still in flight");
+        }
+        let left = shared.in_flight.load(Ordering::SeqCst);
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            ficus_store::open(&store_url, OpenMode::Existing),
+        )
+        .await
+        {
+            Ok(Ok(store)) => {
+                flush_traffic(&shared, &*store).await;
+                flush_comparisons(&shared, &*store).await;
+            }
+            _ => {
+                tracing::warn!("could not reach the store to write the last legacy-traffic counts")
+            }
+        }
+        tracing::info!(
+            in_flight = left,
+            drained_in_ms = started.elapsed().as_millis() as u64,
+            "proxy stopped"
+        );
+        Ok(())
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Waits for every future, run side by side.
+async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    for task in tasks {
+        let _ = task.await;
+    }
 }
 
 /// Flushes comparison evidence every `shadow.flush_ms` and legacy-traffic counts

@@ -113,6 +113,9 @@ pub struct Ctx {
     /// It was, once: a request fails over at most once.
     pub failed_over: bool,
     in_flight: bool,
+    /// The header the census reads the client's version from (and whether it
+    /// is the User-Agent), kept from the request's head.
+    client: Option<(HeaderValue, bool)>,
     /// A shadow comparison admitted by `route`, started by `rewrite_upstream`
     /// once the forwarded headers are final.
     admitted: Option<Admitted>,
@@ -328,6 +331,7 @@ impl Shared {
             may_fail_over: false,
             failed_over: false,
             in_flight: false,
+            client: None,
             admitted: None,
             pending: None,
         }
@@ -442,6 +446,8 @@ impl Shared {
             ctx.tenant = r.known.then_some(r.tenant);
         }
         ctx.stage = stage;
+        ctx.client = census::client_header(headers, settings.client_version_header.as_ref())
+            .map(|(v, ua)| (v.clone(), ua));
         let path = uri.path();
         // The path the backend is sent, which routes and the census name.
         let forwarded = ctx
@@ -804,7 +810,7 @@ impl Shared {
     /// The end of a request, answered with `status` (0: none) or failed:
     /// metrics, the guard, the census, legacy traffic, and the end of
     /// in-flight.
-    pub fn finish(&self, ctx: &mut Ctx, status: u16, failed: bool, request: &HeaderMap) {
+    pub fn finish(&self, ctx: &mut Ctx, status: u16, failed: bool) {
         // A response with no body (HEAD, 204) never reaches the body's end; a
         // failed one is not compared (dropping the sender tells the comparison).
         if let Some(mut p) = ctx.pending.take()
@@ -840,7 +846,7 @@ impl Shared {
                 ctx.tenant.as_ref(),
                 &ctx.route,
                 name,
-                &census::client_version(request, ctx.settings.client_version_header.as_ref()),
+                &census::client_version_of(ctx.client.as_ref().map(|(v, ua)| (v, *ua))),
                 at,
                 ctx.service.is_some(),
             );
@@ -1119,7 +1125,7 @@ header = "X-Tenant-Id"
                 out += "\n";
             }
         }
-        shared.finish(&mut ctx, 200, false, &parts.headers);
+        shared.finish(&mut ctx, 200, false);
         assert_eq!(shared.in_flight.load(Ordering::SeqCst), 0);
         expect.assert_eq(&out);
     }

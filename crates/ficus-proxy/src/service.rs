@@ -345,7 +345,6 @@ impl ProxyHttp for Ficus {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        self.shared
-            .finish(ctx, status, e.is_some(), &session.req_header().headers);
+        self.shared.finish(ctx, status, e.is_some());
     }
 }

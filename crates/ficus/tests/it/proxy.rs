@@ -650,7 +650,9 @@ async fn malformed_requests_get_a_4xx_and_are_never_forwarded() {
         let text = String::from_utf8_lossy(&conn);
         let head_end = text.find("\r\n\r\n").map_or(text.len(), |i| i + 4);
         assert!(
-            text.contains("Transfer-Encoding: chunked") && !text[head_end..].contains("0\r\n\r\n"),
+            text.is_empty()
+                || (text.contains("Transfer-Encoding: chunked")
+                    && !text[head_end..].contains("0\r\n\r\n")),
             "a malformed request reached the backend whole: {text:?}"
         );
     }
