@@ -48,20 +48,25 @@ taskset -c 0 "$bench" hyper-floor 127.0.0.1:18060 127.0.0.1:18001 --allocs "$wor
 dir="$work/f"; mkdir -p "$dir"; store="sqlite:$dir/ficus.db"
 FICUS_STORE="$store" "$ficus" init >/dev/null
 FICUS_STORE="$store" "$ficus" tenant add t5 >/dev/null
-conf() { printf '[proxy]\nlisten = ["127.0.0.1:%s"]\nadmin_listen = "127.0.0.1:%s"\nstore = "%s"\nthreads = 1\ndrain_delay_ms = 0\n[backends.legacy]\nupstreams = ["127.0.0.1:18001"]\n[backends.new]\nupstreams = ["127.0.0.1:18001"]\n[[tenant_from]]\nheader = "X-Tenant-Id"\n' "$1" "$2" "$store"; }
+conf() { printf '[proxy]\nlisten = ["127.0.0.1:%s"]\nadmin_listen = "127.0.0.1:%s"\nstore = "%s"\nthreads = 1\nengine = "%s"\ndrain_delay_ms = 0\n[backends.legacy]\nupstreams = ["127.0.0.1:18001"]\n[backends.new]\nupstreams = ["127.0.0.1:18001"]\n[[tenant_from]]\nheader = "X-Tenant-Id"\n' "$1" "$2" "$store" "${3:-pingora}"; }
 conf 18030 18031 > "$dir/ficus.toml"
 conf 18070 18071 > "$dir/counted.toml"
+conf 18032 18033 hyper > "$dir/ficus-hyper.toml"
+conf 18072 18073 hyper > "$dir/counted-hyper.toml"
 RUST_LOG=warn taskset -c 0 "$ficus" proxy --config "$dir/ficus.toml" 2>"$dir/proxy.log" & pids+=($!)
-# The same proxy in the counting build, on its own port, for the allocation column.
+RUST_LOG=warn taskset -c 0 "$ficus" proxy --config "$dir/ficus-hyper.toml" 2>"$dir/proxy-hyper.log" & pids+=($!)
+# The same proxies in the counting build, on their own ports, for the allocation column.
 RUST_LOG=warn taskset -c 0 "$bench" proxy "$dir/counted.toml" --allocs "$work/ficus.allocs" 2>"$dir/counted.log" & pids+=($!)
-for port in 18031 18071; do
+RUST_LOG=warn taskset -c 0 "$bench" proxy "$dir/counted-hyper.toml" --allocs "$work/ficus-hyper.allocs" 2>"$dir/counted-hyper.log" & pids+=($!)
+for port in 18031 18071 18033 18073; do
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 done
 sleep 1
 # The proxying nginx's worker: the child of the master started with proxy.conf.
 master=$(pgrep -f "proxy.conf" | head -1); nginx_worker=$(pgrep -P "$master" | head -1)
 floor=$(pgrep -f "pingora-floor 127.0.0.1:18050" | head -1); hyper=$(pgrep -f "hyper-floor 127.0.0.1:18060" | head -1)
-ficusp=$(pgrep -f "ficus proxy --config $dir" | head -1)
+ficusp=$(pgrep -f "ficus proxy --config $dir/ficus.toml" | head -1)
+ficushp=$(pgrep -f "ficus proxy --config $dir/ficus-hyper.toml" | head -1)
 echo 'wrk.headers["X-Tenant-Id"] = "t5"' > "$work/wrk.lua"
 n=10000
 allocs() { cat "$work/$1.allocs" 2>/dev/null || echo 0; }
@@ -95,6 +100,7 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:18090; location / { proxy_pass http://legacy; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
 conf 18091 18092 > "$dir/cg.toml"
+conf 18095 18096 hyper > "$dir/cg-hyper.toml"
 declare -A instr
 instructions() { # name port command...
   local name=$1 port=$2; shift 2
@@ -112,13 +118,11 @@ instructions nginx 18090 nginx -c "$work/cg-nginx.conf" -p "$work"
 instructions pingora-floor 18093 "$bench" pingora-floor 127.0.0.1:18093 127.0.0.1:18001
 instructions hyper-floor 18094 "$bench" hyper-floor 127.0.0.1:18094 127.0.0.1:18001
 instructions ficus 18091 "$ficus" proxy --config "$dir/cg.toml"
-# Ficus's plain path on hyper (crates/ficus-bench/src/hyper_path.rs), for the
-# decision on the data plane's HTTP stack; instructions only.
-instructions hyper-ficus 18095 "$bench" hyper-ficus 127.0.0.1:18095 127.0.0.1:18001
+instructions ficus-hyper 18095 "$ficus" proxy --config "$dir/cg-hyper.toml"
 
 echo "| proxy | system calls / request | context switches / request | CPU µs / request at 2,000/s | CPU µs / request at saturation | req/s at saturation | allocations / request | user-space instructions / request | most frequent calls / request |"
 echo "|---|---|---|---|---|---|---|---|---|"
-for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050" "hyper-floor:$hyper:18060:18060" "ficus:$ficusp:18030:18070"; do
+for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050" "hyper-floor:$hyper:18060:18060" "ficus:$ficusp:18030:18070" "ficus-hyper:$ficushp:18032:18072"; do
   IFS=: read -r name pid port counted <<< "$entry"
   url="http://127.0.0.1:$port/homes/1"
   taskset -c 1 "$bench" rate "$url" --rps 2000 --secs 1 --header "X-Tenant-Id: t5" >/dev/null
@@ -151,5 +155,4 @@ for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050
   fi
   echo "| $name | $(python3 -c "print(round($calls/$n,2))") | $(python3 -c "print(round(${cs:-0}/$n,3))") | $(python3 -c "print(round(${ms:-0}*1000/$n,1))") | $(python3 -c "print(round(${sat_ms:-0}*1000/($sat_rps*5),1))") | $(python3 -c "print(f'{$sat_rps:,.0f}')") | $per_alloc | $(python3 -c "print(f'{${instr[$name]:-0}:,}')") | $(sort -k4 -n -r "$work/$name.strace" | awk 'NR>2 && NR<7 {printf "%s %.2f, ", $NF, $4/10000}') |"
 done
-echo
-echo "Ficus's plain path on hyper (ficus-bench hyper-ficus): $(python3 -c "print(f'{${instr[hyper-ficus]:-0}:,}')") user-space instructions / request"
+

@@ -14,9 +14,6 @@
 //! - `ficus-bench hyper-floor LISTEN UPSTREAM [--threads N] [--allocs FILE]`: the
 //!   same with hyper 1.x (server and pooled client), the other Rust HTTP/1 stack a
 //!   data plane could stand on;
-//! - `ficus-bench hyper-ficus LISTEN UPSTREAM [--threads N] [--tenants N]
-//!   [--allocs FILE]`: Ficus's plain forwarding path on hyper 1.x, with the
-//!   proxy's own resolution, routing and counting (see `hyper_path.rs`);
 //! - `ficus-bench proxy CONFIG [--allocs FILE]`: `ficus proxy` itself, in this
 //!   process, so that its allocations are counted;
 //! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N] [--routes]`:
@@ -81,7 +78,7 @@ mod backfill;
 mod corpus;
 mod dashboard;
 mod distribute;
-mod hyper_path;
+mod hyper_floor;
 mod provision;
 mod readiness;
 mod rls;
@@ -140,10 +137,6 @@ fn main() -> Result<(), Error> {
         Some("propagation") => return propagation(&argv[1..]),
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
         Some("hyper-floor") => return hyper_floor(&argv[1..]),
-        Some("hyper-ficus") => {
-            report_allocations(&argv[1..]);
-            return hyper_path::run(&argv[1..]);
-        }
         Some("proxy") => return proxy(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
@@ -642,17 +635,17 @@ fn hyper_floor(args: &[String]) -> Result<(), Error> {
         .parse()?;
     let threads: usize = flag(args, "--threads").unwrap_or("1").parse()?;
     report_allocations(args);
-    hyper_path::serve(listen, upstream, threads, |client, base, _, mut req| {
+    hyper_floor::serve(listen, upstream, threads, |client, base, _, mut req| {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let uri: Result<hyper::Uri, _> = format!("{base}{path}").parse();
         async move {
             let Ok(uri) = uri else {
-                return hyper_path::refuse(400, "invalid path");
+                return hyper_floor::refuse(400, "invalid path");
             };
             *req.uri_mut() = uri;
             match client.request(req).await {
                 Ok(r) => r.map(http_body_util::Either::Left),
-                Err(e) => hyper_path::refuse(502, &e.to_string()),
+                Err(e) => hyper_floor::refuse(502, &e.to_string()),
             }
         }
     })

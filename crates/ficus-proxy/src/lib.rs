@@ -520,6 +520,11 @@ fn run_hyper(
         if tokio::time::timeout(drain, closing).await.is_err() {
             tracing::warn!("drain timeout: closing connections with requests still in flight");
         }
+        // Upgraded connections outlive their HTTP connection: their requests
+        // stay in flight until their tunnels close, or the deadline.
+        while shared.in_flight.load(Ordering::SeqCst) > 0 && started.elapsed() < drain {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let left = shared.in_flight.load(Ordering::SeqCst);
         match tokio::time::timeout(
             Duration::from_secs(5),

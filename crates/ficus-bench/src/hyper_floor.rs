@@ -1,0 +1,70 @@
+//! The hyper floor's server: the smallest proxy hyper 1.x can be (a pooled
+//! client, one HTTP/1 server per connection), the row that separates what the
+//! framework costs from what Ficus on its hyper engine adds (issue 22).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::Error;
+
+/// An answer: the upstream's, streamed, or one the proxy makes itself.
+pub type Answer = hyper::Response<http_body_util::Either<Incoming, String>>;
+
+/// The pooled client the hyper floor forwards with.
+pub type Upstream = Client<hyper_util::client::legacy::connect::HttpConnector, Incoming>;
+
+/// Serves HTTP/1 with hyper on `listen` (`threads` workers), each request handed
+/// to `handle` with the pooled client, the upstream's base URL and the client's
+/// address.
+pub fn serve<H, Fut>(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    threads: usize,
+    handle: H,
+) -> Result<(), Error>
+where
+    H: Fn(Upstream, Arc<str>, SocketAddr, hyper::Request<Incoming>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = Answer> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client: Upstream = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(256)
+            .build_http();
+        let base: Arc<str> = Arc::from(format!("http://{upstream}"));
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let (client, base, handle) = (client.clone(), Arc::clone(&base), handle.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = handle(client.clone(), Arc::clone(&base), peer, req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// An answer the proxy makes itself.
+pub fn refuse(status: u16, message: &str) -> Answer {
+    let mut r = hyper::Response::new(http_body_util::Either::Right(format!("{message}\n")));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
+    r
+}
