@@ -211,17 +211,19 @@ impl Framer {
         } else {
             &input[skipped..]
         };
-        // Room for as many headers as hyper allows, on the stack up to 128.
-        let mut stack = [httparse::EMPTY_HEADER; 128];
+        // Room for as many headers as hyper allows, on the stack up to 128 and
+        // left uninitialised, as hyper does: filling 128 empty headers per head
+        // cost more than the parse.
+        let mut stack = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
         let mut heap = Vec::new();
         let headers = if self.max_headers <= stack.len() {
             &mut stack[..self.max_headers]
         } else {
-            heap.resize(self.max_headers, httparse::EMPTY_HEADER);
+            heap.resize_with(self.max_headers, std::mem::MaybeUninit::uninit);
             &mut heap[..]
         };
-        let mut req = httparse::Request::new(headers);
-        match req.parse(data) {
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(data, headers) {
             // hyper refuses a head longer than its buffer, however it came.
             Ok(httparse::Status::Complete(n)) if n > self.max_head => {
                 self.state = State::Off;

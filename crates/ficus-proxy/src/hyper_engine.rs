@@ -52,8 +52,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The longest request head hyper reads, and the framer follows; pingora's
 /// limit.
 const MAX_HEAD: usize = 1024 * 1024;
-/// The most headers one request may have; pingora's limit.
-const MAX_HEADERS: usize = 256;
+/// The most headers one request may have: hyper's default, which it parses
+/// on the stack (a larger limit costs two heap arrays per head).
+const MAX_HEADERS: usize = 100;
 /// The request body kept to send again when a request fails over; pingora's
 /// retry buffer. A longer body is not sent twice.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -198,12 +199,14 @@ impl Engine {
                 ctx.service.as_deref(),
             )
             .read_timeout;
-        // What is sent again if the request fails over: nothing for a request
-        // without a body, the body itself while it fits the replay buffer.
-        let (replay, first) = if !ctx.may_fail_over() {
-            (None, UpBody::stream(None, body, &flags))
-        } else if body.is_end_stream() {
+        // What is sent again if the attempt must be repeated: nothing for a
+        // request without a body (a stale pooled connection may take any
+        // idempotent one down with it), and, for a request that may fail over,
+        // its body while it fits the replay buffer.
+        let (replay, first) = if body.is_end_stream() {
             (Some(Bytes::new()), UpBody::full(Bytes::new(), &flags))
+        } else if !ctx.may_fail_over() {
+            (None, UpBody::stream(None, body, &flags))
         } else {
             match body.read_up_to(REPLAY_LIMIT, wait).await {
                 Ok(Ok(whole)) => (Some(whole.clone()), UpBody::full(whole, &flags)),
@@ -269,16 +272,17 @@ impl Engine {
                 },
             };
             let backend = ctx.backend.unwrap_or(Backend::Legacy);
-            let conf = ctx
-                .settings
-                .backend(backend, ctx.service.as_deref())
-                .clone();
+            let settings = Arc::clone(&ctx.settings);
+            let conf = settings.backend(backend, ctx.service.as_deref());
             let addr = conf.upstreams[picked];
             let read_timeout = ctx.read_timeout.unwrap_or(conf.read_timeout);
-            let upstream = upstream_request(&mut request.parts, this, &conf, addr);
+            // The head is moved into an attempt that cannot be repeated without
+            // handing the request back; copied into one that can.
+            let keep = request.replay.is_some();
+            let upstream = upstream_request(&mut request.parts, this, conf, addr, keep);
             match self
                 .pool
-                .send(addr, &conf, upstream, read_timeout, fresh, &request.flags)
+                .send(addr, conf, upstream, read_timeout, fresh, &request.flags)
                 .await
             {
                 Ok((resp, checkin)) => {
@@ -297,19 +301,19 @@ impl Engine {
                     // nothing was sent, so it goes on a new connection.
                     fresh_used = true;
                     again_on = Some(picked);
-                    body = Some(upstream.into_body());
+                    body = Some(request.parts.take_back(*upstream));
                 }
                 Err(Sent::NotConnected(failure, upstream)) => {
+                    body = Some(request.parts.take_back(*upstream));
                     if self.shared.retry_connect(ctx) {
                         // Nothing was sent: the body goes to the next one.
-                        body = Some(upstream.into_body());
                         continue;
                     }
                     return self.fail(done, &failure, http1);
                 }
                 Err(Sent::Unsent(upstream)) => {
+                    body = Some(request.parts.take_back(*upstream));
                     if self.shared.retry_connect(ctx) {
-                        body = Some(upstream.into_body());
                         continue;
                     }
                     return self.fail(done, &Failure::Connect, http1);
@@ -390,6 +394,8 @@ impl Engine {
         done.failed = true;
         let ctx = done.ctx.as_mut().expect("a ctx until the request ends");
         let (code, message) = self.shared.failure(ctx, failure);
+        // Status 0: the client went away. Something must still be returned to
+        // hyper, which will fail to write it; the request ends as unanswered.
         let answer = error_answer(ctx, code.max(400), &message);
         let mut resp = Response::new(ClientBody::full(answer.body));
         *resp.status_mut() = status(answer.status);
@@ -398,7 +404,32 @@ impl Engine {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        done.answer(resp)
+        let mut resp = done.answer(resp);
+        if code == 0
+            && let Some(done) = resp.body_mut().done.as_mut()
+        {
+            done.status = 0;
+        }
+        resp
+    }
+}
+
+/// The head of a request an attempt handed back unsent, and its body.
+trait TakeBack {
+    fn take_back(&mut self, unsent: Request<UpBody>) -> UpBody;
+}
+
+impl TakeBack for http::request::Parts {
+    fn take_back(&mut self, unsent: Request<UpBody>) -> UpBody {
+        let (mut head, body) = unsent.into_parts();
+        // A moved head comes back; a copied one is still here.
+        if self.headers.is_empty() {
+            self.headers = std::mem::take(&mut head.headers);
+        }
+        if self.extensions.is_empty() {
+            self.extensions = std::mem::take(&mut head.extensions);
+        }
+        body
     }
 }
 
@@ -444,6 +475,9 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 /// connection, the client's or the upstream's, not the other. An upgrade keeps
 /// `Connection: upgrade` and `Upgrade`, except to h2c: a client that upgraded
 /// a connection to HTTP/2 at the upstream would talk to it past the proxy.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     if let Some(upgrade) = headers.get(header::UPGRADE)
         && upgrade
@@ -460,7 +494,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(upgrading && *n == header::UPGRADE))
+            // Never the headers that frame the message or name its host: a
+            // client must not make the upstream read a request another way.
+            .filter(|n| {
+                !(upgrading && *n == header::UPGRADE)
+                    && *n != header::HOST
+                    && *n != header::CONTENT_LENGTH
+                    && *n != header::TRANSFER_ENCODING
+            })
             .collect();
         for name in named {
             headers.remove(name);
@@ -470,8 +511,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
     }
-    for name in ["keep-alive", "proxy-connection", "te"] {
-        headers.remove(name);
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    // `TE: trailers` may pass (HTTP/2 allows it, gRPC needs it); any other
+    // transfer coding is about this hop only.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
     }
     if !upgrading {
         headers.remove(header::UPGRADE);
@@ -485,10 +533,15 @@ fn upstream_request(
     body: UpBody,
     conf: &BackendConfig,
     addr: SocketAddr,
+    keep: bool,
 ) -> Request<UpBody> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = if keep {
+        parts.headers.clone()
+    } else {
+        std::mem::take(&mut parts.headers)
+    };
     // The headers' case as the client sent them, which hyper keeps beside the
     // map in the extensions: moved to the first attempt (a retry is sent them
     // in hyper's lower case, which HTTP allows).
@@ -503,8 +556,7 @@ fn upstream_request(
             .authority()
             .map(|a| a.as_str().to_string())
             .or_else(|| {
-                parts
-                    .headers
+                req.headers()
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_string)
@@ -1068,7 +1120,6 @@ impl Pool {
                 };
                 let handshake = client1::Builder::new()
                     .preserve_header_case(true)
-                    .max_headers(MAX_HEADERS)
                     .handshake(io)
                     .await;
                 match handshake {
@@ -1148,6 +1199,10 @@ impl Pool {
                 };
                 match client2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    // Pings on an idle connection find an upstream that went
+                    // away without closing it.
+                    .keep_alive_interval(conf.idle_timeout.min(Duration::from_secs(30)))
+                    .keep_alive_timeout(conf.read_timeout)
                     .handshake(io)
                     .await
                 {
@@ -1171,7 +1226,15 @@ impl Pool {
             return Err(Sent::Unsent(Box::new(req)));
         }
         match answer_within(read_timeout, flags, sender.try_send_request(req)).await {
-            None => Err(Sent::Timeout),
+            None => {
+                // An upstream gone silent leaves the connection open: the next
+                // request starts a new one rather than wait on this one.
+                self.h2c
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&addr);
+                Err(Sent::Timeout)
+            }
             Some(Ok(resp)) => Ok((resp, None)),
             Some(Err(mut e)) => match e.take_message() {
                 Some(req) => Err(Sent::Unsent(Box::new(req))),
@@ -1228,8 +1291,11 @@ pub fn server_builder() -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .preserve_header_case(true)
-        .max_headers(MAX_HEADERS)
         .max_buf_size(MAX_HEAD)
+        // An idle keep-alive connection stays open, as on pingora (hyper's
+        // default closes it after 30 s, racing load balancers' own idle
+        // timeouts), and no timer is armed per request.
+        .header_read_timeout(None)
         .timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
     builder

@@ -413,13 +413,15 @@ fn run_hyper(
         .first()
         .copied()
         .unwrap_or(config.admin_listen);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.threads)
-        .thread_name("ficus-worker")
+    // The control side (background services, signals, the drain) runs here;
+    // requests run on `threads` workers, each a one-thread runtime of its own:
+    // no work stealing, no cross-thread wake-ups on the request path.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|source| ProxyError::ListenBind { addr, source })?;
     let drain = config.settings.drain_timeout;
+    let threads = config.threads;
     let result = runtime.block_on(async move {
         let mut listeners = Vec::new();
         for addr in &config.listen {
@@ -434,6 +436,7 @@ fn run_hyper(
                     s.bind(*addr)?;
                     s.listen(1024)
                 })
+                .and_then(|l| l.into_std())
                 .map_err(|source| ProxyError::ListenBind {
                     addr: *addr,
                     source,
@@ -494,36 +497,36 @@ fn run_hyper(
 
         let engine = Arc::new(hyper_engine::Engine::new(Arc::clone(&shared), pool_size));
         let builder = Arc::new(hyper_engine::server_builder());
-        let accepting: Vec<_> = listeners
-            .into_iter()
-            .map(|listener| {
-                tokio::spawn(hyper_engine::accept(
-                    listener,
-                    Arc::clone(&engine),
-                    Arc::clone(&builder),
-                    stopped.clone(),
-                ))
-            })
-            .collect();
+        let mut workers = Vec::new();
+        for n in 0..threads {
+            // Every worker accepts on its own copy of each listener.
+            let mut copies = Vec::new();
+            for l in &listeners {
+                let copy = l.try_clone().map_err(|source| ProxyError::ListenBind {
+                    addr: l.local_addr().unwrap_or(addr),
+                    source,
+                })?;
+                copies.push(copy);
+            }
+            let (engine, builder, stopped, shared) = (
+                Arc::clone(&engine),
+                Arc::clone(&builder),
+                stopped.clone(),
+                Arc::clone(&shared),
+            );
+            let worker = std::thread::Builder::new()
+                .name(format!("ficus-worker-{n}"))
+                .spawn(move || hyper_worker(copies, engine, builder, stopped, shared, drain))
+                .map_err(|source| ProxyError::ListenBind { addr, source })?;
+            workers.push(worker);
+        }
+        drop(listeners);
 
         drain_signal(&shared).await;
         let _ = stop.send(true);
         let started = Instant::now();
-        let mut open = Vec::new();
-        for task in accepting {
-            if let Ok(graceful) = task.await {
-                open.push(graceful);
-            }
-        }
-        // Closes idle connections and, on each busy one, lets its request end.
-        let closing = futures_join_all(open.into_iter().map(|g| g.shutdown()));
-        if tokio::time::timeout(drain, closing).await.is_err() {
-            tracing::warn!("drain timeout: closing connections with requests still in flight");
-        }
-        // Upgraded connections outlive their HTTP connection: their requests
-        // stay in flight until their tunnels close, or the deadline.
-        while shared.in_flight.load(Ordering::SeqCst) > 0 && started.elapsed() < drain {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        for worker in workers {
+            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         }
         let left = shared.in_flight.load(Ordering::SeqCst);
         match tokio::time::timeout(
@@ -549,6 +552,61 @@ fn run_hyper(
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// One worker of the hyper engine: accepts and serves on its own one-thread
+/// runtime until `stopped`, then lets its connections finish their requests
+/// (and its tunnels close) within the drain deadline.
+fn hyper_worker(
+    listeners: Vec<std::net::TcpListener>,
+    engine: Arc<hyper_engine::Engine>,
+    builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+    shared: Arc<Shared>,
+    drain: Duration,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a worker");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut accepting = Vec::new();
+        for l in listeners {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => accepting.push(tokio::spawn(hyper_engine::accept(
+                    l,
+                    Arc::clone(&engine),
+                    Arc::clone(&builder),
+                    stopped.clone(),
+                ))),
+                Err(e) => tracing::error!(error = %e, "a worker cannot accept on a listener"),
+            }
+        }
+        let mut open = Vec::new();
+        for task in accepting {
+            if let Ok(graceful) = task.await {
+                open.push(graceful);
+            }
+        }
+        let started = Instant::now();
+        // Closes idle connections and, on each busy one, lets its request end.
+        let closing = futures_join_all(open.into_iter().map(|g| g.shutdown()));
+        if tokio::time::timeout(drain, closing).await.is_err() {
+            tracing::warn!("drain timeout: closing connections with requests still in flight");
+        }
+        // Upgraded connections outlive their HTTP connection: their requests
+        // stay in flight until their tunnels close, or the deadline.
+        while shared.in_flight.load(Ordering::SeqCst) > 0 && started.elapsed() < drain {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_millis(100));
 }
 
 /// Waits for every future, run side by side.

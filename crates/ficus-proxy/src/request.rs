@@ -534,10 +534,17 @@ impl Shared {
                     .is_some_and(|h| headers.get(h).is_some_and(|v| !v.is_empty()))
             });
         ctx.may_fail_over = (safe_method && !has_body && !side_effects) || keyed_write;
-        // Only a safe read without a body, on a route with no side effects.
-        if let (Some((served_by, compare_with)), Some(tenant), true, false, false) =
-            (pair, &ctx.tenant, safe_method, has_body, side_effects)
-        {
+        // Only a safe read without a body, on a route with no side effects, and
+        // not an upgrade (its answer is a tunnel, not a body to compare).
+        let upgrade = headers.contains_key(header::UPGRADE);
+        if let (Some((served_by, compare_with)), Some(tenant), true, false, false, false) = (
+            pair,
+            &ctx.tenant,
+            safe_method,
+            has_body,
+            side_effects,
+            upgrade,
+        ) {
             let endpoint = ctx.route.clone();
             if let Some(permit) = self.shadow.admit(tenant, &endpoint, &settings.shadow) {
                 ctx.admitted = Some(Admitted {
