@@ -495,7 +495,6 @@ fn run_hyper(
             stopped.clone(),
         ));
 
-        let engine = Arc::new(hyper_engine::Engine::new(Arc::clone(&shared), pool_size));
         let builder = Arc::new(hyper_engine::server_builder());
         let mut workers = Vec::new();
         for n in 0..threads {
@@ -508,8 +507,11 @@ fn run_hyper(
                 })?;
                 copies.push(copy);
             }
+            // An engine, and so an upstream pool, per worker: a connection is
+            // only ever used by the thread whose runtime drives it (shared
+            // pools cost a cross-thread wake-up per request).
             let (engine, builder, stopped, shared) = (
-                Arc::clone(&engine),
+                Arc::new(hyper_engine::Engine::new(Arc::clone(&shared), pool_size)),
                 Arc::clone(&builder),
                 stopped.clone(),
                 Arc::clone(&shared),
