@@ -330,26 +330,8 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
         let shared = Arc::clone(&shared);
         server.add_service(background_service(
             "provisioning",
-            Background(Box::new(move |mut shutdown| {
-                let shared = Arc::clone(&shared);
-                Box::pin(async move {
-                    let store = loop {
-                        if let Some(s) = shared.store.get() {
-                            break Arc::clone(s);
-                        }
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                            _ = shutdown.changed() => return,
-                        }
-                    };
-                    ficus_admin::provision::resume(
-                        store,
-                        ficus_admin::provision::Hooks::from_env(),
-                        Duration::from_secs(5),
-                        shutdown,
-                    )
-                    .await;
-                })
+            Background(Box::new(move |shutdown| {
+                Box::pin(resume_provisioning(Arc::clone(&shared), shutdown))
             })),
         ));
     }
@@ -459,27 +441,7 @@ fn run_hyper(
             stopped.clone(),
         ));
         {
-            // As on pingora: billing events whose job could not finish are
-            // finished once the store is open.
-            let (shared, mut shutdown) = (Arc::clone(&shared), stopped.clone());
-            tokio::spawn(async move {
-                let store = loop {
-                    if let Some(s) = shared.store.get() {
-                        break Arc::clone(s);
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                };
-                ficus_admin::provision::resume(
-                    store,
-                    ficus_admin::provision::Hooks::from_env(),
-                    Duration::from_secs(5),
-                    shutdown,
-                )
-                .await;
-            });
+            tokio::spawn(resume_provisioning(Arc::clone(&shared), stopped.clone()));
         }
         tokio::spawn(admin::serve(
             admin_listener,
@@ -609,6 +571,28 @@ fn hyper_worker(
         }
     });
     runtime.shutdown_timeout(Duration::from_millis(100));
+}
+
+/// Finishes the jobs of billing events received on the admin listener that
+/// could not finish (an unavailable database, a crash between steps), once the
+/// routing-table follower has opened the store; both engines run it.
+async fn resume_provisioning(shared: Arc<Shared>, mut shutdown: ShutdownWatch) {
+    let store = loop {
+        if let Some(s) = shared.store.get() {
+            break Arc::clone(s);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = shutdown.changed() => return,
+        }
+    };
+    ficus_admin::provision::resume(
+        store,
+        ficus_admin::provision::Hooks::from_env(),
+        Duration::from_secs(5),
+        shutdown,
+    )
+    .await;
 }
 
 /// Waits for every future, run side by side.
