@@ -45,7 +45,7 @@ use hyper_util::server::conn::auto;
 
 use crate::config::BackendConfig;
 use crate::head_guard::{Framer, HeadGuard};
-use crate::request::{Ctx, Failure, Next, Refusal, Shared, error_answer};
+use crate::request::{BODY_TOO_LARGE, Ctx, Failure, Next, Refusal, Shared, error_answer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -253,7 +253,7 @@ impl Engine {
         // handed the request back unsent.
         let mut again_on: Option<usize> = None;
         let mut fresh_used = false;
-        let (resp, checkin) = loop {
+        let (resp, checkin, read_timeout) = loop {
             let ctx = done.ctx.as_mut().expect("a ctx until the request ends");
             let Some(this) = body.take().or_else(|| {
                 request
@@ -294,7 +294,7 @@ impl Engine {
                         // with its connection.
                         continue;
                     }
-                    break (resp, checkin);
+                    break (resp, checkin, read_timeout);
                 }
                 Err(Sent::Unsent(upstream)) if !fresh_used => {
                     // A pooled connection closed before taking the request:
@@ -356,14 +356,6 @@ impl Engine {
             head.headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        let read_timeout = ctx.read_timeout.unwrap_or_else(|| {
-            ctx.settings
-                .backend(
-                    ctx.backend.unwrap_or(Backend::Legacy),
-                    ctx.service.as_deref(),
-                )
-                .read_timeout
-        });
         head.version = Version::HTTP_11;
         if switching {
             let Some(client) = request.upgrade else {
@@ -847,7 +839,7 @@ impl BodyFlags {
     /// The failure the client's body caused, if it caused one, else `other`.
     fn or(&self, other: Failure) -> Failure {
         if self.too_large.load(Ordering::Relaxed) {
-            Failure::Refused(Refusal::new(413, "request body is too large"))
+            Failure::Refused(Refusal::new(413, BODY_TOO_LARGE))
         } else if self.client_gone.load(Ordering::Relaxed) {
             Failure::ClientGone
         } else if self.client_failed.load(Ordering::Relaxed) {
@@ -913,7 +905,7 @@ impl Body for Limited {
                     this.seen += data.len() as u64;
                     if this.seen > this.max {
                         this.flags.too_large.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err("request body is too large".into())));
+                        return Poll::Ready(Some(Err(BODY_TOO_LARGE.into())));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

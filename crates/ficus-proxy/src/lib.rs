@@ -75,16 +75,22 @@ pub enum ProxyError {
 /// is bound the way pingora binds it (`SO_REUSEADDR`, so a restart over a
 /// previous run's closing connections still succeeds) and released at once.
 fn check_listen(addr: std::net::SocketAddr) -> Result<(), ProxyError> {
-    let bound = if addr.is_ipv4() {
+    bind_reusing(addr)
+        .map(drop)
+        .map_err(|source| ProxyError::ListenBind { addr, source })
+}
+
+/// A socket bound to `addr` as pingora binds its listeners (`SO_REUSEADDR`);
+/// the start-up check and the hyper engine's listeners both bind through here.
+fn bind_reusing(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
         tokio::net::TcpSocket::new_v6()
-    }
-    .and_then(|s| {
-        s.set_reuseaddr(true)?;
-        s.bind(addr)
-    });
-    bound.map_err(|source| ProxyError::ListenBind { addr, source })
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
 }
 
 type Task = Box<dyn Fn(ShutdownWatch) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -407,17 +413,8 @@ fn run_hyper(
     let result = runtime.block_on(async move {
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let socket = if addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()
-            } else {
-                tokio::net::TcpSocket::new_v6()
-            };
-            let listener = socket
-                .and_then(|s| {
-                    s.set_reuseaddr(true)?;
-                    s.bind(*addr)?;
-                    s.listen(1024)
-                })
+            let listener = bind_reusing(*addr)
+                .and_then(|s| s.listen(1024))
                 .and_then(|l| l.into_std())
                 .map_err(|source| ProxyError::ListenBind {
                     addr: *addr,

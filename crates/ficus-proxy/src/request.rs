@@ -232,6 +232,10 @@ impl UpstreamHead for http::request::Parts {
     }
 }
 
+/// Why a request body past `max_body_bytes` is refused (413), whether its
+/// length said so up front or its stream grew past it, on either engine.
+pub const BODY_TOO_LARGE: &str = "request body is too large";
+
 /// The largest request id accepted from a client; longer ones are replaced.
 const MAX_CLIENT_REQUEST_ID: usize = 128;
 
@@ -419,7 +423,7 @@ impl Shared {
         if let Some(len) = headers.get(header::CONTENT_LENGTH) {
             match len.to_str().ok().and_then(|l| l.parse::<u64>().ok()) {
                 Some(n) if n > settings.max_body_bytes => {
-                    return Err(Refusal::new(413, "request body is too large"));
+                    return Err(Refusal::new(413, BODY_TOO_LARGE));
                 }
                 Some(_) => {}
                 None => return Err(Refusal::new(400, "invalid content-length")),
@@ -564,7 +568,7 @@ impl Shared {
     pub fn count_body(&self, ctx: &mut Ctx, len: usize) -> Result<(), Refusal> {
         ctx.body_bytes += len as u64;
         if ctx.body_bytes > ctx.settings.max_body_bytes {
-            return Err(Refusal::new(413, "request body is too large"));
+            return Err(Refusal::new(413, BODY_TOO_LARGE));
         }
         Ok(())
     }
