@@ -48,17 +48,13 @@ taskset -c 0 "$bench" hyper-floor 127.0.0.1:18060 127.0.0.1:18001 --allocs "$wor
 dir="$work/f"; mkdir -p "$dir"; store="sqlite:$dir/ficus.db"
 FICUS_STORE="$store" "$ficus" init >/dev/null
 FICUS_STORE="$store" "$ficus" tenant add t5 >/dev/null
-conf() { printf '[proxy]\nlisten = ["127.0.0.1:%s"]\nadmin_listen = "127.0.0.1:%s"\nstore = "%s"\nthreads = 1\nengine = "%s"\ndrain_delay_ms = 0\n[backends.legacy]\nupstreams = ["127.0.0.1:18001"]\n[backends.new]\nupstreams = ["127.0.0.1:18001"]\n[[tenant_from]]\nheader = "X-Tenant-Id"\n' "$1" "$2" "$store" "${3:-pingora}"; }
+conf() { printf '[proxy]\nlisten = ["127.0.0.1:%s"]\nadmin_listen = "127.0.0.1:%s"\nstore = "%s"\nthreads = 1\ndrain_delay_ms = 0\n[backends.legacy]\nupstreams = ["127.0.0.1:18001"]\n[backends.new]\nupstreams = ["127.0.0.1:18001"]\n[[tenant_from]]\nheader = "X-Tenant-Id"\n' "$1" "$2" "$store"; }
 conf 18030 18031 > "$dir/ficus.toml"
 conf 18070 18071 > "$dir/counted.toml"
-conf 18032 18033 hyper > "$dir/ficus-hyper.toml"
-conf 18072 18073 hyper > "$dir/counted-hyper.toml"
 RUST_LOG=warn taskset -c 0 "$ficus" proxy --config "$dir/ficus.toml" 2>"$dir/proxy.log" & pids+=($!)
-RUST_LOG=warn taskset -c 0 "$ficus" proxy --config "$dir/ficus-hyper.toml" 2>"$dir/proxy-hyper.log" & pids+=($!)
-# The same proxies in the counting build, on their own ports, for the allocation column.
+# The same proxy in the counting build, on their own ports, for the allocation column.
 RUST_LOG=warn taskset -c 0 "$bench" proxy "$dir/counted.toml" --allocs "$work/ficus.allocs" 2>"$dir/counted.log" & pids+=($!)
-RUST_LOG=warn taskset -c 0 "$bench" proxy "$dir/counted-hyper.toml" --allocs "$work/ficus-hyper.allocs" 2>"$dir/counted-hyper.log" & pids+=($!)
-for port in 18031 18071 18033 18073; do
+for port in 18031 18071; do
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 done
 sleep 1
@@ -66,7 +62,6 @@ sleep 1
 master=$(pgrep -f "proxy.conf" | head -1); nginx_worker=$(pgrep -P "$master" | head -1)
 floor=$(pgrep -f "pingora-floor 127.0.0.1:18050" | head -1); hyper=$(pgrep -f "hyper-floor 127.0.0.1:18060" | head -1)
 ficusp=$(pgrep -f "ficus proxy --config $dir/ficus.toml" | head -1)
-ficushp=$(pgrep -f "ficus proxy --config $dir/ficus-hyper.toml" | head -1)
 echo 'wrk.headers["X-Tenant-Id"] = "t5"' > "$work/wrk.lua"
 n=10000
 allocs() { cat "$work/$1.allocs" 2>/dev/null || echo 0; }
@@ -100,7 +95,6 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:18090; location / { proxy_pass http://legacy; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
 conf 18091 18092 > "$dir/cg.toml"
-conf 18095 18096 hyper > "$dir/cg-hyper.toml"
 declare -A instr
 instructions() { # name port command...
   local name=$1 port=$2; shift 2
@@ -118,11 +112,10 @@ instructions nginx 18090 nginx -c "$work/cg-nginx.conf" -p "$work"
 instructions pingora-floor 18093 "$bench" pingora-floor 127.0.0.1:18093 127.0.0.1:18001
 instructions hyper-floor 18094 "$bench" hyper-floor 127.0.0.1:18094 127.0.0.1:18001
 instructions ficus 18091 "$ficus" proxy --config "$dir/cg.toml"
-instructions ficus-hyper 18095 "$ficus" proxy --config "$dir/cg-hyper.toml"
 
 echo "| proxy | system calls / request | context switches / request | CPU µs / request at 2,000/s | CPU µs / request at saturation | req/s at saturation | allocations / request | user-space instructions / request | most frequent calls / request |"
 echo "|---|---|---|---|---|---|---|---|---|"
-for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050" "hyper-floor:$hyper:18060:18060" "ficus:$ficusp:18030:18070" "ficus-hyper:$ficushp:18032:18072"; do
+for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050" "hyper-floor:$hyper:18060:18060" "ficus:$ficusp:18030:18070"; do
   IFS=: read -r name pid port counted <<< "$entry"
   url="http://127.0.0.1:$port/homes/1"
   taskset -c 1 "$bench" rate "$url" --rps 2000 --secs 1 --header "X-Tenant-Id: t5" >/dev/null

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The proxy's benchmark: the same small JSON response served directly, through
-# nginx, HAProxy, the bare pingora and hyper floors, and Ficus on each of its two
-# engines (`proxy.engine`: pingora and hyper; 10 and 100,000 tenants), each
-# proxy with one and with two worker threads, measured in one run
+# nginx, HAProxy, the bare pingora and hyper floors, and Ficus (10 and 100,000
+# tenants), each proxy with one and with two worker threads, measured in one run
 # with wrk (throughput and latency under saturation) and with a fixed-rate load
 # (latency at a steady rate). Then the time for a stage change to reach a running
 # proxy on a PostgreSQL store.
@@ -89,7 +88,7 @@ CONF
 done
 url[direct]=http://127.0.0.1:18001/homes/1
 
-start_ficus() { # name port admin tenants threads engine
+start_ficus() { # name port admin tenants threads
   local dir="$work/$1"; mkdir -p "$dir"
   local store="sqlite:$dir/ficus.db"
   FICUS_STORE="$store" "$ficus" init >/dev/null
@@ -102,7 +101,6 @@ admin_listen = "127.0.0.1:$3"
 drain_delay_ms = 0 # no load balancer in front: stop at once
 store = "$store"
 threads = $5
-engine = "$6"
 [backends.legacy]
 upstreams = ["127.0.0.1:18001"]
 [backends.new]
@@ -115,12 +113,9 @@ CONF
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$3/readyz" >/dev/null && return; sleep 0.1; done
   echo "ficus on $2 did not become ready" >&2; exit 1
 }
-start_ficus ficus-1t 18030 18031 10 1 pingora
-start_ficus ficus-2t 18032 18033 10 2 pingora
-start_ficus ficus-100k-1t 18040 18041 100000 1 pingora
-start_ficus ficus-hyper-1t 18070 18071 10 1 hyper
-start_ficus ficus-hyper-2t 18072 18073 10 2 hyper
-start_ficus ficus-hyper-100k-1t 18074 18075 100000 1 hyper
+start_ficus ficus-1t 18030 18031 10 1
+start_ficus ficus-2t 18032 18033 10 2
+start_ficus ficus-100k-1t 18040 18041 100000 1
 sleep 1
 
 cat > "$work/report.lua" <<'LUA'
@@ -132,7 +127,7 @@ done = function(summary, latency, requests)
 end
 LUA
 
-order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t ficus-1t ficus-100k-1t ficus-hyper-1t ficus-hyper-100k-1t nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t ficus-2t ficus-hyper-2t)
+order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t ficus-1t ficus-100k-1t nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t ficus-2t)
 declare -A rps p50 p99 p999 err fp50 fp99 fp999
 for name in "${order[@]}"; do
   $load wrk -t1 -c32 -d2s -s "$work/report.lua" "${url[$name]}" >/dev/null   # warm-up
@@ -156,25 +151,18 @@ print(f"| {n} | {r:,.0f} | {r/ng:.2f}× | {r/ha:.2f}× | {a} ms | {b} ms | {c} m
 PY
 done
 echo
-python3 - "${rps[ficus-1t]}" "${rps[ficus-2t]}" "${rps[ficus-100k-1t]}" "${rps[ficus-hyper-1t]}" "${rps[ficus-hyper-2t]}" "${rps[ficus-hyper-100k-1t]}" \
-  "${rps[nginx-1t]}" "${rps[nginx-2t]}" "${rps[pingora-floor-1t]}" "${rps[pingora-floor-2t]}" "${rps[hyper-floor-1t]}" "${rps[hyper-floor-2t]}" \
-  "${p99[ficus-1t]}" "${p99[ficus-2t]}" "${p99[ficus-hyper-1t]}" "${p99[ficus-hyper-2t]}" "${p99[nginx-1t]}" "${p99[nginx-2t]}" \
-  "${fp99[ficus-1t]}" "${fp99[ficus-hyper-1t]}" "${fp99[nginx-1t]}" "${fp99[direct]}" <<'PY'
+python3 - "${rps[ficus-1t]}" "${rps[ficus-2t]}" "${rps[ficus-100k-1t]}" \
+  "${rps[nginx-1t]}" "${rps[nginx-2t]}" "${rps[hyper-floor-1t]}" "${rps[hyper-floor-2t]}" "${rps[pingora-floor-1t]}" "${rps[pingora-floor-2t]}" \
+  "${p99[ficus-1t]}" "${p99[ficus-2t]}" "${p99[nginx-1t]}" "${p99[nginx-2t]}" \
+  "${fp99[ficus-1t]}" "${fp99[nginx-1t]}" "${fp99[direct]}" <<'PY'
 import sys
-v = list(map(float, sys.argv[1:]))
-f1, f2, f100k, h1, h2, h100k, n1, n2, pf1, pf2, hf1, hf2 = v[:12]
-p_f1, p_f2, p_h1, p_h2, p_n1, p_n2 = v[12:18]
-q_f, q_h, q_n, q_d = v[18:22]
+f1, f2, f100k, n1, n2, hf1, hf2, pf1, pf2, p_f1, p_f2, p_n1, p_n2, q_f, q_n, q_d = map(float, sys.argv[1:])
 ok = lambda c: "met" if c else "NOT met"
-for name, e1, e2, e100k, pe1, pe2, qe, floor1, floor2 in (
-    ("pingora", f1, f2, f100k, p_f1, p_f2, q_f, pf1, pf2),
-    ("hyper", h1, h2, h100k, p_h1, p_h2, q_h, hf1, hf2),
-):
-    print(f"Ficus on {name} vs nginx: {e1/n1:.2f}x at 1 thread (target >= 0.95x: {ok(e1/n1 >= 0.95)}), {e2/n2:.2f}x at 2 ({ok(e2/n2 >= 0.95)}); vs the {name} floor: {e1/floor1:.2f}x, {e2/floor2:.2f}x")
-    print(f"  p99 at saturation vs nginx: {pe1:.3f} vs {p_n1:.3f} ms at 1 thread ({ok(pe1 <= p_n1)}), {pe2:.3f} vs {p_n2:.3f} ms at 2 ({ok(pe2 <= p_n2)})")
-    print(f"  added p99 at a fixed rate vs nginx: {qe - q_d:+.3f} vs {q_n - q_d:+.3f} ms (target <= nginx + 0.1 ms: {ok(qe - q_d <= q_n - q_d + 0.1)})")
-    print(f"  100,000 tenants vs 10: {e100k/e1:.3f}x the throughput ({(e100k/e1-1)*100:+.1f}%; target within 5%: {ok(abs(e100k/e1-1) <= 0.05)})")
-print(f"Ficus on hyper vs Ficus on pingora: {h1/f1:.2f}x at 1 thread, {h2/f2:.2f}x at 2")
+print(f"Ficus vs nginx: {f1/n1:.2f}x at 1 thread (target >= 0.95x: {ok(f1/n1 >= 0.95)}), {f2/n2:.2f}x at 2 ({ok(f2/n2 >= 0.95)})")
+print(f"  the hyper floor vs nginx: {hf1/n1:.2f}x at 1 thread, {hf2/n2:.2f}x at 2; Ficus vs the hyper floor: {f1/hf1:.2f}x, {f2/hf2:.2f}x; vs the pingora floor: {f1/pf1:.2f}x, {f2/pf2:.2f}x")
+print(f"  p99 at saturation vs nginx: {p_f1:.3f} vs {p_n1:.3f} ms at 1 thread ({ok(p_f1 <= p_n1)}), {p_f2:.3f} vs {p_n2:.3f} ms at 2 ({ok(p_f2 <= p_n2)})")
+print(f"  added p99 at a fixed rate vs nginx: {q_f - q_d:+.3f} vs {q_n - q_d:+.3f} ms (target <= nginx + 0.1 ms: {ok(q_f - q_d <= q_n - q_d + 0.1)})")
+print(f"  100,000 tenants vs 10: {f100k/f1:.3f}x the throughput ({(f100k/f1-1)*100:+.1f}%; target within 5%: {ok(abs(f100k/f1-1) <= 0.05)})")
 PY
 echo
 echo "stage change → proxy routing by it (PostgreSQL store, 100 flips):"

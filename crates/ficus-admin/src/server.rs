@@ -85,7 +85,7 @@ pub type StoreSlot = Arc<OnceLock<Arc<dyn ControlStore>>>;
 
 /// Turns true when the process begins to shut down: long-lived responses (the
 /// dashboard's event streams) end then, so a graceful shutdown does not wait
-/// on them for ever. A proxy passes pingora's shutdown watch, which is one.
+/// on them for ever. A proxy passes its own shutdown watch, which is one.
 pub type Closing = tokio::sync::watch::Receiver<bool>;
 
 /// The API's routes, to be served or merged into another router; the billing

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use ficus_core::UnknownTenant;
 use http::HeaderName;
-use pingora_core::upstreams::peer::HttpPeer;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -38,22 +37,11 @@ pub struct Config {
     pub store: String,
     pub threads: usize,
     /// Idle keep-alive connections kept to upstreams, shared by both backends
-    /// (pingora keeps one pool per process).
+    /// (per upstream address and worker thread).
     pub upstream_pool_size: usize,
     pub log_format: LogFormat,
-    /// The engine that carries requests: pingora (the default) or hyper
-    /// (issue 22's port, in progress).
-    pub engine: Engine,
     /// Everything that can change on reload without restarting listeners.
     pub settings: Settings,
-}
-
-/// What reads and writes the data plane's bytes; the request path's
-/// decisions (`request.rs`) are the same on both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Pingora,
-    Hyper,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +169,7 @@ impl ShadowConfig {
 }
 
 /// One backend: where it is and how to talk to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     pub upstreams: Vec<SocketAddr>,
     /// The version deployed, as the operator states it (reloadable); the
@@ -198,29 +186,6 @@ pub struct BackendConfig {
     /// next upstream once, like a safe read. Without it no write is ever sent
     /// twice.
     pub idempotency_header: Option<http::HeaderName>,
-    /// One pingora peer per upstream, with this backend's timeouts and
-    /// protocol, made when the configuration is read: the request path clones
-    /// one instead of building it (issue 22).
-    pub peers: Arc<[HttpPeer]>,
-}
-
-impl BackendConfig {
-    fn peers(&self) -> Arc<[HttpPeer]> {
-        self.upstreams
-            .iter()
-            .map(|addr| {
-                let mut peer = HttpPeer::new(*addr, false, String::new());
-                peer.options.connection_timeout = Some(self.connect_timeout);
-                peer.options.read_timeout = Some(self.read_timeout);
-                peer.options.write_timeout = Some(self.write_timeout);
-                peer.options.idle_timeout = Some(self.idle_timeout);
-                if self.h2c {
-                    peer.options.set_http_version(2, 2);
-                }
-                peer
-            })
-            .collect()
-    }
 }
 
 impl Settings {
@@ -235,22 +200,6 @@ impl Settings {
         }
     }
 }
-
-/// Every field but the peers, which are made from the others.
-impl PartialEq for BackendConfig {
-    fn eq(&self, other: &BackendConfig) -> bool {
-        self.upstreams == other.upstreams
-            && self.version == other.version
-            && self.h2c == other.h2c
-            && self.connect_timeout == other.connect_timeout
-            && self.read_timeout == other.read_timeout
-            && self.write_timeout == other.write_timeout
-            && self.idle_timeout == other.idle_timeout
-            && self.idempotency_header == other.idempotency_header
-    }
-}
-
-impl Eq for BackendConfig {}
 
 /// The routes `[[routes]] match = "METHOD /template"` gives a service, looked up
 /// by method and template (the route key a request's path resolves to).
@@ -379,7 +328,6 @@ struct RawProxy {
     suspended_status: Option<Spanned<u16>>,
     suspended_message: Option<String>,
     log_format: Option<Spanned<String>>,
-    engine: Option<Spanned<String>>,
     tenant_header: Option<Spanned<String>>,
     backend_header: Option<Spanned<String>>,
     request_id_header: Option<Spanned<String>>,
@@ -491,28 +439,6 @@ impl Config {
             }
             Some(t) => *t.get_ref(),
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
-        };
-        // `FICUS_PROXY_ENGINE` chooses when the file does not, so that one test
-        // suite runs on either engine.
-        let engine = match p.engine.as_ref().map(|s| (s.get_ref().as_str(), s)) {
-            None => match env("FICUS_PROXY_ENGINE").as_deref() {
-                None | Some("") | Some("pingora") => Engine::Pingora,
-                Some("hyper") => Engine::Hyper,
-                Some(other) => {
-                    return Err(cx.err(
-                        None,
-                        &format!("FICUS_PROXY_ENGINE: {other:?} is not \"pingora\" or \"hyper\""),
-                    ));
-                }
-            },
-            Some(("pingora", _)) => Engine::Pingora,
-            Some(("hyper", _)) => Engine::Hyper,
-            Some((other, s)) => {
-                return Err(cx.at(
-                    s,
-                    &format!("proxy.engine: {other:?} is not \"pingora\" or \"hyper\""),
-                ));
-            }
         };
         let log_format = match p.log_format.as_ref().map(|s| (s.get_ref().as_str(), s)) {
             None | Some(("text", _)) => LogFormat::Text,
@@ -763,7 +689,6 @@ impl Config {
             threads,
             upstream_pool_size: p.upstream_pool_size.unwrap_or(128),
             log_format,
-            engine,
             settings,
         })
     }
@@ -789,9 +714,6 @@ impl Config {
         }
         if self.log_format != new.log_format {
             changed.push("proxy.log_format");
-        }
-        if self.engine != new.engine {
-            changed.push("proxy.engine");
         }
         (!changed.is_empty()).then(|| changed.join(", "))
     }
@@ -909,7 +831,7 @@ impl Cx<'_> {
                     })?,
             ),
         };
-        let mut backend = BackendConfig {
+        let backend = BackendConfig {
             upstreams,
             version,
             h2c,
@@ -918,9 +840,7 @@ impl Cx<'_> {
             read_timeout: ms(b.read_timeout_ms, 30_000),
             write_timeout: ms(b.write_timeout_ms, 30_000),
             idle_timeout: ms(b.idle_timeout_ms, 60_000),
-            peers: Arc::from([]),
         };
-        backend.peers = backend.peers();
         Ok(backend)
     }
 

@@ -7,8 +7,8 @@
 //! and a request with both `Content-Length` and `Transfer-Encoding` (hyper, like
 //! pingora, drops the length and reads the body as chunked). pingora hands the
 //! raw head to its filters; hyper does not, and its parser (httparse) accepts a
-//! bare LF at every line end with no option to refuse it. So the data plane on
-//! hyper (issue 22's port, not wired in yet) reads the client through
+//! bare LF at every line end with no option to refuse it. So the data plane
+//! reads the client through
 //! [`HeadGuard`], which feeds every byte hyper reads to a [`Framer`]: the framer
 //! follows the messages as hyper does (the same httparse head parse, the same
 //! body framing, hyper's chunked decoder state by state), judges each head and

@@ -2,8 +2,8 @@
 //! each request's tenant, and forwards it to exactly one backend according to that
 //! tenant's stage in a routing table fed by the control store's change feed.
 //!
-//! Built on pingora: [`request`] is the request path's decisions, engine-neutral,
-//! [`service`] the same path as pingora's phases, [`table`]
+//! Built on hyper: [`request`] is the request path's decisions, [`hyper_engine`]
+//! carries them over HTTP/1 and h2c connections, [`table`]
 //! the routing table and its follower, [`resolve`] tenant resolution, [`config`] the
 //! one TOML file, [`admin`] the admin listener, [`metrics`] Prometheus metrics and
 //! legacy-traffic counting. [`run`] wires them into one process with one shutdown
@@ -19,31 +19,24 @@ pub mod metrics;
 pub mod request;
 pub mod resolve;
 pub mod served_config;
-pub mod service;
 pub mod shadow;
 pub mod table;
 
 use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use ficus_core::Timestamp;
 use ficus_store::{ControlStore, OpenMode, StoreUrl};
-use pingora_core::apps::HttpServerOptions;
-use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{
-    ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
-};
-use pingora_core::services::background::{BackgroundService, background_service};
-use pingora_proxy::ProxyServiceBuilder;
 
 pub use crate::config::{Config, ConfigError};
 use crate::request::Shared;
-use crate::service::Ficus;
+
+/// The one shutdown signal every service of the proxy watches: it turns true
+/// when the listeners close.
+pub type ShutdownWatch = tokio::sync::watch::Receiver<bool>;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,20 +61,12 @@ pub enum ProxyError {
     },
 }
 
-/// Fails when another process listens on `addr` now. Pingora would retry the
-/// bind in the background for 30 s while the admin listener already said
-/// ready (found by the soak: two replicas given one port, the second never
-/// listened, and its load balancer's traffic went to the first). The address
-/// is bound the way pingora binds it (`SO_REUSEADDR`, so a restart over a
-/// previous run's closing connections still succeeds) and released at once.
-fn check_listen(addr: std::net::SocketAddr) -> Result<(), ProxyError> {
-    bind_reusing(addr)
-        .map(drop)
-        .map_err(|source| ProxyError::ListenBind { addr, source })
-}
-
-/// A socket bound to `addr` as pingora binds its listeners (`SO_REUSEADDR`);
-/// the start-up check and the hyper engine's listeners both bind through here.
+/// A socket bound to `addr` with `SO_REUSEADDR`, so a restart over a previous
+/// run's closing connections still succeeds. Listeners bind before the admin
+/// listener says ready: a replica given a port another process listens on
+/// fails at start (found by the soak on pingora, which retried the bind in the
+/// background while the admin listener said ready, and the load balancer's
+/// traffic went to the other replica).
 fn bind_reusing(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
@@ -93,40 +78,11 @@ fn bind_reusing(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSo
     Ok(socket)
 }
 
-type Task = Box<dyn Fn(ShutdownWatch) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
-
-/// A background service from a closure, so each one reads as one function.
-struct Background(Task);
-
-#[async_trait]
-impl BackgroundService for Background {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        (self.0)(shutdown).await;
-    }
-}
-
-/// SIGTERM and SIGINT both drain. First `/readyz` turns 503 and responses close
-/// their connections while the listeners still accept and serve, for
-/// `drain_delay_ms` (a second signal cuts it short): a load balancer takes the
-/// replica out of rotation before its listeners close. Closing them at once reset
-/// the connections the balancer had just opened, a write already in some, which
-/// it may not retry (found by the soak, seed 7: one POST lost during a drain).
-/// Then pingora stops accepting and the drain thread waits out what is in flight.
-struct DrainOnSignal {
-    shared: Arc<Shared>,
-}
-
-#[async_trait]
-impl ShutdownSignalWatch for DrainOnSignal {
-    async fn recv(&self) -> ShutdownSignal {
-        drain_signal(&self.shared).await;
-        ShutdownSignal::GracefulTerminate
-    }
-}
-
 /// Waits for SIGTERM or SIGINT, then sets `draining` and serves on for the
 /// drain delay (a second signal cuts it short); returns when the listeners
-/// are to close. Both engines drain through here.
+/// are to close. Closing them at once reset the connections a load balancer
+/// had just opened, a write already in some, which it may not retry (found by
+/// the soak, seed 7: one POST lost during a drain).
 async fn drain_signal(shared: &Shared) {
     use tokio::signal::unix::{SignalKind, signal};
     match (
@@ -249,12 +205,8 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
     let config = Config::load(config_path)?;
     init_logging(config.log_format);
     let store_url = StoreUrl::parse(&config.store)?;
-    let drain = config.settings.drain_timeout;
     let shared = Arc::new(Shared::new(config.settings.clone()));
 
-    for addr in &config.listen {
-        check_listen(*addr)?;
-    }
     // Bind the admin listener now, so a port conflict is a start-up error rather
     // than a log line from a background task.
     let admin_listener = std::net::TcpListener::bind(config.admin_listen).map_err(|source| {
@@ -270,127 +222,13 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
             source,
         })?;
 
-    if config.engine == config::Engine::Hyper {
-        return run_hyper(config, shared, store_url, admin_listener);
-    }
-
-    // Pingora waits grace_period_seconds after a shutdown signal before stopping its
-    // runtimes; the drain watcher below exits earlier once nothing is in flight.
-    let conf = ServerConf {
-        threads: config.threads,
-        upstream_keepalive_pool_size: config.upstream_pool_size,
-        grace_period_seconds: Some(drain.as_secs().max(1)),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
-
-    let mut options = HttpServerOptions::default();
-    options.h2c = true;
-    let mut proxy = ProxyServiceBuilder::new(
-        &server.configuration,
-        Ficus {
-            shared: Arc::clone(&shared),
-        },
-    )
-    .name("ficus proxy")
-    .server_options(options)
-    .build();
-    for addr in &config.listen {
-        proxy.add_tcp(&addr.to_string());
-    }
-    let listen = config.listen.clone();
-    server.add_service(proxy);
-
-    {
-        let (url, shared) = (store_url.clone(), Arc::clone(&shared));
-        server.add_service(background_service(
-            "routing table",
-            Background(Box::new(move |shutdown| {
-                Box::pin(table::follow(
-                    url.clone(),
-                    Arc::clone(&shared.table),
-                    Arc::clone(&shared.table_loaded),
-                    Arc::clone(&shared.health),
-                    Arc::clone(&shared.store),
-                    shutdown,
-                ))
-            })),
-        ));
-    }
-    {
-        let (url, shared) = (store_url.clone(), Arc::clone(&shared));
-        server.add_service(background_service(
-            "evidence",
-            Background(Box::new(move |shutdown| {
-                let (url, shared) = (url.clone(), Arc::clone(&shared));
-                Box::pin(async move { flush_loop(url, shared, shutdown).await })
-            })),
-        ));
-    }
-    {
-        // Billing events received on the admin listener whose job could not
-        // finish (an unavailable database, a crash between steps) are finished
-        // here once the store is open.
-        let shared = Arc::clone(&shared);
-        server.add_service(background_service(
-            "provisioning",
-            Background(Box::new(move |shutdown| {
-                Box::pin(resume_provisioning(Arc::clone(&shared), shutdown))
-            })),
-        ));
-    }
-    {
-        let shared = Arc::clone(&shared);
-        let listener = std::sync::Mutex::new(Some(admin_listener));
-        server.add_service(background_service(
-            "admin",
-            Background(Box::new(move |shutdown| {
-                let shared = Arc::clone(&shared);
-                let listener = listener.lock().unwrap_or_else(|p| p.into_inner()).take();
-                Box::pin(async move {
-                    if let Some(l) = listener {
-                        admin::serve(l, shared, shutdown).await;
-                    }
-                })
-            })),
-        ));
-    }
-    {
-        let (shared, path) = (Arc::clone(&shared), config.path.clone());
-        let current = Arc::new(std::sync::Mutex::new(config));
-        server.add_service(background_service(
-            "reload",
-            Background(Box::new(move |shutdown| {
-                let (shared, path, current) =
-                    (Arc::clone(&shared), path.clone(), Arc::clone(&current));
-                Box::pin(async move { reload_on_sighup(path, shared, current, shutdown).await })
-            })),
-        ));
-    }
-
-    tracing::info!(engine = "pingora", listen = ?listen, "proxy listening");
-    let phases = server.watch_execution_phase();
-    let watcher = {
-        let (shared, url) = (Arc::clone(&shared), store_url);
-        std::thread::Builder::new()
-            .name("ficus-drain".into())
-            .spawn(move || drain_then_exit(phases, shared, url, drain))
-            .ok()
-    };
-    server.run(RunArgs {
-        shutdown_signal: Box::new(DrainOnSignal {
-            shared: Arc::clone(&shared),
-        }),
-    });
-    drop(watcher);
-    Ok(())
+    serve(config, shared, store_url, admin_listener)
 }
 
-/// The proxy on the hyper engine ([`hyper_engine`]): the same background
-/// services as on pingora, as tasks on one runtime with one shutdown watch.
-fn run_hyper(
+/// Binds the listeners, starts the background services as tasks on one
+/// runtime with one shutdown watch and the request workers as threads, and
+/// drains on the first SIGTERM or SIGINT.
+fn serve(
     config: Config,
     shared: Arc<Shared>,
     store_url: StoreUrl,
@@ -572,7 +410,7 @@ fn hyper_worker(
 
 /// Finishes the jobs of billing events received on the admin listener that
 /// could not finish (an unavailable database, a crash between steps), once the
-/// routing-table follower has opened the store; both engines run it.
+/// routing-table follower has opened the store.
 async fn resume_provisioning(shared: Arc<Shared>, mut shutdown: ShutdownWatch) {
     let store = loop {
         if let Some(s) = shared.store.get() {
@@ -713,57 +551,4 @@ async fn reload_on_sighup(
             }
         }
     }
-}
-
-/// After a shutdown signal, waits until nothing is in flight (or the deadline),
-/// writes the last legacy-traffic counts, and ends the process with status 0.
-fn drain_then_exit(
-    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
-    shared: Arc<Shared>,
-    url: StoreUrl,
-    deadline: Duration,
-) {
-    loop {
-        match phases.blocking_recv() {
-            Ok(ExecutionPhase::ShutdownGracePeriod) => break,
-            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
-    }
-    let started = Instant::now();
-    while shared.in_flight.load(Ordering::SeqCst) > 0 && started.elapsed() < deadline {
-        #[allow(
-            clippy::disallowed_methods,
-            reason = "a dedicated thread polling a counter during shutdown"
-        )]
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let left = shared.in_flight.load(Ordering::SeqCst);
-    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        rt.block_on(async {
-            match tokio::time::timeout(
-                Duration::from_secs(5),
-                ficus_store::open(&url, OpenMode::Existing),
-            )
-            .await
-            {
-                Ok(Ok(store)) => {
-                    flush_traffic(&shared, &*store).await;
-                    flush_comparisons(&shared, &*store).await;
-                }
-                _ => tracing::warn!(
-                    "could not reach the store to write the last legacy-traffic counts"
-                ),
-            }
-        });
-    }
-    tracing::info!(
-        in_flight = left,
-        drained_in_ms = started.elapsed().as_millis() as u64,
-        "proxy stopped"
-    );
-    std::process::exit(0);
 }

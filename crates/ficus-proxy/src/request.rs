@@ -1,8 +1,8 @@
 //! The request path without its engine: every decision `ficus proxy` makes
 //! about one request, as functions of the request's parsed head and of what
 //! the proxy shares, so that the engine that reads and writes the bytes
-//! (pingora today, in [`crate::service`]; hyper next, issue 22) is glue and
-//! nothing the two engines must agree on is written twice.
+//! ([`crate::hyper_engine`]) is glue, and the decisions are tested without
+//! sockets.
 //!
 //! In order, an engine calls:
 //!
@@ -198,9 +198,10 @@ pub enum Failure {
     Internal,
 }
 
-/// A header map the request path edits on the way upstream; each engine's
-/// request head implements it, so that an engine that tracks headers beside
-/// the map (pingora keeps their case) sees every edit.
+/// A header map the request path edits on the way upstream. Edits go through
+/// it rather than through the map, so that a head that keeps headers beside
+/// the map (pingora kept their case; hyper keeps it in an extension) sees
+/// every edit.
 pub trait UpstreamHead {
     fn method(&self) -> &Method;
     fn uri(&self) -> &Uri;
