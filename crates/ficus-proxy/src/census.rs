@@ -8,12 +8,13 @@
 //! ones per interval, the rest counted as `other`; a version that is long or not
 //! printable is counted as `invalid`, never stored raw.
 
-use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 
 use ficus_core::{TenantId, Timestamp};
 use ficus_store::RouteCount;
+
+use crate::{FastMap, FastSet};
 use http::HeaderMap;
 
 /// Distinct client versions kept per flush interval.
@@ -45,10 +46,10 @@ struct Add {
 /// seen this interval allocates nothing: the parts are compared borrowed.
 #[derive(Default)]
 struct Counts {
-    by_hash: HashMap<u64, Vec<(Key, u64, i64, bool)>>,
-    clients: HashSet<String>,
-    routes: HashSet<String>,
-    hasher: std::hash::RandomState,
+    by_hash: FastMap<u64, Vec<(Key, u64, i64, bool)>>,
+    clients: FastSet<String>,
+    routes: FastSet<String>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Counts {

@@ -40,8 +40,23 @@ pub struct Config {
     /// (per upstream address and worker thread).
     pub upstream_pool_size: usize,
     pub log_format: LogFormat,
+    /// Whether HTTP/1 header names keep the case the client (or the upstream)
+    /// wrote them in, or go out in lower case.
+    pub header_case: HeaderCase,
     /// Everything that can change on reload without restarting listeners.
     pub settings: Settings,
+}
+
+/// How HTTP/1 header names are written on the way through. Names are
+/// case-insensitive (RFC 9110), and lower case is what HAProxy and Envoy send
+/// by default; keeping each name's case costs about 8,600 instructions per
+/// request (14% of the request path, BENCHMARKS.md), so it is asked for by
+/// `header_case = "preserve"`, for a client or backend that reads names
+/// case-sensitively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderCase {
+    Lowercase,
+    Preserve,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +343,7 @@ struct RawProxy {
     suspended_status: Option<Spanned<u16>>,
     suspended_message: Option<String>,
     log_format: Option<Spanned<String>>,
+    header_case: Option<Spanned<String>>,
     tenant_header: Option<Spanned<String>>,
     backend_header: Option<Spanned<String>>,
     request_id_header: Option<Spanned<String>>,
@@ -447,6 +463,16 @@ impl Config {
                 return Err(cx.at(
                     s,
                     &format!("proxy.log_format: {other:?} is not \"text\" or \"json\""),
+                ));
+            }
+        };
+        let header_case = match p.header_case.as_ref().map(|s| (s.get_ref().as_str(), s)) {
+            None | Some(("lowercase", _)) => HeaderCase::Lowercase,
+            Some(("preserve", _)) => HeaderCase::Preserve,
+            Some((other, s)) => {
+                return Err(cx.at(
+                    s,
+                    &format!("proxy.header_case: {other:?} is not \"lowercase\" or \"preserve\""),
                 ));
             }
         };
@@ -689,6 +715,7 @@ impl Config {
             threads,
             upstream_pool_size: p.upstream_pool_size.unwrap_or(128),
             log_format,
+            header_case,
             settings,
         })
     }
@@ -714,6 +741,9 @@ impl Config {
         }
         if self.log_format != new.log_format {
             changed.push("proxy.log_format");
+        }
+        if self.header_case != new.header_case {
+            changed.push("proxy.header_case");
         }
         (!changed.is_empty()).then(|| changed.join(", "))
     }

@@ -21,7 +21,7 @@
 //! answers from tripping it, and a cooldown keeps it from acting on the same tenant
 //! again while its rollback propagates.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use ficus_core::{Actor, Route, Stage, TenantId};
 use ficus_store::{ControlStore, RouteChange, StageChange};
 use prometheus::IntCounter;
 
+use crate::FastMap;
 use crate::config::GuardConfig;
 
 /// What the guard watches: a migrated tenant, or one write route released for
@@ -141,11 +142,11 @@ struct Window {
 
 pub struct Guard {
     started: Instant,
-    windows: Mutex<HashMap<Watch, Window>>,
+    windows: Mutex<FastMap<Watch, Window>>,
     /// When each watch last tripped.
-    tripped: Mutex<HashMap<Watch, Instant>>,
+    tripped: Mutex<FastMap<Watch, Instant>>,
     /// Each active tenant's legacy p99 in microseconds, from its parallel run.
-    baselines: Mutex<HashMap<TenantId, u64>>,
+    baselines: Mutex<FastMap<TenantId, u64>>,
     store: Arc<OnceLock<Arc<dyn ControlStore>>>,
     rollbacks: IntCounter,
 }

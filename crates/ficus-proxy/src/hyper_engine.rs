@@ -42,7 +42,7 @@ use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, HeaderCase};
 use crate::head_guard::{Framer, HeadGuard};
 use crate::request::{BODY_TOO_LARGE, Ctx, Failure, Next, Refusal, Shared, error_answer};
 
@@ -58,6 +58,14 @@ const MAX_HEADERS: usize = 100;
 /// retry buffer. A longer body is not sent twice.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
+/// One client connection, as its requests see it.
+struct Client {
+    engine: Arc<Engine>,
+    framer: Arc<Mutex<Framer>>,
+    /// The client's address as `X-Forwarded-For` gives it.
+    peer_ip: Option<HeaderValue>,
+}
+
 /// What every connection shares.
 pub struct Engine {
     shared: Arc<Shared>,
@@ -65,13 +73,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(shared: Arc<Shared>, pool_size: usize) -> Engine {
+    pub fn new(shared: Arc<Shared>, pool_size: usize, header_case: HeaderCase) -> Engine {
         Engine {
             shared,
             pool: Arc::new(Pool {
                 idle: Mutex::default(),
                 h2c: Mutex::default(),
                 max_idle: pool_size,
+                preserve_case: header_case == HeaderCase::Preserve,
             }),
         }
     }
@@ -88,10 +97,17 @@ impl Engine {
         let _ = stream.set_nodelay(true);
         let framer = Arc::new(Mutex::new(Framer::new(MAX_HEAD, MAX_HEADERS)));
         let io = TokioIo::new(HeadGuard::new(stream, Arc::clone(&framer)));
-        let engine = Arc::clone(self);
+        // What every request of the connection shares, made once: one
+        // reference to clone per request, and the client's address written
+        // once for `X-Forwarded-For`.
+        let client = Arc::new(Client {
+            engine: Arc::clone(self),
+            framer,
+            peer_ip: HeaderValue::try_from(peer.ip().to_string()).ok(),
+        });
         let service = hyper::service::service_fn(move |req| {
-            let (engine, framer) = (Arc::clone(&engine), Arc::clone(&framer));
-            async move { Ok::<_, Infallible>(engine.handle(&framer, peer, req).await) }
+            let client = Arc::clone(&client);
+            async move { Ok::<_, Infallible>(client.engine.handle(&client, req).await) }
         });
         let conn = builder
             .serve_connection_with_upgrades(io, service)
@@ -105,12 +121,8 @@ impl Engine {
     }
 
     /// One request, start to answer; the answer's body ends it.
-    async fn handle(
-        &self,
-        framer: &Arc<Mutex<Framer>>,
-        peer: SocketAddr,
-        mut req: Request<Incoming>,
-    ) -> Response<ClientBody> {
+    async fn handle(&self, client: &Client, mut req: Request<Incoming>) -> Response<ClientBody> {
+        let framer = &client.framer;
         let mut done = Done {
             shared: Arc::clone(&self.shared),
             ctx: Some(self.shared.ctx()),
@@ -180,7 +192,7 @@ impl Engine {
         let ctx = done.ctx.as_mut().expect("a ctx until the request ends");
         if let Err(refusal) = self
             .shared
-            .rewrite_upstream(ctx, &mut parts, Some(peer.ip()))
+            .rewrite_upstream(ctx, &mut parts, client.peer_ip.as_ref())
         {
             return self.fail(done, &Failure::Refused(refusal), http1);
         }
@@ -470,6 +482,28 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    // Most messages carry none of these, or only `Connection`: one pass over
+    // the names (no hashing) leaves them untouched.
+    let mut connection = false;
+    let mut others = false;
+    for name in headers.keys() {
+        if *name == header::CONNECTION {
+            connection = true;
+        } else if *name == header::TE
+            || *name == header::UPGRADE
+            || *name == KEEP_ALIVE
+            || *name == PROXY_CONNECTION
+        {
+            others = true;
+        }
+    }
+    if !others && !connection {
+        return;
+    }
+    if !others && connection_names_nothing(headers) {
+        headers.remove(header::CONNECTION);
+        return;
+    }
     if let Some(upgrade) = headers.get(header::UPGRADE)
         && upgrade
             .to_str()
@@ -515,6 +549,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     if !upgrading {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Whether every `Connection` value is only `keep-alive` or `close` (or
+/// empty): the common case, which names no header to remove.
+fn connection_names_nothing(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().all(|v| {
+        v.as_bytes().split(|b| *b == b',').all(|t| {
+            let t = t.trim_ascii();
+            t.is_empty()
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+        })
+    })
 }
 
 /// The request as the upstream is sent it: its head as rewritten (headers,
@@ -1036,9 +1083,12 @@ impl Sent {
 /// Idle HTTP/1 connections per upstream, and one HTTP/2 connection per h2c
 /// upstream.
 struct Pool {
-    idle: Mutex<std::collections::HashMap<SocketAddr, Vec<Idle>>>,
-    h2c: Mutex<std::collections::HashMap<SocketAddr, client2::SendRequest<UpBody>>>,
+    idle: Mutex<crate::FastMap<SocketAddr, Vec<Idle>>>,
+    h2c: Mutex<crate::FastMap<SocketAddr, client2::SendRequest<UpBody>>>,
     max_idle: usize,
+    /// `header_case = "preserve"`: requests go upstream with their names'
+    /// case as the client wrote them.
+    preserve_case: bool,
 }
 
 struct Idle {
@@ -1127,7 +1177,7 @@ impl Pool {
                     Err(failure) => return Err(Sent::NotConnected(failure, Box::new(req))),
                 };
                 let handshake = client1::Builder::new()
-                    .preserve_header_case(true)
+                    .preserve_header_case(self.preserve_case)
                     .handshake(io)
                     .await;
                 match handshake {
@@ -1374,11 +1424,11 @@ impl tokio::io::AsyncWrite for Upstream {
 }
 
 /// The client side's server settings, made once.
-pub fn server_builder() -> auto::Builder<TokioExecutor> {
+pub fn server_builder(header_case: HeaderCase) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .preserve_header_case(true)
+        .preserve_header_case(header_case == HeaderCase::Preserve)
         .max_buf_size(MAX_HEAD)
         // An idle keep-alive connection stays open, as on pingora (hyper's
         // default closes it after 30 s, racing load balancers' own idle
@@ -1489,6 +1539,7 @@ pub(crate) mod tests {
         );
         let config = crate::Config::parse(std::path::Path::new("test.toml"), &text, &|_| None)
             .expect("the test config parses");
+        let header_case = config.header_case;
         let shared = Arc::new(Shared::new(config.settings));
         let at = Timestamp::from_unix_millis(0);
         shared
@@ -1509,14 +1560,14 @@ pub(crate) mod tests {
             ))));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let engine = Arc::new(Engine::new(Arc::clone(&shared), 16));
+        let engine = Arc::new(Engine::new(Arc::clone(&shared), 16, header_case));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         // Kept open for the test's life.
         std::mem::forget(stop);
         tokio::spawn(accept(
             listener,
             engine,
-            Arc::new(server_builder()),
+            Arc::new(server_builder(header_case)),
             stopped,
         ));
         (addr, shared)
@@ -1688,5 +1739,97 @@ pub(crate) mod tests {
         while shared.in_flight.load(Ordering::SeqCst) != 0 {
             tokio::task::yield_now().await;
         }
+    }
+
+    /// An upstream that records each request head it reads and answers it
+    /// with a header written in mixed case.
+    async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (heads, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let heads = heads.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let _ = heads.send(String::from_utf8_lossy(&head).into_owned());
+                            head.clear();
+                            let answer = "HTTP/1.1 200 OK\r\nX-Answer-Case: 1\r\nContent-Length: 2\r\n\r\nok";
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn check_header_case(header_case: &str, expect: expect_test::Expect) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let seen = runtime.block_on(async {
+            let (upstream, mut heads) = recording_upstream().await;
+            let (addr, _) = proxy_with(upstream, header_case, "").await;
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            conn.write_all(
+                b"GET /case HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\nX-Custom-Case: a\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !answer.ends_with(b"\r\n\r\nok") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the answer ended");
+                answer.extend_from_slice(&buf[..n]);
+            }
+            let head = heads.recv().await.unwrap();
+            let names = |text: &str| {
+                text.lines()
+                    .filter_map(|l| l.split_once(':').map(|(n, _)| n.to_string()))
+                    .filter(|n| {
+                        n.eq_ignore_ascii_case("x-custom-case")
+                            || n.eq_ignore_ascii_case("x-answer-case")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            format!(
+                "upstream saw: {}\nclient saw: {}",
+                names(&head),
+                names(&String::from_utf8_lossy(&answer))
+            )
+        });
+        expect.assert_eq(&seen);
+    }
+
+    /// Header names go out in lower case unless `header_case = "preserve"`,
+    /// in both directions.
+    #[test]
+    fn header_names_keep_their_case_only_when_asked() {
+        check_header_case(
+            "",
+            expect_test::expect![[r#"
+                upstream saw: x-custom-case
+                client saw: x-answer-case"#]],
+        );
+        check_header_case(
+            "header_case = \"preserve\"\n",
+            expect_test::expect![[r#"
+                upstream saw: X-Custom-Case
+                client saw: X-Answer-Case"#]],
+        );
     }
 }

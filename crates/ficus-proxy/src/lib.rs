@@ -34,6 +34,15 @@ use ficus_store::{ControlStore, OpenMode, StoreUrl};
 pub use crate::config::{Config, ConfigError};
 use crate::request::Shared;
 
+/// The request path's hash maps and sets: foldhash, seeded at random per
+/// process. std's SipHash cost about 190 instructions a lookup, and a request
+/// makes about ten (BENCHMARKS.md). The keys a client chooses are either
+/// bounded (the census's client versions and routes) or only looked up, never
+/// inserted (tenants and domains come from the store), so a weaker hash gives
+/// a client nothing to flood.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// The one shutdown signal every service of the proxy watches: it turns true
 /// when the listeners close.
 pub type ShutdownWatch = tokio::sync::watch::Receiver<bool>;
@@ -284,6 +293,7 @@ fn serve(
             stopped.clone(),
         ));
         let path = config.path.clone();
+        let header_case = config.header_case;
         let pool_size = config.upstream_pool_size;
         tokio::spawn(reload_on_sighup(
             path,
@@ -292,7 +302,7 @@ fn serve(
             stopped.clone(),
         ));
 
-        let builder = Arc::new(hyper_engine::server_builder());
+        let builder = Arc::new(hyper_engine::server_builder(header_case));
         let mut workers = Vec::new();
         for n in 0..threads {
             // Every worker accepts on its own copy of each listener.
@@ -308,7 +318,11 @@ fn serve(
             // only ever used by the thread whose runtime drives it (shared
             // pools cost a cross-thread wake-up per request).
             let (engine, builder, stopped, shared) = (
-                Arc::new(hyper_engine::Engine::new(Arc::clone(&shared), pool_size)),
+                Arc::new(hyper_engine::Engine::new(
+                    Arc::clone(&shared),
+                    pool_size,
+                    header_case,
+                )),
                 Arc::clone(&builder),
                 stopped.clone(),
                 Arc::clone(&shared),

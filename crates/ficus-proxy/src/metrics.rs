@@ -4,7 +4,6 @@
 //! value, the rest are counted as `other`, so a SaaS with 100,000 tenants cannot blow
 //! up the metrics backend.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +14,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::FastMap;
 use crate::table::RoutingTable;
 
 pub struct Metrics {
@@ -34,7 +34,7 @@ pub struct Metrics {
     /// labels on every call, which is too much for every request.
     request_series: [OnceLock<IntCounter>; BACKENDS * STAGES * CLASSES],
     latency_series: [OnceLock<Histogram>; BACKENDS * STAGES],
-    tenant_series: RwLock<HashMap<TenantId, [OnceLock<IntCounter>; BACKENDS]>>,
+    tenant_series: RwLock<FastMap<TenantId, [OnceLock<IntCounter>; BACKENDS]>>,
     other_series: [OnceLock<IntCounter>; BACKENDS],
     cap: usize,
 }
@@ -154,7 +154,7 @@ impl Metrics {
             store_reachable,
             request_series: std::array::from_fn(|_| OnceLock::new()),
             latency_series: std::array::from_fn(|_| OnceLock::new()),
-            tenant_series: RwLock::new(HashMap::new()),
+            tenant_series: RwLock::new(FastMap::default()),
             other_series: std::array::from_fn(|_| OnceLock::new()),
             cap,
         }
@@ -279,7 +279,7 @@ pub struct LegacyTraffic {
 
 #[derive(Default)]
 struct Counts {
-    known: HashMap<TenantId, (u64, Timestamp)>,
+    known: FastMap<TenantId, (u64, Timestamp)>,
     unknown: Option<(u64, Timestamp)>,
 }
 

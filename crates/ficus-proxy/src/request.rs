@@ -237,6 +237,9 @@ impl UpstreamHead for http::request::Parts {
 /// length said so up front or its stream grew past it, on either engine.
 pub const BODY_TOO_LARGE: &str = "request body is too large";
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 /// The largest request id accepted from a client; longer ones are replaced.
 const MAX_CLIENT_REQUEST_ID: usize = 128;
 
@@ -671,7 +674,7 @@ impl Shared {
         &self,
         ctx: &mut Ctx,
         upstream: &mut impl UpstreamHead,
-        client_ip: Option<std::net::IpAddr>,
+        client_ip: Option<&HeaderValue>,
     ) -> Result<(), Refusal> {
         let s = Arc::clone(&ctx.settings);
         let spoofable: Vec<HeaderName> = upstream
@@ -702,22 +705,20 @@ impl Shared {
             .map_err(|_| Refusal::new(400, "invalid request id"))?;
         upstream.insert_header(s.request_id_header.clone(), id)?;
         if let Some(ip) = client_ip {
-            let forwarded = match upstream
-                .headers()
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prior) => format!("{prior}, {ip}"),
-                None => ip.to_string(),
+            let forwarded = match upstream.headers().get(&X_FORWARDED_FOR) {
+                Some(prior) => {
+                    let mut joined = Vec::with_capacity(prior.len() + 2 + ip.len());
+                    joined.extend_from_slice(prior.as_bytes());
+                    joined.extend_from_slice(b", ");
+                    joined.extend_from_slice(ip.as_bytes());
+                    HeaderValue::from_bytes(&joined)
+                        .map_err(|_| Refusal::new(400, "invalid x-forwarded-for header"))?
+                }
+                None => ip.clone(),
             };
-            let forwarded = HeaderValue::try_from(forwarded)
-                .map_err(|_| Refusal::new(400, "invalid x-forwarded-for header"))?;
-            upstream.insert_header(HeaderName::from_static("x-forwarded-for"), forwarded)?;
+            upstream.insert_header(X_FORWARDED_FOR, forwarded)?;
         }
-        upstream.insert_header(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        )?;
+        upstream.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static("http"))?;
         let via = match upstream
             .headers()
             .get(header::VIA)
@@ -1113,7 +1114,11 @@ header = "X-Tenant-Id"
                 );
                 let upstream = shared.pick_upstream(&mut ctx);
                 out += &format!("  upstream {upstream:?}\n");
-                match shared.rewrite_upstream(&mut ctx, &mut parts, "10.0.0.9".parse().ok()) {
+                match shared.rewrite_upstream(
+                    &mut ctx,
+                    &mut parts,
+                    Some(&HeaderValue::from_static("10.0.0.9")),
+                ) {
                     Err(r) => out += &format!("  refused {r}\n"),
                     Ok(()) => {
                         out += &format!("  {} {}\n", parts.method, parts.uri);

@@ -7,7 +7,6 @@
 //! last table stays in place (fail static) and the follower retries; a full reload
 //! follows every reconnection.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -20,6 +19,7 @@ use ficus_diff::class::{Accepted, ClassKey};
 use ficus_store::{ConfigVersion, ControlStore, FeedEvent, OpenMode, StoreUrl};
 use tokio::sync::watch;
 
+use crate::FastMap;
 use crate::served_config::{self, Served, ServedConfig};
 use ficus_core::config::Platform;
 
@@ -36,11 +36,11 @@ struct Entry {
 pub struct RoutingTable {
     pub seq: u64,
     pub legacy_retired: bool,
-    tenants: HashMap<TenantId, Entry>,
-    domains: HashMap<Arc<str>, TenantId>,
+    tenants: FastMap<TenantId, Entry>,
+    domains: FastMap<Arc<str>, TenantId>,
     /// Written configurations, rendered; a tenant without one is served its
     /// initial configuration, rendered on demand.
-    configs: HashMap<TenantId, Arc<ServedConfig>>,
+    configs: FastMap<TenantId, Arc<ServedConfig>>,
     /// When this table was built; for the snapshot-age metric.
     pub built_at: SystemTime,
     /// Mismatch classes accepted as intended: comparison rules every replica
@@ -55,9 +55,9 @@ impl RoutingTable {
         let mut table = RoutingTable {
             seq,
             legacy_retired,
-            tenants: HashMap::with_capacity(tenants.len()),
-            domains: HashMap::new(),
-            configs: HashMap::new(),
+            tenants: FastMap::with_capacity_and_hasher(tenants.len(), Default::default()),
+            domains: FastMap::default(),
+            configs: FastMap::default(),
             built_at: SystemTime::now(),
             accepted: Arc::new(Accepted::default()),
             routes: Arc::new(RouteStages::default()),
