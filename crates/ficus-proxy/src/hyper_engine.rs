@@ -359,7 +359,7 @@ impl Engine {
         ctx.capture_head(head.status.as_u16(), &head.headers);
         let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(&mut head.headers, switching);
-        if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
+        if let Some(id) = ctx.request_id_value() {
             head.headers
                 .insert(ctx.settings.request_id_header.clone(), id);
         }

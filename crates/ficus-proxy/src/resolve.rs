@@ -259,7 +259,14 @@ pub struct Resolved {
 
 /// Resolves a request's tenant with `rules` against the routing table.
 pub fn resolve(rules: &[Rule], req: &RequestParts<'_>, table: &RoutingTable) -> Option<Resolved> {
-    let host = req.host.map(host_without_port);
+    // Made when a rule first needs it: a tenant named by a header does not
+    // pay for a lowercased copy of the host.
+    let host_cell = std::cell::OnceCell::new();
+    let host = || {
+        host_cell
+            .get_or_init(|| req.host.map(host_without_port))
+            .as_deref()
+    };
     let mut first_unknown = None;
     for rule in rules {
         let candidate: Option<(TenantId, Option<String>)> =
@@ -270,17 +277,15 @@ pub fn resolve(rules: &[Rule], req: &RequestParts<'_>, table: &RoutingTable) -> 
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| TenantId::parse(v.trim()).ok())
                     .map(|id| (id, None)),
-                Rule::Host(pattern) => {
-                    host.as_deref()
-                        .and_then(|h| {
-                            table.tenant_by_domain(h).cloned().or_else(|| {
-                                pattern.capture(h).and_then(|l| TenantId::parse(l).ok())
-                            })
-                        })
-                        .map(|id| (id, None))
-                }
-                Rule::CustomDomains => host
-                    .as_deref()
+                Rule::Host(pattern) => host()
+                    .and_then(|h| {
+                        table
+                            .tenant_by_domain(h)
+                            .cloned()
+                            .or_else(|| pattern.capture(h).and_then(|l| TenantId::parse(l).ok()))
+                    })
+                    .map(|id| (id, None)),
+                Rule::CustomDomains => host()
                     .and_then(|h| table.tenant_by_domain(h).cloned())
                     .map(|id| (id, None)),
                 Rule::PathPrefix { pattern, strip } => pattern
