@@ -60,6 +60,26 @@ fn the_tenant_config_path_must_be_an_absolute_path() {
 }
 
 #[test]
+fn header_case_is_lowercase_or_preserve() {
+    let with = |value: &str| {
+        let text = BASE.replace(
+            "store = \"sqlite:ficus.db\"",
+            &format!("store = \"sqlite:ficus.db\"\nheader_case = {value:?}"),
+        );
+        match Config::parse(Path::new("ficus.toml"), &text, &env) {
+            Ok(c) => format!("ok: {:?}", c.header_case),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(with("preserve"), "ok: Preserve");
+    assert_eq!(with("lowercase"), "ok: Lowercase");
+    assert_eq!(
+        with("Title-Case"),
+        "ficus.toml:6: proxy.header_case: \"Title-Case\" is not \"lowercase\" or \"preserve\""
+    );
+}
+
+#[test]
 fn config_errors_name_the_line_and_the_key() {
     check_config("", expect!["ok: 0 rules"]);
     check_config(
