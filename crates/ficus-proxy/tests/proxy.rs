@@ -40,17 +40,20 @@ fn check_config(extra: &str, expect: Expect) {
     expect.assert_eq(&actual);
 }
 
+/// `BASE` with `key = "value"` added to its `[proxy]` table (line 6), parsed.
+fn with_proxy_key(key: &str, value: &str) -> Result<Config, String> {
+    let text = BASE.replace(
+        "store = \"sqlite:ficus.db\"",
+        &format!("store = \"sqlite:ficus.db\"\n{key} = {value:?}"),
+    );
+    Config::parse(Path::new("ficus.toml"), &text, &env).map_err(|e| e.to_string())
+}
+
 #[test]
 fn the_tenant_config_path_must_be_an_absolute_path() {
     let with = |path: &str| {
-        let text = BASE.replace(
-            "store = \"sqlite:ficus.db\"",
-            &format!("store = \"sqlite:ficus.db\"\ntenant_config_path = {path:?}"),
-        );
-        match Config::parse(Path::new("ficus.toml"), &text, &env) {
-            Ok(c) => format!("ok: {}", c.settings.tenant_config_path),
-            Err(e) => e.to_string(),
-        }
+        with_proxy_key("tenant_config_path", path)
+            .map_or_else(|e| e, |c| format!("ok: {}", c.settings.tenant_config_path))
     };
     assert_eq!(with("/config"), "ok: /config");
     assert_eq!(
@@ -62,14 +65,8 @@ fn the_tenant_config_path_must_be_an_absolute_path() {
 #[test]
 fn header_case_is_lowercase_or_preserve() {
     let with = |value: &str| {
-        let text = BASE.replace(
-            "store = \"sqlite:ficus.db\"",
-            &format!("store = \"sqlite:ficus.db\"\nheader_case = {value:?}"),
-        );
-        match Config::parse(Path::new("ficus.toml"), &text, &env) {
-            Ok(c) => format!("ok: {:?}", c.header_case),
-            Err(e) => e.to_string(),
-        }
+        with_proxy_key("header_case", value)
+            .map_or_else(|e| e, |c| format!("ok: {:?}", c.header_case))
     };
     assert_eq!(with("preserve"), "ok: Preserve");
     assert_eq!(with("lowercase"), "ok: Lowercase");
