@@ -344,6 +344,9 @@ struct RawProxy {
     suspended_message: Option<String>,
     log_format: Option<Spanned<String>>,
     header_case: Option<Spanned<String>>,
+    /// Read only to refuse what it can no longer mean: files written while
+    /// pingora's engine existed chose an engine here.
+    engine: Option<Spanned<String>>,
     tenant_header: Option<Spanned<String>>,
     backend_header: Option<Spanned<String>>,
     request_id_header: Option<Spanned<String>>,
@@ -466,6 +469,19 @@ impl Config {
                 ));
             }
         };
+        // `engine = "hyper"` was how a file opted into what is now the only
+        // engine: it still loads; asking for pingora is refused by name.
+        if let Some(e) = &p.engine
+            && e.get_ref() != "hyper"
+        {
+            return Err(cx.at(
+                e,
+                &format!(
+                    "proxy.engine: {:?} is gone; the proxy runs on hyper only (remove this line)",
+                    e.get_ref()
+                ),
+            ));
+        }
         let header_case = match p.header_case.as_ref().map(|s| (s.get_ref().as_str(), s)) {
             None | Some(("lowercase", _)) => HeaderCase::Lowercase,
             Some(("preserve", _)) => HeaderCase::Preserve,

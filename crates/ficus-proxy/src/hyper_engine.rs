@@ -1070,7 +1070,8 @@ impl Sent {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
         while let Some(e) = source {
             if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|inner| inner.is::<WriteTimedOut>())
             {
                 return Sent::Timeout;
             }
@@ -1371,7 +1372,7 @@ impl Upstream {
                 match stalled.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        "the upstream took no byte within the write timeout",
+                        WriteTimedOut,
                     ))),
                     Poll::Pending => Poll::Pending,
                 }
@@ -1379,6 +1380,20 @@ impl Upstream {
         }
     }
 }
+
+/// The error [`Upstream`] fails a stalled write with, told apart from the
+/// kernel's own `ETIMEDOUT` (a connection the network lost, which stays a
+/// failure and keeps its retry on a new connection).
+#[derive(Debug)]
+struct WriteTimedOut;
+
+impl std::fmt::Display for WriteTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the upstream took no byte within the write timeout")
+    }
+}
+
+impl std::error::Error for WriteTimedOut {}
 
 impl tokio::io::AsyncRead for Upstream {
     fn poll_read(

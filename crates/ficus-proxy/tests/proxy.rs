@@ -62,6 +62,20 @@ fn the_tenant_config_path_must_be_an_absolute_path() {
     );
 }
 
+/// Files written while pingora's engine existed chose an engine: `hyper`
+/// still loads, `pingora` is refused by name rather than run as something
+/// else.
+#[test]
+fn a_file_that_asks_for_pingora_is_refused_by_name() {
+    assert!(with_proxy_key("engine", "hyper").is_ok());
+    assert_eq!(
+        with_proxy_key("engine", "pingora").err().as_deref(),
+        Some(
+            "ficus.toml:6: proxy.engine: \"pingora\" is gone; the proxy runs on hyper only (remove this line)"
+        )
+    );
+}
+
 #[test]
 fn header_case_is_lowercase_or_preserve() {
     let with = |value: &str| {
