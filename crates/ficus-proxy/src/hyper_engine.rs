@@ -839,11 +839,7 @@ impl Body for Answering {
                 }
             }
             Poll::Pending => {
-                let timeout = this.read_timeout;
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                ready!(sleep.as_mut().poll(cx));
+                ready!(stalled_for(&mut this.sleep, this.read_timeout, cx));
                 this.sleep = None;
                 this.checkin = None;
                 Poll::Ready(Some(Err(
@@ -1351,6 +1347,21 @@ struct Upstream {
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// Polls the timer of a wait that made no progress, armed for `timeout` when
+/// the wait began; the caller clears `timer` on progress, so the time counts
+/// from the last byte that moved. The answer's body ([`Answering`]) and the
+/// upstream's writes ([`Upstream`]) bound their stalls with it.
+fn stalled_for(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    timer
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+        .as_mut()
+        .poll(cx)
+}
+
 impl Upstream {
     /// `write`'s answer, or `TimedOut` when the upstream has taken nothing
     /// for the write timeout.
@@ -1365,17 +1376,11 @@ impl Upstream {
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                let timeout = self.write_timeout;
-                let stalled = self
-                    .stalled
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match stalled.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        WriteTimedOut,
-                    ))),
-                    Poll::Pending => Poll::Pending,
-                }
+                ready!(stalled_for(&mut self.stalled, self.write_timeout, cx));
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    WriteTimedOut,
+                )))
             }
         }
     }
