@@ -42,6 +42,7 @@ use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
+use crate::balance::Balance;
 use crate::config::{BackendConfig, HeaderCase};
 use crate::head_guard::{Framer, HeadGuard};
 use crate::request::{BODY_TOO_LARGE, Ctx, Failure, Next, Refusal, Shared, error_answer};
@@ -1459,29 +1460,54 @@ pub fn server_builder(header_case: HeaderCase) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Accepts client connections on `listener` until `stop` turns true, and
-/// returns the watch on the connections it accepted, for the drain.
+/// Accepts client connections on `listener` for `worker` until `stop` turns
+/// true, leaving them to the other workers while it has more open than one of
+/// them ([`crate::balance`]), and returns the watch on the connections it
+/// accepted, for the drain.
 pub async fn accept(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    (balance, worker): (Arc<Balance>, usize),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> hyper_util::server::graceful::GracefulShutdown {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(engine.serve(&builder, stream, peer, &graceful));
+        // Checked after every connection it accepts: in a burst, a worker
+        // takes one and then leaves the next to a worker with fewer.
+        let accepted = if balance.ahead(worker) {
+            tokio::select! {
+                _ = balance.changed(worker) => continue,
+                _ = tokio::time::sleep(crate::balance::RECHECK) => {
+                    // The others left a connection waiting: take it, if one is.
+                    match std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await {
+                        Poll::Ready(accepted) => accepted,
+                        Poll::Pending => continue,
+                    }
                 }
-                Err(e) => {
-                    // Out of file descriptors, most likely: the connections
-                    // being served close and free some.
-                    tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = stop.changed() => break,
+                _ = stop.changed() => break,
+            }
+        } else {
+            tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.changed() => break,
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let open = balance.opened(worker);
+                let serve = engine.serve(&builder, stream, peer, &graceful);
+                tokio::spawn(async move {
+                    serve.await;
+                    drop(open);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors, most likely: the connections
+                // being served close and free some.
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
     graceful
@@ -1584,10 +1610,12 @@ pub(crate) mod tests {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         // Kept open for the test's life.
         std::mem::forget(stop);
+        let balance = Arc::new(Balance::new(1, &shared.metrics));
         tokio::spawn(accept(
             listener,
             engine,
             Arc::new(server_builder(header_case)),
+            (balance, 0),
             stopped,
         ));
         (addr, shared)

@@ -10,6 +10,7 @@
 //! signal.
 
 pub mod admin;
+pub mod balance;
 pub mod census;
 pub mod config;
 pub mod guard;
@@ -303,6 +304,7 @@ fn serve(
         ));
 
         let builder = Arc::new(hyper_engine::server_builder(header_case));
+        let balance = Arc::new(balance::Balance::new(threads, &shared.metrics));
         let mut workers = Vec::new();
         for n in 0..threads {
             // Every worker accepts on its own copy of each listener.
@@ -317,19 +319,22 @@ fn serve(
             // An engine, and so an upstream pool, per worker: a connection is
             // only ever used by the thread whose runtime drives it (shared
             // pools cost a cross-thread wake-up per request).
-            let (engine, builder, stopped, shared) = (
+            let (engine, builder, balance, stopped, shared) = (
                 Arc::new(hyper_engine::Engine::new(
                     Arc::clone(&shared),
                     pool_size,
                     header_case,
                 )),
                 Arc::clone(&builder),
+                (Arc::clone(&balance), n),
                 stopped.clone(),
                 Arc::clone(&shared),
             );
             let worker = std::thread::Builder::new()
                 .name(format!("ficus-worker-{n}"))
-                .spawn(move || hyper_worker(copies, engine, builder, stopped, shared, drain))
+                .spawn(move || {
+                    hyper_worker(copies, engine, builder, balance, stopped, shared, drain)
+                })
                 .map_err(|source| ProxyError::ListenBind { addr, source })?;
             workers.push(worker);
         }
@@ -374,6 +379,7 @@ fn hyper_worker(
     listeners: Vec<std::net::TcpListener>,
     engine: Arc<hyper_engine::Engine>,
     builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
+    (balance, worker): (Arc<balance::Balance>, usize),
     stopped: tokio::sync::watch::Receiver<bool>,
     shared: Arc<Shared>,
     drain: Duration,
@@ -397,6 +403,7 @@ fn hyper_worker(
                     l,
                     Arc::clone(&engine),
                     Arc::clone(&builder),
+                    (Arc::clone(&balance), worker),
                     stopped.clone(),
                 ))),
                 Err(e) => tracing::error!(error = %e, "a worker cannot accept on a listener"),

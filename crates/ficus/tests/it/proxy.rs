@@ -2019,3 +2019,82 @@ fn a_proxy_whose_listen_address_is_taken_exits_at_once_naming_it() {
     assert!(std::net::TcpStream::connect(admin).is_err());
     drop(taken);
 }
+
+/// The client connections each worker has open, from `/metrics`.
+async fn worker_connections(proxy: &Proxy, workers: usize) -> Vec<usize> {
+    let metrics = proxy.metrics().await;
+    (0..workers)
+        .map(|w| {
+            let prefix = format!("ficus_worker_connections{{worker=\"{w}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Regression: every worker accepted on the same socket and the first one the
+/// kernel woke took every connection waiting, so a load balancer's 32
+/// keep-alive connections opened at once landed 30 on one worker and 2 on the
+/// other, and two threads served on one core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_connections_of_a_burst() {
+    let Rig {
+        store: _store,
+        legacy: _legacy,
+        new: _new,
+        proxy,
+        dir: _dir,
+    } = Rig::start(&[("acme", "legacy")], "threads = 2").await;
+    // The readiness probe's connections close first.
+    eventually(PATIENCE, || async {
+        worker_connections(&proxy, 2).await.iter().sum::<usize>() == 0
+    })
+    .await;
+
+    // Opened one after another, each asked once before the next opens.
+    let ask = |addr| async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the proxy closed the connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        conn
+    };
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(ask(proxy.addr).await);
+    }
+    let open = worker_connections(&proxy, 2).await;
+    assert_eq!(open.iter().sum::<usize>(), 16, "{open:?}");
+    assert!(open.iter().all(|n| *n >= 6), "one after another: {open:?}");
+
+    // Opened all at once, as a load balancer fills its pool.
+    let burst = futures_util::future::join_all((0..32).map(|_| ask(proxy.addr))).await;
+    let open = worker_connections(&proxy, 2).await;
+    assert_eq!(open.iter().sum::<usize>(), 48, "{open:?}");
+    assert!(
+        open.iter().all(|n| *n >= 16),
+        "after a burst of 32: {open:?}"
+    );
+
+    drop((held, burst));
+    eventually(PATIENCE, || async {
+        worker_connections(&proxy, 2).await.iter().sum::<usize>() == 0
+    })
+    .await;
+}
