@@ -9,11 +9,14 @@
 # Placement: the backend (one nginx worker), wrk and the fixed-rate client run on
 # core 1. A one-thread proxy runs on core 0, so it has a core to itself; a
 # two-thread proxy may run on both cores, and so shares core 1 with the load.
-#   scripts/bench/proxy.sh [seconds per run, default 10] [fixed rate, default 2000]
+# Every setup is measured once per round, rounds interleaved, and the table
+# shows the median round.
+#   scripts/bench/proxy.sh [seconds per run, default 5] [fixed rate, default 2000] [rounds, default 3]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-secs="${1:-10}"
+secs="${1:-5}"
 rate="${2:-2000}"
+rounds="${3:-3}"
 need=()
 for tool in nginx haproxy wrk; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
@@ -128,41 +131,58 @@ end
 LUA
 
 order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t ficus-1t ficus-100k-1t nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t ficus-2t)
-declare -A rps p50 p99 p999 err fp50 fp99 fp999
 for name in "${order[@]}"; do
   $load wrk -t1 -c32 -d2s -s "$work/report.lua" "${url[$name]}" >/dev/null   # warm-up
-  read -r _ rps[$name] p50[$name] p99[$name] p999[$name] err[$name] < <($load wrk -t1 -c32 -d"${secs}s" -s "$work/report.lua" "${url[$name]}" | grep RESULT)
-  fixed=$($load "$bench" rate "${url[$name]}" --rps "$rate" --secs "$secs" --header "X-Tenant-Id: t5")
-  read -r fp50[$name] fp99[$name] fp999[$name] < <(echo "$fixed" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f %.3f %.3f%s" % (d["p50_ms"], d["p99_ms"], d["p999_ms"], " (%d errors)" % d["errors"] if d["errors"] else ""))')
+done
+# Rounds, each setup once per round: a burst of steal from the host spoils
+# one round of one setup, and the median of the rounds leaves it out.
+for round in $(seq 1 "$rounds"); do
+  for name in "${order[@]}"; do
+    read -r _ w_rps w_p50 w_p99 w_p999 w_err < <($load wrk -t1 -c32 -d"${secs}s" -s "$work/report.lua" "${url[$name]}" | grep RESULT)
+    fixed=$($load "$bench" rate "${url[$name]}" --rps "$rate" --secs "$secs" --header "X-Tenant-Id: t5")
+    echo "$name $round $w_rps $w_p50 $w_p99 $w_p999 $w_err $fixed" >> "$work/results"
+  done
 done
 
-echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; wrk -t1 -c32 -d${secs}s; fixed rate ${rate} req/s for ${secs}s; backend, wrk and the fixed-rate client on core 1; 1-thread proxies on core 0, 2-thread proxies on both"
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $rounds rounds, each: wrk -t1 -c32 -d${secs}s, then a fixed rate of ${rate} req/s for ${secs}s; the median round of each; backend, wrk and the fixed-rate client on core 1; 1-thread proxies on core 0, 2-thread proxies on both"
 echo
-echo "| setup | req/s (wrk) | vs nginx | vs HAProxy | p50 | p99 | p99.9 | errors | fixed-rate p50 | p99 | p99.9 | added p99 at ${rate}/s |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
-for name in "${order[@]}"; do
-  t="${name##*-}"; [ "$name" = direct ] && t=1t
-  python3 - "$name" "${rps[$name]}" "${rps[nginx-$t]}" "${rps[haproxy-$t]}" "${p50[$name]}" "${p99[$name]}" "${p999[$name]}" "${err[$name]}" "${fp50[$name]}" "${fp99[$name]}" "${fp999[$name]}" "${fp99[direct]}" <<'PY'
-import sys
-n, r, ng, ha, a, b, c, e, f1, f2, f3, d99 = sys.argv[1:]
-r, ng, ha = map(float, (r, ng, ha))
-added = "" if n == "direct" else f"{float(f2) - float(d99):+.3f} ms"
-print(f"| {n} | {r:,.0f} | {r/ng:.2f}× | {r/ha:.2f}× | {a} ms | {b} ms | {c} ms | {e} | {f1} ms | {f2} ms | {f3} ms | {added} |")
-PY
-done
-echo
-python3 - "${rps[ficus-1t]}" "${rps[ficus-2t]}" "${rps[ficus-100k-1t]}" \
-  "${rps[nginx-1t]}" "${rps[nginx-2t]}" "${rps[hyper-floor-1t]}" "${rps[hyper-floor-2t]}" "${rps[pingora-floor-1t]}" "${rps[pingora-floor-2t]}" \
-  "${p99[ficus-1t]}" "${p99[ficus-2t]}" "${p99[nginx-1t]}" "${p99[nginx-2t]}" \
-  "${fp99[ficus-1t]}" "${fp99[nginx-1t]}" "${fp99[direct]}" <<'PY'
-import sys
-f1, f2, f100k, n1, n2, hf1, hf2, pf1, pf2, p_f1, p_f2, p_n1, p_n2, q_f, q_n, q_d = map(float, sys.argv[1:])
+python3 - "$work/results" "$rate" "${order[@]}" <<'PY'
+import json, statistics, sys
+path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3:]
+runs = {}
+for line in open(path):
+    name, _, rps, p50, p99, p999, err, fixed = line.split(maxsplit=7)
+    f = json.loads(fixed)
+    runs.setdefault(name, []).append(dict(rps=float(rps), p50=float(p50), p99=float(p99), p999=float(p999),
+        err=int(err) + f["errors"], fp50=f["p50_ms"], fp99=f["p99_ms"], fp999=f["p999_ms"]))
+# Each number is the median over the rounds, and the spread of throughput
+# (lowest to highest round) says how much the host moved it.
+m = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
+spread = {n: (min(r["rps"] for r in rs), max(r["rps"] for r in rs)) for n, rs in runs.items()}
+print(f"| setup | req/s (wrk) | rounds' range | vs nginx | vs HAProxy | p50 | p99 | p99.9 | errors | fixed-rate p50 | p99 | p99.9 | added p99 at {rate}/s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for n in order:
+    t = "1t" if n == "direct" else n.rsplit("-", 1)[1]
+    r, ng, ha = m[n]["rps"], m[f"nginx-{t}"]["rps"], m[f"haproxy-{t}"]["rps"]
+    added = "" if n == "direct" else f"{m[n]['fp99'] - m['direct']['fp99']:+.3f} ms"
+    lo, hi = spread[n]
+    print(f"| {n} | {r:,.0f} | {lo/1000:.1f}k–{hi/1000:.1f}k | {r/ng:.2f}× | {r/ha:.2f}× | {m[n]['p50']:.3f} ms | {m[n]['p99']:.3f} ms | {m[n]['p999']:.3f} ms | {m[n]['err']:.0f} | {m[n]['fp50']:.3f} ms | {m[n]['fp99']:.3f} ms | {m[n]['fp999']:.3f} ms | {added} |")
+print()
 ok = lambda c: "met" if c else "NOT met"
+g = lambda n, k="rps": m[n][k]
+f1, f2, n1, n2 = g("ficus-1t"), g("ficus-2t"), g("nginx-1t"), g("nginx-2t")
 print(f"Ficus vs nginx: {f1/n1:.2f}x at 1 thread (target >= 0.95x: {ok(f1/n1 >= 0.95)}), {f2/n2:.2f}x at 2 ({ok(f2/n2 >= 0.95)})")
-print(f"  the hyper floor vs nginx: {hf1/n1:.2f}x at 1 thread, {hf2/n2:.2f}x at 2; Ficus vs the hyper floor: {f1/hf1:.2f}x, {f2/hf2:.2f}x; vs the pingora floor: {f1/pf1:.2f}x, {f2/pf2:.2f}x")
-print(f"  p99 at saturation vs nginx: {p_f1:.3f} vs {p_n1:.3f} ms at 1 thread ({ok(p_f1 <= p_n1)}), {p_f2:.3f} vs {p_n2:.3f} ms at 2 ({ok(p_f2 <= p_n2)})")
-print(f"  added p99 at a fixed rate vs nginx: {q_f - q_d:+.3f} vs {q_n - q_d:+.3f} ms (target <= nginx + 0.1 ms: {ok(q_f - q_d <= q_n - q_d + 0.1)})")
-print(f"  100,000 tenants vs 10: {f100k/f1:.3f}x the throughput ({(f100k/f1-1)*100:+.1f}%; target within 5%: {ok(abs(f100k/f1-1) <= 0.05)})")
+print(f"  the hyper floor vs nginx: {g('hyper-floor-1t')/n1:.2f}x at 1 thread, {g('hyper-floor-2t')/n2:.2f}x at 2; HAProxy vs nginx: {g('haproxy-1t')/n1:.2f}x, {g('haproxy-2t')/n2:.2f}x")
+print(f"  Ficus vs the hyper floor: {f1/g('hyper-floor-1t'):.2f}x, {f2/g('hyper-floor-2t'):.2f}x; vs the pingora floor: {f1/g('pingora-floor-1t'):.2f}x, {f2/g('pingora-floor-2t'):.2f}x")
+for t in ("1t", "2t"):
+    a, b = g(f"ficus-{t}", "p99"), g(f"nginx-{t}", "p99")
+    print(f"  p99 at saturation vs nginx, {t[0]} thread(s): {a:.3f} vs {b:.3f} ms ({ok(a <= b)})")
+d = g("direct", "fp99")
+for t in ("1t", "2t"):
+    a, b = g(f"ficus-{t}", "fp99") - d, g(f"nginx-{t}", "fp99") - d
+    print(f"  added p99 at {rate} req/s vs nginx, {t[0]} thread(s): {a:+.3f} vs {b:+.3f} ms (target <= nginx + 0.1 ms: {ok(a <= b + 0.1)})")
+h = g("ficus-100k-1t")
+print(f"  100,000 tenants vs 10: {h/f1:.3f}x the throughput ({(h/f1-1)*100:+.1f}%; target within 5%: {ok(abs(h/f1-1) <= 0.05)})")
 PY
 echo
 echo "stage change → proxy routing by it (PostgreSQL store, 100 flips):"
