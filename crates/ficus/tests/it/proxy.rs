@@ -563,7 +563,11 @@ async fn upstream_failures_become_502_and_504_and_the_proxy_stays_healthy() {
 /// Sends raw bytes to the proxy and returns the status line of the answer, or
 /// "closed" if the proxy closed the connection without one.
 fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
+    ask_raw(&mut TcpStream::connect(addr).unwrap(), bytes)
+}
+
+/// [`raw`] on a connection already open, which stays open.
+fn ask_raw(s: &mut TcpStream, bytes: &[u8]) -> String {
     // Generous, so that a proxy slow to answer on a busy machine is not taken
     // for one that closed the connection.
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -2055,36 +2059,24 @@ async fn two_workers_share_the_connections_of_a_burst() {
     .await;
 
     // Opened one after another, each asked once before the next opens.
-    let ask = |addr| async move {
-        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\n\r\n")
-            .await
-            .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = conn.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the proxy closed the connection");
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert!(
-            got.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&got)
-        );
-        conn
-    };
+    const ASK: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\n\r\n";
     let mut held = Vec::new();
     for _ in 0..16 {
-        held.push(ask(proxy.addr).await);
+        let mut conn = TcpStream::connect(proxy.addr).unwrap();
+        assert_eq!(ask_raw(&mut conn, ASK), "HTTP/1.1 200 OK");
+        held.push(conn);
     }
     let open = worker_connections(&proxy, 2).await;
     assert_eq!(open.iter().sum::<usize>(), 16, "{open:?}");
     assert!(open.iter().all(|n| *n >= 6), "one after another: {open:?}");
 
-    // Opened all at once, as a load balancer fills its pool.
-    let burst = futures_util::future::join_all((0..32).map(|_| ask(proxy.addr))).await;
+    // Opened all at once, as a load balancer fills its pool, then asked.
+    let mut burst: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(proxy.addr).unwrap())
+        .collect();
+    for conn in &mut burst {
+        assert_eq!(ask_raw(conn, ASK), "HTTP/1.1 200 OK");
+    }
     let open = worker_connections(&proxy, 2).await;
     assert_eq!(open.iter().sum::<usize>(), 48, "{open:?}");
     assert!(
