@@ -1472,13 +1472,19 @@ pub async fn accept(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> hyper_util::server::graceful::GracefulShutdown {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Since when this worker has been leaving connections to the others: kept
+    // across the counts' changes, so that connections closing elsewhere do not
+    // put off its look at the listener.
+    let mut leaving_since: Option<tokio::time::Instant> = None;
     loop {
         // Checked after every connection it accepts: in a burst, a worker
         // takes one and then leaves the next to a worker with fewer.
         let accepted = if balance.ahead(worker) {
+            let since = *leaving_since.get_or_insert_with(tokio::time::Instant::now);
             tokio::select! {
                 _ = balance.changed(worker) => continue,
-                _ = tokio::time::sleep(crate::balance::RECHECK) => {
+                _ = tokio::time::sleep_until(since + crate::balance::RECHECK) => {
+                    leaving_since = None;
                     // The others left a connection waiting: take it, if one is.
                     match std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await {
                         Poll::Ready(accepted) => accepted,
@@ -1488,6 +1494,7 @@ pub async fn accept(
                 _ = stop.changed() => break,
             }
         } else {
+            leaving_since = None;
             tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = stop.changed() => break,
@@ -1578,6 +1585,17 @@ pub(crate) mod tests {
         proxy_extra: &str,
         legacy_extra: &str,
     ) -> (SocketAddr, Arc<Shared>) {
+        proxy_on(upstream, proxy_extra, legacy_extra, None).await
+    }
+
+    /// [`proxy_with`], accepting as `worker` of a given balance (else as the
+    /// only worker).
+    async fn proxy_on(
+        upstream: SocketAddr,
+        proxy_extra: &str,
+        legacy_extra: &str,
+        worker: Option<(Arc<Balance>, usize)>,
+    ) -> (SocketAddr, Arc<Shared>) {
         let text = format!(
             "[proxy]\nlisten = [\"127.0.0.1:1\"]\nadmin_listen = \"127.0.0.1:2\"\nstore = \"sqlite::memory:\"\n{proxy_extra}\
              [backends.legacy]\nupstreams = [\"{upstream}\"]\n{legacy_extra}[backends.new]\nupstreams = [\"{upstream}\"]\n\
@@ -1610,15 +1628,35 @@ pub(crate) mod tests {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         // Kept open for the test's life.
         std::mem::forget(stop);
-        let balance = Arc::new(Balance::new(1, &shared.metrics));
+        let worker = worker.unwrap_or_else(|| (Arc::new(Balance::new(1, &shared.metrics)), 0));
         tokio::spawn(accept(
             listener,
             engine,
             Arc::new(server_builder(header_case)),
-            (balance, 0),
+            worker,
             stopped,
         ));
         (addr, shared)
+    }
+
+    /// A worker with more connections than another leaves new ones to it, but
+    /// not to one that never accepts: after [`crate::balance::RECHECK`] the
+    /// connection left waiting is its own.
+    #[tokio::test]
+    async fn a_worker_ahead_of_a_stuck_one_still_accepts() {
+        let upstream = backend(Arc::default(), Arc::default()).await;
+        // Worker 1 never accepts, and worker 0 already has a connection.
+        let balance = Arc::new(Balance::new(2, &crate::metrics::Metrics::new(10)));
+        let held = balance.opened(0);
+        let (addr, _) = proxy_on(upstream, "", "", Some((Arc::clone(&balance), 0))).await;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Bounded only so that a regression fails rather than hangs.
+        let answer = tokio::time::timeout(Duration::from_secs(60), ask(&mut conn, "GET", "/"))
+            .await
+            .expect("the worker ahead never took the connection");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(balance.open(), vec![2, 0]);
+        drop(held);
     }
 
     /// Sends one request on `conn` and reads its answer whole (a body of
