@@ -75,28 +75,44 @@ impl Counts {
     ) {
         let Add { n, at, configured } = add;
         let h = self.hash(tenant, route, backend, client);
-        let slot = self.by_hash.entry(h).or_default();
-        let found = slot.iter_mut().find(|(k, _, _, _)| {
-            k.0.as_ref() == tenant && k.1 == route && *k.2 == **backend && k.3 == client
-        });
-        match found {
-            Some(entry) => {
-                entry.1 += n;
-                entry.2 = entry.2.max(at);
-                entry.3 |= configured;
-            }
-            None => slot.push((
-                (
-                    tenant.cloned(),
-                    route.to_string(),
-                    Arc::clone(backend),
-                    client.to_string(),
-                ),
-                n,
-                at,
-                configured,
-            )),
+        if self.bump(h, tenant, route, backend, client, add) {
+            return;
         }
+        self.by_hash.entry(h).or_default().push((
+            (
+                tenant.cloned(),
+                route.to_string(),
+                Arc::clone(backend),
+                client.to_string(),
+            ),
+            n,
+            at,
+            configured,
+        ));
+    }
+
+    /// Adds to the count of this key, hashed to `h`, if it has one.
+    fn bump(
+        &mut self,
+        h: u64,
+        tenant: Option<&TenantId>,
+        route: &str,
+        backend: &Arc<str>,
+        client: &str,
+        add: Add,
+    ) -> bool {
+        let found = self.by_hash.get_mut(&h).and_then(|slot| {
+            slot.iter_mut().find(|(k, _, _, _)| {
+                k.0.as_ref() == tenant && k.1 == route && *k.2 == **backend && k.3 == client
+            })
+        });
+        let Some(entry) = found else {
+            return false;
+        };
+        entry.1 += add.n;
+        entry.2 = entry.2.max(add.at);
+        entry.3 |= add.configured;
+        true
     }
 }
 
@@ -160,6 +176,19 @@ impl Census {
         configured: bool,
     ) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let add = Add {
+            n: 1,
+            at: at.unix_millis(),
+            configured,
+        };
+        // Most requests repeat a key already counted this interval: its route
+        // and client were let in then, so the caps need no second look.
+        if route.len() <= ROUTE_MAX {
+            let h = c.hash(tenant, route, backend, client);
+            if c.bump(h, tenant, route, backend, client, add) {
+                return;
+            }
+        }
         let route = if route.len() > ROUTE_MAX {
             "(long)"
         } else if c.routes.contains(route) {
@@ -178,17 +207,7 @@ impl Census {
         } else {
             "other"
         };
-        c.add(
-            tenant,
-            route,
-            backend,
-            client,
-            Add {
-                n: 1,
-                at: at.unix_millis(),
-                configured,
-            },
-        );
+        c.add(tenant, route, backend, client, add);
     }
 
     /// Takes the counts gathered since the last call.
@@ -258,5 +277,41 @@ mod tests {
         let counts = census.take();
         let other = counts.iter().find(|c| c.client == "other").unwrap();
         assert_eq!((counts.len(), other.count), (CLIENTS_PER_FLUSH + 1, 5));
+    }
+
+    #[test]
+    fn a_repeated_key_is_counted_where_it_was_first_let_in() {
+        let census = Census::default();
+        let legacy: Arc<str> = Arc::from("legacy");
+        let t = TenantId::parse("t1").unwrap();
+        let at = |ms| Timestamp::from_unix_millis(ms);
+        for i in 0..ROUTES_PER_FLUSH + 3 {
+            census.record(Some(&t), &format!("GET /r{i}"), &legacy, "", at(1), false);
+        }
+        let long = format!("GET /{}", "x".repeat(ROUTE_MAX));
+        // Counted again: a route let in, one past the cap, a long one.
+        for ms in [2, 3] {
+            census.record(Some(&t), "GET /r0", &legacy, "", at(ms), true);
+            census.record(
+                Some(&t),
+                &format!("GET /r{ROUTES_PER_FLUSH}"),
+                &legacy,
+                "",
+                at(ms),
+                false,
+            );
+            census.record(Some(&t), &long, &legacy, "", at(ms), false);
+        }
+        let counts = census.take();
+        let of = |route: &str| {
+            let c = counts.iter().find(|c| c.route == route).unwrap();
+            (c.count, c.last_at.unix_millis(), c.configured)
+        };
+        assert_eq!(counts.len(), ROUTES_PER_FLUSH + 2);
+        assert_eq!(of("GET /r0"), (3, 3, true));
+        assert_eq!(of("GET /r1"), (1, 1, false));
+        assert_eq!(of("(other)"), (5, 3, false));
+        assert_eq!(of("(long)"), (2, 3, false));
+        assert!(census.take().is_empty());
     }
 }
