@@ -274,12 +274,48 @@ fn valid_host(host: &[u8]) -> bool {
         })
 }
 
-/// Whether a request announces a body: chunked, or a length other than 0.
-fn has_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|l| l.as_bytes() != b"0")
+/// What routing reads of a request's standard headers, found in the one pass
+/// that sums their size: comparing a standard name is a comparison of two
+/// small integers, where each `HeaderMap::get` hashed the name and probed the
+/// map (five of them a request).
+struct Scan<'h> {
+    /// The size of the head's headers, as `max_header_bytes` counts it.
+    bytes: usize,
+    /// The first `Host` and the first `Content-Length`, as `get` finds them.
+    host: Option<&'h HeaderValue>,
+    content_length: Option<&'h HeaderValue>,
+    transfer_encoding: bool,
+    upgrade: bool,
+}
+
+impl<'h> Scan<'h> {
+    fn of(headers: &'h HeaderMap) -> Scan<'h> {
+        let mut scan = Scan {
+            bytes: 0,
+            host: None,
+            content_length: None,
+            transfer_encoding: false,
+            upgrade: false,
+        };
+        for (name, value) in headers {
+            scan.bytes += name.as_str().len() + value.len() + 4;
+            if *name == header::HOST {
+                scan.host.get_or_insert(value);
+            } else if *name == header::CONTENT_LENGTH {
+                scan.content_length.get_or_insert(value);
+            } else if *name == header::TRANSFER_ENCODING {
+                scan.transfer_encoding = true;
+            } else if *name == header::UPGRADE {
+                scan.upgrade = true;
+            }
+        }
+        scan
+    }
+
+    /// Whether the request announces a body: chunked, or a length other than 0.
+    fn has_body(&self) -> bool {
+        self.transfer_encoding || self.content_length.is_some_and(|l| l.as_bytes() != b"0")
+    }
 }
 
 /// What the tenant-config endpoint needs of a request.
@@ -436,21 +472,18 @@ impl Shared {
             self.identify(ctx, headers);
         }
 
-        let header_bytes: usize = headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum();
-        if header_bytes > settings.max_header_bytes {
+        let scan = Scan::of(headers);
+        if scan.bytes > settings.max_header_bytes {
             return Err(Refusal::new(431, "request headers are too large"));
         }
-        let host = headers
-            .get(header::HOST)
+        let host = scan
+            .host
             .map(|h| h.as_bytes())
             .or(uri.authority().map(|a| a.as_str().as_bytes()));
         if host.is_some_and(|h| !valid_host(h)) {
             return Err(Refusal::new(400, "invalid host header"));
         }
-        if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        if let Some(len) = scan.content_length {
             match len.to_str().ok().and_then(|l| l.parse::<u64>().ok()) {
                 Some(n) if n > settings.max_body_bytes => {
                     return Err(Refusal::new(413, BODY_TOO_LARGE));
@@ -498,7 +531,7 @@ impl Shared {
                 if_none_match: headers
                     .get(header::IF_NONE_MATCH)
                     .and_then(|v| v.to_str().ok()),
-                has_body: has_body(headers),
+                has_body: scan.has_body(),
             };
             return Ok(Next::Answer(config_answer(ctx, &table, request)));
         }
@@ -554,7 +587,7 @@ impl Shared {
             }
             _ => None,
         };
-        let has_body = has_body(headers);
+        let has_body = scan.has_body();
         let safe_method = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
         // A write fails over only when its backend applies it once however often
         // it is sent, by a key the client gave (`idempotency_header`): sending
@@ -570,7 +603,7 @@ impl Shared {
         ctx.may_fail_over = (safe_method && !has_body && !side_effects) || keyed_write;
         // Only a safe read without a body, on a route with no side effects, and
         // not an upgrade (its answer is a tunnel, not a body to compare).
-        let upgrade = headers.contains_key(header::UPGRADE);
+        let upgrade = scan.upgrade;
         if let (Some((served_by, compare_with)), Some(tenant), true, false, false, false) = (
             pair,
             &ctx.tenant,
@@ -1382,5 +1415,62 @@ header = "X-Tenant-Id"
             ClientMalformed -> 400 malformed request
             Internal -> 500 internal proxy error
         "#]].assert_eq(&rows.concat());
+    }
+
+    #[test]
+    fn one_pass_over_the_headers_finds_what_routing_reads() {
+        let check = |head: &[(&str, &str)], expect: Expect| {
+            let mut headers = HeaderMap::new();
+            for (k, v) in head {
+                headers.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            let scan = Scan::of(&headers);
+            // What `get` and `contains_key` answer, which the scan replaced.
+            assert_eq!(scan.host, headers.get(header::HOST));
+            assert_eq!(scan.content_length, headers.get(header::CONTENT_LENGTH));
+            let text = |v: Option<&HeaderValue>| v.map(|v| v.to_str().unwrap().to_owned());
+            expect.assert_eq(&format!(
+                "bytes {} host {:?} length {:?} te {} upgrade {} body {}",
+                scan.bytes,
+                text(scan.host),
+                text(scan.content_length),
+                scan.transfer_encoding,
+                scan.upgrade,
+                scan.has_body(),
+            ));
+        };
+        check(
+            &[],
+            expect!["bytes 0 host None length None te false upgrade false body false"],
+        );
+        check(
+            &[
+                ("host", "a.example"),
+                ("x-tenant-id", "t5"),
+                ("content-length", "0"),
+            ],
+            expect![[
+                r#"bytes 53 host Some("a.example") length Some("0") te false upgrade false body false"#
+            ]],
+        );
+        // The first of two hosts, as `get` gives it; a length other than 0 or
+        // any transfer-encoding is a body.
+        check(
+            &[
+                ("host", "a.example"),
+                ("host", "b.example"),
+                ("content-length", "7"),
+            ],
+            expect![[
+                r#"bytes 53 host Some("a.example") length Some("7") te false upgrade false body true"#
+            ]],
+        );
+        check(
+            &[("transfer-encoding", "chunked"), ("upgrade", "websocket")],
+            expect!["bytes 48 host None length None te true upgrade true body true"],
+        );
     }
 }
