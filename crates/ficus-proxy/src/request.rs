@@ -253,7 +253,6 @@ fn now() -> Timestamp {
     Timestamp::from_unix_millis(d.as_millis() as i64)
 }
 
-/// An upstream's bit in [`Ctx::tried`].
 /// A header value whose clones share its buffer. A value made from a copy
 /// (`HeaderValue::from_str`) is copied again, into a new allocation, the first
 /// time it is cloned, and the forwarded head is cloned for every request that
@@ -262,6 +261,7 @@ fn shared_value<T: AsRef<[u8]> + Send + 'static>(owner: T) -> Option<HeaderValue
     HeaderValue::from_maybe_shared(Bytes::from_owner(owner)).ok()
 }
 
+/// An upstream's bit in [`Ctx::tried`].
 fn bit(upstream: usize) -> u64 {
     1 << upstream.min(63)
 }
@@ -931,11 +931,9 @@ impl Shared {
 }
 
 impl Ctx {
-    /// The request id as a header value; `None` before it is known.
-    pub fn request_id_value(&mut self) -> Option<HeaderValue> {
-        if self.request_id_value.is_none() && !self.request_id.is_empty() {
-            self.request_id_value = HeaderValue::from_str(&self.request_id).ok();
-        }
+    /// The request id as a header value, set with the id; `None` before it
+    /// is known.
+    pub fn request_id_value(&self) -> Option<HeaderValue> {
         self.request_id_value.clone()
     }
 
