@@ -1110,6 +1110,7 @@ mod tests {
             single_tenant_zero: Some(plan.tenant_zero.id.clone()),
             default_tenant_id: "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() …"
                 .into(),
+            default_tenant_language: "plpgsql".into(),
         };
         let steps = apply::steps(&plan, &facts, &d, &helpers).unwrap();
         let mut out = String::new();
@@ -1139,7 +1140,7 @@ mod tests {
               (outside a transaction) DROP INDEX CONCURRENTLY IF EXISTS "public"."orders_number"
               ALTER INDEX "public"."orders_number_ficus_wide" RENAME TO "orders_number"
             distribute:helpers
-              CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS uuid     LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER AS $fn$ SELECT COALESCE(tenancy_private.current_tenant_id(), '00000000-0000-0000-0000-000000000001'::pg_catalog.uuid) $fn$
+              CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS uuid     LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY INVOKER AS $fn$ BEGIN     RETURN COALESCE(tenancy_private.current_tenant_id(), '00000000-0000-0000-0000-000000000001'::pg_catalog.uuid); END $fn$
               SELECT create_distributed_function('tenancy_private.current_tenant_id()')
               SELECT create_distributed_function('tenancy_private.default_tenant_id()')
             distribute:policy:public.orders:ficus_tenant_isolation

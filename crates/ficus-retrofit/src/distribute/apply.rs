@@ -15,11 +15,12 @@
 //!    as before);
 //! 4. *helpers*: `default_tenant_id()` becomes a function that reads no table
 //!    (tenant zero, as the settings hold it now, written into its body), since
-//!    a worker's policy cannot read a coordinator table, and both helpers are
+//!    a worker's policy cannot read a coordinator table, in the language it
+//!    was written in (see [`default_tenant_function`]), and both helpers are
 //!    created on every node (`create_distributed_function`);
 //! 5. *policy*: Ficus's policies lose their scalar subquery, which Citus
-//!    refuses on distributed tables (the helpers read no table, so PostgreSQL
-//!    inlines them and the filter is evaluated once per query);
+//!    refuses on distributed tables (the helpers read no table, so a worker
+//!    can evaluate them; `current_tenant_id()`, in SQL, is inlined);
 //! 6. *tenant-context*: `citus.propagate_set_commands = 'local'` for the
 //!    database, so a session's `SET LOCAL ficus.tenant_id` reaches the workers;
 //! 7. *reference*, then *distribute*: `create_reference_table`, then
@@ -81,6 +82,9 @@ pub struct Helpers {
     pub single_tenant_zero: Option<String>,
     /// `pg_get_functiondef` of `tenancy_private.default_tenant_id()` now.
     pub default_tenant_id: String,
+    /// The language it is written in now (`pg_language.lanname`), which its
+    /// rewrite keeps: see [`default_tenant_function`].
+    pub default_tenant_language: String,
 }
 
 /// A name of at most 63 bytes, PostgreSQL's limit, cut on a char boundary.
@@ -172,29 +176,49 @@ fn unwrap_helpers(expression: &str) -> Option<String> {
 
 /// `tenancy_private.default_tenant_id()` as the workers can run it: reading
 /// no table, so not `SECURITY DEFINER` (the hidden-helper rule is for helpers
-/// that read protected data).
-fn default_tenant_function(id_type: IdType, zero: Option<&str>) -> String {
+/// that read protected data), in `language`, the one it is written in now.
+///
+/// The language is kept because PostgreSQL looks up a function's language
+/// handler and, later, the body that handler runs, in two catalog reads; a
+/// session that takes in the rewrite between them (a new session does, when
+/// it first reads `pg_language`) runs the new body through the old
+/// language's compiler, and its insert fails with a syntax error. Only SQL
+/// and PL/pgSQL are written; another language is refused by name.
+pub fn default_tenant_function(
+    id_type: IdType,
+    zero: Option<&str>,
+    language: &str,
+) -> Result<String> {
     let ty = id_type.sql();
-    let body = match zero {
+    let value = match zero {
         Some(zero) => {
             let qualified = match id_type {
                 IdType::Bigint => "pg_catalog.int8",
                 IdType::Uuid => "pg_catalog.uuid",
             };
             format!(
-                "SELECT COALESCE(tenancy_private.current_tenant_id(), {}::{qualified})",
+                "COALESCE(tenancy_private.current_tenant_id(), {}::{qualified})",
                 literal(zero)
             )
         }
-        None => "SELECT tenancy_private.current_tenant_id()".to_string(),
+        None => "tenancy_private.current_tenant_id()".to_string(),
     };
-    format!(
+    let body = match language {
+        "sql" => format!("SELECT {value}"),
+        "plpgsql" => format!("BEGIN\n    RETURN {value};\nEND"),
+        other => {
+            return Err(Error::Refused(format!(
+                "tenancy_private.default_tenant_id() is written in {other}; distribute apply rewrites it in place in its own language and knows only sql and plpgsql (a function whose language changes under running sessions fails their calls): rewrite it in sql or plpgsql first"
+            )));
+        }
+    };
+    Ok(format!(
         "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS {ty}
-    LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+    LANGUAGE {language} STABLE PARALLEL SAFE SECURITY INVOKER
 AS $fn$
 {body}
 $fn$"
-    )
+    ))
 }
 
 /// The steps, from the decisions and the catalogs' facts. Pure. Refuses a
@@ -409,7 +433,8 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
             stmt(default_tenant_function(
                 plan.id_type,
                 helpers.single_tenant_zero.as_deref(),
-            )),
+                &helpers.default_tenant_language,
+            )?),
             unless(
                 "SELECT create_distributed_function('tenancy_private.current_tenant_id()')".into(),
                 function_distributed("tenancy_private.current_tenant_id()"),
@@ -755,7 +780,9 @@ pub async fn helpers(client: &Client) -> Result<Helpers> {
         .query_one(
             "SELECT (SELECT value FROM tenancy_private.settings WHERE key = 'tenant_zero'),
                     COALESCE((SELECT value FROM tenancy_private.settings WHERE key = 'single_tenant_mode'), 'off') = 'on',
-                    pg_get_functiondef('tenancy_private.default_tenant_id()'::regprocedure)",
+                    pg_get_functiondef('tenancy_private.default_tenant_id()'::regprocedure),
+                    (SELECT l.lanname::text FROM pg_catalog.pg_proc AS p JOIN pg_catalog.pg_language AS l ON l.oid = p.prolang
+                     WHERE p.oid = 'tenancy_private.default_tenant_id()'::regprocedure)",
             &[],
         )
         .await
@@ -765,6 +792,7 @@ pub async fn helpers(client: &Client) -> Result<Helpers> {
     Ok(Helpers {
         single_tenant_zero: zero.filter(|_| single),
         default_tenant_id: row.get(2),
+        default_tenant_language: row.get(3),
     })
 }
 
@@ -1274,6 +1302,7 @@ pub async fn routing(client: &Client, plan: &Plan) -> Result<Vec<(Table, i64)>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use expect_test::{Expect, expect};
 
     #[test]
     fn names_are_cut_to_postgres_limit_on_a_char_boundary() {
@@ -1299,6 +1328,48 @@ mod tests {
         assert_eq!(
             unwrap_helpers("(EXISTS ( SELECT 1 FROM members m WHERE m.id = owner))"),
             None
+        );
+    }
+
+    /// The rewritten `default_tenant_id()` is in the language the database
+    /// has it in; one Ficus cannot write is refused by name.
+    #[test]
+    fn the_default_tenant_helper_keeps_its_language() {
+        let check = |zero: Option<&str>, language: &str, expect: Expect| {
+            let out = match default_tenant_function(IdType::Bigint, zero, language) {
+                Ok(sql) => sql,
+                Err(e) => format!("error: {e}"),
+            };
+            expect.assert_eq(&out);
+        };
+        check(
+            Some("1"),
+            "plpgsql",
+            expect![[r#"
+                CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
+                    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY INVOKER
+                AS $fn$
+                BEGIN
+                    RETURN COALESCE(tenancy_private.current_tenant_id(), '1'::pg_catalog.int8);
+                END
+                $fn$"#]],
+        );
+        check(
+            None,
+            "sql",
+            expect![[r#"
+                CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
+                    LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+                AS $fn$
+                SELECT tenancy_private.current_tenant_id()
+                $fn$"#]],
+        );
+        check(
+            None,
+            "plv8",
+            expect![
+                "error: tenancy_private.default_tenant_id() is written in plv8; distribute apply rewrites it in place in its own language and knows only sql and plpgsql (a function whose language changes under running sessions fails their calls): rewrite it in sql or plpgsql first"
+            ],
         );
     }
 }

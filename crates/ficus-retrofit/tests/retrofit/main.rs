@@ -2137,3 +2137,78 @@ async fn a_plan_without_the_owner_breaks_no_insert_and_enforcement_names_the_rol
     assert!(role_matrix(&url, "refused").await.is_empty());
     drop(cluster);
 }
+
+/// Regression: `distribute apply` replaced the retrofit's PL/pgSQL
+/// `default_tenant_id()` in place with an SQL function, and an insert whose
+/// executor had looked the old one up ran the new body through the PL/pgSQL
+/// compiler ("syntax error at or near SELECT"); the undo raced the same way
+/// back. The helper swapped to its distributed form and back, again and
+/// again, while new sessions call it, fails no call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_tenant_helper_swapped_back_and_forth_fails_no_concurrent_call() {
+    let db = sample().await;
+    let (plan, inv) = draft(&db).await;
+    let mut c = connect(&db.url).await.unwrap();
+    let spine = Options {
+        only: Some(StepKind::Spine),
+        ..Options::default()
+    };
+    apply::apply(&mut c, &plan, &inv, &spine, &mut quiet())
+        .await
+        .unwrap();
+    // What `distribute apply` reads and writes, from the database as it is.
+    let helpers = ficus_retrofit::distribute::apply::helpers(&c)
+        .await
+        .unwrap();
+    let retrofit = helpers.default_tenant_id.clone();
+    let distributed = ficus_retrofit::distribute::apply::default_tenant_function(
+        IdType::Uuid,
+        helpers.single_tenant_zero.as_deref(),
+        &helpers.default_tenant_language,
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, stop, zero) = (db.url.clone(), stop.clone(), plan.tenant_zero.id.clone());
+            let calls = Arc::new(AtomicU64::new(0));
+            let counted = calls.clone();
+            let task = tokio::spawn(async move {
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    // A new session each time: its catalog caches are empty,
+                    // so looking up the language's handler reads pg_language
+                    // and takes in the swaps committed meanwhile, between the
+                    // lookup of the function and that of its body.
+                    let client = connect(&url).await.unwrap();
+                    let got = client
+                        .query_one("SELECT tenancy_private.default_tenant_id()::text", &[])
+                        .await;
+                    match got {
+                        Ok(row) => assert_eq!(row.get::<_, String>(0), zero),
+                        Err(e) => failed.push(format!("{e:?}")),
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                failed
+            });
+            (calls, task)
+        })
+        .collect();
+    for i in 0..200 {
+        let def = if i % 2 == 0 { &distributed } else { &retrofit };
+        c.batch_execute(def).await.unwrap();
+        // Each caller calls at least twice more before the next swap, so the
+        // swaps land among the calls on any machine.
+        for (calls, _) in &callers {
+            let at = calls.load(Ordering::SeqCst);
+            until_ops(calls, at + 2).await;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut failed = Vec::new();
+    for (_, task) in callers {
+        failed.extend(task.await.unwrap());
+    }
+    assert_eq!(failed, Vec::<String>::new());
+}
