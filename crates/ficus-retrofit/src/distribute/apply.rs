@@ -174,20 +174,73 @@ fn unwrap_helpers(expression: &str) -> Option<String> {
     (!out.to_ascii_uppercase().contains("SELECT ")).then_some(out)
 }
 
-/// `tenancy_private.default_tenant_id()` as the workers can run it: reading
-/// no table, so not `SECURITY DEFINER` (the hidden-helper rule is for helpers
-/// that read protected data), in `language`, the one it is written in now.
+/// The rewrite of `tenancy_private.default_tenant_id()` (step 4) and its
+/// undo, each a list of statements run in order.
 ///
-/// The language is kept because PostgreSQL looks up a function's language
-/// handler and, later, the body that handler runs, in two catalog reads; a
-/// session that takes in the rewrite between them (a new session does, when
-/// it first reads `pg_language`) runs the new body through the old
-/// language's compiler, and its insert fails with a syntax error. Only SQL
-/// and PL/pgSQL are written; another language is refused by name.
-pub fn default_tenant_function(
+/// The rewrite reads no table, so it needs no rights of its own and runs
+/// with its caller's (the hidden-helper rule is for helpers that read
+/// protected data); it is written in the language the helper is written in
+/// now. Both are for the sessions calling the helper meanwhile: PostgreSQL
+/// looks up a function's language handler, whether it runs as its owner, and
+/// the body it runs in separate catalog reads, and a session that takes in a
+/// rewrite between them (a new session does, when it first reads
+/// `pg_language`) mixes the two versions. A new body in the old language's
+/// compiler is a syntax error; the retrofit's body, which reads the settings,
+/// run with the rights of a caller who resolved the rewrite's `SECURITY
+/// INVOKER`, is a permission error. So the undo first gives the rewrite's
+/// body the retrofit's security (owner rights, its pinned settings), then
+/// puts the retrofit's body back; each statement changes one of the two.
+/// Only SQL and PL/pgSQL are written; another language is refused by name.
+pub fn default_tenant_swap(
+    id_type: IdType,
+    helpers: &Helpers,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let language = helpers.default_tenant_language.as_str();
+    let zero = helpers.single_tenant_zero.as_deref();
+    let rewrite = default_tenant_function(id_type, zero, language, "SECURITY INVOKER")?;
+    let security = security_of(&helpers.default_tenant_id);
+    let mut undo = Vec::new();
+    if security != "SECURITY INVOKER" {
+        undo.push(default_tenant_function(id_type, zero, language, &security)?);
+    }
+    undo.push(helpers.default_tenant_id.clone());
+    Ok((vec![rewrite], undo))
+}
+
+/// The security clauses of a `pg_get_functiondef` text: `SECURITY DEFINER`
+/// or `SECURITY INVOKER`, then each `SET` line as the server wrote it.
+fn security_of(functiondef: &str) -> String {
+    let head = functiondef
+        .split_once("\nAS ")
+        .map_or(functiondef, |(head, _)| head);
+    let mut out = if head.lines().any(|l| {
+        l.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w == ["SECURITY", "DEFINER"])
+    }) {
+        "SECURITY DEFINER".to_string()
+    } else {
+        "SECURITY INVOKER".to_string()
+    };
+    for line in head
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("SET "))
+    {
+        out.push_str("\n    ");
+        out.push_str(line);
+    }
+    out
+}
+
+/// `tenancy_private.default_tenant_id()` reading no table, in `language`,
+/// with `security` (see [`default_tenant_swap`]).
+fn default_tenant_function(
     id_type: IdType,
     zero: Option<&str>,
     language: &str,
+    security: &str,
 ) -> Result<String> {
     let ty = id_type.sql();
     let value = match zero {
@@ -214,7 +267,7 @@ pub fn default_tenant_function(
     };
     Ok(format!(
         "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS {ty}
-    LANGUAGE {language} STABLE PARALLEL SAFE SECURITY INVOKER
+    LANGUAGE {language} STABLE PARALLEL SAFE {security}
 AS $fn$
 {body}
 $fn$"
@@ -425,16 +478,15 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
             literal(signature)
         )
     };
+    let (rewrite, restore) = default_tenant_swap(plan.id_type, helpers)?;
     let helper_steps = Move {
         undo_needs: None,
         id: "distribute:helpers".into(),
         table: None,
-        forward: vec![
-            stmt(default_tenant_function(
-                plan.id_type,
-                helpers.single_tenant_zero.as_deref(),
-                &helpers.default_tenant_language,
-            )?),
+        forward: rewrite
+            .into_iter()
+            .map(stmt)
+            .chain([
             unless(
                 "SELECT create_distributed_function('tenancy_private.current_tenant_id()')".into(),
                 function_distributed("tenancy_private.current_tenant_id()"),
@@ -443,10 +495,11 @@ pub fn steps(plan: &Plan, facts: &Facts, d: &Distribution, helpers: &Helpers) ->
                 "SELECT create_distributed_function('tenancy_private.default_tenant_id()')".into(),
                 function_distributed("tenancy_private.default_tenant_id()"),
             ),
-        ],
+        ])
+            .collect(),
         // The functions stay known to Citus (it has no way to forget one);
         // the definition comes back everywhere.
-        undo: vec![stmt(helpers.default_tenant_id.clone())],
+        undo: restore.into_iter().map(stmt).collect(),
         note: match &helpers.single_tenant_zero {
             Some(zero) => format!(
                 "default_tenant_id() reads no table (the transaction's tenant, else tenant zero {zero}); both helpers on every node"
@@ -1332,44 +1385,72 @@ mod tests {
     }
 
     /// The rewritten `default_tenant_id()` is in the language the database
-    /// has it in; one Ficus cannot write is refused by name.
+    /// has it in, and the undo gives it the retrofit's security before its
+    /// body; a language Ficus cannot write is refused by name.
     #[test]
-    fn the_default_tenant_helper_keeps_its_language() {
-        let check = |zero: Option<&str>, language: &str, expect: Expect| {
-            let out = match default_tenant_function(IdType::Bigint, zero, language) {
-                Ok(sql) => sql,
+    fn the_default_tenant_helper_keeps_its_language_and_is_undone_security_first() {
+        let check = |zero: Option<&str>, language: &str, now: &str, expect: Expect| {
+            let helpers = Helpers {
+                single_tenant_zero: zero.map(str::to_string),
+                default_tenant_id: now.to_string(),
+                default_tenant_language: language.to_string(),
+            };
+            let out = match default_tenant_swap(IdType::Bigint, &helpers) {
+                Ok((rewrite, undo)) => format!(
+                    "rewrite:\n{}\nundo:\n{}",
+                    rewrite.join(";\n"),
+                    undo.join(";\n")
+                ),
                 Err(e) => format!("error: {e}"),
             };
             expect.assert_eq(&out);
         };
-        check(
-            Some("1"),
-            "plpgsql",
-            expect![[r#"
-                CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
-                    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY INVOKER
-                AS $fn$
-                BEGIN
-                    RETURN COALESCE(tenancy_private.current_tenant_id(), '1'::pg_catalog.int8);
-                END
-                $fn$"#]],
-        );
-        check(
-            None,
-            "sql",
-            expect![[r#"
-                CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
-                    LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
-                AS $fn$
-                SELECT tenancy_private.current_tenant_id()
-                $fn$"#]],
-        );
-        check(
-            None,
-            "plv8",
-            expect![
-                "error: tenancy_private.default_tenant_id() is written in plv8; distribute apply rewrites it in place in its own language and knows only sql and plpgsql (a function whose language changes under running sessions fails their calls): rewrite it in sql or plpgsql first"
-            ],
-        );
+        // As `pg_get_functiondef` shows the retrofit's helper.
+        let retrofit = "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id()\n RETURNS bigint\n LANGUAGE plpgsql\n STABLE SECURITY DEFINER\n SET search_path TO ''\nAS $function$\nBEGIN\n    RETURN NULL; -- SECURITY DEFINER\nEND\n$function$\n";
+        check(Some("1"), "plpgsql", retrofit, expect![[r#"
+            rewrite:
+            CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
+                LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY INVOKER
+            AS $fn$
+            BEGIN
+                RETURN COALESCE(tenancy_private.current_tenant_id(), '1'::pg_catalog.int8);
+            END
+            $fn$
+            undo:
+            CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
+                LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+                SET search_path TO ''
+            AS $fn$
+            BEGIN
+                RETURN COALESCE(tenancy_private.current_tenant_id(), '1'::pg_catalog.int8);
+            END
+            $fn$;
+            CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id()
+             RETURNS bigint
+             LANGUAGE plpgsql
+             STABLE SECURITY DEFINER
+             SET search_path TO ''
+            AS $function$
+            BEGIN
+                RETURN NULL; -- SECURITY DEFINER
+            END
+            $function$
+        "#]]);
+        let invoker = "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id()\n RETURNS bigint\n LANGUAGE sql\n STABLE\nAS $function$ SELECT NULL::bigint $function$\n";
+        check(None, "sql", invoker, expect![[r#"
+            rewrite:
+            CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
+                LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+            AS $fn$
+            SELECT tenancy_private.current_tenant_id()
+            $fn$
+            undo:
+            CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id()
+             RETURNS bigint
+             LANGUAGE sql
+             STABLE
+            AS $function$ SELECT NULL::bigint $function$
+        "#]]);
+        check(None, "plv8", invoker, expect!["error: tenancy_private.default_tenant_id() is written in plv8; distribute apply rewrites it in place in its own language and knows only sql and plpgsql (a function whose language changes under running sessions fails their calls): rewrite it in sql or plpgsql first"]);
     }
 }

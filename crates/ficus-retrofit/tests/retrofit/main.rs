@@ -2160,17 +2160,18 @@ async fn the_default_tenant_helper_swapped_back_and_forth_fails_no_concurrent_ca
     let helpers = ficus_retrofit::distribute::apply::helpers(&c)
         .await
         .unwrap();
-    let retrofit = helpers.default_tenant_id.clone();
-    let distributed = ficus_retrofit::distribute::apply::default_tenant_function(
-        IdType::Uuid,
-        helpers.single_tenant_zero.as_deref(),
-        &helpers.default_tenant_language,
-    )
-    .unwrap();
+    let (rewrite, undo) =
+        ficus_retrofit::distribute::apply::default_tenant_swap(IdType::Uuid, &helpers).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let callers: Vec<_> = (0..2)
         .map(|_| {
-            let (url, stop, zero) = (db.url.clone(), stop.clone(), plan.tenant_zero.id.clone());
+            // The application's role, with no tenant: the retrofit's body
+            // reads the settings, which only the helper's owner may.
+            let (url, stop, zero) = (
+                db.app_url.clone(),
+                stop.clone(),
+                plan.tenant_zero.id.clone(),
+            );
             let calls = Arc::new(AtomicU64::new(0));
             let counted = calls.clone();
             let task = tokio::spawn(async move {
@@ -2195,14 +2196,15 @@ async fn the_default_tenant_helper_swapped_back_and_forth_fails_no_concurrent_ca
             (calls, task)
         })
         .collect();
-    for i in 0..200 {
-        let def = if i % 2 == 0 { &distributed } else { &retrofit };
-        c.batch_execute(def).await.unwrap();
-        // Each caller calls at least twice more before the next swap, so the
-        // swaps land among the calls on any machine.
-        for (calls, _) in &callers {
-            let at = calls.load(Ordering::SeqCst);
-            until_ops(calls, at + 2).await;
+    for i in 0..100 {
+        for statement in if i % 2 == 0 { &rewrite } else { &undo } {
+            c.batch_execute(statement).await.unwrap();
+            // Each caller calls at least twice more before the next
+            // statement, so they land among the calls on any machine.
+            for (calls, _) in &callers {
+                let at = calls.load(Ordering::SeqCst);
+                until_ops(calls, at + 2).await;
+            }
         }
     }
     stop.store(true, Ordering::SeqCst);
