@@ -1407,7 +1407,11 @@ mod tests {
         };
         // As `pg_get_functiondef` shows the retrofit's helper.
         let retrofit = "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id()\n RETURNS bigint\n LANGUAGE plpgsql\n STABLE SECURITY DEFINER\n SET search_path TO ''\nAS $function$\nBEGIN\n    RETURN NULL; -- SECURITY DEFINER\nEND\n$function$\n";
-        check(Some("1"), "plpgsql", retrofit, expect![[r#"
+        check(
+            Some("1"),
+            "plpgsql",
+            retrofit,
+            expect![[r#"
             rewrite:
             CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
                 LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY INVOKER
@@ -1435,9 +1439,14 @@ mod tests {
                 RETURN NULL; -- SECURITY DEFINER
             END
             $function$
-        "#]]);
+        "#]],
+        );
         let invoker = "CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id()\n RETURNS bigint\n LANGUAGE sql\n STABLE\nAS $function$ SELECT NULL::bigint $function$\n";
-        check(None, "sql", invoker, expect![[r#"
+        check(
+            None,
+            "sql",
+            invoker,
+            expect![[r#"
             rewrite:
             CREATE OR REPLACE FUNCTION tenancy_private.default_tenant_id() RETURNS bigint
                 LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
@@ -1450,7 +1459,15 @@ mod tests {
              LANGUAGE sql
              STABLE
             AS $function$ SELECT NULL::bigint $function$
-        "#]]);
-        check(None, "plv8", invoker, expect!["error: tenancy_private.default_tenant_id() is written in plv8; distribute apply rewrites it in place in its own language and knows only sql and plpgsql (a function whose language changes under running sessions fails their calls): rewrite it in sql or plpgsql first"]);
+        "#]],
+        );
+        check(
+            None,
+            "plv8",
+            invoker,
+            expect![
+                "error: tenancy_private.default_tenant_id() is written in plv8; distribute apply rewrites it in place in its own language and knows only sql and plpgsql (a function whose language changes under running sessions fails their calls): rewrite it in sql or plpgsql first"
+            ],
+        );
     }
 }
