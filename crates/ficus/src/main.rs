@@ -6,7 +6,8 @@
 //! tenant list | head`) is success, not an error.
 
 /// mimalloc instead of the system allocator: the proxy allocates per request
-/// (headers, buffers), and glibc's malloc was a tenth of its profile.
+/// (headers, buffers), and glibc's malloc was a tenth of its profile. Its v2
+/// line, not v3: see the workspace's `Cargo.toml`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
