@@ -16,7 +16,7 @@
 //! 4. *helpers*: `default_tenant_id()` becomes a function that reads no table
 //!    (tenant zero, as the settings hold it now, written into its body), since
 //!    a worker's policy cannot read a coordinator table, in the language it
-//!    was written in (see [`default_tenant_function`]), and both helpers are
+//!    was written in (see [`default_tenant_swap`]), and both helpers are
 //!    created on every node (`create_distributed_function`);
 //! 5. *policy*: Ficus's policies lose their scalar subquery, which Citus
 //!    refuses on distributed tables (the helpers read no table, so a worker
@@ -83,7 +83,7 @@ pub struct Helpers {
     /// `pg_get_functiondef` of `tenancy_private.default_tenant_id()` now.
     pub default_tenant_id: String,
     /// The language it is written in now (`pg_language.lanname`), which its
-    /// rewrite keeps: see [`default_tenant_function`].
+    /// rewrite keeps: see [`default_tenant_swap`].
     pub default_tenant_language: String,
 }
 
@@ -189,7 +189,10 @@ fn unwrap_helpers(expression: &str) -> Option<String> {
 /// run with the rights of a caller who resolved the rewrite's `SECURITY
 /// INVOKER`, is a permission error. So the undo first gives the rewrite's
 /// body the retrofit's security (owner rights, its pinned settings), then
-/// puts the retrofit's body back; each statement changes one of the two.
+/// puts the retrofit's body back: a body that needs its owner's rights only
+/// replaces a version that already runs as its owner. The rewrite may change
+/// both at once, as its body needs no rights: a session that resolved either
+/// version's security runs either body without an error.
 /// Only SQL and PL/pgSQL are written; another language is refused by name.
 pub fn default_tenant_swap(
     id_type: IdType,
