@@ -2141,9 +2141,12 @@ async fn a_plan_without_the_owner_breaks_no_insert_and_enforcement_names_the_rol
 /// Regression: `distribute apply` replaced the retrofit's PL/pgSQL
 /// `default_tenant_id()` in place with an SQL function, and an insert whose
 /// executor had looked the old one up ran the new body through the PL/pgSQL
-/// compiler ("syntax error at or near SELECT"); the undo raced the same way
-/// back. The helper swapped to its distributed form and back, again and
-/// again, while new sessions call it, fails no call.
+/// compiler ("syntax error at or near SELECT"); and the undo, putting the
+/// retrofit's `SECURITY DEFINER` body back in one statement, let a session
+/// that had resolved the rewrite's `SECURITY INVOKER` read the settings with
+/// the caller's rights ("permission denied for table settings"). The helper
+/// swapped to its distributed form and back, again and again, while new
+/// sessions of the application's role call it, fails no call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_tenant_helper_swapped_back_and_forth_fails_no_concurrent_call() {
     let db = sample().await;
