@@ -91,6 +91,10 @@ pub struct ComparisonsJson {
     pub noise_only: u64,
     pub errors: u64,
     pub shed: u64,
+    /// Compared while a write of the tenant was in flight: not judged, and
+    /// not in `compared`.
+    #[serde(default)]
+    pub raced: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

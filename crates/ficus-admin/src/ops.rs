@@ -425,11 +425,14 @@ fn judged(id: &TenantId, gate: &Gate, version: Option<&str>, ev: Evidence<'_>) -
                     requests: 0,
                     compared: 0,
                     errors: 0,
+                    raced: 0,
                 });
                 evidence.last_mut().expect("just pushed")
             }
         };
+        // Raced reads are not judged, whichever version answered them.
         e.requests += c.requests;
+        e.raced += c.raced;
         if counted {
             e.compared += c.compared;
             e.errors += c.errors;
@@ -535,6 +538,7 @@ impl Control for Direct {
                 noise_only: total(|c| c.noise_only),
                 errors: total(|c| c.errors),
                 shed: total(|c| c.shed),
+                raced: total(|c| c.raced),
             },
         })
     }

@@ -74,6 +74,7 @@ async fn ready_evidence(store: &dyn ControlStore, tenant: &str) {
         noise_only: 0,
         errors: 0,
         shed: 0,
+        raced: 0,
     };
     store
         .record_comparisons(&ficus_store::Evidence {

@@ -143,6 +143,7 @@ async fn seed(store: &dyn ControlStore, a: &Args) -> Result<Vec<TenantId>, Error
                         noise_only: 0,
                         errors: 0,
                         shed: 0,
+                        raced: 0,
                     });
                 }
             }

@@ -200,6 +200,7 @@ async fn seed(store_url: &str, a: &Args) -> Result<(), Error> {
                     noise_only: 0,
                     errors: 0,
                     shed: 0,
+                    raced: 0,
                 });
             }
             for c in 0..a.classes {

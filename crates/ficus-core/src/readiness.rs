@@ -16,6 +16,9 @@ pub struct EndpointEvidence {
     pub requests: u64,
     pub compared: u64,
     pub errors: u64,
+    /// Compared while a write of the tenant was in flight: not judged, and
+    /// not in `compared`.
+    pub raced: u64,
 }
 
 /// The thresholds of the gate.
@@ -100,6 +103,7 @@ pub fn judge(
     t: &Thresholds,
 ) -> Readiness {
     let compared: u64 = evidence.iter().map(|e| e.compared).sum();
+    let raced: u64 = evidence.iter().map(|e| e.raced).sum();
     let blocking: Vec<ClassTally> = classes.iter().filter(|c| c.blocks()).cloned().collect();
     let additive: Vec<ClassTally> = classes
         .iter()
@@ -126,7 +130,14 @@ pub fn judge(
         Criterion {
             name: "comparisons",
             passed: compared >= t.min_comparisons,
-            detail: format!("{compared} compared; at least {} needed", t.min_comparisons),
+            detail: if raced == 0 {
+                format!("{compared} compared; at least {} needed", t.min_comparisons)
+            } else {
+                format!(
+                    "{compared} compared (and {raced} raced by the tenant's own writes, not judged); at least {} needed",
+                    t.min_comparisons
+                )
+            },
         },
         Criterion {
             name: "mismatches",
@@ -258,6 +269,7 @@ mod tests {
                 requests,
                 compared,
                 errors,
+                raced: 0,
             },
             mismatched,
         )
@@ -375,6 +387,29 @@ mod tests {
                 FAIL shadow errors: 1.46% of shadow requests failed; at most 1.00% allowed
                 FAIL latency: new p50 218.6 ms p99 218.6 ms vs legacy p50 43.2 ms p99 43.2 ms; new p99 at most 64.9 ms allowed
                 uncovered: GET /export, GET /rare
+            "#]],
+        );
+    }
+
+    /// Reads raced by the tenant's own writes are shown, and count neither
+    /// as comparisons nor as coverage.
+    #[test]
+    fn raced_reads_are_shown_and_not_counted() {
+        let (mut homes, n) = ev("GET /homes/{id}", 130, 96, 0, 0);
+        homes.raced = 30;
+        let (mut searches, m) = ev("GET /searches", 10, 4, 0, 0);
+        searches.raced = 6;
+        check(
+            &[(homes, n), (searches, m)],
+            &latencies(40, 45),
+            expect![[r#"
+                ready=false score=0.90
+                pass comparisons: 100 compared (and 36 raced by the tenant's own writes, not judged); at least 100 needed
+                pass mismatches: 0 mismatched; at most 0 allowed
+                FAIL coverage: 1 of 2 endpoints compared at least 5 times
+                pass shadow errors: 0.00% of shadow requests failed; at most 1.00% allowed
+                pass latency: new p50 47.6 ms p99 47.6 ms vs legacy p50 43.2 ms p99 43.2 ms; new p99 at most 64.9 ms allowed
+                uncovered: GET /searches
             "#]],
         );
     }

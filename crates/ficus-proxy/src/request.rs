@@ -124,6 +124,9 @@ pub struct Ctx {
     admitted: Option<Admitted>,
     /// The primary answer being captured for a started comparison.
     pending: Option<Pending>,
+    /// A write of a known tenant, counted in [`Shadow::writes`] until
+    /// [`Shared::finish`].
+    writing: bool,
 }
 
 struct Admitted {
@@ -401,6 +404,7 @@ impl Shared {
             client: None,
             admitted: None,
             pending: None,
+            writing: false,
         }
     }
 
@@ -623,6 +627,12 @@ impl Shared {
                 });
             }
         }
+        // Whatever its stage, a write may change what a compared read of its
+        // tenant sees, on any route: it is counted until it ends.
+        if side_effects && let Some(tenant) = &ctx.tenant {
+            self.shadow.writes.start(tenant);
+            ctx.writing = true;
+        }
         Ok(Next::Forward)
     }
 
@@ -829,6 +839,7 @@ impl Shared {
                         .version
                         .clone(),
                     version_header: sh.version_header.clone(),
+                    window: self.shadow.writes.open(tenant),
                 };
                 let done = self.shadow.spawn(admitted.permit, request, plan);
                 ctx.pending = Some(Pending {
@@ -891,6 +902,12 @@ impl Shared {
             && status != 0
         {
             p.finish();
+        }
+        if ctx.writing
+            && let Some(tenant) = &ctx.tenant
+        {
+            ctx.writing = false;
+            self.shadow.writes.end(tenant);
         }
         if ctx.in_flight {
             ctx.in_flight = false;

@@ -31,6 +31,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::config::{BackendConfig, GuardConfig, ShadowConfig};
 use crate::guard::{Guard, Signal, Watch};
+use crate::writes::{Window, Writes};
 
 /// A request that may be sent to a second backend because it cannot change state.
 #[derive(Debug, Clone)]
@@ -134,6 +135,7 @@ struct Counts {
     noise_only: u64,
     errors: u64,
     shed: u64,
+    raced: u64,
 }
 
 /// One class's mismatches in one tenant's evidence on one version, since the
@@ -170,6 +172,8 @@ pub struct Shadow {
     noise: Mutex<NoiseModel>,
     per_second: Mutex<HashMap<TenantId, (u64, u32)>>,
     rng: AtomicU64,
+    /// Each tenant's writes in flight, which make a compared read raced.
+    pub writes: Writes,
 }
 
 /// The runtime shadow work runs on: one thread, made once per process and kept for
@@ -230,6 +234,9 @@ pub struct Plan {
     /// New's version as configured, and the header that may state it instead.
     pub new_version: Option<String>,
     pub version_header: Option<HeaderName>,
+    /// Opened before either backend was asked: the tenant's writes since
+    /// then make the comparison raced.
+    pub window: Window,
 }
 
 impl Shadow {
@@ -259,6 +266,7 @@ impl Shadow {
             noise: Mutex::new(NoiseModel::default()),
             per_second: Mutex::new(HashMap::new()),
             rng: AtomicU64::new(now_ms() as u64 | 1),
+            writes: Writes::default(),
         }
     }
 
@@ -448,6 +456,18 @@ impl Shadow {
             self.count(tenant, endpoint, "", |c| c.shed += 1);
             return;
         }
+        let latencies = [
+            (plan.served_by, primary.micros),
+            (plan.compare_with, shadow.micros),
+        ];
+        // A write of the tenant overlapped the reads: either answer may show
+        // it, so neither the difference nor the noise it would teach is
+        // judged. The latencies are real either way.
+        if self.writes.raced(tenant, &plan.window) {
+            self.record_latencies(tenant, latencies);
+            self.count(tenant, endpoint, "", |c| c.raced += 1);
+            return;
+        }
         if let Some(Ok(again)) = again
             && !again.overflow
             && !again.encoded
@@ -484,21 +504,7 @@ impl Shadow {
             .unwrap_or_else(|p| p.into_inner())
             .split(endpoint, &outcome);
         let classified = classify(endpoint, split.mismatches, &plan.accepted);
-        {
-            let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-            for (backend, micros) in [
-                (plan.served_by, primary.micros),
-                (plan.compare_with, shadow.micros),
-            ] {
-                match latencies.get_mut(&(tenant.clone(), backend)) {
-                    Some(h) => h.record(micros),
-                    None => latencies
-                        .entry((tenant.clone(), backend))
-                        .or_default()
-                        .record(micros),
-                }
-            }
-        }
+        self.record_latencies(tenant, latencies);
         let breaking = !classified.breaking.is_empty();
         if let Some(config) = &plan.guard {
             self.guard.observe(
@@ -544,6 +550,19 @@ impl Shadow {
                 samples.remove(0);
             }
             samples.push(sample);
+        }
+    }
+
+    fn record_latencies(&self, tenant: &TenantId, measured: [(Backend, u64); 2]) {
+        let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        for (backend, micros) in measured {
+            match latencies.get_mut(&(tenant.clone(), backend)) {
+                Some(h) => h.record(micros),
+                None => latencies
+                    .entry((tenant.clone(), backend))
+                    .or_default()
+                    .record(micros),
+            }
         }
     }
 
@@ -593,6 +612,8 @@ impl Shadow {
 
     /// Takes the evidence gathered since the last call, for the store.
     pub fn take(&self) -> Evidence {
+        // Called every flush: the tenants that stopped writing are let go here.
+        self.writes.forget_idle(Instant::now());
         let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()));
         let counts = counts
             .into_iter()
@@ -608,6 +629,7 @@ impl Shadow {
                 noise_only: c.noise_only,
                 errors: c.errors,
                 shed: c.shed,
+                raced: c.raced,
             })
             .collect();
         let classes = std::mem::take(&mut *self.classes.lock().unwrap_or_else(|p| p.into_inner()))
@@ -686,6 +708,7 @@ impl Shadow {
                 k.noise_only += c.noise_only;
                 k.errors += c.errors;
                 k.shed += c.shed;
+                k.raced += c.raced;
             });
         }
         {

@@ -39,7 +39,7 @@ pub use crate::url::StoreUrl;
 
 /// The schema version this build writes. A store with a higher version was written by
 /// a newer Ficus and is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// A tenant to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +121,10 @@ pub struct ComparisonCount {
     pub errors: u64,
     /// Not shadowed because the bound was reached or the sample said no.
     pub shed: u64,
+    /// Both answers came back, but a write of the same tenant was in flight
+    /// while they were read, so either may show it: not judged, and not in
+    /// `compared`.
+    pub raced: u64,
 }
 
 /// One mismatch kept as evidence. `differences` is the diff engine's JSON; the

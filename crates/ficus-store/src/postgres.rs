@@ -308,6 +308,10 @@ CREATE INDEX route_census_hour ON {s}.route_census (hour);
 INSERT INTO {s}.settings (key, value)
     SELECT 'route_write_default', 'migrated' WHERE EXISTS (SELECT 1 FROM {s}.tenants WHERE stage = 'migrated');
 "#,
+    r#"
+-- Compared reads a write of the same tenant raced: counted, not judged.
+ALTER TABLE {s}.comparisons ADD COLUMN raced bigint NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The PostgreSQL control store.
@@ -1364,13 +1368,14 @@ impl ControlStore for PgStore {
         for c in counts {
             tx.execute(
                 &s.q(
-                    "INSERT INTO {s}.comparisons AS c (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed, version)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                    "INSERT INTO {s}.comparisons AS c (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed, version, raced)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                      ON CONFLICT (tenant_id, endpoint, version, hour) DO UPDATE SET
                          last_at = greatest(c.last_at, excluded.last_at), requests = c.requests + excluded.requests,
                          compared = c.compared + excluded.compared, matched = c.matched + excluded.matched,
                          mismatched = c.mismatched + excluded.mismatched, noise_only = c.noise_only + excluded.noise_only,
-                         errors = c.errors + excluded.errors, shed = c.shed + excluded.shed",
+                         errors = c.errors + excluded.errors, shed = c.shed + excluded.shed,
+                         raced = c.raced + excluded.raced",
                 ),
                 &[
                     &c.tenant.as_str(),
@@ -1385,6 +1390,7 @@ impl ControlStore for PgStore {
                     &(c.errors as i64),
                     &(c.shed as i64),
                     &c.version,
+                    &(c.raced as i64),
                 ],
             )
             .await
@@ -1986,7 +1992,7 @@ impl ControlStore for PgStore {
             read(
                 "SELECT tenant_id, endpoint, version, max(last_at), sum(requests)::bigint, sum(compared)::bigint,
                         sum(matched)::bigint, sum(mismatched)::bigint, sum(noise_only)::bigint,
-                        sum(errors)::bigint, sum(shed)::bigint
+                        sum(errors)::bigint, sum(shed)::bigint, sum(raced)::bigint
                  FROM {s}.comparisons WHERE hour >= $1 GROUP BY tenant_id, endpoint, version",
                 "reading comparisons",
             ),
@@ -2020,6 +2026,7 @@ impl ControlStore for PgStore {
                 noise_only: n(8),
                 errors: n(9),
                 shed: n(10),
+                raced: n(11),
             });
         }
         // The per-tenant reads list counts in this order; so does the bulk one.
@@ -2115,7 +2122,7 @@ impl ControlStore for PgStore {
                 &s.q(
                     "SELECT endpoint, max(last_at), sum(requests)::bigint, sum(compared)::bigint, sum(matched)::bigint,
                             sum(mismatched)::bigint, sum(noise_only)::bigint, sum(errors)::bigint, sum(shed)::bigint
-                            , version
+                            , version, sum(raced)::bigint
                      FROM {s}.comparisons WHERE tenant_id = $1 AND hour >= $2 GROUP BY endpoint, version ORDER BY endpoint, version",
                 ),
                 &[&tenant.as_str(), &rules::hour_of(since)],
@@ -2138,6 +2145,7 @@ impl ControlStore for PgStore {
                     noise_only: n(6),
                     errors: n(7),
                     shed: n(8),
+                    raced: n(10),
                 }
             })
             .collect())

@@ -315,6 +315,10 @@ CREATE INDEX route_census_hour ON route_census (hour);
 INSERT INTO settings (key, value)
     SELECT 'route_write_default', 'migrated' WHERE EXISTS (SELECT 1 FROM tenants WHERE stage = 'migrated');
 "#,
+    r#"
+-- Compared reads a write of the same tenant raced: counted, not judged.
+ALTER TABLE comparisons ADD COLUMN raced INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The SQLite control store.
@@ -1084,13 +1088,14 @@ impl ControlStore for SqliteStore {
             {
                 let mut upsert = tx
                     .prepare_cached(
-                        "INSERT INTO comparisons (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed, version)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                        "INSERT INTO comparisons (tenant_id, endpoint, hour, last_at, requests, compared, matched, mismatched, noise_only, errors, shed, version, raced)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                          ON CONFLICT (tenant_id, endpoint, version, hour) DO UPDATE SET
                              last_at = max(last_at, excluded.last_at), requests = requests + excluded.requests,
                              compared = compared + excluded.compared, matched = matched + excluded.matched,
                              mismatched = mismatched + excluded.mismatched, noise_only = noise_only + excluded.noise_only,
-                             errors = errors + excluded.errors, shed = shed + excluded.shed",
+                             errors = errors + excluded.errors, shed = shed + excluded.shed,
+                             raced = raced + excluded.raced",
                     )
                     .map_err(err("recording comparisons"))?;
                 for c in &counts {
@@ -1107,7 +1112,8 @@ impl ControlStore for SqliteStore {
                             c.noise_only as i64,
                             c.errors as i64,
                             c.shed as i64,
-                            c.version
+                            c.version,
+                            c.raced as i64
                         ])
                         .map_err(err("recording comparisons"))?;
                 }
@@ -1605,17 +1611,17 @@ impl ControlStore for SqliteStore {
             let tx = conn
                 .transaction()
                 .map_err(sql_err(location, "starting a read"))?;
-            type Raw = (String, String, String, i64, [i64; 7]);
+            type Raw = (String, String, String, i64, [i64; 8]);
             let stats: Vec<Raw> = tx
                 .prepare_cached(
                     "SELECT tenant_id, endpoint, version, max(last_at), sum(requests), sum(compared), sum(matched),
-                            sum(mismatched), sum(noise_only), sum(errors), sum(shed)
+                            sum(mismatched), sum(noise_only), sum(errors), sum(shed), sum(raced)
                      FROM comparisons WHERE hour >= ?1 GROUP BY tenant_id, endpoint, version
                      ORDER BY tenant_id, endpoint, version",
                 )
                 .and_then(|mut s| {
                     s.query_map(params![hour], |r| {
-                        let mut n = [0i64; 7];
+                        let mut n = [0i64; 8];
                         for (k, v) in n.iter_mut().enumerate() {
                             *v = r.get(4 + k)?;
                         }
@@ -1673,6 +1679,7 @@ impl ControlStore for SqliteStore {
                     noise_only: c(4),
                     errors: c(5),
                     shed: c(6),
+                    raced: c(7),
                 });
             }
             for (t, e) in classes {
@@ -1749,7 +1756,7 @@ impl ControlStore for SqliteStore {
         self.with(move |conn, location| {
             let rows: Vec<ComparisonCount> = conn
                 .prepare_cached(
-                    "SELECT endpoint, max(last_at), sum(requests), sum(compared), sum(matched), sum(mismatched), sum(noise_only), sum(errors), sum(shed), version
+                    "SELECT endpoint, max(last_at), sum(requests), sum(compared), sum(matched), sum(mismatched), sum(noise_only), sum(errors), sum(shed), version, sum(raced)
                      FROM comparisons WHERE tenant_id = ?1 AND hour >= ?2 GROUP BY endpoint, version ORDER BY endpoint, version",
                 )
                 .and_then(|mut s| {
@@ -1767,6 +1774,7 @@ impl ControlStore for SqliteStore {
                             noise_only: n(6)?,
                             errors: n(7)?,
                             shed: n(8)?,
+                            raced: n(10)?,
                         })
                     })?
                     .collect()

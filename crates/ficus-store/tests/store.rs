@@ -600,6 +600,7 @@ async fn keeps_comparison_evidence_bounded(store: Arc<dyn ControlStore>) {
         noise_only: 0,
         errors: 0,
         shed: 1,
+        raced: 1,
     };
     let sample = |n: i64| MismatchSample {
         tenant: id("acme"),
@@ -639,7 +640,7 @@ async fn keeps_comparison_evidence_bounded(store: Arc<dyn ControlStore>) {
         .await
         .unwrap();
     let stats = store.comparison_stats(&id("acme"), at(0)).await.unwrap();
-    let summary: Vec<(String, u64, u64, u64, u64)> = stats
+    let summary: Vec<(String, u64, u64, u64, u64, u64)> = stats
         .iter()
         .map(|c| {
             (
@@ -648,14 +649,15 @@ async fn keeps_comparison_evidence_bounded(store: Arc<dyn ControlStore>) {
                 c.compared,
                 c.mismatched,
                 c.shed,
+                c.raced,
             )
         })
         .collect();
     assert_eq!(
         summary,
         vec![
-            ("GET /".into(), 6, 5, 0, 1),
-            ("GET /homes/{id}".into(), 16, 14, 3, 2)
+            ("GET /".into(), 6, 5, 0, 1, 1),
+            ("GET /homes/{id}".into(), 16, 14, 3, 2, 2)
         ]
     );
     assert!(
@@ -1446,6 +1448,7 @@ async fn reads_every_tenants_gate_evidence_at_once(store: Arc<dyn ControlStore>)
         noise_only: 0,
         errors: 1,
         shed: 0,
+        raced: 0,
     };
     let class = |tenant: &str, class: &str, n: u64| ClassCount {
         tenant: id(tenant),
@@ -1679,6 +1682,7 @@ mod sqlite_faults {
             let c = rusqlite::Connection::open(&path).unwrap();
             c.execute_batch(
                 "DROP TABLE route_stages; DROP TABLE route_marks; DROP TABLE route_events; DROP TABLE route_census;
+                 ALTER TABLE comparisons DROP COLUMN raced;
                  DELETE FROM settings WHERE key = 'route_write_default';
                  UPDATE ficus_meta SET value = '7' WHERE key = 'schema_version';",
             )
@@ -1703,6 +1707,54 @@ mod sqlite_faults {
                 .await,
             Err(StoreError::BadSetting(_))
         ));
+    }
+
+    /// Regression guard for the upgrade that counts raced reads: the
+    /// comparisons a store already holds keep their counts and raced none.
+    #[tokio::test]
+    async fn an_upgraded_store_keeps_its_comparisons_with_none_raced() {
+        use ficus_store::{ComparisonCount, Evidence};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ficus.db");
+        let store = open(&path, OpenMode::Create).await.unwrap();
+        let at = ficus_core::Timestamp::from_unix_millis(1_800_000_000_000);
+        let count = ComparisonCount {
+            tenant: id("acme"),
+            endpoint: "GET /homes".into(),
+            version: String::new(),
+            last_at: at,
+            requests: 9,
+            compared: 7,
+            matched: 6,
+            mismatched: 1,
+            noise_only: 0,
+            errors: 1,
+            shed: 1,
+            raced: 0,
+        };
+        store
+            .record_comparisons(&Evidence {
+                counts: vec![count.clone()],
+                ..Evidence::default()
+            })
+            .await
+            .unwrap();
+        drop(store);
+        {
+            // Back to schema version 8, before raced reads were counted.
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "ALTER TABLE comparisons DROP COLUMN raced;
+                 UPDATE ficus_meta SET value = '8' WHERE key = 'schema_version';",
+            )
+            .unwrap();
+        }
+        let store = open(&path, OpenMode::Existing).await.unwrap();
+        assert_eq!(store.init_outcome(), InitOutcome::Upgraded { from: 8 });
+        assert_eq!(
+            store.comparison_stats(&id("acme"), at).await.unwrap(),
+            vec![count]
+        );
     }
 
     #[tokio::test]
@@ -1772,7 +1824,7 @@ mod sqlite_faults {
             let err = open(&path, mode).await.err().unwrap();
             assert_eq!(
                 location(&err, &path),
-                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 8); upgrade ficus, the store was not modified"
+                "sqlite:PATH was written by a newer ficus (schema version 99; this build supports up to 9); upgrade ficus, the store was not modified"
             );
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }

@@ -382,8 +382,8 @@ async fn show(c: &dyn Control, args: ShowArgs, json: bool, out: &mut impl Write)
     writeln!(
         out,
         "compared {} reads in the last 24 h on {} endpoints: {} matched, {} mismatched, \
-         {} noise only, {} shadow errors, {} not shadowed",
-        k.compared, k.endpoints, k.matched, k.mismatched, k.noise_only, k.errors, k.shed
+         {} noise only, {} shadow errors, {} not shadowed, {} raced by the tenant's own writes (not judged)",
+        k.compared, k.endpoints, k.matched, k.mismatched, k.noise_only, k.errors, k.shed, k.raced
     )?;
     writeln!(out)?;
     writeln!(out, "latest audit events:")?;

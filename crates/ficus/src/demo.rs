@@ -449,31 +449,28 @@ async fn scripted(d: &Demo<'_>, out: &mut impl Write, clock: &mut Clock) -> Resu
     settled_mismatches(&**store, &zero).await?;
     let classes = control.mismatch_classes(Some(&zero), Some("open")).await?;
     for k in classes.classes.iter().filter(|k| k.compat == "breaking") {
-        // The bug's class was fixed in 2.0.1. Any other is a read raced by the
-        // demo's own writes (a search saved between the two backends' reads),
-        // which the operator reviews and sets aside; it comes back as a
-        // regression if it recurs.
-        let bug = k.path == "$.price_per_bedroom";
-        let (reason, fixed_in, said) = if bug {
-            (
-                "price_per_bedroom divides by the right number of bedrooms again",
-                Some("2.0.1".to_string()),
-                "resolved as fixed in 2.0.1",
-            )
-        } else {
-            (
-                "reviewed: a read raced by the client's own write between the two backends' answers",
-                None,
-                "resolved as reviewed (a read raced by a write)",
-            )
-        };
+        // The bug's class was fixed in 2.0.1. A read raced by the demo's own
+        // writes (a search saved between the two backends' reads) is counted
+        // as raced, not as a mismatch, so any other class is a difference
+        // nobody planted: the demo stops and names it.
+        if k.path != "$.price_per_bedroom" {
+            bail!(
+                "the parallel run found a difference the demo did not plant: class {} ({} {} {}, {} mismatched); see `ficus mismatches {zero}`",
+                k.id,
+                k.endpoint,
+                k.path,
+                k.kind,
+                k.counted
+            );
+        }
         control
             .change_class(
                 &k.id,
                 "resolve",
                 ClassChangeRequest {
-                    reason: reason.into(),
-                    fixed_in,
+                    reason: "price_per_bedroom divides by the right number of bedrooms again"
+                        .into(),
+                    fixed_in: Some("2.0.1".to_string()),
                     whole_endpoint: false,
                 },
             )
@@ -481,15 +478,26 @@ async fn scripted(d: &Demo<'_>, out: &mut impl Write, clock: &mut Clock) -> Resu
         say(
             out,
             &format!(
-                "   class {} ({} {} {}, {} mismatched) {said}: its evidence stops counting; a recurrence reopens it as a regression",
+                "   class {} ({} {} {}, {} mismatched) resolved as fixed in 2.0.1: its evidence stops counting; a recurrence reopens it as a regression",
                 k.id, k.endpoint, k.path, k.kind, k.counted
             ),
         );
     }
-    until(Duration::from_secs(120), "readiness", || async {
+    let waited = until(Duration::from_secs(120), "readiness", || async {
         Ok(control.readiness(&zero, &Default::default()).await?.ready)
     })
-    .await?;
+    .await;
+    if let Err(e) = waited {
+        // Say which criterion held it back, not only that time ran out.
+        let r = control.readiness(&zero, &Default::default()).await?;
+        let failing: Vec<String> = r
+            .criteria
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect();
+        bail!("{e}; failing: {}", failing.join("; "));
+    }
     let r = control.readiness(&zero, &Default::default()).await?;
     for c in &r.criteria {
         say(out, &format!("   readiness {:<12} {}", c.name, c.detail));
@@ -642,9 +650,18 @@ async fn scripted(d: &Demo<'_>, out: &mut impl Write, clock: &mut Clock) -> Resu
         .map(|c| format!("{} ({})", c.name, c.detail))
         .collect();
     // The gate judges this hour's evidence, which may now hold the incident's
-    // slow answers or a comparison raced by a client's write (the new backend
-    // was answering 300 ms late). The operator reads what is new, and
-    // re-promotes with --force; the audit log keeps the reason.
+    // slow answers and the shadow reads that timed out behind them (the new
+    // backend was answering 300 ms late). The operator reads what is new, and
+    // re-promotes with --force; the audit log keeps the reason. Anything else
+    // (a mismatch, too few comparisons) was not the incident: the demo stops.
+    let incident = |name: &str| name == "latency" || name == "shadow errors";
+    if let Some(c) = r.criteria.iter().find(|c| !c.passed && !incident(&c.name)) {
+        bail!(
+            "readiness fails after the slowdown for a reason the incident does not explain: {} ({})",
+            c.name,
+            c.detail
+        );
+    }
     let force = !failing.is_empty();
     if force {
         say(
@@ -675,7 +692,7 @@ async fn scripted(d: &Demo<'_>, out: &mut impl Write, clock: &mut Clock) -> Resu
         }
         say(
             out,
-            "   reviewed (what is new came from the incident: slow answers, reads raced by writes); re-promoting with --force, the reason on record",
+            "   reviewed (what is new came from the incident: slow answers, shadow reads that timed out behind them); re-promoting with --force, the reason on record",
         );
     }
     control

@@ -125,6 +125,7 @@ async fn an_operator_runs_the_dashboard_in_a_real_browser() {
                 noise_only: 0,
                 errors: 0,
                 shed: 0,
+                raced: 0,
             })
             .collect();
         api.store

@@ -218,7 +218,7 @@ fn an_operator_session() {
             domains  homes.acme.test
             created  TIME
             updated  TIME
-            compared 0 reads in the last 24 h on 0 endpoints: 0 matched, 0 mismatched, 0 noise only, 0 shadow errors, 0 not shadowed
+            compared 0 reads in the last 24 h on 0 endpoints: 0 matched, 0 mismatched, 0 noise only, 0 shadow errors, 0 not shadowed, 0 raced by the tenant's own writes (not judged)
 
             latest audit events:
             AT                        TENANT  CHANGE           VERSION  ACTOR  REASON
@@ -819,6 +819,7 @@ fn record_evidence(
             noise_only: 0,
             errors: 0,
             shed: 0,
+            raced: 0,
         })
         .collect();
     tokio::runtime::Runtime::new().unwrap().block_on(async {

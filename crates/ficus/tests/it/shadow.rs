@@ -143,6 +143,95 @@ async fn a_deliberate_difference_is_caught_with_its_path_and_a_timestamp_is_nois
     );
 }
 
+/// Regression test for the demo's flaky readiness: a read whose two answers
+/// differed because the tenant's own write committed between them was
+/// counted as a mismatch (and, once its class was resolved, as a regression).
+/// A write that overlaps a compared read now makes it raced: shown, not
+/// judged. The same read without a write is still a mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_raced_by_its_tenants_own_write_is_shown_raced_not_mismatched() {
+    let shadow = "[shadow]\nflush_ms = 100\ntimeout_ms = 60000\nnoise_rate = 0.0\n";
+    let Rig {
+        store,
+        legacy,
+        new,
+        proxy,
+        dir: _dir,
+    } = Rig::start_with(
+        &[("acme", "shadow"), ("globex", "shadow")],
+        "",
+        shadow,
+        Backend::start("new").await,
+    )
+    .await;
+    let c = client();
+    // Both backends hold `/held` until released; their answers differ in
+    // `$.backend`.
+    let read = tokio::spawn({
+        let (c, url) = (c.clone(), proxy.url("/held"));
+        async move {
+            c.get(url)
+                .header("x-tenant-id", "acme")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    // The read reached legacy, so its window is open; another tenant's write
+    // does not race it, acme's own does.
+    eventually(PATIENCE, || {
+        let n = legacy.served("GET");
+        async move { n == 1 }
+    })
+    .await;
+    for tenant in ["globex", "acme"] {
+        let status = c
+            .post(proxy.url("/echo/searches"))
+            .header("x-tenant-id", tenant)
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "{tenant}'s write");
+    }
+    legacy.release();
+    new.release();
+    assert_eq!(read.await.unwrap(), 200);
+    eventually(PATIENCE, || {
+        let s = shown(&store, "acme");
+        async move { s["raced"].as_u64() == Some(1) }
+    })
+    .await;
+    // With no write in its window, the same read is a mismatch.
+    assert_eq!(get_as(&c, &proxy, "acme", "/held").await.0, 200);
+    eventually(PATIENCE, || {
+        let s = shown(&store, "acme");
+        async move { s["compared"].as_u64() == Some(1) }
+    })
+    .await;
+    let s = shown(&store, "acme");
+    assert_eq!(
+        (
+            s["compared"].as_u64(),
+            s["mismatched"].as_u64(),
+            s["raced"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1)),
+        "{s}"
+    );
+    let found = mismatches(&store, "acme", 1).await;
+    assert_eq!(found["mismatches"].as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(new.shadowed(), 2, "both reads were shadowed");
+    let text = ficus(&store, &["tenant", "show", "acme"]);
+    assert!(
+        text.contains("1 raced by the tenant's own writes (not judged)"),
+        "{text}"
+    );
+}
+
 /// Every tenant stage × route stage × method, against both backends' request
 /// logs: each request reaches exactly one backend, the least advanced of its
 /// tenant's and its route's stage decides which, and a second backend only ever
