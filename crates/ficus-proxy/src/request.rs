@@ -127,6 +127,9 @@ pub struct Ctx {
     /// A write of a known tenant, counted in [`Shadow::writes`] until
     /// [`Shared::finish`].
     writing: bool,
+    /// The request carries an `Upgrade` header (seen by `route`'s one pass
+    /// over the headers): only then can it be an upgrade.
+    pub upgrade_header: bool,
 }
 
 struct Admitted {
@@ -405,6 +408,7 @@ impl Shared {
             admitted: None,
             pending: None,
             writing: false,
+            upgrade_header: false,
         }
     }
 
@@ -608,6 +612,7 @@ impl Shared {
         // Only a safe read without a body, on a route with no side effects, and
         // not an upgrade (its answer is a tunnel, not a body to compare).
         let upgrade = scan.upgrade;
+        ctx.upgrade_header = upgrade;
         if let (Some((served_by, compare_with)), Some(tenant), true, false, false, false) = (
             pair,
             &ctx.tenant,
