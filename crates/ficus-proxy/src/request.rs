@@ -80,9 +80,10 @@ struct Names {
 
 /// What the request path learned about one request so far.
 pub struct Ctx {
-    pub request_id: String,
-    /// `request_id` as a header value, made once: it goes upstream and back
-    /// to the client ([`Ctx::request_id_value`]).
+    /// The request id as a header value, made once: it goes upstream and
+    /// back to the client ([`Ctx::request_id_value`]), and is read as text
+    /// from it ([`Ctx::request_id`]): an id is visible ASCII, by
+    /// construction or by [`Shared::identify`]'s check.
     request_id_value: Option<HeaderValue>,
     started: Instant,
     pub settings: Arc<Settings>,
@@ -377,14 +378,12 @@ impl Shared {
         for (i, d) in digits.iter_mut().enumerate() {
             *d = b"0123456789abcdef"[((h >> ((15 - i) * 4)) & 0xf) as usize];
         }
-        ctx.request_id = std::str::from_utf8(&digits).unwrap_or_default().to_owned();
         ctx.request_id_value = shared_value(digits);
     }
 
     /// A request's context, with the settings it is served by from start to end.
     pub fn ctx(&self) -> Ctx {
         Ctx {
-            request_id: String::new(),
             request_id_value: None,
             started: Instant::now(),
             settings: self.settings.load_full(),
@@ -434,11 +433,8 @@ impl Shared {
                 && v.len() <= MAX_CLIENT_REQUEST_ID
                 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
         });
-        match sent.and_then(|v| Some((v, v.to_str().ok()?))) {
-            Some((value, id)) => {
-                ctx.request_id = id.to_string();
-                ctx.request_id_value = Some(value.clone());
-            }
+        match sent {
+            Some(value) => ctx.request_id_value = Some(value.clone()),
             None => self.new_request_id(ctx),
         }
     }
@@ -476,7 +472,7 @@ impl Shared {
         headers: &HeaderMap,
     ) -> Result<Next, Refusal> {
         let settings = Arc::clone(&ctx.settings);
-        if ctx.request_id.is_empty() {
+        if ctx.request_id_value.is_none() {
             self.identify(ctx, headers);
         }
 
@@ -862,7 +858,7 @@ impl Shared {
     /// client is answered with (status 0: nobody to answer), counting it in
     /// the metrics.
     pub fn failure(&self, ctx: &mut Ctx, failure: &Failure) -> (u16, Cow<'static, str>) {
-        if ctx.request_id.is_empty() {
+        if ctx.request_id_value.is_none() {
             self.new_request_id(ctx);
         }
         let (status, message, kind): (u16, Cow<'static, str>, Option<&str>) = match failure {
@@ -959,6 +955,14 @@ impl Ctx {
         self.request_id_value.clone()
     }
 
+    /// The request id as text (`""` before it is known).
+    pub fn request_id(&self) -> &str {
+        self.request_id_value
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
     /// Captures the answer's head for a started comparison.
     pub fn capture_head(&mut self, status: u16, headers: &HeaderMap) {
         if let Some(p) = &mut self.pending {
@@ -1009,14 +1013,14 @@ impl Ctx {
 /// is made here.
 pub fn error_answer(ctx: &Ctx, status: u16, message: &str) -> Answer {
     let body =
-        serde_json::json!({ "error": message, "status": status, "request_id": ctx.request_id })
+        serde_json::json!({ "error": message, "status": status, "request_id": ctx.request_id() })
             .to_string();
     let mut headers = vec![(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     )];
     headers.push((header::CONTENT_LENGTH, HeaderValue::from(body.len())));
-    if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
+    if let Some(id) = ctx.request_id_value() {
         headers.push((ctx.settings.request_id_header.clone(), id));
     }
     Answer {
@@ -1074,7 +1078,7 @@ fn config_answer(ctx: &Ctx, table: &RoutingTable, request: ConfigRequest<'_>) ->
         ))
         .unwrap_or(HeaderValue::from_static("no-cache")),
     ));
-    if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
+    if let Some(id) = ctx.request_id_value() {
         headers.push((ctx.settings.request_id_header.clone(), id));
     }
     if status == 200 {
@@ -1171,7 +1175,7 @@ header = "X-Tenant-Id"
             .await;
         // A generated id is random; a client's is shown as it was kept.
         let generated =
-            ctx.request_id.len() == 16 && ctx.request_id.bytes().all(|b| b.is_ascii_hexdigit());
+            ctx.request_id().len() == 16 && ctx.request_id().bytes().all(|b| b.is_ascii_hexdigit());
         let id = if generated { "<id>" } else { "<client's id>" };
         let mut out = String::new();
         match routed {
@@ -1187,7 +1191,7 @@ header = "X-Tenant-Id"
                     }
                 }
                 out += &format!("  {}\n", String::from_utf8_lossy(&a.body))
-                    .replace(&ctx.request_id, id);
+                    .replace(ctx.request_id(), id);
             }
             Ok(Next::Forward) => {
                 out += &format!(
@@ -1216,7 +1220,7 @@ header = "X-Tenant-Id"
                             .map(|(k, v)| format!("  {k}: {}\n", v.to_str().unwrap_or("?")))
                             .collect();
                         headers.sort();
-                        out += &headers.concat().replace(&ctx.request_id, id);
+                        out += &headers.concat().replace(ctx.request_id(), id);
                     }
                 }
                 // An answer of 5xx, or none in time: the request goes to the
