@@ -88,6 +88,8 @@ pub struct Ctx {
     started: Instant,
     pub settings: Arc<Settings>,
     pub tenant: Option<TenantId>,
+    /// The tenant's id as a header value, lent by the routing table.
+    tenant_header: Option<HeaderValue>,
     pub stage: Option<Stage>,
     /// The least advanced of the tenant's stage and its route's.
     pub effective: Option<Stage>,
@@ -388,6 +390,7 @@ impl Shared {
             started: Instant::now(),
             settings: self.settings.load_full(),
             tenant: None,
+            tenant_header: None,
             stage: None,
             effective: None,
             service: None,
@@ -507,16 +510,18 @@ impl Shared {
             path_and_query,
             headers,
         };
-        let resolved = resolve(&settings.rules, &parts, &table);
-        let stage = resolved
-            .as_ref()
-            .filter(|r| r.known)
-            .and_then(|r| table.stage(&r.tenant));
-        if let Some(r) = resolved {
+        // One lookup of the tenant in the table: its stage, its suspension
+        // and its header value.
+        let mut suspended = false;
+        if let Some(r) = resolve(&settings.rules, &parts, &table) {
             ctx.rewritten_path = r.rewritten_path;
-            ctx.tenant = r.known.then_some(r.tenant);
+            if let Some(known) = r.known {
+                ctx.stage = Some(known.stage);
+                suspended = known.suspended;
+                ctx.tenant_header = known.header;
+                ctx.tenant = Some(r.tenant);
+            }
         }
-        ctx.stage = stage;
         ctx.client = census::client_header(headers, settings.client_version_header.as_ref())
             .map(|(v, ua)| (v.clone(), ua));
         let path = uri.path();
@@ -541,7 +546,7 @@ impl Shared {
         }
         // A suspended tenant keeps its data and its stage; its requests are
         // answered here and reach no backend.
-        if ctx.tenant.as_ref().is_some_and(|t| table.suspended(t)) {
+        if suspended {
             return Ok(Next::Answer(error_answer(
                 ctx,
                 settings.suspended_status,
@@ -558,7 +563,7 @@ impl Shared {
         let side_effects = writes || settings.shadow.is_unsafe(method_name, forwarded);
         ctx.route = settings.shadow.templates.endpoint(method_name, forwarded);
         let route_stage = table.routes.stage(ctx.tenant.as_ref(), &ctx.route, writes);
-        let effective = ficus_core::routing::effective(stage, route_stage);
+        let effective = ficus_core::routing::effective(ctx.stage, route_stage);
         ctx.effective = effective;
         match ficus_core::decide(effective, table.legacy_retired, settings.unknown_tenant) {
             Decision::Serve(b) => ctx.backend = Some(b),
@@ -761,8 +766,11 @@ impl Shared {
             upstream.remove_header(name);
         }
         if let Some(t) = &ctx.tenant {
-            let value = shared_value(t.as_str().to_owned())
-                .ok_or_else(|| Refusal::new(400, "invalid tenant id"))?;
+            let value = match ctx.tenant_header.take() {
+                Some(v) => v,
+                None => shared_value(t.as_str().to_owned())
+                    .ok_or_else(|| Refusal::new(400, "invalid tenant id"))?,
+            };
             upstream.insert_header(s.tenant_header.clone(), value)?;
         }
         if let Some(b) = ctx.backend {

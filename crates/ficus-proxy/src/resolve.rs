@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderName};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
-use crate::table::RoutingTable;
+use crate::table::{Known, RoutingTable};
 
 /// One tenant resolution rule.
 #[derive(Debug, Clone)]
@@ -249,8 +249,8 @@ pub struct RequestParts<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub tenant: TenantId,
-    /// Whether the control plane knows this tenant.
-    pub known: bool,
+    /// What the control plane knows of this tenant, if it knows it.
+    pub known: Option<Known>,
     /// Which kind of rule matched.
     pub rule: &'static str,
     /// The path to forward instead, when a `strip` path rule matched.
@@ -304,12 +304,12 @@ pub fn resolve(rules: &[Rule], req: &RequestParts<'_>, table: &RoutingTable) -> 
             continue;
         };
         let resolved = Resolved {
-            known: table.stage(&tenant).is_some(),
+            known: table.known(&tenant),
             tenant,
             rule: rule.kind(),
             rewritten_path,
         };
-        if resolved.known {
+        if resolved.known.is_some() {
             return Some(resolved);
         }
         first_unknown.get_or_insert(resolved);

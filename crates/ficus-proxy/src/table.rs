@@ -29,6 +29,20 @@ struct Entry {
     domains: Vec<Arc<str>>,
     name: Arc<str>,
     suspended: bool,
+    /// The tenant's id as the header value the proxy sends upstream, made
+    /// once: cloning it is a reference count, making it per request was two
+    /// allocations.
+    header: Option<http::HeaderValue>,
+}
+
+/// What a request needs of a tenant the table knows, from one lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub stage: Stage,
+    pub suspended: bool,
+    /// The tenant's id as a header value (`None` only if it could not be one,
+    /// which a valid tenant id always can).
+    pub header: Option<http::HeaderValue>,
 }
 
 /// One immutable view of the control plane, as the proxy routes by it.
@@ -70,6 +84,15 @@ impl RoutingTable {
 
     pub fn stage(&self, tenant: &TenantId) -> Option<Stage> {
         self.tenants.get(tenant).map(|e| e.stage)
+    }
+
+    /// The tenant's stage, suspension and header value, if the table knows it.
+    pub fn known(&self, tenant: &TenantId) -> Option<Known> {
+        self.tenants.get(tenant).map(|e| Known {
+            stage: e.stage,
+            suspended: e.suspended,
+            header: e.header.clone(),
+        })
     }
 
     /// What the tenant-config endpoint serves for a tenant and platform
@@ -132,6 +155,12 @@ impl RoutingTable {
         for d in &domains {
             self.domains.insert(Arc::clone(d), t.id.clone());
         }
+        // Shared, not copied: a value made from a copy is copied again the
+        // first time it is cloned.
+        let header = http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(
+            t.id.as_str().to_owned(),
+        ))
+        .ok();
         self.tenants.insert(
             t.id,
             Entry {
@@ -139,6 +168,7 @@ impl RoutingTable {
                 domains,
                 name: Arc::from(t.name.as_str()),
                 suspended: t.suspended,
+                header,
             },
         );
     }

@@ -342,6 +342,10 @@ fn table() -> RoutingTable {
             t("acme", Stage::Shadow, &["homes.acme.test"]),
             t("globex", Stage::Migrated, &[]),
             t("www", Stage::Legacy, &[]),
+            Tenant {
+                suspended: true,
+                ..t("initech", Stage::Shadow, &[])
+            },
         ],
     )
 }
@@ -388,15 +392,33 @@ fn check_resolve(
     };
     let actual = match resolve(&config.settings.rules, &parts, &table()) {
         None => "no tenant".to_string(),
-        Some(r) => format!(
-            "{} via {}{}{}",
-            r.tenant,
-            r.rule,
-            if r.known { "" } else { " (unknown)" },
-            r.rewritten_path
-                .map(|p| format!(", forward {p}"))
-                .unwrap_or_default()
-        ),
+        Some(r) => {
+            // What the table knows comes with the tenant, from one lookup;
+            // the header value the proxy sends upstream is the tenant's id.
+            let known = match &r.known {
+                Some(k) => {
+                    assert_eq!(
+                        k.header.as_ref().map(HeaderValue::as_bytes),
+                        Some(r.tenant.as_str().as_bytes())
+                    );
+                    format!(
+                        " ({}{})",
+                        k.stage,
+                        if k.suspended { ", suspended" } else { "" }
+                    )
+                }
+                None => " (unknown)".to_string(),
+            };
+            format!(
+                "{} via {}{}{}",
+                r.tenant,
+                r.rule,
+                known,
+                r.rewritten_path
+                    .map(|p| format!(", forward {p}"))
+                    .unwrap_or_default()
+            )
+        }
     };
     expect.assert_eq(&actual);
 }
@@ -416,15 +438,22 @@ strip = true
         rules,
         None,
         "/",
+        &[("x-tenant-id", "initech")],
+        expect!["initech via header (shadow, suspended)"],
+    );
+    check_resolve(
+        rules,
+        None,
+        "/",
         &[("x-tenant-id", "acme")],
-        expect!["acme via header"],
+        expect!["acme via header (shadow)"],
     );
     check_resolve(
         rules,
         None,
         "/",
         &[("x-tenant-id", " acme ")],
-        expect!["acme via header"],
+        expect!["acme via header (shadow)"],
     );
     check_resolve(
         rules,
@@ -438,14 +467,14 @@ strip = true
         Some("globex.example.test:8080"),
         "/",
         &[],
-        expect!["globex via host"],
+        expect!["globex via host (migrated)"],
     );
     check_resolve(
         rules,
         Some("Homes.Acme.Test"),
         "/",
         &[],
-        expect!["acme via host"],
+        expect!["acme via host (shadow)"],
     );
     check_resolve(
         rules,
@@ -459,14 +488,14 @@ strip = true
         None,
         "/t/globex/homes/1?sort=asc",
         &[],
-        expect!["globex via path_prefix, forward /homes/1?sort=asc"],
+        expect!["globex via path_prefix (migrated), forward /homes/1?sort=asc"],
     );
     check_resolve(
         rules,
         None,
         "/t/globex?x=1",
         &[],
-        expect!["globex via path_prefix, forward /?x=1"],
+        expect!["globex via path_prefix (migrated), forward /?x=1"],
     );
     check_resolve(rules, None, "/t/", &[], expect!["no tenant"]);
     // An unknown id does not hide a later rule that names a known tenant.
@@ -475,7 +504,7 @@ strip = true
         Some("nobody.example.test"),
         "/t/acme/x",
         &[],
-        expect!["acme via path_prefix, forward /x"],
+        expect!["acme via path_prefix (shadow), forward /x"],
     );
     check_resolve(
         rules,
@@ -490,7 +519,7 @@ strip = true
         Some("www.example.test"),
         "/",
         &[("x-tenant-id", "acme")],
-        expect!["acme via header"],
+        expect!["acme via header (shadow)"],
     );
 }
 
@@ -502,7 +531,7 @@ fn resolution_by_custom_domain_only() {
         Some("homes.acme.test"),
         "/",
         &[],
-        expect!["acme via custom_domain"],
+        expect!["acme via custom_domain (shadow)"],
     );
     check_resolve(
         rules,
@@ -526,14 +555,14 @@ fn a_jwt_selects_a_tenant_only_when_it_verifies() {
         None,
         "/",
         &[("authorization", &format!("Bearer {ok}"))],
-        expect!["acme via jwt"],
+        expect!["acme via jwt (shadow)"],
     );
     check_resolve(
         hs,
         None,
         "/",
         &[("authorization", &format!("bearer {ok}"))],
-        expect!["acme via jwt"],
+        expect!["acme via jwt (shadow)"],
     );
     let expired = jwt(
         Algorithm::HS256,
@@ -618,7 +647,7 @@ fn a_jwt_selects_a_tenant_only_when_it_verifies() {
         None,
         "/",
         &[("authorization", &format!("Bearer {rs}"))],
-        expect!["globex via jwt"],
+        expect!["globex via jwt (migrated)"],
     );
     let es = jwt(Algorithm::ES256, Some("ec-1"), claims.clone());
     check_resolve(
@@ -626,7 +655,7 @@ fn a_jwt_selects_a_tenant_only_when_it_verifies() {
         None,
         "/",
         &[("authorization", &format!("Bearer {es}"))],
-        expect!["globex via jwt"],
+        expect!["globex via jwt (migrated)"],
     );
     let wrong_kid = jwt(Algorithm::ES256, Some("rsa-1"), claims.clone());
     check_resolve(
