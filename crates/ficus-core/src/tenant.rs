@@ -1,6 +1,7 @@
 //! Tenants: who is being moved, and the validated names they go by.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::{Stage, Timestamp};
 
@@ -9,8 +10,11 @@ use crate::{Stage, Timestamp};
 /// The id travels in URLs, headers, SQL parameters and log lines, so it is kept to a
 /// character set that needs no escaping anywhere. Holding a `TenantId` proves the
 /// string was checked.
+///
+/// Shared, not owned: the proxy clones a tenant's id on every request (from its
+/// routing table into the request), and a clone is a reference count.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TenantId(String);
+pub struct TenantId(Arc<str>);
 
 /// The longest tenant id, in bytes (all of them ASCII).
 pub const MAX_TENANT_ID_LEN: usize = 63;
@@ -49,10 +53,18 @@ impl TenantId {
                 at + 1
             )));
         }
-        Ok(TenantId(raw.to_string()))
+        Ok(TenantId(Arc::from(raw)))
     }
 
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A map keyed by `TenantId` can be looked up by a `&str`: the id's `Hash`,
+/// `Eq` and `Ord` are its text's.
+impl std::borrow::Borrow<str> for TenantId {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }

@@ -257,6 +257,9 @@ pub struct Resolved {
     pub rewritten_path: Option<String>,
 }
 
+/// A tenant a rule names, and what the table knows of it.
+type Named = (TenantId, Option<Known>);
+
 /// Resolves a request's tenant with `rules` against the routing table.
 pub fn resolve(rules: &[Rule], req: &RequestParts<'_>, table: &RoutingTable) -> Option<Resolved> {
     // Made when a rule first needs it: a tenant named by a header does not
@@ -267,44 +270,52 @@ pub fn resolve(rules: &[Rule], req: &RequestParts<'_>, table: &RoutingTable) -> 
             .get_or_init(|| req.host.map(host_without_port))
             .as_deref()
     };
+    // A name the table knows is its tenant (its ids were checked when they
+    // were stored), taken from the table with what it knows of it; any other
+    // is checked here, and unknown.
+    let by_name = |raw: &str| -> Option<Named> {
+        match table.known_by_name(raw) {
+            Some((id, known)) => Some((id, Some(known))),
+            None => TenantId::parse(raw).ok().map(|id| (id, None)),
+        }
+    };
+    let by_id = |id: &TenantId| {
+        let known = table.known(id);
+        (id.clone(), known)
+    };
     let mut first_unknown = None;
     for rule in rules {
-        let candidate: Option<(TenantId, Option<String>)> =
-            match rule {
-                Rule::Header(name) => req
-                    .headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| TenantId::parse(v.trim()).ok())
-                    .map(|id| (id, None)),
-                Rule::Host(pattern) => host()
-                    .and_then(|h| {
-                        table
-                            .tenant_by_domain(h)
-                            .cloned()
-                            .or_else(|| pattern.capture(h).and_then(|l| TenantId::parse(l).ok()))
-                    })
-                    .map(|id| (id, None)),
-                Rule::CustomDomains => host()
-                    .and_then(|h| table.tenant_by_domain(h).cloned())
-                    .map(|id| (id, None)),
-                Rule::PathPrefix { pattern, strip } => pattern
-                    .capture(req.path_and_query)
-                    .and_then(|(segment, rest)| {
-                        TenantId::parse(segment)
-                            .ok()
-                            .map(|id| (id, strip.then_some(rest)))
-                    }),
-                Rule::Jwt(jwt) => bearer(req.headers)
-                    .and_then(|t| jwt.tenant_claim(t))
-                    .and_then(|c| TenantId::parse(&c).ok())
-                    .map(|id| (id, None)),
-            };
-        let Some((tenant, rewritten_path)) = candidate else {
+        let candidate: Option<(Named, Option<String>)> = match rule {
+            Rule::Header(name) => req
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| by_name(v.trim()))
+                .map(|t| (t, None)),
+            Rule::Host(pattern) => host()
+                .and_then(|h| {
+                    table
+                        .tenant_by_domain(h)
+                        .map(by_id)
+                        .or_else(|| pattern.capture(h).and_then(by_name))
+                })
+                .map(|t| (t, None)),
+            Rule::CustomDomains => host()
+                .and_then(|h| table.tenant_by_domain(h).map(by_id))
+                .map(|t| (t, None)),
+            Rule::PathPrefix { pattern, strip } => pattern
+                .capture(req.path_and_query)
+                .and_then(|(segment, rest)| by_name(segment).map(|t| (t, strip.then_some(rest)))),
+            Rule::Jwt(jwt) => bearer(req.headers)
+                .and_then(|t| jwt.tenant_claim(t))
+                .and_then(|c| by_name(&c))
+                .map(|t| (t, None)),
+        };
+        let Some(((tenant, known), rewritten_path)) = candidate else {
             continue;
         };
         let resolved = Resolved {
-            known: table.known(&tenant),
+            known,
             tenant,
             rule: rule.kind(),
             rewritten_path,

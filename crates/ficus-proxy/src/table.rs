@@ -35,6 +35,16 @@ struct Entry {
     header: Option<http::HeaderValue>,
 }
 
+impl Entry {
+    fn known(&self) -> Known {
+        Known {
+            stage: self.stage,
+            suspended: self.suspended,
+            header: self.header.clone(),
+        }
+    }
+}
+
 /// What a request needs of a tenant the table knows, from one lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
@@ -88,11 +98,15 @@ impl RoutingTable {
 
     /// The tenant's stage, suspension and header value, if the table knows it.
     pub fn known(&self, tenant: &TenantId) -> Option<Known> {
-        self.tenants.get(tenant).map(|e| Known {
-            stage: e.stage,
-            suspended: e.suspended,
-            header: e.header.clone(),
-        })
+        self.tenants.get(tenant).map(Entry::known)
+    }
+
+    /// The tenant named `raw`, if the table knows it: its id, shared with the
+    /// table (no parse, no copy), and what [`RoutingTable::known`] gives.
+    pub fn known_by_name(&self, raw: &str) -> Option<(TenantId, Known)> {
+        self.tenants
+            .get_key_value(raw)
+            .map(|(id, e)| (id.clone(), e.known()))
     }
 
     /// What the tenant-config endpoint serves for a tenant and platform
