@@ -45,6 +45,14 @@ use crate::request::Shared;
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// A header value whose clones share its buffer. A value made from a copy
+/// (`HeaderValue::from_str`) is copied again, into a new allocation, the first
+/// time it is cloned, and the forwarded head is cloned for every request that
+/// may be sent again; one made this way is only counted.
+pub(crate) fn shared_value<T: AsRef<[u8]> + Send + 'static>(owner: T) -> Option<http::HeaderValue> {
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(owner)).ok()
+}
+
 /// The one shutdown signal every service of the proxy watches: it turns true
 /// when the listeners close.
 pub type ShutdownWatch = tokio::sync::watch::Receiver<bool>;

@@ -43,6 +43,7 @@ use crate::guard::{Guard, Signal, Watch};
 use crate::metrics::{LegacyTraffic, Metrics};
 use crate::resolve::{RequestParts, resolve};
 use crate::shadow::{Pending, Plan, SafeRequest, Shadow};
+use crate::shared_value;
 use crate::table::{RoutingTable, StoreHealth};
 
 /// Everything the request path shares across requests.
@@ -261,14 +262,6 @@ fn now() -> Timestamp {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     Timestamp::from_unix_millis(d.as_millis() as i64)
-}
-
-/// A header value whose clones share its buffer. A value made from a copy
-/// (`HeaderValue::from_str`) is copied again, into a new allocation, the first
-/// time it is cloned, and the forwarded head is cloned for every request that
-/// may be sent again; one made this way is only counted.
-fn shared_value<T: AsRef<[u8]> + Send + 'static>(owner: T) -> Option<HeaderValue> {
-    HeaderValue::from_maybe_shared(Bytes::from_owner(owner)).ok()
 }
 
 /// The `n`th request id of a process seeded `seed`: every step is a
@@ -1118,6 +1111,8 @@ fn config_answer(ctx: &Ctx, table: &RoutingTable, request: ConfigRequest<'_>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use expect_test::{Expect, expect};
+    use ficus_core::Tenant;
 
     #[test]
     fn request_ids_never_repeat_and_do_not_count() {
@@ -1131,8 +1126,6 @@ mod tests {
         assert_eq!(steps.len(), 100, "consecutive ids are no fixed step apart");
         assert_ne!(request_id_bits(seed, 7), request_id_bits(seed ^ 1, 7));
     }
-    use expect_test::{Expect, expect};
-    use ficus_core::Tenant;
 
     const CONFIG: &str = r#"
 [proxy]

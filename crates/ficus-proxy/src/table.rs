@@ -92,10 +92,6 @@ impl RoutingTable {
         table
     }
 
-    pub fn stage(&self, tenant: &TenantId) -> Option<Stage> {
-        self.tenants.get(tenant).map(|e| e.stage)
-    }
-
     /// The tenant's stage, suspension and header value, if the table knows it.
     pub fn known(&self, tenant: &TenantId) -> Option<Known> {
         self.tenants.get(tenant).map(Entry::known)
@@ -147,10 +143,6 @@ impl RoutingTable {
         }
     }
 
-    pub fn suspended(&self, tenant: &TenantId) -> bool {
-        self.tenants.get(tenant).is_some_and(|e| e.suspended)
-    }
-
     pub fn tenant_by_domain(&self, host: &str) -> Option<&TenantId> {
         self.domains.get(host)
     }
@@ -169,12 +161,7 @@ impl RoutingTable {
         for d in &domains {
             self.domains.insert(Arc::clone(d), t.id.clone());
         }
-        // Shared, not copied: a value made from a copy is copied again the
-        // first time it is cloned.
-        let header = http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(
-            t.id.as_str().to_owned(),
-        ))
-        .ok();
+        let header = crate::shared_value(t.id.as_str().to_owned());
         self.tenants.insert(
             t.id,
             Entry {
