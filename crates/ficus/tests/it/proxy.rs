@@ -345,13 +345,19 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_tenants_can_be_rejected_and_retirement_sends_everything_to_new() {
+    // A tenant still at legacy, the one retirement moves: at shadow, a
+    // comparison started before retirement may re-ask legacy (to learn the
+    // endpoint's noise) on its own task after the count below was taken
+    // (regression: it failed so once in CI, 4 against 3). The decision that a
+    // retired legacy is neither served nor compared is the core's routing
+    // table test.
     let Rig {
         store,
         legacy,
         new,
         proxy,
         dir: _dir,
-    } = Rig::start(&[("acme", "shadow")], "unknown_tenant = \"reject\"").await;
+    } = Rig::start(&[("acme", "legacy")], "unknown_tenant = \"reject\"").await;
     let c = client();
     let (status, body) = get_as(&c, &proxy, "nobody", "/").await;
     assert_eq!(status, 404);
