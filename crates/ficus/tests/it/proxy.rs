@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 
 use crate::support::{
-    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, client, dead_address, eventually,
-    ficus, get_as, recording_backend, resetting_backend, sqlite_store,
+    Backend, HEADER_RULE, PATIENCE, Proxy, ProxySetup, Rig, client, closing_backend, dead_address,
+    eventually, ficus, get_as, recording_backend, resetting_backend, sqlite_store,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,6 +393,104 @@ async fn unknown_tenants_can_be_rejected_and_retirement_sends_everything_to_new(
         before,
         "legacy is never contacted once retired"
     );
+}
+
+/// A pooled upstream connection the upstream closes under a request: a safe
+/// read is sent again, once, on a new connection, with the head it was first
+/// sent with; a write without an idempotency key is not, and fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_reused_connection_closes_is_sent_again_with_the_same_head_a_write_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "legacy")]);
+    let (legacy, heads) = closing_backend().await;
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy],
+        new: vec![dead_address()],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    // Whether a request goes on a pooled connection depends on whether the
+    // last one was back in the pool when it came, so reads go until one has
+    // met a closing connection (the second request on one), and every one of
+    // them must be answered.
+    let mut closed_under = None;
+    for i in 0..50 {
+        let r = c
+            .get(proxy.url(&format!("/read/{i}?page=2")))
+            .header("x-tenant-id", "acme")
+            .header("x-custom", "Some Value")
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "read {i}");
+        let seen = heads.lock().unwrap().clone();
+        if let Some(conn) = seen.iter().position(|heads| heads.len() == 2) {
+            closed_under = Some((i, conn));
+            break;
+        }
+    }
+    let (i, conn) = closed_under.expect("a read met a closing connection");
+    let seen = heads.lock().unwrap().clone();
+    let first = &seen[conn][1];
+    assert!(
+        first.starts_with(&format!("GET /read/{i}?page=2 HTTP/1.1\r\n")),
+        "{seen:?}"
+    );
+    assert!(
+        first.to_ascii_lowercase().contains("x-custom: some value"),
+        "{first}"
+    );
+    assert!(first.contains("x-forwarded-for"), "{first}");
+    // Sent again once, as the first request of a new connection, with the
+    // same head whatever the case of its names.
+    let again: Vec<&String> = seen
+        .iter()
+        .skip(conn + 1)
+        .flatten()
+        .filter(|h| h.starts_with(&format!("GET /read/{i}?")))
+        .collect();
+    assert_eq!(again.len(), 1, "{seen:?}");
+    let lines = |head: &str| {
+        let mut lines: Vec<String> = head
+            .lines()
+            .map(|l| match l.split_once(':') {
+                Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+                None => l.to_string(),
+            })
+            .collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(lines(first), lines(again[0]));
+
+    // A write closed under may have been applied: it is not sent again.
+    let mut failed = None;
+    for i in 0..50 {
+        let r = c
+            .post(proxy.url(&format!("/write/{i}")))
+            .header("x-tenant-id", "acme")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 502 {
+            failed = Some(i);
+            break;
+        }
+        assert_eq!(r.status(), 200, "write {i}");
+    }
+    let i = failed.expect("a write met a closing connection");
+    let seen = heads.lock().unwrap().clone();
+    let sent = seen
+        .iter()
+        .flatten()
+        .filter(|h| h.starts_with(&format!("POST /write/{i} ")))
+        .count();
+    assert_eq!(sent, 1, "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

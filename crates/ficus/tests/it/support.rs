@@ -457,6 +457,75 @@ pub async fn recording_backend() -> (SocketAddr, Arc<Wire>, tokio::task::JoinHan
     (addr, wire, task)
 }
 
+/// A backend that answers the first request on each connection (keep-alive)
+/// and closes the connection under the second without answering, as an
+/// upstream whose keep-alive timeout ends just as a request arrives. Keeps the
+/// head of every request it read, by connection, in arrival order.
+pub async fn closing_backend() -> (SocketAddr, Arc<Mutex<Vec<Vec<String>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let seen = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = Arc::clone(&seen);
+            let conn = {
+                let mut all = seen.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One whole head, and the body its Content-Length names.
+                    let end = loop {
+                        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let length: usize = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                        .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                    while buf.len() < end + length {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + length);
+                    let nth = {
+                        let mut all = seen.lock().unwrap();
+                        all[conn].push(head);
+                        all[conn].len()
+                    };
+                    if nth > 1 {
+                        return;
+                    }
+                    let body = format!("{{\"backend\":\"legacy\",\"connection\":{conn}}}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
 /// A loopback address where nothing listens.
 pub fn dead_address() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
