@@ -46,12 +46,13 @@ use crate::balance::Balance;
 use crate::config::{BackendConfig, HeaderCase};
 use crate::head_guard::{Framer, HeadGuard};
 use crate::request::{BODY_TOO_LARGE, Ctx, Failure, Next, Refusal, Shared, error_answer};
+use crate::tape::Tape;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The longest request head hyper reads, and the framer follows; pingora's
 /// limit.
-const MAX_HEAD: usize = 1024 * 1024;
+pub(crate) const MAX_HEAD: usize = 1024 * 1024;
 /// The most headers one request may have: hyper's default, which it parses
 /// on the stack (a larger limit costs two heap arrays per head).
 const MAX_HEADERS: usize = 100;
@@ -291,23 +292,34 @@ impl Engine {
             let conf = settings.backend(backend, ctx.service.as_deref());
             let addr = conf.upstreams[picked];
             let read_timeout = ctx.read_timeout.unwrap_or(conf.read_timeout);
-            // The head is moved into an attempt that cannot be repeated without
-            // handing the request back; copied into one that can.
-            let keep = request.replay.is_some();
-            let upstream = upstream_request(&mut request.parts, this, conf, addr, keep);
+            // The head is moved into the attempt. One that may be repeated
+            // keeps it: an HTTP/1 connection records the bytes hyper writes
+            // (`Tape`), parsed back only for a second attempt; an h2c one,
+            // whose head is not bytes on the wire, is sent a copy.
+            let again = request.replay.is_some();
+            let upstream =
+                upstream_request(&mut request.parts, this, conf, addr, again && conf.h2c);
             match self
                 .pool
-                .send(addr, conf, upstream, read_timeout, fresh, &request.flags)
+                .send(
+                    addr,
+                    conf,
+                    upstream,
+                    read_timeout,
+                    fresh,
+                    &request.flags,
+                    again,
+                )
                 .await
             {
                 Ok((resp, checkin)) => {
-                    if resp.status().is_server_error()
-                        && request.replay.is_some()
-                        && self.shared.fail_over(ctx)
-                    {
-                        // Asked of the next upstream; this answer is dropped
-                        // with its connection.
-                        continue;
+                    if resp.status().is_server_error() && again && self.shared.fail_over(ctx) {
+                        if request.parts.restore(checkin.as_ref().map(|c| &*c.tape)) {
+                            // Asked of the next upstream; this answer is
+                            // dropped with its connection.
+                            continue;
+                        }
+                        tracing::debug!(%addr, "a head to send again was not recorded");
                     }
                     break (resp, checkin, read_timeout);
                 }
@@ -333,21 +345,27 @@ impl Engine {
                     }
                     return self.fail(done, &Failure::Connect, http1);
                 }
-                Err(Sent::Timeout) => {
-                    if request.replay.is_some() && self.shared.fail_over(ctx) {
+                Err(Sent::Timeout(tape)) => {
+                    if again && self.shared.fail_over(ctx) && request.parts.restore(tape.as_deref())
+                    {
                         continue;
                     }
                     return self.fail(done, &request.flags.or(Failure::Timeout), http1);
                 }
-                Err(Sent::Failed { reused, error }) => {
+                Err(Sent::Failed {
+                    reused,
+                    error,
+                    tape,
+                }) => {
                     // pingora's rule: an idempotent request whose reused
                     // connection closed under it is sent again, once, on a
                     // new connection to the same upstream.
                     if reused
                         && !fresh_used
-                        && request.replay.is_some()
+                        && again
                         && request.parts.method.is_idempotent()
                         && !request.flags.any()
+                        && request.parts.restore(tape.as_deref())
                     {
                         fresh_used = true;
                         again_on = Some(picked);
@@ -421,12 +439,30 @@ impl Engine {
     }
 }
 
-/// The head of a request an attempt handed back unsent, and its body.
+/// The head of a request an attempt handed back unsent, and its body; or,
+/// for one sent, the head it was sent with.
 trait TakeBack {
     fn take_back(&mut self, unsent: Request<UpBody>) -> UpBody;
+    /// Whether the headers are here again for another attempt: still here
+    /// (copied into the last), or parsed back from what its connection
+    /// recorded.
+    fn restore(&mut self, tape: Option<&Tape>) -> bool;
 }
 
 impl TakeBack for http::request::Parts {
+    fn restore(&mut self, tape: Option<&Tape>) -> bool {
+        if !self.headers.is_empty() {
+            return true;
+        }
+        match tape.and_then(Tape::replay) {
+            Some(headers) => {
+                self.headers = headers;
+                true
+            }
+            None => false,
+        }
+    }
+
     fn take_back(&mut self, unsent: Request<UpBody>) -> UpBody {
         let (mut head, body) = unsent.into_parts();
         // A moved head comes back; a copied one is still here.
@@ -1060,27 +1096,35 @@ enum Sent {
     /// A pooled (or shared h2c) connection closed before it took the request,
     /// which comes back untouched.
     Unsent(Box<Request<UpBody>>),
-    /// No answer in time.
-    Timeout,
+    /// No answer in time; the tape of its HTTP/1 connection.
+    Timeout(Option<Arc<Tape>>),
     /// Failed once sent; `reused` when it went on a pooled connection.
-    Failed { reused: bool, error: hyper::Error },
+    Failed {
+        reused: bool,
+        error: hyper::Error,
+        tape: Option<Arc<Tape>>,
+    },
 }
 
 impl Sent {
     /// A request that failed once sent: a timeout when the upstream stopped
     /// taking its bytes for the write timeout ([`Upstream`]), else a failure.
-    fn failed(reused: bool, error: hyper::Error) -> Sent {
+    fn failed(reused: bool, error: hyper::Error, tape: Option<Arc<Tape>>) -> Sent {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
         while let Some(e) = source {
             if e.downcast_ref::<std::io::Error>()
                 .and_then(std::io::Error::get_ref)
                 .is_some_and(|inner| inner.is::<WriteTimedOut>())
             {
-                return Sent::Timeout;
+                return Sent::Timeout(tape);
             }
             source = e.source();
         }
-        Sent::Failed { reused, error }
+        Sent::Failed {
+            reused,
+            error,
+            tape,
+        }
     }
 }
 
@@ -1097,6 +1141,7 @@ struct Pool {
 
 struct Idle {
     sender: client1::SendRequest<UpBody>,
+    tape: Arc<Tape>,
     since: Instant,
 }
 
@@ -1106,6 +1151,7 @@ struct Checkin {
     addr: SocketAddr,
     idle_timeout: Duration,
     sender: client1::SendRequest<UpBody>,
+    tape: Arc<Tape>,
 }
 
 impl Checkin {
@@ -1117,7 +1163,8 @@ impl Checkin {
             return;
         }
         if self.sender.is_ready() {
-            self.pool.keep(self.addr, self.idle_timeout, self.sender);
+            self.pool
+                .keep(self.addr, self.idle_timeout, self.sender, self.tape);
             return;
         }
         let Checkin {
@@ -1125,17 +1172,24 @@ impl Checkin {
             addr,
             idle_timeout,
             mut sender,
+            tape,
         } = self;
         tokio::spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(idle_timeout, sender.ready()).await {
-                pool.keep(addr, idle_timeout, sender);
+                pool.keep(addr, idle_timeout, sender, tape);
             }
         });
     }
 }
 
 impl Pool {
-    fn keep(&self, addr: SocketAddr, idle_timeout: Duration, sender: client1::SendRequest<UpBody>) {
+    fn keep(
+        &self,
+        addr: SocketAddr,
+        idle_timeout: Duration,
+        sender: client1::SendRequest<UpBody>,
+        tape: Arc<Tape>,
+    ) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(addr).or_default();
         if list.len() >= self.max_idle {
@@ -1145,6 +1199,7 @@ impl Pool {
         if list.len() < self.max_idle {
             list.push(Idle {
                 sender,
+                tape,
                 since: Instant::now(),
             });
         }
@@ -1152,7 +1207,13 @@ impl Pool {
 
     /// Sends `req` to `addr`, on a pooled connection unless `fresh`. The
     /// answer's head must come within `read_timeout` of the last body byte
-    /// handed upstream: an upload under way is not a silent upstream.
+    /// handed upstream: an upload under way is not a silent upstream. A
+    /// request that may be sent `again` has its head recorded by an HTTP/1
+    /// connection.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one attempt's parts, each from a different owner"
+    )]
     async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -1161,6 +1222,7 @@ impl Pool {
         read_timeout: Duration,
         fresh: bool,
         flags: &BodyFlags,
+        again: bool,
     ) -> Result<(Response<Incoming>, Option<Checkin>), Sent> {
         // The paths that are not a pooled HTTP/1 connection are boxed: their
         // futures are large, and this one is moved with every request
@@ -1174,15 +1236,16 @@ impl Pool {
             self.take_idle(addr, conf)
         };
         let reused = pooled.is_some();
-        let mut sender = match pooled {
+        let (mut sender, tape) = match pooled {
             Some(s) => s,
             None => match Box::pin(self.open(addr, conf)).await {
-                Ok(sender) => sender,
+                Ok(opened) => opened,
                 Err(failure) => return Err(Sent::NotConnected(failure, Box::new(req))),
             },
         };
+        tape.arm(again);
         match answer_within(read_timeout, flags, sender.try_send_request(req)).await {
-            None => Err(Sent::Timeout),
+            None => Err(Sent::Timeout(Some(tape))),
             Some(Ok(resp)) => Ok((
                 resp,
                 Some(Checkin {
@@ -1190,22 +1253,24 @@ impl Pool {
                     addr,
                     idle_timeout: conf.idle_timeout,
                     sender,
+                    tape,
                 }),
             )),
             Some(Err(mut e)) => match e.take_message() {
                 Some(req) => Err(Sent::Unsent(Box::new(req))),
-                None => Err(Sent::failed(reused, e.into_error())),
+                None => Err(Sent::failed(reused, e.into_error(), Some(tape))),
             },
         }
     }
 
-    /// A new HTTP/1 connection to `addr`, its driver spawned.
+    /// A new HTTP/1 connection to `addr`, its driver spawned, and its tape.
     async fn open(
         &self,
         addr: SocketAddr,
         conf: &BackendConfig,
-    ) -> Result<client1::SendRequest<UpBody>, Failure> {
-        let io = connect(addr, conf).await?;
+    ) -> Result<(client1::SendRequest<UpBody>, Arc<Tape>), Failure> {
+        let tape = Arc::new(Tape::default());
+        let io = connect(addr, conf, Some(Arc::clone(&tape))).await?;
         let (sender, conn) = client1::Builder::new()
             .preserve_header_case(self.preserve_case)
             .handshake(io)
@@ -1216,7 +1281,7 @@ impl Pool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok((sender, tape))
     }
 
     /// An idle connection to `addr` ready for a request; stale ones, and ones
@@ -1225,12 +1290,12 @@ impl Pool {
         &self,
         addr: SocketAddr,
         conf: &BackendConfig,
-    ) -> Option<client1::SendRequest<UpBody>> {
+    ) -> Option<(client1::SendRequest<UpBody>, Arc<Tape>)> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop() {
             if i.since.elapsed() < conf.idle_timeout && i.sender.is_ready() {
-                return Some(i.sender);
+                return Some((i.sender, i.tape));
             }
         }
         None
@@ -1256,7 +1321,7 @@ impl Pool {
         let mut sender = match shared {
             Some(s) => s,
             None => {
-                let io = match connect(addr, conf).await {
+                let io = match connect(addr, conf, None).await {
                     Ok(io) => io,
                     Err(failure) => return Err(Sent::NotConnected(failure, Box::new(req))),
                 };
@@ -1296,12 +1361,12 @@ impl Pool {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&addr);
-                Err(Sent::Timeout)
+                Err(Sent::Timeout(None))
             }
             Some(Ok(resp)) => Ok((resp, None)),
             Some(Err(mut e)) => match e.take_message() {
                 Some(req) => Err(Sent::Unsent(Box::new(req))),
-                None => Err(Sent::failed(reused, e.into_error())),
+                None => Err(Sent::failed(reused, e.into_error(), None)),
             },
         }
     }
@@ -1331,8 +1396,13 @@ async fn answer_within<F: std::future::Future>(
 }
 
 /// A new TCP connection to an upstream, within its connect timeout, whose
-/// writes are bounded by the backend's write timeout.
-async fn connect(addr: SocketAddr, conf: &BackendConfig) -> Result<TokioIo<Upstream>, Failure> {
+/// writes are bounded by the backend's write timeout, and recorded on `tape`
+/// (HTTP/1 only).
+async fn connect(
+    addr: SocketAddr,
+    conf: &BackendConfig,
+    tape: Option<Arc<Tape>>,
+) -> Result<TokioIo<Upstream>, Failure> {
     match tokio::time::timeout(conf.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
         Err(_) => Err(Failure::ConnectTimeout),
         Ok(Err(_)) => Err(Failure::Connect),
@@ -1342,6 +1412,7 @@ async fn connect(addr: SocketAddr, conf: &BackendConfig) -> Result<TokioIo<Upstr
                 stream,
                 write_timeout: conf.write_timeout,
                 stalled: None,
+                tape,
             }))
         }
     }
@@ -1356,6 +1427,8 @@ struct Upstream {
     stream: tokio::net::TcpStream,
     write_timeout: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The head of a request that may be sent again, as written.
+    tape: Option<Arc<Tape>>,
 }
 
 /// Polls the timer of a wait that made no progress, armed for `timeout` when
@@ -1374,6 +1447,19 @@ fn stalled_for(
 }
 
 impl Upstream {
+    /// Records what a write handed on: the bytes it took, or, when it failed,
+    /// all it was given (hyper meant them for the upstream; a request sent
+    /// again is sent them whole). Nothing while it waits.
+    fn record(&self, bufs: &[std::io::IoSlice<'_>], write: &Poll<std::io::Result<usize>>) {
+        if let Some(tape) = &self.tape {
+            match write {
+                Poll::Ready(Ok(n)) => tape.record(bufs, *n),
+                Poll::Ready(Err(_)) => tape.record(bufs, usize::MAX),
+                Poll::Pending => {}
+            }
+        }
+    }
+
     /// `write`'s answer, or `TimedOut` when the upstream has taken nothing
     /// for the write timeout.
     fn bounded<T>(
@@ -1428,7 +1514,9 @@ impl tokio::io::AsyncWrite for Upstream {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let write = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.bounded(cx, write)
+        let write = self.bounded(cx, write);
+        self.record(&[std::io::IoSlice::new(buf)], &write);
+        write
     }
 
     fn poll_write_vectored(
@@ -1437,7 +1525,9 @@ impl tokio::io::AsyncWrite for Upstream {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let write = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.bounded(cx, write)
+        let write = self.bounded(cx, write);
+        self.record(bufs, &write);
+        write
     }
 
     fn is_write_vectored(&self) -> bool {

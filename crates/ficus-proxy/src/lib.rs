@@ -22,6 +22,7 @@ pub mod resolve;
 pub mod served_config;
 pub mod shadow;
 pub mod table;
+pub mod tape;
 pub mod writes;
 
 use std::future::Future;
