@@ -124,11 +124,9 @@ pub struct Census {
 
 /// The client's version: the configured header, else the User-Agent's first
 /// product token (`MyApp/4.2` of `MyApp/4.2 (iPhone; iOS 17)`); `""` when there
-/// is none. Borrowed from the headers when it can be: it is read per request.
-pub fn client_version<'h>(
-    headers: &'h HeaderMap,
-    header: Option<&http::HeaderName>,
-) -> std::borrow::Cow<'h, str> {
+/// is none, `"invalid"` when it is not printable ASCII. Borrowed from the
+/// headers: it is read per request.
+pub fn client_version<'h>(headers: &'h HeaderMap, header: Option<&http::HeaderName>) -> &'h str {
     client_version_of(client_header(headers, header))
 }
 
@@ -146,8 +144,7 @@ pub fn client_header<'h>(
 }
 
 /// The client's version in the header [`client_header`] found.
-pub fn client_version_of(found: Option<(&http::HeaderValue, bool)>) -> std::borrow::Cow<'_, str> {
-    use std::borrow::Cow;
+pub fn client_version_of(found: Option<(&http::HeaderValue, bool)>) -> &str {
     let raw = match found {
         Some((v, false)) => v.as_bytes(),
         Some((v, true)) => v
@@ -155,12 +152,13 @@ pub fn client_version_of(found: Option<(&http::HeaderValue, bool)>) -> std::borr
             .split(|b| *b == b' ')
             .next()
             .unwrap_or_default(),
-        None => return Cow::Borrowed(""),
+        None => return "",
     };
     if raw.len() > CLIENT_MAX || !raw.iter().all(|b| (0x21..0x7f).contains(b)) {
-        return Cow::Borrowed(if raw.is_empty() { "" } else { "invalid" });
+        return if raw.is_empty() { "" } else { "invalid" };
     }
-    String::from_utf8_lossy(raw)
+    // Printable ASCII, so valid UTF-8: no lossy conversion to pay for.
+    std::str::from_utf8(raw).unwrap_or("invalid")
 }
 
 impl Census {

@@ -951,7 +951,7 @@ impl Shared {
                 ctx.tenant.as_ref(),
                 &ctx.route,
                 name,
-                &census::client_version_of(ctx.client.as_ref().map(|(v, ua)| (v, *ua))),
+                census::client_version_of(ctx.client.as_ref().map(|(v, ua)| (v, *ua))),
                 at,
                 ctx.service.is_some(),
             );
