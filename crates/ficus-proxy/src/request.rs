@@ -758,16 +758,21 @@ impl Shared {
         client_ip: Option<&HeaderValue>,
     ) -> Result<(), Refusal> {
         let s = Arc::clone(&ctx.settings);
-        let spoofable: Vec<HeaderName> = upstream
-            .headers()
-            .keys()
-            .filter(|k| {
-                k.as_str().starts_with("x-ficus-")
-                    || **k == s.tenant_header
-                    || **k == s.backend_header
-            })
-            .cloned()
-            .collect();
+        // One pass over the names finds the headers a client must not set and
+        // whether there are forwarding headers to add to; most requests carry
+        // neither, and a look-up by name hashes it.
+        let mut spoofable: Vec<HeaderName> = Vec::new();
+        let (mut forwarded_for, mut via) = (false, false);
+        for k in upstream.headers().keys() {
+            if k.as_str().starts_with("x-ficus-") || *k == s.tenant_header || *k == s.backend_header
+            {
+                spoofable.push(k.clone());
+            } else if *k == X_FORWARDED_FOR {
+                forwarded_for = true;
+            } else if *k == header::VIA {
+                via = true;
+            }
+        }
         for name in &spoofable {
             upstream.remove_header(name);
         }
@@ -790,7 +795,12 @@ impl Shared {
             .ok_or_else(|| Refusal::new(400, "invalid request id"))?;
         upstream.insert_header(s.request_id_header.clone(), id)?;
         if let Some(ip) = client_ip {
-            let forwarded = match upstream.headers().get(&X_FORWARDED_FOR) {
+            let prior = if forwarded_for {
+                upstream.headers().get(&X_FORWARDED_FOR)
+            } else {
+                None
+            };
+            let forwarded = match prior {
                 Some(prior) => {
                     let mut joined = Vec::with_capacity(prior.len() + 2 + ip.len());
                     joined.extend_from_slice(prior.as_bytes());
@@ -804,11 +814,12 @@ impl Shared {
             upstream.insert_header(X_FORWARDED_FOR, forwarded)?;
         }
         upstream.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static("http"))?;
-        let via = match upstream
-            .headers()
-            .get(header::VIA)
-            .and_then(|v| v.to_str().ok())
-        {
+        let prior = if via {
+            upstream.headers().get(header::VIA)
+        } else {
+            None
+        };
+        let via = match prior.and_then(|v| v.to_str().ok()) {
             Some(prior) => HeaderValue::try_from(format!("{prior}, 1.1 ficus"))
                 .map_err(|_| Refusal::new(400, "invalid via header"))?,
             None => HeaderValue::from_static("1.1 ficus"),
@@ -1269,13 +1280,13 @@ header = "X-Tenant-Id"
     #[tokio::test]
     async fn routes_by_stage_and_rewrites_the_forwarded_head() {
         check(
-            "GET /t/legacy/homes/7?x=1\nhost: app.example\nx-ficus-tenant: spoofed\nx-forwarded-for: 1.2.3.4",
+            "GET /t/legacy/homes/7?x=1\nhost: app.example\nx-ficus-tenant: spoofed\nx-forwarded-for: 1.2.3.4\nvia: 1.0 edge",
             expect![[r#"
                 forward to Some(Legacy) tenant=legacy stage=Some(Legacy) effective=Some(Legacy) route="GET /homes/{id}" may_fail_over=true compared=false
                   upstream Ok(0)
                   GET /homes/7?x=1
                   host: app.example
-                  via: 1.1 ficus
+                  via: 1.0 edge, 1.1 ficus
                   x-ficus-backend: legacy
                   x-ficus-tenant: legacy
                   x-forwarded-for: 1.2.3.4, 10.0.0.9
