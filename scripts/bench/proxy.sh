@@ -151,12 +151,23 @@ for round in $(seq 1 "$rounds"); do
     echo "$name $round $w_rps $w_p50 $w_p99 $w_p999 $w_err $fixed" >> "$work/results"
   done
 done
+# 100,000 tenants against 10 is a difference of a few per cent, less than what
+# the host moves one 5 s round (rounds of one setup have ranged over 8 %): the
+# target is read from pairs of short wrk runs, the two alternated, many times.
+pairs="${PAIRS:-16}"
+for pair in $(seq 1 "$pairs"); do
+  if [ $((pair % 2)) = 1 ]; then two=(ficus-1t ficus-100k-1t); else two=(ficus-100k-1t ficus-1t); fi
+  for name in "${two[@]}"; do
+    read -r _ w_rps _ < <($load wrk -t1 -c32 -d3s -s "$work/report.lua" "${url[$name]}" | grep RESULT)
+    echo "$name $pair $w_rps" >> "$work/pairs"
+  done
+done
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $rounds rounds, every other one in the reverse order, each: wrk -t1 -c32 -d${secs}s, then a fixed rate of ${rate} req/s for ${secs}s; the median round of each; backend, wrk and the fixed-rate client on core 1; 1-thread proxies on core 0, 2-thread proxies on both"
 echo
-python3 - "$work/results" "$rate" "${order[@]}" <<'PY'
+python3 - "$work/results" "$work/pairs" "$rate" "${order[@]}" <<'PY'
 import json, statistics, sys
-path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3:]
+path, pairs_path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 runs = {}
 for line in open(path):
     name, _, rps, p50, p99, p999, err, fixed = line.split(maxsplit=7)
@@ -189,8 +200,12 @@ d = g("direct", "fp99")
 for t in ("1t", "2t"):
     a, b = g(f"ficus-{t}", "fp99") - d, g(f"nginx-{t}", "fp99") - d
     print(f"  added p99 at {rate} req/s vs nginx, {t[0]} thread(s): {a:+.3f} vs {b:+.3f} ms (target <= nginx + 0.1 ms: {ok(a <= b + 0.1)})")
-h = g("ficus-100k-1t")
-print(f"  100,000 tenants vs 10: {h/f1:.3f}x the throughput ({(h/f1-1)*100:+.1f}%; target within 5%: {ok(abs(h/f1-1) <= 0.05)})")
+pairs = {}
+for line in open(pairs_path):
+    name, _, rps = line.split()
+    pairs.setdefault(name, []).append(float(rps))
+h, t = statistics.median(pairs["ficus-100k-1t"]), statistics.median(pairs["ficus-1t"])
+print(f"  100,000 tenants vs 10 ({len(pairs['ficus-1t'])} pairs of 3 s runs, alternated; medians {h:,.0f} and {t:,.0f} req/s): {h/t:.3f}x the throughput ({(h/t-1)*100:+.1f}%; target within 5%: {ok(abs(h/t-1) <= 0.05)}); in the table's rounds {g('ficus-100k-1t')/f1:.3f}x")
 PY
 echo
 echo "stage change → proxy routing by it (PostgreSQL store, 100 flips):"
