@@ -619,6 +619,10 @@ fn pingora_floor(args: &[String]) -> Result<(), Error> {
         .parse()?;
     let conf = pingora_core::server::configuration::ServerConf {
         threads: flag(args, "--threads").unwrap_or("1").parse()?,
+        // A benchmark's floor stops at once: pingora otherwise waits five
+        // minutes on SIGTERM for connections to end, and `proxy.sh` with it.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };
     report_allocations(args);
