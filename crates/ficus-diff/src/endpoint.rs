@@ -104,10 +104,16 @@ impl Templates {
     /// The endpoint of a request, as [`endpoint`] names it, with these templates.
     pub fn endpoint(&self, method: &str, path_and_query: &str) -> String {
         let path = path_and_query.split('?').next().unwrap_or("/");
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let split = path.trim_start_matches('/').split('/');
+        // The proxy names every request's route: with no templates, the
+        // segments are not gathered first (an allocation a request).
+        if self.list.is_empty() {
+            return automatic(method, path, split);
+        }
+        let segments: Vec<&str> = split.collect();
         match self.find(&segments) {
             Some(t) => format!("{method} {}", t.source),
-            None => automatic(method, path, &segments),
+            None => automatic(method, path, segments.iter().copied()),
         }
     }
 }
@@ -150,11 +156,11 @@ pub fn endpoint(method: &str, path_and_query: &str, templates: &[Template]) -> S
     if let Some((_, t)) = best {
         return format!("{method} {}", t.source);
     }
-    automatic(method, path, &segments)
+    automatic(method, path, segments.iter().copied())
 }
 
 /// The endpoint no configured template names: identifiers become `{id}`.
-fn automatic(method: &str, path: &str, segments: &[&str]) -> String {
+fn automatic<'a>(method: &str, path: &str, segments: impl Iterator<Item = &'a str>) -> String {
     let mut out = String::with_capacity(path.len() + method.len() + 1);
     out.push_str(method);
     out.push(' ');

@@ -394,7 +394,18 @@ fn endpoints_group_identifiers() {
     ];
     for (method, path, want) in cases {
         assert_eq!(endpoint(method, path, &templates), want, "{path}");
+        // With no templates (the proxy's path without gathering segments),
+        // the automatic name is the same as the plain function's.
+        assert_eq!(
+            ficus_diff::endpoint::Templates::default().endpoint(method, path),
+            endpoint(method, path, &[]),
+            "{path}"
+        );
     }
+    assert_eq!(
+        ficus_diff::endpoint::Templates::default().endpoint("GET", "/agents/jane-doe?x=/1"),
+        "GET /agents/jane-doe"
+    );
 }
 
 /// The indexed templates name every path as the plain list does, the most
