@@ -8,5 +8,7 @@
 # --max-rows-per-sec N (the backfill's ceiling).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# pingora's zlib-ng build needs cmake.
+command -v cmake >/dev/null 2>&1 || { s=""; [ "$(id -u)" -ne 0 ] && s=sudo; $s apt-get update -qq && DEBIAN_FRONTEND=noninteractive $s apt-get install -y -qq cmake; }
 cargo build --release --locked -p ficus-bench >/dev/null 2>&1 || cargo build --release --locked -p ficus-bench
 ./target/release/ficus-bench backfill --rows "${1:-10000000}" --secs "${2:-10}" "${@:3}"

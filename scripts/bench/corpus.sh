@@ -8,5 +8,7 @@
 #   scripts/bench/corpus.sh [rows per table, default 10000] [schemas dir, default the copies in crates/ficus-retrofit/tests/retrofit/schemas]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# pingora's zlib-ng build needs cmake.
+command -v cmake >/dev/null 2>&1 || { s=""; [ "$(id -u)" -ne 0 ] && s=sudo; $s apt-get update -qq && DEBIAN_FRONTEND=noninteractive $s apt-get install -y -qq cmake; }
 cargo build --release --locked -p ficus-bench >/dev/null 2>&1 || cargo build --release --locked -p ficus-bench
 ./target/release/ficus-bench corpus --rows "${1:-10000}" --schemas "${2:-crates/ficus-retrofit/tests/retrofit/schemas}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where a proxied request's cost goes, per request, for nginx, the bare pingora and
-# hyper floors and Ficus, each with one worker thread pinned to core 0; the backend
-# (one nginx worker) and the load generators pinned to core 1:
+# hyper floors, the floor of hyper's connection API (`conn-floor`) and Ficus, each
+# with one worker thread pinned to core 0; the backend (one nginx worker) and the
+# load generators pinned to core 1:
 # - system calls (strace -c -f over 10,000 requests at a fixed 2,000 req/s);
 # - context switches and CPU time (perf stat over the same load, without strace),
 #   and CPU time at saturation (perf stat under wrk -t1 -c32);
@@ -18,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 need=()
 for tool in nginx strace perf curl wrk; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
+command -v cmake >/dev/null 2>&1 || need+=(cmake) # pingora's zlib-ng build
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   pkgs=("${need[@]/perf/linux-perf}")
@@ -45,6 +47,7 @@ CONF
 taskset -c 0 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
 taskset -c 0 "$bench" pingora-floor 127.0.0.1:18050 127.0.0.1:18001 --allocs "$work/pingora-floor.allocs" 2>"$work/floor.log" & pids+=($!)
 taskset -c 0 "$bench" hyper-floor 127.0.0.1:18060 127.0.0.1:18001 --allocs "$work/hyper-floor.allocs" 2>"$work/hyper.log" & pids+=($!)
+taskset -c 0 "$bench" conn-floor 127.0.0.1:18065 127.0.0.1:18001 --allocs "$work/conn-floor.allocs" 2>"$work/conn.log" & pids+=($!)
 dir="$work/f"; mkdir -p "$dir"; store="sqlite:$dir/ficus.db"
 FICUS_STORE="$store" "$ficus" init >/dev/null
 FICUS_STORE="$store" "$ficus" tenant add t5 >/dev/null
@@ -61,6 +64,7 @@ sleep 1
 # The proxying nginx's worker: the child of the master started with proxy.conf.
 master=$(pgrep -f "proxy.conf" | head -1); nginx_worker=$(pgrep -P "$master" | head -1)
 floor=$(pgrep -f "pingora-floor 127.0.0.1:18050" | head -1); hyper=$(pgrep -f "hyper-floor 127.0.0.1:18060" | head -1)
+conn=$(pgrep -f "conn-floor 127.0.0.1:18065" | head -1)
 ficusp=$(pgrep -f "ficus proxy --config $dir/ficus.toml" | head -1)
 echo 'wrk.headers["X-Tenant-Id"] = "t5"' > "$work/wrk.lua"
 n=10000
@@ -111,11 +115,12 @@ instructions() { # name port command...
 instructions nginx 18090 nginx -c "$work/cg-nginx.conf" -p "$work"
 instructions pingora-floor 18093 "$bench" pingora-floor 127.0.0.1:18093 127.0.0.1:18001
 instructions hyper-floor 18094 "$bench" hyper-floor 127.0.0.1:18094 127.0.0.1:18001
+instructions conn-floor 18095 "$bench" conn-floor 127.0.0.1:18095 127.0.0.1:18001
 instructions ficus 18091 "$ficus" proxy --config "$dir/cg.toml"
 
 echo "| proxy | system calls / request | context switches / request | CPU µs / request at 2,000/s | CPU µs / request at saturation | req/s at saturation | allocations / request | user-space instructions / request | most frequent calls / request |"
 echo "|---|---|---|---|---|---|---|---|---|"
-for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050" "hyper-floor:$hyper:18060:18060" "ficus:$ficusp:18030:18070"; do
+for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050" "hyper-floor:$hyper:18060:18060" "conn-floor:$conn:18065:18065" "ficus:$ficusp:18030:18070"; do
   IFS=: read -r name pid port counted <<< "$entry"
   url="http://127.0.0.1:$port/homes/1"
   taskset -c 1 "$bench" rate "$url" --rps 2000 --secs 1 --header "X-Tenant-Id: t5" >/dev/null

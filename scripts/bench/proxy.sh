@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The proxy's benchmark: the same small JSON response served directly, through
-# nginx, HAProxy, the bare pingora and hyper floors, and Ficus (10 and 100,000
+# nginx, HAProxy, the bare pingora and hyper floors, the floor of hyper's
+# connection API, and Ficus (10 and 100,000
 # tenants), each proxy with one and with two worker threads, measured in one run
 # with wrk (throughput and latency under saturation) and with a fixed-rate load
 # (latency at a steady rate). Then the time for a stage change to reach a running
@@ -19,6 +20,7 @@ rate="${2:-2000}"
 rounds="${3:-4}"
 need=()
 for tool in nginx haproxy wrk; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
+command -v cmake >/dev/null 2>&1 || need+=(cmake) # pingora's zlib-ng build
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
@@ -88,6 +90,10 @@ CONF
   port=$((18060 + t))
   taskset -c "$(cores $t)" "$bench" hyper-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/hyper-$t.log" & pids+=($!)
   url[hyper-floor-${t}t]=http://127.0.0.1:$port/homes/1
+  # The least a proxy on hyper can do: its connection API, a pool per worker.
+  port=$((18066 + t))
+  taskset -c "$(cores $t)" "$bench" conn-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/conn-$t.log" & pids+=($!)
+  url[conn-floor-${t}t]=http://127.0.0.1:$port/homes/1
 done
 url[direct]=http://127.0.0.1:18001/homes/1
 
@@ -130,7 +136,7 @@ done = function(summary, latency, requests)
 end
 LUA
 
-order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t ficus-1t ficus-100k-1t nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t ficus-2t)
+order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t conn-floor-1t ficus-1t ficus-100k-1t nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t conn-floor-2t ficus-2t)
 for name in "${order[@]}"; do
   $load wrk -t1 -c32 -d2s -s "$work/report.lua" "${url[$name]}" >/dev/null   # warm-up
 done
@@ -192,6 +198,7 @@ g = lambda n, k="rps": m[n][k]
 f1, f2, n1, n2 = g("ficus-1t"), g("ficus-2t"), g("nginx-1t"), g("nginx-2t")
 print(f"Ficus vs nginx: {f1/n1:.2f}x at 1 thread (target >= 0.95x: {ok(f1/n1 >= 0.95)}), {f2/n2:.2f}x at 2 ({ok(f2/n2 >= 0.95)})")
 print(f"  the hyper floor vs nginx: {g('hyper-floor-1t')/n1:.2f}x at 1 thread, {g('hyper-floor-2t')/n2:.2f}x at 2; HAProxy vs nginx: {g('haproxy-1t')/n1:.2f}x, {g('haproxy-2t')/n2:.2f}x")
+print(f"  the connection floor vs nginx: {g('conn-floor-1t')/n1:.2f}x at 1 thread, {g('conn-floor-2t')/n2:.2f}x at 2; Ficus vs it: {f1/g('conn-floor-1t'):.2f}x, {f2/g('conn-floor-2t'):.2f}x")
 print(f"  Ficus vs the hyper floor: {f1/g('hyper-floor-1t'):.2f}x, {f2/g('hyper-floor-2t'):.2f}x; vs the pingora floor: {f1/g('pingora-floor-1t'):.2f}x, {f2/g('pingora-floor-2t'):.2f}x")
 for t in ("1t", "2t"):
     a, b = g(f"ficus-{t}", "p99"), g(f"nginx-{t}", "p99")

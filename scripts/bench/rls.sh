@@ -6,5 +6,7 @@
 #   scripts/bench/rls.sh [rows, default 10000000] [seconds per run, default 10]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# pingora's zlib-ng build needs cmake.
+command -v cmake >/dev/null 2>&1 || { s=""; [ "$(id -u)" -ne 0 ] && s=sudo; $s apt-get update -qq && DEBIAN_FRONTEND=noninteractive $s apt-get install -y -qq cmake; }
 cargo build --release --locked -p ficus-bench >/dev/null 2>&1 || cargo build --release --locked -p ficus-bench
 ./target/release/ficus-bench rls --rows "${1:-10000000}" --secs "${2:-10}"

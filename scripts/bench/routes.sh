@@ -16,6 +16,7 @@ secs="${1:-10}"
 before_rev="${BEFORE:-6a5ebc5}"
 need=()
 for tool in nginx wrk curl; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
+command -v cmake >/dev/null 2>&1 || need+=(cmake) # pingora's zlib-ng build
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"

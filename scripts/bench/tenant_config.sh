@@ -11,6 +11,7 @@ secs="${1:-10}"
 tenants="${2:-10000}"
 need=()
 for tool in nginx wrk curl; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
+command -v cmake >/dev/null 2>&1 || need+=(cmake) # pingora's zlib-ng build
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"

@@ -15,6 +15,10 @@
 //! - `ficus-bench hyper-floor LISTEN UPSTREAM [--threads N] [--allocs FILE]`: the
 //!   same with hyper 1.x (server and pooled client), the other Rust HTTP/1 stack a
 //!   data plane could stand on;
+//! - `ficus-bench conn-floor LISTEN UPSTREAM [--threads N] [--allocs FILE]`: the
+//!   smallest proxy on hyper's connection API (a pool and runtime per worker, a
+//!   task per upstream connection, as Ficus's engine has), without hyper-util's
+//!   pooled client;
 //! - `ficus-bench proxy CONFIG [--allocs FILE]`: `ficus proxy` itself, in this
 //!   process, so that its allocations are counted;
 //! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N] [--routes]`:
@@ -76,6 +80,7 @@ fn report_allocations(args: &[String]) {
 }
 
 mod backfill;
+mod conn_floor;
 mod corpus;
 mod dashboard;
 mod distribute;
@@ -138,6 +143,7 @@ fn main() -> Result<(), Error> {
         Some("propagation") => return propagation(&argv[1..]),
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
         Some("hyper-floor") => return hyper_floor(&argv[1..]),
+        Some("conn-floor") => return conn_floor(&argv[1..]),
         Some("proxy") => return proxy(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
@@ -662,6 +668,16 @@ fn hyper_floor(args: &[String]) -> Result<(), Error> {
             }
         }
     })
+}
+
+/// The smallest proxy on hyper's connection API ([`conn_floor`]).
+fn conn_floor(args: &[String]) -> Result<(), Error> {
+    let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
+        return Err("conn-floor needs LISTEN and UPSTREAM".into());
+    };
+    let threads: usize = flag(args, "--threads").unwrap_or("1").parse()?;
+    report_allocations(args);
+    conn_floor::serve(listen.parse()?, upstream.parse()?, threads)
 }
 
 /// `ficus proxy` in this process, with its allocations counted.

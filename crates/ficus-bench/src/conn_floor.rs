@@ -1,0 +1,137 @@
+//! The connection floor: the smallest proxy hyper 1.x's connection API makes
+//! (issue 22). Each worker thread runs its own one-thread runtime with its own
+//! pool of upstream HTTP/1 connections, each driven by a task of its own, as
+//! Ficus's engine does; a request goes upstream with the head it came with
+//! and its answer streams back. Beside the hyper floor, which sends through
+//! hyper-util's pooled `Client` (a shared pool, a URI built per request), it
+//! shows what hyper itself costs, so that what Ficus's request path adds is
+//! measured against the least a hyper proxy can do.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::Either;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1 as client1;
+use hyper_util::rt::TokioIo;
+
+use crate::Error;
+
+thread_local! {
+    /// The worker's idle upstream connections: a worker has one runtime, so a
+    /// connection is only ever used by the thread whose runtime drives it.
+    static IDLE: RefCell<Vec<client1::SendRequest<Incoming>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Serves on `listen` with `threads` workers until the process ends.
+pub fn serve(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> Result<(), Error> {
+    let listener = std::net::TcpListener::bind(listen)?;
+    listener.set_nonblocking(true)?;
+    let mut workers = Vec::new();
+    for _ in 0..threads.max(1) {
+        let listener = listener.try_clone()?;
+        workers.push(std::thread::spawn(move || -> Result<(), Error> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                loop {
+                    let (stream, _) = listener.accept().await?;
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| async move {
+                            Ok::<_, Infallible>(match forward(upstream, req).await {
+                                Ok(answer) => answer.map(Either::Left),
+                                Err(e) => {
+                                    let mut r =
+                                        hyper::Response::new(Either::Right(format!("{e}\n")));
+                                    *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+                                    r
+                                }
+                            })
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            })
+        }));
+    }
+    for worker in workers {
+        worker.join().map_err(|_| "a worker panicked")??;
+    }
+    Ok(())
+}
+
+/// Sends `req` on an idle connection, or a new one, and answers with its
+/// answer, whose body puts the connection back once it has ended.
+async fn forward(
+    upstream: SocketAddr,
+    req: hyper::Request<Incoming>,
+) -> Result<hyper::Response<Pooled>, Error> {
+    let mut sender = None;
+    while let Some(mut idle) = IDLE.with(|p| p.borrow_mut().pop()) {
+        if poll_fn(|cx| idle.poll_ready(cx)).await.is_ok() {
+            sender = Some(idle);
+            break;
+        }
+    }
+    let mut sender = match sender {
+        Some(s) => s,
+        None => {
+            let stream = tokio::net::TcpStream::connect(upstream).await?;
+            let _ = stream.set_nodelay(true);
+            let (mut sender, conn) = client1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            poll_fn(|cx| sender.poll_ready(cx)).await?;
+            sender
+        }
+    };
+    let answer = sender.send_request(req).await?;
+    Ok(answer.map(|inner| Pooled {
+        inner,
+        sender: Some(sender),
+    }))
+}
+
+/// An answer's body, and the connection it came on until it has ended.
+struct Pooled {
+    inner: Incoming,
+    sender: Option<client1::SendRequest<Incoming>>,
+}
+
+impl Body for Pooled {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        // hyper stops polling a body that says it ended: the connection goes
+        // back as soon as it has.
+        if this.inner.is_end_stream()
+            && let Some(sender) = this.sender.take()
+        {
+            IDLE.with(|p| p.borrow_mut().push(sender));
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
