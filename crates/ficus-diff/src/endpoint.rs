@@ -103,17 +103,16 @@ impl Templates {
 
     /// The endpoint of a request, as [`endpoint`] names it, with these templates.
     pub fn endpoint(&self, method: &str, path_and_query: &str) -> String {
-        let path = path_and_query.split('?').next().unwrap_or("/");
-        let split = path.trim_start_matches('/').split('/');
+        let path = path_of(path_and_query);
         // The proxy names every request's route: with no templates, the
         // segments are not gathered first (an allocation a request).
         if self.list.is_empty() {
-            return automatic(method, path, split);
+            return automatic(method, path);
         }
-        let segments: Vec<&str> = split.collect();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match self.find(&segments) {
             Some(t) => format!("{method} {}", t.source),
-            None => automatic(method, path, segments.iter().copied()),
+            None => automatic(method, path),
         }
     }
 }
@@ -129,24 +128,43 @@ impl FromIterator<Template> for Templates {
 }
 
 fn looks_like_id(seg: &str) -> bool {
-    let digits = !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit());
-    let hex = seg.len() >= 16 && seg.bytes().all(|b| b.is_ascii_hexdigit());
-    let uuid = seg.len() == 36
-        && seg.bytes().enumerate().all(|(i, b)| {
-            if matches!(i, 8 | 13 | 18 | 23) {
-                b == b'-'
-            } else {
-                b.is_ascii_hexdigit()
-            }
-        });
-    digits || hex || uuid
+    let b = seg.as_bytes();
+    if b.is_empty() {
+        return false;
+    }
+    if b.iter().all(u8::is_ascii_digit) {
+        return true;
+    }
+    let hex = b.len() >= 16 && b.iter().all(u8::is_ascii_hexdigit);
+    let uuid = || {
+        b.len() == 36
+            && b.iter().enumerate().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    *c == b'-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            })
+    };
+    hex || uuid()
+}
+
+/// The path of a request target, without its query string. The search is a
+/// plain pass over the bytes: targets are short, and a `memchr` call costs
+/// more than it saves on them.
+fn path_of(path_and_query: &str) -> &str {
+    match path_and_query.bytes().position(|b| b == b'?') {
+        // `?` is ASCII, so the cut is at a character boundary.
+        Some(end) => &path_and_query[..end],
+        None => path_and_query,
+    }
 }
 
 /// The endpoint of a request: method and route template, such as
 /// `GET /homes/{id}/photos`. The query string is not part of it. Of the
 /// configured templates that match, the most specific names it.
 pub fn endpoint(method: &str, path_and_query: &str, templates: &[Template]) -> String {
-    let path = path_and_query.split('?').next().unwrap_or("/");
+    let path = path_of(path_and_query);
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let best = templates
         .iter()
@@ -156,17 +174,30 @@ pub fn endpoint(method: &str, path_and_query: &str, templates: &[Template]) -> S
     if let Some((_, t)) = best {
         return format!("{method} {}", t.source);
     }
-    automatic(method, path, segments.iter().copied())
+    automatic(method, path)
 }
 
 /// The endpoint no configured template names: identifiers become `{id}`.
-fn automatic<'a>(method: &str, path: &str, segments: impl Iterator<Item = &'a str>) -> String {
-    let mut out = String::with_capacity(path.len() + method.len() + 1);
+/// The segments are cut from the path in one pass over its bytes, each at a
+/// `/` (ASCII, so at a character boundary).
+fn automatic(method: &str, path: &str) -> String {
+    // Room for a few identifiers made longer by `{id}`, so that the name is
+    // written into one allocation.
+    let mut out = String::with_capacity(method.len() + 1 + path.len() + 8);
     out.push_str(method);
     out.push(' ');
-    for seg in segments {
+    let rest = path.trim_start_matches('/');
+    let mut start = 0;
+    for end in rest
+        .bytes()
+        .enumerate()
+        .filter_map(|(i, b)| (b == b'/').then_some(i))
+        .chain(std::iter::once(rest.len()))
+    {
+        let seg = &rest[start..end];
         out.push('/');
         out.push_str(if looks_like_id(seg) { "{id}" } else { seg });
+        start = end + 1;
     }
     out
 }

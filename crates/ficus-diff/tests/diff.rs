@@ -391,6 +391,16 @@ fn endpoints_group_identifiers() {
         ("GET", "/files/cafe", "GET /files/cafe"),
         ("GET", "/agents/jane-doe", "GET /agents/{slug}"),
         ("POST", "/", "POST /"),
+        ("GET", "/homes/", "GET /homes/"),
+        ("GET", "//homes//7/", "GET /homes//{id}/"),
+        ("GET", "", "GET /"),
+        ("GET", "/?q=1", "GET /"),
+        ("GET", "/caf\u{e9}/12/x?y", "GET /caf\u{e9}/{id}/x"),
+        (
+            "DELETE",
+            "/a/0123456789abcdef/b/12345678",
+            "DELETE /a/{id}/b/{id}",
+        ),
     ];
     for (method, path, want) in cases {
         assert_eq!(endpoint(method, path, &templates), want, "{path}");
