@@ -299,6 +299,9 @@ struct Scan<'h> {
     /// The first `Host` and the first `Content-Length`, as `get` finds them.
     host: Option<&'h HeaderValue>,
     content_length: Option<&'h HeaderValue>,
+    /// The first `User-Agent`, which the census reads a client's version
+    /// from when no header is configured for it.
+    user_agent: Option<&'h HeaderValue>,
     transfer_encoding: bool,
     upgrade: bool,
 }
@@ -309,6 +312,7 @@ impl<'h> Scan<'h> {
             bytes: 0,
             host: None,
             content_length: None,
+            user_agent: None,
             transfer_encoding: false,
             upgrade: false,
         };
@@ -322,6 +326,8 @@ impl<'h> Scan<'h> {
                 scan.transfer_encoding = true;
             } else if *name == header::UPGRADE {
                 scan.upgrade = true;
+            } else if *name == header::USER_AGENT {
+                scan.user_agent.get_or_insert(value);
             }
         }
         scan
@@ -528,8 +534,16 @@ impl Shared {
                 ctx.tenant = Some(r.tenant);
             }
         }
-        ctx.client = census::client_header(headers, settings.client_version_header.as_ref())
-            .map(|(v, ua)| (v.clone(), ua));
+        // As `census::client_header` finds it: the configured header, else the
+        // User-Agent, which the scan already found (a look-up hashes a name).
+        ctx.client = match settings
+            .client_version_header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+        {
+            Some(v) => Some((v.clone(), false)),
+            None => scan.user_agent.map(|v| (v.clone(), true)),
+        };
         let path = uri.path();
         // The path the backend is sent, which routes and the census name.
         let forwarded = ctx
