@@ -30,44 +30,23 @@ thread_local! {
 
 /// Serves on `listen` with `threads` workers until the process ends.
 pub fn serve(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> Result<(), Error> {
-    let listener = std::net::TcpListener::bind(listen)?;
-    listener.set_nonblocking(true)?;
-    let mut workers = Vec::new();
-    for _ in 0..threads.max(1) {
-        let listener = listener.try_clone()?;
-        workers.push(std::thread::spawn(move || -> Result<(), Error> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                loop {
-                    let (stream, _) = listener.accept().await?;
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| async move {
-                            Ok::<_, Infallible>(match forward(upstream, req).await {
-                                Ok(answer) => answer.map(Either::Left),
-                                Err(e) => {
-                                    let mut r =
-                                        hyper::Response::new(Either::Right(format!("{e}\n")));
-                                    *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
-                                    r
-                                }
-                            })
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            })
-        }));
-    }
-    for worker in workers {
-        worker.join().map_err(|_| "a worker panicked")??;
-    }
-    Ok(())
+    crate::hyper_floor::on_workers(listen, threads, move || {
+        move |stream, _| async move {
+            let service = hyper::service::service_fn(move |req| async move {
+                Ok::<_, Infallible>(match forward(upstream, req).await {
+                    Ok(answer) => answer.map(Either::Left),
+                    Err(e) => {
+                        let mut r = hyper::Response::new(Either::Right(format!("{e}\n")));
+                        *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+                        r
+                    }
+                })
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
 }
 
 /// Sends `req` on an idle connection, or a new one, and answers with its

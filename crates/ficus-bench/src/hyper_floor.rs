@@ -39,35 +39,53 @@ where
     // on its own copy of the listener with its own pooled client, so the floor
     // has no work stealing and no cross-thread wake-ups either (with tokio's
     // work-stealing runtime it ran about 10% behind Ficus itself).
+    on_workers(listen, threads, move || {
+        let client: Upstream = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(256)
+            .build_http();
+        let base: Arc<str> = Arc::from(format!("http://{upstream}"));
+        let handle = handle.clone();
+        move |stream, peer| {
+            let (client, base, handle) = (client.clone(), Arc::clone(&base), handle.clone());
+            async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = handle(client.clone(), Arc::clone(&base), peer, req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        }
+    })
+}
+
+/// Accepts on `listen` with `threads` workers until the process ends, each a
+/// one-thread runtime with its own copy of the listener: `worker` is called
+/// once on each, in its runtime, and what it returns serves each connection
+/// the worker accepts, as a task of its own.
+pub fn on_workers<W, C, Fut>(listen: SocketAddr, threads: usize, worker: W) -> Result<(), Error>
+where
+    W: Fn() -> C + Clone + Send + 'static,
+    C: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let mut workers = Vec::new();
     for _ in 0..threads.max(1) {
-        let (listener, handle) = (listener.try_clone()?, handle.clone());
+        let (listener, worker) = (listener.try_clone()?, worker.clone());
         workers.push(std::thread::spawn(move || -> Result<(), Error> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let client: Upstream = Client::builder(TokioExecutor::new())
-                    .pool_max_idle_per_host(256)
-                    .build_http();
-                let base: Arc<str> = Arc::from(format!("http://{upstream}"));
+                let serve = worker();
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 loop {
                     let (stream, peer) = listener.accept().await?;
                     let _ = stream.set_nodelay(true);
-                    let (client, base, handle) =
-                        (client.clone(), Arc::clone(&base), handle.clone());
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let answer = handle(client.clone(), Arc::clone(&base), peer, req);
-                            async move { Ok::<_, Infallible>(answer.await) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
+                    tokio::spawn(serve(stream, peer));
                 }
             })
         }));
