@@ -133,7 +133,6 @@ impl Engine {
         };
         let ctx = done.ctx.as_mut().expect("a ctx until the request ends");
         let draining = self.shared.begin(ctx);
-        self.shared.identify(ctx, req.headers());
         let http1 = req.version() <= Version::HTTP_11;
         // One verdict per HTTP/1 request, in order; none, or another
         // request's, means the framer lost the thread: refuse and close.
@@ -149,6 +148,9 @@ impl Engine {
                 _ => Some("the request could not be read as it was sent"),
             };
             if let Some(message) = refusal {
+                // Routing gives a request its id; this refusal comes before
+                // it, and names the request as the client does all the same.
+                self.shared.identify(ctx, req.headers());
                 return self.fail(done, &Failure::Refused(Refusal::new(400, message)), true);
             }
         }

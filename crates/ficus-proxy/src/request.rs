@@ -302,17 +302,20 @@ struct Scan<'h> {
     /// The first `User-Agent`, which the census reads a client's version
     /// from when no header is configured for it.
     user_agent: Option<&'h HeaderValue>,
+    /// The first value of the request id header.
+    request_id: Option<&'h HeaderValue>,
     transfer_encoding: bool,
     upgrade: bool,
 }
 
 impl<'h> Scan<'h> {
-    fn of(headers: &'h HeaderMap) -> Scan<'h> {
+    fn of(headers: &'h HeaderMap, request_id: &HeaderName) -> Scan<'h> {
         let mut scan = Scan {
             bytes: 0,
             host: None,
             content_length: None,
             user_agent: None,
+            request_id: None,
             transfer_encoding: false,
             upgrade: false,
         };
@@ -328,6 +331,8 @@ impl<'h> Scan<'h> {
                 scan.upgrade = true;
             } else if *name == header::USER_AGENT {
                 scan.user_agent.get_or_insert(value);
+            } else if name == request_id {
+                scan.request_id.get_or_insert(value);
             }
         }
         scan
@@ -443,7 +448,14 @@ impl Shared {
     /// refuses a request before routing it calls it itself, so that the
     /// refusal names the request as the client does.
     pub fn identify(&self, ctx: &mut Ctx, headers: &HeaderMap) {
-        let sent = headers.get(&ctx.settings.request_id_header).filter(|v| {
+        let sent = headers.get(&ctx.settings.request_id_header);
+        self.identify_as(ctx, sent);
+    }
+
+    /// [`Shared::identify`] with the client's request id header, if it sent
+    /// one, already found.
+    fn identify_as(&self, ctx: &mut Ctx, sent: Option<&HeaderValue>) {
+        let sent = sent.filter(|v| {
             !v.is_empty()
                 && v.len() <= MAX_CLIENT_REQUEST_ID
                 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
@@ -487,11 +499,11 @@ impl Shared {
         headers: &HeaderMap,
     ) -> Result<Next, Refusal> {
         let settings = Arc::clone(&ctx.settings);
+        let scan = Scan::of(headers, &settings.request_id_header);
         if ctx.request_id_value.is_none() {
-            self.identify(ctx, headers);
+            self.identify_as(ctx, scan.request_id);
         }
 
-        let scan = Scan::of(headers);
         if scan.bytes > settings.max_header_bytes {
             return Err(Refusal::new(431, "request headers are too large"));
         }
@@ -1503,10 +1515,13 @@ header = "X-Tenant-Id"
                     HeaderValue::from_str(v).unwrap(),
                 );
             }
-            let scan = Scan::of(&headers);
+            let id = HeaderName::from_static("x-request-id");
+            let scan = Scan::of(&headers, &id);
             // What `get` and `contains_key` answer, which the scan replaced.
             assert_eq!(scan.host, headers.get(header::HOST));
             assert_eq!(scan.content_length, headers.get(header::CONTENT_LENGTH));
+            assert_eq!(scan.user_agent, headers.get(header::USER_AGENT));
+            assert_eq!(scan.request_id, headers.get(&id));
             let text = |v: Option<&HeaderValue>| v.map(|v| v.to_str().unwrap().to_owned());
             expect.assert_eq(&format!(
                 "bytes {} host {:?} length {:?} te {} upgrade {} body {}",
@@ -1543,6 +1558,17 @@ header = "X-Tenant-Id"
             expect![[
                 r#"bytes 53 host Some("a.example") length Some("7") te false upgrade false body true"#
             ]],
+        );
+        // The first User-Agent and request id, as `get` gives them (asserted
+        // above).
+        check(
+            &[
+                ("x-request-id", "a"),
+                ("user-agent", "U/1"),
+                ("x-request-id", "b"),
+                ("user-agent", "V/2"),
+            ],
+            expect!["bytes 68 host None length None te false upgrade false body false"],
         );
         check(
             &[("transfer-encoding", "chunked"), ("upgrade", "websocket")],

@@ -672,6 +672,16 @@ fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 
 /// [`raw`] on a connection already open, which stays open.
 fn ask_raw(s: &mut TcpStream, bytes: &[u8]) -> String {
+    let head = ask_raw_head(s, bytes);
+    head.lines()
+        .next()
+        .filter(|l| !l.is_empty())
+        .map_or("closed".to_string(), str::to_string)
+}
+
+/// The head of the answer to `bytes` sent raw, as text (empty when the
+/// connection closed first).
+fn ask_raw_head(s: &mut TcpStream, bytes: &[u8]) -> String {
     // Generous, so that a proxy slow to answer on a busy machine is not taken
     // for one that closed the connection.
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -687,11 +697,42 @@ fn ask_raw(s: &mut TcpStream, bytes: &[u8]) -> String {
             break;
         }
     }
-    let text = String::from_utf8_lossy(&buf);
-    text.lines()
-        .next()
-        .filter(|l| !l.is_empty())
-        .map_or("closed".to_string(), str::to_string)
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Regression: the framer's refusals come before routing, which gives a
+/// request its id; they still name the request as the client did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_the_framer_refuses_is_answered_with_the_clients_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path(), &[("acme", "legacy")]);
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = Proxy::start(ProxySetup {
+        store: &store,
+        legacy: vec![legacy.addr],
+        new: vec![new.addr],
+        extra: HEADER_RULE,
+        ..Default::default()
+    })
+    .await;
+    let addr = proxy.addr;
+    let head = tokio::task::spawn_blocking(move || {
+        ask_raw_head(
+            &mut TcpStream::connect(addr).unwrap(),
+            b"POST / HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id-7\r\nX-Tenant-Id: acme\r\n\
+              Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-request-id: client-id-7\r\n"),
+        "{head}"
+    );
+    assert_eq!(legacy.count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
