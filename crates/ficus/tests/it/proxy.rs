@@ -704,18 +704,12 @@ fn ask_raw_head(s: &mut TcpStream, bytes: &[u8]) -> String {
 /// request its id; they still name the request as the client did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_the_framer_refuses_is_answered_with_the_clients_request_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path(), &[("acme", "legacy")]);
-    let legacy = Backend::start("legacy").await;
-    let new = Backend::start("new").await;
-    let proxy = Proxy::start(ProxySetup {
-        store: &store,
-        legacy: vec![legacy.addr],
-        new: vec![new.addr],
-        extra: HEADER_RULE,
-        ..Default::default()
-    })
-    .await;
+    let Rig {
+        legacy,
+        proxy,
+        dir: _dir,
+        ..
+    } = Rig::start(&[("acme", "legacy")], "").await;
     let addr = proxy.addr;
     let head = tokio::task::spawn_blocking(move || {
         ask_raw_head(
