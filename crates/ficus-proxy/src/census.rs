@@ -127,19 +127,26 @@ pub struct Census {
 /// is none, `"invalid"` when it is not printable ASCII. Borrowed from the
 /// headers: it is read per request.
 pub fn client_version<'h>(headers: &'h HeaderMap, header: Option<&http::HeaderName>) -> &'h str {
-    client_version_of(client_header(headers, header))
+    client_version_of(client_header(
+        headers,
+        header,
+        headers.get(http::header::USER_AGENT),
+    ))
 }
 
 /// The header a client's version is read from (see [`client_version`]): the
-/// configured one, else the User-Agent (`true`). A request path that keeps it
-/// past the request's headers keeps this, a shared reference, not a copy.
+/// configured one, else the User-Agent (`true`), which the caller has found
+/// (the proxy finds it in its one pass over the headers). A request path that
+/// keeps it past the request's headers keeps this, a shared reference, not a
+/// copy.
 pub fn client_header<'h>(
     headers: &'h HeaderMap,
     header: Option<&http::HeaderName>,
+    user_agent: Option<&'h http::HeaderValue>,
 ) -> Option<(&'h http::HeaderValue, bool)> {
     match header.and_then(|h| headers.get(h)) {
         Some(v) => Some((v, false)),
-        None => headers.get(http::header::USER_AGENT).map(|v| (v, true)),
+        None => user_agent.map(|v| (v, true)),
     }
 }
 

@@ -546,16 +546,13 @@ impl Shared {
                 ctx.tenant = Some(r.tenant);
             }
         }
-        // As `census::client_header` finds it: the configured header, else the
-        // User-Agent, which the scan already found (a look-up hashes a name).
-        ctx.client = match settings
-            .client_version_header
-            .as_ref()
-            .and_then(|h| headers.get(h))
-        {
-            Some(v) => Some((v.clone(), false)),
-            None => scan.user_agent.map(|v| (v.clone(), true)),
-        };
+        // The User-Agent as the scan found it (a look-up hashes a name).
+        ctx.client = census::client_header(
+            headers,
+            settings.client_version_header.as_ref(),
+            scan.user_agent,
+        )
+        .map(|(v, ua)| (v.clone(), ua));
         let path = uri.path();
         // The path the backend is sent, which routes and the census name.
         let forwarded = ctx
