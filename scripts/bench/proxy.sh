@@ -9,7 +9,11 @@
 #
 # Placement: the backend (one nginx worker), wrk and the fixed-rate client run on
 # core 1. A one-thread proxy runs on core 0, so it has a core to itself; a
-# two-thread proxy may run on both cores, and so shares core 1 with the load.
+# two-thread proxy may run on both cores, and so shares core 1 with the load:
+# its throughput then depends on how its work splits over its two threads (the
+# more on one thread, the more that thread can stay on core 0), so each round
+# records the busiest thread's share of the proxy's CPU, and the proxy's CPU
+# time a request, which does not depend on the split.
 # Every setup is measured once per round, rounds interleaved, every other round
 # in the reverse order, and the table shows the median round.
 #   scripts/bench/proxy.sh [seconds per run, default 5] [fixed rate, default 2000] [rounds, default 4]
@@ -48,7 +52,16 @@ http { access_log off; keepalive_requests 1000000;
 CONF
 $load nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 
-declare -A url
+declare -A url pid
+# ticks NAME: the CPU time (clock ticks, user and system) each thread of a
+# setup's processes has used, one line per thread; nginx's workers are its
+# master's children.
+ticks() {
+  local p t
+  for p in ${pid[$1]:-} $(pgrep -P "${pid[$1]:-0}" || true); do
+    for t in /proc/"$p"/task/*/stat; do sed 's/.*) //' "$t" 2>/dev/null | awk '{print $12 + $13}' || true; done
+  done
+}
 for t in 1 2; do
   port=$((18010 + t))
   cat > "$work/nginx-$t.conf" <<CONF
@@ -58,7 +71,7 @@ http { access_log off; keepalive_requests 1000000;
   upstream legacy { server 127.0.0.1:18001; keepalive 256; }
   server { listen 127.0.0.1:$port; location / { proxy_pass http://legacy; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
-  taskset -c "$(cores $t)" nginx -c "$work/nginx-$t.conf" -p "$work" & pids+=($!)
+  taskset -c "$(cores $t)" nginx -c "$work/nginx-$t.conf" -p "$work" & pids+=($!); pid[nginx-${t}t]=$!
   url[nginx-${t}t]=http://127.0.0.1:$port/homes/1
 
   port=$((18020 + t))
@@ -79,20 +92,20 @@ backend b
   http-reuse always
   server s1 127.0.0.1:18001
 CONF
-  taskset -c "$(cores $t)" haproxy -f "$work/haproxy-$t.cfg" -db & pids+=($!)
+  taskset -c "$(cores $t)" haproxy -f "$work/haproxy-$t.cfg" -db & pids+=($!); pid[haproxy-${t}t]=$!
   url[haproxy-${t}t]=http://127.0.0.1:$port/homes/1
 
   # The smallest proxies pingora and hyper can be: their rows separate what the
   # framework costs from what Ficus adds.
   port=$((18050 + t))
-  taskset -c "$(cores $t)" "$bench" pingora-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/floor-$t.log" & pids+=($!)
+  taskset -c "$(cores $t)" "$bench" pingora-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/floor-$t.log" & pids+=($!); pid[pingora-floor-${t}t]=$!
   url[pingora-floor-${t}t]=http://127.0.0.1:$port/homes/1
   port=$((18060 + t))
-  taskset -c "$(cores $t)" "$bench" hyper-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/hyper-$t.log" & pids+=($!)
+  taskset -c "$(cores $t)" "$bench" hyper-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/hyper-$t.log" & pids+=($!); pid[hyper-floor-${t}t]=$!
   url[hyper-floor-${t}t]=http://127.0.0.1:$port/homes/1
   # The least a proxy on hyper can do: its connection API, a pool per worker.
   port=$((18066 + t))
-  taskset -c "$(cores $t)" "$bench" conn-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/conn-$t.log" & pids+=($!)
+  taskset -c "$(cores $t)" "$bench" conn-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/conn-$t.log" & pids+=($!); pid[conn-floor-${t}t]=$!
   url[conn-floor-${t}t]=http://127.0.0.1:$port/homes/1
 done
 url[direct]=http://127.0.0.1:18001/homes/1
@@ -117,7 +130,7 @@ upstreams = ["127.0.0.1:18002"]
 [[tenant_from]]
 header = "X-Tenant-Id"
 CONF
-  RUST_LOG=warn taskset -c "$(cores $5)" "$ficus" proxy --config "$dir/ficus.toml" 2>"$dir/proxy.log" & pids+=($!)
+  RUST_LOG=warn taskset -c "$(cores $5)" "$ficus" proxy --config "$dir/ficus.toml" 2>"$dir/proxy.log" & pids+=($!); pid[$1]=$!
   url[$1]=http://127.0.0.1:$2/homes/1
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$3/readyz" >/dev/null && return; sleep 0.1; done
   echo "ficus on $2 did not become ready" >&2; exit 1
@@ -130,9 +143,10 @@ sleep 1
 cat > "$work/report.lua" <<'LUA'
 wrk.headers["X-Tenant-Id"] = "t5"
 done = function(summary, latency, requests)
-  io.write(string.format("RESULT %.0f %.3f %.3f %.3f %d\n", summary.requests / (summary.duration / 1e6),
+  io.write(string.format("RESULT %.0f %.3f %.3f %.3f %d %d\n", summary.requests / (summary.duration / 1e6),
     latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency:percentile(99.9) / 1000,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout,
+    summary.requests))
 end
 LUA
 
@@ -152,9 +166,15 @@ for round in $(seq 1 "$rounds"); do
     ordered=(); for ((i = ${#order[@]} - 1; i >= 0; i--)); do ordered+=("${order[$i]}"); done
   fi
   for name in "${ordered[@]}"; do
-    read -r _ w_rps w_p50 w_p99 w_p999 w_err < <($load wrk -t1 -c32 -d"${secs}s" -s "$work/report.lua" "${url[$name]}" | grep RESULT)
+    ticks "$name" > "$work/ticks0"
+    read -r _ w_rps w_p50 w_p99 w_p999 w_err w_n < <($load wrk -t1 -c32 -d"${secs}s" -s "$work/report.lua" "${url[$name]}" | grep RESULT)
+    ticks "$name" > "$work/ticks1"
+    # The proxy's CPU time a request, and the busiest thread's share of it:
+    # how the setup spread its work over its workers.
+    cpu=$(paste "$work/ticks0" "$work/ticks1" | awk -v n="$w_n" '{d = $2 - $1; s += d; if (d > m) m = d}
+      END {if (n > 0 && s > 0) printf "%.2f %.2f", s * 1e6 / sysconf / n, m / s; else print "nan nan"}' sysconf="$(getconf CLK_TCK)")
     fixed=$($load "$bench" rate "${url[$name]}" --rps "$rate" --secs "$secs" --header "X-Tenant-Id: t5")
-    echo "$name $round $w_rps $w_p50 $w_p99 $w_p999 $w_err $fixed" >> "$work/results"
+    echo "$name $round $w_rps $w_p50 $w_p99 $w_p999 $w_err $cpu $fixed" >> "$work/results"
   done
 done
 # 100,000 tenants against 10 is a difference of a few per cent, less than what
@@ -176,22 +196,24 @@ import json, statistics, sys
 path, pairs_path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 runs = {}
 for line in open(path):
-    name, _, rps, p50, p99, p999, err, fixed = line.split(maxsplit=7)
+    name, _, rps, p50, p99, p999, err, cpu, busiest, fixed = line.split(maxsplit=9)
     f = json.loads(fixed)
     runs.setdefault(name, []).append(dict(rps=float(rps), p50=float(p50), p99=float(p99), p999=float(p999),
-        err=int(err) + f["errors"], fp50=f["p50_ms"], fp99=f["p99_ms"], fp999=f["p999_ms"]))
+        err=int(err) + f["errors"], cpu=float(cpu), busiest=float(busiest), fp50=f["p50_ms"], fp99=f["p99_ms"], fp999=f["p999_ms"]))
 # Each number is the median over the rounds, and the spread of throughput
 # (lowest to highest round) says how much the host moved it.
 m = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
 spread = {n: (min(r["rps"] for r in rs), max(r["rps"] for r in rs)) for n, rs in runs.items()}
-print(f"| setup | req/s (wrk) | rounds' range | vs nginx | vs HAProxy | p50 | p99 | p99.9 | errors | fixed-rate p50 | p99 | p99.9 | added p99 at {rate}/s |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| setup | req/s (wrk) | rounds' range | vs nginx | vs HAProxy | CPU a request | busiest thread | p50 | p99 | p99.9 | errors | fixed-rate p50 | p99 | p99.9 | added p99 at {rate}/s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for n in order:
     t = "1t" if n == "direct" else n.rsplit("-", 1)[1]
     r, ng, ha = m[n]["rps"], m[f"nginx-{t}"]["rps"], m[f"haproxy-{t}"]["rps"]
     added = "" if n == "direct" else f"{m[n]['fp99'] - m['direct']['fp99']:+.3f} ms"
     lo, hi = spread[n]
-    print(f"| {n} | {r:,.0f} | {lo/1000:.1f}k–{hi/1000:.1f}k | {r/ng:.2f}× | {r/ha:.2f}× | {m[n]['p50']:.3f} ms | {m[n]['p99']:.3f} ms | {m[n]['p999']:.3f} ms | {m[n]['err']:.0f} | {m[n]['fp50']:.3f} ms | {m[n]['fp99']:.3f} ms | {m[n]['fp999']:.3f} ms | {added} |")
+    cpu = "" if n == "direct" else f"{m[n]['cpu']:.1f} µs"
+    busiest = "" if n == "direct" else f"{m[n]['busiest']:.0%}"
+    print(f"| {n} | {r:,.0f} | {lo/1000:.1f}k–{hi/1000:.1f}k | {r/ng:.2f}× | {r/ha:.2f}× | {cpu} | {busiest} | {m[n]['p50']:.3f} ms | {m[n]['p99']:.3f} ms | {m[n]['p999']:.3f} ms | {m[n]['err']:.0f} | {m[n]['fp50']:.3f} ms | {m[n]['fp99']:.3f} ms | {m[n]['fp999']:.3f} ms | {added} |")
 print()
 ok = lambda c: "met" if c else "NOT met"
 g = lambda n, k="rps": m[n][k]
@@ -199,6 +221,10 @@ f1, f2, n1, n2 = g("ficus-1t"), g("ficus-2t"), g("nginx-1t"), g("nginx-2t")
 print(f"Ficus vs nginx: {f1/n1:.2f}x at 1 thread (target >= 0.95x: {ok(f1/n1 >= 0.95)}), {f2/n2:.2f}x at 2 ({ok(f2/n2 >= 0.95)})")
 print(f"  the hyper floor vs nginx: {g('hyper-floor-1t')/n1:.2f}x at 1 thread, {g('hyper-floor-2t')/n2:.2f}x at 2; HAProxy vs nginx: {g('haproxy-1t')/n1:.2f}x, {g('haproxy-2t')/n2:.2f}x")
 print(f"  the connection floor vs nginx: {g('conn-floor-1t')/n1:.2f}x at 1 thread, {g('conn-floor-2t')/n2:.2f}x at 2; Ficus vs it: {f1/g('conn-floor-1t'):.2f}x, {f2/g('conn-floor-2t'):.2f}x")
+c = lambda n: m[n]["cpu"]
+print(f"  CPU a request (user and system, the proxy's processes, during the wrk runs), Ficus vs nginx: {c('ficus-1t')/c('nginx-1t'):.2f}x at 1 thread, {c('ficus-2t')/c('nginx-2t'):.2f}x at 2; the connection floor vs nginx: {c('conn-floor-1t')/c('nginx-1t'):.2f}x, {c('conn-floor-2t')/c('nginx-2t'):.2f}x")
+two = [n for n in order if n.endswith("-2t")]
+print("  2 threads, each round's busiest thread's share of the proxy's CPU and its req/s: " + "; ".join(f"{n} " + ", ".join(f"{r['busiest']:.0%} {r['rps']/1000:.1f}k" for r in runs[n]) for n in two))
 print(f"  Ficus vs the hyper floor: {f1/g('hyper-floor-1t'):.2f}x, {f2/g('hyper-floor-2t'):.2f}x; vs the pingora floor: {f1/g('pingora-floor-1t'):.2f}x, {f2/g('pingora-floor-2t'):.2f}x")
 for t in ("1t", "2t"):
     a, b = g(f"ficus-{t}", "p99"), g(f"nginx-{t}", "p99")
