@@ -5,11 +5,11 @@
 //! Every decision about a request is [`crate::request`]'s; this module reads
 //! and writes bytes:
 //!
-//! - Client connections: hyper's server (HTTP/1 and h2c by preface, upgrades)
-//!   over [`HeadGuard`], whose framer judges each HTTP/1 head as it was sent
-//!   (a bare LF, both framings) and queues one verdict per request; a request
-//!   with no verdict, or another request's, is refused and its connection
-//!   closed, so a framer that lost the thread fails closed.
+//! - Client connections: hyper's server (HTTP/1 and h2c by preface, upgrades).
+//!   The two refusals that need a request's head as it was sent (a bare LF,
+//!   both framings) are found by hyper's own parser, patched
+//!   (`vendor/hyper/FICUS-PATCH.md`), which hands such a request over marked
+//!   with a [`hyper::ext::RawHeadRefusal`] and does not keep its connection.
 //! - Upstream connections: a pool of HTTP/1 connections per upstream address,
 //!   and one multiplexed connection per h2c upstream. A connection is taken
 //!   from the pool before the request is handed over, so a failed connect
@@ -44,18 +44,13 @@ use hyper_util::server::conn::auto;
 
 use crate::balance::Balance;
 use crate::config::{BackendConfig, HeaderCase};
-use crate::head_guard::{Framer, HeadGuard};
 use crate::request::{BODY_TOO_LARGE, Ctx, Failure, Next, Refusal, Shared, error_answer};
 use crate::tape::Tape;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The longest request head hyper reads, and the framer follows; pingora's
-/// limit.
+/// The longest request head hyper reads; pingora's limit.
 pub(crate) const MAX_HEAD: usize = 1024 * 1024;
-/// The most headers one request may have: hyper's default, which it parses
-/// on the stack (a larger limit costs two heap arrays per head).
-const MAX_HEADERS: usize = 100;
 /// The request body kept to send again when a request fails over; pingora's
 /// retry buffer. A longer body is not sent twice.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -63,7 +58,6 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 /// One client connection, as its requests see it.
 struct Client {
     engine: Arc<Engine>,
-    framer: Arc<Mutex<Framer>>,
     /// The client's address as `X-Forwarded-For` gives it.
     peer_ip: Option<HeaderValue>,
 }
@@ -97,14 +91,12 @@ impl Engine {
         graceful: &hyper_util::server::graceful::GracefulShutdown,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let _ = stream.set_nodelay(true);
-        let framer = Arc::new(Mutex::new(Framer::new(MAX_HEAD, MAX_HEADERS)));
-        let io = TokioIo::new(HeadGuard::new(stream, Arc::clone(&framer)));
+        let io = TokioIo::new(stream);
         // What every request of the connection shares, made once: one
         // reference to clone per request, and the client's address written
         // once for `X-Forwarded-For`.
         let client = Arc::new(Client {
             engine: Arc::clone(self),
-            framer,
             peer_ip: HeaderValue::try_from(peer.ip().to_string()).ok(),
         });
         let service = hyper::service::service_fn(move |req| {
@@ -124,7 +116,6 @@ impl Engine {
 
     /// One request, start to answer; the answer's body ends it.
     async fn handle(&self, client: &Client, mut req: Request<Incoming>) -> Response<ClientBody> {
-        let framer = &client.framer;
         let mut done = Done {
             shared: Arc::clone(&self.shared),
             ctx: Some(Box::new(self.shared.ctx())),
@@ -134,25 +125,14 @@ impl Engine {
         let ctx = done.ctx.as_mut().expect("a ctx until the request ends");
         let draining = self.shared.begin(ctx);
         let http1 = req.version() <= Version::HTTP_11;
-        // One verdict per HTTP/1 request, in order; none, or another
-        // request's, means the framer lost the thread: refuse and close.
-        if http1 {
-            let verdict = framer
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .next_verdict();
-            let refusal = match verdict {
-                Some(v) if v.method == *req.method() && same_target(&v.target, req.uri()) => {
-                    v.refusal
-                }
-                _ => Some("the request could not be read as it was sent"),
-            };
-            if let Some(message) = refusal {
-                // Routing gives a request its id; this refusal comes before
-                // it, and names the request as the client does all the same.
-                self.shared.identify(ctx, req.headers());
-                return self.fail(done, &Failure::Refused(Refusal::new(400, message)), true);
-            }
+        // What hyper's parser saw in the head as it was sent (a bare LF, both
+        // framings): refused, and hyper does not keep the connection.
+        if let Some(refusal) = req.extensions().get::<hyper::ext::RawHeadRefusal>() {
+            // Routing gives a request its id; this refusal comes before it,
+            // and names the request as the client does all the same.
+            let message = refusal.0;
+            self.shared.identify(ctx, req.headers());
+            return self.fail(done, &Failure::Refused(Refusal::new(400, message)), true);
         }
         #[cfg(test)]
         if req.uri().path() == tests::PANIC_PATH {
@@ -249,7 +229,6 @@ impl Engine {
             replay,
             flags,
             upgrade,
-            framer: Arc::clone(framer),
             draining,
             http1,
         };
@@ -397,12 +376,6 @@ impl Engine {
                 // An upstream that switched protocols unasked: nothing to join.
                 return self.fail(done, &Failure::Upstream, http1);
             };
-            // What follows on the client's connection is the tunnel's, not HTTP.
-            request
-                .framer
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .tunnel();
             let mut upstream_resp = Response::from_parts(head.clone(), incoming);
             let upstream = hyper::upgrade::on(&mut upstream_resp);
             // The request lasts as long as its tunnel: in flight, and drained.
@@ -486,23 +459,12 @@ struct Forwarded {
     flags: Arc<BodyFlags>,
     /// The client's side of an upgrade.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
-    framer: Arc<Mutex<Framer>>,
     draining: bool,
     http1: bool,
 }
 
 fn status(code: u16) -> http::StatusCode {
     http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR)
-}
-
-/// Whether the request target the framer saw is the one hyper parsed: the
-/// same text for the origin form every client sends, compared without
-/// allocating; any other form through the parsed URI's text.
-fn same_target(raw: &str, uri: &Uri) -> bool {
-    if raw.starts_with('/') {
-        return uri.scheme().is_none() && uri.path_and_query().is_some_and(|p| p.as_str() == raw);
-    }
-    *uri == *raw || raw.parse::<Uri>().is_ok_and(|u| u == *uri)
 }
 
 /// An HTTP/1 upgrade request (`Connection: upgrade` with an `Upgrade`).
@@ -1778,6 +1740,92 @@ pub(crate) mod tests {
             if n == 0 || whole {
                 return text.into_owned();
             }
+        }
+    }
+
+    /// Sends `input` on one connection, pipelined, and lists the answers read
+    /// until the proxy closes: each status, whether it says `Connection:
+    /// close`, and its error, if any.
+    async fn check_raw(input: &str, expect: expect_test::Expect) {
+        let upstream = backend(Arc::default(), Arc::default()).await;
+        let (addr, _) = proxy(upstream).await;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(input.as_bytes()).await.unwrap();
+        let mut read = Vec::new();
+        // Bounded only so that a regression fails rather than hangs.
+        tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut read))
+            .await
+            .expect("the proxy kept the connection open")
+            .unwrap();
+        let text = String::from_utf8_lossy(&read);
+        let answers: Vec<String> = text
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .map(|a| {
+                let close = a.to_ascii_lowercase().contains("\r\nconnection: close\r\n");
+                let error = a
+                    .split("\"error\":\"")
+                    .nth(1)
+                    .and_then(|e| e.split('"').next())
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                format!("{}{}{error}", &a[..3], if close { " close" } else { "" })
+            })
+            .collect();
+        expect.assert_eq(&answers.join("\n"));
+    }
+
+    /// The heads hyper's parser (patched, `vendor/hyper/FICUS-PATCH.md`)
+    /// refuses for their bytes as sent: each is answered 400 with the reason
+    /// and ends its connection, so a request pipelined behind it is never
+    /// read; a clean pipeline is answered whole (its last request asks to
+    /// close).
+    #[tokio::test]
+    async fn heads_refused_for_their_bytes_as_sent_end_the_connection() {
+        let get =
+            |path: &str| format!("GET {path} HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\n\r\n");
+        let last = "GET /z HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\nConnection: close\r\n\r\n";
+        check_raw(
+            &format!("{}POST /p HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\nContent-Length: 2\r\n\r\nhi{}{last}", get("/a"), get("/b")),
+            expect_test::expect![[r#"
+                200
+                200
+                200
+                200 close"#]],
+        )
+        .await;
+        check_raw(
+            &format!(
+                "{}GET /b HTTP/1.1\r\nHost: t\nX-Tenant-Id: acme\r\n\r\n{last}",
+                get("/a")
+            ),
+            expect_test::expect![[r#"
+                200
+                400 close (a header line ends in a bare LF)"#]],
+        )
+        .await;
+        check_raw(
+            &format!("\n{}{last}", get("/a")),
+            expect_test::expect![[r#"
+                400 close (a header line ends in a bare LF)"#]],
+        )
+        .await;
+        check_raw(
+            &format!("GET /a HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\n\n{last}"),
+            expect_test::expect![[r#"
+                400 close (a header line ends in a bare LF)"#]],
+        )
+        .await;
+        for framings in [
+            "Content-Length: 5\r\nTransfer-Encoding: chunked",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5",
+        ] {
+            check_raw(
+                &format!("POST /p HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\n{framings}\r\n\r\n0\r\n\r\n{last}"),
+                expect_test::expect![[r#"
+                    400 close (a request may not carry both content-length and transfer-encoding)"#]],
+            )
+            .await;
         }
     }
 

@@ -14,7 +14,6 @@ pub mod balance;
 pub mod census;
 pub mod config;
 pub mod guard;
-pub mod head_guard;
 pub mod hyper_engine;
 pub mod metrics;
 pub mod request;
