@@ -700,7 +700,8 @@ fn ask_raw_head(s: &mut TcpStream, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// Regression: the framer's refusals come before routing, which gives a
+/// Regression: the raw-head refusals (made by a framer beside hyper when this
+/// broke, by hyper's patched parser since) come before routing, which gives a
 /// request its id; they still name the request as the client did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_the_framer_refuses_is_answered_with_the_clients_request_id() {
