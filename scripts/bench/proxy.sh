@@ -54,12 +54,14 @@ $load nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 
 declare -A url pid
 # ticks NAME: the CPU time (clock ticks, user and system) each thread of a
-# setup's processes has used, one line per thread; nginx's workers are its
-# master's children.
+# setup's processes has used, one line per thread ("tid ticks"); nginx's
+# workers are its master's children.
 ticks() {
   local p t
   for p in ${pid[$1]:-} $(pgrep -P "${pid[$1]:-0}" || true); do
-    for t in /proc/"$p"/task/*/stat; do sed 's/.*) //' "$t" 2>/dev/null | awk '{print $12 + $13}' || true; done
+    for t in /proc/"$p"/task/*; do
+      sed 's/.*) //' "$t/stat" 2>/dev/null | awk -v tid="${t##*/}" '{print tid, $12 + $13}' || true
+    done
   done
 }
 for t in 1 2; do
@@ -171,8 +173,10 @@ for round in $(seq 1 "$rounds"); do
     ticks "$name" > "$work/ticks1"
     # The proxy's CPU time a request, and the busiest thread's share of it:
     # how the setup spread its work over its workers.
-    cpu=$(paste "$work/ticks0" "$work/ticks1" | awk -v n="$w_n" '{d = $2 - $1; s += d; if (d > m) m = d}
-      END {if (n > 0 && s > 0) printf "%.2f %.2f", s * 1e6 / sysconf / n, m / s; else print "nan nan"}' sysconf="$(getconf CLK_TCK)")
+    # Threads are matched by id: one started during the run counts whole.
+    cpu=$(awk -v n="$w_n" -v hz="$(getconf CLK_TCK)" 'NR == FNR {before[$1] = $2; next}
+      {d = $2 - before[$1]; s += d; if (d > m) m = d}
+      END {if (n > 0 && s > 0) printf "%.2f %.2f", s * 1e6 / hz / n, m / s; else print "nan nan"}' "$work/ticks0" "$work/ticks1")
     fixed=$($load "$bench" rate "${url[$name]}" --rps "$rate" --secs "$secs" --header "X-Tenant-Id: t5")
     echo "$name $round $w_rps $w_p50 $w_p99 $w_p999 $w_err $cpu $fixed" >> "$work/results"
   done
