@@ -23,8 +23,9 @@
 //!   its last byte is written or the client goes away.
 //! - Shutdown: the first SIGTERM/SIGINT drains (`/readyz` 503,
 //!   `Connection: close` on every answer, listeners open for `drain_delay`);
-//!   then the listeners close and hyper's graceful shutdown lets what is in
-//!   flight finish, up to `drain_timeout`.
+//!   then the listeners close and [`Drain`] tells each connection to close
+//!   once what is in flight finishes (hyper's graceful shutdown of it), up to
+//!   `drain_timeout`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,6 +45,7 @@ use hyper_util::server::conn::auto;
 
 use crate::balance::Balance;
 use crate::config::{BackendConfig, HeaderCase};
+use crate::drain::Drain;
 use crate::request::{BODY_TOO_LARGE, Ctx, Failure, Next, Refusal, Shared, error_answer};
 use crate::tape::Tape;
 
@@ -82,13 +84,14 @@ impl Engine {
     }
 
     /// The server side of one client connection, as a future that ends with
-    /// the connection; `graceful` closes it once its in-flight requests end.
+    /// the connection; when `drain` closes, the connection closes once its
+    /// in-flight request ends.
     pub fn serve(
         self: &Arc<Engine>,
         builder: &Arc<auto::Builder<TokioExecutor>>,
         stream: tokio::net::TcpStream,
         peer: SocketAddr,
-        graceful: &hyper_util::server::graceful::GracefulShutdown,
+        drain: &Drain,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
@@ -106,9 +109,10 @@ impl Engine {
         let conn = builder
             .serve_connection_with_upgrades(io, service)
             .into_owned();
-        let conn = graceful.watch(conn);
+        let watch = drain.watch();
         async move {
-            if let Err(e) = conn.await {
+            let ended = watch.serve(conn, |conn| conn.graceful_shutdown()).await;
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
         }
@@ -1527,15 +1531,15 @@ pub fn server_builder(header_case: HeaderCase) -> auto::Builder<TokioExecutor> {
 /// Accepts client connections on `listener` for `worker` until `stop` turns
 /// true, leaving them to the other workers while it has more open than one of
 /// them ([`crate::balance`]), and returns the watch on the connections it
-/// accepted, for the drain.
+/// accepted, for the drain ([`Drain`]).
 pub async fn accept(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     (balance, worker): (Arc<Balance>, usize),
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> hyper_util::server::graceful::GracefulShutdown {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+) -> Drain {
+    let drain = Drain::new();
     // Since when this worker has been leaving connections to the others: kept
     // across the counts' changes, so that connections closing elsewhere do not
     // put off its look at the listener.
@@ -1567,7 +1571,7 @@ pub async fn accept(
         match accepted {
             Ok((stream, peer)) => {
                 let open = balance.opened(worker);
-                let serve = engine.serve(&builder, stream, peer, &graceful);
+                let serve = engine.serve(&builder, stream, peer, &drain);
                 tokio::spawn(async move {
                     serve.await;
                     drop(open);
@@ -1581,7 +1585,7 @@ pub async fn accept(
             }
         }
     }
-    graceful
+    drain
 }
 
 #[cfg(test)]

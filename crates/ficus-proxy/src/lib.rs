@@ -13,6 +13,7 @@ pub mod admin;
 pub mod balance;
 pub mod census;
 pub mod config;
+pub mod drain;
 pub mod guard;
 pub mod hyper_engine;
 pub mod metrics;
@@ -420,13 +421,13 @@ fn hyper_worker(
         }
         let mut open = Vec::new();
         for task in accepting {
-            if let Ok(graceful) = task.await {
-                open.push(graceful);
+            if let Ok(drain) = task.await {
+                open.push(drain);
             }
         }
         let started = Instant::now();
         // Closes idle connections and, on each busy one, lets its request end.
-        let closing = futures_join_all(open.into_iter().map(|g| g.shutdown()));
+        let closing = futures_join_all(open.into_iter().map(|d| d.close()));
         if tokio::time::timeout(drain, closing).await.is_err() {
             tracing::warn!("drain timeout: closing connections with requests still in flight");
         }

@@ -2230,8 +2230,11 @@ fn sqlite_feed(
                 last_version = None;
             }
             let c = conn.as_ref().expect("opened above");
+            // Prepared once for the connection's life: asked a hundred times
+            // a second, the statement's parse cost more than its answer.
             let version: i64 = c
-                .query_row("PRAGMA data_version", [], |r| r.get(0))
+                .prepare_cached("PRAGMA data_version")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .map_err(sql_err(location, "watching the store"))?;
             if last_version == Some(version) {
                 return Ok(());
