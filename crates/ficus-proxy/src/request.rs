@@ -214,36 +214,67 @@ pub enum Failure {
 
 /// A header map the request path edits on the way upstream. Edits go through
 /// it rather than through the map, so that a head that keeps headers beside
-/// the map (pingora kept their case; hyper keeps it in an extension) sees
-/// every edit.
+/// the map (pingora kept their case; hyper keeps it in an extension, and
+/// takes the proxy's own headers written out) sees every edit.
 pub trait UpstreamHead {
     fn method(&self) -> &Method;
     fn uri(&self) -> &Uri;
     fn headers(&self) -> &HeaderMap;
     fn remove_header(&mut self, name: &HeaderName);
-    fn insert_header(&mut self, name: HeaderName, value: HeaderValue) -> Result<(), Refusal>;
+    /// Adds the proxy's own headers, none of which the head carries (any the
+    /// client sent were removed first).
+    fn add_headers(&mut self, added: AddedHeaders);
     fn set_uri(&mut self, uri: Uri);
 }
 
-impl UpstreamHead for http::request::Parts {
-    fn method(&self) -> &Method {
-        &self.method
+/// The headers the proxy adds to a request on its way upstream, kept as the
+/// HTTP/1 field lines they are sent as (`name: value\r\n` each): hyper's
+/// HTTP/1 client sends them as written (`hyper::ext::RawHeaderLines`), which
+/// costs less than hashing each into the request's map. A name is a token
+/// and a value holds no CR or LF (both checked when they were made), so
+/// every line is whole.
+pub struct AddedHeaders {
+    lines: Vec<u8>,
+}
+
+impl AddedHeaders {
+    fn new() -> AddedHeaders {
+        // Room for the six a request usually gets.
+        AddedHeaders {
+            lines: Vec::with_capacity(256),
+        }
     }
-    fn uri(&self) -> &Uri {
-        &self.uri
+
+    fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
+        let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
+        self.lines.reserve(name.len() + value.len() + 4);
+        self.lines.extend_from_slice(name);
+        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(value);
+        self.lines.extend_from_slice(b"\r\n");
     }
-    fn headers(&self) -> &HeaderMap {
-        &self.headers
+
+    /// The headers, as a map takes them (an HTTP/2 request, a shadow read).
+    pub fn iter(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+        self.lines
+            .split(|b| *b == b'\n')
+            .filter_map(|line| line.strip_suffix(b"\r"))
+            .filter_map(|line| {
+                let colon = line.iter().position(|b| *b == b':')?;
+                let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+                let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii_start()).ok()?;
+                Some((name, value))
+            })
     }
-    fn remove_header(&mut self, name: &HeaderName) {
-        self.headers.remove(name);
+
+    /// The lines, as HTTP/1 sends them.
+    pub fn into_lines(self) -> Vec<u8> {
+        self.lines
     }
-    fn insert_header(&mut self, name: HeaderName, value: HeaderValue) -> Result<(), Refusal> {
-        self.headers.insert(name, value);
-        Ok(())
-    }
-    fn set_uri(&mut self, uri: Uri) {
-        self.uri = uri;
+
+    /// Lines [`AddedHeaders::into_lines`] gave, back.
+    pub fn from_lines(lines: Vec<u8>) -> AddedHeaders {
+        AddedHeaders { lines }
     }
 }
 
@@ -785,7 +816,7 @@ impl Shared {
         // whether there are forwarding headers to add to; most requests carry
         // neither, and a look-up by name hashes it.
         let mut spoofable: Vec<HeaderName> = Vec::new();
-        let (mut forwarded_for, mut via) = (false, false);
+        let (mut forwarded_for, mut via, mut request_id) = (false, false, false);
         for k in upstream.headers().keys() {
             if k.as_str().starts_with("x-ficus-") || *k == s.tenant_header || *k == s.backend_header
             {
@@ -794,29 +825,37 @@ impl Shared {
                 forwarded_for = true;
             } else if *k == header::VIA {
                 via = true;
+            } else if *k == s.request_id_header {
+                request_id = true;
             }
         }
         for name in &spoofable {
             upstream.remove_header(name);
         }
+        // The headers the proxy sets, added at once once the client's own
+        // are out of the way: the engine writes them out rather than hashing
+        // each into the map.
+        let mut added = AddedHeaders::new();
         if let Some(t) = &ctx.tenant {
             let value = match ctx.tenant_header.take() {
                 Some(v) => v,
                 None => shared_value(t.as_str().to_owned())
                     .ok_or_else(|| Refusal::new(400, "invalid tenant id"))?,
             };
-            upstream.insert_header(s.tenant_header.clone(), value)?;
+            added.push(&s.tenant_header, &value);
         }
         if let Some(b) = ctx.backend {
-            upstream.insert_header(
-                s.backend_header.clone(),
-                HeaderValue::from_static(b.as_str()),
-            )?;
+            added.push(&s.backend_header, &HeaderValue::from_static(b.as_str()));
         }
         let id = ctx
             .request_id_value()
             .ok_or_else(|| Refusal::new(400, "invalid request id"))?;
-        upstream.insert_header(s.request_id_header.clone(), id)?;
+        // The client's id, when it gave one, is the request's: sent as the
+        // proxy's, once.
+        if request_id {
+            upstream.remove_header(&s.request_id_header);
+        }
+        added.push(&s.request_id_header, &id);
         if let Some(ip) = client_ip {
             let prior = if forwarded_for {
                 upstream.headers().get(&X_FORWARDED_FOR)
@@ -834,20 +873,26 @@ impl Shared {
                 }
                 None => ip.clone(),
             };
-            upstream.insert_header(X_FORWARDED_FOR, forwarded)?;
+            if forwarded_for {
+                upstream.remove_header(&X_FORWARDED_FOR);
+            }
+            added.push(&X_FORWARDED_FOR, &forwarded);
         }
-        upstream.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static("http"))?;
+        added.push(&X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
         let prior = if via {
             upstream.headers().get(header::VIA)
         } else {
             None
         };
-        let via = match prior.and_then(|v| v.to_str().ok()) {
+        let via_value = match prior.and_then(|v| v.to_str().ok()) {
             Some(prior) => HeaderValue::try_from(format!("{prior}, 1.1 ficus"))
                 .map_err(|_| Refusal::new(400, "invalid via header"))?,
             None => HeaderValue::from_static("1.1 ficus"),
         };
-        upstream.insert_header(header::VIA, via)?;
+        if via {
+            upstream.remove_header(&header::VIA);
+        }
+        added.push(&header::VIA, &via_value);
         if let Some(path) = &ctx.rewritten_path {
             let uri: Uri = path
                 .parse()
@@ -856,9 +901,15 @@ impl Shared {
         }
         if let (Some(admitted), Some(tenant)) = (ctx.admitted.take(), &ctx.tenant) {
             let path_and_query = upstream.uri().path_and_query().map_or("/", |p| p.as_str());
-            if let Some(request) =
-                SafeRequest::new(upstream.method(), path_and_query, upstream.headers())
-            {
+            if let Some(request) = SafeRequest::new(
+                upstream.method(),
+                path_and_query,
+                upstream
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .chain(added.iter()),
+            ) {
                 let sh = &s.shadow;
                 let ask_again = self.shadow.sample_noise(&admitted.endpoint, sh).then(|| {
                     s.backend(admitted.served_by, ctx.service.as_deref())
@@ -899,6 +950,7 @@ impl Shared {
                 });
             }
         }
+        upstream.add_headers(added);
         Ok(())
     }
 
@@ -1275,9 +1327,20 @@ header = "X-Tenant-Id"
                     Err(r) => out += &format!("  refused {r}\n"),
                     Ok(()) => {
                         out += &format!("  {} {}\n", parts.method, parts.uri);
+                        // The map's headers and the lines the proxy wrote.
+                        let lines = parts
+                            .extensions
+                            .get::<hyper::ext::RawHeaderLines>()
+                            .map_or(&[][..], |l| &l.0[..]);
                         let mut headers: Vec<String> = parts
                             .headers
                             .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .chain(
+                                AddedHeaders::from_lines(lines.to_vec())
+                                    .iter()
+                                    .collect::<Vec<_>>(),
+                            )
                             .map(|(k, v)| format!("  {k}: {}\n", v.to_str().unwrap_or("?")))
                             .collect();
                         headers.sort();
@@ -1298,6 +1361,34 @@ header = "X-Tenant-Id"
         shared.finish(&mut ctx, 200, false);
         assert_eq!(shared.in_flight.load(Ordering::SeqCst), 0);
         expect.assert_eq(&out);
+    }
+
+    #[test]
+    fn added_headers_are_whole_lines_and_read_back_as_they_were_added() {
+        let mut added = AddedHeaders::new();
+        added.push(
+            &HeaderName::from_static("x-ficus-tenant"),
+            &HeaderValue::from_static("acme"),
+        );
+        added.push(
+            &header::VIA,
+            &HeaderValue::from_static("1.0 edge, 1.1 ficus"),
+        );
+        // A value may hold a colon and leading spaces that are not its own.
+        added.push(
+            &HeaderName::from_static("x-note"),
+            &HeaderValue::from_static("a: b"),
+        );
+        let back: Vec<String> = added.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+        expect![[
+            r#"["x-ficus-tenant=\"acme\"", "via=\"1.0 edge, 1.1 ficus\"", "x-note=\"a: b\""]"#
+        ]]
+        .assert_eq(&format!("{back:?}"));
+        expect![[r#""x-ficus-tenant: acme\r\nvia: 1.0 edge, 1.1 ficus\r\nx-note: a: b\r\n""#]]
+            .assert_eq(&format!(
+                "{:?}",
+                String::from_utf8(added.into_lines()).unwrap()
+            ));
     }
 
     #[tokio::test]

@@ -66,6 +66,21 @@ async fn routes_by_stage_and_follows_a_stage_change() {
     assert_eq!(seen.headers["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(seen.headers["via"], "1.1 ficus");
+    // A client's own request id and proxies before it: each sent once, as
+    // the proxy's (the proxy writes its headers out itself, after the map).
+    let r = c
+        .get(proxy.url("/h"))
+        .header("x-tenant-id", "acme")
+        .header("x-request-id", "client-id-1")
+        .header("via", "1.0 edge")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-id-1");
+    let seen = legacy.last().unwrap();
+    assert_eq!(seen.headers["x-request-id"], "client-id-1");
+    assert_eq!(seen.headers["via"], "1.0 edge, 1.1 ficus");
+    assert_eq!(seen.headers["x-ficus-tenant"], "acme");
     let r = c
         .get(proxy.url("/"))
         .header("x-request-id", "client-chosen-id")
@@ -569,6 +584,12 @@ async fn speaks_http2_and_websocket_and_h2c_upstreams() {
     .await;
     let (status, body) = get_as(&c, &proxy, "globex", "/via-h2c").await;
     assert_eq!((status, body["backend"].as_str()), (200, Some("new")));
+    // An HTTP/2 upstream is told what an HTTP/1 one is, in its header map.
+    let seen = new.last().unwrap();
+    assert_eq!(seen.headers["x-ficus-tenant"], "globex");
+    assert_eq!(seen.headers["x-ficus-backend"], "new");
+    assert_eq!(seen.headers["via"], "1.1 ficus");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,10 +196,19 @@ async fn hold(state: &BackendState) {
 }
 
 fn record(state: &BackendState, method: &str, headers: &HeaderMap) {
-    let headers = headers
-        .iter()
-        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-        .collect();
+    // A header sent twice reads as its values joined, as HTTP combines them,
+    // so that a test expecting one value sees a duplicate.
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (k, v) in headers {
+        let v = v.to_str().unwrap_or("");
+        seen.entry(k.as_str().to_string())
+            .and_modify(|prior| {
+                prior.push_str(", ");
+                prior.push_str(v);
+            })
+            .or_insert_with(|| v.to_string());
+    }
+    let headers = seen;
     state.seen.lock().unwrap().push(Seen {
         method: method.into(),
         headers,

@@ -60,6 +60,11 @@ pub(crate) mod raw_head;
 pub use raw_head::RawHeadRefusal;
 
 #[cfg(all(feature = "http1", feature = "client"))]
+mod raw_lines;
+#[cfg(all(feature = "http1", feature = "client"))]
+pub use raw_lines::RawHeaderLines;
+
+#[cfg(all(feature = "http1", feature = "client"))]
 mod informational;
 #[cfg(all(feature = "http1", feature = "client"))]
 pub use informational::on_informational;

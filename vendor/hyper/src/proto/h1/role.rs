@@ -1267,6 +1267,10 @@ impl Http1Transaction for Client {
         } else {
             write_headers(&msg.head.headers, dst);
         }
+        // Ficus's patch: lines the user wrote out itself (`ext::RawHeaderLines`).
+        if let Some(lines) = msg.head.extensions.get::<crate::ext::RawHeaderLines>() {
+            extend(dst, &lines.0);
+        }
 
         extend(dst, b"\r\n");
         msg.head.headers.clear(); //TODO: remove when switching to drain()
