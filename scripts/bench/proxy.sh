@@ -16,6 +16,9 @@
 # time a request, which does not depend on the split.
 # Every setup is measured once per round, rounds interleaved, every other round
 # in the reverse order, and the table shows the median round.
+# The two close comparisons are read from many short alternated runs as well:
+# 100,000 tenants against 10 (PAIRS, default 16) and, at one thread, nginx,
+# the connection floor and Ficus (TRIOS, default 15).
 #   scripts/bench/proxy.sh [seconds per run, default 5] [fixed rate, default 2000] [rounds, default 4]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -193,11 +196,24 @@ for pair in $(seq 1 "$pairs"); do
   done
 done
 
+# The one-thread throughput target, read the same way: nginx, the connection
+# floor and Ficus in rounds of short wrk runs, the order rotating each round,
+# the ratios taken within each round (the host moves a whole round together).
+trios="${TRIOS:-15}"
+three=(nginx-1t conn-floor-1t ficus-1t)
+for trio in $(seq 1 "$trios"); do
+  for k in 0 1 2; do
+    name="${three[$(((trio + k) % 3))]}"
+    read -r _ w_rps _ < <($load wrk -t1 -c32 -d3s -s "$work/report.lua" "${url[$name]}" | grep RESULT)
+    echo "$name $trio $w_rps" >> "$work/trios"
+  done
+done
+
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $rounds rounds, every other one in the reverse order, each: wrk -t1 -c32 -d${secs}s, then a fixed rate of ${rate} req/s for ${secs}s; the median round of each; backend, wrk and the fixed-rate client on core 1; 1-thread proxies on core 0, 2-thread proxies on both"
 echo
-python3 - "$work/results" "$work/pairs" "$rate" "${order[@]}" <<'PY'
+python3 - "$work/results" "$work/pairs" "$work/trios" "$rate" "${order[@]}" <<'PY'
 import json, statistics, sys
-path, pairs_path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+path, pairs_path, trios_path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 runs = {}
 for line in open(path):
     name, _, rps, p50, p99, p999, err, cpu, busiest, fixed = line.split(maxsplit=9)
@@ -242,6 +258,16 @@ for line in open(pairs_path):
     name, _, rps = line.split()
     pairs.setdefault(name, []).append(float(rps))
 h, t = statistics.median(pairs["ficus-100k-1t"]), statistics.median(pairs["ficus-1t"])
+trios = {}
+for line in open(trios_path):
+    name, trio, rps = line.split()
+    trios.setdefault(name, {})[trio] = float(rps)
+def ratios(a, b):
+    r = sorted(trios[a][k] / trios[b][k] for k in trios[b])
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return f"{statistics.median(r):.3f}x (quartiles {q[0]:.3f}-{q[2]:.3f})"
+med = {n: statistics.median(v.values()) for n, v in trios.items()}
+print(f"  1 thread, {len(trios['ficus-1t'])} rounds of 3 s runs, the order rotating (medians: nginx {med['nginx-1t']:,.0f}, the connection floor {med['conn-floor-1t']:,.0f}, Ficus {med['ficus-1t']:,.0f} req/s), each round's ratio: Ficus vs nginx {ratios('ficus-1t', 'nginx-1t')} (target >= 0.95x: {ok(statistics.median(trios['ficus-1t'][k] / trios['nginx-1t'][k] for k in trios['nginx-1t']) >= 0.95)}); the connection floor vs nginx {ratios('conn-floor-1t', 'nginx-1t')}; Ficus vs the floor {ratios('ficus-1t', 'conn-floor-1t')}")
 print(f"  100,000 tenants vs 10 ({len(pairs['ficus-1t'])} pairs of 3 s runs, alternated; medians {h:,.0f} and {t:,.0f} req/s): {h/t:.3f}x the throughput ({(h/t-1)*100:+.1f}%; target within 5%: {ok(abs(h/t-1) <= 0.05)}); in the table's rounds {g('ficus-100k-1t')/f1:.3f}x")
 PY
 echo
