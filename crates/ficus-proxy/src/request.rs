@@ -832,9 +832,9 @@ impl Shared {
         for name in &spoofable {
             upstream.remove_header(name);
         }
-        // The headers the proxy sets, added at once once the client's own
-        // are out of the way: the engine writes them out rather than hashing
-        // each into the map.
+        // The headers the proxy sets, written out together now that the
+        // client's own are out of the way, rather than each hashed into the
+        // map (the engine hands the lines to hyper).
         let mut added = AddedHeaders::new();
         if let Some(t) = &ctx.tenant {
             let value = match ctx.tenant_header.take() {
