@@ -816,7 +816,8 @@ impl Shared {
         // whether there are forwarding headers to add to; most requests carry
         // neither, and a look-up by name hashes it.
         let mut spoofable: Vec<HeaderName> = Vec::new();
-        let (mut forwarded_for, mut via, mut request_id) = (false, false, false);
+        let (mut forwarded_for, mut via, mut request_id, mut forwarded_proto) =
+            (false, false, false, false);
         for k in upstream.headers().keys() {
             if k.as_str().starts_with("x-ficus-") || *k == s.tenant_header || *k == s.backend_header
             {
@@ -827,6 +828,8 @@ impl Shared {
                 via = true;
             } else if *k == s.request_id_header {
                 request_id = true;
+            } else if *k == X_FORWARDED_PROTO {
+                forwarded_proto = true;
             }
         }
         for name in &spoofable {
@@ -877,6 +880,10 @@ impl Shared {
                 upstream.remove_header(&X_FORWARDED_FOR);
             }
             added.push(&X_FORWARDED_FOR, &forwarded);
+        }
+        // The scheme the proxy was asked in, whatever a client claims.
+        if forwarded_proto {
+            upstream.remove_header(&X_FORWARDED_PROTO);
         }
         added.push(&X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
         let prior = if via {
@@ -1394,7 +1401,7 @@ header = "X-Tenant-Id"
     #[tokio::test]
     async fn routes_by_stage_and_rewrites_the_forwarded_head() {
         check(
-            "GET /t/legacy/homes/7?x=1\nhost: app.example\nx-ficus-tenant: spoofed\nx-forwarded-for: 1.2.3.4\nvia: 1.0 edge",
+            "GET /t/legacy/homes/7?x=1\nhost: app.example\nx-ficus-tenant: spoofed\nx-forwarded-for: 1.2.3.4\nvia: 1.0 edge\nx-forwarded-proto: https",
             expect![[r#"
                 forward to Some(Legacy) tenant=legacy stage=Some(Legacy) effective=Some(Legacy) route="GET /homes/{id}" may_fail_over=true compared=false
                   upstream Ok(0)

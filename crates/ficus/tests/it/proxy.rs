@@ -73,6 +73,7 @@ async fn routes_by_stage_and_follows_a_stage_change() {
         .header("x-tenant-id", "acme")
         .header("x-request-id", "client-id-1")
         .header("via", "1.0 edge")
+        .header("x-forwarded-proto", "https")
         .send()
         .await
         .unwrap();
@@ -80,6 +81,7 @@ async fn routes_by_stage_and_follows_a_stage_change() {
     let seen = legacy.last().unwrap();
     assert_eq!(seen.headers["x-request-id"], "client-id-1");
     assert_eq!(seen.headers["via"], "1.0 edge, 1.1 ficus");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(seen.headers["x-ficus-tenant"], "acme");
     let r = c
         .get(proxy.url("/"))
