@@ -19,6 +19,27 @@ use toml::Spanned;
 
 use crate::resolve::{HostPattern, JwtKey, JwtRule, PathPattern, Rule};
 
+/// Headers a configured header name may not be ([`Settings::tenant_header`]
+/// and the two beside it): the proxy writes those headers out itself after
+/// the request's own, so one of these would frame the request, name its host
+/// or speak for the connection behind hyper's back, or go out beside the one
+/// the proxy sets.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "via",
+];
+
 /// Why a config file was refused: where, which key, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
@@ -498,14 +519,54 @@ impl Config {
          -> Result<HeaderName, ConfigError> {
             match h {
                 None => Ok(HeaderName::from_static(default)),
-                Some(h) => HeaderName::from_bytes(h.get_ref().as_bytes()).map_err(|_| {
-                    cx.at(
-                        h,
-                        &format!("{key}: {:?} is not a valid header name", h.get_ref()),
-                    )
-                }),
+                Some(h) => {
+                    let name = HeaderName::from_bytes(h.get_ref().as_bytes()).map_err(|_| {
+                        cx.at(
+                            h,
+                            &format!("{key}: {:?} is not a valid header name", h.get_ref()),
+                        )
+                    })?;
+                    // The proxy writes this header itself, after the request's
+                    // own: it may not be one that frames the message, names
+                    // its host, belongs to the connection, or that the proxy
+                    // already sets.
+                    if RESERVED_HEADERS.contains(&name.as_str()) {
+                        return Err(cx.at(
+                            h,
+                            &format!(
+                                "{key}: {:?} is a header the proxy may not set this way (it frames the request, names its host, belongs to the connection, or is one the proxy already sets)",
+                                h.get_ref()
+                            ),
+                        ));
+                    }
+                    Ok(name)
+                }
             }
         };
+        let tenant_header = header(&p.tenant_header, "proxy.tenant_header", "x-ficus-tenant")?;
+        let backend_header = header(&p.backend_header, "proxy.backend_header", "x-ficus-backend")?;
+        let request_id_header = header(
+            &p.request_id_header,
+            "proxy.request_id_header",
+            "x-request-id",
+        )?;
+        // Three headers the proxy sets, each once: one name for two would
+        // send it twice.
+        if tenant_header == backend_header
+            || tenant_header == request_id_header
+            || backend_header == request_id_header
+        {
+            // Named at the last of them the file sets (one at least does).
+            let at = [&p.request_id_header, &p.backend_header, &p.tenant_header]
+                .into_iter()
+                .find_map(|h| h.as_ref().map(|h| h.span()));
+            return Err(cx.err(
+                at,
+                &format!(
+                    "proxy.tenant_header, proxy.backend_header and proxy.request_id_header must differ (they are {tenant_header:?}, {backend_header:?} and {request_id_header:?})"
+                ),
+            ));
+        }
         let traffic_flush = match &p.traffic_flush_ms {
             Some(ms) if *ms.get_ref() < 100 => {
                 return Err(cx.at(ms, "proxy.traffic_flush_ms: must be at least 100"));
@@ -704,13 +765,9 @@ impl Config {
                 .map(|(i, r)| cx.rule(r, i, env))
                 .collect::<Result<Vec<_>, _>>()?,
             routes,
-            tenant_header: header(&p.tenant_header, "proxy.tenant_header", "x-ficus-tenant")?,
-            backend_header: header(&p.backend_header, "proxy.backend_header", "x-ficus-backend")?,
-            request_id_header: header(
-                &p.request_id_header,
-                "proxy.request_id_header",
-                "x-request-id",
-            )?,
+            tenant_header,
+            backend_header,
+            request_id_header,
             traffic_flush,
             tenant_label_cap: p.tenant_label_cap.unwrap_or(100),
             tenant_config_path,

@@ -45,6 +45,31 @@ impl Inner {
         // The lock guards plain bookkeeping that no panic leaves half-done.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Tells every watched connection to close.
+    fn tell_all(&self) {
+        // Set before the wakers are taken: a connection that registers after
+        // this takes the lock sees the flag when it looks again
+        // (`Watch::poll_close`).
+        self.closing.store(true, Ordering::SeqCst);
+        // Taken out under the lock, woken (and dropped) after it: a waker
+        // may be the last reference to a task whose watch locks it too.
+        let wakers: Vec<Waker> = self.state().wakers.drain().map(|(_, w)| w).collect();
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+}
+
+/// A drain dropped without [`Drain::close`] (its worker's accept task ended
+/// early) still tells its connections to close, as hyper-util's watch did
+/// when its sender went away; nobody waits for them.
+impl Drop for Drain {
+    fn drop(&mut self) {
+        if !self.inner.closing.load(Ordering::SeqCst) {
+            self.inner.tell_all();
+        }
+    }
 }
 
 impl Drain {
@@ -76,13 +101,7 @@ impl Drain {
     /// Tells every watched connection to close once its request ends, and
     /// waits until all have ended.
     pub async fn close(self) {
-        // Set before the wakers are taken: a connection that registers after
-        // this takes the lock sees the flag when it looks again (`Watch::poll_close`).
-        self.inner.closing.store(true, Ordering::SeqCst);
-        let wakers: Vec<Waker> = self.inner.state().wakers.drain().map(|(_, w)| w).collect();
-        for waker in wakers {
-            waker.wake();
-        }
+        self.inner.tell_all();
         loop {
             let ended = self.inner.all_ended.notified();
             tokio::pin!(ended);
@@ -120,7 +139,9 @@ impl Watch {
                 return false;
             }
             let waker = cx.waker().clone();
-            self.inner.state().wakers.insert(self.key, waker.clone());
+            let replaced = self.inner.state().wakers.insert(self.key, waker.clone());
+            // Dropped after the lock, for the reason `Inner::tell_all` gives.
+            drop(replaced);
             self.waker = Some(waker);
             // The close may have taken the wakers between the look above and
             // the registration: looked at again, after it.
@@ -170,10 +191,13 @@ impl<C: Future, F: FnMut(Pin<&mut C>)> Future for Serve<C, F> {
 impl Drop for Watch {
     fn drop(&mut self) {
         let mut state = self.inner.state();
-        state.wakers.remove(&self.key);
+        let removed = state.wakers.remove(&self.key);
         state.open -= 1;
-        if state.open == 0 {
-            drop(state);
+        let last = state.open == 0;
+        drop(state);
+        // After the lock, for the reason `Inner::tell_all` gives.
+        drop(removed);
+        if last {
             self.inner.all_ended.notify_waiters();
         }
     }
@@ -228,6 +252,16 @@ mod tests {
         b.await.unwrap();
         assert_eq!(polled.load(Ordering::SeqCst), 1);
         assert_eq!(unpolled.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_drain_dropped_unclosed_still_tells_its_connections() {
+        let drain = Drain::new();
+        let (told, task) = spawn_conn(&drain);
+        tokio::task::yield_now().await;
+        drop(drain);
+        task.await.unwrap();
+        assert_eq!(told.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

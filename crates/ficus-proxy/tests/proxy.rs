@@ -76,6 +76,25 @@ fn a_file_that_asks_for_pingora_is_refused_by_name() {
     );
 }
 
+/// The proxy writes its three configurable headers out itself, after the
+/// request's own: a name that frames the request, names its host, belongs to
+/// the connection or is another header the proxy sets is refused, and so is
+/// one name for two of them.
+#[test]
+fn the_proxys_own_header_names_may_not_frame_the_request_or_repeat() {
+    let with = |key: &str, value: &str| {
+        with_proxy_key(key, value)
+            .map_or_else(|e| e, |c| format!("ok: {}", c.settings.tenant_header))
+    };
+    assert_eq!(with("tenant_header", "X-Org"), "ok: x-org");
+    expect![[r#"ficus.toml:6: proxy.tenant_header: "Content-Length" is a header the proxy may not set this way (it frames the request, names its host, belongs to the connection, or is one the proxy already sets)"#]]
+        .assert_eq(&with("tenant_header", "Content-Length"));
+    expect![[r#"ficus.toml:6: proxy.request_id_header: "via" is a header the proxy may not set this way (it frames the request, names its host, belongs to the connection, or is one the proxy already sets)"#]]
+        .assert_eq(&with("request_id_header", "via"));
+    expect![[r#"ficus.toml:6: proxy.tenant_header, proxy.backend_header and proxy.request_id_header must differ (they are "x-ficus-tenant", "x-ficus-tenant" and "x-request-id")"#]]
+        .assert_eq(&with("backend_header", "X-Ficus-Tenant"));
+}
+
 #[test]
 fn header_case_is_lowercase_or_preserve() {
     let with = |value: &str| {
