@@ -14,7 +14,10 @@
 #   more in it than in time.
 # The fixed-rate client opens connections as an open-loop client does, so its
 # numbers include connection set-up; wrk's 32 connections stay open.
-#   scripts/bench/per_request.sh
+# FICUS=target/pgo/ficus measures the profile-guided build (scripts/build-pgo.sh)
+# in the Ficus rows but the allocations, which `ficus-bench proxy` counts in a
+# plain build (a profile changes where code goes, not what it allocates).
+#   [FICUS=path] scripts/bench/per_request.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 need=()
@@ -26,7 +29,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${pkgs[@]}"
 fi
 cargo build --release --locked -p ficus -p ficus-bench >/dev/null 2>&1 || cargo build --release --locked -p ficus -p ficus-bench
-ficus=target/release/ficus; bench=target/release/ficus-bench
+ficus=${FICUS:-target/release/ficus}; bench=target/release/ficus-bench
 work="$(mktemp -d)"; pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT

@@ -19,6 +19,9 @@
 # The two close comparisons are read from many short alternated runs as well:
 # 100,000 tenants against 10 (PAIRS, default 16) and, at one thread, nginx,
 # the connection floor and Ficus (TRIOS, default 15).
+# Ficus is the profile-guided build (scripts/build-pgo.sh, the build to run in
+# production), and the plain `cargo build --release` has rows of its own
+# (ficus-plain); PGO=0 measures the plain build alone, as the Ficus rows.
 #   scripts/bench/proxy.sh [seconds per run, default 5] [fixed rate, default 2000] [rounds, default 4]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -35,6 +38,13 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 cargo build --release --locked -p ficus -p ficus-bench >/dev/null 2>&1 || cargo build --release --locked -p ficus -p ficus-bench
 ficus="$PWD/target/release/ficus"
+plain=()
+if [ "${PGO:-1}" != 0 ]; then
+  bash scripts/build-pgo.sh >/dev/null 2>&1 || bash scripts/build-pgo.sh
+  plain=(ficus-plain-1t ficus-plain-2t)
+  plain_bin="$ficus"
+  ficus="$PWD/target/pgo/ficus"
+fi
 bench="$PWD/target/release/ficus-bench"
 work="$(mktemp -d)"
 pids=()
@@ -115,12 +125,13 @@ CONF
 done
 url[direct]=http://127.0.0.1:18001/homes/1
 
-start_ficus() { # name port admin tenants threads
+start_ficus() { # name port admin tenants threads [binary]
+  local bin="${6:-$ficus}"
   local dir="$work/$1"; mkdir -p "$dir"
   local store="sqlite:$dir/ficus.db"
-  FICUS_STORE="$store" "$ficus" init >/dev/null
+  FICUS_STORE="$store" "$bin" init >/dev/null
   { echo "id,stage"; for i in $(seq 0 $(( $4 - 1 ))); do echo "t$i,legacy"; done; } > "$dir/tenants.csv"
-  FICUS_STORE="$store" "$ficus" tenant import "$dir/tenants.csv" >/dev/null
+  FICUS_STORE="$store" "$bin" tenant import "$dir/tenants.csv" >/dev/null
   cat > "$dir/ficus.toml" <<CONF
 [proxy]
 listen = ["127.0.0.1:$2"]
@@ -135,7 +146,7 @@ upstreams = ["127.0.0.1:18002"]
 [[tenant_from]]
 header = "X-Tenant-Id"
 CONF
-  RUST_LOG=warn taskset -c "$(cores $5)" "$ficus" proxy --config "$dir/ficus.toml" 2>"$dir/proxy.log" & pids+=($!); pid[$1]=$!
+  RUST_LOG=warn taskset -c "$(cores $5)" "$bin" proxy --config "$dir/ficus.toml" 2>"$dir/proxy.log" & pids+=($!); pid[$1]=$!
   url[$1]=http://127.0.0.1:$2/homes/1
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$3/readyz" >/dev/null && return; sleep 0.1; done
   echo "ficus on $2 did not become ready" >&2; exit 1
@@ -143,6 +154,10 @@ CONF
 start_ficus ficus-1t 18030 18031 10 1
 start_ficus ficus-2t 18032 18033 10 2
 start_ficus ficus-100k-1t 18040 18041 100000 1
+if [ "${#plain[@]}" -gt 0 ]; then
+  start_ficus ficus-plain-1t 18034 18035 10 1 "$plain_bin"
+  start_ficus ficus-plain-2t 18036 18037 10 2 "$plain_bin"
+fi
 sleep 1
 
 cat > "$work/report.lua" <<'LUA'
@@ -155,7 +170,7 @@ done = function(summary, latency, requests)
 end
 LUA
 
-order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t conn-floor-1t ficus-1t ficus-100k-1t nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t conn-floor-2t ficus-2t)
+order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t conn-floor-1t ficus-1t ficus-100k-1t ${plain[0]:-} nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t conn-floor-2t ficus-2t ${plain[1]:-})
 for name in "${order[@]}"; do
   $load wrk -t1 -c32 -d2s -s "$work/report.lua" "${url[$name]}" >/dev/null   # warm-up
 done
@@ -200,10 +215,10 @@ done
 # floor and Ficus in rounds of short wrk runs, the order rotating each round,
 # the ratios taken within each round (the host moves a whole round together).
 trios="${TRIOS:-15}"
-three=(nginx-1t conn-floor-1t ficus-1t)
+three=(nginx-1t conn-floor-1t ficus-1t ${plain[0]:-})
 for trio in $(seq 1 "$trios"); do
-  for k in 0 1 2; do
-    name="${three[$(((trio + k) % 3))]}"
+  for ((k = 0; k < ${#three[@]}; k++)); do
+    name="${three[$(((trio + k) % ${#three[@]}))]}"
     read -r _ w_rps _ < <($load wrk -t1 -c32 -d3s -s "$work/report.lua" "${url[$name]}" | grep RESULT)
     echo "$name $trio $w_rps" >> "$work/trios"
   done
@@ -267,7 +282,12 @@ def ratios(a, b):
     q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
     return f"{statistics.median(r):.3f}x (quartiles {q[0]:.3f}-{q[2]:.3f})"
 med = {n: statistics.median(v.values()) for n, v in trios.items()}
+if "ficus-plain-1t" in m:
+    p1, p2 = g("ficus-plain-1t"), g("ficus-plain-2t")
+    print(f"  the plain build (cargo build --release, no profile) vs nginx: {p1/n1:.2f}x at 1 thread, {p2/n2:.2f}x at 2; CPU a request {c('ficus-plain-1t')/c('nginx-1t'):.2f}x, {c('ficus-plain-2t')/c('nginx-2t'):.2f}x; the profile-guided build vs it: {f1/p1:.2f}x, {f2/p2:.2f}x")
 print(f"  1 thread, {len(trios['ficus-1t'])} rounds of 3 s runs, the order rotating (medians: nginx {med['nginx-1t']:,.0f}, the connection floor {med['conn-floor-1t']:,.0f}, Ficus {med['ficus-1t']:,.0f} req/s), each round's ratio: Ficus vs nginx {ratios('ficus-1t', 'nginx-1t')} (target >= 0.95x: {ok(statistics.median(trios['ficus-1t'][k] / trios['nginx-1t'][k] for k in trios['nginx-1t']) >= 0.95)}); the connection floor vs nginx {ratios('conn-floor-1t', 'nginx-1t')}; Ficus vs the floor {ratios('ficus-1t', 'conn-floor-1t')}")
+if "ficus-plain-1t" in trios:
+    print(f"    the plain build in the same rounds (median {med['ficus-plain-1t']:,.0f} req/s): vs nginx {ratios('ficus-plain-1t', 'nginx-1t')}; the profile-guided build vs it {ratios('ficus-1t', 'ficus-plain-1t')}")
 print(f"  100,000 tenants vs 10 ({len(pairs['ficus-1t'])} pairs of 3 s runs, alternated; medians {h:,.0f} and {t:,.0f} req/s): {h/t:.3f}x the throughput ({(h/t-1)*100:+.1f}%; target within 5%: {ok(abs(h/t-1) <= 0.05)}); in the table's rounds {g('ficus-100k-1t')/f1:.3f}x")
 PY
 echo
