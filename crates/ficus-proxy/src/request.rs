@@ -812,27 +812,28 @@ impl Shared {
         client_ip: Option<&HeaderValue>,
     ) -> Result<(), Refusal> {
         let s = Arc::clone(&ctx.settings);
-        // One pass over the names finds the headers a client must not set and
-        // whether there are forwarding headers to add to; most requests carry
-        // neither, and a look-up by name hashes it.
-        let mut spoofable: Vec<HeaderName> = Vec::new();
-        let (mut forwarded_for, mut via, mut request_id, mut forwarded_proto) =
-            (false, false, false, false);
+        // One pass over the names finds the client's headers the proxy
+        // replaces (a client must not set the proxy's own, and its request id
+        // and scheme are sent as the proxy's, once) and whether there are
+        // forwarding headers to add to; most requests carry none of them, and
+        // a look-up by name hashes it.
+        let mut replaced: Vec<HeaderName> = Vec::new();
+        let (mut forwarded_for, mut via) = (false, false);
         for k in upstream.headers().keys() {
-            if k.as_str().starts_with("x-ficus-") || *k == s.tenant_header || *k == s.backend_header
+            if k.as_str().starts_with("x-ficus-")
+                || *k == s.tenant_header
+                || *k == s.backend_header
+                || *k == s.request_id_header
+                || *k == X_FORWARDED_PROTO
             {
-                spoofable.push(k.clone());
+                replaced.push(k.clone());
             } else if *k == X_FORWARDED_FOR {
                 forwarded_for = true;
             } else if *k == header::VIA {
                 via = true;
-            } else if *k == s.request_id_header {
-                request_id = true;
-            } else if *k == X_FORWARDED_PROTO {
-                forwarded_proto = true;
             }
         }
-        for name in &spoofable {
+        for name in &replaced {
             upstream.remove_header(name);
         }
         // The headers the proxy sets, written out together now that the
@@ -853,11 +854,8 @@ impl Shared {
         let id = ctx
             .request_id_value()
             .ok_or_else(|| Refusal::new(400, "invalid request id"))?;
-        // The client's id, when it gave one, is the request's: sent as the
-        // proxy's, once.
-        if request_id {
-            upstream.remove_header(&s.request_id_header);
-        }
+        // The client's id, when it gave one, is the request's (read before
+        // the rewrite): sent as the proxy's.
         added.push(&s.request_id_header, &id);
         if let Some(ip) = client_ip {
             let prior = if forwarded_for {
@@ -882,9 +880,6 @@ impl Shared {
             added.push(&X_FORWARDED_FOR, &forwarded);
         }
         // The scheme the proxy was asked in, whatever a client claims.
-        if forwarded_proto {
-            upstream.remove_header(&X_FORWARDED_PROTO);
-        }
         added.push(&X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
         let prior = if via {
             upstream.headers().get(header::VIA)

@@ -51,7 +51,7 @@ impl SafeRequest {
         if !(method == Method::GET || method == Method::HEAD || method == Method::OPTIONS) {
             return None;
         }
-        let mut clean = HeaderMap::new();
+        let mut clean = HeaderMap::with_capacity(headers.size_hint().0);
         for (name, value) in headers {
             // Connection-level headers belong to the client's connection, and asking
             // for identity encoding keeps both answers comparable.
