@@ -33,7 +33,8 @@ if [ -z "$profdata" ]; then
 fi
 
 root="$PWD/target/pgo"
-rm -rf "$root/profiles"
+# Nothing of an earlier build stays under the guided binary's name.
+rm -rf "$root/profiles" "$root/ficus"
 mkdir -p "$root/profiles"
 echo "building the instrumented ficus"
 RUSTFLAGS="-Cprofile-generate=$root/profiles" cargo build --release --locked -p ficus --target-dir "$root/gen"
@@ -92,13 +93,21 @@ upstreams = ["127.0.0.1:18102"]
 header = "X-Tenant-Id"
 CONF
   RUST_LOG=warn "$gen" proxy --config "$work/ficus-$threads.toml" 2>"$work/proxy-$threads.log" & fp=$!
-  for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$((port + 10))/readyz" >/dev/null && break; sleep 0.1; done
+  ready=""
+  for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$((port + 10))/readyz" >/dev/null && { ready=1; break; }; sleep 0.1; done
+  if [ -z "$ready" ]; then
+    echo "the instrumented proxy did not become ready:" >&2; cat "$work/proxy-$threads.log" >&2; exit 1
+  fi
   echo "training on $threads worker thread(s) for ${secs}s"
-  wrk -t1 -c32 -d"${secs}s" -s "$work/train.lua" "http://127.0.0.1:$port" | grep -E 'Requests/sec|Non-2xx' || true
+  # A training run that fails stops the build: an unguided or half-trained
+  # binary must not be left under the guided one's name.
+  out="$(wrk -t1 -c32 -d"${secs}s" -s "$work/train.lua" "http://127.0.0.1:$port")"
+  grep -E 'Requests/sec|Non-2xx' <<<"$out" || true
   # The profile is written when the process exits: it must end, not be killed.
   kill -TERM "$fp"
   wait "$fp"
 done
+ls "$root"/profiles/*.profraw >/dev/null 2>&1 || { echo "the training wrote no profile" >&2; exit 1; }
 "$profdata" merge -o "$root/ficus.profdata" "$root/profiles"
 echo "building the profile-guided ficus"
 RUSTFLAGS="-Cprofile-use=$root/ficus.profdata" cargo build --release --locked -p ficus --target-dir "$root/use"
