@@ -21,10 +21,11 @@
 //!   pooled client;
 //! - `ficus-bench proxy CONFIG [--allocs FILE]`: `ficus proxy` itself, in this
 //!   process, so that its allocations are counted;
-//! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N] [--routes]`:
-//!   starts a PostgreSQL store and a `ficus proxy` on it, then measures the time
-//!   from a committed stage change (a tenant's, or with `--routes` a route's) to
-//!   the proxy routing by it;
+//! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N] [--routes]
+//!   [--sqlite]`: starts a PostgreSQL store (with `--sqlite`, a SQLite one) and
+//!   a `ficus proxy` on it, then measures the time from a committed stage
+//!   change (a tenant's, or with `--routes` a route's) to the proxy routing by
+//!   it;
 //! - `ficus-bench backfill [--rows N] [--secs S]`: the `ficus db` numbers (see
 //!   `backfill.rs`);
 //! - `ficus-bench rls [--rows N] [--secs S]`: the cost of enforced row level
@@ -457,8 +458,16 @@ fn propagation(args: &[String]) -> Result<(), Error> {
     // With --routes, the tenant is migrated and the stage that flips is the
     // route `POST /`'s: released, then held again.
     let routes = args.iter().any(|a| a == "--routes");
-    let cluster = ficus_testkit::PgCluster::start_with(&[])?;
-    let store_url = cluster.url("postgres");
+    let dir = tempfile::tempdir()?;
+    // Kept until the end: the cluster stops when it is dropped.
+    let mut cluster = None;
+    let store_url = if args.iter().any(|a| a == "--sqlite") {
+        format!("sqlite:{}", dir.path().join("ficus.db").display())
+    } else {
+        cluster
+            .insert(ficus_testkit::PgCluster::start_with(&[])?)
+            .url("postgres")
+    };
     let ficus = ficus_binary();
     run(&ficus, &store_url, &["init"])?;
     let stage = if routes { "migrated" } else { "legacy" };
@@ -467,7 +476,6 @@ fn propagation(args: &[String]) -> Result<(), Error> {
         &store_url,
         &["tenant", "add", "flip", "--stage", stage],
     )?;
-    let dir = tempfile::tempdir()?;
     let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
     let (listen, admin) = (
         port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
@@ -496,6 +504,7 @@ fn propagation(args: &[String]) -> Result<(), Error> {
     );
     let _ = child.kill();
     let _ = child.wait();
+    drop(cluster);
     result
 }
 

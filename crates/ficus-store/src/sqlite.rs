@@ -32,10 +32,22 @@ use crate::{
 /// How many change-log entries are kept; a subscriber further behind resyncs.
 const CHANGES_KEPT: i64 = 10_000;
 
-/// How often the feed asks SQLite whether another connection has committed. The
-/// question (`PRAGMA data_version`) reads a counter in shared memory, so asking often
-/// costs next to nothing.
+/// How often the feed asks SQLite whether another connection has committed,
+/// where it cannot watch the store's directory (`FeedWake::Clock`). The
+/// question (`PRAGMA data_version`) reads a counter in shared memory, so asking
+/// often costs little; but it wakes every replica a hundred times a second.
 const FEED_POLL: Duration = Duration::from_millis(10);
+
+/// The first wait after a write the feed saw (`FeedWake::Watch`); each wait
+/// with nothing written doubles it, up to `FEED_FALLBACK`.
+const FEED_SOON: Duration = Duration::from_millis(1);
+
+/// How long the feed waits for a write it can see (`FeedWake::Watch`) before
+/// it asks all the same: a commit inotify did not report (one made visible
+/// long after its last write, a store on a file system that does not report
+/// another host's writes) still arrives well under the second the design
+/// allows.
+const FEED_FALLBACK: Duration = Duration::from_millis(250);
 
 /// Schema migrations; entry `i` brings the store from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -2216,6 +2228,7 @@ fn sqlite_feed(
     let mut last_seq = from_seq;
     let mut last_version: Option<i64> = None;
     let mut lost = false;
+    let mut wake = FeedWake::new(path);
     while !tx.is_closed() {
         let step = (|| -> Result<()> {
             if conn.is_none() {
@@ -2272,11 +2285,108 @@ fn sqlite_feed(
                 }
             }
         }
-        #[allow(
-            clippy::disallowed_methods,
-            reason = "a dedicated OS thread, not an async task"
-        )]
-        std::thread::sleep(FEED_POLL);
+        wake.wait();
+    }
+}
+
+/// What wakes the feed to ask the store again.
+///
+/// A commit by another connection writes the store's files (the WAL, or the
+/// database and its journal), and inotify reports the write: the feed sleeps
+/// until one comes, so an idle replica does not wake, and a change is seen as
+/// soon as it is written. Where inotify cannot be had, the feed asks on a
+/// clock, as often as before.
+///
+/// A write is reported before its commit can be read: SQLite appends a
+/// commit's frames to the WAL, syncs them, then publishes them in the WAL
+/// index, a shared memory map whose writes inotify does not see. So after a
+/// write the feed asks again soon, then less and less often (1, 2, 4 ms ...)
+/// back to the fallback's quarter second: the commit is read a little after
+/// it is published however long its sync took (a test that released one route
+/// right after the guard held another found the second change missing for the
+/// fallback's quarter second when the feed asked once a write only).
+enum FeedWake {
+    /// An inotify descriptor watching the store's directory, and the next
+    /// wait's length.
+    Watch {
+        fd: rustix::fd::OwnedFd,
+        next: Duration,
+    },
+    Clock,
+}
+
+impl FeedWake {
+    fn new(path: &Path) -> FeedWake {
+        // The directory, not the files: the WAL is created on the first write
+        // after a checkpoint removed it, and a watch on a file that is not
+        // there yet sees nothing.
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let watch = || -> rustix::io::Result<rustix::fd::OwnedFd> {
+            use rustix::fs::inotify;
+            let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+            inotify::add_watch(
+                &fd,
+                dir,
+                inotify::WatchFlags::MODIFY
+                    | inotify::WatchFlags::CREATE
+                    | inotify::WatchFlags::MOVED_TO,
+            )?;
+            Ok(fd)
+        };
+        match watch() {
+            Ok(fd) => FeedWake::Watch {
+                fd,
+                next: FEED_FALLBACK,
+            },
+            Err(_) => FeedWake::Clock,
+        }
+    }
+
+    /// Returns when the store may have changed: a write was reported
+    /// (`true`), or the time to ask anyway is up (`false`).
+    fn wait(&mut self) -> bool {
+        let FeedWake::Watch { fd, next } = self else {
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "a dedicated OS thread, not an async task"
+            )]
+            std::thread::sleep(FEED_POLL);
+            return false;
+        };
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        use rustix::io::Errno;
+        let timeout = Timespec {
+            tv_sec: i64::try_from(next.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(next.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(&*fd, PollFlags::IN)];
+        let (woken, mut failed) = match poll(&mut fds, Some(&timeout)) {
+            Ok(n) => (n > 0, false),
+            Err(e) => (false, e != Errno::INTR),
+        };
+        *next = if woken {
+            FEED_SOON
+        } else {
+            (*next * 2).min(FEED_FALLBACK)
+        };
+        // The events themselves say nothing the store's counter does not:
+        // they are read only to empty the queue, so the next wait sleeps
+        // until a later write.
+        let mut buf = [0u8; 4096];
+        while !failed {
+            match rustix::io::read(&*fd, &mut buf) {
+                Ok(0) | Err(Errno::AGAIN) => break,
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(_) => failed = true,
+            }
+        }
+        if failed {
+            *self = FeedWake::Clock;
+        }
+        woken
     }
 }
 
@@ -2502,4 +2612,39 @@ fn put_setting(
     )
     .map_err(sql_err(location, "appending to the audit log"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FeedWake;
+
+    /// The feed sleeps until a write to the store's directory, and an idle
+    /// store does not wake it: a watch that saw nothing (wrong flags, the
+    /// wrong directory) would leave every change to the fallback's clock.
+    #[test]
+    fn feed_wakes_on_a_write_to_the_store_directory() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let db = dir.path().join("ficus.db");
+        let mut wake = FeedWake::new(&db);
+        assert!(
+            matches!(wake, FeedWake::Watch { .. }),
+            "inotify is watching"
+        );
+        std::fs::write(dir.path().join("ficus.db-wal"), b"a commit").expect("a write");
+        assert!(wake.wait(), "woken by the write");
+        let waits = |wake: &FeedWake| match wake {
+            FeedWake::Watch { next, .. } => *next,
+            FeedWake::Clock => panic!("the watch was given up"),
+        };
+        assert_eq!(waits(&wake), super::FEED_SOON, "asked again soon");
+        // The write's events were read: nothing is left to wake the next
+        // waits early, each twice as long as the one before, up to the
+        // fallback's.
+        let mut lengths = vec![];
+        while waits(&wake) < super::FEED_FALLBACK {
+            assert!(!wake.wait(), "nothing written since");
+            lengths.push(waits(&wake).as_millis());
+        }
+        assert_eq!(lengths, [2, 4, 8, 16, 32, 64, 128, 250]);
+    }
 }
