@@ -79,10 +79,11 @@ ticks() {
   done
 }
 # alone NAME: every other setup's processes stopped (SIGSTOP), NAME's running.
-# An idle proxy still wakes (Ficus's SQLite change feed asks the store every
-# 10 ms): five idle Ficus processes took 2 % of a core in 550 wake-ups a second
-# from whichever setup was being measured, and a proxy runs alone in
-# production. `alone ""` lets every setup run again.
+# An idle proxy still wakes (Ficus's timers, about 19 times a second since its
+# SQLite change feed waits on inotify; 111 when the feed asked every 10 ms and
+# five idle Ficus processes took 2 % of a core from whichever setup was being
+# measured), and a proxy runs alone in production. `alone ""` lets every setup
+# run again.
 alone() {
   local n p
   for n in "${!pid[@]}"; do

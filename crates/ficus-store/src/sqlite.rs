@@ -2243,8 +2243,9 @@ fn sqlite_feed(
                 last_version = None;
             }
             let c = conn.as_ref().expect("opened above");
-            // Prepared once for the connection's life: asked a hundred times
-            // a second, the statement's parse cost more than its answer.
+            // Prepared once for the connection's life: asked after every write
+            // and its backoff (a hundred times a second on the clock), the
+            // statement's parse cost more than its answer.
             let version: i64 = c
                 .prepare_cached("PRAGMA data_version")
                 .and_then(|mut s| s.query_row([], |r| r.get(0)))
