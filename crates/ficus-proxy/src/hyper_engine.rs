@@ -33,7 +33,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ficus_core::Backend;
@@ -301,7 +301,10 @@ impl Engine {
             {
                 Ok((resp, checkin)) => {
                     if resp.status().is_server_error() && again && self.shared.fail_over(ctx) {
-                        if request.parts.restore(checkin.as_ref().map(|c| &*c.tape)) {
+                        if request
+                            .parts
+                            .restore(checkin.as_ref().map(|c| &*c.conn.tape))
+                        {
                             // Asked of the next upstream; this answer is
                             // dropped with its connection.
                             continue;
@@ -1146,10 +1149,22 @@ struct Pool {
     preserve_case: bool,
 }
 
-struct Idle {
+/// An HTTP/1 connection to an upstream, as the pool keeps it.
+struct Conn1 {
     sender: client1::SendRequest<UpBody>,
+    /// What the connection wrote of its request's head, for a second attempt.
     tape: Arc<Tape>,
-    since: Instant,
+    /// The wait for an answer's head, one timer for all the connection's
+    /// requests: moving a registered timer's deadline later is an atomic
+    /// store, where a timer a request registers and drops takes the runtime's
+    /// timer lock twice (callgrind: some 400 instructions a request).
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+struct Idle {
+    conn: Conn1,
+    /// When it was pooled, by the coarse clock (idle timeouts are seconds).
+    since: Duration,
 }
 
 /// An HTTP/1 connection to put back in the pool once its answer is read.
@@ -1157,8 +1172,7 @@ struct Checkin {
     pool: Arc<Pool>,
     addr: SocketAddr,
     idle_timeout: Duration,
-    sender: client1::SendRequest<UpBody>,
-    tape: Arc<Tape>,
+    conn: Conn1,
 }
 
 impl Checkin {
@@ -1166,49 +1180,38 @@ impl Checkin {
     /// it is, else when hyper has finished with the last one (a request body
     /// still being sent after an early answer), within the idle timeout.
     fn put_back(self) {
-        if self.sender.is_closed() {
+        if self.conn.sender.is_closed() {
             return;
         }
-        if self.sender.is_ready() {
-            self.pool
-                .keep(self.addr, self.idle_timeout, self.sender, self.tape);
+        if self.conn.sender.is_ready() {
+            self.pool.keep(self.addr, self.idle_timeout, self.conn);
             return;
         }
         let Checkin {
             pool,
             addr,
             idle_timeout,
-            mut sender,
-            tape,
+            mut conn,
         } = self;
         tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(idle_timeout, sender.ready()).await {
-                pool.keep(addr, idle_timeout, sender, tape);
+            if let Ok(Ok(())) = tokio::time::timeout(idle_timeout, conn.sender.ready()).await {
+                pool.keep(addr, idle_timeout, conn);
             }
         });
     }
 }
 
 impl Pool {
-    fn keep(
-        &self,
-        addr: SocketAddr,
-        idle_timeout: Duration,
-        sender: client1::SendRequest<UpBody>,
-        tape: Arc<Tape>,
-    ) {
+    fn keep(&self, addr: SocketAddr, idle_timeout: Duration, conn: Conn1) {
+        let now = crate::clock::coarse_monotonic();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(addr).or_default();
         if list.len() >= self.max_idle {
             // Full: the oldest ones are the likeliest to have gone stale.
-            list.retain(|i| i.since.elapsed() < idle_timeout && !i.sender.is_closed());
+            list.retain(|i| now - i.since < idle_timeout && !i.conn.sender.is_closed());
         }
         if list.len() < self.max_idle {
-            list.push(Idle {
-                sender,
-                tape,
-                since: Instant::now(),
-            });
+            list.push(Idle { conn, since: now });
         }
     }
 
@@ -1243,39 +1246,35 @@ impl Pool {
             self.take_idle(addr, conf)
         };
         let reused = pooled.is_some();
-        let (mut sender, tape) = match pooled {
+        let mut conn = match pooled {
             Some(s) => s,
             None => match Box::pin(self.open(addr, conf)).await {
                 Ok(opened) => opened,
                 Err(failure) => return Err(Sent::NotConnected(failure, Box::new(req))),
             },
         };
-        tape.arm(again);
-        match answer_within(read_timeout, flags, sender.try_send_request(req)).await {
-            None => Err(Sent::Timeout(Some(tape))),
+        conn.tape.arm(again);
+        let answer = conn.sender.try_send_request(req);
+        match answer_within(conn.timer.as_mut(), read_timeout, flags, answer).await {
+            None => Err(Sent::Timeout(Some(conn.tape))),
             Some(Ok(resp)) => Ok((
                 resp,
                 Some(Checkin {
                     pool: Arc::clone(self),
                     addr,
                     idle_timeout: conf.idle_timeout,
-                    sender,
-                    tape,
+                    conn,
                 }),
             )),
             Some(Err(mut e)) => match e.take_message() {
                 Some(req) => Err(Sent::Unsent(Box::new(req))),
-                None => Err(Sent::failed(reused, e.into_error(), Some(tape))),
+                None => Err(Sent::failed(reused, e.into_error(), Some(conn.tape))),
             },
         }
     }
 
     /// A new HTTP/1 connection to `addr`, its driver spawned, and its tape.
-    async fn open(
-        &self,
-        addr: SocketAddr,
-        conf: &BackendConfig,
-    ) -> Result<(client1::SendRequest<UpBody>, Arc<Tape>), Failure> {
+    async fn open(&self, addr: SocketAddr, conf: &BackendConfig) -> Result<Conn1, Failure> {
         let tape = Arc::new(Tape::default());
         let io = connect(addr, conf, Some(Arc::clone(&tape))).await?;
         let (sender, conn) = client1::Builder::new()
@@ -1288,21 +1287,23 @@ impl Pool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok((sender, tape))
+        Ok(Conn1 {
+            sender,
+            tape,
+            // Registered with the runtime's timer when first awaited.
+            timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
+        })
     }
 
     /// An idle connection to `addr` ready for a request; stale ones, and ones
     /// not ready, are closed.
-    fn take_idle(
-        &self,
-        addr: SocketAddr,
-        conf: &BackendConfig,
-    ) -> Option<(client1::SendRequest<UpBody>, Arc<Tape>)> {
+    fn take_idle(&self, addr: SocketAddr, conf: &BackendConfig) -> Option<Conn1> {
+        let now = crate::clock::coarse_monotonic();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop() {
-            if i.since.elapsed() < conf.idle_timeout && i.sender.is_ready() {
-                return Some((i.sender, i.tape));
+            if now - i.since < conf.idle_timeout && i.conn.sender.is_ready() {
+                return Some(i.conn);
             }
         }
         None
@@ -1360,7 +1361,8 @@ impl Pool {
         if sender.ready().await.is_err() {
             return Err(Sent::Unsent(Box::new(req)));
         }
-        match answer_within(read_timeout, flags, sender.try_send_request(req)).await {
+        let timer = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
+        match answer_within(timer, read_timeout, flags, sender.try_send_request(req)).await {
             None => {
                 // An upstream gone silent leaves the connection open: the next
                 // request starts a new one rather than wait on this one.
@@ -1380,8 +1382,9 @@ impl Pool {
 }
 
 /// Waits for an answer's head, giving up after `read_timeout` with no body
-/// byte handed upstream in it (`None`).
+/// byte handed upstream in it (`None`); `timer` is set for each wait.
 async fn answer_within<F: std::future::Future>(
+    mut timer: Pin<&mut tokio::time::Sleep>,
     read_timeout: Duration,
     flags: &BodyFlags,
     answer: F,
@@ -1389,9 +1392,25 @@ async fn answer_within<F: std::future::Future>(
     tokio::pin!(answer);
     let mut sent = flags.sent.load(Ordering::Relaxed);
     loop {
-        match tokio::time::timeout(read_timeout, &mut answer).await {
-            Ok(out) => return Some(out),
-            Err(_) => {
+        let now = tokio::time::Instant::now();
+        // A deadline past what the clock can hold is as good as none.
+        let deadline = now
+            .checked_add(read_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        timer.as_mut().reset(deadline);
+        // The answer first, as `tokio::time::timeout` asks: one that is
+        // ready when the time is up still counts.
+        let out = std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            ready!(timer.as_mut().poll(cx));
+            Poll::Ready(None)
+        })
+        .await;
+        match out {
+            Some(out) => return Some(out),
+            None => {
                 let now = flags.sent.load(Ordering::Relaxed);
                 if now == sent {
                     return None;
@@ -1903,6 +1922,41 @@ pub(crate) mod tests {
         // a moment after the client has its answer); the bug opened twenty.
         let opened = connections.load(Ordering::SeqCst);
         assert!(opened <= 3, "{opened} upstream connections for 20 requests");
+        settled(&shared).await;
+    }
+
+    /// A pooled connection keeps one timer for the waits of all its requests
+    /// (moved later for each, not made anew): a request on a connection whose
+    /// earlier requests were answered still meets its read timeout, whether
+    /// the timer is still counting down from the last one or has gone off
+    /// while the connection was idle.
+    #[tokio::test]
+    async fn a_reused_upstream_connection_still_meets_the_read_timeout() {
+        let connections = Arc::new(AtomicUsize::new(0));
+        let upstream = backend(Arc::clone(&connections), Arc::default()).await;
+        let (addr, shared) = proxy_with(upstream, "", "read_timeout_ms = 100\n").await;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for round in 0..3 {
+            for _ in 0..5 {
+                let answer = ask(&mut conn, "GET", "/a").await;
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            }
+            // Never answered: the upstream holds it. Bounded only so that a
+            // regression fails rather than hangs.
+            let answer =
+                tokio::time::timeout(Duration::from_secs(60), ask(&mut conn, "GET", "/held"))
+                    .await
+                    .expect("the read timeout never came");
+            assert!(
+                answer.starts_with("HTTP/1.1 504"),
+                "round {round}: {answer}"
+            );
+            // A timed-out request's connection is not pooled again.
+            conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        }
+        // Most of the fast requests went on a pooled connection.
+        let opened = connections.load(Ordering::SeqCst);
+        assert!(opened <= 9, "{opened} upstream connections for 18 requests");
         settled(&shared).await;
     }
 

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod balance;
 pub mod census;
+mod clock;
 pub mod config;
 pub mod drain;
 pub mod guard;

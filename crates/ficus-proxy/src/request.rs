@@ -29,12 +29,12 @@ use std::borrow::Cow;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use ficus_core::config::Platform;
-use ficus_core::{Backend, Decision, Stage, TenantId, Timestamp};
+use ficus_core::{Backend, Decision, Stage, TenantId};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 
 use crate::census::{self, Census};
@@ -287,13 +287,6 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 
 /// The largest request id accepted from a client; longer ones are replaced.
 const MAX_CLIENT_REQUEST_ID: usize = 128;
-
-fn now() -> Timestamp {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Timestamp::from_unix_millis(d.as_millis() as i64)
-}
 
 /// The `n`th request id of a process seeded `seed`: every step is a
 /// bijection of `u64` (an odd multiple, an offset, splitmix64's finalizer), so
@@ -1025,8 +1018,9 @@ impl Shared {
             ctx.tenant.as_ref(),
         );
         self.observe_for_guard(ctx, status >= 500);
-        // One clock read for both counts below.
-        let at = now();
+        // One clock read for both counts below, a coarse one: they keep
+        // when a tenant, a route or legacy was last seen, to the millisecond.
+        let at = crate::clock::coarse_now();
         if let Some(b) = ctx.backend
             && !ctx.route.is_empty()
         {
@@ -1241,7 +1235,7 @@ header = "X-Tenant-Id"
         let config = crate::Config::parse(std::path::Path::new("test.toml"), CONFIG, &|_| None)
             .expect("the test config parses");
         let shared = Shared::new(config.settings);
-        let at = Timestamp::from_unix_millis(0);
+        let at = ficus_core::Timestamp::from_unix_millis(0);
         let tenant = |id: &str, stage, suspended| Tenant {
             id: TenantId::parse(id).expect("a valid tenant id"),
             name: id.to_string(),

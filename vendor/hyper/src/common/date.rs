@@ -10,17 +10,14 @@ use httpdate::HttpDate;
 // "Sun, 06 Nov 1994 08:49:37 GMT".len()
 pub(crate) const DATE_VALUE_LENGTH: usize = 29;
 
+// Ficus's patch: the date is brought up to date where it is written, once an
+// answer, rather than on every poll of every connection (twice a request).
 #[cfg(feature = "http1")]
 pub(crate) fn extend(dst: &mut Vec<u8>) {
     CACHED.with(|cache| {
-        dst.extend_from_slice(cache.borrow().buffer());
-    });
-}
-
-#[cfg(feature = "http1")]
-pub(crate) fn update() {
-    CACHED.with(|cache| {
-        cache.borrow_mut().check();
+        let mut cache = cache.borrow_mut();
+        cache.check();
+        dst.extend_from_slice(cache.buffer());
     });
 }
 
@@ -61,7 +58,11 @@ impl CachedDate {
     }
 
     fn check(&mut self) {
-        let now = SystemTime::now();
+        // Ficus's patch: the kernel's coarse wall clock, the time of its last
+        // timer tick, about 5 ns a read where `SystemTime::now` is 25: a
+        // `Date` of whole seconds may turn a few milliseconds late.
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+        let now = UNIX_EPOCH + Duration::new(t.tv_sec as u64, t.tv_nsec as u32);
         if now > self.next_update {
             self.update(now);
         }
