@@ -19,7 +19,9 @@
 # median round.
 # The two close comparisons are read from many short alternated runs as well:
 # 100,000 tenants against 10 (PAIRS, default 16) and, at one thread, nginx,
-# the connection floor and Ficus (TRIOS, default 15).
+# the connection floor and Ficus (TRIOS, default 15); the added latency at a
+# fixed rate from rounds that send nginx and Ficus the same load in the same
+# seconds (DUOS, default 8, at each thread count).
 # Ficus is the profile-guided build (scripts/build-pgo.sh, the build to run in
 # production), and the plain `cargo build --release` has rows of its own
 # (ficus-plain); PGO=0 measures the plain build alone, as the Ficus rows.
@@ -88,7 +90,7 @@ alone() {
   local n p
   for n in "${!pid[@]}"; do
     for p in ${pid[$n]} $(pgrep -P "${pid[$n]}" || true); do
-      if [ "$n" = "$1" ] || [ -z "$1" ]; then kill -CONT "$p" 2>/dev/null || true; else kill -STOP "$p" 2>/dev/null || true; fi
+      if [[ " $* " == *" $n "* ]] || [ -z "$1" ]; then kill -CONT "$p" 2>/dev/null || true; else kill -STOP "$p" 2>/dev/null || true; fi
     done
   done
 }
@@ -242,12 +244,31 @@ for trio in $(seq 1 "$trios"); do
   done
 done
 
+# The added-latency target, read from fixed-rate runs that pair nginx and
+# Ficus in the same seconds (`ficus-bench rate --also`). Alone, a setup's p99
+# at a fixed rate is set by the host's stalls in its own few seconds (in one
+# scratch run of six rounds, nginx's ranged from 0.40 to 6.35 ms and Ficus's
+# from 0.48 to 4.38), which two setups measured one after the other do not
+# share. Each round sends both the same load in the same seconds, each request
+# to one half a turn from one to the other, which one goes first alternating;
+# the round's difference of the two p99s is Ficus's added p99 less nginx's
+# (the direct p99 of the same seconds would cancel out).
+duos="${DUOS:-8}"
+for t in 1 2; do
+  for duo in $(seq 1 "$duos"); do
+    two=("nginx-${t}t" "ficus-${t}t")
+    [ $((duo % 2)) = 0 ] && two=("ficus-${t}t" "nginx-${t}t")
+    alone "${two[@]}"
+    echo "${two[0]} ${two[1]} $duo $($load "$bench" rate "${url[${two[0]}]}" --also "${url[${two[1]}]}" --rps "$rate" --secs "$secs" --header "X-Tenant-Id: t5" | paste -sd' ')" >> "$work/duos"
+  done
+done
+
 alone ""
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $rounds rounds, every other one in the reverse order, each: wrk -t1 -c32 -d${secs}s, then a fixed rate of ${rate} req/s for ${secs}s; the median round of each; backend, wrk and the fixed-rate client on core 1; 1-thread proxies on core 0, 2-thread proxies on both"
 echo
-python3 - "$work/results" "$work/pairs" "$work/trios" "$rate" "${order[@]}" <<'PY'
+python3 - "$work/results" "$work/pairs" "$work/trios" "$work/duos" "$rate" "${order[@]}" <<'PY'
 import json, statistics, sys
-path, pairs_path, trios_path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+path, pairs_path, trios_path, duos_path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
 runs = {}
 for line in open(path):
     name, _, rps, p50, p99, p999, err, cpu, busiest, fixed = line.split(maxsplit=9)
@@ -286,7 +307,21 @@ for t in ("1t", "2t"):
 d = g("direct", "fp99")
 for t in ("1t", "2t"):
     a, b = g(f"ficus-{t}", "fp99") - d, g(f"nginx-{t}", "fp99") - d
-    print(f"  added p99 at {rate} req/s vs nginx, {t[0]} thread(s): {a:+.3f} vs {b:+.3f} ms (target <= nginx + 0.1 ms: {ok(a <= b + 0.1)})")
+    print(f"  added p99 at {rate} req/s vs nginx, {t[0]} thread(s), each alone in the table's rounds: {a:+.3f} vs {b:+.3f} ms")
+duos = {}
+for line in open(duos_path):
+    first, second, _, rest = line.split(maxsplit=3)
+    one, two = (json.loads(x) for x in rest.replace("} {", "}\n{").splitlines())
+    got = {first: one, second: two}
+    t = first.rsplit("-", 1)[1]
+    duos.setdefault(t, []).append((got[f"ficus-{t}"], got[f"nginx-{t}"]))
+for t, rounds in sorted(duos.items()):
+    d = sorted(f["p99_ms"] - n["p99_ms"] for f, n in rounds)
+    q = statistics.quantiles(d, n=4) if len(d) > 1 else [d[0]] * 3
+    errs = sum(f["errors"] + n["errors"] for f, n in rounds)
+    p99s = lambda i: statistics.median(r[i]["p99_ms"] for r in rounds)
+    p50d = statistics.median(f["p50_ms"] - n["p50_ms"] for f, n in rounds)
+    print(f"  added p99 at {rate} req/s vs nginx, {t[0]} thread(s), {len(rounds)} rounds sending both the same load in the same seconds: Ficus's p99 less nginx's by the rounds' median {statistics.median(d):+.3f} ms (quartiles {q[0]:+.3f} to {q[2]:+.3f}; median p99s {p99s(0):.3f} and {p99s(1):.3f} ms; p50 {p50d:+.3f} ms; {errs} errors) (target <= nginx + 0.1 ms: {ok(statistics.median(d) <= 0.1)})")
 pairs = {}
 for line in open(pairs_path):
     name, _, rps = line.split()

@@ -1,10 +1,14 @@
 //! Benchmark drivers for BENCHMARKS.md, run by `scripts/bench/*.sh`:
 //!
 //! - `ficus-bench store`: the control store's numbers (below);
-//! - `ficus-bench rate URL --rps N --secs S [--header K:V]`: a fixed-rate (open-loop)
-//!   load: each request is sent at its turn whatever the others are doing, so a
-//!   slow server cannot hide its queueing (no coordinated omission), and timed
-//!   from its send, so the client's timer does not add its own lateness;
+//! - `ficus-bench rate URL --rps N --secs S [--header K:V] [--also URL2]`: a
+//!   fixed-rate (open-loop) load: each request is sent at its turn whatever the
+//!   others are doing, so a slow server cannot hide its queueing (no coordinated
+//!   omission), and timed from its send, so the client's timer does not add its
+//!   own lateness. With `--also`, `URL2` is sent the same load in the same
+//!   seconds, each of its requests half a turn after one to `URL`, and a second
+//!   line reports it: a stall of the host falls on both, where two runs one
+//!   after the other each meet their own;
 //! - `ficus-bench backend LISTEN --delay-ms N --name NAME`: a JSON backend that
 //!   answers every request after a fixed delay, for runs that need a backend of known
 //!   latency (the shadow benchmark's "new backend 10× slower");
@@ -400,6 +404,9 @@ fn rate(args: &[String]) -> Result<(), Error> {
         h.split_once(':')
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
     });
+    let urls: Vec<String> = std::iter::once(url)
+        .chain(flag(args, "--also").map(str::to_string))
+        .collect();
     // One thread paces and sends: no cross-thread wake-up between a request's
     // turn and its send.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -407,14 +414,16 @@ fn rate(args: &[String]) -> Result<(), Error> {
         .build()?;
     rt.block_on(async move {
         let client = reqwest::Client::builder().pool_max_idle_per_host(512).timeout(Duration::from_secs(10)).build()?;
-        let total = rps * secs;
-        let interval = Duration::from_nanos(1_000_000_000 / rps.max(1));
+        let total = rps * secs * urls.len() as u64;
+        // Each URL is sent `rps` a second, their turns taken in order.
+        let interval = Duration::from_nanos(1_000_000_000 / (rps.max(1) * urls.len() as u64));
         let start = tokio::time::Instant::now();
         let mut tasks = Vec::with_capacity(total as usize);
         for i in 0..total {
             let scheduled = start + interval * i as u32;
             tokio::time::sleep_until(scheduled).await;
-            let mut req = client.get(&url);
+            let which = i as usize % urls.len();
+            let mut req = client.get(&urls[which]);
             if let Some(Some((k, v))) = &header {
                 req = req.header(k.as_str(), v.as_str());
             }
@@ -427,24 +436,26 @@ fn rate(args: &[String]) -> Result<(), Error> {
             let sent = std::time::Instant::now();
             tasks.push(tokio::spawn(async move {
                 let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
-                (ok, sent.elapsed().as_secs_f64() * 1000.0)
+                (which, ok, sent.elapsed().as_secs_f64() * 1000.0)
             }));
         }
-        let mut latencies = Vec::with_capacity(tasks.len());
-        let mut errors = 0;
+        let mut latencies = vec![Vec::with_capacity(tasks.len() / urls.len()); urls.len()];
+        let mut errors = vec![0u64; urls.len()];
         for t in tasks {
-            let (ok, ms) = t.await?;
+            let (which, ok, ms) = t.await?;
             if !ok {
-                errors += 1;
+                errors[which] += 1;
             }
-            latencies.push(ms);
+            latencies[which].push(ms);
         }
-        latencies.sort_by(f64::total_cmp);
-        let at = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1).min(latencies.len() - 1)];
-        println!(
-            "{}",
-            serde_json::json!({"requests": total, "errors": errors, "p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": latencies[latencies.len() - 1]})
-        );
+        for (mut latencies, errors) in latencies.into_iter().zip(errors) {
+            latencies.sort_by(f64::total_cmp);
+            let at = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1).min(latencies.len() - 1)];
+            println!(
+                "{}",
+                serde_json::json!({"requests": latencies.len(), "errors": errors, "p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": latencies[latencies.len() - 1]})
+            );
+        }
         Ok::<(), Error>(())
     })
 }
