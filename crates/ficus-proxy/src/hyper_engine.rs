@@ -1203,12 +1203,16 @@ impl Checkin {
 
 impl Pool {
     fn keep(&self, addr: SocketAddr, idle_timeout: Duration, conn: Conn1) {
+        // Read before the lock: another thread may have pooled a connection
+        // stamped later meanwhile, hence the saturating ages.
         let now = crate::clock::coarse_monotonic();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(addr).or_default();
         if list.len() >= self.max_idle {
             // Full: the oldest ones are the likeliest to have gone stale.
-            list.retain(|i| now - i.since < idle_timeout && !i.conn.sender.is_closed());
+            list.retain(|i| {
+                now.saturating_sub(i.since) < idle_timeout && !i.conn.sender.is_closed()
+            });
         }
         if list.len() < self.max_idle {
             list.push(Idle { conn, since: now });
@@ -1302,7 +1306,7 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop() {
-            if now - i.since < conf.idle_timeout && i.conn.sender.is_ready() {
+            if now.saturating_sub(i.since) < conf.idle_timeout && i.conn.sender.is_ready() {
                 return Some(i.conn);
             }
         }
