@@ -18,8 +18,8 @@
 # interleaved, every other round in the reverse order, and the table shows the
 # median round.
 # The two close comparisons are read from many short alternated runs as well:
-# 100,000 tenants against 10 (PAIRS, default 16) and, at one thread, nginx,
-# the connection floor and Ficus (TRIOS, default 15); the added latency at a
+# 100,000 tenants against 10 (PAIRS, default 16) and, at each thread count,
+# nginx, the connection floor and Ficus (TRIOS, default 15); the added latency at a
 # fixed rate from rounds that send nginx and Ficus the same load in the same
 # seconds (DUOS, default 8, at each thread count).
 # Ficus is the profile-guided build (scripts/build-pgo.sh, the build to run in
@@ -230,17 +230,20 @@ for pair in $(seq 1 "$pairs"); do
   done
 done
 
-# The one-thread throughput target, read the same way: nginx, the connection
-# floor and Ficus in rounds of short wrk runs, the order rotating each round,
-# the ratios taken within each round (the host moves a whole round together).
+# The throughput target, read the same way at each thread count: nginx, the
+# connection floor and Ficus in rounds of short wrk runs, the order rotating
+# each round, the ratios taken within each round (the host moves a whole round
+# together).
 trios="${TRIOS:-15}"
-three=(nginx-1t conn-floor-1t ficus-1t ${plain[0]:-})
-for trio in $(seq 1 "$trios"); do
-  for ((k = 0; k < ${#three[@]}; k++)); do
-    name="${three[$(((trio + k) % ${#three[@]}))]}"
-    alone "$name"
-    read -r _ w_rps _ < <($load wrk -t1 -c32 -d3s -s "$work/report.lua" "${url[$name]}" | grep RESULT)
-    echo "$name $trio $w_rps" >> "$work/trios"
+for t in 1 2; do
+  three=("nginx-${t}t" "conn-floor-${t}t" "ficus-${t}t" ${plain[$((t - 1))]:-})
+  for trio in $(seq 1 "$trios"); do
+    for ((k = 0; k < ${#three[@]}; k++)); do
+      name="${three[$(((trio + k) % ${#three[@]}))]}"
+      alone "$name"
+      read -r _ w_rps _ < <($load wrk -t1 -c32 -d3s -s "$work/report.lua" "${url[$name]}" | grep RESULT)
+      echo "$name $trio $w_rps" >> "$work/trios"
+    done
   done
 done
 
@@ -339,9 +342,10 @@ med = {n: statistics.median(v.values()) for n, v in trios.items()}
 if "ficus-plain-1t" in m:
     p1, p2 = g("ficus-plain-1t"), g("ficus-plain-2t")
     print(f"  the plain build (cargo build --release, no profile) vs nginx: {p1/n1:.2f}x at 1 thread, {p2/n2:.2f}x at 2; CPU a request {c('ficus-plain-1t')/c('nginx-1t'):.2f}x, {c('ficus-plain-2t')/c('nginx-2t'):.2f}x; the profile-guided build vs it: {f1/p1:.2f}x, {f2/p2:.2f}x")
-print(f"  1 thread, {len(trios['ficus-1t'])} rounds of 3 s runs, the order rotating (medians: nginx {med['nginx-1t']:,.0f}, the connection floor {med['conn-floor-1t']:,.0f}, Ficus {med['ficus-1t']:,.0f} req/s), each round's ratio: Ficus vs nginx {ratios('ficus-1t', 'nginx-1t')} (target >= 0.95x: {ok(statistics.median(trios['ficus-1t'][k] / trios['nginx-1t'][k] for k in trios['nginx-1t']) >= 0.95)}); the connection floor vs nginx {ratios('conn-floor-1t', 'nginx-1t')}; Ficus vs the floor {ratios('ficus-1t', 'conn-floor-1t')}")
-if "ficus-plain-1t" in trios:
-    print(f"    the plain build in the same rounds (median {med['ficus-plain-1t']:,.0f} req/s): vs nginx {ratios('ficus-plain-1t', 'nginx-1t')}; the profile-guided build vs it {ratios('ficus-1t', 'ficus-plain-1t')}")
+for th in ("1t", "2t"):
+    print(f"  {th[0]} thread(s), {len(trios[f'ficus-{th}'])} rounds of 3 s runs, the order rotating (medians: nginx {med[f'nginx-{th}']:,.0f}, the connection floor {med[f'conn-floor-{th}']:,.0f}, Ficus {med[f'ficus-{th}']:,.0f} req/s), each round's ratio: Ficus vs nginx {ratios(f'ficus-{th}', f'nginx-{th}')} (target >= 0.95x: {ok(statistics.median(trios[f'ficus-{th}'][k] / trios[f'nginx-{th}'][k] for k in trios[f'nginx-{th}']) >= 0.95)}); the connection floor vs nginx {ratios(f'conn-floor-{th}', f'nginx-{th}')}; Ficus vs the floor {ratios(f'ficus-{th}', f'conn-floor-{th}')}")
+    if f"ficus-plain-{th}" in trios:
+        print(f"    the plain build in the same rounds (median {med[f'ficus-plain-{th}']:,.0f} req/s): vs nginx {ratios(f'ficus-plain-{th}', f'nginx-{th}')}; the profile-guided build vs it {ratios(f'ficus-{th}', f'ficus-plain-{th}')}")
 print(f"  100,000 tenants vs 10 ({len(pairs['ficus-1t'])} pairs of 3 s runs, alternated; medians {h:,.0f} and {t:,.0f} req/s): {h/t:.3f}x the throughput ({(h/t-1)*100:+.1f}%; target within 5%: {ok(abs(h/t-1) <= 0.05)}); in the table's rounds {g('ficus-100k-1t')/f1:.3f}x")
 PY
 echo
