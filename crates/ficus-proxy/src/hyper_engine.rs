@@ -1955,7 +1955,8 @@ pub(crate) mod tests {
                 answer.starts_with("HTTP/1.1 504"),
                 "round {round}: {answer}"
             );
-            // A timed-out request's connection is not pooled again.
+            // The 504 closes the client's connection (a failed answer says
+            // `Connection: close`): the next round opens another.
             conn = tokio::net::TcpStream::connect(addr).await.unwrap();
         }
         // Most of the fast requests went on a pooled connection.
