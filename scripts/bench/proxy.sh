@@ -271,7 +271,7 @@ alone ""
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $rounds rounds, every other one in the reverse order, each: wrk -t1 -c32 -d${secs}s, then a fixed rate of ${rate} req/s for ${secs}s; the median round of each; backend, wrk and the fixed-rate client on core 1; 1-thread proxies on core 0, 2-thread proxies on both"
 echo
 python3 - "$work/results" "$work/pairs" "$work/trios" "$work/duos" "$rate" "${order[@]}" <<'PY'
-import json, statistics, sys
+import collections, json, statistics, sys
 path, pairs_path, trios_path, duos_path, rate, order = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
 runs = {}
 for line in open(path):
@@ -315,17 +315,29 @@ for t in ("1t", "2t"):
 duos = {}
 for line in open(duos_path):
     first, second, _, rest = line.split(maxsplit=3)
-    one, two = (json.loads(x) for x in rest.replace("} {", "}\n{").splitlines())
+    dec, one_end = json.JSONDecoder(), None
+    one, one_end = dec.raw_decode(rest)
+    two, _ = dec.raw_decode(rest[one_end:].lstrip())
     got = {first: one, second: two}
     t = first.rsplit("-", 1)[1]
     duos.setdefault(t, []).append((got[f"ficus-{t}"], got[f"nginx-{t}"]))
 for t, rounds in sorted(duos.items()):
     d = sorted(f["p99_ms"] - n["p99_ms"] for f, n in rounds)
     q = statistics.quantiles(d, n=4) if len(d) > 1 else [d[0]] * 3
-    errs = sum(f["errors"] + n["errors"] for f, n in rounds)
+    def errs_of(side):
+        total = sum(r[side]["errors"] for r in rounds)
+        kinds = collections.Counter()
+        first = {}
+        for r in rounds:
+            for kind, k in r[side].get("error_kinds", {}).items():
+                kinds[kind] += k["count"]
+                first.setdefault(kind, k["first"])
+        told = "; ".join(f"{kind} {n} (first: {first[kind]})" for kind, n in kinds.items())
+        return f"{total}" + (f": {told}" if told else "")
+    errs = f"errors: Ficus {errs_of(0)}, nginx {errs_of(1)}"
     p99s = lambda i: statistics.median(r[i]["p99_ms"] for r in rounds)
     p50d = statistics.median(f["p50_ms"] - n["p50_ms"] for f, n in rounds)
-    print(f"  added p99 at {rate} req/s vs nginx, {t[0]} thread(s), {len(rounds)} rounds sending both the same load in the same seconds: Ficus's p99 less nginx's by the rounds' median {statistics.median(d):+.3f} ms (quartiles {q[0]:+.3f} to {q[2]:+.3f}; median p99s {p99s(0):.3f} and {p99s(1):.3f} ms; p50 {p50d:+.3f} ms; {errs} errors) (target <= nginx + 0.1 ms: {ok(statistics.median(d) <= 0.1)})")
+    print(f"  added p99 at {rate} req/s vs nginx, {t[0]} thread(s), {len(rounds)} rounds sending both the same load in the same seconds: Ficus's p99 less nginx's by the rounds' median {statistics.median(d):+.3f} ms (quartiles {q[0]:+.3f} to {q[2]:+.3f}; median p99s {p99s(0):.3f} and {p99s(1):.3f} ms; p50 {p50d:+.3f} ms; {errs}) (target <= nginx + 0.1 ms: {ok(statistics.median(d) <= 0.1)})")
 pairs = {}
 for line in open(pairs_path):
     name, _, rps = line.split()

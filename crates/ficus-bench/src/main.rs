@@ -395,7 +395,8 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 }
 
 /// Fixed-rate load: one request every 1/rps seconds for `secs`, each on its own task,
-/// latency measured from its send. Prints one JSON line.
+/// latency measured from its send. Prints one JSON line per URL: its latencies,
+/// and its failures counted by kind, with the first message of each.
 fn rate(args: &[String]) -> Result<(), Error> {
     let url = args.first().ok_or("rate needs a URL")?.clone();
     let rps: u64 = flag(args, "--rps").unwrap_or("1000").parse()?;
@@ -435,25 +436,57 @@ fn rate(args: &[String]) -> Result<(), Error> {
             // none waits for another's answer.
             let sent = std::time::Instant::now();
             tasks.push(tokio::spawn(async move {
-                let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
-                (which, ok, sent.elapsed().as_secs_f64() * 1000.0)
+                // A failure is told by its kind, and the first of each kind
+                // by its message: a count alone does not say whose it was.
+                let failed = match req.send().await {
+                    Ok(r) if r.status().is_success() => None,
+                    Ok(r) => Some((format!("status {}", r.status().as_u16()), String::new())),
+                    Err(e) => {
+                        let kind = if e.is_timeout() {
+                            "timeout"
+                        } else if e.is_connect() {
+                            "connect"
+                        } else if e.is_request() {
+                            "request"
+                        } else if e.is_body() {
+                            "body"
+                        } else {
+                            "other"
+                        };
+                        // The error and its causes, each as it tells itself.
+                        let mut message = e.to_string();
+                        let mut cause = std::error::Error::source(&e);
+                        while let Some(c) = cause {
+                            message.push_str(": ");
+                            message.push_str(&c.to_string());
+                            cause = c.source();
+                        }
+                        Some((kind.to_string(), message))
+                    }
+                };
+                (which, failed, sent.elapsed().as_secs_f64() * 1000.0)
             }));
         }
         let mut latencies = vec![Vec::with_capacity(tasks.len() / urls.len()); urls.len()];
-        let mut errors = vec![0u64; urls.len()];
+        let mut errors = vec![std::collections::BTreeMap::<String, (u64, String)>::new(); urls.len()];
         for t in tasks {
-            let (which, ok, ms) = t.await?;
-            if !ok {
-                errors[which] += 1;
+            let (which, failed, ms) = t.await?;
+            if let Some((kind, message)) = failed {
+                errors[which].entry(kind).or_insert((0, message)).0 += 1;
             }
             latencies[which].push(ms);
         }
         for (mut latencies, errors) in latencies.into_iter().zip(errors) {
             latencies.sort_by(f64::total_cmp);
             let at = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1).min(latencies.len() - 1)];
+            let total: u64 = errors.values().map(|(n, _)| n).sum();
+            let kinds: serde_json::Map<String, serde_json::Value> = errors
+                .into_iter()
+                .map(|(kind, (n, first))| (kind, serde_json::json!({"count": n, "first": first})))
+                .collect();
             println!(
                 "{}",
-                serde_json::json!({"requests": latencies.len(), "errors": errors, "p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": latencies[latencies.len() - 1]})
+                serde_json::json!({"requests": latencies.len(), "errors": total, "error_kinds": kinds, "p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": latencies[latencies.len() - 1]})
             );
         }
         Ok::<(), Error>(())
