@@ -315,7 +315,9 @@ for t in ("1t", "2t"):
 duos = {}
 for line in open(duos_path):
     first, second, _, rest = line.split(maxsplit=3)
-    dec, one_end = json.JSONDecoder(), None
+    # Two JSON objects, one per URL, on one line: their messages may hold
+    # anything, braces included.
+    dec = json.JSONDecoder()
     one, one_end = dec.raw_decode(rest)
     two, _ = dec.raw_decode(rest[one_end:].lstrip())
     got = {first: one, second: two}
