@@ -453,15 +453,9 @@ fn rate(args: &[String]) -> Result<(), Error> {
                         } else {
                             "other"
                         };
-                        // The error and its causes, each as it tells itself.
-                        let mut message = e.to_string();
-                        let mut cause = std::error::Error::source(&e);
-                        while let Some(c) = cause {
-                            message.push_str(": ");
-                            message.push_str(&c.to_string());
-                            cause = c.source();
-                        }
-                        Some((kind.to_string(), message))
+                        // The error and its causes, each as it tells itself:
+                        // anyhow's alternate form writes `error: cause: cause`.
+                        Some((kind.to_string(), format!("{:#}", anyhow::Error::new(e))))
                     }
                 };
                 (which, failed, sent.elapsed().as_secs_f64() * 1000.0)

@@ -197,13 +197,13 @@ async fn one(
         .send()
         .await
     {
-        Err(e) => record.error = Some(error_chain(&e)),
+        Err(e) => record.error = Some(error_chain(e)),
         Ok(r) => {
             let status = r.status();
             record.status = Some(status.as_u16());
             match r.json::<Value>().await {
                 Err(e) if status.is_success() => {
-                    record.error = Some(format!("unreadable answer: {}", error_chain(&e)))
+                    record.error = Some(format!("unreadable answer: {}", error_chain(e)))
                 }
                 Err(_) => {}
                 Ok(v) if !status.is_success() => {
@@ -255,16 +255,10 @@ fn check(args: &Args, record: &mut Record, answer: &Value, sent: Option<&Value>)
 }
 
 /// An error with its causes, which is where reqwest says what really happened
-/// (connection refused, reset, timed out).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+/// (connection refused, reset, timed out): anyhow's alternate form writes the chain
+/// as `error: cause: cause`.
+fn error_chain(e: reqwest::Error) -> String {
+    format!("{:#}", anyhow::Error::new(e))
 }
 
 #[cfg(test)]
