@@ -58,7 +58,7 @@ pub struct Config {
     pub store: String,
     pub threads: usize,
     /// Idle keep-alive connections kept to upstreams, shared by both backends
-    /// (per upstream address and worker thread).
+    /// (per upstream address).
     pub upstream_pool_size: usize,
     pub log_format: LogFormat,
     /// Whether HTTP/1 header names keep the case the client (or the upstream)

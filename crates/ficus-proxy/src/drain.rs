@@ -1,6 +1,6 @@
-//! The watch a worker keeps on the client connections it accepted, for the
-//! drain: when it closes, every connection is told to finish the request it
-//! is serving and close, and the worker waits until all of them have.
+//! The watch an accept loop keeps on the client connections it accepted, for
+//! the drain: when it closes, every connection is told to finish the request
+//! it is serving and close, and the workers wait until all of them have.
 //!
 //! hyper-util's `GracefulShutdown` does the same through a `watch` channel
 //! whose change future every connection polls each time it is polled: some
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-/// One worker's connections, watched for the drain.
+/// One listener's connections, watched for the drain.
 #[derive(Default)]
 pub struct Drain {
     inner: Arc<Inner>,
@@ -61,7 +61,7 @@ impl Inner {
     }
 }
 
-/// A drain dropped without [`Drain::close`] (its worker's accept task ended
+/// A drain dropped without [`Drain::close`] (its accept task ended
 /// early) still tells its connections to close, as hyper-util's watch did
 /// when its sender went away; nobody waits for them.
 impl Drop for Drain {

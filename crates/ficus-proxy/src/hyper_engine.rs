@@ -43,7 +43,6 @@ use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use crate::balance::Balance;
 use crate::config::{BackendConfig, HeaderCase};
 use crate::drain::Drain;
 use crate::request::{
@@ -1590,53 +1589,30 @@ pub fn server_builder(header_case: HeaderCase) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Accepts client connections on `listener` for `worker` until `stop` turns
-/// true, leaving them to the other workers while it has more open than one of
-/// them ([`crate::balance`]), and returns the watch on the connections it
-/// accepted, for the drain ([`Drain`]).
+/// Accepts client connections on `listener` until `stop` turns true, each
+/// served as a task of its own (on whichever worker thread is free), and
+/// returns the watch on the connections it accepted, for the drain
+/// ([`Drain`]).
 pub async fn accept(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    (balance, worker): (Arc<Balance>, usize),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Drain {
     let drain = Drain::new();
-    // Since when this worker has been leaving connections to the others: kept
-    // across the counts' changes, so that connections closing elsewhere do not
-    // put off its look at the listener.
-    let mut leaving_since: Option<tokio::time::Instant> = None;
     loop {
-        // Checked after every connection it accepts: in a burst, a worker
-        // takes one and then leaves the next to a worker with fewer.
-        let accepted = if balance.ahead(worker) {
-            let since = *leaving_since.get_or_insert_with(tokio::time::Instant::now);
-            tokio::select! {
-                _ = balance.changed(worker) => continue,
-                _ = tokio::time::sleep_until(since + crate::balance::RECHECK) => {
-                    leaving_since = None;
-                    // The others left a connection waiting: take it, if one is.
-                    match std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await {
-                        Poll::Ready(accepted) => accepted,
-                        Poll::Pending => continue,
-                    }
-                }
-                _ = stop.changed() => break,
-            }
-        } else {
-            leaving_since = None;
-            tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stop.changed() => break,
-            }
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let open = balance.opened(worker);
+                let open = engine.shared.metrics.client_connections.clone();
+                open.inc();
                 let serve = engine.serve(&builder, stream, peer, &drain);
                 tokio::spawn(async move {
                     serve.await;
-                    drop(open);
+                    open.dec();
                 });
             }
             Err(e) => {
@@ -1715,17 +1691,6 @@ pub(crate) mod tests {
         proxy_extra: &str,
         legacy_extra: &str,
     ) -> (SocketAddr, Arc<Shared>) {
-        proxy_on(upstream, proxy_extra, legacy_extra, None).await
-    }
-
-    /// [`proxy_with`], accepting as `worker` of a given balance (else as the
-    /// only worker).
-    async fn proxy_on(
-        upstream: SocketAddr,
-        proxy_extra: &str,
-        legacy_extra: &str,
-        worker: Option<(Arc<Balance>, usize)>,
-    ) -> (SocketAddr, Arc<Shared>) {
         let text = format!(
             "[proxy]\nlisten = [\"127.0.0.1:1\"]\nadmin_listen = \"127.0.0.1:2\"\nstore = \"sqlite::memory:\"\n{proxy_extra}\
              [backends.legacy]\nupstreams = [\"{upstream}\"]\n{legacy_extra}[backends.new]\nupstreams = [\"{upstream}\"]\n\
@@ -1758,35 +1723,52 @@ pub(crate) mod tests {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         // Kept open for the test's life.
         std::mem::forget(stop);
-        let worker = worker.unwrap_or_else(|| (Arc::new(Balance::new(1, &shared.metrics)), 0));
         tokio::spawn(accept(
             listener,
             engine,
             Arc::new(server_builder(header_case)),
-            worker,
             stopped,
         ));
         (addr, shared)
     }
 
-    /// A worker with more connections than another leaves new ones to it, but
-    /// not to one that never accepts: after [`crate::balance::RECHECK`] the
-    /// connection left waiting is its own.
-    #[tokio::test]
-    async fn a_worker_ahead_of_a_stuck_one_still_accepts() {
-        let upstream = backend(Arc::default(), Arc::default()).await;
-        // Worker 1 never accepts, and worker 0 already has a connection.
-        let balance = Arc::new(Balance::new(2, &crate::metrics::Metrics::new(10)));
-        let held = balance.opened(0);
-        let (addr, _) = proxy_on(upstream, "", "", Some((Arc::clone(&balance), 0))).await;
-        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        // Bounded only so that a regression fails rather than hangs.
-        let answer = tokio::time::timeout(Duration::from_secs(60), ask(&mut conn, "GET", "/"))
-            .await
-            .expect("the worker ahead never took the connection");
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert_eq!(balance.open(), vec![2, 0]);
-        drop(held);
+    /// Regression: each worker thread was a runtime of its own and served only
+    /// the connections it had accepted, so a thread held up (its core shared
+    /// with other work) held up its connections while the other thread had a
+    /// core free. On the workers' runtime a connection is served by whichever
+    /// thread is free: every connection of a burst is answered while one of
+    /// the two threads is stuck.
+    #[test]
+    fn connections_are_served_while_one_worker_thread_is_stuck() {
+        let runtime = crate::worker_runtime(2).unwrap();
+        let (stuck, release) = std::sync::mpsc::channel::<()>();
+        let (started, on_a_thread) = std::sync::mpsc::channel::<()>();
+        // Holds one worker thread in a poll until the test ends.
+        runtime.spawn(async move {
+            started.send(()).unwrap();
+            let _ = release.recv();
+        });
+        on_a_thread
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the runtime runs no task beside the caller's");
+        runtime.block_on(async {
+            let upstream = backend(Arc::default(), Arc::default()).await;
+            let (addr, shared) = proxy(upstream).await;
+            let mut burst = Vec::new();
+            for _ in 0..16 {
+                burst.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            for conn in &mut burst {
+                // Bounded only so that a regression fails rather than hangs.
+                let answer = tokio::time::timeout(Duration::from_secs(60), ask(conn, "GET", "/"))
+                    .await
+                    .expect("a connection was left to the stuck thread");
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            }
+            assert_eq!(shared.metrics.client_connections.get(), 16);
+        });
+        drop(stuck);
+        runtime.shutdown_timeout(Duration::from_secs(1));
     }
 
     /// Sends one request on `conn` and reads its answer whole (a body of

@@ -10,7 +10,6 @@
 //! signal.
 
 pub mod admin;
-pub mod balance;
 pub mod census;
 mod clock;
 pub mod config;
@@ -247,7 +246,7 @@ pub fn run(config_path: &Path) -> Result<(), ProxyError> {
 }
 
 /// Binds the listeners, starts the background services as tasks on one
-/// runtime with one shutdown watch and the request workers as threads, and
+/// runtime with one shutdown watch and the request workers on another, and
 /// drains on the first SIGTERM or SIGINT.
 fn serve(
     config: Config,
@@ -261,8 +260,8 @@ fn serve(
         .copied()
         .unwrap_or(config.admin_listen);
     // The control side (background services, signals, the drain) runs here;
-    // requests run on `threads` workers, each a one-thread runtime of its own:
-    // no work stealing, no cross-thread wake-ups on the request path.
+    // requests run on their own runtime ([`worker_runtime`]), so a burst of
+    // them never holds up the change feed or a signal.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -315,48 +314,25 @@ fn serve(
         ));
 
         let builder = Arc::new(hyper_engine::server_builder(header_case));
-        let balance = Arc::new(balance::Balance::new(threads, &shared.metrics));
-        let mut workers = Vec::new();
-        for n in 0..threads {
-            // Every worker accepts on its own copy of each listener.
-            let mut copies = Vec::new();
-            for l in &listeners {
-                let copy = l.try_clone().map_err(|source| ProxyError::ListenBind {
-                    addr: l.local_addr().unwrap_or(addr),
-                    source,
-                })?;
-                copies.push(copy);
-            }
-            // An engine, and so an upstream pool, per worker: a connection is
-            // only ever used by the thread whose runtime drives it (shared
-            // pools cost a cross-thread wake-up per request).
-            let (engine, builder, balance, stopped, shared) = (
-                Arc::new(hyper_engine::Engine::new(
-                    Arc::clone(&shared),
-                    pool_size,
-                    header_case,
-                )),
-                Arc::clone(&builder),
-                (Arc::clone(&balance), n),
-                stopped.clone(),
-                Arc::clone(&shared),
-            );
-            let worker = std::thread::Builder::new()
-                .name(format!("ficus-worker-{n}"))
-                .spawn(move || {
-                    hyper_worker(copies, engine, builder, balance, stopped, shared, drain)
-                })
-                .map_err(|source| ProxyError::ListenBind { addr, source })?;
-            workers.push(worker);
-        }
-        drop(listeners);
+        // One engine, and so one upstream pool, for every worker thread: a
+        // connection's task runs on whichever thread has a core for it.
+        let engine = Arc::new(hyper_engine::Engine::new(
+            Arc::clone(&shared),
+            pool_size,
+            header_case,
+        ));
+        let (stopped, serving) = (stopped.clone(), Arc::clone(&shared));
+        let workers = std::thread::Builder::new()
+            .name("ficus-workers".into())
+            .spawn(move || {
+                hyper_workers(threads, listeners, engine, builder, stopped, serving, drain)
+            })
+            .map_err(|source| ProxyError::ListenBind { addr, source })?;
 
         drain_signal(&shared).await;
         let _ = stop.send(true);
         let started = Instant::now();
-        for worker in workers {
-            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
-        }
+        let _ = tokio::task::spawn_blocking(move || workers.join()).await;
         let left = shared.in_flight.load(Ordering::SeqCst);
         match tokio::time::timeout(
             Duration::from_secs(5),
@@ -383,25 +359,46 @@ fn serve(
     result
 }
 
-/// One worker of the hyper engine: accepts and serves on its own one-thread
-/// runtime until `stopped`, then lets its connections finish their requests
-/// (and its tunnels close) within the drain deadline.
-fn hyper_worker(
+/// The runtime requests run on: `threads` workers that steal each other's
+/// tasks, or one thread of its own when `threads` is 1.
+///
+/// A connection is not tied to the thread that accepted it: when one thread
+/// is held up (a core shared with other work, a long poll), the other takes
+/// its ready connections. Each worker its own one-thread runtime, with the
+/// connections spread evenly at accept, ran two threads at the pace of the one
+/// with the busier core (BENCHMARKS.md: 0.89x nginx where work stealing ran at
+/// 0.91x-0.97x, a core shared with the load).
+pub fn worker_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads > 1 {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("ficus-worker")
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+}
+
+/// The request workers: accepts and serves on [`worker_runtime`] until
+/// `stopped`, then lets the connections finish their requests (and the
+/// tunnels close) within the drain deadline. When `threads` is 1 the calling
+/// thread is the worker.
+fn hyper_workers(
+    threads: usize,
     listeners: Vec<std::net::TcpListener>,
     engine: Arc<hyper_engine::Engine>,
     builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
-    (balance, worker): (Arc<balance::Balance>, usize),
     stopped: tokio::sync::watch::Receiver<bool>,
     shared: Arc<Shared>,
     drain: Duration,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match worker_runtime(threads) {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start a worker");
+            tracing::error!(error = %e, "cannot start the request workers");
             return;
         }
     };
@@ -414,10 +411,9 @@ fn hyper_worker(
                     l,
                     Arc::clone(&engine),
                     Arc::clone(&builder),
-                    (Arc::clone(&balance), worker),
                     stopped.clone(),
                 ))),
-                Err(e) => tracing::error!(error = %e, "a worker cannot accept on a listener"),
+                Err(e) => tracing::error!(error = %e, "cannot accept on a listener"),
             }
         }
         let mut open = Vec::new();
@@ -441,10 +437,10 @@ fn hyper_worker(
     runtime.shutdown_timeout(Duration::from_millis(100));
 }
 
-/// How far ahead of now a worker's timer wheel always holds a timer.
+/// How far ahead of now the workers' timer wheel always holds a timer.
 const TIMER_AHEAD: Duration = Duration::from_millis(250);
 
-/// Keeps a timer due within [`TIMER_AHEAD`] in the worker's timer wheel until
+/// Keeps a timer due within [`TIMER_AHEAD`] in the workers' timer wheel until
 /// shutdown. tokio wakes its driver through an eventfd (a `write` system call)
 /// whenever a timer is armed earlier than every other one; with no other
 /// timer, every request's read timeout was such a timer, one system call per

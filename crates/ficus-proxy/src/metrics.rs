@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 use ficus_core::{Backend, TenantId, Timestamp};
 use ficus_store::TrafficCount;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::FastMap;
@@ -26,7 +26,7 @@ pub struct Metrics {
     rejected: IntCounterVec,
     pub guard_rollbacks: IntCounter,
     pub in_flight: IntGauge,
-    worker_connections: IntGaugeVec,
+    pub client_connections: IntGauge,
     table_seq: IntGauge,
     table_age_ms: IntGauge,
     table_tenants: IntGauge,
@@ -105,17 +105,7 @@ impl Metrics {
         let gauge =
             |name: &str, help: &str| IntGauge::new(name, help).expect("static metric definition");
         let in_flight = gauge("ficus_in_flight_requests", "Requests being served now");
-        let worker_connections = IntGaugeVec::new(
-            Opts::new(
-                "ficus_worker_connections",
-                "Client connections open, by worker thread",
-            ),
-            &["worker"],
-        )
-        .expect("static metric definition");
-        registry
-            .register(Box::new(worker_connections.clone()))
-            .expect("unique metric names");
+        let client_connections = gauge("ficus_client_connections", "Client connections open");
         let table_seq = gauge(
             "ficus_routing_snapshot_seq",
             "Change-log position of the routing table in use",
@@ -142,6 +132,7 @@ impl Metrics {
             .expect("unique metric names");
         for g in [
             &in_flight,
+            &client_connections,
             &table_seq,
             &table_age_ms,
             &table_tenants,
@@ -160,7 +151,7 @@ impl Metrics {
             rejected,
             guard_rollbacks,
             in_flight,
-            worker_connections,
+            client_connections,
             table_seq,
             table_age_ms,
             table_tenants,
@@ -171,12 +162,6 @@ impl Metrics {
             other_series: std::array::from_fn(|_| OnceLock::new()),
             cap,
         }
-    }
-
-    /// The gauge of the client connections `worker` has open.
-    pub fn worker_connections(&self, worker: usize) -> IntGauge {
-        self.worker_connections
-            .with_label_values(&[worker.to_string().as_str()])
     }
 
     /// Records one answered request. `stage` is `None` for an unknown tenant.

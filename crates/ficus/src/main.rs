@@ -25,7 +25,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    // The proxy brings its own runtimes (a control runtime and one per worker thread), so it starts outside any other.
+    // The proxy brings its own runtimes (one for control, one for requests), so it starts outside any other.
     if let cli::Command::Proxy(args) = &cli.command {
         return match commands::proxy(args) {
             Ok(()) => ExitCode::SUCCESS,

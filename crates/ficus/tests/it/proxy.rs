@@ -2187,27 +2187,24 @@ fn a_proxy_whose_listen_address_is_taken_exits_at_once_naming_it() {
     drop(taken);
 }
 
-/// The client connections each worker has open, from `/metrics`.
-async fn worker_connections(proxy: &Proxy, workers: usize) -> Vec<usize> {
+/// The client connections open, from `/metrics`.
+async fn client_connections(proxy: &Proxy) -> usize {
     let metrics = proxy.metrics().await;
-    (0..workers)
-        .map(|w| {
-            let prefix = format!("ficus_worker_connections{{worker=\"{w}\"}} ");
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str()))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        })
-        .collect()
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ficus_client_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
-/// Regression: every worker accepted on the same socket and the first one the
-/// kernel woke took every connection waiting, so a load balancer's 32
-/// keep-alive connections opened at once landed 30 on one worker and 2 on the
-/// other, and two threads served on one core.
+/// A two-thread proxy serves connections opened one after another and a burst
+/// opened at once, as a load balancer fills its pool, and counts them open
+/// until they close. (Regression, from when each thread served only the
+/// connections it accepted: the first thread awake took 30 of a burst of 32,
+/// and two threads served on one core. The connections' sharing of the
+/// threads is `connections_are_served_while_one_worker_thread_is_stuck`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_workers_share_the_connections_of_a_burst() {
+async fn a_two_thread_proxy_serves_and_counts_a_burst_of_connections() {
     let Rig {
         store: _store,
         legacy: _legacy,
@@ -2216,10 +2213,7 @@ async fn two_workers_share_the_connections_of_a_burst() {
         dir: _dir,
     } = Rig::start(&[("acme", "legacy")], "threads = 2").await;
     // The readiness probe's connections close first.
-    eventually(PATIENCE, || async {
-        worker_connections(&proxy, 2).await.iter().sum::<usize>() == 0
-    })
-    .await;
+    eventually(PATIENCE, || async { client_connections(&proxy).await == 0 }).await;
 
     // Opened one after another, each asked once before the next opens.
     const ASK: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\nX-Tenant-Id: acme\r\n\r\n";
@@ -2229,27 +2223,17 @@ async fn two_workers_share_the_connections_of_a_burst() {
         assert_eq!(ask_raw(&mut conn, ASK), "HTTP/1.1 200 OK");
         held.push(conn);
     }
-    let open = worker_connections(&proxy, 2).await;
-    assert_eq!(open.iter().sum::<usize>(), 16, "{open:?}");
-    assert!(open.iter().all(|n| *n >= 6), "one after another: {open:?}");
+    assert_eq!(client_connections(&proxy).await, 16);
 
-    // Opened all at once, as a load balancer fills its pool, then asked.
+    // Opened all at once, then asked.
     let mut burst: Vec<TcpStream> = (0..32)
         .map(|_| TcpStream::connect(proxy.addr).unwrap())
         .collect();
     for conn in &mut burst {
         assert_eq!(ask_raw(conn, ASK), "HTTP/1.1 200 OK");
     }
-    let open = worker_connections(&proxy, 2).await;
-    assert_eq!(open.iter().sum::<usize>(), 48, "{open:?}");
-    assert!(
-        open.iter().all(|n| *n >= 16),
-        "after a burst of 32: {open:?}"
-    );
+    assert_eq!(client_connections(&proxy).await, 48);
 
     drop((held, burst));
-    eventually(PATIENCE, || async {
-        worker_connections(&proxy, 2).await.iter().sum::<usize>() == 0
-    })
-    .await;
+    eventually(PATIENCE, || async { client_connections(&proxy).await == 0 }).await;
 }
