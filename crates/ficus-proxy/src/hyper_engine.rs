@@ -1607,12 +1607,11 @@ pub async fn accept(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let open = engine.shared.metrics.client_connections.clone();
-                open.inc();
+                let open = Counted::new(&engine.shared.metrics.client_connections);
                 let serve = engine.serve(&builder, stream, peer, &drain);
                 tokio::spawn(async move {
                     serve.await;
-                    open.dec();
+                    drop(open);
                 });
             }
             Err(e) => {
@@ -1624,6 +1623,22 @@ pub async fn accept(
         }
     }
     drain
+}
+
+/// One in a gauge until dropped, however the task holding it ends.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(gauge: &prometheus::IntGauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[cfg(test)]
