@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use ficus_testkit::browser::{
-    Client, click, driver, fill, has, shot, text, try_until_text, until_text,
+    Client, click, driver, fill, has, shot, submit, text, try_until_text, until_text,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -132,7 +132,7 @@ async fn release(c: &Client, base: &str, route: &str, tenant: &str, confirm: boo
     if confirm {
         fill(c, &format!("{row} input[name=confirm]"), route).await;
     }
-    click(c, &format!("{row} button")).await;
+    submit(c, &format!("{row} button")).await;
     until_text(c, "h1", |t| t == "Routes").await;
 }
 
@@ -155,7 +155,7 @@ async fn promote_zero(c: &Client, base: &str) {
         if has(c, "form#promote input[name=force]").await {
             click(c, "form#promote input[name=force]").await;
         }
-        click(c, "form#promote button").await;
+        submit(c, "form#promote button").await;
         until_text(c, "h1", |t| !t.is_empty()).await;
         if !has(c, "#error").await {
             break;
@@ -342,7 +342,7 @@ async fn an_operator_runs_the_whole_demo_migration_from_the_dashboard_alone() {
                     "released again after the slowdown",
                 )
                 .await;
-                click(&c, &format!("{form} button")).await;
+                submit(&c, &format!("{form} button")).await;
                 until_text(&c, "h1", |t| t == "Routes").await;
             }
         }
