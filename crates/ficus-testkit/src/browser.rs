@@ -61,19 +61,38 @@ pub async fn driver() -> (Driver, Client) {
     );
     // ChromeDriver accepts sessions once it listens; ask until it does.
     let mut last = None;
-    for _ in 0..200 {
+    let session = poll_until(200, async || {
         match fantoccini::ClientBuilder::rustls()
             .expect("rustls roots")
             .capabilities(caps.clone())
             .connect(&driver.url)
             .await
         {
-            Ok(c) => return (driver, c),
-            Err(e) => last = Some(e),
+            Ok(c) => Some(c),
+            Err(e) => {
+                last = Some(e);
+                None
+            }
+        }
+    })
+    .await;
+    match session {
+        Some(c) => (driver, c),
+        None => panic!("chromedriver never accepted a session: {last:?}"),
+    }
+}
+
+/// Looks up to `polls` times, 50 ms apart, until `look` finds what the caller
+/// waits for: the one waiting loop of these helpers, so every wait has the same
+/// pace and a slow machine only waits longer.
+async fn poll_until<T>(polls: usize, mut look: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..polls {
+        if let Some(found) = look().await {
+            return Some(found);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("chromedriver never accepted a session: {last:?}");
+    None
 }
 
 /// Saves the page as `dir/name.png`.
@@ -119,21 +138,21 @@ pub async fn submit(c: &Client, css: &str) {
         .await
         .unwrap_or_else(|e| panic!("marking the page before submitting {css}: {e}"));
     click(c, css).await;
-    for _ in 0..1200 {
+    let loaded = poll_until(1200, async || {
         // An error is a page between documents: look again.
-        if let Ok(loaded) = c
+        let loaded = c
             .execute(
                 "return window.__ficusSubmitted === undefined && document.readyState === 'complete'",
                 vec![],
             )
             .await
-            && loaded.as_bool() == Some(true)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+            .ok()?;
+        (loaded.as_bool() == Some(true)).then_some(())
+    })
+    .await;
+    if loaded.is_none() {
+        panic!("submitting {css} never loaded the answer's page");
     }
-    panic!("submitting {css} never loaded the answer's page");
 }
 
 /// Clears the first element `css` selects and types `keys` into it.
@@ -171,16 +190,14 @@ pub async fn try_until_text(
     polls: usize,
 ) -> Result<String, String> {
     let mut seen = String::new();
-    for _ in 0..polls {
-        if let Ok(e) = c.find(Locator::Css(css)).await
-            && let Ok(t) = e.text().await
-        {
-            if ok(&t) {
-                return Ok(t);
-            }
-            seen = t;
+    let found = poll_until(polls, async || {
+        let t = c.find(Locator::Css(css)).await.ok()?.text().await.ok()?;
+        if ok(&t) {
+            return Some(t);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(seen)
+        seen = t;
+        None
+    })
+    .await;
+    found.ok_or(seen)
 }
