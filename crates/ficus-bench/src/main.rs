@@ -23,6 +23,10 @@
 //!   smallest proxy on hyper's connection API (a pool and runtime per worker, a
 //!   task per upstream connection, as Ficus's engine has), without hyper-util's
 //!   pooled client;
+//! - `ficus-bench raw-floor LISTEN UPSTREAM [--threads N] [--allocs FILE]`: the
+//!   connection floor's server with a hand-written upstream client in the
+//!   request's own task (bodiless requests, `Content-Length` answers only): what
+//!   an upstream path of Ficus's own could save at most against hyper's client;
 //! - `ficus-bench proxy CONFIG [--allocs FILE]`: `ficus proxy` itself, in this
 //!   process, so that its allocations are counted;
 //! - `ficus-bench propagation --legacy ADDR --new ADDR [--flips N] [--routes]
@@ -91,6 +95,7 @@ mod dashboard;
 mod distribute;
 mod hyper_floor;
 mod provision;
+mod raw_floor;
 mod readiness;
 mod rls;
 
@@ -149,6 +154,7 @@ fn main() -> Result<(), Error> {
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
         Some("hyper-floor") => return hyper_floor(&argv[1..]),
         Some("conn-floor") => return conn_floor(&argv[1..]),
+        Some("raw-floor") => return raw_floor(&argv[1..]),
         Some("proxy") => return proxy(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
@@ -725,6 +731,16 @@ fn conn_floor(args: &[String]) -> Result<(), Error> {
     let threads: usize = flag(args, "--threads").unwrap_or("1").parse()?;
     report_allocations(args);
     conn_floor::serve(listen.parse()?, upstream.parse()?, threads)
+}
+
+/// The connection floor with an upstream client of its own ([`raw_floor`]).
+fn raw_floor(args: &[String]) -> Result<(), Error> {
+    let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
+        return Err("raw-floor needs LISTEN and UPSTREAM".into());
+    };
+    let threads: usize = flag(args, "--threads").unwrap_or("1").parse()?;
+    report_allocations(args);
+    raw_floor::serve(listen.parse()?, upstream.parse()?, threads)
 }
 
 /// `ficus proxy` in this process, with its allocations counted.
