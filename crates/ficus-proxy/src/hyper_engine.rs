@@ -50,6 +50,8 @@ use crate::request::{
 };
 use crate::tape::Tape;
 
+mod raw;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The longest request head hyper reads; pingora's limit.
@@ -77,6 +79,7 @@ impl Engine {
             shared,
             pool: Arc::new(Pool {
                 idle: Mutex::default(),
+                raw: Mutex::default(),
                 h2c: Mutex::default(),
                 max_idle: pool_size,
                 preserve_case: header_case == HeaderCase::Preserve,
@@ -255,7 +258,7 @@ impl Engine {
         // handed the request back unsent.
         let mut again_on: Option<usize> = None;
         let mut fresh_used = false;
-        let (resp, checkin, read_timeout) = loop {
+        let (answer, read_timeout) = loop {
             let ctx = done.ctx.as_mut().expect("a ctx until the request ends");
             let Some(this) = body.take().or_else(|| {
                 request
@@ -278,6 +281,64 @@ impl Engine {
             let conf = settings.backend(backend, ctx.service.as_deref());
             let addr = conf.upstreams[picked];
             let read_timeout = ctx.read_timeout.unwrap_or(conf.read_timeout);
+            // A bodiless read goes by the engine's own HTTP/1 path; its head
+            // stays here, written from the parts.
+            if raw::takes(
+                &request.parts,
+                conf,
+                self.pool.preserve_case,
+                request.upgrade.is_some(),
+                this.is_end_stream(),
+            ) {
+                drop(this);
+                match self
+                    .pool
+                    .send_raw(
+                        addr,
+                        conf,
+                        &request.parts,
+                        read_timeout,
+                        fresh,
+                        &request.flags,
+                    )
+                    .await
+                {
+                    raw::RawSent::Answered(resp) => {
+                        if resp.status().is_server_error()
+                            && again_ok(&request)
+                            && self.shared.fail_over(ctx)
+                        {
+                            // Asked of the next upstream; this answer is
+                            // dropped with its connection.
+                            continue;
+                        }
+                        break (Answer::Raw(resp), read_timeout);
+                    }
+                    raw::RawSent::NotConnected(failure) => {
+                        if self.shared.retry_connect(ctx) {
+                            continue;
+                        }
+                        return self.fail(done, &failure, http1);
+                    }
+                    raw::RawSent::Timeout => {
+                        if again_ok(&request) && self.shared.fail_over(ctx) {
+                            continue;
+                        }
+                        return self.fail(done, &request.flags.or(Failure::Timeout), http1);
+                    }
+                    raw::RawSent::Failed { reused, error } => {
+                        // pingora's rule, as below: a read whose reused
+                        // connection had closed goes again, once, on a new one.
+                        if reused && !fresh_used && again_ok(&request) && !request.flags.any() {
+                            fresh_used = true;
+                            again_on = Some(picked);
+                            continue;
+                        }
+                        tracing::debug!(error = %error, %addr, "upstream request failed");
+                        return self.fail(done, &request.flags.or(Failure::Upstream), http1);
+                    }
+                }
+            }
             // The head is moved into the attempt. One that may be repeated
             // keeps it: an HTTP/1 connection records the bytes hyper writes
             // (`Tape`), parsed back only for a second attempt; an h2c one,
@@ -310,7 +371,7 @@ impl Engine {
                         }
                         tracing::debug!(%addr, "a head to send again was not recorded");
                     }
-                    break (resp, checkin, read_timeout);
+                    break (Answer::Hyper(resp, checkin), read_timeout);
                 }
                 Err(Sent::Unsent(upstream)) if !fresh_used => {
                     // A pooled connection closed before taking the request:
@@ -366,7 +427,16 @@ impl Engine {
             }
         };
         let ctx = done.ctx.as_mut().expect("a ctx until the request ends");
-        let (mut head, incoming) = resp.into_parts();
+        let (mut head, inner, checkin) = match answer {
+            Answer::Hyper(resp, checkin) => {
+                let (head, incoming) = resp.into_parts();
+                (head, Inner::Hyper(incoming), checkin)
+            }
+            Answer::Raw(resp) => {
+                let (head, body) = resp.into_parts();
+                (head, Inner::Raw(body), None)
+            }
+        };
         ctx.capture_head(head.status.as_u16(), &head.headers);
         let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(&mut head.headers, switching);
@@ -380,7 +450,7 @@ impl Engine {
         }
         head.version = Version::HTTP_11;
         if switching {
-            let Some(client) = request.upgrade else {
+            let (Some(client), Inner::Hyper(incoming)) = (request.upgrade, inner) else {
                 // An upstream that switched protocols unasked: nothing to join.
                 return self.fail(done, &Failure::Upstream, http1);
             };
@@ -391,7 +461,7 @@ impl Engine {
             tokio::spawn(tunnel(client, upstream, done));
             return Response::from_parts(head, ClientBody::full(Bytes::new()));
         }
-        let body = Answering::new(incoming, read_timeout, checkin);
+        let body = Answering::new(inner, read_timeout, checkin);
         done.answer(Response::from_parts(head, ClientBody::upstream(body)))
     }
 
@@ -828,14 +898,14 @@ impl Body for ClientBody {
 /// pool once the body ended whole (hyper stops polling a body that says it
 /// ended, so that is checked after every piece, and when it is dropped).
 struct Answering {
-    inner: Incoming,
+    inner: Inner,
     read_timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     checkin: Option<Checkin>,
 }
 
 impl Answering {
-    fn new(inner: Incoming, read_timeout: Duration, checkin: Option<Checkin>) -> Answering {
+    fn new(inner: Inner, read_timeout: Duration, checkin: Option<Checkin>) -> Answering {
         let mut body = Answering {
             inner,
             read_timeout,
@@ -876,7 +946,7 @@ impl Body for Answering {
                 match frame {
                     Some(Err(e)) => {
                         this.checkin = None;
-                        Poll::Ready(Some(Err(e.into())))
+                        Poll::Ready(Some(Err(e)))
                     }
                     Some(Ok(frame)) => {
                         this.check_in_if_ended();
@@ -908,6 +978,50 @@ impl Body for Answering {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// An answer's body as it comes from upstream: read by hyper's client, or by
+/// the engine's own HTTP/1 path ([`raw`]).
+enum Inner {
+    Hyper(Incoming),
+    Raw(raw::RawBody),
+}
+
+impl Inner {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Raw(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inner::Hyper(body) => body.is_end_stream(),
+            Inner::Raw(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inner::Hyper(body) => body.size_hint(),
+            Inner::Raw(body) => body.size_hint(),
+        }
+    }
+}
+
+/// An upstream's answer, with the hyper connection to pool once it is read.
+enum Answer {
+    Hyper(Response<Incoming>, Option<Checkin>),
+    Raw(Response<raw::RawBody>),
+}
+
+/// Whether a request may be sent again: its body is kept whole.
+fn again_ok(request: &Forwarded) -> bool {
+    request.replay.is_some()
 }
 
 /// What the client's body did, for the handler to name a failed attempt and
@@ -1141,6 +1255,8 @@ impl Sent {
 /// upstream.
 struct Pool {
     idle: Mutex<crate::FastMap<SocketAddr, Vec<Idle>>>,
+    /// Idle connections of the engine's own HTTP/1 path ([`raw`]).
+    raw: Mutex<crate::FastMap<SocketAddr, Vec<raw::RawIdle>>>,
     h2c: Mutex<crate::FastMap<SocketAddr, client2::SendRequest<UpBody>>>,
     max_idle: usize,
     /// `header_case = "preserve"`: requests go upstream with their names'
@@ -2166,5 +2282,259 @@ pub(crate) mod tests {
                 upstream saw: X-Custom-Case
                 client saw: X-Answer-Case"#]],
         );
+    }
+
+    /// An upstream that answers every request head it reads with `answer`,
+    /// as bytes, in pieces of `piece` bytes, and closes the connection after
+    /// it when `close`; counting the connections it accepts.
+    async fn scripted(
+        answer: &'static [u8],
+        piece: usize,
+        close: bool,
+        connections: Arc<AtomicUsize>,
+    ) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                connections.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            for part in answer.chunks(piece) {
+                                if stream.write_all(part).await.is_err() {
+                                    return;
+                                }
+                                stream.flush().await.unwrap();
+                            }
+                            if close {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends `method /` twice through the proxy to an upstream answering
+    /// `answer` (see [`scripted`]), each on a new client connection, and lists
+    /// what the client got (status, body, trailers) and how many upstream
+    /// connections the two took.
+    async fn check_answer(
+        method: &str,
+        answer: &'static [u8],
+        piece: usize,
+        close: bool,
+        expect: expect_test::Expect,
+    ) {
+        use http_body_util::BodyExt;
+        let connections = Arc::new(AtomicUsize::new(0));
+        let upstream = scripted(answer, piece, close, Arc::clone(&connections)).await;
+        let (addr, _) = proxy(upstream).await;
+        let mut lines = Vec::new();
+        for _ in 0..2 {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) = client1::handshake(TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(conn);
+            let req = Request::builder()
+                .method(method)
+                .uri("/")
+                .header("host", "t")
+                .header("x-tenant-id", "acme")
+                // hyper's server sends trailers only to a client that asks.
+                .header("te", "trailers")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let resp = match sender.send_request(req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    lines.push(format!("cut: {e}"));
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            let line = match resp.into_body().collect().await {
+                Ok(all) => {
+                    let trailers = all
+                        .trailers()
+                        .map(|t| format!(" trailers {t:?}"))
+                        .unwrap_or_default();
+                    let body = all.to_bytes();
+                    let body = String::from_utf8_lossy(&body);
+                    // The proxy's own answers carry a request id of their own.
+                    let body = match body.split("\"error\":\"").nth(1) {
+                        Some(e) => e.split('"').next().unwrap_or_default().to_string(),
+                        None => body.into_owned(),
+                    };
+                    format!("{status} {body:?}{trailers}")
+                }
+                Err(e) => format!("{status} cut: {e}"),
+            };
+            lines.push(line);
+        }
+        lines.push(format!(
+            "upstream connections: {}",
+            connections.load(Ordering::SeqCst)
+        ));
+        expect.assert_eq(&lines.join("\n"));
+    }
+
+    /// The engine's own HTTP/1 path (`raw`) frames an answer as RFC 9112
+    /// section 6.3 says, and pools a connection only after an answer that
+    /// ended whole on a connection that stays open.
+    #[tokio::test]
+    async fn reads_frame_their_answers_as_http_1_says() {
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                200 "hello"
+                200 "hello"
+                upstream connections: 1"#]],
+        )
+        .await;
+        // Every byte its own write: the head and the body read in pieces.
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            1,
+            false,
+            expect_test::expect![[r#"
+                200 "hello"
+                200 "hello"
+                upstream connections: 1"#]],
+        )
+        .await;
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n",
+            7,
+            false,
+            expect_test::expect![[r#"
+                200 "hello world" trailers {"x-sum": "11"}
+                200 "hello world" trailers {"x-sum": "11"}
+                upstream connections: 1"#]],
+        )
+        .await;
+        // No length: the body runs to the close, and the connection is spent.
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\n\r\nto the end",
+            1_000,
+            true,
+            expect_test::expect![[r#"
+                200 "to the end"
+                200 "to the end"
+                upstream connections: 2"#]],
+        )
+        .await;
+        // HTTP/1.0 keeps a connection only when asked.
+        check_answer(
+            "GET",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                200 "ok"
+                200 "ok"
+                upstream connections: 2"#]],
+        )
+        .await;
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                200 "ok"
+                200 "ok"
+                upstream connections: 2"#]],
+        )
+        .await;
+        // An interim answer is read past.
+        check_answer(
+            "GET",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                200 "ok"
+                200 "ok"
+                upstream connections: 1"#]],
+        )
+        .await;
+        check_answer(
+            "GET",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                204 ""
+                204 ""
+                upstream connections: 1"#]],
+        )
+        .await;
+        check_answer(
+            "HEAD",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                200 ""
+                200 ""
+                upstream connections: 1"#]],
+        )
+        .await;
+        // Lengths that disagree frame nothing: the upstream failed.
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                502 "the backend failed to answer"
+                502 "the backend failed to answer"
+                upstream connections: 2"#]],
+        )
+        .await;
+        // A bad chunk cuts the answer under way; the connection is not kept.
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                cut: connection closed before message completed
+                cut: connection closed before message completed
+                upstream connections: 2"#]],
+        )
+        .await;
+        // An upstream that closes a connection after each answer without
+        // saying so: the pooled connection is found closed when reused, and
+        // the read goes again on a new one.
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            1_000,
+            true,
+            expect_test::expect![[r#"
+                200 "ok"
+                200 "ok"
+                upstream connections: 2"#]],
+        )
+        .await;
     }
 }
