@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Where a proxied request's cost goes, per request, for nginx, the bare pingora and
-# hyper floors, the floor of hyper's connection API (`conn-floor`) and Ficus, each
+# hyper floors, the floor of hyper's connection API (`conn-floor`), the same with a
+# hand-written upstream client in the request's task (`raw-floor`) and Ficus, each
 # with one worker thread pinned to core 0; the backend (one nginx worker) and the
 # load generators pinned to core 1:
 # - system calls (strace -c -f over 10,000 requests at a fixed 2,000 req/s);
@@ -51,6 +52,7 @@ taskset -c 0 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
 taskset -c 0 "$bench" pingora-floor 127.0.0.1:18050 127.0.0.1:18001 --allocs "$work/pingora-floor.allocs" 2>"$work/floor.log" & pids+=($!)
 taskset -c 0 "$bench" hyper-floor 127.0.0.1:18060 127.0.0.1:18001 --allocs "$work/hyper-floor.allocs" 2>"$work/hyper.log" & pids+=($!)
 taskset -c 0 "$bench" conn-floor 127.0.0.1:18065 127.0.0.1:18001 --allocs "$work/conn-floor.allocs" 2>"$work/conn.log" & pids+=($!)
+taskset -c 0 "$bench" raw-floor 127.0.0.1:18066 127.0.0.1:18001 --allocs "$work/raw-floor.allocs" 2>"$work/raw.log" & pids+=($!)
 dir="$work/f"; mkdir -p "$dir"; store="sqlite:$dir/ficus.db"
 FICUS_STORE="$store" "$ficus" init >/dev/null
 FICUS_STORE="$store" "$ficus" tenant add t5 >/dev/null
@@ -68,6 +70,7 @@ sleep 1
 master=$(pgrep -f "proxy.conf" | head -1); nginx_worker=$(pgrep -P "$master" | head -1)
 floor=$(pgrep -f "pingora-floor 127.0.0.1:18050" | head -1); hyper=$(pgrep -f "hyper-floor 127.0.0.1:18060" | head -1)
 conn=$(pgrep -f "conn-floor 127.0.0.1:18065" | head -1)
+raw=$(pgrep -f "raw-floor 127.0.0.1:18066" | head -1)
 ficusp=$(pgrep -f "ficus proxy --config $dir/ficus.toml" | head -1)
 echo 'wrk.headers["X-Tenant-Id"] = "t5"' > "$work/wrk.lua"
 n=10000
@@ -119,11 +122,12 @@ instructions nginx 18090 nginx -c "$work/cg-nginx.conf" -p "$work"
 instructions pingora-floor 18093 "$bench" pingora-floor 127.0.0.1:18093 127.0.0.1:18001
 instructions hyper-floor 18094 "$bench" hyper-floor 127.0.0.1:18094 127.0.0.1:18001
 instructions conn-floor 18095 "$bench" conn-floor 127.0.0.1:18095 127.0.0.1:18001
+instructions raw-floor 18096 "$bench" raw-floor 127.0.0.1:18096 127.0.0.1:18001
 instructions ficus 18091 "$ficus" proxy --config "$dir/cg.toml"
 
 echo "| proxy | system calls / request | context switches / request | CPU µs / request at 2,000/s | CPU µs / request at saturation | req/s at saturation | allocations / request | user-space instructions / request | most frequent calls / request |"
 echo "|---|---|---|---|---|---|---|---|---|"
-for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050" "hyper-floor:$hyper:18060:18060" "conn-floor:$conn:18065:18065" "ficus:$ficusp:18030:18070"; do
+for entry in "nginx:$nginx_worker:18010:18010" "pingora-floor:$floor:18050:18050" "hyper-floor:$hyper:18060:18060" "conn-floor:$conn:18065:18065" "raw-floor:$raw:18066:18066" "ficus:$ficusp:18030:18070"; do
   IFS=: read -r name pid port counted <<< "$entry"
   url="http://127.0.0.1:$port/homes/1"
   taskset -c 1 "$bench" rate "$url" --rps 2000 --secs 1 --header "X-Tenant-Id: t5" >/dev/null

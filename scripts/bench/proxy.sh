@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The proxy's benchmark: the same small JSON response served directly, through
 # nginx, HAProxy, the bare pingora and hyper floors, the floor of hyper's
-# connection API, and Ficus (10 and 100,000
+# connection API, that floor with a hand-written upstream client (raw-floor),
+# and Ficus (10 and 100,000
 # tenants), each proxy with one and with two worker threads, measured in one run
 # with wrk (throughput and latency under saturation) and with a fixed-rate load
 # (latency at a steady rate). Then the time for a stage change to reach a running
@@ -140,6 +141,11 @@ CONF
   port=$((18066 + t))
   taskset -c "$(cores $t)" "$bench" conn-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/conn-$t.log" & pids+=($!); pid[conn-floor-${t}t]=$!
   url[conn-floor-${t}t]=http://127.0.0.1:$port/homes/1
+  # The same with an upstream client written for this load alone: what the
+  # engine's own HTTP/1 path for reads can come to.
+  port=$((18070 + t))
+  taskset -c "$(cores $t)" "$bench" raw-floor 127.0.0.1:$port 127.0.0.1:18001 --threads $t 2>"$work/raw-$t.log" & pids+=($!); pid[raw-floor-${t}t]=$!
+  url[raw-floor-${t}t]=http://127.0.0.1:$port/homes/1
 done
 url[direct]=http://127.0.0.1:18001/homes/1
 
@@ -188,7 +194,7 @@ done = function(summary, latency, requests)
 end
 LUA
 
-order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t conn-floor-1t ficus-1t ficus-100k-1t ${plain[0]:-} nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t conn-floor-2t ficus-2t ${plain[1]:-})
+order=(direct nginx-1t haproxy-1t pingora-floor-1t hyper-floor-1t conn-floor-1t raw-floor-1t ficus-1t ficus-100k-1t ${plain[0]:-} nginx-2t haproxy-2t pingora-floor-2t hyper-floor-2t conn-floor-2t raw-floor-2t ficus-2t ${plain[1]:-})
 for name in "${order[@]}"; do
   $load wrk -t1 -c32 -d2s -s "$work/report.lua" "${url[$name]}" >/dev/null   # warm-up
 done

@@ -10,6 +10,8 @@
 //!   both framings) are found by hyper's own parser, patched
 //!   (`vendor/hyper/FICUS-PATCH.md`), which hands such a request over marked
 //!   with a [`hyper::ext::RawHeadRefusal`] and does not keep its connection.
+//! - Reads (`GET`, `HEAD`, no body) to an HTTP/1 upstream go by the engine's
+//!   own HTTP/1 path ([`raw`]), which the request's task drives itself.
 //! - Upstream connections: a pool of HTTP/1 connections per upstream address,
 //!   and one multiplexed connection per h2c upstream. A connection is taken
 //!   from the pool before the request is handed over, so a failed connect
@@ -2519,6 +2521,20 @@ pub(crate) mod tests {
             expect_test::expect![[r#"
                 cut: connection closed before message completed
                 cut: connection closed before message completed
+                upstream connections: 2"#]],
+        )
+        .await;
+        // An answer nobody asked for behind the one asked for: the
+        // connection is not used again, and the next read is answered by its
+        // own answer.
+        check_answer(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                200 "ok"
+                200 "ok"
                 upstream connections: 2"#]],
         )
         .await;

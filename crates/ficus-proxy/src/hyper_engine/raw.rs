@@ -174,7 +174,7 @@ impl Pool {
         let mut idle = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop() {
-            if now.saturating_sub(i.since) < conf.idle_timeout {
+            if now.saturating_sub(i.since) < conf.idle_timeout && !stirred(&i.conn) {
                 return Some(i.conn);
             }
         }
@@ -193,6 +193,17 @@ impl Pool {
             list.push(RawIdle { conn, since: now });
         }
     }
+}
+
+/// Whether the upstream has sent anything on an idle connection since its
+/// last answer: its close, or an answer nobody asked for (a 408 before it
+/// closes), which the next request would read as its own. Such a connection
+/// is let go. Asked of the runtime's readiness, which the last read left
+/// clear (a read that did not fill the buffer tells tokio the socket is
+/// drained), so without a system call.
+fn stirred(conn: &RawConn) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    conn.io.stream.poll_read_ready(&mut cx).is_ready()
 }
 
 /// The request head as hyper's client writes it for a bodiless read: the
