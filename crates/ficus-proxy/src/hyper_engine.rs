@@ -2524,6 +2524,19 @@ pub(crate) mod tests {
                 upstream connections: 2"#]],
         )
         .await;
+        // A switch nobody asked for: refused, and the connection, which
+        // speaks another protocol now, is let go.
+        check_answer(
+            "GET",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            1_000,
+            false,
+            expect_test::expect![[r#"
+                502 "the backend failed to answer"
+                502 "the backend failed to answer"
+                upstream connections: 2"#]],
+        )
+        .await;
         // An answer nobody asked for behind the one asked for: the
         // connection is not used again, and the next read is answered by its
         // own answer.

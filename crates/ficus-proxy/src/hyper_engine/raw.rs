@@ -316,6 +316,11 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Option<Head>
         0 => connection_has(&headers, "keep-alive"),
         _ => !connection_has(&headers, "close"),
     };
+    if code == 101 {
+        // The connection speaks another protocol now (the proxy refuses an
+        // upgrade nobody asked for): never pooled.
+        keep = false;
+    }
     let framing = if head_only || code == 101 || code == 204 || code == 304 {
         Framing::Length(0)
     } else if headers.contains_key(header::TRANSFER_ENCODING) {
