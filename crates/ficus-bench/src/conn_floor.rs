@@ -30,6 +30,23 @@ thread_local! {
 
 /// Serves on `listen` with `threads` workers until the process ends.
 pub fn serve(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> Result<(), Error> {
+    serve_with(listen, upstream, threads, forward)
+}
+
+/// Serves on `listen` with `threads` workers, each request answered by
+/// `forward` (a 502 naming its error when it fails): the server side every
+/// floor on hyper's connection API shares.
+pub fn serve_with<F, Fut, B>(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    threads: usize,
+    forward: F,
+) -> Result<(), Error>
+where
+    F: Fn(SocketAddr, hyper::Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<hyper::Response<B>, Error>> + Send + 'static,
+    B: Body<Data = Bytes, Error: Into<Error>> + Send + 'static,
+{
     crate::hyper_floor::on_workers(listen, threads, move || {
         move |stream, _| async move {
             let service = hyper::service::service_fn(move |req| async move {

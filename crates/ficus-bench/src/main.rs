@@ -153,8 +153,9 @@ fn main() -> Result<(), Error> {
         Some("propagation") => return propagation(&argv[1..]),
         Some("pingora-floor") => return pingora_floor(&argv[1..]),
         Some("hyper-floor") => return hyper_floor(&argv[1..]),
-        Some("conn-floor") => return conn_floor(&argv[1..]),
-        Some("raw-floor") => return raw_floor(&argv[1..]),
+        Some(which @ ("conn-floor" | "raw-floor")) => {
+            return connection_floor(which, &argv[1..]);
+        }
         Some("proxy") => return proxy(&argv[1..]),
         Some("backend") => return backend(&argv[1..]),
         Some("backfill") => return backfill::run(&argv[1..]),
@@ -723,24 +724,20 @@ fn hyper_floor(args: &[String]) -> Result<(), Error> {
     })
 }
 
-/// The smallest proxy on hyper's connection API ([`conn_floor`]).
-fn conn_floor(args: &[String]) -> Result<(), Error> {
+/// The smallest proxies on hyper's connection API: with hyper's client
+/// ([`conn_floor`]), or with an upstream client of its own ([`raw_floor`]).
+fn connection_floor(which: &str, args: &[String]) -> Result<(), Error> {
     let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
-        return Err("conn-floor needs LISTEN and UPSTREAM".into());
+        return Err(format!("{which} needs LISTEN and UPSTREAM").into());
     };
     let threads: usize = flag(args, "--threads").unwrap_or("1").parse()?;
     report_allocations(args);
-    conn_floor::serve(listen.parse()?, upstream.parse()?, threads)
-}
-
-/// The connection floor with an upstream client of its own ([`raw_floor`]).
-fn raw_floor(args: &[String]) -> Result<(), Error> {
-    let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
-        return Err("raw-floor needs LISTEN and UPSTREAM".into());
-    };
-    let threads: usize = flag(args, "--threads").unwrap_or("1").parse()?;
-    report_allocations(args);
-    raw_floor::serve(listen.parse()?, upstream.parse()?, threads)
+    let (listen, upstream) = (listen.parse()?, upstream.parse()?);
+    if which == "raw-floor" {
+        raw_floor::serve(listen, upstream, threads)
+    } else {
+        conn_floor::serve(listen, upstream, threads)
+    }
 }
 
 /// `ficus proxy` in this process, with its allocations counted.

@@ -10,7 +10,6 @@
 //! against hyper's client, so that writing one is decided by a number.
 
 use std::cell::RefCell;
-use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
 
@@ -18,7 +17,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::Full;
 use hyper::body::{Body, Incoming};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -43,23 +41,7 @@ const MAX_HEADERS: usize = 64;
 
 /// Serves on `listen` with `threads` workers until the process ends.
 pub fn serve(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> Result<(), Error> {
-    crate::hyper_floor::on_workers(listen, threads, move || {
-        move |stream, _| async move {
-            let service = hyper::service::service_fn(move |req| async move {
-                Ok::<_, Infallible>(match forward(upstream, req).await {
-                    Ok(answer) => answer,
-                    Err(e) => {
-                        let mut r = hyper::Response::new(Full::new(Bytes::from(format!("{e}\n"))));
-                        *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
-                        r
-                    }
-                })
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        }
-    })
+    crate::conn_floor::serve_with(listen, upstream, threads, forward)
 }
 
 /// Sends `req` on an idle connection, or a new one, and answers with the

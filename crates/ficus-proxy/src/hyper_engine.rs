@@ -2397,173 +2397,164 @@ pub(crate) mod tests {
     /// ended whole on a connection that stays open.
     #[tokio::test]
     async fn reads_frame_their_answers_as_http_1_says() {
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                200 "hello"
-                200 "hello"
-                upstream connections: 1"#]],
-        )
-        .await;
-        // Every byte its own write: the head and the body read in pieces.
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-            1,
-            false,
-            expect_test::expect![[r#"
-                200 "hello"
-                200 "hello"
-                upstream connections: 1"#]],
-        )
-        .await;
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n",
-            7,
-            false,
-            expect_test::expect![[r#"
-                200 "hello world" trailers {"x-sum": "11"}
-                200 "hello world" trailers {"x-sum": "11"}
-                upstream connections: 1"#]],
-        )
-        .await;
-        // No length: the body runs to the close, and the connection is spent.
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\n\r\nto the end",
-            1_000,
-            true,
-            expect_test::expect![[r#"
-                200 "to the end"
-                200 "to the end"
-                upstream connections: 2"#]],
-        )
-        .await;
-        // HTTP/1.0 keeps a connection only when asked.
-        check_answer(
-            "GET",
-            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                200 "ok"
-                200 "ok"
-                upstream connections: 2"#]],
-        )
-        .await;
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                200 "ok"
-                200 "ok"
-                upstream connections: 2"#]],
-        )
-        .await;
-        // An interim answer is read past.
-        check_answer(
-            "GET",
-            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                200 "ok"
-                200 "ok"
-                upstream connections: 1"#]],
-        )
-        .await;
-        check_answer(
-            "GET",
-            b"HTTP/1.1 204 No Content\r\n\r\n",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                204 ""
-                204 ""
-                upstream connections: 1"#]],
-        )
-        .await;
-        check_answer(
-            "HEAD",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                200 ""
-                200 ""
-                upstream connections: 1"#]],
-        )
-        .await;
-        // Lengths that disagree frame nothing: the upstream failed.
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                502 "the backend failed to answer"
-                502 "the backend failed to answer"
-                upstream connections: 2"#]],
-        )
-        .await;
-        // A bad chunk cuts the answer under way; the connection is not kept.
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                cut: connection closed before message completed
-                cut: connection closed before message completed
-                upstream connections: 2"#]],
-        )
-        .await;
-        // A switch nobody asked for: refused, and the connection, which
-        // speaks another protocol now, is let go.
-        check_answer(
-            "GET",
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                502 "the backend failed to answer"
-                502 "the backend failed to answer"
-                upstream connections: 2"#]],
-        )
-        .await;
-        // An answer nobody asked for behind the one asked for: the
-        // connection is not used again, and the next read is answered by its
-        // own answer.
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n",
-            1_000,
-            false,
-            expect_test::expect![[r#"
-                200 "ok"
-                200 "ok"
-                upstream connections: 2"#]],
-        )
-        .await;
-        // An upstream that closes a connection after each answer without
-        // saying so: the pooled connection is found closed when reused, and
-        // the read goes again on a new one.
-        check_answer(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-            1_000,
-            true,
-            expect_test::expect![[r#"
-                200 "ok"
-                200 "ok"
-                upstream connections: 2"#]],
-        )
-        .await;
+        let cases: Vec<(&str, &'static [u8], usize, bool, expect_test::Expect)> = vec![
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    200 "hello"
+                    200 "hello"
+                    upstream connections: 1"#]],
+            ),
+            // Every byte its own write: the head and the body read in pieces.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                1,
+                false,
+                expect_test::expect![[r#"
+                    200 "hello"
+                    200 "hello"
+                    upstream connections: 1"#]],
+            ),
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n",
+                7,
+                false,
+                expect_test::expect![[r#"
+                    200 "hello world" trailers {"x-sum": "11"}
+                    200 "hello world" trailers {"x-sum": "11"}
+                    upstream connections: 1"#]],
+            ),
+            // No length: the body runs to the close, and the connection is spent.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\n\r\nto the end",
+                1_000,
+                true,
+                expect_test::expect![[r#"
+                    200 "to the end"
+                    200 "to the end"
+                    upstream connections: 2"#]],
+            ),
+            // HTTP/1.0 keeps a connection only when asked.
+            (
+                "GET",
+                b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    200 "ok"
+                    200 "ok"
+                    upstream connections: 2"#]],
+            ),
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    200 "ok"
+                    200 "ok"
+                    upstream connections: 2"#]],
+            ),
+            // An interim answer is read past.
+            (
+                "GET",
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    200 "ok"
+                    200 "ok"
+                    upstream connections: 1"#]],
+            ),
+            (
+                "GET",
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    204 ""
+                    204 ""
+                    upstream connections: 1"#]],
+            ),
+            (
+                "HEAD",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    200 ""
+                    200 ""
+                    upstream connections: 1"#]],
+            ),
+            // Lengths that disagree frame nothing: the upstream failed.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    502 "the backend failed to answer"
+                    502 "the backend failed to answer"
+                    upstream connections: 2"#]],
+            ),
+            // A bad chunk cuts the answer under way; the connection is not kept.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    cut: connection closed before message completed
+                    cut: connection closed before message completed
+                    upstream connections: 2"#]],
+            ),
+            // A switch nobody asked for: refused, and the connection, which
+            // speaks another protocol now, is let go.
+            (
+                "GET",
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    502 "the backend failed to answer"
+                    502 "the backend failed to answer"
+                    upstream connections: 2"#]],
+            ),
+            // An answer nobody asked for behind the one asked for: the
+            // connection is not used again, and the next read is answered by its
+            // own answer.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n",
+                1_000,
+                false,
+                expect_test::expect![[r#"
+                    200 "ok"
+                    200 "ok"
+                    upstream connections: 2"#]],
+            ),
+            // An upstream that closes a connection after each answer without
+            // saying so: the pooled connection is found closed when reused, and
+            // the read goes again on a new one.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                1_000,
+                true,
+                expect_test::expect![[r#"
+                    200 "ok"
+                    200 "ok"
+                    upstream connections: 2"#]],
+            ),
+        ];
+        for (method, answer, piece, close, expect) in cases {
+            check_answer(method, answer, piece, close, expect).await;
+        }
     }
 }
