@@ -283,6 +283,8 @@ impl Engine {
             let conf = settings.backend(backend, ctx.service.as_deref());
             let addr = conf.upstreams[picked];
             let read_timeout = ctx.read_timeout.unwrap_or(conf.read_timeout);
+            // Whether the request may be sent again: its body is kept whole.
+            let again = request.replay.is_some();
             // A bodiless read goes by the engine's own HTTP/1 path; its head
             // stays here, written from the parts.
             if raw::takes(
@@ -306,10 +308,7 @@ impl Engine {
                     .await
                 {
                     raw::RawSent::Answered(resp) => {
-                        if resp.status().is_server_error()
-                            && again_ok(&request)
-                            && self.shared.fail_over(ctx)
-                        {
+                        if resp.status().is_server_error() && again && self.shared.fail_over(ctx) {
                             // Asked of the next upstream; this answer is
                             // dropped with its connection.
                             continue;
@@ -323,7 +322,7 @@ impl Engine {
                         return self.fail(done, &failure, http1);
                     }
                     raw::RawSent::Timeout => {
-                        if again_ok(&request) && self.shared.fail_over(ctx) {
+                        if again && self.shared.fail_over(ctx) {
                             continue;
                         }
                         return self.fail(done, &request.flags.or(Failure::Timeout), http1);
@@ -331,7 +330,7 @@ impl Engine {
                     raw::RawSent::Failed { reused, error } => {
                         // pingora's rule, as below: a read whose reused
                         // connection had closed goes again, once, on a new one.
-                        if reused && !fresh_used && again_ok(&request) && !request.flags.any() {
+                        if reused && !fresh_used && again && !request.flags.any() {
                             fresh_used = true;
                             again_on = Some(picked);
                             continue;
@@ -345,7 +344,6 @@ impl Engine {
             // keeps it: an HTTP/1 connection records the bytes hyper writes
             // (`Tape`), parsed back only for a second attempt; an h2c one,
             // whose head is not bytes on the wire, is sent a copy.
-            let again = request.replay.is_some();
             let upstream =
                 upstream_request(&mut request.parts, this, conf, addr, again && conf.h2c);
             match self
@@ -577,13 +575,15 @@ fn status(code: u16) -> http::StatusCode {
 
 /// An HTTP/1 upgrade request (`Connection: upgrade` with an `Upgrade`).
 fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+/// Whether a `Connection` header names `token` (case aside).
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 section 7.6.1): they are about one
@@ -1021,11 +1021,6 @@ enum Answer {
     Raw(Response<raw::RawBody>),
 }
 
-/// Whether a request may be sent again: its body is kept whole.
-fn again_ok(request: &Forwarded) -> bool {
-    request.replay.is_some()
-}
-
 /// What the client's body did, for the handler to name a failed attempt and
 /// to tell an upload under way from an upstream that does not answer.
 #[derive(Default)]
@@ -1256,9 +1251,9 @@ impl Sent {
 /// Idle HTTP/1 connections per upstream, and one HTTP/2 connection per h2c
 /// upstream.
 struct Pool {
-    idle: Mutex<crate::FastMap<SocketAddr, Vec<Idle>>>,
+    idle: IdleLists<Conn1>,
     /// Idle connections of the engine's own HTTP/1 path ([`raw`]).
-    raw: Mutex<crate::FastMap<SocketAddr, Vec<raw::RawIdle>>>,
+    raw: IdleLists<Box<raw::RawConn>>,
     h2c: Mutex<crate::FastMap<SocketAddr, client2::SendRequest<UpBody>>>,
     max_idle: usize,
     /// `header_case = "preserve"`: requests go upstream with their names'
@@ -1278,10 +1273,57 @@ struct Conn1 {
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
-struct Idle {
-    conn: Conn1,
+struct Idle<C> {
+    conn: C,
     /// When it was pooled, by the coarse clock (idle timeouts are seconds).
     since: Duration,
+}
+
+/// Idle connections of one kind per upstream address: hyper's, or the
+/// engine's own HTTP/1 path's.
+type IdleLists<C> = Mutex<crate::FastMap<SocketAddr, Vec<Idle<C>>>>;
+
+/// Pools `conn` in `lists`, unless `max` are there still alive (young enough
+/// and `alive`).
+fn keep_idle<C>(
+    lists: &IdleLists<C>,
+    addr: SocketAddr,
+    idle_timeout: Duration,
+    max: usize,
+    conn: C,
+    alive: impl Fn(&C) -> bool,
+) {
+    // Read before the lock: another thread may have pooled a connection
+    // stamped later meanwhile, hence the saturating ages.
+    let now = crate::clock::coarse_monotonic();
+    let mut idle = lists.lock().unwrap_or_else(PoisonError::into_inner);
+    let list = idle.entry(addr).or_default();
+    if list.len() >= max {
+        // Full: the oldest ones are the likeliest to have gone stale.
+        list.retain(|i| now.saturating_sub(i.since) < idle_timeout && alive(&i.conn));
+    }
+    if list.len() < max {
+        list.push(Idle { conn, since: now });
+    }
+}
+
+/// The newest idle connection to `addr` young enough and `usable`; the ones
+/// passed over are closed.
+fn take_idle<C>(
+    lists: &IdleLists<C>,
+    addr: SocketAddr,
+    idle_timeout: Duration,
+    usable: impl Fn(&C) -> bool,
+) -> Option<C> {
+    let now = crate::clock::coarse_monotonic();
+    let mut idle = lists.lock().unwrap_or_else(PoisonError::into_inner);
+    let list = idle.get_mut(&addr)?;
+    while let Some(i) = list.pop() {
+        if now.saturating_sub(i.since) < idle_timeout && usable(&i.conn) {
+            return Some(i.conn);
+        }
+    }
+    None
 }
 
 /// An HTTP/1 connection to put back in the pool once its answer is read.
@@ -1320,20 +1362,9 @@ impl Checkin {
 
 impl Pool {
     fn keep(&self, addr: SocketAddr, idle_timeout: Duration, conn: Conn1) {
-        // Read before the lock: another thread may have pooled a connection
-        // stamped later meanwhile, hence the saturating ages.
-        let now = crate::clock::coarse_monotonic();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(addr).or_default();
-        if list.len() >= self.max_idle {
-            // Full: the oldest ones are the likeliest to have gone stale.
-            list.retain(|i| {
-                now.saturating_sub(i.since) < idle_timeout && !i.conn.sender.is_closed()
-            });
-        }
-        if list.len() < self.max_idle {
-            list.push(Idle { conn, since: now });
-        }
+        keep_idle(&self.idle, addr, idle_timeout, self.max_idle, conn, |c| {
+            !c.sender.is_closed()
+        });
     }
 
     /// Sends `req` to `addr`, on a pooled connection unless `fresh`. The
@@ -1419,15 +1450,7 @@ impl Pool {
     /// An idle connection to `addr` ready for a request; stale ones, and ones
     /// not ready, are closed.
     fn take_idle(&self, addr: SocketAddr, conf: &BackendConfig) -> Option<Conn1> {
-        let now = crate::clock::coarse_monotonic();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.get_mut(&addr)?;
-        while let Some(i) = list.pop() {
-            if now.saturating_sub(i.since) < conf.idle_timeout && i.conn.sender.is_ready() {
-                return Some(i.conn);
-            }
-        }
-        None
+        take_idle(&self.idle, addr, conf.idle_timeout, |c| c.sender.is_ready())
     }
 
     async fn send_h2c(

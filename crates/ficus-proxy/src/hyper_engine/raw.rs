@@ -64,11 +64,6 @@ pub(super) struct RawConn {
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
-pub(super) struct RawIdle {
-    conn: Box<RawConn>,
-    since: Duration,
-}
-
 /// How an attempt on this path ended.
 pub(super) enum RawSent {
     Answered(Response<RawBody>),
@@ -170,28 +165,11 @@ impl Pool {
     }
 
     fn take_raw(&self, addr: SocketAddr, conf: &BackendConfig) -> Option<Box<RawConn>> {
-        let now = crate::clock::coarse_monotonic();
-        let mut idle = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.get_mut(&addr)?;
-        while let Some(i) = list.pop() {
-            if now.saturating_sub(i.since) < conf.idle_timeout && !stirred(&i.conn) {
-                return Some(i.conn);
-            }
-        }
-        None
+        take_idle(&self.raw, addr, conf.idle_timeout, |c| !stirred(c))
     }
 
     fn keep_raw(&self, addr: SocketAddr, idle_timeout: Duration, conn: Box<RawConn>) {
-        let now = crate::clock::coarse_monotonic();
-        let mut idle = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(addr).or_default();
-        if list.len() >= self.max_idle {
-            // Full: the oldest ones are the likeliest to have gone stale.
-            list.retain(|i| now.saturating_sub(i.since) < idle_timeout);
-        }
-        if list.len() < self.max_idle {
-            list.push(RawIdle { conn, since: now });
-        }
+        keep_idle(&self.raw, addr, idle_timeout, self.max_idle, conn, |_| true);
     }
 }
 
@@ -347,13 +325,6 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Option<Head>
         framing,
         keep,
     })))
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
